@@ -1,0 +1,8 @@
+"""LightningModules (VGG, MLP) and the normalization layers they use."""
+
+from bnlightning.models.base import BaseModule
+from bnlightning.models.mlp import MLP
+from bnlightning.models.norms import LpNorm, NoisyBatchNorm, make_norm
+from bnlightning.models.vgg import VGG
+
+__all__ = ["BaseModule", "LpNorm", "MLP", "NoisyBatchNorm", "VGG", "make_norm"]

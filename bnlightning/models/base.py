@@ -1,0 +1,196 @@
+"""The LightningModule every bnlightning architecture shares.
+
+A subclass builds ``self.net`` (an ``nn.Sequential`` whose children carry readable
+names such as ``conv5`` or ``fc9``) and says which loss it trains with. This class
+holds what is common: the ``loss(batch)`` method the measurement callbacks call, the
+training/validation/test steps, torchmetrics accuracy, the optimizer injected from
+YAML, and divergence detection.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from bnlightning.models.norms import NORM_KINDS
+
+LossKind = Literal["cross_entropy", "mse", "sum_squared"]
+InitKind = Literal["xavier_uniform", "kaiming", "default"]
+NormPosition = Literal["before", "after"]
+
+
+def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    """The paper's optimizer: plain SGD, no momentum, no weight decay, eta = 0.1."""
+    return torch.optim.SGD(params, lr=0.1)
+
+
+def init_weights(net: nn.Module, init: str) -> None:
+    """Initialise every Conv/Linear weight (biases to zero) with the named scheme."""
+    if init == "default":
+        return
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if init == "xavier_uniform":
+                nn.init.xavier_uniform_(m.weight)
+            elif init == "kaiming":
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            else:
+                raise ValueError(f"unknown init {init!r}; accepted: xavier_uniform, kaiming, default")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def check_norm_options(norm: str, norm_layers: list[int] | None, num_layers: int, what: str) -> list[int]:
+    """Validate the norm name and layer indices; return the indices that get a norm."""
+    if norm not in NORM_KINDS:
+        raise ValueError(f"unknown norm {norm!r}; accepted: {', '.join(NORM_KINDS)}")
+    if norm_layers is None:
+        return list(range(num_layers))
+    bad = [i for i in norm_layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(
+            f"norm_layers index {bad[0]} out of range: this network has {num_layers} {what} layers, "
+            f"so indices run from 0 to {num_layers - 1}"
+        )
+    return sorted(set(norm_layers))
+
+
+class BaseModule(pl.LightningModule):
+    """Shared training logic. Subclasses set ``self.net`` and call ``super().__init__``.
+
+    The one thing the measurement callbacks need from a module is ``loss(batch)``: the
+    scalar training objective on a batch, computed with the module's current parameters.
+
+    Args:
+        loss: ``cross_entropy`` (classification, logs accuracy), ``mse`` (mean squared
+            error) or ``sum_squared`` (squared error summed over samples and outputs, the
+            deep linear network's loss).
+        num_classes: classes for accuracy (classification only).
+        optimizer: a callable from parameters to an optimizer; in YAML a ``class_path``
+            such as ``torch.optim.SGD`` with ``init_args``. Default: SGD, lr 0.1.
+        lr_scheduler: optional callable from optimizer to scheduler (stepped every step).
+        compile: compile ``self.net`` with ``torch.compile`` (names are kept).
+        divergence_check_every_n_steps: how often the host reads the non-finite-loss flag;
+            the step of divergence is exact whatever the value (it is tracked on device).
+    """
+
+    net: nn.Module
+
+    def __init__(
+        self,
+        loss: LossKind = "cross_entropy",
+        num_classes: int = 10,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        compile: bool = False,
+        divergence_check_every_n_steps: int = 10,
+    ) -> None:
+        super().__init__()
+        if loss not in LossKind.__args__:  # type: ignore[attr-defined]
+            raise ValueError(f"unknown loss {loss!r}; accepted: {', '.join(LossKind.__args__)}")  # type: ignore[attr-defined]
+        if divergence_check_every_n_steps < 1:
+            raise ValueError(f"divergence_check_every_n_steps must be >= 1, got {divergence_check_every_n_steps}")
+        self.loss_kind = loss
+        self.num_classes = num_classes
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.compile_net = compile
+        self.divergence_check_every_n_steps = divergence_check_every_n_steps
+        self.diverged_at_step: int | None = None
+        if loss == "cross_entropy":
+            self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+            self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+            self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # First step whose loss was non-finite, kept on device so no step waits on the host.
+        self.register_buffer("_first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+
+    # --- the measurement contract -------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def criterion(self, out: Tensor, y: Tensor) -> Tensor:
+        if self.loss_kind == "cross_entropy":
+            return F.cross_entropy(out, y)
+        if self.loss_kind == "mse":
+            return F.mse_loss(out, y)
+        return (out - y).pow(2).sum()
+
+    def loss(self, batch: Any) -> Tensor:
+        """The training objective on ``batch`` with the current parameters."""
+        x, y = batch
+        return self.criterion(self(x), y)
+
+    # --- steps --------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.compile_net and not getattr(self, "_compiled", False):
+            self.net.compile()
+            self._compiled = True
+
+    def _shared_step(self, batch: Any, stage: str) -> Tensor:
+        x, y = batch
+        out = self(x)
+        loss = self.criterion(out, y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True, sync_dist=not on_step)
+        if self.loss_kind == "cross_entropy":
+            metric = getattr(self, f"{stage}_acc")
+            metric(out.detach(), y)
+            self.log(f"{stage}/acc", metric, on_step=on_step, on_epoch=not on_step, prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self._shared_step(batch, "train")
+        self._track_divergence(loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- divergence ---------------------------------------------------------------
+    def _track_divergence(self, loss: Tensor) -> None:
+        step = self.global_step
+        bad = ~torch.isfinite(loss.detach())
+        unset = self._first_bad_step < 0
+        self._first_bad_step.copy_(torch.where(bad & unset, torch.full_like(self._first_bad_step, step), self._first_bad_step))
+        if (step + 1) % self.divergence_check_every_n_steps == 0:
+            self._stop_if_diverged()
+
+    def on_train_end(self) -> None:
+        if self.diverged_at_step is None:
+            self._stop_if_diverged()
+
+    def _stop_if_diverged(self) -> None:
+        first_bad = int(self._first_bad_step.item())
+        # Every rank reaches this line on the same steps, so the all-reduce cannot hang.
+        diverged = self.trainer.strategy.reduce_boolean_decision(first_bad >= 0, all=False)
+        if not diverged or self.diverged_at_step is not None:
+            return
+        step = int(self.trainer.strategy.reduce(torch.tensor(first_bad if first_bad >= 0 else 2**62, device=self.device), reduce_op="min").item())
+        self.diverged_at_step = step
+        self.trainer.should_stop = True
+        for logger in self.loggers:
+            logger.log_metrics({"diverged_at_step": float(step)}, step=self.global_step)
+        rank_zero_info(f"bnlightning: training diverged (non-finite loss) at step {step}; stopping this run cleanly.")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["diverged_at_step"] = self.diverged_at_step
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.diverged_at_step = checkpoint.get("diverged_at_step")

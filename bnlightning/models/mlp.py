@@ -1,0 +1,103 @@
+"""Fully connected networks: Ioffe & Szegedy's sigmoid MLP and the paper's deep linear network."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Literal
+
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from bnlightning.models.base import BaseModule, InitKind, LossKind, NormPosition, check_norm_options, default_optimizer, init_weights
+from bnlightning.models.norms import NormKind, make_norm
+
+ActivationKind = Literal["relu", "tanh", "sigmoid", "identity"]
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "identity": nn.Identity}
+
+
+def build_mlp(
+    in_features: int,
+    out_features: int,
+    depth: int,
+    width: int,
+    activation: str,
+    norm: str,
+    norm_position: str = "before",
+    norm_affine: bool = True,
+    norm_layers: list[int] | None = None,
+    bias: bool = True,
+) -> nn.Sequential:
+    """A flat ``nn.Sequential`` named ``fc1, norm1, act1, ..., fc{depth+1}``.
+
+    ``depth`` hidden layers of ``width`` units, then the output layer ``fc{depth+1}``.
+    ``norm_layers`` holds 0-based indices of hidden layers that get a norm.
+    """
+    if depth < 0 or width < 1:
+        raise ValueError(f"depth must be >= 0 and width >= 1, got depth={depth}, width={width}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; accepted: {', '.join(ACTIVATIONS)}")
+    if norm_position not in ("before", "after"):
+        raise ValueError(f"unknown norm_position {norm_position!r}; accepted: before, after")
+    with_norm = set(check_norm_options(norm, norm_layers, depth, "hidden")) if depth else set()
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    features = in_features
+    for i in range(1, depth + 1):
+        layers[f"fc{i}"] = nn.Linear(features, width, bias=bias)
+        has_norm = norm != "none" and (i - 1) in with_norm
+        if has_norm and norm_position == "before":
+            layers[f"norm{i}"] = make_norm(norm, width, dims=1, affine=norm_affine)
+        if activation != "identity":
+            layers[f"act{i}"] = ACTIVATIONS[activation]()
+        if has_norm and norm_position == "after":
+            layers[f"norm{i}"] = make_norm(norm, width, dims=1, affine=norm_affine)
+        features = width
+    layers[f"fc{depth + 1}"] = nn.Linear(features, out_features, bias=bias)
+    return nn.Sequential(layers)
+
+
+class MLP(BaseModule):
+    """A multi-layer perceptron; with ``activation=identity`` a deep linear network.
+
+    The paper's deep linear network is ``MLP(in_features=10, out_features=10, depth=24,
+    width=10, activation="identity", bias=False, loss="sum_squared")``: 25 layers of
+    10x10. Ioffe & Szegedy's MNIST-style net is 3 hidden layers of 100 sigmoid units.
+
+    Args:
+        in_features, out_features: input size and outputs (classes or targets).
+        depth: number of hidden layers.
+        width: units per hidden layer.
+        activation: relu, tanh, sigmoid or identity.
+        norm, norm_position, norm_affine: as in ``VGG``.
+        norm_layers: 0-based hidden-layer indices that get a norm (default: all).
+        init: xavier_uniform (paper), kaiming or default.
+        bias: biases in the Linear layers.
+        loss, optimizer, lr_scheduler, compile, divergence_check_every_n_steps: see ``BaseModule``.
+
+    Example::
+
+        model = MLP(in_features=64, out_features=10, depth=3, width=100, activation="sigmoid", norm="batch")
+    """
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        out_features: int = 10,
+        depth: int = 3,
+        width: int = 100,
+        activation: ActivationKind = "sigmoid",
+        norm: NormKind = "none",
+        norm_position: NormPosition = "before",
+        norm_affine: bool = True,
+        norm_layers: list[int] | None = None,
+        init: InitKind = "xavier_uniform",
+        bias: bool = True,
+        loss: LossKind = "cross_entropy",
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        compile: bool = False,
+        divergence_check_every_n_steps: int = 10,
+    ) -> None:
+        super().__init__(loss, out_features, optimizer, lr_scheduler, compile, divergence_check_every_n_steps)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.net = build_mlp(in_features, out_features, depth, width, activation, norm, norm_position, norm_affine, norm_layers, bias)
+        init_weights(self.net, init)

@@ -1,0 +1,120 @@
+"""CIFAR-style VGG (configurations A/B/D/E) with every normalization the paper compares."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from bnlightning.models.base import BaseModule, InitKind, LossKind, NormPosition, check_norm_options, default_optimizer, init_weights
+from bnlightning.models.norms import NormKind, make_norm
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+# Channels per conv layer, "M" for a 2x2 max-pool (Simonyan & Zisserman, Table 1).
+VGG_CONFIGS: dict[str, list[int | str]] = {
+    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+
+
+def build_vgg(
+    config: str,
+    norm: str,
+    norm_position: str = "before",
+    norm_affine: bool = True,
+    norm_layers: list[int] | None = None,
+    in_channels: int = 3,
+    num_classes: int = 10,
+    width: float = 1.0,
+) -> nn.Sequential:
+    """A flat ``nn.Sequential`` named ``conv1, norm1, relu1, pool1, ..., flatten, fc``.
+
+    Conv layers are numbered from 1 as in the paper ("layer 5" is ``conv5``);
+    ``norm_layers`` holds 0-based indices into the conv layers (``[3]`` puts the only
+    norm after ``conv4``). ``width`` scales every channel count (for small test nets).
+    """
+    if config not in VGG_CONFIGS:
+        raise ValueError(f"unknown VGG config {config!r}; accepted: {', '.join(VGG_CONFIGS)}")
+    if norm_position not in ("before", "after"):
+        raise ValueError(f"unknown norm_position {norm_position!r}; accepted: before, after")
+    if width <= 0:
+        raise ValueError(f"width must be positive, got {width}")
+    spec = VGG_CONFIGS[config]
+    num_convs = sum(1 for v in spec if v != "M")
+    with_norm = set(check_norm_options(norm, norm_layers, num_convs, "conv"))
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    channels, conv_i, pool_i = in_channels, 0, 0
+    for v in spec:
+        if v == "M":
+            pool_i += 1
+            layers[f"pool{pool_i}"] = nn.MaxPool2d(2)
+            continue
+        out = max(1, round(int(v) * width))
+        conv_i += 1
+        layers[f"conv{conv_i}"] = nn.Conv2d(channels, out, 3, padding=1)
+        has_norm = norm != "none" and (conv_i - 1) in with_norm
+        if has_norm and norm_position == "before":
+            layers[f"norm{conv_i}"] = make_norm(norm, out, dims=2, affine=norm_affine)
+        layers[f"relu{conv_i}"] = nn.ReLU()
+        if has_norm and norm_position == "after":
+            layers[f"norm{conv_i}"] = make_norm(norm, out, dims=2, affine=norm_affine)
+        channels = out
+    layers["flatten"] = nn.Flatten()
+    layers["fc"] = nn.Linear(channels, num_classes)
+    return nn.Sequential(layers)
+
+
+class VGG(BaseModule):
+    """VGG for 32x32 images with a 512 -> 10 head (PROTOCOL §6).
+
+    Args:
+        config: A, B, D or E (VGG-11/13/16/19).
+        norm: none, batch, noisy_batch, l1, l2, linf, layer or group.
+        norm_position: the norm ``before`` (paper) or ``after`` the ReLU.
+        norm_affine: learnable gamma/beta in the norm.
+        norm_layers: 0-based conv indices that get a norm (default: all).
+        init: xavier_uniform (paper), kaiming or default (PyTorch's).
+        in_channels, num_classes: input channels and classes.
+        width: channel multiplier (1.0 is the real VGG; tests use small values).
+        channels_last: keep conv weights and inputs in channels-last memory format.
+        loss, optimizer, lr_scheduler, compile, divergence_check_every_n_steps: see ``BaseModule``.
+
+    Example::
+
+        model = VGG(config="A", norm="batch")
+    """
+
+    def __init__(
+        self,
+        config: Literal["A", "B", "D", "E"] = "A",
+        norm: NormKind = "none",
+        norm_position: NormPosition = "before",
+        norm_affine: bool = True,
+        norm_layers: list[int] | None = None,
+        init: InitKind = "xavier_uniform",
+        in_channels: int = 3,
+        num_classes: int = 10,
+        width: float = 1.0,
+        channels_last: bool = False,
+        loss: LossKind = "cross_entropy",
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        compile: bool = False,
+        divergence_check_every_n_steps: int = 10,
+    ) -> None:
+        super().__init__(loss, num_classes, optimizer, lr_scheduler, compile, divergence_check_every_n_steps)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.net = build_vgg(config, norm, norm_position, norm_affine, norm_layers, in_channels, num_classes, width)
+        init_weights(self.net, init)
+        self.channels_last = channels_last
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    def forward(self, x: Any) -> Any:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)

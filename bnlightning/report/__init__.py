@@ -1,0 +1,1 @@
+"""Figures, pages and W&B reports built from logged runs."""

@@ -1,0 +1,1 @@
+"""Measurement callbacks (ICS, loss landscape, activation statistics); depend on torch and lightning only."""
