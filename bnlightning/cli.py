@@ -101,7 +101,8 @@ def main(args: Sequence[str] | None = None) -> Any:
         command: Callable[[list[str]], Any] = getattr(importlib.import_module(module), func)
         return command(argv[1:])
     try:
-        return build_cli(argv)
+        # None lets LightningCLI read sys.argv itself (passing both makes it warn).
+        return build_cli(None if args is None else argv)
     except USER_ERRORS as err:
         if os.environ.get("BNLIGHTNING_DEBUG"):
             raise

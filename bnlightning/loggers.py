@@ -73,6 +73,7 @@ class WandbLogger(_LightningWandbLogger):
         super().__init__(
             name=name, save_dir=save_dir, project=project, version=version, offline=offline, log_model=log_model, prefix=prefix, **extra
         )
+        self._wandb_init.pop("anonymous", None)  # deprecated in wandb; Lightning always passes it
         self._warned_log_error = False
 
     @property
