@@ -12,13 +12,15 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from argparse import ArgumentError
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from bnlightning.errors import condense, yaml_error
 from bnlightning.models.base import BaseModule
 
 # Subcommands that are not LightningCLI's: name -> "module:function" taking argv.
@@ -78,15 +80,10 @@ def build_cli(args: Sequence[str] | None, run: bool = True) -> BNLightningCLI:
         save_config_kwargs={"overwrite": True},
         args=list(args) if args is not None else None,
         run=run,
+        # Raise instead of printing usage, so main() can print one line.
+        parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in ("fit", "validate", "test", "predict")}},
         auto_configure_optimizers=False,
     )
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    if isinstance(err, KeyError) and len(err.args) == 1:
-        text = str(err.args[0])
-    return " ".join(text.split())
 
 
 def main(args: Sequence[str] | None = None) -> Any:
@@ -100,11 +97,29 @@ def main(args: Sequence[str] | None = None) -> Any:
         module, func = EXTRA_COMMANDS[argv[0]].split(":")
         command: Callable[[list[str]], Any] = getattr(importlib.import_module(module), func)
         return command(argv[1:])
+    for path in _config_paths(argv):
+        if problem := yaml_error(path):
+            _fail(problem)
     try:
         # None lets LightningCLI read sys.argv itself (passing both makes it warn).
         return build_cli(None if args is None else argv)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, ArgumentError) as err:
         if os.environ.get("BNLIGHTNING_DEBUG"):
             raise
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(condense(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)))
+
+
+def _config_paths(argv: list[str]) -> list[str]:
+    """The files named by ``--config``/``-c`` (``--config=X`` too)."""
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return [p for p in paths if not p.lstrip().startswith(("{", "["))]
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)

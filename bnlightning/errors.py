@@ -1,0 +1,77 @@
+"""Turn jsonargparse's nested error reports into the one line a user needs.
+
+jsonargparse explains a bad value by walking every type it tried ("Does not validate
+against any of the Union subtypes ... Given value: ..."). The useful part is the
+innermost message and the chain of keys leading to it; this module keeps just that.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Lines that describe jsonargparse's search, not the user's mistake.
+_NOISE = (
+    re.compile(r"^Does not validate against any of the Union subtypes"),
+    re.compile(r"^Subtypes:"),
+    re.compile(r"^Errors:$"),
+    re.compile(r"^- Expected a <class 'NoneType'>"),
+    re.compile(r"^Given value type:"),
+    re.compile(r"^Given value:"),
+    re.compile(r"^- Expected a path but .* either not accessible or invalid"),
+    re.compile(r"^- Does not validate against any of the Union subtypes"),
+)
+_KEY = re.compile(r'^(?:- )?Parser key "([^"]+)":\s*(.*)$')
+_CLASS_PATH = re.compile(r"^(?:- )?Problem with given class_path '([^']+)':\s*(.*)$")
+_LITERAL = re.compile(r"Expected a (?:typing\.)?Literal\[(.*)\]\. Got value: (.*)$")
+
+
+def condense(message: str) -> str:
+    """One line from a (possibly multi-line, nested) jsonargparse or instantiation error."""
+    keys: list[str] = []
+    details: list[str] = []
+    class_path, keys_at_class = "", -1
+    for raw in message.splitlines():
+        line = raw.strip()
+        if not line or any(p.match(line) for p in _NOISE):
+            continue
+        if m := _KEY.match(line):
+            keys.append(m.group(1))
+            line = m.group(2)
+        elif m := _CLASS_PATH.match(line):
+            class_path, keys_at_class = m.group(1), len(keys)
+            line = m.group(2)
+        line = line.removeprefix("- ").strip()
+        if line:
+            details.append(line)
+    if not details:
+        return " ".join(message.split())
+    detail = details[-1]
+    if m := _LITERAL.search(detail):
+        choices = ", ".join(c.strip().strip("'\"") for c in m.group(1).split(","))
+        detail = f"got {m.group(2).strip()!r}; accepted: {choices}"
+    elif class_path and keys_at_class == len(keys):
+        # The class itself could not be used (not a mistake in one of its arguments).
+        detail = f"cannot use class_path {class_path!r}: {detail}"
+    elif len(details) > 1 and re.match(r"^(in |did not find|line \d)", detail):
+        # YAML errors span lines: "while parsing ... in <string>, line 3, column 14".
+        detail = " ".join(details)
+    prefix = ".".join(keys)
+    return f"{prefix}: {detail}" if prefix else detail
+
+
+def yaml_error(path: str) -> str | None:
+    """A one-line description of why the YAML file at ``path`` does not parse, or None."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            yaml.safe_load(f)
+    except FileNotFoundError:
+        return f"config file {path!r} does not exist"
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        return f"{path}: invalid YAML at {where}: {err.problem or err.context}"
+    except yaml.YAMLError as err:
+        return f"{path}: invalid YAML: {err}"
+    return None
