@@ -22,3 +22,18 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     return tmp_path
+
+
+# ---- data (owned by bnlightning/data): a CIFAR-10-format folder, see tests/cifar_fixture.py ----
+@pytest.fixture
+def fake_cifar10(tmp_path: Path) -> Path:
+    """A ``root`` holding ``cifar-10-batches-py`` with 100 train / 40 test random images.
+
+    Not the official files: load with ``verify_checksums=False``
+    (``--data.init_args.verify_checksums false`` on the command line).
+    """
+    from cifar_fixture import make_fake_cifar10
+
+    root = tmp_path / "cifar10"
+    make_fake_cifar10(root, n_train=100, n_test=40)
+    return root

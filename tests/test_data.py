@@ -302,3 +302,9 @@ def test_datamodules_in_a_trainer(tmp_path: Path) -> None:
                              enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
         trainer.fit(model, datamodule=dm)
         assert trainer.global_step == 4 and isinstance(trainer.train_dataloader, TensorLoader)
+
+
+def test_conftest_fixture(fake_cifar10: Path) -> None:
+    dm = _dm(fake_cifar10, on_device=True)
+    dm.setup("fit")
+    assert dm.train_x.shape == (100, 3, 32, 32) and dm.test_x.shape == (40, 3, 32, 32)
