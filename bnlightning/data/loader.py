@@ -132,34 +132,42 @@ class DeviceImageTransform:
         return self._stats[device]
 
     def augment(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Random crop + flip of each sample of ``x`` (any dtype), on ``x.device``."""
-        b, _, h, w = x.shape
+        """Random crop + flip of each sample of ``x`` (any dtype), on ``x.device``.
+
+        Crop offsets and flips only decide, per sample, which source row feeds each output
+        row and which source column each output column (a flip reverses the columns), so
+        the whole augmentation is one ``gather`` over the flattened images.
+        """
+        b, c, h, w = x.shape
         dev = x.device
         p = self.crop_padding
+        rows = torch.arange(h, device=dev).expand(b, h)
+        cols = torch.arange(w, device=dev).expand(b, w)
+        valid = None
         if p > 0:
             dy = torch.randint(0, 2 * p + 1, (b, 1), device=dev, generator=generator)
             dx = torch.randint(0, 2 * p + 1, (b, 1), device=dev, generator=generator)
-            rows = dy + torch.arange(h, device=dev) - p  # (B, H) index into the unpadded image
-            cols = dx + torch.arange(w, device=dev) - p  # (B, W)
+            rows = rows + dy - p  # (B, H) rows of the unpadded image, may fall in the border
+            cols = cols + dx - p  # (B, W)
             if self.pad_mode == "reflect":
                 rows = rows.abs()
                 rows = torch.where(rows > h - 1, 2 * (h - 1) - rows, rows)
                 cols = cols.abs()
                 cols = torch.where(cols > w - 1, 2 * (w - 1) - cols, cols)
-                valid = None
             else:
-                valid = ((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[:, None, None, :]
+                valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
                 rows = rows.clamp(0, h - 1)
                 cols = cols.clamp(0, w - 1)
-            bi = torch.arange(b, device=dev)[:, None, None, None]
-            ci = torch.arange(x.shape[1], device=dev)[None, :, None, None]
-            x = x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
-            if valid is not None:
-                x = x * valid.to(x.dtype)
         if self.flip:
             do = torch.rand(b, device=dev, generator=generator) < 0.5
-            x = torch.where(do[:, None, None, None], x.flip(-1), x)
-        return x
+            cols = torch.where(do[:, None], cols.flip(-1), cols)
+            if valid is not None:
+                valid = torch.where(do[:, None, None], valid.flip(-1), valid)
+        idx = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+        out = x.reshape(b, c, h * w).gather(2, idx).view(b, c, h, w)
+        if valid is not None:
+            out = out * valid[:, None].to(out.dtype)
+        return out
 
     def normalize(self, x: Tensor) -> Tensor:
         """uint8 -> float32 ``x / 255``, then ``(x - mean) / std`` (torchvision's order of operations)."""
