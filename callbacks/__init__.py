@@ -1,1 +1,42 @@
-"""Measurement callbacks (ICS, loss landscape, activation statistics); depend on torch and lightning only."""
+"""Measurement callbacks for any Lightning module: ICS, loss landscape, activation statistics.
+
+Depends on torch and lightning only. A module is measurable when it offers
+``loss(batch) -> Tensor`` (name configurable with ``loss_method=``): the scalar
+training loss on a batch computed with the module's current parameters.
+
+Callbacks: ``InternalCovariateShift`` (PROTOCOL §1), ``LossLandscape`` (§2),
+``ActivationStats`` (§3). Functional API (pure functions): ``internal_covariate_shift``,
+``loss_landscape``, ``activation_stats``, ``measurement_forward``, ``sgd_update``,
+``optimizer_update``. The observer-effect guard: ``observer_guard``, ``RngState``.
+"""
+
+from bnlightning.callbacks.activations import ActivationStats
+from bnlightning.callbacks.base import MeasurementCallback
+from bnlightning.callbacks.functional import (
+    activation_stats,
+    internal_covariate_shift,
+    loss_landscape,
+    measurement_forward,
+    optimizer_update,
+    sgd_update,
+    weight_layer_names,
+)
+from bnlightning.callbacks.guard import RngState, observer_guard
+from bnlightning.callbacks.ics import InternalCovariateShift
+from bnlightning.callbacks.landscape import LossLandscape
+
+__all__ = [
+    "ActivationStats",
+    "InternalCovariateShift",
+    "LossLandscape",
+    "MeasurementCallback",
+    "RngState",
+    "activation_stats",
+    "internal_covariate_shift",
+    "loss_landscape",
+    "measurement_forward",
+    "observer_guard",
+    "optimizer_update",
+    "sgd_update",
+    "weight_layer_names",
+]

@@ -1,0 +1,197 @@
+"""``ActivationStats``: distribution of pre-activations over training (PROTOCOL §3)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from bnlightning.callbacks.base import MeasurementCallback, wandb_loggers
+from bnlightning.callbacks.functional import activation_kind, activation_stats, measurement_forward
+
+__all__ = ["ActivationStats", "default_activation_layers"]
+
+
+def default_activation_layers(module: nn.Module) -> list[str]:
+    """Every activation module (its input is read) or, if there is none, every Conv/Linear (output)."""
+    acts = [n for n, m in module.named_modules() if n and activation_kind(m)]
+    if acts:
+        return acts
+    return [n for n, m in module.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+
+
+class ActivationStats(MeasurementCallback):
+    r"""Log the distribution of each selected layer's pre-activations (Ioffe & Szegedy Fig. 1).
+
+    What is read: for an activation module (``nn.ReLU``, ``nn.Sigmoid``, ``nn.Tanh``, ...)
+    its *input*, i.e. the pre-activation; for any other module its *output*. Default
+    layers: every activation module, or, in a network without any (a deep linear
+    network), every Conv/Linear output. ``saturated`` is logged for tanh/sigmoid-family
+    inputs, ``dead`` for ReLU inputs.
+
+    When: forward hooks are registered at ``on_train_start`` and removed at ``teardown``;
+    they record only during the callback's own measurement pass, a float32, no-grad
+    forward of ``loss_method(batch)`` on the measured step's training batch (pre-step
+    weights, training mode, same RNG state as the training step saw at the start of
+    ``on_before_optimizer_step``, buffers cloned, RNG rewound) -- never during training's
+    own forwards, so training is untouched and bf16 rounding does not enter the statistics.
+
+    Logged metrics (per layer, ``<layer>`` the module name relative to the LightningModule):
+
+    - ``act/<layer>/q15``, ``act/<layer>/q50``, ``act/<layer>/q85``: quantiles over all entries
+    - ``act/<layer>/mean``, ``act/<layer>/std`` (population std)
+    - ``act/<layer>/saturated``: share of entries with ``|x| > saturation_threshold`` (tanh/sigmoid)
+    - ``act/<layer>/dead``: share of units (features; (channel, row, column) for images) never positive on the batch (ReLU)
+    - with a ``WandbLogger``: ``act/<layer>/hist`` (``wandb.Histogram``); with a
+      ``TensorBoardLogger``: ``add_histogram("act/<layer>", ...)``.
+
+    Args:
+        layers: module names relative to the LightningModule (default: see above).
+        every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
+        saturation_threshold: ``|x|`` above which a tanh/sigmoid unit counts as saturated (> 0).
+        histogram: also log a histogram to loggers that take one.
+        histogram_bins: bins of that histogram (>= 2).
+        loss_method: the module's method ``(batch) -> scalar loss``.
+
+    Raises:
+        ValueError: bad arguments; at setup an unknown layer name (the valid ones are listed).
+        MisconfigurationException: at setup, manual optimization or an unsupported strategy.
+        AttributeError: at setup, the module has no ``loss_method``.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ActivationStats(layers=["net.act1", "net.act3"], every_n_steps=100)])
+    """
+
+    def __init__(
+        self,
+        layers: list[str] | None = None,
+        every_n_steps: int = 100,
+        saturation_threshold: float = 2.0,
+        histogram: bool = True,
+        histogram_bins: int = 64,
+        loss_method: str = "loss",
+    ) -> None:
+        super().__init__(every_n_steps, loss_method)
+        if not (isinstance(saturation_threshold, (int, float)) and saturation_threshold > 0 and math.isfinite(saturation_threshold)):
+            raise ValueError(f"saturation_threshold must be a positive number, got {saturation_threshold!r}")
+        if histogram_bins < 2:
+            raise ValueError(f"histogram_bins must be >= 2, got {histogram_bins}")
+        if layers is not None and not layers:
+            raise ValueError("layers must be None (default layers) or a non-empty list of module names")
+        self.layers = list(layers) if layers is not None else None
+        self.saturation_threshold = float(saturation_threshold)
+        self.histogram = histogram
+        self.histogram_bins = histogram_bins
+        self._layers: list[str] = []
+        self._handles: list[RemovableHandle] = []
+        self._recording = False
+        self._captured: dict[str, Tensor] = {}
+
+    def _state_key_extra(self) -> dict[str, Any]:
+        return {"layers": self.layers}
+
+    @override
+    def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        modules = dict(pl_module.named_modules())
+        if self.layers is None:
+            self._layers = default_activation_layers(pl_module)
+            if not self._layers:
+                raise ValueError(f"{type(pl_module).__name__} has no activation, Conv or Linear module; pass layers=")
+        else:
+            valid = [n for n in modules if n]
+            bad = [n for n in self.layers if n not in modules or not n]
+            if bad:
+                raise ValueError(f"unknown layer {bad[0]!r}. Valid module names: {', '.join(valid)}")
+            self._layers = list(self.layers)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        modules = dict(pl_module.named_modules())
+        for name in self._layers:
+            m = modules[name]
+            if activation_kind(m):
+                self._handles.append(m.register_forward_pre_hook(self._make_hook(name, read_input=True)))
+            else:
+                self._handles.append(m.register_forward_hook(self._make_hook(name, read_input=False)))
+
+    def _make_hook(self, name: str, read_input: bool) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...], output: Any = None) -> None:
+            if not self._recording:
+                return
+            x = args[0] if read_input else output
+            if isinstance(x, Tensor):
+                self._captured[name] = x.detach()
+
+        if read_input:
+            return lambda m, args: hook(m, args)
+        return hook
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    @override
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
+        modules = dict(pl_module.named_modules())
+        self._captured = {}
+        self._recording = True
+        try:
+            measurement_forward(pl_module, batch, loss_method=self.loss_method)
+        finally:
+            self._recording = False
+        metrics: dict[str, Tensor] = {}
+        for name in self._layers:
+            x = self._captured.get(name)
+            if x is None:
+                continue
+            kind = activation_kind(modules[name]) or "none"
+            for key, value in activation_stats(x, kind, saturation_threshold=self.saturation_threshold).items():
+                metrics[f"act/{name}/{key}"] = value
+        if self.histogram:
+            self._log_histograms(trainer)
+        self._captured = {}
+        return metrics
+
+    def _log_histograms(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero:  # loggers write on rank zero only; no collective here
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        wandb_targets = wandb_loggers(trainer)
+        tb_targets = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not wandb_targets and not tb_targets:
+            return
+        step = trainer.global_step
+        for name, x in self._captured.items():
+            x = x.float().flatten()
+            x = x[torch.isfinite(x)]
+            if x.numel() == 0:
+                continue
+            for lg in tb_targets:
+                lg.experiment.add_histogram(f"act/{name}", x.cpu(), step)
+            if wandb_targets:
+                import wandb
+
+                lo, hi = float(x.min()), float(x.max())
+                if hi <= lo:
+                    hi = lo + 1e-6
+                counts = torch.histc(x, bins=self.histogram_bins, min=lo, max=hi).cpu().numpy()
+                edges = torch.linspace(lo, hi, self.histogram_bins + 1).numpy()
+                for lg in wandb_targets:
+                    lg.log_metrics({f"act/{name}/hist": wandb.Histogram(np_histogram=(counts, edges))}, step=step)
+
+    @override
+    def charts(self) -> dict[str, list[str]]:
+        return {f"act_{name}_quantiles": [f"act/{name}/q15", f"act/{name}/q50", f"act/{name}/q85"] for name in self._layers}

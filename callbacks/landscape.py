@@ -1,0 +1,114 @@
+"""``LossLandscape``: loss band, gradient predictiveness and effective smoothness (PROTOCOL §2)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from bnlightning.callbacks.base import MeasurementCallback
+from bnlightning.callbacks.functional import MODES, loss_landscape
+
+__all__ = ["LossLandscape"]
+
+METRICS = ("landscape/loss_min", "landscape/loss_max", "landscape/grad_l2_max", "landscape/beta_eff")
+
+
+class LossLandscape(MeasurementCallback):
+    r"""Log how the loss and gradient change along the descent direction (the paper's Fig. 4).
+
+    On the current training batch, with g the gradient over every trainable parameter,
+    evaluates the loss and gradient at ``w - s * g`` for each step size s (same batch,
+    same random draws, norms in training mode, running statistics untouched).
+
+    Step sizes: with ``step_size_mode="relative"`` (default) each entry of
+    ``step_sizes`` multiplies the current learning rate, read from the optimizer's
+    ``param_groups`` at the measured step (so schedulers are followed); parameters in a
+    group with a different lr move by ``s * lr_group / lr_first_group * g``; parameters
+    outside the optimizer do not move. A learning rate of 0 (warm-up) logs NaN.
+    ``"absolute"`` uses the numbers as given. Paper: VGG ``[0.5, 1, 2, 4]`` x lr;
+    deep linear network a range of ``[0.01, 30]`` x lr.
+
+    Logged metrics:
+
+    - ``landscape/loss_min``, ``landscape/loss_max``: the loss band over the grid (Fig. 4a)
+    - ``landscape/grad_l2_max`` = max_s ||g - g(w - s g)||_2: gradient predictiveness (Fig. 4b)
+    - ``landscape/beta_eff`` = max_s ||g - g(w - s g)||_2 / ||s g||_2: effective beta-smoothness (Fig. 4c)
+
+    Args:
+        step_sizes: positive step sizes (relative to lr, or absolute).
+        step_size_mode: ``relative`` or ``absolute``.
+        every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
+        mode: ``auto`` (vmap for networks without convolutions, else a loop), ``vmap`` or ``loop``.
+        chunk_size: at most this many step sizes per vmap call.
+        loss_method: the module's method ``(batch) -> scalar loss``.
+
+    Raises:
+        ValueError: an empty grid, a non-positive or non-finite step size, a bad mode/chunk_size/every_n_steps.
+        MisconfigurationException: at setup, manual optimization or an unsupported strategy.
+        AttributeError: at setup, the module has no ``loss_method``.
+
+    Example::
+
+        trainer = Trainer(callbacks=[LossLandscape(step_sizes=[0.5, 1, 2, 4], every_n_steps=100)])
+    """
+
+    def __init__(
+        self,
+        step_sizes: list[float] | None = None,
+        step_size_mode: Literal["relative", "absolute"] = "relative",
+        every_n_steps: int = 100,
+        mode: Literal["auto", "vmap", "loop"] = "auto",
+        chunk_size: int | None = None,
+        loss_method: str = "loss",
+    ) -> None:
+        super().__init__(every_n_steps, loss_method)
+        steps = [0.5, 1.0, 2.0, 4.0] if step_sizes is None else [float(s) for s in step_sizes]
+        if not steps:
+            raise ValueError("step_sizes must be a non-empty list of positive numbers")
+        bad = [s for s in steps if not s > 0 or math.isinf(s)]
+        if bad:
+            raise ValueError(f"step sizes must be positive and finite, got {bad[0]} in {steps}")
+        if step_size_mode not in ("relative", "absolute"):
+            raise ValueError(f"unknown step_size_mode {step_size_mode!r}; accepted: relative, absolute")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        self.step_sizes = steps
+        self.step_size_mode = step_size_mode
+        self.mode = mode
+        self.chunk_size = chunk_size
+        self._warned_zero_lr = False
+
+    def _state_key_extra(self) -> dict[str, Any]:
+        return {"step_sizes": self.step_sizes, "step_size_mode": self.step_size_mode}
+
+    @override
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
+        steps, scale = self.step_sizes, None
+        if self.step_size_mode == "relative":
+            opt = getattr(optimizer, "_optimizer", optimizer)
+            base = float(opt.param_groups[0]["lr"])
+            if not base > 0:
+                if not self._warned_zero_lr:
+                    self._warned_zero_lr = True
+                    warnings.warn(f"LossLandscape: learning rate is {base}; relative step sizes are 0, logging NaN.", stacklevel=2)
+                return {k: torch.tensor(float("nan")) for k in METRICS}
+            lr_of = {id(p): float(g["lr"]) / base for g in opt.param_groups for p in g["params"]}
+            scale = {n: lr_of.get(id(p), 0.0) for n, p in pl_module.named_parameters()}
+            steps = [s * base for s in self.step_sizes]
+        return loss_landscape(pl_module, batch, steps, loss_method=self.loss_method, param_scale=scale, mode=self.mode, chunk_size=self.chunk_size)
+
+    @override
+    def charts(self) -> dict[str, list[str]]:
+        return {
+            "landscape_loss_band": ["landscape/loss_min", "landscape/loss_max"],
+            "landscape_grad_l2_max": ["landscape/grad_l2_max"],
+            "landscape_beta_eff": ["landscape/beta_eff"],
+        }

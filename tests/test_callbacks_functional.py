@@ -1,0 +1,231 @@
+"""The pure measurement functions against naive references (PROTOCOL §1–3)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bnlightning.callbacks import (
+    activation_stats,
+    internal_covariate_shift,
+    loss_landscape,
+    observer_guard,
+    optimizer_update,
+    sgd_update,
+)
+from callback_helpers import assert_same, batch_for, dln, mlp, naive_ics, naive_landscape, snapshot, vgg
+
+CASES = {
+    "mlp_bn": (lambda: mlp("batch"), 0.1),
+    "mlp_noisy_bn": (lambda: mlp("noisy_batch"), 0.1),
+    "mlp_plain": (lambda: mlp("none"), 0.1),
+    "dln_bn": (lambda: dln("batch"), 1e-3),
+    "dln_plain": (lambda: dln("none"), 1e-3),
+    "vgg_bn": (lambda: vgg("batch"), 0.1),
+    "vgg_noisy_bn": (lambda: vgg("noisy_batch"), 0.1),
+}
+
+
+def _close(got: dict, want: dict, rtol: float = 2e-3, atol: float = 1e-5) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        g, w = got[k].double(), want[k].double()
+        assert torch.allclose(g, w, rtol=rtol, atol=atol), f"{k}: got {g.item():.8g}, reference {w.item():.8g}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_ics_matches_naive_reference(case: str, mode: str) -> None:
+    if mode == "vmap" and case.startswith("vgg"):
+        pytest.skip("VGG's auto mode is the loop; vmap over convs is covered by test_ics_vmap_on_vgg")
+    torch.manual_seed(0)
+    build, lr = CASES[case]
+    model = build().train()
+    batch = batch_for(model, n=8 if case.startswith("vgg") else 16)
+    torch.manual_seed(1)
+    want, norms = naive_ics(model, batch, lr)
+    got = internal_covariate_shift(model, batch, sgd_update(lr), mode=mode)
+    assert got.keys() == want.keys()
+    for layer, norm_g in norms.items():
+        # ||G - G'|| is a difference of nearby float32 gradients: its error is on the scale of ||G||.
+        for kind, tol in (("l2", 1e-5 * norm_g), ("rel", 1e-5), ("cos", 1e-5)):
+            k = f"ics/{kind}/{layer}"
+            g, w = got[k].double(), want[k].double()
+            assert abs(g - w) <= 2e-3 * abs(w) + tol, f"{k}: got {g.item():.8g}, reference {w.item():.8g}"
+
+
+def test_ics_vmap_on_vgg() -> None:
+    torch.manual_seed(0)
+    model = vgg("batch").train()
+    batch = batch_for(model, n=4)
+    loop = internal_covariate_shift(model, batch, sgd_update(0.1), layers=["net.conv2", "net.conv5", "net.fc"], mode="loop")
+    batched = internal_covariate_shift(model, batch, sgd_update(0.1), layers=["net.conv2", "net.conv5", "net.fc"], mode="vmap", chunk_size=2)
+    _close(batched, loop, rtol=1e-4, atol=1e-6)
+
+
+def test_ics_first_layer_is_exactly_unshifted_and_layers_follow_forward_order() -> None:
+    torch.manual_seed(0)
+    model = mlp("batch").train()
+    batch = batch_for(model)
+    out = internal_covariate_shift(model, batch, sgd_update(0.1), layers=["net.fc3", "net.fc1"])
+    assert out["ics/l2/net.fc1"].item() == 0.0  # nothing runs before fc1
+    assert out["ics/cos/net.fc1"].item() == pytest.approx(1.0, abs=1e-6)
+    assert out["ics/l2/net.fc3"].item() > 0
+
+
+def test_ics_unknown_layer_lists_valid_names() -> None:
+    model = mlp("batch")
+    with pytest.raises(ValueError, match=r"unknown layer 'net\.fc9'.*net\.fc1"):
+        internal_covariate_shift(model, batch_for(model), sgd_update(0.1), layers=["net.fc9"])
+
+
+@pytest.mark.parametrize("opt_name", ["sgd_wd", "momentum", "adam"])
+def test_optimizer_update_is_the_real_step(opt_name: str) -> None:
+    """The shadow step equals what the real optimizer does to a copy (after some state has built up)."""
+    torch.manual_seed(0)
+    model = mlp("batch")
+    factory = {
+        "sgd_wd": lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.01),
+        "momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    }[opt_name]
+    opt = factory(model.parameters())
+    batch = batch_for(model)
+    for _ in range(2):  # non-empty state
+        opt.zero_grad()
+        model.loss(batch).backward()
+        opt.step()
+    opt.zero_grad()
+    model.loss(batch).backward()
+    before = snapshot(model, opt)
+    weights = {n: p.detach() for n, p in model.named_parameters() if n.endswith("weight")}
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    got = optimizer_update(opt, model, weights, grads)
+    assert_same(before, snapshot(model, opt))
+    twin_model = copy.deepcopy(model)
+    for n, p in twin_model.named_parameters():
+        p.grad = grads[n].clone()
+    twin_opt = factory(twin_model.parameters())
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin_opt.step()
+    for n in weights:
+        assert torch.allclose(got[n], twin_model.get_parameter(n), rtol=1e-6, atol=1e-7), n
+
+
+@pytest.mark.parametrize("case", ["mlp_bn", "mlp_noisy_bn", "dln_bn", "vgg_bn", "vgg_noisy_bn"])
+def test_landscape_matches_naive_reference(case: str) -> None:
+    torch.manual_seed(0)
+    build, lr = CASES[case]
+    model = build().train()
+    batch = batch_for(model, n=8)
+    steps = [0.5 * lr, lr, 2 * lr, 4 * lr]
+    torch.manual_seed(1)
+    want = naive_landscape(model, batch, steps)
+    for mode in ("vmap", "loop") if not case.startswith("vgg") else ("loop",):
+        got = loss_landscape(model, batch, steps, mode=mode)
+        _close(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_landscape_rejects_bad_steps_and_propagates_nan() -> None:
+    model = mlp("batch")
+    batch = batch_for(model)
+    for bad in ([0.1, 0.0], [-1.0], [], [float("inf")]):
+        with pytest.raises(ValueError, match="step"):
+            loss_landscape(model, batch, bad)
+    x, y = batch
+    x = x.clone()
+    x[0, 0] = float("nan")
+    out = loss_landscape(model, (x, y), [0.1])
+    assert all(torch.isnan(v) for v in out.values())
+    ics = internal_covariate_shift(model, (x, y), sgd_update(0.1))
+    assert all(torch.isnan(v) for v in ics.values())
+
+
+def test_activation_stats_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, 3, 3, generator=g) * 2
+    x[:, 0] = -x[:, 0].abs()  # a channel never positive
+    out = activation_stats(x, "relu")
+    ref = np.quantile(x.numpy().ravel(), [0.15, 0.5, 0.85])
+    assert np.allclose([out["q15"], out["q50"], out["q85"]], ref, rtol=1e-5, atol=1e-6)
+    assert out["mean"].item() == pytest.approx(float(x.numpy().mean()), abs=1e-5)
+    assert out["std"].item() == pytest.approx(float(x.numpy().std()), rel=1e-5)
+    units = x.flatten(1)
+    dead = sum(1 for j in range(units.shape[1]) if not any(units[i, j] > 0 for i in range(units.shape[0])))
+    assert out["dead"].item() == pytest.approx(dead / units.shape[1])
+    assert dead >= 9
+    sat = activation_stats(x, "saturating", saturation_threshold=2.0)
+    assert sat["saturated"].item() == pytest.approx(float((np.abs(x.numpy()) > 2).mean()))
+    assert "dead" not in sat and "saturated" not in activation_stats(x, "none")
+
+
+@pytest.mark.parametrize("case", ["mlp_noisy_bn", "vgg_bn", "dln_bn"])
+def test_functions_leave_no_trace(case: str) -> None:
+    """Running stats, parameters, .grad, modes and RNG states are untouched (even without the guard)."""
+    torch.manual_seed(0)
+    model = CASES[case][0]().train()
+    batch = batch_for(model, n=4)
+    model.loss(batch).backward()
+    before = snapshot(model)
+    internal_covariate_shift(model, batch, sgd_update(0.1))
+    loss_landscape(model, batch, [0.1, 0.2])
+    assert_same(before, snapshot(model))
+
+
+def test_guard_restores_everything() -> None:
+    import random
+
+    torch.manual_seed(0)
+    model = mlp("noisy_batch")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batch = batch_for(model)
+    model.loss(batch).backward()
+    opt.step()
+    before = snapshot(model, opt)
+    with observer_guard(model, [opt]):
+        model.eval().net.train()
+        model.loss(batch).backward()  # grads accumulate, BN stats move, noise is drawn
+        opt.step()
+        opt.param_groups[0]["lr"] = 5.0
+        random.random()
+        np.random.rand()
+        model.net.fc1.weight.grad = None
+    assert_same(before, snapshot(model, opt))
+    # the same .grad objects are back in place
+    assert model.net.fc1.weight.grad is not None
+
+
+def test_bf16_module_is_measured_in_float32() -> None:
+    torch.manual_seed(0)
+    model = mlp("batch").train()
+    batch = batch_for(model)
+    ref = internal_covariate_shift(model, batch, sgd_update(0.1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = internal_covariate_shift(model, batch, sgd_update(0.1))
+    _close(got, ref, rtol=1e-6, atol=1e-8)
+    assert all(v.dtype == torch.float32 for v in got.values())
+
+
+def test_module_defined_here_works_with_another_loss_method() -> None:
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 8)
+            self.bn = nn.BatchNorm1d(8)
+            self.b = nn.Linear(8, 1)
+
+        def objective(self, batch):  # noqa: ANN001, ANN202
+            x, y = batch
+            return ((self.b(torch.tanh(self.bn(self.a(x)))) - y) ** 2).mean()
+
+    torch.manual_seed(0)
+    model = Tiny()
+    batch = (torch.randn(16, 4), torch.randn(16, 1))
+    out = internal_covariate_shift(model, batch, sgd_update(0.5), loss_method="objective")
+    assert set(out) == {f"ics/{k}/{n}" for k in ("l2", "cos", "rel") for n in ("a", "b")}
+    with pytest.raises(AttributeError, match="loss"):
+        internal_covariate_shift(model, batch, sgd_update(0.5))
