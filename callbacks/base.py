@@ -87,6 +87,7 @@ class MeasurementCallback(Callback):
         self.history: dict[str, list[tuple[int, float]]] = {}
         self._batch: Any = None
         self._keep_history = False
+        self._logged_keys: set[str] = set()
 
     # --- schedule ---------------------------------------------------------------------
     def is_measurement_step(self, step: int) -> bool:
@@ -143,6 +144,23 @@ class MeasurementCallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         # With gradient accumulation this runs per micro-batch: the last one is kept.
         self._batch = batch if self.is_measurement_step(trainer.global_step) else None
+        self._forget_flushed(trainer)
+
+    def _forget_flushed(self, trainer: pl.Trainer) -> None:
+        """Mark last measurement's step metrics as reset once the loggers have had them.
+
+        Lightning keeps an ``on_step`` value in its result collection until the epoch ends
+        and hands it to the loggers again at every later logging step; without this, a
+        measurement of step 99 would reappear as the value of steps 149, 199, ...
+        """
+        if not self._logged_keys:
+            return
+        results = getattr(trainer, "_results", None)
+        for key, metric in (results or {}).items():
+            meta = getattr(metric, "meta", None)
+            if meta is not None and meta.fx == "on_before_optimizer_step" and meta.name in self._logged_keys:
+                metric.reset()
+        self._logged_keys = set()
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -153,6 +171,7 @@ class MeasurementCallback(Callback):
             metrics = self.measure(trainer, pl_module, batch, optimizer)
         for key, value in metrics.items():
             pl_module.log(key, value, on_step=True, on_epoch=False)
+        self._logged_keys = set(metrics)
         self.measurements += 1
         self.last_measured_step = trainer.global_step
         if self._keep_history:

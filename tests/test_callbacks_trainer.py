@@ -1,0 +1,272 @@
+"""The callbacks inside real Trainer runs on CPU: observer effect, precision, accumulation, DDP, errors, resume."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bnlightning.callbacks import ActivationStats, InternalCovariateShift, LossLandscape, internal_covariate_shift, sgd_update
+from callback_helpers import assert_same, batch_for, mlp, snapshot, vgg
+
+TRAINER_KW: dict[str, Any] = dict(
+    enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False, accelerator="cpu"
+)
+
+
+def loader(model: nn.Module, n: int = 48, batch_size: int = 8) -> DataLoader:
+    x, y = batch_for(model, n=n, seed=3)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+
+def all_callbacks(n: int = 1) -> list[pl.Callback]:
+    return [InternalCovariateShift(every_n_steps=n), LossLandscape(every_n_steps=n), ActivationStats(every_n_steps=n)]
+
+
+class Recorder(Logger):
+    """An in-memory logger: what the measurement callbacks handed to the loggers, by step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: dict[int, dict[str, float]] = {}
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        ours = {k: float(v) for k, v in metrics.items() if k.split("/")[0] in ("ics", "landscape", "act")}
+        if ours:
+            self.logged.setdefault(int(step), {}).update(ours)
+
+
+def train(model: pl.LightningModule, callbacks: list[Any], steps: int = 6, **kw: Any) -> pl.Trainer:
+    torch.manual_seed(0)
+    loggers = [c for c in callbacks if isinstance(c, Logger)]
+    callbacks = [c for c in callbacks if not isinstance(c, Logger)]
+    kw = {**TRAINER_KW, **kw}
+    if loggers:
+        kw.update(logger=loggers, log_every_n_steps=1)
+    trainer = pl.Trainer(max_steps=steps, callbacks=callbacks, **kw)
+    trainer.fit(model, loader(model))
+    return trainer
+
+
+@pytest.mark.parametrize("norm", ["noisy_batch", "batch"])
+def test_zero_observer_effect_bit_identical(norm: str) -> None:
+    torch.manual_seed(0)
+    base = mlp(norm)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    train(a, [])
+    rec = Recorder()
+    train(b, [*all_callbacks(1), rec])
+    assert len(rec.logged) == 6 and any(k.startswith("ics/") for k in rec.logged[0])
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), na
+    for (na, ba), (nb, bb) in zip(a.named_buffers(), b.named_buffers()):
+        assert torch.equal(ba, bb), na
+
+
+def test_single_measurement_leaves_everything_equal() -> None:
+    torch.manual_seed(0)
+    model = mlp("noisy_batch")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batch = batch_for(model)
+    model.loss(batch).backward()
+    opt.step()
+    model.loss(batch).backward()
+    trainer = pl.Trainer(max_steps=1, **TRAINER_KW)
+    before = snapshot(model, opt)
+    for cb in all_callbacks(1):
+        cb.on_measurement_setup(trainer, model)  # layer resolution, as setup() does
+        cb.on_train_start(trainer, model)  # ActivationStats registers its hooks here
+        out = cb.measure(trainer, model, batch, opt)  # deliberately without the guard
+        assert out and all(v.dtype == torch.float32 for v in out.values())
+        assert_same(before, snapshot(model, opt))
+        cb.teardown(trainer, model, "fit")
+
+
+def test_logged_values_match_the_function() -> None:
+    torch.manual_seed(0)
+    model = mlp("batch")
+    seen: dict[str, Any] = {}
+
+    class Peek(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # noqa: ANN001
+            if trainer.global_step == 1:
+                seen["batch"] = trainer_batch["b"]
+                seen["ref"] = internal_covariate_shift(pl_module, trainer_batch["b"], sgd_update(0.05), mode="loop")
+
+    trainer_batch: dict[str, Any] = {}
+
+    class Stash(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+            trainer_batch["b"] = batch
+
+    rec = Recorder()
+    model.optimizer_factory = lambda p: torch.optim.SGD(p, lr=0.05)
+    train(model, [Stash(), InternalCovariateShift(every_n_steps=2, update_from="measured"), Peek(), rec], steps=4)
+    assert sorted(rec.logged) == [1, 3]
+    for k, v in seen["ref"].items():
+        assert rec.logged[1][k] == pytest.approx(v.item(), rel=1e-4, abs=1e-6), k
+
+
+def test_bf16_mixed_and_accumulation() -> None:
+    torch.manual_seed(0)
+    model = mlp("batch")
+    rec = Recorder()
+    cbs = all_callbacks(2)
+    train(model, [*cbs, rec], steps=4, precision="bf16-mixed", accumulate_grad_batches=2)
+    assert sorted(rec.logged) == [1, 3]
+    values = rec.logged[3]
+    assert {"ics/l2/net.fc2", "landscape/beta_eff", "act/net.act1/q50", "act/net.act1/saturated"} <= set(values)
+    assert all(v == v for v in values.values())  # finite numbers, measured in float32
+    assert all(cb.measurements == 2 for cb in cbs)
+
+
+def test_vgg_trains_with_all_callbacks() -> None:
+    torch.manual_seed(0)
+    model = vgg("batch")
+    rec = Recorder()
+    train(model, [InternalCovariateShift(layers=["net.conv5", "net.conv7"], every_n_steps=2), LossLandscape(every_n_steps=2), ActivationStats(every_n_steps=2), rec], steps=2)
+    assert {"ics/cos/net.conv5", "ics/rel/net.conv7", "act/net.relu3/dead", "landscape/loss_max"} <= set(rec.logged[1])
+
+
+class ManualModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.layer = nn.Linear(16, 10)
+
+    def loss(self, batch):  # noqa: ANN001, ANN201
+        x, y = batch
+        return nn.functional.cross_entropy(self.layer(x), y)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(self.loss(batch))
+        opt.step()
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class AutoModule(ManualModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = True
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        return nn.functional.cross_entropy(self.layer(x), y)
+
+
+class NoLossModule(AutoModule):
+    loss = None  # type: ignore[assignment]
+
+
+def test_setup_errors() -> None:
+    data = DataLoader(TensorDataset(torch.randn(16, 16), torch.randint(0, 10, (16,))), batch_size=8)
+    for cb in all_callbacks(1):
+        with pytest.raises(MisconfigurationException, match="automatic optimization"):
+            pl.Trainer(max_steps=1, callbacks=[cb], **TRAINER_KW).fit(ManualModule(), data)
+        with pytest.raises(AttributeError, match=r"loss\(batch\)"):
+            pl.Trainer(max_steps=1, callbacks=[cb], **TRAINER_KW).fit(NoLossModule(), data)
+    with pytest.raises(ValueError, match=r"unknown layer 'layer9'.*layer"):
+        pl.Trainer(max_steps=1, callbacks=[InternalCovariateShift(layers=["layer9"])], **TRAINER_KW).fit(AutoModule(), data)
+    with pytest.raises(ValueError, match="unknown layer"):
+        pl.Trainer(max_steps=1, callbacks=[ActivationStats(layers=["nope"])], **TRAINER_KW).fit(AutoModule(), data)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: InternalCovariateShift(every_n_steps=0),
+        lambda: InternalCovariateShift(update_from="next"),  # type: ignore[arg-type]
+        lambda: InternalCovariateShift(mode="fast"),  # type: ignore[arg-type]
+        lambda: InternalCovariateShift(layers=[]),
+        lambda: LossLandscape(step_sizes=[1.0, 0.0]),
+        lambda: LossLandscape(step_sizes=[-0.5]),
+        lambda: LossLandscape(step_size_mode="rel"),  # type: ignore[arg-type]
+        lambda: LossLandscape(chunk_size=0),
+        lambda: ActivationStats(saturation_threshold=0),
+        lambda: ActivationStats(every_n_steps=-3),
+    ],
+)
+def test_constructor_validation(make) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_foreign_module_defined_here() -> None:
+    """A module that is not one of ours, with its loss under another name."""
+
+    class Foreign(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU())
+            self.head = nn.Linear(32, 10)
+
+        def objective(self, batch):  # noqa: ANN001, ANN201
+            x, y = batch
+            return nn.functional.cross_entropy(self.head(self.body(x)), y)
+
+        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+            return self.objective(batch)
+
+        def configure_optimizers(self):  # noqa: ANN201
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    torch.manual_seed(0)
+    model = Foreign()
+    rec = Recorder()
+    cbs = [
+        InternalCovariateShift(every_n_steps=1, loss_method="objective"),
+        LossLandscape(every_n_steps=1, loss_method="objective"),
+        ActivationStats(every_n_steps=1, loss_method="objective"),
+    ]
+    data = DataLoader(TensorDataset(torch.randn(32, 16), torch.randint(0, 10, (32,))), batch_size=8)
+    pl.Trainer(max_steps=2, callbacks=cbs, **{**TRAINER_KW, "logger": rec, "log_every_n_steps": 1}).fit(model, data)
+    logged = rec.logged[1]
+    assert {"ics/l2/body.0", "ics/cos/body.3", "ics/rel/head", "act/body.2/saturated", "act/body.4/dead", "landscape/grad_l2_max"} <= set(logged)
+    assert not cbs[2]._handles  # hooks removed at teardown
+
+
+def test_state_dict_round_trip_and_checkpoint_resume(tmp_path) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = mlp("batch")
+    cb = LossLandscape(every_n_steps=2)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=4)
+    kw = {**TRAINER_KW, "enable_checkpointing": True}
+    pl.Trainer(max_steps=4, callbacks=[cb, ckpt], **kw).fit(model, loader(model))
+    assert cb.measurements == 2 and cb.last_measured_step == 3
+    clone = LossLandscape(every_n_steps=2)
+    clone.load_state_dict(cb.state_dict())
+    assert clone.state_dict() == cb.state_dict()
+    resumed = LossLandscape(every_n_steps=2)
+    pl.Trainer(max_steps=8, callbacks=[resumed], **TRAINER_KW).fit(mlp("batch"), loader(model), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed.measurements == 4 and resumed.last_measured_step == 7
+
+
+def test_warns_when_compiled() -> None:
+    model = AutoModule()
+    model.layer.compile()
+    cb = LossLandscape(every_n_steps=1)
+    trainer = pl.Trainer(max_steps=1, **TRAINER_KW)
+    with pytest.warns(UserWarning, match="torch.compile"):
+        cb.setup(trainer, model, "fit")
