@@ -1,0 +1,338 @@
+"""What the measurement callbacks cost: throughput, time per measurement, peak memory.
+
+Three measurements, all on VGG-11-BN (``VGG(config="A", norm="batch")``) trained by
+``Trainer.fit`` on uint8 CIFAR-shaped tensors through the on-device loader:
+
+1. **Throughput** with ``InternalCovariateShift``, ``LossLandscape`` and
+   ``ActivationStats`` all at their default ``every_n_steps`` (100) against no callback,
+   alternating, ``--repeats`` times; timed windows are whole multiples of the interval,
+   so each holds the same number of measurements as a long run would per step.
+2. **Cost of one measurement** of each callback alone, in units of one training step of
+   the *same run*: the callback measures every ``--probe-every`` steps; the clock is read
+   (after a device sync) around every step and around the callback's measured
+   ``on_before_optimizer_step``; cost = median measurement time / median time of the
+   steps without a measurement. ``predicted overhead`` = sum of costs / ``every_n_steps``.
+3. **Peak memory** of one measurement against one training step, as the peak of
+   allocated tensor memory *above what was allocated when the window began* (weights,
+   gradients, the batch are resident in both). On CUDA: ``torch.cuda.max_memory_allocated``
+   after ``reset_peak_memory_stats``. On the CPU: process RSS is too coarse (glibc keeps
+   freed pages, and a fresh process's RSS is dominated by the libraries), so every tensor
+   allocation and free is recorded with ``torch.profiler`` (``profile_memory=True``) and
+   the peak of their running sum is taken within each window, marked with
+   ``record_function``. The training-step window is ``on_train_batch_start`` to
+   ``on_train_batch_end`` (forward, backward, optimizer step) of a step without a measurement.
+
+Quick mode (``--quick``): width 0.125, batch 32, 200 timed steps (2 measurements of each
+callback per run) x 2 repeats for (1); width 0.25, batch 64, 2 measurements per callback
+for (2) and (3).
+
+Example::
+
+    python bench/overhead.py --quick
+    python bench/overhead.py --device cuda --precision bf16-mixed
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+CALLBACKS = ("InternalCovariateShift", "LossLandscape", "ActivationStats")
+QUICK = {"width": 0.125, "batch_size": 32, "steps": 200, "warmup": 3, "repeats": 2,
+         "probe_width": 0.25, "probe_batch_size": 64, "probe_measurements": 2}
+FULL = {"width": 0.25, "batch_size": 128, "steps": 300, "warmup": 5, "repeats": 3,
+        "probe_width": 1.0, "probe_batch_size": 128, "probe_measurements": 5}
+
+
+def parse_args(argv: list[str] | None = None) -> Any:
+    p = C.BenchParser(
+        prog="bench/overhead.py",
+        description=__doc__.split("\n\n")[0] + " Quick mode: " + " ".join(f"{k}={v}" for k, v in QUICK.items())
+        + "; full (default): " + " ".join(f"{k}={v}" for k, v in FULL.items()) + ".",
+    )
+    C.add_common_args(p)
+    p.add_argument("--precision", type=C.precision_list, default=["32-true"], help="one of 32-true, bf16-mixed, 16-mixed")
+    p.add_argument("--width", type=C.positive_float, default=None, help="VGG channel multiplier of the throughput runs (1)")
+    p.add_argument("--batch-size", type=C.positive_int, default=None, help="batch size of the throughput runs (1)")
+    p.add_argument("--steps", type=C.positive_int, default=None, help="timed steps per throughput run; a multiple of --every-n-steps")
+    p.add_argument("--warmup", type=C.nonnegative_int, default=None, help="untimed steps before the timed ones")
+    p.add_argument("--repeats", type=C.positive_int, default=None, help="throughput runs of each side")
+    p.add_argument("--every-n-steps", type=C.positive_int, default=100, help="callback interval of the throughput runs (callbacks' default: 100)")
+    p.add_argument("--probe-width", type=C.positive_float, default=None, help="VGG channel multiplier of the cost/memory runs (2, 3)")
+    p.add_argument("--probe-batch-size", type=C.positive_int, default=None, help="batch size of the cost/memory runs")
+    p.add_argument("--probe-measurements", type=C.positive_int, default=None, help="timed measurements per callback (2)")
+    p.add_argument("--probe-every", type=C.positive_int, default=2, help="measure every this many steps in the cost runs (2)")
+    p.add_argument("--channels-last", action="store_true", help="VGG(channels_last=True)")
+    args = p.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if len(args.precision) != 1:
+        p.error("argument --precision: give one precision")
+    args.precision = args.precision[0]
+    if args.steps % args.every_n_steps:
+        p.error(f"argument --steps: must be a multiple of --every-n-steps ({args.every_n_steps}), got {args.steps}")
+    if args.probe_every < 2:
+        p.error("argument --probe-every: must be >= 2 (steps without a measurement give the unit)")
+    args.device = C.resolve_device(p, args.device)
+    C.check_precisions(p, [args.precision], args.device)
+    return args
+
+
+def make_callbacks(names: list[str] | tuple[str, ...], every_n_steps: int) -> list[Any]:
+    import bnlightning.callbacks as cbs
+
+    return [getattr(cbs, name)(every_n_steps=every_n_steps) for name in names]
+
+
+# --- memory probes ---------------------------------------------------------------------------
+class MemoryWindows:
+    """Peak tensor memory above the start of named windows (CUDA allocator or torch.profiler on CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda: dict[str, list[int]] = {}
+        self._base = 0
+        self._prof: Any = None
+        self._ranges: list[Any] = []
+
+    def __enter__(self) -> MemoryWindows:
+        if self.device.type == "cpu":
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._prof is not None:
+            self._prof.__exit__(*exc)
+
+    def open(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            rf = torch.profiler.record_function(f"bench/{name}")
+            rf.__enter__()
+            self._ranges.append(rf)
+
+    def close(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.cuda.setdefault(name, []).append(torch.cuda.max_memory_allocated(self.device) - self._base)
+        else:
+            self._ranges.pop().__exit__(None, None, None)
+
+    def peaks(self) -> dict[str, list[int]]:
+        """name -> the peak (bytes above the window's start) of every window with that name."""
+        if self.device.type == "cuda":
+            return self.cuda
+        from torch._C._profiler import _EventType
+
+        allocs: list[tuple[int, int]] = []
+        windows: list[tuple[str, int, int]] = []
+
+        def walk(node: Any) -> None:
+            kind = node.typed[0]
+            if kind == _EventType.Allocation:
+                allocs.append((node.start_time_ns, node.typed[1].alloc_size))
+            elif kind == _EventType.TorchOp and node.name.startswith("bench/"):
+                windows.append((node.name[len("bench/"):], node.start_time_ns, node.end_time_ns))
+            for child in node.children:
+                walk(child)
+
+        for root in self._prof.profiler.kineto_results.experimental_event_tree():
+            walk(root)
+        allocs.sort()
+        out: dict[str, list[int]] = {}
+        for name, start, end in windows:
+            level = peak = 0
+            for t, size in allocs:
+                if t < start:
+                    continue
+                if t > end:
+                    break
+                level += size
+                peak = max(peak, level)
+            out.setdefault(name, []).append(peak)
+        return out
+
+
+# --- instrumentation --------------------------------------------------------------------------
+class StepClock(Callback):
+    """Per-step wall time (device-synced) and whether a callback measured in that step."""
+
+    def __init__(self, device: torch.device, measurers: list[Any], memory: MemoryWindows | None = None) -> None:
+        self.device, self.measurers, self.memory = device, measurers, memory
+        self.steps: list[tuple[float, bool]] = []
+        self._t0 = 0.0
+        self._measured = False
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._measured = any(cb.is_measurement_step(trainer.global_step) for cb in self.measurers)
+        if self.memory is not None and not self._measured:
+            self.memory.open("step")
+        self._t0 = C.now(self.device)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.steps.append((C.now(self.device) - self._t0, self._measured))
+        if self.memory is not None and not self._measured:
+            self.memory.close("step")
+
+
+def time_measurements(cb: Any, device: torch.device, memory: MemoryWindows | None = None) -> list[float]:
+    """Wrap ``cb``'s measuring hook: returns the list its measured calls' durations are appended to."""
+    durations: list[float] = []
+    original = cb.on_before_optimizer_step
+    name = type(cb).__name__
+
+    def timed_hook(trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if cb._batch is None or not cb.is_measurement_step(trainer.global_step):
+            return original(trainer, pl_module, optimizer)
+        if memory is not None:
+            memory.open(name)
+        t0 = C.now(device)
+        original(trainer, pl_module, optimizer)
+        durations.append(C.now(device) - t0)
+        if memory is not None:
+            memory.close(name)
+
+    cb.on_before_optimizer_step = timed_hook  # Lightning looks hooks up on the instance
+    return durations
+
+
+def fit(model: Any, loader: Any, args: Any, max_steps: int, callbacks: list[Any]) -> None:
+    import lightning.pytorch as pl
+
+    with tempfile.TemporaryDirectory() as root, C.quiet_lightning():
+        trainer = pl.Trainer(callbacks=callbacks, **C.trainer_kwargs(args.device, args.precision, max_steps, root))
+        trainer.fit(model, train_dataloaders=loader)
+
+
+# --- the three measurements -------------------------------------------------------------------
+def bench_throughput(args: Any) -> dict[str, Any]:
+    """(1) all callbacks at ``every_n_steps`` vs none, alternating."""
+    from throughput import WindowTimer
+
+    model = C.make_vgg(args.width, args.channels_last, seed=args.seed).to(args.device)
+    init = copy.deepcopy(model.state_dict())
+    bs = args.batch_size
+    x, y = C.synthetic_cifar((args.warmup + args.steps + 1) * bs, args.device, args.seed)
+    ips: dict[str, list[float]] = {"none": [], "all three": []}
+    for r in range(args.repeats):
+        for side in C.alternate(list(ips), r):
+            model.load_state_dict(init)
+            timer = WindowTimer(args.device, args.warmup, args.steps)
+            cbs = make_callbacks(CALLBACKS, args.every_n_steps) if side == "all three" else []
+            fit(model, C.tensor_loader(x, y, bs, args.seed), args, args.warmup + args.steps, [timer, *cbs])
+            ips[side].append(args.steps * bs / timer.seconds)
+            n = sum(cb.measurements for cb in cbs)
+            print(f"  throughput repeat {r + 1}/{args.repeats}, callbacks {side}: {ips[side][-1]:,.1f} images/s ({n} measurements)", flush=True)
+    ratios = [a / b for a, b in zip(ips["all three"], ips["none"])]
+    return {
+        "width": args.width, "batch_size": bs, "steps": args.steps, "every_n_steps": args.every_n_steps,
+        "none_images_per_s": C.median(ips["none"]), "callbacks_images_per_s": C.median(ips["all three"]),
+        "none_runs": ips["none"], "callbacks_runs": ips["all three"], "ratios": ratios,
+        "overhead_pct": 100.0 * (1.0 - C.median(ratios)),
+    }
+
+
+def bench_costs(args: Any) -> list[dict[str, Any]]:
+    """(2) and (3): per callback, one measurement's time in step units and its peak memory vs a step's."""
+    model = C.make_vgg(args.probe_width, args.channels_last, seed=args.seed).to(args.device)
+    init = copy.deepcopy(model.state_dict())
+    bs, every = args.probe_batch_size, args.probe_every
+    # warm-up steps, then `probe_measurements` measurements `every` steps apart
+    steps = every * (args.probe_measurements + 1)
+    x, y = C.synthetic_cifar((steps + 1) * bs, args.device, args.seed)
+    rows = []
+    for name in CALLBACKS:
+        model.load_state_dict(init)
+        (cb,) = make_callbacks([name], every)
+        durations = time_measurements(cb, args.device)
+        clock = StepClock(args.device, [cb])
+        fit(model, C.tensor_loader(x, y, bs, args.seed), args, steps, [clock, cb])
+        durations = durations[1:] or durations  # the first measurement pays one-time set-up (vmap tracing, hooks)
+        plain = [t for t, measured in clock.steps[1:] if not measured]  # skip the first step (allocator warm-up)
+
+        # memory: a separate short run, so the profiler's own cost stays out of the timings above
+        model.load_state_dict(init)
+        (cb_mem,) = make_callbacks([name], every)
+        memory = MemoryWindows(args.device)
+        time_measurements(cb_mem, args.device, memory)
+        with memory:
+            fit(model, C.tensor_loader(x, y, bs, args.seed), args, 2 * every, [StepClock(args.device, [cb_mem], memory), cb_mem])
+        peaks = memory.peaks()
+        step_peak = max(peaks.get("step", [0])[1:] or peaks.get("step", [0]))  # skip the first step (warm-up)
+        measure_peak = max(peaks.get(name, [0]))
+        row = {
+            "callback": name, "probe_width": args.probe_width, "batch_size": bs,
+            "step_s": C.median(plain), "measurement_s": C.median(durations),
+            "cost_in_steps": C.median(durations) / C.median(plain),
+            "measurement_runs_s": durations, "step_runs_s": plain,
+            "step_peak_bytes": step_peak, "measurement_peak_bytes": measure_peak,
+            "memory_ratio": measure_peak / step_peak if step_peak else float("nan"),
+        }
+        rows.append(row)
+        print(f"  {name}: one measurement = {row['cost_in_steps']:.2f} steps ({row['measurement_s'] * 1e3:.0f} ms vs "
+              f"{row['step_s'] * 1e3:.0f} ms); peak {measure_peak / 2**20:.1f} MiB vs step {step_peak / 2**20:.1f} MiB", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    info = C.machine(args.device)
+    print(f"bench/overhead.py on {C.machine_line(info)}")
+    print(f"VGG-11-BN {args.precision}; throughput: width {args.width}, batch {args.batch_size}, {args.steps} steps, "
+          f"{args.repeats} repeats; cost/memory: width {args.probe_width}, batch {args.probe_batch_size}", flush=True)
+    costs = bench_costs(args)
+    thr = bench_throughput(args)
+    predicted = 100.0 * sum(r["cost_in_steps"] for r in costs) / args.every_n_steps
+    mem_worst = max(r["memory_ratio"] for r in costs)
+
+    print()
+    print(C.format_table(
+        ["callback", "ms/measurement", "ms/step", "cost (steps)", f"overhead @{args.every_n_steps}", "peak MiB", "step MiB", "mem ratio"],
+        [[r["callback"], r["measurement_s"] * 1e3, r["step_s"] * 1e3, r["cost_in_steps"], f"{100 * r['cost_in_steps'] / args.every_n_steps:.1f}%",
+          r["measurement_peak_bytes"] / 2**20, r["step_peak_bytes"] / 2**20, r["memory_ratio"]] for r in costs]
+        + [["all three (predicted)", "", "", sum(r["cost_in_steps"] for r in costs), f"{predicted:.1f}%", "", "", ""],
+           [f"all three (measured, width {thr['width']})", "", "", "", f"{thr['overhead_pct']:.1f}%", "", "", ""]],
+    ))
+    target_t, target_m = 10.0, 3.0
+    summary = (
+        f"callbacks at every_n_steps={args.every_n_steps}: overhead {thr['overhead_pct']:.1f}% measured, {predicted:.1f}% predicted "
+        f"(target <= {target_t:.0f}%: {'met' if max(thr['overhead_pct'], predicted) <= target_t else 'MISSED'}); "
+        f"worst measurement/step peak memory {mem_worst:.2f}x (target <= {target_m:.0f}x: {'met' if mem_worst <= target_m else 'MISSED'})"
+    )
+    elapsed = time.perf_counter() - started
+    payload = {
+        "script": "bench/overhead.py", "argv": sys.argv[1:] if argv is None else argv, "machine": info,
+        "settings": {k: (str(v) if isinstance(v, (torch.device, Path)) else v) for k, v in vars(args).items()},
+        "memory_method": "cuda max_memory_allocated" if args.device.type == "cuda" else "torch.profiler profile_memory (tensor allocations)",
+        "costs": costs, "throughput": thr, "predicted_overhead_pct": predicted, "worst_memory_ratio": mem_worst,
+        "summary": summary, "elapsed_s": elapsed,
+    }
+    out = C.write_json(args.out or C.default_out(__file__), payload)
+    print(f"\n(wrote {out}; {elapsed:.0f} s)")
+    print(summary)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
