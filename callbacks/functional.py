@@ -431,34 +431,39 @@ def internal_covariate_shift(
                     out[layer] = g[wname[layer]]
                 return {layer: G[wname[layer]] for layer in measured}, out
 
+            rest = dict(model.values)
+
             def batched() -> tuple[dict[str, Tensor], dict[str, Tensor]]:
                 # Member None (W^t) rides along in the first chunk, so that G and G' share one
                 # computation path and their difference carries no batched-vs-unbatched rounding.
-                rest = dict(model.values)
-                members_all: list[str | None] = [None] + measured
+                # Layers with nothing before them are not members: their G' is G exactly.
+                shifted = [m for m in measured if any(pos[u] < pos[m] for u in order)]
+                members_all: list[str | None] = [None] + shifted if shifted else []
                 base, out = {}, {}
                 for chunk in _chunks(len(members_all), chunk_size):
                     members = [members_all[i] for i in chunk]
-                    last = max(pos[m] if m is not None else 0 for m in members)
-                    if None in members:
-                        last = max(last, max(pos[m] for m in measured))
-                    diff = [wname[u] for u in order if pos[u] <= last]  # later weights are shared and need no gradient
+                    targets = shifted if None in members else [m for m in members if m is not None]
+                    last = max(pos[m] for m in targets)
+                    batched_w = [wname[u] for u in order if pos[u] <= last]  # later weights are shared
                     configs = [config(m) for m in members]
-                    stacked = {w: torch.stack([c[w] for c in configs]) for w in diff}
+                    stacked = {w: torch.stack([c[w] for c in configs]) for w in batched_w}
+                    want = {wname[m] for m in targets}
+                    diff = {w: v for w, v in stacked.items() if w in want}
+                    fixed = {w: v for w, v in stacked.items() if w not in want}
 
-                    def f(ws: dict[str, Tensor], bufs: dict[str, Tensor]) -> Tensor:
-                        return model.loss({**rest, **ws, **bufs}, batch)
+                    def f(ws: dict[str, Tensor], fixed_ws: dict[str, Tensor], bufs: dict[str, Tensor]) -> Tensor:
+                        return model.loss({**rest, **fixed_ws, **ws, **bufs}, batch)
 
                     rng.restore()
-                    gs = vmap(grad(f), in_dims=(0, 0), randomness="same")(stacked, model.fresh_buffers(len(members)))
+                    gs = vmap(grad(f), in_dims=(0, 0, 0), randomness="same")(diff, fixed, model.fresh_buffers(len(members)))
                     for j, m in enumerate(members):
                         if m is None:
-                            base = {layer: gs[wname[layer]][j] for layer in measured}
+                            base = {layer: gs[wname[layer]][j] for layer in shifted}
                         else:
                             out[m] = gs[wname[m]][j]
                 for layer in measured:
-                    if not any(pos[u] < pos[layer] for u in order):
-                        out[layer] = base[layer]
+                    if layer not in out:
+                        base[layer] = out[layer] = G[wname[layer]]
                 return base, out
 
             G1, G2 = _vmap_or_loop(mode, "internal_covariate_shift", batched, looped)

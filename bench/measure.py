@@ -1,0 +1,152 @@
+"""Time the batched measurements against a naive per-layer / per-step-size loop.
+
+For the MLP (3 x 100 sigmoid, BN), the deep linear network (25 x 10x10, BN) and
+VGG-11-BN (config A) at batch 128, on one fixed batch, it times
+
+- ``naive``: the plain reference -- per layer (per step size) a ``copy.deepcopy`` of the
+  model, the earlier weights moved by hand, forward and ``.backward()``;
+- ``loop``: ``bnlightning.callbacks`` with ``mode="loop"`` (one functional pass per member);
+- ``vmap``: ``mode="vmap"`` (all members in one ``torch.func.vmap`` call);
+
+and reports what ``mode="auto"`` picks and its time relative to naive. The CPU may be
+shared, so methods are interleaved (rotated order within each repetition) and medians
+reported. Prints one table and a final summary line; writes JSON beside this file.
+
+    python bench/measure.py                 # all models, 5 repetitions
+    python bench/measure.py --models mlp dln --reps 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from bnlightning.callbacks import internal_covariate_shift, loss_landscape, sgd_update
+from bnlightning.callbacks.functional import _Model, _resolve_mode
+from bnlightning.models import MLP, VGG
+
+MODELS: dict[str, tuple[Callable[[float], nn.Module], float]] = {
+    "mlp": (lambda w: MLP(in_features=784, out_features=10, depth=3, width=100, activation="sigmoid", norm="batch"), 0.1),
+    "dln": (lambda w: MLP(in_features=10, out_features=10, depth=24, width=10, activation="identity", bias=False, loss="sum_squared", norm="batch"), 1e-6),
+    "vgg": (lambda w: VGG(config="A", norm="batch", width=w), 0.1),
+}
+
+
+def make_batch(name: str, model: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    if name == "vgg":
+        return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    if name == "dln":
+        return torch.randn(n, 10, generator=g), torch.randn(n, 10, generator=g)
+    return torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _grads(model: nn.Module, batch: Any, rng: torch.Tensor) -> dict[str, torch.Tensor]:
+    torch.set_rng_state(rng)
+    model.zero_grad()
+    model.loss(batch).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def naive_ics(model: nn.Module, batch: Any, lr: float) -> None:
+    rng = torch.get_rng_state()
+    G = _grads(copy.deepcopy(model), batch, rng)
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for i, layer in enumerate(layers):
+        c = copy.deepcopy(model)
+        with torch.no_grad():
+            for earlier in layers[:i]:
+                w = c.get_submodule(earlier).weight
+                w -= lr * G[f"{earlier}.weight"]
+        G2 = _grads(c, batch, rng)
+        g, g2 = G[f"{layer}.weight"], G2[f"{layer}.weight"]
+        _ = ((g - g2).norm(), torch.nn.functional.cosine_similarity(g.flatten(), g2.flatten(), dim=0))
+    torch.set_rng_state(rng)
+
+
+def naive_landscape(model: nn.Module, batch: Any, steps: list[float]) -> None:
+    rng = torch.get_rng_state()
+    g = _grads(copy.deepcopy(model), batch, rng)
+    for s in steps:
+        c = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in c.named_parameters():
+                p -= s * g[n]
+        c.zero_grad()
+        torch.set_rng_state(rng)
+        loss = c.loss(batch)
+        loss.backward()
+        _ = sum(((g[n] - p.grad) ** 2).sum() for n, p in c.named_parameters()).sqrt()
+    torch.set_rng_state(rng)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per method (medians are reported)")
+    parser.add_argument("--vgg-width", type=float, default=1.0, help="VGG channel multiplier (1.0 = VGG-11)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("measure.json"))
+    args = parser.parse_args(argv)
+
+    rows = []
+    for name in args.models:
+        build, lr = MODELS[name]
+        torch.manual_seed(0)
+        model = build(args.vgg_width).train()
+        batch = make_batch(name, model, args.batch_size)
+        steps = [0.5 * lr, lr, 2 * lr, 4 * lr]
+        auto = _resolve_mode("auto", _Model(model, "loss"))
+        for what, methods in (
+            ("ics", {
+                "naive": lambda: naive_ics(model, batch, lr),
+                "loop": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="loop"),
+                "vmap": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="vmap"),
+            }),
+            ("landscape", {
+                "naive": lambda: naive_landscape(model, batch, steps),
+                "loop": lambda: loss_landscape(model, batch, steps, mode="loop"),
+                "vmap": lambda: loss_landscape(model, batch, steps, mode="vmap"),
+            }),
+        ):
+            for fn in methods.values():  # warm-up
+                fn()
+            times: dict[str, list[float]] = {k: [] for k in methods}
+            keys = list(methods)
+            for r in range(args.reps):
+                for k in keys[r % len(keys):] + keys[: r % len(keys)]:  # rotate the order: shared-CPU noise hits all alike
+                    times[k].append(timed(methods[k]))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append({"model": name, "measurement": what, "batch": args.batch_size, **{f"{k}_s": med[k] for k in med},
+                         "auto": auto, "auto_over_naive": med[auto] / med["naive"], "times": times})
+
+    header = f"{'model':6} {'measure':10} {'naive s':>9} {'loop s':>9} {'vmap s':>9} {'auto':>5} {'auto/naive':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['model']:6} {r['measurement']:10} {r['naive_s']:9.4f} {r['loop_s']:9.4f} {r['vmap_s']:9.4f} {r['auto']:>5} {r['auto_over_naive']:10.2f}")
+    result = {"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "reps": args.reps, "vgg_width": args.vgg_width}
+    args.out.write_text(json.dumps(result, indent=1))
+    ics = {r["model"]: r["auto_over_naive"] for r in rows if r["measurement"] == "ics"}
+    print("summary: ICS auto/naive " + ", ".join(f"{k} {v:.2f}x" for k, v in ics.items()) + f" (median of {args.reps}, batch {args.batch_size}); json: {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
