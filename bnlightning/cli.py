@@ -16,11 +16,15 @@ from argparse import ArgumentError
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from bnlightning.checkpointing import AtomicCheckpointIO, RunCheckpoint
 from bnlightning.errors import condense, yaml_error
+from bnlightning.loggers import resume_loggers
 from bnlightning.models.base import BaseModule
 
 # Subcommands that are not LightningCLI's: name -> "module:function" taking argv.
@@ -28,6 +32,9 @@ EXTRA_COMMANDS: dict[str, str] = {
     "report": "bnlightning.report.commands:report_main",
     "wandb-report": "bnlightning.report.commands:wandb_report_main",
 }
+
+# Default checkpoint interval, in optimizer steps (plus last.ckpt at the end of fit).
+CHECKPOINT_EVERY_N_STEPS = 1000
 
 # Errors that mean "the user's input is wrong": shown as one line, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, MisconfigurationException, KeyError)
@@ -48,7 +55,44 @@ class ConfigToLoggers(SaveConfigCallback):
 
 
 class BNLightningCLI(LightningCLI):
-    """LightningCLI that prints a one-line summary at the end of ``fit``/``test``."""
+    """LightningCLI with bnlightning's run hygiene.
+
+    * Every run checkpoints: ``checkpoint.*`` configures a ``ModelCheckpoint`` that saves
+      every 1,000 steps and ``last.ckpt`` (also at the end of training) into ``<default_root_dir>/checkpoints``, written
+      atomically (``AtomicCheckpointIO``) and loaded with ``weights_only=True``.
+    * ``--ckpt_path last`` resumes there, and the CSV and W&B loggers continue the same
+      runs instead of starting new ones.
+    * A one-line summary ends ``fit``/``validate``/``test``.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.every_n_train_steps": CHECKPOINT_EVERY_N_STEPS, "checkpoint.save_last": True})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is not None and config.get("checkpoint") is not None and config.checkpoint.dirpath is None:
+            # A fixed folder (not the logger's new version folder) is what lets
+            # `--ckpt_path last` find the previous attempt's checkpoint.
+            root = config.trainer.default_root_dir or "."
+            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+
+    def before_fit(self) -> None:
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        ckpt = self._resume_checkpoint()
+        if ckpt is not None:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+            resume_loggers(self.trainer.loggers, state.get("bnlightning_loggers", {}), int(state.get("global_step", 0)))
+
+    def _resume_checkpoint(self) -> str | None:
+        """The checkpoint file ``fit`` will resume from, if any."""
+        path = self.config.fit.get("ckpt_path")
+        if path == "last":
+            dirpath = self.config.fit.checkpoint.dirpath
+            path = os.path.join(dirpath, "last.ckpt") if dirpath else None
+        return path if path and os.path.isfile(path) else None
 
     def after_fit(self) -> None:
         self._summarize("fit")
@@ -100,13 +144,25 @@ def main(args: Sequence[str] | None = None) -> Any:
     for path in _config_paths(argv):
         if problem := yaml_error(path):
             _fail(problem)
+    exit_code = 1
     try:
         # None lets LightningCLI read sys.argv itself (passing both makes it warn).
-        return build_cli(None if args is None else argv)
+        cli = build_cli(None if args is None else argv)
+        exit_code = 0
+        return cli
     except (*USER_ERRORS, ArgumentError) as err:
         if os.environ.get("BNLIGHTNING_DEBUG"):
             raise
         _fail(condense(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)))
+    finally:
+        _finish_wandb_run(exit_code)
+
+
+def _finish_wandb_run(exit_code: int) -> None:
+    """One CLI call is one W&B run: close it, or the next call in this process reuses it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 def _config_paths(argv: list[str]) -> list[str]:

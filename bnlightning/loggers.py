@@ -1,4 +1,4 @@
-"""A WandbLogger that never stops training: offline when it must, local logs always.
+"""Loggers that survive real runs: W&B offline when it must be, CSV logs that resume.
 
 Lightning's ``WandbLogger`` needs credentials and a reachable server; without them
 ``wandb.init`` fails or blocks. This subclass decides offline mode up front when no
@@ -9,13 +9,17 @@ its other loggers (the CSV log the report reads) keep every metric.
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
@@ -70,6 +74,9 @@ class WandbLogger(_LightningWandbLogger):
         if offline:
             log_model = False  # checkpoints cannot be uploaded offline
         extra = {k: v for k, v in {"entity": entity, "group": group, "job_type": job_type, "tags": tags, "notes": notes}.items() if v is not None}
+        # Absolute: wandb's service process resolves relative paths against its own
+        # working directory, which is not ours after a chdir (tests, notebooks).
+        save_dir = os.path.abspath(save_dir)
         super().__init__(
             name=name, save_dir=save_dir, project=project, version=version, offline=offline, log_model=log_model, prefix=prefix, **extra
         )
@@ -114,3 +121,89 @@ class WandbLogger(_LightningWandbLogger):
         if not self._warned_log_error:
             rank_zero_warn(f"bnlightning: W&B logging failed ({type(err).__name__}: {err}); training goes on and the local CSV log keeps every metric.")
             self._warned_log_error = True
+
+
+class _ResumingWriter(ExperimentWriter):
+    """Lightning's CSV writer, but a resumed run keeps the rows logged before its checkpoint.
+
+    Lightning deletes an existing ``metrics.csv`` in the log folder. On resume from a
+    checkpoint taken after ``resume_step`` optimizer steps, the rows of earlier steps are
+    the run's history and stay; rows of later steps (written before the crash) are
+    dropped, because the resumed run logs them again.
+    """
+
+    def __init__(self, log_dir: str, resume_step: int) -> None:
+        self._resume_step = resume_step
+        super().__init__(log_dir=log_dir)
+
+    @override
+    def _check_log_dir_exists(self) -> None:
+        if not os.path.isfile(self.metrics_file_path):
+            return
+        with open(self.metrics_file_path, newline="") as f:
+            reader = csv.DictReader(f)
+            keys = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step", "") != "" and int(float(r["step"])) < self._resume_step]
+        with open(self.metrics_file_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = keys
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's ``CSVLogger`` that continues the same run folder when a run resumes.
+
+    Args are those of ``lightning.pytorch.loggers.CSVLogger``. ``bnlightning``'s CLI calls
+    :meth:`resume` with the folder version and step stored in the checkpoint, so a run
+    killed and resumed with ``--ckpt_path last`` has one ``metrics.csv`` holding the
+    same rows an uninterrupted run would have.
+    """
+
+    def __init__(
+        self,
+        save_dir: str = "runs",
+        name: str = "lightning_logs",
+        version: int | str | None = None,
+        prefix: str = "",
+        flush_logs_every_n_steps: int = 100,
+    ) -> None:
+        super().__init__(save_dir=save_dir, name=name, version=version, prefix=prefix, flush_logs_every_n_steps=flush_logs_every_n_steps)
+        self._resume_step: int | None = None
+
+    def resume(self, version: int | str, step: int) -> None:
+        """Write into the folder of ``version``, keeping its rows of steps before ``step``."""
+        if self._experiment is not None:
+            raise RuntimeError("CSVLogger.resume must be called before anything is logged")
+        self._version = version
+        self._resume_step = step
+
+    @property
+    @override
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        if self._experiment is None and self._resume_step is not None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumingWriter(self.log_dir, self._resume_step)
+        return super().experiment
+
+
+def logger_identity(loggers: list[Any]) -> dict[str, Any]:
+    """What a checkpoint must remember to continue the same runs: CSV version, W&B id."""
+    ident: dict[str, Any] = {}
+    for logger in loggers:
+        if isinstance(logger, _LightningCSVLogger):
+            ident["csv_version"] = logger.version
+        elif isinstance(logger, _LightningWandbLogger) and logger._experiment is not None:
+            ident["wandb_id"] = logger.version
+    return ident
+
+
+def resume_loggers(loggers: list[Any], ident: dict[str, Any], step: int) -> None:
+    """Point fresh loggers at the runs a checkpoint came from (see ``logger_identity``)."""
+    for logger in loggers:
+        if isinstance(logger, CSVLogger) and "csv_version" in ident:
+            logger.resume(ident["csv_version"], step)
+        elif isinstance(logger, _LightningWandbLogger) and "wandb_id" in ident and logger._experiment is None:
+            # wandb.init(id=..., resume="allow") continues the same W&B run.
+            logger._wandb_init["id"] = logger._id = ident["wandb_id"]
