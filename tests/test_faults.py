@@ -35,8 +35,10 @@ def _fit_subprocess(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     """Killed at step 33 (mid-epoch 1, three steps after the step-30 checkpoint), resumed
     with --ckpt_path last: same final weights, same metrics.csv, same loader position."""
-    measure = (tmp_path / "measure.yaml")
-    measure.write_text((CONFIGS / "measure.yaml").read_text() if (CONFIGS / "measure.yaml").exists() else "{}\n")
+    # All three measurement callbacks, every 5 steps, so the window between the
+    # checkpoint and the kill holds measurements that the resumed run must log again.
+    measure = tmp_path / "measure.yaml"
+    measure.write_text((CONFIGS / "measure.yaml").read_text().replace("every_n_steps: 100", "every_n_steps: 5"))
     kill = tmp_path / "kill.yaml"
     callbacks = measure.read_text().strip()
     kill.write_text(
@@ -71,6 +73,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pa
     ref_rows = _rows(ref_dir / "runs/quickstart/version_0/metrics.csv")
     assert _rows(crash_dir / "runs/quickstart/version_0/metrics.csv") == ref_rows
     assert len([r for r in ref_rows if r.get("train/loss")]) == 45
+    measured = [int(r["step"]) for r in ref_rows if r.get("landscape/beta_eff")]
+    assert measured == [4, 9, 14, 19, 24, 29, 34, 39, 44]
+    assert any(k.startswith("ics/cos/") for k in ref_rows[0]) and any(k.startswith("act/") for k in ref_rows[0])
 
 
 def _callback_items(measure_yaml: str) -> list[str]:
