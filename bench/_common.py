@@ -95,6 +95,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the model and the synthetic data")
     parser.add_argument("--out", type=Path, default=None, help="JSON output path (default: bench/<script>.json)")
     parser.add_argument("--quick", action="store_true", help="a small run (see the description) to check the ratios fast")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time (default) or this process's CPU time (steadier on a shared CPU; use with --threads 1)")
 
 
 def resolve_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
@@ -128,10 +130,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: The clock every script reads; ``--clock cpu`` swaps in ``time.process_time`` (see :func:`set_clock`).
+CLOCK: Callable[[], float] = time.perf_counter
+
+
+def set_clock(parser: argparse.ArgumentParser, name: str, device: torch.device) -> None:
+    """``wall`` (default) or ``cpu``: CPU seconds of this process, all its threads.
+
+    On a shared machine, wall time includes the time other jobs held the cores; the CPU
+    time this process used is far less sensitive to that (best with ``--threads 1``, so no
+    thread spins waiting for a preempted sibling). It does not count DataLoader worker
+    processes, so it is refused for the data-path comparison, and it means nothing for GPU work.
+    """
+    global CLOCK
+    if name == "cpu" and device.type != "cpu":
+        parser.error("argument --clock: cpu time only measures CPU training; use --clock wall on a GPU")
+    CLOCK = time.process_time if name == "cpu" else time.perf_counter
+
+
 def now(device: torch.device) -> float:
-    """``time.perf_counter()`` after :func:`sync`."""
+    """The benchmark clock (:data:`CLOCK`, wall time by default) after :func:`sync`."""
     sync(device)
-    return time.perf_counter()
+    return CLOCK()
 
 
 def median(values: Sequence[float]) -> float:

@@ -86,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
     if args.probe_every < 2:
         p.error("argument --probe-every: must be >= 2 (steps without a measurement give the unit)")
     args.device = C.resolve_device(p, args.device)
+    C.set_clock(p, args.clock, args.device)
     C.check_precisions(p, [args.precision], args.device)
     return args
 
@@ -298,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     info = C.machine(args.device)
-    print(f"bench/overhead.py on {C.machine_line(info)}")
+    print(f"bench/overhead.py on {C.machine_line(info)}; clock: {args.clock}")
+    info["clock"] = args.clock
     print(f"VGG-11-BN {args.precision}; throughput: width {args.width}, batch {args.batch_size}, {args.steps} steps, "
           f"{args.repeats} repeats; cost/memory: width {args.probe_width}, batch {args.probe_batch_size}", flush=True)
     costs = bench_costs(args)

@@ -70,7 +70,10 @@ def parse_args(argv: list[str] | None = None) -> Any:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.device = C.resolve_device(p, args.device)
+    C.set_clock(p, args.clock, args.device)
     C.check_precisions(p, args.precisions, args.device)
+    if args.clock == "cpu" and not args.no_data_path and args.num_workers > 0:
+        p.error("argument --clock: cpu time misses DataLoader workers; add --no-data-path or --num-workers 0")
     return args
 
 
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     info = C.machine(args.device)
-    print(f"bench/throughput.py on {C.machine_line(info)}")
+    print(f"bench/throughput.py on {C.machine_line(info)}; clock: {args.clock}")
     print(f"VGG-11-BN width {args.width}, batch sizes {args.batch_sizes}, {args.precisions}, "
           f"{args.steps} timed steps after {args.warmup}, {args.repeats} repeats"
           f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}", flush=True)
@@ -265,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if data:
         summary += f"; on-device / DataLoader: {data[1]['ratio']:.2f}x training, {data[0]['ratio']:.1f}x loader only"
     elapsed = time.perf_counter() - started
+    info["clock"] = args.clock
     payload = {
         "script": "bench/throughput.py", "argv": sys.argv[1:] if argv is None else argv, "machine": info,
         "settings": {k: (str(v) if isinstance(v, (torch.device, Path)) else v) for k, v in vars(args).items()},
