@@ -19,7 +19,7 @@ ratios. A second table compares the two CIFAR-10 data paths of ``bnlightning.dat
 Lightning training run fed by it.
 
 Quick mode (``--quick``): width 0.25 (channels / 4), batch 128, fp32 and bf16-mixed,
-6 timed steps after 2 warm-up steps, 3 repeats; a few minutes on a 2-core CPU.
+4 timed steps after 1 warm-up step, 3 repeats; under 3 minutes on a 2-core CPU.
 
 Example::
 
@@ -43,7 +43,7 @@ from lightning.pytorch.callbacks import Callback
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-QUICK = {"width": 0.25, "batch_sizes": [128], "steps": 6, "warmup": 2, "repeats": 3}
+QUICK = {"width": 0.25, "batch_sizes": [128], "steps": 4, "warmup": 1, "repeats": 3}
 FULL = {"width": 1.0, "batch_sizes": [128, 512], "steps": 100, "warmup": 5, "repeats": 5}
 
 
