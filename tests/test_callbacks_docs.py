@@ -1,0 +1,26 @@
+"""The "use the callbacks in your own project" snippet in docs/callbacks.md (and README) runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _snippet(path: Path) -> str:
+    text = path.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    blocks = [b for b in blocks if "bnlightning.callbacks" in b and "trainer.fit" in b]
+    assert blocks, f"no runnable callbacks snippet in {path}"
+    return blocks[0]
+
+
+def test_docs_snippet_runs(in_tmp: Path) -> None:
+    namespace: dict = {"__name__": "snippet"}
+    exec(compile(_snippet(REPO / "docs" / "callbacks.md"), "docs/callbacks.md", "exec"), namespace)
+    trainer = namespace["trainer"]
+    logged = set(trainer.logged_metrics)
+    assert {"ics/cos/net.3", "landscape/beta_eff", "act/net.2/saturated"} <= logged
+    csv = next((in_tmp / "runs").rglob("metrics.csv")).read_text().splitlines()[0]
+    assert "ics/l2/net.0" in csv
