@@ -140,12 +140,27 @@ class BaseModule(pl.LightningModule):
         out = self(x)
         loss = self.criterion(out, y)
         on_step = stage == "train"
+        if on_step and not self._logs_this_step():
+            return loss
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True, sync_dist=not on_step)
         if self.loss_kind == "cross_entropy":
             metric = getattr(self, f"{stage}_acc")
             metric(out.detach(), y)
             self.log(f"{stage}/acc", metric, on_step=on_step, on_epoch=not on_step, prog_bar=stage != "train")
         return loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning hands this step's metrics to the loggers.
+
+        Per-step values are only written every ``log_every_n_steps`` steps (each is the
+        value of its own batch), so computing and logging them on the other steps is
+        pure overhead: skipping them changes no logged number.
+        """
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        connector = getattr(trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self._shared_step(batch, "train")
