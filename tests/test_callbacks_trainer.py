@@ -270,3 +270,20 @@ def test_warns_when_compiled() -> None:
     trainer = pl.Trainer(max_steps=1, **TRAINER_KW)
     with pytest.warns(UserWarning, match="torch.compile"):
         cb.setup(trainer, model, "fit")
+
+
+def test_wandb_charts_are_built_from_history() -> None:
+    import wandb
+
+    cb = InternalCovariateShift(layers=["net.fc2", "net.fc3"])
+    cb._layers = ["net.fc2", "net.fc3"]
+    for step in (99, 199):
+        for kind in ("l2", "cos", "rel"):
+            for layer in cb._layers:
+                cb.history.setdefault(f"ics/{kind}/{layer}", []).append((step, 0.5 if kind != "cos" else float("nan")))
+    charts = cb.wandb_charts()
+    assert set(charts) == {"charts/ics_l2", "charts/ics_cos", "charts/ics_rel"}
+    assert all(isinstance(c, wandb.plot.CustomChart) for c in charts.values())
+    land = LossLandscape()
+    land.history = {"landscape/loss_min": [(9, 1.0)], "landscape/loss_max": [(9, 2.0)]}
+    assert set(land.wandb_charts()) == {"charts/landscape_loss_band"}
