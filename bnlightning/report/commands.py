@@ -1,0 +1,138 @@
+"""``python -m bnlightning report`` and ``python -m bnlightning wandb-report``.
+
+Both take ``argv`` (without the subcommand name) and return 0; bad input is one
+``error:`` line on stderr and exit status 2, with no traceback (set
+``BNLIGHTNING_DEBUG=1`` to see it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+REPORT_EPILOG = """\
+Finds every run folder (metrics.csv + config.yaml, as written by the CSVLogger) under
+RUN_DIRS, groups runs by (model, data set, norm, lr) with seeds as repeats, and writes
+one PNG per figure plus report.md and a self-contained index.html into --out.
+
+example:
+  python -m bnlightning report runs/vgg-lr runs/dln --out reports/paper
+"""
+
+WANDB_EPILOG = """\
+Builds a W&B Report (wandb-workspaces) with the same panels as `report`, runs grouped
+by config cli.model.init_args.norm and cli.model.init_args.optimizer.init_args.lr.
+--dry-run builds the spec offline and prints it (or writes it with --spec-out);
+without it the report is saved, which needs a W&B account and API key (wandb login).
+
+example:
+  python -m bnlightning wandb-report --entity my-team --project bnlightning --group vgg-lr --dry-run
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: ``error: ...`` and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _guard(body: Callable[[], int]) -> int:
+    """Turn expected user errors into one line and exit status 2."""
+    try:
+        return body()
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError) as err:
+        if os.environ.get("BNLIGHTNING_DEBUG"):
+            raise
+        text = " ".join((str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)).split())
+        print(f"error: {text or type(err).__name__}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def report_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m bnlightning report", description="Draw the paper's figures from local run logs.", epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIRS", help="run folders or folders to search recursively")
+    p.add_argument("--out", required=True, help="output folder for the PNGs, report.md and index.html")
+    p.add_argument("--title", default="bnlightning report", help="page title")
+    p.add_argument("--dpi", type=int, default=90, help="PNG resolution (default 90: small files)")
+    return p
+
+
+def report_main(argv: Sequence[str]) -> int:
+    """Entry point of ``python -m bnlightning report``."""
+    args = report_parser().parse_args(list(argv))
+
+    def body() -> int:
+        # Imported here so `--help` and argument errors stay fast (matplotlib is slow to load).
+        from bnlightning.report.figures import draw_all
+        from bnlightning.report.page import write_html, write_markdown
+        from bnlightning.report.runs import load_runs
+
+        if args.dpi < 20 or args.dpi > 600:
+            raise ValueError(f"--dpi must be between 20 and 600, got {args.dpi}")
+        runs = load_runs(args.run_dirs)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"--out {out} exists and is not a folder")
+        figures = draw_all(runs, out, args.dpi)
+        md = write_markdown(runs, figures, out, args.title)
+        page = write_html(runs, figures, out, args.title)
+        diverged = [r for r in runs if r.diverged_at_step is not None]
+        print(f"bnlightning report: {len(runs)} runs ({len(diverged)} diverged), {len(figures)} figures -> {md}, {page}")
+        return 0
+
+    return _guard(body)
+
+
+def wandb_report_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m bnlightning wandb-report", description="Build a W&B Report comparing normalizations and learning rates.", epilog=WANDB_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--entity", required=True, help="W&B entity (user or team)")
+    p.add_argument("--project", required=True, help="W&B project holding the runs")
+    p.add_argument("--title", default="bnlightning: how does BatchNorm help optimization?", help="report title (max 128 characters)")
+    p.add_argument("--group", action="append", default=None, help="W&B run group (experiment name) to show as its own runset; repeatable; default: all runs")
+    p.add_argument("--dry-run", action="store_true", help="build the spec offline and print it instead of saving")
+    p.add_argument("--spec-out", default=None, help="with --dry-run: write the spec JSON to this file instead of stdout")
+    p.add_argument("--draft", action="store_true", help="save as a draft")
+    return p
+
+
+def wandb_report_main(argv: Sequence[str]) -> int:
+    """Entry point of ``python -m bnlightning wandb-report``."""
+    args = wandb_report_parser().parse_args(list(argv))
+
+    def body() -> int:
+        from bnlightning.report.wandb_report import build_report, report_spec
+
+        if len(args.title) > 128:
+            raise ValueError(f"--title is {len(args.title)} characters; W&B allows at most 128")
+        if args.spec_out and not args.dry_run:
+            raise ValueError("--spec-out only goes with --dry-run")
+        if args.dry_run:
+            spec: dict[str, Any] = report_spec(args.entity, args.project, args.title, args.group)
+            text = json.dumps(spec, indent=1)
+            if args.spec_out:
+                Path(args.spec_out).write_text(text)
+                print(f"bnlightning wandb-report: spec written to {args.spec_out} (not saved; run without --dry-run to save)")
+            else:
+                print(text)
+            return 0
+        from bnlightning.loggers import wandb_credentials_found
+
+        if not wandb_credentials_found():
+            raise ValueError("saving a W&B report needs a W&B account: run `wandb login` (or set WANDB_API_KEY), or use --dry-run")
+        report = build_report(args.entity, args.project, args.title, args.group, link_runsets=True)
+        try:
+            report.save(draft=args.draft)
+        except Exception as err:  # network, auth, missing project: many exception types
+            raise ValueError(f"saving the W&B report failed ({type(err).__name__}: {err})") from None
+        print(f"bnlightning wandb-report: saved {report.url}")
+        return 0
+
+    return _guard(body)

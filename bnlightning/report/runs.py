@@ -1,0 +1,317 @@
+"""Finished runs read back from their local logs: no W&B, no pandas, no network.
+
+A *run directory* is any folder holding a ``metrics.csv`` (Lightning's ``CSVLogger``)
+and a ``config.yaml`` (the full LightningCLI config). ``hparams.yaml`` beside them is
+read too when present: it carries ``cli.dataset_name``, the data module's own label
+(e.g. "sklearn digits resized to 32x32 RGB (substitute, not CIFAR-10)"), which every
+figure and table shows so a substitute data set is never taken for the real one.
+
+Runs are grouped into *settings* (model, data set, normalization, learning rate); the
+seeds of one setting are repeats and become the band around a curve.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+#: A metric's history: the steps it was logged at and its values there (NaN/inf kept).
+Series = tuple[np.ndarray, np.ndarray]
+
+NORM_LABELS: dict[str, str] = {
+    "none": "standard",
+    "batch": "BN",
+    "noisy_batch": "noisy BN",
+    "l1": "l1 norm",
+    "l2": "l2 norm",
+    "linf": "linf norm",
+    "layer": "LayerNorm",
+    "group": "GroupNorm",
+}
+
+
+def _get(tree: Any, dotted: str, default: Any = None) -> Any:
+    """``tree["a"]["b"]`` for ``"a.b"``; ``default`` when any level is missing."""
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    with path.open() as f:
+        # Lightning writes some hparams with python tags; the safe loader refuses them,
+        # and nothing the report needs lives behind such a tag.
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError:
+            f.seek(0)
+            data = yaml.load(f, Loader=_TolerantLoader)  # noqa: S506 - loader ignores tags
+    return data if isinstance(data, dict) else {}
+
+
+class _TolerantLoader(yaml.SafeLoader):
+    """A safe loader that turns unknown ``!!python/...`` tags into ``None``."""
+
+
+_TolerantLoader.add_multi_constructor("", lambda loader, suffix, node: None)
+
+
+def read_metrics(path: Path) -> dict[str, Series]:
+    """Every column of a Lightning ``metrics.csv`` as ``name -> (steps, values)``.
+
+    Lightning writes one row per logging call with empty cells for the other metrics;
+    only filled cells are kept. ``nan``/``inf`` cells are kept: they are how a
+    diverging run looks, and the plots decide what to do with them.
+    """
+    columns: dict[str, tuple[list[int], list[float]]] = {}
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            step_text = row.get("step") or ""
+            try:
+                step = int(float(step_text))
+            except ValueError:
+                continue
+            for name, cell in row.items():
+                if name in ("step", "epoch") or name is None or cell in (None, ""):
+                    continue
+                try:
+                    value = float(cell)
+                except ValueError:
+                    continue
+                steps, values = columns.setdefault(name, ([], []))
+                steps.append(step)
+                values.append(value)
+    return {name: (np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64)) for name, (s, v) in columns.items()}
+
+
+@dataclass
+class Run:
+    """One finished (or diverged, or interrupted) run read from its log folder."""
+
+    path: Path
+    config: dict[str, Any]
+    hparams: dict[str, Any]
+    metrics: dict[str, Series] = field(repr=False)
+
+    # --- settings -----------------------------------------------------------------
+    @property
+    def model_args(self) -> dict[str, Any]:
+        return _get(self.config, "model.init_args", {}) or {}
+
+    @property
+    def model_class(self) -> str:
+        return str(_get(self.config, "model.class_path", "?")).rsplit(".", 1)[-1]
+
+    @property
+    def model_label(self) -> str:
+        """A short readable name of the architecture (not of the normalization)."""
+        a = self.model_args
+        if self.model_class == "MLP":
+            depth = a.get("depth", "?")
+            if a.get("activation") == "identity":
+                layers = depth + 1 if isinstance(depth, int) else "?"
+                return f"deep linear network ({layers} layers of {a.get('width', '?')})"
+            return f"MLP {depth}x{a.get('width', '?')} {a.get('activation', '?')}"
+        if self.model_class == "VGG":
+            width = a.get("width", 1.0)
+            scaled = "" if width in (None, 1, 1.0) else f", width x{width:g}"
+            return f"VGG-{a.get('config', '?')}{scaled}"
+        return self.model_class
+
+    @property
+    def norm(self) -> str:
+        return str(self.model_args.get("norm", "none"))
+
+    @property
+    def norm_label(self) -> str:
+        label = NORM_LABELS.get(self.norm, self.norm)
+        if self.norm != "none" and self.model_args.get("norm_layers") is not None:
+            label += f" @{','.join(str(i) for i in self.model_args['norm_layers'])}"
+        return label
+
+    @property
+    def lr(self) -> float | None:
+        lr = _get(self.model_args, "optimizer.init_args.lr")
+        return float(lr) if isinstance(lr, (int, float)) else None
+
+    @property
+    def seed(self) -> int | None:
+        seed = self.config.get("seed_everything")
+        return int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None
+
+    @property
+    def dataset(self) -> str:
+        """The data module's own label; falls back to its class name."""
+        name = _get(self.hparams, "cli.dataset_name") or self.config.get("dataset_name")
+        if name:
+            return str(name)
+        cls = str(_get(self.config, "data.class_path", "unknown data")).rsplit(".", 1)[-1]
+        return cls
+
+    @property
+    def family(self) -> tuple[str, str]:
+        """Runs of one family share a figure: same architecture on the same data."""
+        return (self.model_label, self.dataset)
+
+    @property
+    def setting(self) -> tuple[str, str, str, float]:
+        """Runs of one setting differ only by seed."""
+        return (self.model_label, self.dataset, self.norm_label, self.lr if self.lr is not None else math.nan)
+
+    @property
+    def setting_label(self) -> str:
+        return f"{self.norm_label}, lr={self.lr:g}" if self.lr is not None else self.norm_label
+
+    # --- results ------------------------------------------------------------------
+    def series(self, name: str) -> Series | None:
+        return self.metrics.get(name)
+
+    @property
+    def diverged_at_step(self) -> int | None:
+        """The step of the first non-finite loss, if the run diverged.
+
+        Read from ``diverged_at_step`` (logged by the module); a run that logged a
+        non-finite ``train/loss`` without it (killed before the check) counts too.
+        """
+        s = self.series("diverged_at_step")
+        if s is not None and len(s[1]):
+            return int(s[1][0])
+        loss = self.series("train/loss")
+        if loss is not None:
+            bad = ~np.isfinite(loss[1])
+            if bad.any():
+                return int(loss[0][np.argmax(bad)])
+        return None
+
+    @property
+    def last_step(self) -> int:
+        return max((int(s[0].max()) for s in self.metrics.values() if len(s[0])), default=0)
+
+    def final(self, name: str) -> float | None:
+        """The last logged value of ``name`` (None if never logged)."""
+        s = self.series(name)
+        return float(s[1][-1]) if s is not None and len(s[1]) else None
+
+    def best(self, name: str) -> float | None:
+        s = self.series(name)
+        if s is None or not len(s[1]):
+            return None
+        finite = s[1][np.isfinite(s[1])]
+        return float(finite.max()) if len(finite) else None
+
+    def layers(self, prefix: str) -> list[str]:
+        """Layer names logged under ``prefix`` (``ics/l2/`` -> ``net.conv5``...), in network order.
+
+        Works for both ``<prefix><layer>`` (ICS) and ``act/<layer>/<stat>`` names.
+        """
+        found: set[str] = set()
+        for name in self.metrics:
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix) :]
+            if prefix == "act/":
+                rest = rest.rsplit("/", 1)[0]
+            found.add(rest)
+        return sorted(found, key=layer_sort_key)
+
+
+def layer_sort_key(name: str) -> tuple[int, str]:
+    """Order ``conv2`` before ``conv10`` and by position in the network."""
+    digits = "".join(ch if ch.isdigit() else " " for ch in name).split()
+    return (int(digits[-1]) if digits else 10**9, name)
+
+
+def short_layer(name: str) -> str:
+    """``net.conv5`` -> ``conv5``: the callbacks may name layers either way."""
+    return name[4:] if name.startswith("net.") else name
+
+
+def find_run_dirs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Every folder under ``paths`` (searched recursively) holding metrics.csv and config.yaml.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+    """
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"no such run folder: {p}")
+        if p.is_file():
+            p = p.parent
+        for root, dirs, files in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if d != "wandb")  # W&B's own files are never runs
+            if "metrics.csv" in files and "config.yaml" in files:
+                found.append(Path(root))
+    return sorted(set(found))
+
+
+def load_run(path: Path) -> Run:
+    return Run(path=path, config=_read_yaml(path / "config.yaml"), hparams=_read_yaml(path / "hparams.yaml"), metrics=read_metrics(path / "metrics.csv"))
+
+
+def load_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
+    """Load every run under ``paths``.
+
+    Raises:
+        FileNotFoundError: a path does not exist, or no run folder is found under them.
+    """
+    dirs = find_run_dirs(paths)
+    if not dirs:
+        raise FileNotFoundError(f"no run folders (metrics.csv + config.yaml) under: {' '.join(map(str, paths))}")
+    return [load_run(d) for d in dirs]
+
+
+def group_by(runs: Iterable[Run], key: str) -> dict[Any, list[Run]]:
+    """Runs grouped by the attribute ``key`` (``family`` or ``setting``), in a stable order."""
+    groups: dict[Any, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(getattr(run, key), []).append(run)
+    order = sorted(groups, key=lambda k: tuple((0, x) if isinstance(x, (int, float)) else (1, str(x)) for x in (k if isinstance(k, tuple) else (k,))))
+    return {k: sorted(groups[k], key=lambda r: (r.seed if r.seed is not None else -1, str(r.path))) for k in order}
+
+
+def norm_order(label: str) -> int:
+    """Sort key putting standard, BN, noisy BN first, as in the paper's legends."""
+    order = list(NORM_LABELS.values())
+    base = label.split(" @")[0]
+    return order.index(base) if base in order else len(order)
+
+
+def aggregate(runs: Sequence[Run], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Mean, min and max of ``name`` over the runs at each logged step.
+
+    Steps are the union over runs; a run that stopped early (diverged) simply stops
+    contributing. Non-finite values are left out of the statistics (a diverged run's
+    last loss is shown by a marker, not by an infinite band).
+    Returns ``(steps, mean, lo, hi)`` or None if no run logged ``name``.
+    """
+    per_run = [r.series(name) for r in runs]
+    per_run = [s for s in per_run if s is not None and len(s[0])]
+    if not per_run:
+        return None
+    steps = np.unique(np.concatenate([s[0] for s in per_run]))
+    table = np.full((len(per_run), len(steps)), np.nan)
+    for i, (s, v) in enumerate(per_run):
+        # Several rows may share a step (e.g. two logging calls); keep the last.
+        table[i, np.searchsorted(steps, s)] = v
+    table[~np.isfinite(table)] = np.nan
+    keep = ~np.all(np.isnan(table), axis=0)
+    if not keep.any():
+        return None
+    table, steps = table[:, keep], steps[keep]
+    with np.errstate(all="ignore"):
+        return steps, np.nanmean(table, axis=0), np.nanmin(table, axis=0), np.nanmax(table, axis=0)

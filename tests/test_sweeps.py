@@ -1,0 +1,100 @@
+"""W&B sweep YAMLs: loaded with wandb's own loader, schema-checked, expanded like the agent does."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bnlightning.cli import main
+from bnlightning.experiments import expand_sweep, load_sweep, sweep_problems
+from bnlightning.report.runs import read_metrics
+
+from conftest import REPO
+
+SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
+
+
+def _lookup(tree: Any, dotted: str) -> bool:
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def test_there_are_sweeps() -> None:
+    assert {p.stem for p in SWEEPS} >= {"vgg-lr", "vgg-noisy", "vgg-lp", "dln", "mlp-sigmoid"}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_sweep_is_valid_for_wandb(path: Path) -> None:
+    config = load_sweep(path)  # wandb.sdk.launch.sweeps.utils.load_sweep_config + schema checks
+    assert config["method"] == "grid" and config["metric"]["goal"] in ("minimize", "maximize")
+    command = config["command"]
+    assert command[:5] == ["${env}", "${interpreter}", "-m", "bnlightning", "fit"] and command[-1] == "${args}"
+    # Every swept key is a key of the configs the command loads (a typo would only fail on the agent).
+    merged: dict[str, Any] = {}
+    for i, arg in enumerate(command):
+        if arg == "--config":
+            cfg = REPO / command[i + 1]
+            assert cfg.is_file(), cfg
+            merged.update(yaml.safe_load(cfg.read_text()))
+    for key in config["parameters"]:
+        assert _lookup(merged, key), f"{path.name}: {key} is not set in {command}"
+    n = 1
+    for spec in config["parameters"].values():
+        n *= len(spec["values"])
+    specs = expand_sweep(config)
+    assert len(specs) == n and len({s.name for s in specs}) == n
+
+
+def test_expansion_uses_the_agents_argument_format() -> None:
+    specs = expand_sweep(load_sweep(REPO / "configs" / "sweeps" / "vgg-lr.yaml"), runs_dir="r")
+    combos = {(s.args[2], s.args[3], s.args[4]) for s in specs}
+    expected = {
+        (f"--model.init_args.norm={n}", f"--model.init_args.optimizer.init_args.lr={lr}", f"--seed_everything={seed}")
+        for n, lr, seed in itertools.product(["none", "batch"], [0.1, 0.5], [0, 1, 2])
+    }
+    assert combos == expected
+    assert specs[0].args[:2] == ("--config", "configs/vgg.yaml")
+    assert all(s.log_dir == Path("r") / "vgg-lr" / s.name for s in specs)
+
+
+def test_sweep_problems_are_found() -> None:
+    bad = {"method": "grid", "parameters": {"x": {"min": 0}}, "command": ["python", "-m", "bnlightning", "fit"]}
+    problems = sweep_problems(bad)
+    assert any("'values' or 'value'" in p for p in problems)
+    assert any("${args}" in p for p in problems)
+    assert sweep_problems({"method": "nope", "parameters": {}})[:1] == ["method must be one of grid, random, bayes, got 'nope'"]
+    with pytest.raises(ValueError, match="only grid sweeps"):
+        expand_sweep({"method": "random", "parameters": {"x": {"values": [1]}}, "command": ["fit", "${args}"]})
+
+
+def test_sweep_file_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bnlightning.experiments import main as experiments_main
+
+    assert experiments_main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no such sweep file: {tmp_path / 'missing.yaml'}"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: grid\nparameters: {a: {values: [1]}}\ncommand: [python, fit]\n")
+    assert experiments_main(["sweep", str(bad)]) == 2
+    assert "command must contain ${args}" in capsys.readouterr().err
+
+
+def test_an_expanded_sweep_run_trains(in_tmp: Path) -> None:
+    """The agent's ``--key=value`` arguments parse and train with LightningCLI (one grid point, 4 steps)."""
+    config = load_sweep(REPO / "configs" / "sweeps" / "mlp-sigmoid.yaml")
+    spec = expand_sweep(config, runs_dir=str(in_tmp / "runs"))[-1]
+    args = [a.replace("--config=configs/", f"--config={REPO}/configs/") if a.startswith("--config=") else a for a in spec.args]
+    args = [f"{REPO}/{a}" if a.startswith("configs/") else a for a in args]
+    main(["fit", *args, "--trainer.max_steps=4", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"])
+    metrics = read_metrics(spec.log_dir / "metrics.csv")
+    assert metrics["train/loss"][0].max() == 3
+    saved = yaml.safe_load((spec.log_dir / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["norm"] == "noisy_batch" and saved["seed_everything"] == 2
+    assert saved["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 2.0
