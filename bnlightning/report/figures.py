@@ -54,8 +54,9 @@ class Figure:
     family: tuple[str, str]
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+def slug(text: str, limit: int = 32) -> str:
+    """A file-name-safe, length-capped form of ``text`` (data-set labels are long)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower())[:limit].strip("-")
 
 
 def family_slug(family: tuple[str, str]) -> str:
@@ -166,7 +167,7 @@ def ics_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int
     layers = sorted({layer for r in runs for layer in r.layers("ics/l2/")}, key=lambda n: (len(n), n))
     if not layers:
         return None
-    rows = [("ics/l2/", "||G - G'||_2", True), ("ics/cos/", "cos(G, G')", False), ("ics/rel/", "||G - G'|| / ||G||", True)]
+    rows = [("ics/l2/", "||G - G'||_2", True), ("ics/cos/", "cos(G, G')", False), ("ics/rel/", "||G - G'|| / ||G||", False)]
     rows = [r for r in rows if any(run.series(r[0] + layers[0]) is not None for run in runs)]
     settings = _settings(runs)
     lrs = sorted({lr for _, lr, _ in settings})
