@@ -9,7 +9,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
-from bnlightning.callbacks.functional import MODES, internal_covariate_shift, resolve_layers
+from bnlightning.callbacks.functional import ICS_MODES, internal_covariate_shift, resolve_layers
 
 __all__ = ["InternalCovariateShift"]
 
@@ -44,7 +44,9 @@ class InternalCovariateShift(MeasurementCallback):
             (default: every Conv/Linear layer). An unknown name is an error listing the valid ones.
         every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
         update_from: ``trainer`` or ``measured`` gradient for W^(t+1) (see above).
-        mode: ``auto`` (vmap for networks without convolutions, else a loop), ``vmap`` or ``loop``.
+        mode: ``auto`` (vmap for networks without convolutions, else ``prefix``), ``vmap``, ``loop`` or
+            ``prefix`` (one pass through the updated layers gives every layer's input; each layer then
+            needs only the rest of the network; layers where that is not provably exact get a full pass).
         chunk_size: at most this many layers per vmap call (bounds memory; default all).
         loss_method: the module's method ``(batch) -> scalar loss`` (the one requirement).
 
@@ -63,15 +65,15 @@ class InternalCovariateShift(MeasurementCallback):
         layers: list[str] | None = None,
         every_n_steps: int = 100,
         update_from: Literal["trainer", "measured"] = "trainer",
-        mode: Literal["auto", "vmap", "loop"] = "auto",
+        mode: Literal["auto", "vmap", "loop", "prefix"] = "auto",
         chunk_size: int | None = None,
         loss_method: str = "loss",
     ) -> None:
         super().__init__(every_n_steps, loss_method)
         if update_from not in ("trainer", "measured"):
             raise ValueError(f"unknown update_from {update_from!r}; accepted: trainer, measured")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
+        if mode not in ICS_MODES:
+            raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(ICS_MODES)}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         if layers is not None and not layers:

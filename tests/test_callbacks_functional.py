@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ def _close(got: dict, want: dict, rtol: float = 2e-3, atol: float = 1e-5) -> Non
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("mode", ["vmap", "loop"])
+@pytest.mark.parametrize("mode", ["vmap", "loop", "prefix"])
 def test_ics_matches_naive_reference(case: str, mode: str) -> None:
     if mode == "vmap" and case.startswith("vgg"):
         pytest.skip("VGG's auto mode is the loop; vmap over convs is covered by test_ics_vmap_on_vgg")
@@ -67,12 +68,76 @@ def test_ics_vmap_on_vgg() -> None:
     _close(batched, loop, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["vgg_bn", "vgg_noisy_bn", "mlp_noisy_bn", "dln_bn"])
+def test_ics_prefix_reuses_the_updated_prefix_and_equals_the_loop(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mode="prefix" runs one full pass for G (+ one for the last layer) and suffixes only; same numbers as the loop."""
+    import bnlightning.callbacks.functional as F
+
+    torch.manual_seed(0)
+    build, lr = CASES[case]
+    model = build().train()
+    batch = batch_for(model, n=8)
+    loop = internal_covariate_shift(model, batch, sgd_update(lr), mode="loop")
+    full_passes = []
+    original = F._Model.gradient
+    monkeypatch.setattr(F._Model, "gradient", lambda self, names, *a, **k: full_passes.append(names) or original(self, names, *a, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the prefix applies everywhere here: no fallback warning
+        got = internal_covariate_shift(model, batch, sgd_update(lr), mode="prefix")
+    assert len(full_passes) == 1  # G only; every G' came from the prefix pass or a suffix
+    _close(got, loop, rtol=1e-6, atol=1e-9)
+    if case.startswith("vgg"):
+        assert internal_covariate_shift(model, batch, sgd_update(lr)).keys() == loop.keys()  # auto = prefix for convs
+
+
+class _Peek(nn.Module):
+    """Adds a function of *another* module's weight: an input that depends on a later layer."""
+
+    def __init__(self, other: nn.Linear) -> None:
+        super().__init__()
+        self.other = [other]  # not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.1 * self.other[0].weight.sum()
+
+
+class _Odd(nn.Module):
+    """A Sequential with in-place ReLU, dropout, a head outside it and a weight read before its layer runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        c = nn.Linear(12, 12)
+        self.seq = nn.Sequential(nn.Linear(6, 12), nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(12, 12), nn.Tanh(), _Peek(c), c, nn.ReLU(inplace=True))
+        self.head = nn.Linear(12, 3)
+
+    def loss(self, batch):  # noqa: ANN001, ANN201
+        x, y = batch
+        h = self.seq(x * 2)
+        return nn.functional.cross_entropy(self.head(nn.functional.dropout(h, 0.2)), y)
+
+
+def test_ics_prefix_falls_back_where_it_is_not_exact() -> None:
+    """A layer whose input depends on its own (later) weight gets a full pass; the rest uses suffixes; all equal the loop."""
+    torch.manual_seed(0)
+    model = _Odd().train()
+    batch = (torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    rng = torch.get_rng_state()
+    loop = internal_covariate_shift(model, batch, sgd_update(0.3), mode="loop")
+    with pytest.warns(UserWarning, match="1 of 2 layers"):
+        got = internal_covariate_shift(model, batch, sgd_update(0.3), mode="prefix")
+    _close(got, loop, rtol=1e-6, atol=1e-9)
+    assert torch.equal(rng, torch.get_rng_state())
+    # the dependency matters: without the fallback, seq.6 would get a different G'
+    assert got["ics/l2/seq.6"] > 0 and got["ics/l2/seq.3"] > 0
+
+
 def test_ics_first_layer_is_exactly_unshifted_and_layers_follow_forward_order() -> None:
     torch.manual_seed(0)
     model = mlp("batch").train()
     batch = batch_for(model)
     out = internal_covariate_shift(model, batch, sgd_update(0.1), layers=["net.fc3", "net.fc1"])
-    assert out["ics/l2/net.fc1"].item() == 0.0  # nothing runs before fc1
+    assert out["ics/l2/net.fc1"].item() == 0.0
+    assert internal_covariate_shift(model, batch, sgd_update(0.1), layers=["net.fc3", "net.fc1"], mode="prefix") == out  # nothing runs before fc1
     assert out["ics/cos/net.fc1"].item() == pytest.approx(1.0, abs=1e-6)
     assert out["ics/l2/net.fc3"].item() > 0
 
