@@ -69,6 +69,12 @@ class BNLightningCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.every_n_train_steps": CHECKPOINT_EVERY_N_STEPS, "checkpoint.save_last": True})
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[pl.Callback]) -> pl.Trainer:
+        if config.get("enable_checkpointing") is False:
+            # The user turned checkpointing off: drop the checkpoint callback we add.
+            callbacks = [c for c in callbacks if not isinstance(c, RunCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config is not None and config.get("checkpoint") is not None and config.checkpoint.dirpath is None:

@@ -76,3 +76,9 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
     assert "fit done for MLP(norm=batch): 20 steps" in out.stdout + out.stderr
     ckpt = torch.load(tmp_path / "runs/quickstart/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 20
+
+
+def test_checkpointing_can_be_switched_off(in_tmp: Path) -> None:
+    cli = main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.enable_checkpointing", "false", "--trainer.max_steps", "5", *QUICK])
+    assert cli.trainer.checkpoint_callback is None
+    assert not (in_tmp / "runs" / "quickstart" / "checkpoints").exists()
