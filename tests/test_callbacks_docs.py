@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -16,9 +18,10 @@ def _snippet(path: Path) -> str:
     return blocks[0]
 
 
-def test_docs_snippet_runs(in_tmp: Path) -> None:
+@pytest.mark.parametrize("doc", ["README.md", "docs/callbacks.md"])
+def test_docs_snippet_runs(in_tmp: Path, doc: str) -> None:
     namespace: dict = {"__name__": "snippet"}
-    exec(compile(_snippet(REPO / "docs" / "callbacks.md"), "docs/callbacks.md", "exec"), namespace)
+    exec(compile(_snippet(REPO / doc), doc, "exec"), namespace)
     trainer = namespace["trainer"]
     logged = set(trainer.logged_metrics)
     assert {"ics/cos/net.3", "landscape/beta_eff", "act/net.2/saturated"} <= logged
