@@ -7,6 +7,8 @@ VGG-11-BN (config A) at batch 128, on one fixed batch, it times
   model, the earlier weights moved by hand, forward and ``.backward()``;
 - ``loop``: ``bnlightning.callbacks`` with ``mode="loop"`` (one functional pass per member);
 - ``vmap``: ``mode="vmap"`` (all members in one ``torch.func.vmap`` call);
+- ``prefix`` (ICS only): ``mode="prefix"`` (one pass through the updated layers gives
+  every layer's input; each G' then runs only the rest of the network);
 
 and reports what ``mode="auto"`` picks and its time relative to naive. The CPU may be
 shared, so methods are interleaved (rotated order within each repetition) and medians
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from bnlightning.callbacks import internal_covariate_shift, loss_landscape, sgd_update
-from bnlightning.callbacks.functional import _Model, _resolve_mode
+from bnlightning.callbacks.functional import ICS_MODES, _Model, _resolve_mode
 from bnlightning.models import MLP, VGG
 
 MODELS: dict[str, tuple[Callable[[float], nn.Module], float]] = {
@@ -111,12 +113,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = build(args.vgg_width).train()
         batch = make_batch(name, model, args.batch_size)
         steps = [0.5 * lr, lr, 2 * lr, 4 * lr]
-        auto = _resolve_mode("auto", _Model(model, "loss"))
+        autos = {"ics": _resolve_mode("auto", _Model(model, "loss"), ICS_MODES), "landscape": _resolve_mode("auto", _Model(model, "loss"))}
         for what, methods in (
             ("ics", {
                 "naive": lambda: naive_ics(model, batch, lr),
                 "loop": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="loop"),
                 "vmap": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="vmap"),
+                "prefix": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="prefix"),
             }),
             ("landscape", {
                 "naive": lambda: naive_landscape(model, batch, steps),
@@ -132,14 +135,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for k in keys[r % len(keys):] + keys[: r % len(keys)]:  # rotate the order: shared-CPU noise hits all alike
                     times[k].append(timed(methods[k]))
             med = {k: statistics.median(v) for k, v in times.items()}
+            auto = autos[what]
             rows.append({"model": name, "measurement": what, "batch": args.batch_size, **{f"{k}_s": med[k] for k in med},
                          "auto": auto, "auto_over_naive": med[auto] / med["naive"], "times": times})
 
-    header = f"{'model':6} {'measure':10} {'naive s':>9} {'loop s':>9} {'vmap s':>9} {'auto':>5} {'auto/naive':>10}"
+    header = f"{'model':6} {'measure':10} {'naive s':>9} {'loop s':>9} {'vmap s':>9} {'prefix s':>9} {'auto':>6} {'auto/naive':>10}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['model']:6} {r['measurement']:10} {r['naive_s']:9.4f} {r['loop_s']:9.4f} {r['vmap_s']:9.4f} {r['auto']:>5} {r['auto_over_naive']:10.2f}")
+        prefix = f"{r['prefix_s']:9.4f}" if "prefix_s" in r else f"{'-':>9}"
+        print(f"{r['model']:6} {r['measurement']:10} {r['naive_s']:9.4f} {r['loop_s']:9.4f} {r['vmap_s']:9.4f} {prefix} {r['auto']:>6} {r['auto_over_naive']:10.2f}")
     result = {"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "reps": args.reps, "vgg_width": args.vgg_width}
     args.out.write_text(json.dumps(result, indent=1))
