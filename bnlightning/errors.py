@@ -20,6 +20,8 @@ _NOISE = (
     re.compile(r"^- Expected a path but .* either not accessible or invalid"),
     re.compile(r"^- Does not validate against any of the Union subtypes"),
 )
+# Noise whose more-indented lines (a list of what subclass types accept) are noise too.
+_NOISE_BLOCK = re.compile(r"^- Not a valid subclass of ")
 _KEY = re.compile(r'^(?:- )?Parser key "([^"]+)":\s*(.*)$')
 _CLASS_PATH = re.compile(r"^(?:- )?Problem with given class_path '([^']+)':\s*(.*)$")
 _LITERAL = re.compile(r"Expected a (?:typing\.)?Literal\[(.*)\]\. Got value: (.*)$")
@@ -30,9 +32,19 @@ def condense(message: str) -> str:
     keys: list[str] = []
     details: list[str] = []
     class_path, keys_at_class = "", -1
+    skip_below: int | None = None  # indentation of a noise line whose sub-lines are noise too
     for raw in message.splitlines():
         line = raw.strip()
-        if not line or any(p.match(line) for p in _NOISE):
+        indent = len(raw) - len(raw.lstrip())
+        if skip_below is not None and line and indent > skip_below:
+            continue
+        skip_below = None
+        if not line:
+            continue
+        if _NOISE_BLOCK.match(line):
+            skip_below = indent
+            continue
+        if any(p.match(line) for p in _NOISE):
             continue
         if m := _KEY.match(line):
             keys.append(m.group(1))

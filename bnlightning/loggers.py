@@ -82,6 +82,13 @@ class WandbLogger(_LightningWandbLogger):
         )
         self._wandb_init.pop("anonymous", None)  # deprecated in wandb; Lightning always passes it
         self._warned_log_error = False
+        self._resumed_id: str | None = None
+
+    def resume(self, run_id: str) -> None:
+        """Continue the W&B run ``run_id`` (``wandb.init(id=..., resume="allow")``)."""
+        if self._experiment is None:
+            self._resumed_id = run_id
+            self._wandb_init["id"] = self._id = run_id
 
     @property
     @override
@@ -94,11 +101,18 @@ class WandbLogger(_LightningWandbLogger):
         try:
             return super().experiment
         except Exception as err:  # wandb raises many types for "cannot reach the server"
+            self._experiment = None
+            if self._resumed_id is not None:
+                # e.g. "run ID ... is in use": the killed process's wandb service still
+                # holds it. The CSV log continues the run; W&B gets a new one.
+                rank_zero_warn(f"bnlightning: could not continue W&B run {self._resumed_id} ({type(err).__name__}: {err}); starting a new W&B run")
+                self._resumed_id = None
+                self._wandb_init["id"] = self._id = None
+                return self.experiment
             if self._offline:
                 raise
             rank_zero_warn(f"bnlightning: wandb.init failed ({type(err).__name__}: {err}); switching to W&B offline mode; {sync_hint(self.save_dir or '.')}")
             self._offline = True
-            self._experiment = None
             return super().experiment
 
     @override
@@ -204,6 +218,5 @@ def resume_loggers(loggers: list[Any], ident: dict[str, Any], step: int) -> None
     for logger in loggers:
         if isinstance(logger, CSVLogger) and "csv_version" in ident:
             logger.resume(ident["csv_version"], step)
-        elif isinstance(logger, _LightningWandbLogger) and "wandb_id" in ident and logger._experiment is None:
-            # wandb.init(id=..., resume="allow") continues the same W&B run.
-            logger._wandb_init["id"] = logger._id = ident["wandb_id"]
+        elif isinstance(logger, WandbLogger) and "wandb_id" in ident:
+            logger.resume(ident["wandb_id"])

@@ -256,3 +256,27 @@ def test_wandb_errors_mid_run_do_not_stop_training(in_tmp: Path, monkeypatch: py
     assert cli.trainer.global_step == 20
     rows = _rows(in_tmp / "runs" / "quickstart" / "version_0" / "metrics.csv")
     assert [int(r["step"]) for r in rows if r.get("train/loss")] == [4, 9, 14, 19]
+
+
+CALLBACK_BAD_INPUT = [
+    (
+        ["--trainer.callbacks.layers", "[net.fc99]"],
+        r"^error: .*'net\.fc99'.*net\.fc1",
+    ),
+    (["--trainer.callbacks.every_n_steps", "0"], r"^error: .*every_n_steps.*>= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize(("args", "pattern"), CALLBACK_BAD_INPUT)
+def test_bad_callback_arguments_are_one_clear_line(in_tmp: Path, capsys: pytest.CaptureFixture[str], args: list[str], pattern: str) -> None:
+    measure = in_tmp / "ics.yaml"
+    measure.write_text("trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.InternalCovariateShift\n      init_args: {every_n_steps: 10}\n")
+    base = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(measure), "--trainer.max_steps", "2"]
+    _assert_one_line_error([*base, *args, *QUICK], pattern, capsys)
+
+
+def test_non_positive_landscape_step_size_is_one_clear_line(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    measure = in_tmp / "landscape.yaml"
+    measure.write_text("trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.LossLandscape\n      init_args: {step_sizes: [0.5, -1.0]}\n")
+    args = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(measure), "--trainer.max_steps", "2", *QUICK]
+    _assert_one_line_error(args, r"^error: .*step.*-1\.0", capsys)
