@@ -117,3 +117,22 @@ def test_bad_vgg_arguments_name_the_value_and_the_choices(kwargs: dict, message:
 def test_bad_mlp_activation() -> None:
     with pytest.raises(ValueError, match=r"unknown activation 'gelu'; accepted: relu, tanh, sigmoid, identity"):
         MLP(activation="gelu")  # type: ignore[arg-type]
+
+
+def test_compile_flag_keeps_names_and_measurements_exact() -> None:
+    """`compile: true` compiles the net in place; the measurement passes stay correct."""
+    from bnlightning.callbacks import internal_covariate_shift, loss_landscape, sgd_update
+
+    torch.manual_seed(0)
+    batch = (torch.randn(30, 64), torch.randint(0, 10, (30,)))
+    plain = MLP(depth=2, width=32, norm="batch")
+    compiled = MLP(depth=2, width=32, norm="batch", compile=True)
+    compiled.load_state_dict(plain.state_dict())
+    compiled.configure_model()
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    torch.testing.assert_close(compiled.loss(batch), plain.loss(batch))
+    for fn in (lambda m: internal_covariate_shift(m, batch, sgd_update(0.1)), lambda m: loss_landscape(m, batch, [0.05, 0.1])):
+        want, got = fn(plain), fn(compiled)
+        assert want.keys() == got.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
