@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 import torch
+
+from bnlightning.data.loader import TensorLoader
 
 
 def check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
@@ -48,3 +52,20 @@ class DataModuleBase(pl.LightningDataModule):
         if on_device is not None:
             return bool(on_device)
         return self.device.type == "cuda" or default_on_cpu
+
+    def tensor_loader(self, *tensors: torch.Tensor, batch_size: int, train: bool, **kwargs: Any) -> TensorLoader:
+        """A :class:`TensorLoader` for this process: shuffled, dropping the last partial
+        batch and seeded when ``train``; sharded by the trainer's rank either way."""
+        rank, world = self.rank_and_world_size
+        kwargs.setdefault("shuffle", train)
+        kwargs.setdefault("drop_last", train)
+        return TensorLoader(*tensors, batch_size=batch_size, seed=self.hparams.seed, rank=rank, world_size=world, **kwargs)
+
+    def _eval_loader(self) -> Any:
+        raise NotImplementedError
+
+    def val_dataloader(self) -> Any:
+        return self._eval_loader()
+
+    def test_dataloader(self) -> Any:
+        return self._eval_loader()

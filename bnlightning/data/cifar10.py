@@ -328,10 +328,8 @@ class CIFAR10(DataModuleBase):
         if self.on_device is None:
             self.setup("fit")
         if self.on_device:
-            rank, world = self.rank_and_world_size
-            return TensorLoader(
-                self.train_x, self.train_y, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-                seed=self.hparams.seed, transform=self.device_transform(train=True), rank=rank, world_size=world,
+            return self.tensor_loader(
+                self.train_x, self.train_y, batch_size=self.hparams.batch_size, train=True, transform=self.device_transform(train=True)
             )
         return DataLoader(
             self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
@@ -342,18 +340,10 @@ class CIFAR10(DataModuleBase):
         if self.on_device is None:
             self.setup("test")
         if self.on_device:
-            rank, world = self.rank_and_world_size
-            return TensorLoader(
-                self.test_x, self.test_y, batch_size=self.hparams.eval_batch_size, shuffle=False, drop_last=False,
-                seed=self.hparams.seed, transform=self.device_transform(train=False), rank=rank, world_size=world,
+            return self.tensor_loader(
+                self.test_x, self.test_y, batch_size=self.hparams.eval_batch_size, train=False, transform=self.device_transform(train=False)
             )
         return DataLoader(self.test_set, batch_size=self.hparams.eval_batch_size, shuffle=False, **self._loader_kwargs())
-
-    def val_dataloader(self) -> TensorLoader | DataLoader:
-        return self._eval_loader()
-
-    def test_dataloader(self) -> TensorLoader | DataLoader:
-        return self._eval_loader()
 
 
 def _to_tensors(ds: CIFAR10Dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -133,11 +133,7 @@ class Digits(DataModuleBase):
         if self.on_device is None:
             self.setup("fit")
         if self.on_device:
-            rank, world = self.rank_and_world_size
-            return TensorLoader(
-                self.train_x, self.train_y, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-                seed=self.hparams.seed, rank=rank, world_size=world,
-            )
+            return self.tensor_loader(self.train_x, self.train_y, batch_size=self.hparams.batch_size, train=True)
         return DataLoader(
             TensorDataset(self.train_x, self.train_y), batch_size=self.hparams.batch_size, shuffle=True,
             drop_last=True, generator=torch.Generator().manual_seed(self.hparams.seed),
@@ -147,15 +143,5 @@ class Digits(DataModuleBase):
         if self.on_device is None:
             self.setup("validate")
         if self.on_device:
-            rank, world = self.rank_and_world_size
-            return TensorLoader(
-                self.val_x, self.val_y, batch_size=self.hparams.eval_batch_size, shuffle=False, drop_last=False,
-                rank=rank, world_size=world,
-            )
+            return self.tensor_loader(self.val_x, self.val_y, batch_size=self.hparams.eval_batch_size, train=False)
         return DataLoader(TensorDataset(self.val_x, self.val_y), batch_size=self.hparams.eval_batch_size)
-
-    def val_dataloader(self) -> Any:
-        return self._eval_loader()
-
-    def test_dataloader(self) -> Any:
-        return self._eval_loader()

@@ -105,9 +105,8 @@ class LinearRegression(DataModuleBase):
         rank, world = self.rank_and_world_size
         bs = -(-h.num_samples // world) if full else h.batch_size  # full batch: this rank's whole share
         if self.on_device:
-            return TensorLoader(
-                self.train_x, self.train_y, batch_size=bs, shuffle=not full, drop_last=not full,
-                seed=h.seed, rank=rank, world_size=world, repeat=h.steps_per_epoch if full else 1,
+            return self.tensor_loader(
+                self.train_x, self.train_y, batch_size=bs, train=not full, repeat=h.steps_per_epoch if full else 1
             )
         return DataLoader(
             TensorDataset(self.train_x, self.train_y), batch_size=bs, shuffle=not full, drop_last=not full,
@@ -117,16 +116,6 @@ class LinearRegression(DataModuleBase):
     def _eval_loader(self) -> Any:
         if self.on_device is None:
             self.setup("validate")
-        rank, world = self.rank_and_world_size
         if self.on_device:
-            return TensorLoader(
-                self.val_x, self.val_y, batch_size=self.num_val_samples, shuffle=False, drop_last=False,
-                rank=rank, world_size=world,
-            )
+            return self.tensor_loader(self.val_x, self.val_y, batch_size=self.num_val_samples, train=False)
         return DataLoader(TensorDataset(self.val_x, self.val_y), batch_size=self.num_val_samples)
-
-    def val_dataloader(self) -> Any:
-        return self._eval_loader()
-
-    def test_dataloader(self) -> Any:
-        return self._eval_loader()
