@@ -38,26 +38,23 @@ class BenchParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``, else one clear message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
+positive_int = _int_at_least(1, "a positive integer")
+nonnegative_int = _int_at_least(0, "a non-negative integer")
 
 
 def positive_float(text: str) -> float:
@@ -366,3 +363,17 @@ def write_cifar_folder(root: str | os.PathLike, n_train: int, n_test: int = 100,
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [str(i) for i in range(10)]}, f, protocol=2)
     return folder
+
+
+def finish(script: str, argv: list[str] | None, args: argparse.Namespace, info: dict[str, Any], results: dict[str, Any], summary: str, started: float) -> dict[str, Any]:
+    """Write the run's JSON (``--out`` or beside the script), print where, then the summary line."""
+    elapsed = time.perf_counter() - started
+    payload = {
+        "script": f"bench/{Path(script).name}", "argv": sys.argv[1:] if argv is None else argv, "machine": info,
+        "settings": {k: (str(v) if isinstance(v, (torch.device, Path)) else v) for k, v in vars(args).items()},
+        **results, "summary": summary, "elapsed_s": elapsed,
+    }
+    out = write_json(args.out or default_out(script), payload)
+    print(f"\n(wrote {out}; {elapsed:.0f} s)")
+    print(summary)
+    return payload

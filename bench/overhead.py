@@ -322,18 +322,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"(target <= {target_t:.0f}%: {'met' if max(thr['overhead_pct'], predicted) <= target_t else 'MISSED'}); "
         f"worst measurement/step peak memory {mem_worst:.2f}x (target <= {target_m:.0f}x: {'met' if mem_worst <= target_m else 'MISSED'})"
     )
-    elapsed = time.perf_counter() - started
-    payload = {
-        "script": "bench/overhead.py", "argv": sys.argv[1:] if argv is None else argv, "machine": info,
-        "settings": {k: (str(v) if isinstance(v, (torch.device, Path)) else v) for k, v in vars(args).items()},
+    results = {
         "memory_method": "cuda max_memory_allocated" if args.device.type == "cuda" else "torch.profiler profile_memory (tensor allocations)",
         "costs": costs, "throughput": thr, "predicted_overhead_pct": predicted, "worst_memory_ratio": mem_worst,
-        "summary": summary, "elapsed_s": elapsed,
     }
-    out = C.write_json(args.out or C.default_out(__file__), payload)
-    print(f"\n(wrote {out}; {elapsed:.0f} s)")
-    print(summary)
-    return payload
+    return C.finish(__file__, argv, args, info, results, summary, started)
 
 
 if __name__ == "__main__":

@@ -267,18 +267,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = f"bnlightning / hand loop images/s: worst {worst:.3f}x (target >= {target}: {'met' if worst >= target else 'MISSED'})"
     if data:
         summary += f"; on-device / DataLoader: {data[1]['ratio']:.2f}x training, {data[0]['ratio']:.1f}x loader only"
-    elapsed = time.perf_counter() - started
     info["clock"] = args.clock
-    payload = {
-        "script": "bench/throughput.py", "argv": sys.argv[1:] if argv is None else argv, "machine": info,
-        "settings": {k: (str(v) if isinstance(v, (torch.device, Path)) else v) for k, v in vars(args).items()},
-        "parity": parity, "data_paths": data, "worst_ratio": worst, "target_ratio": target, "summary": summary,
-        "elapsed_s": elapsed,
-    }
-    out = C.write_json(args.out or C.default_out(__file__), payload)
-    print(f"\n(wrote {out}; {elapsed:.0f} s)")
-    print(summary)
-    return payload
+    results = {"parity": parity, "data_paths": data, "worst_ratio": worst, "target_ratio": target}
+    return C.finish(__file__, argv, args, info, results, summary, started)
 
 
 if __name__ == "__main__":
