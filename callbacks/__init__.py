@@ -19,6 +19,7 @@ from bnlightning.callbacks.functional import (
     measurement_forward,
     optimizer_update,
     sgd_update,
+    step_gradient,
     weight_layer_names,
 )
 from bnlightning.callbacks.guard import RngState, observer_guard
@@ -38,5 +39,6 @@ __all__ = [
     "observer_guard",
     "optimizer_update",
     "sgd_update",
+    "step_gradient",
     "weight_layer_names",
 ]

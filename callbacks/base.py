@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,12 +35,79 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleD
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from bnlightning.callbacks.functional import check_loss_method
-from bnlightning.callbacks.guard import observer_guard
+from bnlightning.callbacks.functional import StepGradient, check_loss_method, step_gradient
+from bnlightning.callbacks.guard import RngState, observer_guard
 
 from typing_extensions import override
 
 __all__ = ["MeasurementCallback"]
+
+
+class _SharedGradient:
+    """One step's G, kept between the callbacks that measure on that step (see ``shared_gradient``).
+
+    Validity key. A later callback may use ``gradient`` only if it would compute exactly the
+    same numbers itself, i.e. if every input of that pass is the same as when it was taken:
+
+    - the step (``trainer.global_step``), the module object, ``loss_method`` and the stashed batch
+      object (identity) plus the version counter of each of its tensors (no in-place change);
+    - the values of every parameter and buffer (``torch.equal`` with clones taken with G), their
+      ``requires_grad`` flags (which parameters are trainable) and every submodule's train flag;
+    - every RNG state (torch CPU and CUDA, Python, NumPy): the pass replays it.
+
+    ``observer_guard`` restores parameters, buffers, modes and RNGs bit-exactly after each
+    callback, so in a plain run the second callback starts from the state the first one
+    started from and the key matches; anything that changed one of these in between (another
+    callback editing weights or drawing random numbers) makes it miss, and the gradient is
+    recomputed. Both consumers take G the same way (``step_gradient`` is their own first pass),
+    so a hit gives bit-identical results.
+    """
+
+    def __init__(self, trainer: pl.Trainer, module: pl.LightningModule, loss_method: str, batch: Any, gradient: StepGradient) -> None:
+        self.step = trainer.global_step
+        self.module, self.loss_method, self.batch = module, loss_method, batch
+        self.batch_versions = _tensor_versions(batch)
+        self.rng = RngState.capture()
+        self.params = [(n, p.detach().clone(), p.requires_grad) for n, p in module.named_parameters()]
+        self.buffers = [(n, b.detach().clone()) for n, b in module.named_buffers()]
+        self.modes = [m.training for m in module.modules()]
+        self.gradient = gradient
+
+    def matches(self, trainer: pl.Trainer, module: pl.LightningModule, loss_method: str, batch: Any) -> bool:
+        if trainer.global_step != self.step or module is not self.module or loss_method != self.loss_method or batch is not self.batch:
+            return False
+        if _tensor_versions(batch) != self.batch_versions or not self.rng.equals(RngState.capture()):
+            return False
+        if [m.training for m in module.modules()] != self.modes:
+            return False
+        params, buffers = list(module.named_parameters()), list(module.named_buffers())
+        if len(params) != len(self.params) or len(buffers) != len(self.buffers):
+            return False
+        for (n, p), (n0, v0, rg0) in zip(params, self.params):
+            if n != n0 or p.requires_grad != rg0 or p.dtype != v0.dtype or p.shape != v0.shape or not torch.equal(p.detach(), v0):
+                return False
+        return all(n == n0 and b.dtype == v0.dtype and b.shape == v0.shape and torch.equal(b.detach(), v0) for (n, b), (n0, v0) in zip(buffers, self.buffers))
+
+
+def _tensor_versions(batch: Any) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, Tensor):
+            out.append((id(x), x._version))
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(batch)
+    return out
+
+
+#: trainer -> the G of its current step, while a callback that will use it has yet to measure.
+_SHARED: weakref.WeakKeyDictionary[pl.Trainer, _SharedGradient] = weakref.WeakKeyDictionary()
 
 
 def _is_compiled(module: torch.nn.Module) -> bool:
@@ -180,6 +248,44 @@ class MeasurementCallback(Callback):
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    # --- G shared between callbacks on one step ---------------------------------------------
+    #: Subclasses whose measurement starts with G = step_gradient(module, batch) set this.
+    shares_gradient = False
+
+    def _pending_sharers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> bool:
+        """Whether another callback will still take G of ``batch`` on this step."""
+        return any(
+            cb is not self and isinstance(cb, MeasurementCallback) and cb.shares_gradient and cb._batch is batch
+            and cb.loss_method == self.loss_method and cb.is_measurement_step(trainer.global_step)
+            for cb in trainer.callbacks
+        )
+
+    def shared_gradient(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> StepGradient | None:
+        """G of this step's batch when another callback measures on it too, else ``None``.
+
+        Call from ``measure`` (inside the guard, before anything else). The first of the
+        callbacks measuring on a step computes ``step_gradient`` and keeps it, with its
+        validity key (``_SharedGradient``), only if another sharing callback still has this
+        batch stashed; the last one to use it drops it, and ``on_train_batch_end`` drops
+        whatever is left, so G never outlives its step nor is held when one callback measures.
+        ``None`` means: compute G yourself (the function's own first pass, same numbers).
+        """
+        entry = _SHARED.pop(trainer, None)
+        more = self._pending_sharers(trainer, pl_module, batch)
+        if entry is not None and entry.matches(trainer, pl_module, self.loss_method, batch):
+            if more:
+                _SHARED[trainer] = entry
+            return entry.gradient
+        if not more:
+            return None
+        gradient = step_gradient(pl_module, batch, loss_method=self.loss_method)
+        _SHARED[trainer] = _SharedGradient(trainer, pl_module, self.loss_method, batch, gradient)
+        return gradient
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        _SHARED.pop(trainer, None)
 
     # --- W&B charts -----------------------------------------------------------------------
     def charts(self) -> dict[str, list[str]]:

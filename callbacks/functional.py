@@ -34,7 +34,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -54,6 +54,8 @@ __all__ = [
     "optimizer_update",
     "resolve_layers",
     "sgd_update",
+    "StepGradient",
+    "step_gradient",
     "weight_layer_names",
 ]
 
@@ -275,6 +277,53 @@ def _forward_order(model: _Model, names: Sequence[str]) -> Iterator[list[str]]:
         for h in handles:
             h.remove()
     seen.extend(n for n in names if n not in seen)
+
+
+def _weight_modules(module: nn.Module) -> list[str]:
+    """Every submodule (name relative to ``module``) whose ``weight`` is a parameter: a superset of
+    the layers ``internal_covariate_shift`` may update or measure."""
+    return [n for n, m in module.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter)]
+
+
+class StepGradient(NamedTuple):
+    """The float32 gradient of ``loss_method(batch)`` over every trainable parameter, at the current
+    parameters, with the RNG state of the moment it was taken (see ``step_gradient``).
+
+    Attributes:
+        grads: parameter name -> gradient (zeros for a trainable parameter the loss does not use).
+        order: names of the submodules with a ``weight`` parameter that ran during that pass, in
+            the order they first ran (the forward order ``internal_covariate_shift`` needs).
+    """
+
+    grads: dict[str, Tensor]
+    order: list[str]
+
+
+def step_gradient(module: nn.Module, batch: Any, *, loss_method: str = "loss") -> StepGradient:
+    """G: the first pass that both ``internal_covariate_shift`` and ``loss_landscape`` make.
+
+    Computed exactly as each of them computes its own ``G``/``g`` (float32 copies of the
+    parameters, cloned buffers, float32 batch, ``exact_float32``, the RNG replayed from its
+    state now and rewound afterwards); the forward pre-hooks that record ``order`` only
+    append names, so they change no number. Pass the result as ``gradient=`` to either
+    function, on the same module, batch and state, to skip that pass; nothing is changed.
+    """
+    model = _Model(module, loss_method)
+    rng = RngState.capture()
+    try:
+        with exact_float32(_device_type(module)):
+            with _forward_order(model, _weight_modules(module)) as order:
+                _, G = model.gradient(model.trainable, _to_float32(batch), rng)
+                ran = list(order)  # before the block appends the modules that never ran
+            return StepGradient(G, ran)
+    finally:
+        rng.restore()
+
+
+def _check_gradient(model: _Model, gradient: StepGradient) -> None:
+    missing = [n for n in model.trainable if n not in gradient.grads]
+    if missing:
+        raise ValueError(f"gradient= lacks trainable parameter {missing[0]!r}; pass step_gradient(module, batch) of this module")
 
 
 # --- optimizer updates ---------------------------------------------------------------
@@ -555,6 +604,7 @@ def internal_covariate_shift(
     step_grads: Mapping[str, Tensor] | None = None,
     mode: IcsMode = "auto",
     chunk_size: int | None = None,
+    gradient: StepGradient | None = None,
 ) -> dict[str, Tensor]:
     """Internal covariate shift (PROTOCOL §1, the paper's Definition 2.1) of each layer.
 
@@ -581,6 +631,9 @@ def internal_covariate_shift(
             (see ``_prefix_suffix``) and falls back to ``loop`` where that is not provably
             exact; ``auto`` is ``prefix`` for networks with convolutions, else ``vmap``.
         chunk_size: at most this many configurations per vmap call (bounds memory).
+        gradient: ``step_gradient(module, batch, loss_method=...)`` taken on this module, batch
+            and RNG state; it is used as ``G`` (and its forward order) instead of recomputing it
+            -- the same numbers, one pass fewer (``LossLandscape`` shares it on the same step).
 
     Returns:
         ``{"ics/l2/<layer>": ||G-G'||_2, "ics/cos/<layer>": cos(G, G'), "ics/rel/<layer>": ||G-G'||_2/||G||_2}``,
@@ -595,8 +648,14 @@ def internal_covariate_shift(
     try:
         with exact_float32(_device_type(module)):
             updated = list(dict.fromkeys(weight_layer_names(module) + measured))
-            with _forward_order(model, updated) as order:  # recorded during G's own forward pass
-                _, G = model.gradient(model.trainable, batch, rng)
+            if gradient is None:
+                with _forward_order(model, updated) as order:  # recorded during G's own forward pass
+                    _, G = model.gradient(model.trainable, batch, rng)
+            else:  # the same pass, made once by step_gradient; its order filtered to `updated`
+                _check_gradient(model, gradient)
+                G = {n: gradient.grads[n] for n in model.trainable}
+                wanted, ran = set(updated), set(gradient.order)
+                order = [n for n in gradient.order if n in wanted] + [n for n in updated if n not in ran]
             wname = {n: f"{n}.weight" if n else "weight" for n in order}
             pos = {n: i for i, n in enumerate(order)}
             weights = {wname[n]: model.values[wname[n]] for n in order}
@@ -686,6 +745,7 @@ def loss_landscape(
     param_scale: Mapping[str, float] | None = None,
     mode: Mode = "auto",
     chunk_size: int | None = None,
+    gradient: StepGradient | None = None,
 ) -> dict[str, Tensor]:
     """Loss and gradient along the descent direction (PROTOCOL §2, the paper's Fig. 4).
 
@@ -701,6 +761,8 @@ def loss_landscape(
         param_scale: optional name -> multiplier of ``s`` for that parameter (per-group
             learning rates); the displacement is then ``s * scale_p * g_p``.
         mode, chunk_size: as in ``internal_covariate_shift`` (members are step sizes).
+        gradient: ``step_gradient(module, batch, loss_method=...)`` taken on this module, batch
+            and RNG state, used as ``g`` instead of recomputing it (same numbers, one pass fewer).
 
     Returns:
         ``landscape/loss_min``, ``landscape/loss_max`` (over the grid),
@@ -722,7 +784,11 @@ def loss_landscape(
     try:
         with exact_float32(_device_type(module)):
             names = model.trainable
-            _, g = model.gradient(names, batch, rng)
+            if gradient is None:
+                _, g = model.gradient(names, batch, rng)
+            else:
+                _check_gradient(model, gradient)
+                g = {n: gradient.grads[n] for n in names}
             direction = {n: g[n] * scale.get(n, 1.0) for n in names}
             disp_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction.values()]))
 

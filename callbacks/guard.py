@@ -56,6 +56,19 @@ class RngState:
         numpy = _np.random.get_state() if _np is not None else None
         return cls(torch.get_rng_state(), cuda, random.getstate(), numpy)
 
+    def equals(self, other: RngState) -> bool:
+        """Whether ``other`` holds exactly the same generator states."""
+        if not torch.equal(self.torch_cpu, other.torch_cpu) or self.python != other.python:
+            return False
+        if (self.cuda is None) != (other.cuda is None) or (self.cuda is not None and (len(self.cuda) != len(other.cuda) or not all(torch.equal(a, b) for a, b in zip(self.cuda, other.cuda)))):
+            return False
+        if (self.numpy is None) != (other.numpy is None):
+            return False
+        if self.numpy is not None:
+            a, b = self.numpy, other.numpy
+            return len(a) == len(b) and all(_np.array_equal(x, y) if isinstance(x, _np.ndarray) else x == y for x, y in zip(a, b))
+        return True
+
     def restore(self) -> None:
         torch.set_rng_state(self.torch_cpu)
         if self.cuda is not None:

@@ -84,6 +84,8 @@ class InternalCovariateShift(MeasurementCallback):
         self.chunk_size = chunk_size
         self._layers: list[str] = []
 
+    shares_gradient = True  # G is shared with LossLandscape on a step both measure (base.shared_gradient)
+
     def _state_key_extra(self) -> dict[str, Any]:
         return {"layers": self.layers}
 
@@ -97,7 +99,8 @@ class InternalCovariateShift(MeasurementCallback):
         if self.update_from == "trainer":
             step_grads = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
         return internal_covariate_shift(
-            pl_module, batch, optimizer, self._layers, loss_method=self.loss_method, step_grads=step_grads, mode=self.mode, chunk_size=self.chunk_size
+            pl_module, batch, optimizer, self._layers, loss_method=self.loss_method, step_grads=step_grads, mode=self.mode, chunk_size=self.chunk_size,
+            gradient=self.shared_gradient(trainer, pl_module, batch),
         )
 
     @override

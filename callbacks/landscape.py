@@ -86,6 +86,8 @@ class LossLandscape(MeasurementCallback):
         self.chunk_size = chunk_size
         self._warned_zero_lr = False
 
+    shares_gradient = True  # g is shared with InternalCovariateShift on a step both measure (base.shared_gradient)
+
     def _state_key_extra(self) -> dict[str, Any]:
         return {"step_sizes": self.step_sizes, "step_size_mode": self.step_size_mode}
 
@@ -103,7 +105,8 @@ class LossLandscape(MeasurementCallback):
             lr_of = {id(p): float(g["lr"]) / base for g in opt.param_groups for p in g["params"]}
             scale = {n: lr_of.get(id(p), 0.0) for n, p in pl_module.named_parameters()}
             steps = [s * base for s in self.step_sizes]
-        return loss_landscape(pl_module, batch, steps, loss_method=self.loss_method, param_scale=scale, mode=self.mode, chunk_size=self.chunk_size)
+        gradient = self.shared_gradient(trainer, pl_module, batch)
+        return loss_landscape(pl_module, batch, steps, loss_method=self.loss_method, param_scale=scale, mode=self.mode, chunk_size=self.chunk_size, gradient=gradient)
 
     @override
     def charts(self) -> dict[str, list[str]]:

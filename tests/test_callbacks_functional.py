@@ -294,3 +294,28 @@ def test_module_defined_here_works_with_another_loss_method() -> None:
     assert set(out) == {f"ics/{k}/{n}" for k in ("l2", "cos", "rel") for n in ("a", "b")}
     with pytest.raises(AttributeError, match="loss"):
         internal_covariate_shift(model, batch, sgd_update(0.5))
+
+
+@pytest.mark.parametrize("make,mode", [(mlp, "vmap"), (vgg, "prefix"), (vgg, "loop")])
+def test_precomputed_gradient_gives_bit_identical_results(make, mode) -> None:  # noqa: ANN001
+    from bnlightning.callbacks import step_gradient
+
+    torch.manual_seed(0)
+    model = make("noisy_batch")
+    batch = batch_for(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rng = torch.get_rng_state()
+    lmode = "loop" if mode == "prefix" else mode
+    ics = internal_covariate_shift(model, batch, opt, mode=mode)
+    land = loss_landscape(model, batch, [0.1, 0.4], mode=lmode)
+    assert torch.equal(rng, torch.get_rng_state())
+    gradient = step_gradient(model, batch)
+    assert torch.equal(rng, torch.get_rng_state())
+    ics2 = internal_covariate_shift(model, batch, opt, mode=mode, gradient=gradient)
+    land2 = loss_landscape(model, batch, [0.1, 0.4], mode=lmode, gradient=gradient)
+    for a, b in ((ics, ics2), (land, land2)):
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]) or (a[k].isnan() and b[k].isnan()), k
+    with pytest.raises(ValueError, match="lacks trainable parameter"):
+        loss_landscape(model, batch, [0.1], gradient=gradient._replace(grads={}))

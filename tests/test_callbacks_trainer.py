@@ -287,3 +287,98 @@ def test_wandb_charts_are_built_from_history() -> None:
     land = LossLandscape()
     land.history = {"landscape/loss_min": [(9, 1.0)], "landscape/loss_max": [(9, 2.0)]}
     assert set(land.wandb_charts()) == {"charts/landscape_loss_band"}
+
+
+def _logged_run(model: pl.LightningModule, callbacks: list[Any], steps: int = 4) -> dict[int, dict[str, Any]]:
+    """Every tensor the measurement callbacks log, by step (exact, not via a logger's float)."""
+    logged: dict[int, dict[str, Any]] = {}
+    original = type(model).log
+
+    def log(self, name, value, *args, **kwargs):  # noqa: ANN001, ANN202
+        if name.split("/")[0] in ("ics", "landscape"):
+            logged.setdefault(self.trainer.global_step, {})[name] = value.detach().clone()
+        return original(self, name, value, *args, **kwargs)
+
+    model.log = log.__get__(model)
+    train(model, callbacks, steps=steps)
+    return logged
+
+
+@pytest.mark.parametrize("make", [mlp, vgg])
+def test_shared_gradient_gives_bit_identical_values(make, monkeypatch) -> None:  # noqa: ANN001
+    import bnlightning.callbacks.functional as F
+
+    torch.manual_seed(0)
+    base = make("noisy_batch")
+    passes: list[int] = []
+    original = F.step_gradient
+    monkeypatch.setattr("bnlightning.callbacks.base.step_gradient", lambda *a, **k: passes.append(1) or original(*a, **k))
+    alone_ics = _logged_run(copy.deepcopy(base), [InternalCovariateShift(every_n_steps=2)])
+    alone_land = _logged_run(copy.deepcopy(base), [LossLandscape(every_n_steps=2)])
+    assert not passes  # measuring alone never goes through the cache
+    both = _logged_run(copy.deepcopy(base), [InternalCovariateShift(every_n_steps=2), LossLandscape(every_n_steps=2)])
+    assert len(passes) == 2  # one shared G per measured step (steps 1 and 3)
+    assert sorted(both) == sorted(alone_ics) == [1, 3]
+    for step in both:
+        expected = {**alone_ics[step], **alone_land[step]}
+        assert set(both[step]) == set(expected)
+        for k, v in expected.items():
+            assert torch.equal(both[step][k], v) or (v.isnan() and both[step][k].isnan()), k
+
+
+def test_shared_gradient_is_dropped_each_step_and_not_used_when_one_measures() -> None:
+    import bnlightning.callbacks.base as B
+
+    torch.manual_seed(0)
+    model = mlp("batch")
+    events: list[tuple[int, str, bool]] = []
+    ics, land = InternalCovariateShift(every_n_steps=2), LossLandscape(every_n_steps=3)
+
+    for cb in (ics, land):
+        original = cb.shared_gradient
+
+        def wrapped(trainer, pl_module, batch, _cb=cb, _orig=original):  # noqa: ANN001, ANN202
+            had = trainer in B._SHARED
+            out = _orig(trainer, pl_module, batch)
+            events.append((trainer.global_step, type(_cb).__name__, out is not None))
+            assert not had or out is not None  # an entry left by an earlier step must not be used
+            return out
+
+        cb.shared_gradient = wrapped
+
+    class Check(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+            assert trainer not in B._SHARED  # nothing survives into the next step
+
+    train(model, [Check(), ics, land], steps=6)
+    # ICS measures on steps 1, 3, 5; the landscape on 2, 5: only step 5 shares.
+    assert events == [
+        (1, "InternalCovariateShift", False), (2, "LossLandscape", False), (3, "InternalCovariateShift", False),
+        (5, "InternalCovariateShift", True), (5, "LossLandscape", True),
+    ]
+    assert not B._SHARED
+
+
+def test_shared_gradient_misses_when_state_changes_in_between() -> None:
+    import bnlightning.callbacks.base as B
+
+    torch.manual_seed(0)
+    model = mlp("batch")
+    seen: list[bool] = []
+
+    class Meddle(pl.Callback):  # between the two consumers: moves a weight, then puts it back
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # noqa: ANN001
+            entry = B._SHARED.get(trainer)
+            if trainer.global_step != 1:
+                return
+            assert entry is not None and entry.matches(trainer, pl_module, "loss", entry.batch)
+            with torch.no_grad():
+                pl_module.net.fc1.weight.add_(1.0)
+            seen.append(entry.matches(trainer, pl_module, "loss", entry.batch))
+            with torch.no_grad():
+                pl_module.net.fc1.weight.sub_(1.0)
+            torch.rand(1)  # draws a random number: the key must miss
+            seen.append(entry.matches(trainer, pl_module, "loss", entry.batch))
+
+    train(model, [InternalCovariateShift(every_n_steps=2), Meddle(), LossLandscape(every_n_steps=2)], steps=2)
+    assert seen == [False, False]
