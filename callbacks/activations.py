@@ -34,8 +34,9 @@ class ActivationStats(MeasurementCallback):
     network), every Conv/Linear output. ``saturated`` is logged for tanh/sigmoid-family
     inputs, ``dead`` for ReLU inputs.
 
-    When: forward hooks are registered at ``on_train_start`` and removed at ``teardown``;
-    they record only during the callback's own measurement pass, a float32, no-grad
+    When: forward hooks are registered just before the callback's own measurement pass and
+    removed right after it (training's forwards run without them, so the steps between
+    measurements pay nothing); they record only during that pass, a float32, no-grad
     forward of ``loss_method(batch)`` on the measured step's training batch (pre-step
     weights, training mode, same RNG state as the training step saw at the start of
     ``on_before_optimizer_step``, buffers cloned, RNG rewound) -- never during training's
@@ -110,8 +111,7 @@ class ActivationStats(MeasurementCallback):
                 raise ValueError(f"unknown layer {bad[0]!r}. Valid module names: {', '.join(valid)}")
             self._layers = list(self.layers)
 
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _register_hooks(self, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
         modules = dict(pl_module.named_modules())
         for name in self._layers:
@@ -147,10 +147,12 @@ class ActivationStats(MeasurementCallback):
         modules = dict(pl_module.named_modules())
         self._captured = {}
         self._recording = True
+        self._register_hooks(pl_module)  # only around this pass: training's own forwards run hook-free
         try:
             measurement_forward(pl_module, batch, loss_method=self.loss_method)
         finally:
             self._recording = False
+            self._remove_hooks()
         metrics: dict[str, Tensor] = {}
         for name in self._layers:
             x = self._captured.get(name)

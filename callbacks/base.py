@@ -164,7 +164,18 @@ class MeasurementCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, **self._state_key_extra())
+        # Lightning reads this for every hook call of every step (profiler names): built once,
+        # rebuilt only when an argument it depends on is reassigned (see __setattr__).
+        key = self.__dict__.get("_state_key_cache")
+        if key is None:
+            key = self._generate_state_key(every_n_steps=self.every_n_steps, **self._state_key_extra())
+            self.__dict__["_state_key_cache"] = key
+        return key
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("every_n_steps", "layers", "step_sizes", "step_size_mode"):
+            self.__dict__.pop("_state_key_cache", None)
+        super().__setattr__(name, value)
 
     def _state_key_extra(self) -> dict[str, Any]:
         return {}

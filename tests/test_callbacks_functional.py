@@ -296,7 +296,7 @@ def test_module_defined_here_works_with_another_loss_method() -> None:
         internal_covariate_shift(model, batch, sgd_update(0.5))
 
 
-@pytest.mark.parametrize("make,mode", [(mlp, "vmap"), (vgg, "prefix"), (vgg, "loop")])
+@pytest.mark.parametrize("make,mode", [(mlp, "vmap"), (mlp, "loop"), (vgg, "prefix")])
 def test_precomputed_gradient_gives_bit_identical_results(make, mode) -> None:  # noqa: ANN001
     from bnlightning.callbacks import step_gradient
 

@@ -93,7 +93,7 @@ def test_single_measurement_leaves_everything_equal() -> None:
     before = snapshot(model, opt)
     for cb in all_callbacks(1):
         cb.on_measurement_setup(trainer, model)  # layer resolution, as setup() does
-        cb.on_train_start(trainer, model)  # ActivationStats registers its hooks here
+        cb.on_train_start(trainer, model)  # a no-op now: ActivationStats hooks only its own pass
         out = cb.measure(trainer, model, batch, opt)  # deliberately without the guard
         assert out and all(v.dtype == torch.float32 for v in out.values())
         assert_same(before, snapshot(model, opt))
@@ -382,3 +382,21 @@ def test_shared_gradient_misses_when_state_changes_in_between() -> None:
 
     train(model, [InternalCovariateShift(every_n_steps=2), Meddle(), LossLandscape(every_n_steps=2)], steps=2)
     assert seen == [False, False]
+
+
+def test_non_measured_steps_run_without_callback_hooks() -> None:
+    torch.manual_seed(0)
+    model = mlp("batch")
+    hooked: list[int] = []
+
+    class Look(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+            hooked.append(sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in pl_module.modules()))
+
+    cbs = all_callbacks(2)
+    train(model, [Look(), *cbs], steps=4)
+    assert hooked == [0, 0, 0, 0] and cbs[2].measurements == 2
+    assert cbs[0].state_key == cbs[0].state_key  # cached
+    key = cbs[0].state_key
+    cbs[0].every_n_steps = 3
+    assert cbs[0].state_key != key and "3" in cbs[0].state_key
