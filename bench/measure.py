@@ -10,7 +10,10 @@ VGG-11-BN (config A) at batch 128, on one fixed batch, it times
 - ``prefix`` (ICS only): ``mode="prefix"`` (one pass through the updated layers gives
   every layer's input; each G' then runs only the rest of the network);
 
-and reports what ``mode="auto"`` picks and its time relative to naive. The CPU may be
+and reports what ``mode="auto"`` picks and its time relative to naive. A second table
+times both measurements on one batch, as the two callbacks do on a step both measure:
+``separate`` (each computes its own G) against ``shared`` (``step_gradient`` once, passed
+as ``gradient=`` to both, as the callbacks share it), both ``mode="auto"``. The CPU may be
 shared, so methods are interleaved (rotated order within each repetition) and medians
 reported. Prints one table and a final summary line; writes JSON beside this file.
 
@@ -32,7 +35,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from bnlightning.callbacks import internal_covariate_shift, loss_landscape, sgd_update
+from bnlightning.callbacks import internal_covariate_shift, loss_landscape, sgd_update, step_gradient
 from bnlightning.callbacks.functional import ICS_MODES, _Model, _resolve_mode
 from bnlightning.models import MLP, VGG
 
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("measure.json"))
     args = parser.parse_args(argv)
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    shared_rows: list[dict[str, Any]] = []
     for name in args.models:
         build, lr = MODELS[name]
         torch.manual_seed(0)
@@ -139,13 +143,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append({"model": name, "measurement": what, "batch": args.batch_size, **{f"{k}_s": med[k] for k in med},
                          "auto": auto, "auto_over_naive": med[auto] / med["naive"], "times": times})
 
+    for name in args.models:  # ICS + landscape on one step: separate G vs one shared G
+        build, lr = MODELS[name]
+        torch.manual_seed(0)
+        model = build(args.vgg_width).train()
+        batch = make_batch(name, model, args.batch_size)
+        steps = [0.5 * lr, lr, 2 * lr, 4 * lr]
+
+        def separate() -> None:
+            internal_covariate_shift(model, batch, sgd_update(lr))
+            loss_landscape(model, batch, steps)
+
+        def shared() -> None:
+            g = step_gradient(model, batch)
+            internal_covariate_shift(model, batch, sgd_update(lr), gradient=g)
+            loss_landscape(model, batch, steps, gradient=g)
+
+        pair = {"separate": separate, "shared": shared}
+        for fn in pair.values():
+            fn()
+        ptimes: dict[str, list[float]] = {k: [] for k in pair}
+        for r in range(args.reps):
+            for k in (list(pair) if r % 2 == 0 else list(pair)[::-1]):
+                ptimes[k].append(timed(pair[k]))
+        pmed = {k: statistics.median(v) for k, v in ptimes.items()}
+        shared_rows.append({"model": name, "separate_s": pmed["separate"], "shared_s": pmed["shared"], "times": ptimes})
+
     header = f"{'model':6} {'measure':10} {'naive s':>9} {'loop s':>9} {'vmap s':>9} {'prefix s':>9} {'auto':>6} {'auto/naive':>10}"
     print(header)
     print("-" * len(header))
     for r in rows:
         prefix = f"{r['prefix_s']:9.4f}" if "prefix_s" in r else f"{'-':>9}"
         print(f"{r['model']:6} {r['measurement']:10} {r['naive_s']:9.4f} {r['loop_s']:9.4f} {r['vmap_s']:9.4f} {prefix} {r['auto']:>6} {r['auto_over_naive']:10.2f}")
-    result = {"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+    print()
+    print(f"{'model':6} {'ICS + landscape':16} {'separate s':>10} {'shared s':>9} {'shared/separate':>15}")
+    for r in shared_rows:
+        print(f"{r['model']:6} {'auto, one batch':16} {r['separate_s']:10.4f} {r['shared_s']:9.4f} {r['shared_s'] / r['separate_s']:15.2f}")
+    result = {"rows": rows, "shared_gradient": shared_rows, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "reps": args.reps, "vgg_width": args.vgg_width}
     args.out.write_text(json.dumps(result, indent=1))
     ics = {r["model"]: r["auto_over_naive"] for r in rows if r["measurement"] == "ics"}
