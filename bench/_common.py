@@ -38,6 +38,14 @@ class BenchParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def bench_parser(prog: str, doc: str | None, quick: dict[str, Any], full: dict[str, Any]) -> BenchParser:
+    """A script's parser, its description naming what ``--quick`` and the full mode run; with the common options."""
+    modes = " Quick mode: " + " ".join(f"{k}={v}" for k, v in quick.items()) + "; full (default): " + " ".join(f"{k}={v}" for k, v in full.items()) + "."
+    parser = BenchParser(prog=prog, description=(doc or "").split("\n\n")[0] + modes)
+    add_common_args(parser)
+    return parser
+
+
 def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
     """An argparse type: an integer >= ``minimum``, else one clear message."""
 

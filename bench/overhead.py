@@ -55,12 +55,7 @@ FULL = {"width": 0.25, "batch_size": 128, "steps": 300, "warmup": 5, "repeats": 
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
-    p = C.BenchParser(
-        prog="bench/overhead.py",
-        description=__doc__.split("\n\n")[0] + " Quick mode: " + " ".join(f"{k}={v}" for k, v in QUICK.items())
-        + "; full (default): " + " ".join(f"{k}={v}" for k, v in FULL.items()) + ".",
-    )
-    C.add_common_args(p)
+    p = C.bench_parser("bench/overhead.py", __doc__, QUICK, FULL)
     p.add_argument("--precision", type=C.precision_list, default=["32-true"], help="one of 32-true, bf16-mixed, 16-mixed")
     p.add_argument("--width", type=C.positive_float, default=None, help="VGG channel multiplier of the throughput runs (1)")
     p.add_argument("--batch-size", type=C.positive_int, default=None, help="batch size of the throughput runs (1)")

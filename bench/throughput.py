@@ -48,12 +48,7 @@ FULL = {"width": 1.0, "batch_sizes": [128, 512], "steps": 100, "warmup": 5, "rep
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
-    p = C.BenchParser(
-        prog="bench/throughput.py",
-        description=__doc__.split("\n\n")[0] + " Quick mode: " + " ".join(f"{k}={v}" for k, v in QUICK.items())
-        + "; full (default): " + " ".join(f"{k}={v}" for k, v in FULL.items()) + ".",
-    )
-    C.add_common_args(p)
+    p = C.bench_parser("bench/throughput.py", __doc__, QUICK, FULL)
     p.add_argument("--batch-sizes", type=C.int_list, default=None, help="comma-separated, e.g. 128,512")
     p.add_argument("--precisions", type=C.precision_list, default=["32-true", "bf16-mixed"], help="comma-separated: 32-true, bf16-mixed, 16-mixed")
     p.add_argument("--steps", type=C.positive_int, default=None, help="timed steps per run")

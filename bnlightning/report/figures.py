@@ -106,13 +106,17 @@ def _band(ax: Axes, runs: Sequence[Run], metric: str, color: str, label: str, st
     return True
 
 
-def _finish(fig: plt.Figure, path: Path, title: str, dpi: int) -> None:
+def _finish(fig: plt.Figure, out: Path, family: tuple[str, str], kind: str, title: str, caption: str, dpi: int) -> Figure:
+    """Title (``{model}``/``{dataset}`` filled in), save as ``<family>_<kind>.png``, close."""
+    model, dataset = family
+    path = out / f"{family_slug(family)}_{kind}.png"
     # Wrap to the figure's width: titles carry the full data-set label, which is long.
     width_chars = max(40, int(fig.get_figwidth() * 13))
-    fig.suptitle(textwrap.fill(title, width_chars), fontsize=9)
+    fig.suptitle(textwrap.fill(title.format(model=model, dataset=dataset), width_chars), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+    return Figure(path, caption.format(model=model, dataset=dataset), family)
 
 
 def _positive(ax: Axes) -> np.ndarray:
@@ -156,10 +160,12 @@ def accuracy_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
                 _log_if_wide(ax)
             if row == 0:
                 ax.legend(fontsize=7)
-    path = out / f"{family_slug(family)}_accuracy.png"
-    model, dataset = family
-    _finish(fig, path, f"{model} on {dataset}: mean over seeds, min-max band; x = diverged (train curves smoothed over 5 points)", dpi)
-    return Figure(path, f"Training curves — {model} on {dataset}", family)
+    return _finish(
+        fig, out, family, "accuracy",
+        "{model} on {dataset}: mean over seeds, min-max band; x = diverged (train curves smoothed over 5 points)",
+        "Training curves — {model} on {dataset}",
+        dpi,
+    )
 
 
 def ics_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
@@ -184,10 +190,12 @@ def ics_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int
                 _log_y(ax)
             if row == 0 and col == 0:
                 ax.legend(fontsize=7)
-    path = out / f"{family_slug(family)}_ics.png"
-    model, dataset = family
-    _finish(fig, path, f"Internal covariate shift (Santurkar et al. Def. 2.1) — {model} on {dataset}", dpi)
-    return Figure(path, f"Internal covariate shift per layer — {model} on {dataset}", family)
+    return _finish(
+        fig, out, family, "ics",
+        "Internal covariate shift (Santurkar et al. Def. 2.1) — {model} on {dataset}",
+        "Internal covariate shift per layer — {model} on {dataset}",
+        dpi,
+    )
 
 
 def landscape_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
@@ -219,10 +227,12 @@ def landscape_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     band_ax.legend(fontsize=7)
-    path = out / f"{family_slug(family)}_landscape.png"
-    model, dataset = family
-    _finish(fig, path, f"Loss landscape along the gradient (Santurkar et al. Fig. 4) — {model} on {dataset}", dpi)
-    return Figure(path, f"Loss landscape, gradient predictiveness, beta_eff — {model} on {dataset}", family)
+    return _finish(
+        fig, out, family, "landscape",
+        "Loss landscape along the gradient (Santurkar et al. Fig. 4) — {model} on {dataset}",
+        "Loss landscape, gradient predictiveness, beta_eff — {model} on {dataset}",
+        dpi,
+    )
 
 
 def activations_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
@@ -244,10 +254,12 @@ def activations_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, 
                 ax.set_xlabel("step", fontsize=8)
             if row == 0 and col == 0:
                 ax.legend(fontsize=6)
-    path = out / f"{family_slug(family)}_activations.png"
-    model, dataset = family
-    _finish(fig, path, f"Pre-activation quantiles 15/50/85 % (Ioffe & Szegedy Fig. 1) — {model} on {dataset}", dpi)
-    return Figure(path, f"Activation quantiles — {model} on {dataset}", family)
+    return _finish(
+        fig, out, family, "activations",
+        "Pre-activation quantiles 15/50/85 % (Ioffe & Szegedy Fig. 1) — {model} on {dataset}",
+        "Activation quantiles — {model} on {dataset}",
+        dpi,
+    )
 
 
 FIGURES = (accuracy_figure, ics_figure, landscape_figure, activations_figure)
