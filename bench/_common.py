@@ -373,6 +373,17 @@ def write_cifar_folder(root: str | os.PathLike, n_train: int, n_test: int = 100,
     return folder
 
 
+def begin(script: str, args: argparse.Namespace) -> tuple[dict[str, Any], float]:
+    """Apply ``--threads``, start the clock, print the machine line; return (machine info, start time)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    info = machine(args.device)
+    info["clock"] = args.clock
+    print(f"bench/{Path(script).name} on {machine_line(info)}; clock: {args.clock}")
+    return info, started
+
+
 def finish(script: str, argv: list[str] | None, args: argparse.Namespace, info: dict[str, Any], results: dict[str, Any], summary: str, started: float) -> dict[str, Any]:
     """Write the run's JSON (``--out`` or beside the script), print where, then the summary line."""
     elapsed = time.perf_counter() - started

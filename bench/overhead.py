@@ -290,12 +290,7 @@ def bench_costs(args: Any) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    info = C.machine(args.device)
-    print(f"bench/overhead.py on {C.machine_line(info)}; clock: {args.clock}")
-    info["clock"] = args.clock
+    info, started = C.begin(__file__, args)
     print(f"VGG-11-BN {args.precision}; throughput: width {args.width}, batch {args.batch_size}, {args.steps} steps, "
           f"{args.repeats} repeats; cost/memory: width {args.probe_width}, batch {args.probe_batch_size}", flush=True)
     costs = bench_costs(args)

@@ -218,23 +218,17 @@ def bench_data_paths(args: Any, model: Any, init: dict[str, torch.Tensor]) -> li
 def _standalone_loader(dm: Any, device: torch.device) -> Any:
     """The data module's training loader outside a Trainer, on ``device`` (as ``setup`` would place it)."""
     from bnlightning.data.cifar10 import CIFAR10Dataset, _to_tensors
-    from bnlightning.data.loader import TensorLoader
 
     if dm.hparams.on_device:  # what CIFAR10.setup + train_dataloader build, with the data on `device`
         x, y = _to_tensors(CIFAR10Dataset(dm.root, train=True, verify_checksums=False), device)
-        return TensorLoader(x, y, batch_size=dm.hparams.batch_size, shuffle=True, drop_last=True,
-                            seed=dm.hparams.seed, transform=dm.device_transform(train=True))
+        return dm.tensor_loader(x, y, batch_size=dm.hparams.batch_size, train=True, transform=dm.device_transform(train=True))
     dm.setup("fit")
     return dm.train_dataloader()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    info = C.machine(args.device)
-    print(f"bench/throughput.py on {C.machine_line(info)}; clock: {args.clock}")
+    info, started = C.begin(__file__, args)
     print(f"VGG-11-BN width {args.width}, batch sizes {args.batch_sizes}, {args.precisions}, "
           f"{args.steps} timed steps after {args.warmup}, {args.repeats} repeats"
           f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}", flush=True)
@@ -262,7 +256,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = f"bnlightning / hand loop images/s: worst {worst:.3f}x (target >= {target}: {'met' if worst >= target else 'MISSED'})"
     if data:
         summary += f"; on-device / DataLoader: {data[1]['ratio']:.2f}x training, {data[0]['ratio']:.1f}x loader only"
-    info["clock"] = args.clock
     results = {"parity": parity, "data_paths": data, "worst_ratio": worst, "target_ratio": target}
     return C.finish(__file__, argv, args, info, results, summary, started)
 

@@ -47,6 +47,8 @@ __all__ = [
     "ACTIVATION_KINDS",
     "WEIGHT_LAYER_TYPES",
     "activation_stats",
+    "check_chunk_size",
+    "check_mode",
     "exact_float32",
     "internal_covariate_shift",
     "loss_landscape",
@@ -195,9 +197,14 @@ class _Model:
         return any(isinstance(m, _CONV_TYPES) for m in self.module.modules())
 
 
-def _resolve_mode(mode: str, model: _Model, modes: Sequence[str] = MODES) -> str:
+def check_mode(mode: str, modes: Sequence[str] = MODES) -> None:
+    """One clear error for a batching mode not in ``modes``."""
     if mode not in modes:
         raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(modes)}")
+
+
+def _resolve_mode(mode: str, model: _Model, modes: Sequence[str] = MODES) -> str:
+    check_mode(mode, modes)
     if mode == "auto":
         if not model.has_conv():
             return "vmap"
@@ -228,7 +235,8 @@ def _chunks(n: int, size: int | None) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _check_chunk(chunk_size: int | None) -> None:
+def check_chunk_size(chunk_size: int | None) -> None:
+    """One clear error for a chunk size that is neither None nor >= 1."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
 
@@ -639,7 +647,7 @@ def internal_covariate_shift(
         ``{"ics/l2/<layer>": ||G-G'||_2, "ics/cos/<layer>": cos(G, G'), "ics/rel/<layer>": ||G-G'||_2/||G||_2}``,
         0-dim float32 tensors (NaN when a gradient is NaN or zero).
     """
-    _check_chunk(chunk_size)
+    check_chunk_size(chunk_size)
     measured = resolve_layers(module, layers)
     model = _Model(module, loss_method)
     requested, mode = mode, _resolve_mode(mode, model, ICS_MODES)
@@ -775,7 +783,7 @@ def loss_landscape(
     bad = [s for s in steps if not s > 0 or math.isinf(s)]
     if bad:
         raise ValueError(f"step sizes must be positive and finite, got {bad[0]} in {steps}")
-    _check_chunk(chunk_size)
+    check_chunk_size(chunk_size)
     model = _Model(module, loss_method)
     mode = _resolve_mode(mode, model)
     batch = _to_float32(batch)

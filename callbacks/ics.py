@@ -9,7 +9,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
-from bnlightning.callbacks.functional import ICS_MODES, internal_covariate_shift, resolve_layers
+from bnlightning.callbacks.functional import ICS_MODES, check_chunk_size, check_mode, internal_covariate_shift, resolve_layers
 
 __all__ = ["InternalCovariateShift"]
 
@@ -72,10 +72,8 @@ class InternalCovariateShift(MeasurementCallback):
         super().__init__(every_n_steps, loss_method)
         if update_from not in ("trainer", "measured"):
             raise ValueError(f"unknown update_from {update_from!r}; accepted: trainer, measured")
-        if mode not in ICS_MODES:
-            raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(ICS_MODES)}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        check_mode(mode, ICS_MODES)
+        check_chunk_size(chunk_size)
         if layers is not None and not layers:
             raise ValueError("layers must be None (every Conv/Linear layer) or a non-empty list of module names")
         self.layers = list(layers) if layers is not None else None

@@ -12,7 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
-from bnlightning.callbacks.functional import MODES, loss_landscape
+from bnlightning.callbacks.functional import MODES, check_chunk_size, check_mode, loss_landscape
 
 __all__ = ["LossLandscape"]
 
@@ -76,10 +76,8 @@ class LossLandscape(MeasurementCallback):
             raise ValueError(f"step sizes must be positive and finite, got {bad[0]} in {steps}")
         if step_size_mode not in ("relative", "absolute"):
             raise ValueError(f"unknown step_size_mode {step_size_mode!r}; accepted: relative, absolute")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        check_mode(mode, MODES)
+        check_chunk_size(chunk_size)
         self.step_sizes = steps
         self.step_size_mode = step_size_mode
         self.mode = mode

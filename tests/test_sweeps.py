@@ -13,18 +13,17 @@ from bnlightning.cli import main
 from bnlightning.experiments import expand_sweep, load_sweep, sweep_problems
 from bnlightning.report.runs import read_metrics
 
+from bnlightning.report.runs import _get
 from conftest import REPO
 
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 
 
+_MISSING = object()
+
+
 def _lookup(tree: Any, dotted: str) -> bool:
-    node = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+    return _get(tree, dotted, _MISSING) is not _MISSING
 
 
 def test_there_are_sweeps() -> None:
