@@ -1,13 +1,13 @@
 """Measurement callbacks for any Lightning module: ICS, loss landscape, activation statistics.
 
-Depends on torch and lightning only. A module is measurable when it offers
-``loss(batch) -> Tensor`` (name configurable with ``loss_method=``): the scalar
-training loss on a batch computed with the module's current parameters.
+Depends on torch and lightning only. No edit to the user's module is needed: the loss is
+``loss_fn(module, batch)`` when given (a callable, or an import path from YAML), else the module's
+``loss(batch)`` method (name configurable with ``loss_method=``), else its own ``training_step``.
 
-Callbacks: ``InternalCovariateShift`` (PROTOCOL §1), ``LossLandscape`` (§2),
-``ActivationStats`` (§3). Functional API (pure functions): ``internal_covariate_shift``,
-``loss_landscape``, ``activation_stats``, ``measurement_forward``, ``sgd_update``,
-``optimizer_update``. The observer-effect guard: ``observer_guard``, ``RngState``.
+Callbacks: ``InternalCovariateShift`` (PROTOCOL §1), ``LossLandscape`` (§2), ``ActivationStats``
+(§3). Functional API (pure functions, ``bnlightning.callbacks.functional``): ``internal_covariate_shift``,
+``loss_landscape``, ``activation_stats``, ``measurement_forward``, ``step_gradient``,
+``sgd_update``, ``optimizer_update``. The observer-effect guard: ``observer_guard``, ``RngState``.
 """
 
 from bnlightning.callbacks.activations import ActivationStats
@@ -22,7 +22,7 @@ from bnlightning.callbacks.functional import (
     step_gradient,
     weight_layer_names,
 )
-from bnlightning.callbacks.guard import RngState, observer_guard
+from bnlightning.callbacks.guard import ObserverEffectError, RngState, observer_guard
 from bnlightning.callbacks.ics import InternalCovariateShift
 from bnlightning.callbacks.landscape import LossLandscape
 
@@ -31,6 +31,7 @@ __all__ = [
     "InternalCovariateShift",
     "LossLandscape",
     "MeasurementCallback",
+    "ObserverEffectError",
     "RngState",
     "activation_stats",
     "internal_covariate_shift",

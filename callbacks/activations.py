@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback, wandb_loggers
 from bnlightning.callbacks.functional import activation_kind, activation_stats, measurement_forward
+from bnlightning.callbacks.functional._model import LossFn
 
 __all__ = ["ActivationStats", "default_activation_layers"]
 
@@ -57,12 +58,17 @@ class ActivationStats(MeasurementCallback):
         saturation_threshold: ``|x|`` above which a tanh/sigmoid unit counts as saturated (> 0).
         histogram: also log a histogram to loggers that take one.
         histogram_bins: bins of that histogram (>= 2).
+        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
         loss_method: the module's method ``(batch) -> scalar loss``.
+
+    Cost: activations only (the guard copies no parameter or optimizer state). Under DDP each rank
+    summarises its own shard and rank zero's numbers are logged (statistics of a distribution, not a
+    gradient: they are not averaged).
 
     Raises:
         ValueError: bad arguments; at setup an unknown layer name (the valid ones are listed).
         MisconfigurationException: at setup, manual optimization or an unsupported strategy.
-        AttributeError: at setup, the module has no ``loss_method``.
+        AttributeError: at setup, no ``loss_fn``, ``loss_method`` or ``training_step`` to measure with.
 
     Example::
 
@@ -76,9 +82,10 @@ class ActivationStats(MeasurementCallback):
         saturation_threshold: float = 2.0,
         histogram: bool = True,
         histogram_bins: int = 64,
+        loss_fn: LossFn | str | None = None,
         loss_method: str = "loss",
     ) -> None:
-        super().__init__(every_n_steps, loss_method)
+        super().__init__(every_n_steps, loss_fn, loss_method)
         if not (isinstance(saturation_threshold, (int, float)) and saturation_threshold > 0 and math.isfinite(saturation_threshold)):
             raise ValueError(f"saturation_threshold must be a positive number, got {saturation_threshold!r}")
         if histogram_bins < 2:
@@ -149,7 +156,7 @@ class ActivationStats(MeasurementCallback):
         self._recording = True
         self._register_hooks(pl_module)  # only around this pass: training's own forwards run hook-free
         try:
-            measurement_forward(pl_module, batch, loss_method=self.loss_method)
+            measurement_forward(pl_module, batch, loss_fn=self.loss_fn, loss_method=self.loss_method)
         finally:
             self._recording = False
             self._remove_hooks()

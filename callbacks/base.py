@@ -1,31 +1,43 @@
-"""What the three measurement callbacks share: when to measure, on what, how to log.
+"""What the measurement callbacks share: when to measure, on what, with which loss, how to log.
 
 Timing. A callback measures on optimizer steps ``t`` with ``(t + 1) % every_n_steps == 0``
-(``t`` = ``trainer.global_step`` before the step), the same steps on every rank, so
-collectives (SyncBatchNorm) cannot hang. The ``+ 1`` lines the measurements up with
-the steps Lightning hands to its loggers (those with ``(t + 1) % log_every_n_steps == 0``):
-with ``every_n_steps`` a multiple of ``Trainer(log_every_n_steps=...)`` every
-measurement is written; otherwise a warning says some will be dropped.
+(``t`` = ``trainer.global_step`` before the step), the same steps on every rank, so collectives
+(the DDP mean, SyncBatchNorm) cannot hang.
 
-Batch. ``on_train_batch_start`` keeps a reference to the batch of a measured step; with
-gradient accumulation that is the *last micro-batch* of the step, not the whole
-effective batch. The measurement runs in ``on_before_optimizer_step``: weights are
-still those of step ``t``, gradients are unscaled, accumulated and all-reduced, and
-it runs outside autocast. Everything runs inside ``observer_guard`` (parameters,
-``.grad``, buffers, modes, optimizer state and every RNG restored exactly).
+Batch. ``on_train_batch_start`` keeps a reference to the batch of a measured step; with gradient
+accumulation that is the *last micro-batch* of the step, not the whole effective batch. Measurements
+of the weights at step t run in ``on_before_optimizer_step`` (weights still W^t, outside autocast);
+``InternalCovariateShift`` finishes right after the real optimizer step (see there). Everything runs
+inside ``observer_guard``.
 
-Logging. Scalars go through ``pl_module.log(name, value, on_step=True, on_epoch=False)``
-(rank zero's value reaches the logger; no ``sync_dist``, so no collective). When a
-``WandbLogger`` is attached, each callback keeps the history of its scalars and, at the
-end of training, logs one line chart per measurement (``wandb.plot.line_series``, x =
-``trainer/global_step``) under ``charts/...``.
+Loss. ``loss_fn(module, batch)`` if given (a callable, or an import path such as
+``"my_pkg.losses:lm_loss"`` from YAML), else ``module.<loss_method>(batch)`` (default ``loss``), else
+the module's own ``training_step(batch, batch_idx)`` with its ``self.log`` calls silenced and its
+torchmetrics states restored: no edit to the user's module is needed.
+
+Ranks. Under DDP every gradient and loss behind a measurement is averaged over ranks
+(``trainer.strategy.reduce``) before any norm or ratio, so every rank computes the same number and
+it does not depend on the world size; only rank zero logs.
+
+Logging. Through the public logger API, as Lightning's ``LearningRateMonitor`` does: on rank zero,
+``logger.log_metrics(metrics, step=t)`` for each of ``trainer.loggers``, whatever
+``log_every_n_steps`` is. With a ``WandbLogger`` attached each callback also keeps the history of
+its scalars and, at the end of training, logs one line chart per measurement.
+
+Sharing G. ``LossLandscape`` and ``InternalCovariateShift`` both start from the gradient G of the
+same batch at W^t. The callbacks of one trainer share a ``GradientExchange`` (the first creates it,
+the others find it as a public attribute of their peers in ``trainer.callbacks``): the first to need
+G computes it when a peer will use it too, keyed by everything that pass depends on (step, batch
+object and its tensors' versions, the parameters' and buffers' identities and version counters,
+the modules' train flags and every RNG state); a peer uses it only when its own key matches, and
+it is dropped at the end of the step. No module-level state, no other callback's private fields.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-import weakref
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,62 +46,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-
-from bnlightning.callbacks.functional import StepGradient, check_loss_method, step_gradient
-from bnlightning.callbacks.guard import RngState, observer_guard
-
 from typing_extensions import override
 
-__all__ = ["MeasurementCallback"]
+from bnlightning.callbacks.functional import StepGradient, check_optimizer, import_loss_fn, step_gradient
+from bnlightning.callbacks.functional._model import LossFn, Reduce, resolve_loss
+from bnlightning.callbacks.guard import RngState, observer_guard
+
+__all__ = ["GradientExchange", "MeasurementCallback", "StepKey"]
 
 
-class _SharedGradient:
-    """One step's G, kept between the callbacks that measure on that step (see ``shared_gradient``).
-
-    Validity key. A later callback may use ``gradient`` only if it would compute exactly the
-    same numbers itself, i.e. if every input of that pass is the same as when it was taken:
-
-    - the step (``trainer.global_step``), the module object, ``loss_method`` and the stashed batch
-      object (identity) plus the version counter of each of its tensors (no in-place change);
-    - the values of every parameter and buffer (``torch.equal`` with clones taken with G), their
-      ``requires_grad`` flags (which parameters are trainable) and every submodule's train flag;
-    - every RNG state (torch CPU and CUDA, Python, NumPy): the pass replays it.
-
-    ``observer_guard`` restores parameters, buffers, modes and RNGs bit-exactly after each
-    callback, so in a plain run the second callback starts from the state the first one
-    started from and the key matches; anything that changed one of these in between (another
-    callback editing weights or drawing random numbers) makes it miss, and the gradient is
-    recomputed. Both consumers take G the same way (``step_gradient`` is their own first pass),
-    so a hit gives bit-identical results.
-    """
-
-    def __init__(self, trainer: pl.Trainer, module: pl.LightningModule, loss_method: str, batch: Any, gradient: StepGradient) -> None:
-        self.step = trainer.global_step
-        self.module, self.loss_method, self.batch = module, loss_method, batch
-        self.batch_versions = _tensor_versions(batch)
-        self.rng = RngState.capture()
-        self.params = [(n, p.detach().clone(), p.requires_grad) for n, p in module.named_parameters()]
-        self.buffers = [(n, b.detach().clone()) for n, b in module.named_buffers()]
-        self.modes = [m.training for m in module.modules()]
-        self.gradient = gradient
-
-    def matches(self, trainer: pl.Trainer, module: pl.LightningModule, loss_method: str, batch: Any) -> bool:
-        if trainer.global_step != self.step or module is not self.module or loss_method != self.loss_method or batch is not self.batch:
-            return False
-        if _tensor_versions(batch) != self.batch_versions or not self.rng.equals(RngState.capture()):
-            return False
-        if [m.training for m in module.modules()] != self.modes:
-            return False
-        params, buffers = list(module.named_parameters()), list(module.named_buffers())
-        if len(params) != len(self.params) or len(buffers) != len(self.buffers):
-            return False
-        for (n, p), (n0, v0, rg0) in zip(params, self.params):
-            if n != n0 or p.requires_grad != rg0 or p.dtype != v0.dtype or p.shape != v0.shape or not torch.equal(p.detach(), v0):
-                return False
-        return all(n == n0 and b.dtype == v0.dtype and b.shape == v0.shape and torch.equal(b.detach(), v0) for (n, b), (n0, v0) in zip(buffers, self.buffers))
-
-
-def _tensor_versions(batch: Any) -> list[tuple[int, int]]:
+def _versions(tensors: Any) -> tuple[tuple[int, int], ...]:
     out: list[tuple[int, int]] = []
 
     def walk(x: Any) -> None:
@@ -102,12 +68,59 @@ def _tensor_versions(batch: Any) -> list[tuple[int, int]]:
             for v in x:
                 walk(v)
 
-    walk(batch)
-    return out
+    walk(tensors)
+    return tuple(out)
 
 
-#: trainer -> the G of its current step, while a callback that will use it has yet to measure.
-_SHARED: weakref.WeakKeyDictionary[pl.Trainer, _SharedGradient] = weakref.WeakKeyDictionary()
+@dataclass(frozen=True)
+class StepKey:
+    """Everything a gradient pass depends on, cheaply: identities and version counters, not values."""
+
+    step: int
+    batch: int
+    batch_versions: tuple[tuple[int, int], ...]
+    loss: Any
+    params: tuple[tuple[int, int], ...]
+    buffers: tuple[tuple[int, int], ...]
+    modes: tuple[bool, ...]
+    rng: RngState
+
+    @classmethod
+    def now(cls, trainer: pl.Trainer, module: torch.nn.Module, batch: Any, loss: Any) -> StepKey:
+        return cls(
+            trainer.global_step, id(batch), _versions(batch), loss, _versions(list(module.parameters())),
+            _versions(list(module.buffers())), tuple(m.training for m in module.modules()), RngState.capture(),
+        )
+
+    def with_current_state(self, module: torch.nn.Module) -> StepKey:
+        """This key with the buffers and modes as they are now (parameters stand for W^t as captured)."""
+        return replace(self, buffers=_versions(list(module.buffers())), modes=tuple(m.training for m in module.modules()))
+
+    def matches(self, other: StepKey) -> bool:
+        return (self.step, self.batch, self.batch_versions, self.loss, self.params, self.buffers, self.modes) == (
+            other.step, other.batch, other.batch_versions, other.loss, other.params, other.buffers, other.modes
+        ) and self.rng.equals(other.rng)
+
+
+class GradientExchange:
+    """One step's G, handed between the measurement callbacks of one trainer."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[StepKey, StepGradient] | None = None
+
+    def get(self, key: StepKey) -> StepGradient | None:
+        if self._entry is not None and self._entry[0].matches(key):
+            return self._entry[1]
+        return None
+
+    def put(self, key: StepKey, gradient: StepGradient) -> None:
+        self._entry = (key, gradient)
+
+    def clear(self) -> None:
+        self._entry = None
+
+    def __bool__(self) -> bool:
+        return self._entry is not None
 
 
 def _is_compiled(module: torch.nn.Module) -> bool:
@@ -125,41 +138,61 @@ def wandb_loggers(trainer: pl.Trainer) -> list[Any]:
     return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 
 
+def check_loss_fn(loss_fn: LossFn | str | None) -> LossFn | str | None:
+    """Validate early: a path must import (one clear line otherwise), anything else must be callable."""
+    if isinstance(loss_fn, str):
+        import_loss_fn(loss_fn)
+    elif loss_fn is not None and not callable(loss_fn):
+        raise ValueError(f"loss_fn must be a callable (module, batch) -> loss or an import path 'package.module:function', got {loss_fn!r}")
+    return loss_fn
+
+
 class MeasurementCallback(Callback):
-    """Base class: schedule, batch stash, guard, logging, counters and W&B charts.
+    """Base class: schedule, batch stash, loss, guard, DDP mean, logging, counters and W&B charts.
 
     Subclasses implement ``measure(trainer, pl_module, batch, optimizer) -> dict[str, Tensor]``
-    and may set ``charts()`` (title -> list of metric names drawn as one chart).
+    (called inside the guard in ``on_before_optimizer_step``) and may set ``charts()``.
 
     Args:
         every_n_steps: measure every this many optimizer steps (>= 1).
-        loss_method: name of the module's method ``(batch) -> scalar loss``.
+        loss_fn: ``(module, batch) -> scalar loss``, or its import path ``"package.module:function"``.
+        loss_method: name of the module's ``(batch) -> loss`` method, used when ``loss_fn`` is not given;
+            without such a method the module's ``training_step`` is used.
 
     Raises:
-        ValueError: ``every_n_steps < 1`` or an empty ``loss_method``.
-        MisconfigurationException: at setup, for manual optimization or a strategy other
-            than single-device or DDP (sharded parameters cannot be measured).
-        AttributeError: at setup, when the module lacks ``loss_method``.
+        ValueError: ``every_n_steps < 1``, an empty ``loss_method``, a ``loss_fn`` that does not import.
+        MisconfigurationException: at setup, manual optimization, a strategy other than single-device
+            or DDP, or a closure optimizer (LBFGS).
+        AttributeError: at setup, no ``loss_fn``, no ``loss_method`` and no ``training_step``.
     """
 
-    def __init__(self, every_n_steps: int = 100, loss_method: str = "loss") -> None:
+    #: Subclasses whose measurement starts with G at W^t set this (they share it on a step).
+    shares_gradient = False
+
+    def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> None:
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         if not isinstance(loss_method, str) or not loss_method:
             raise ValueError(f"loss_method must be the name of a method of the LightningModule, got {loss_method!r}")
         self.every_n_steps = every_n_steps
+        self.loss_fn = check_loss_fn(loss_fn)
         self.loss_method = loss_method
         self.measurements = 0
         self.last_measured_step = -1
         self.history: dict[str, list[tuple[int, float]]] = {}
+        self.gradient_exchange = GradientExchange()
         self._batch: Any = None
         self._keep_history = False
-        self._logged_keys: set[str] = set()
+        self._peers: list[MeasurementCallback] = []
 
     # --- schedule ---------------------------------------------------------------------
     def is_measurement_step(self, step: int) -> bool:
         return (step + 1) % self.every_n_steps == 0
+
+    def will_measure(self, batch: Any) -> bool:
+        """Whether this callback still has ``batch`` to measure on this step."""
+        return self._batch is not None and self._batch is batch
 
     @property
     @override
@@ -188,115 +221,105 @@ class MeasurementCallback(Callback):
         name = type(self).__name__
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
-                f"{name} needs automatic optimization (it measures in `on_before_optimizer_step`, between backward and "
-                f"the optimizer step); {type(pl_module).__name__} sets `automatic_optimization = False`. Remove the "
-                f"callback or call the functions of `bnlightning.callbacks.functional` from your training_step."
+                f"{name} needs automatic optimization (it measures between backward and the optimizer step); "
+                f"{type(pl_module).__name__} sets `automatic_optimization = False`. Remove the callback or call the functions "
+                f"of `bnlightning.callbacks.functional` from your training_step."
             )
         strategy = trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise MisconfigurationException(
-                f"{name} supports the single-device and DDP strategies (every rank holds all parameters); got "
-                f"{type(strategy).__name__}."
+                f"{name} supports the single-device and DDP strategies (every rank holds all parameters); got {type(strategy).__name__}."
             )
-        check_loss_method(pl_module, self.loss_method)
+        resolve_loss(pl_module, self.loss_fn, self.loss_method)
         if _is_compiled(pl_module):
             warnings.warn(
                 f"{name}: the module (or a submodule) is torch.compile'd; measurement passes run compiled and may "
                 f"recompile (train-mode norms, hooks, vmap). Measure an uncompiled module for speed and exactness.",
                 stacklevel=2,
             )
-        if trainer.loggers and trainer.log_every_n_steps > 0 and self.every_n_steps % trainer.log_every_n_steps != 0:
-            warnings.warn(
-                f"{name}(every_n_steps={self.every_n_steps}) is not a multiple of Trainer(log_every_n_steps="
-                f"{trainer.log_every_n_steps}): Lightning writes step metrics to the loggers only every "
-                f"log_every_n_steps steps, so measurements on other steps are computed but not written.",
-                stacklevel=2,
-            )
+        self._peers = [cb for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)]
+        shared = next((cb.gradient_exchange for cb in self._peers if cb is not self and cb._peers), None)
+        if shared is not None:
+            self.gradient_exchange = shared  # one exchange per trainer, created by the first callback set up
         self._keep_history = bool(wandb_loggers(trainer))
         self.on_measurement_setup(trainer, pl_module)
 
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Subclass hook: validate layer names etc. once the module is known."""
 
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for opt in trainer.optimizers:
+            if isinstance(opt, torch.optim.LBFGS):
+                try:
+                    check_optimizer(opt)
+                except TypeError as err:
+                    raise MisconfigurationException(f"{type(self).__name__}: {err}") from None
+
     # --- the measured step ----------------------------------------------------------------
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         # With gradient accumulation this runs per micro-batch: the last one is kept.
         self._batch = batch if self.is_measurement_step(trainer.global_step) else None
-        self._forget_flushed(trainer)
-
-    def _forget_flushed(self, trainer: pl.Trainer) -> None:
-        """Mark last measurement's step metrics as reset once the loggers have had them.
-
-        Lightning keeps an ``on_step`` value in its result collection until the epoch ends
-        and hands it to the loggers again at every later logging step; without this, a
-        measurement of step 99 would reappear as the value of steps 149, 199, ...
-        """
-        if not self._logged_keys:
-            return
-        results = getattr(trainer, "_results", None)
-        for key, metric in (results or {}).items():
-            meta = getattr(metric, "meta", None)
-            if meta is not None and meta.fx == "on_before_optimizer_step" and meta.name in self._logged_keys:
-                metric.reset()
-        self._logged_keys = set()
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._batch is None or not self.is_measurement_step(trainer.global_step):
             return
-        batch, self._batch = self._batch, None
+        batch = self._batch
         with observer_guard(pl_module, [optimizer]):
             metrics = self.measure(trainer, pl_module, batch, optimizer)
-        for key, value in metrics.items():
-            pl_module.log(key, value, on_step=True, on_epoch=False)
-        self._logged_keys = set(metrics)
-        self.measurements += 1
-        self.last_measured_step = trainer.global_step
-        if self._keep_history:
-            for key, value in metrics.items():
-                self.history.setdefault(key, []).append((trainer.global_step, float(value)))
+        self._batch = None
+        self.record(trainer, metrics)
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    # --- G shared between callbacks on one step ---------------------------------------------
-    #: Subclasses whose measurement starts with G = step_gradient(module, batch) set this.
-    shares_gradient = False
+    def reduce(self, trainer: pl.Trainer) -> Reduce | None:
+        """The mean over ranks the measurement applies to its gradients and losses (``None`` on one process)."""
+        if trainer.world_size <= 1:
+            return None
+        strategy = trainer.strategy
+        return lambda t: strategy.reduce(t, reduce_op="mean")
 
-    def _pending_sharers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> bool:
-        """Whether another callback will still take G of ``batch`` on this step."""
-        return any(
-            cb is not self and isinstance(cb, MeasurementCallback) and cb.shares_gradient and cb._batch is batch
-            and cb.loss_method == self.loss_method and cb.is_measurement_step(trainer.global_step)
-            for cb in trainer.callbacks
-        )
+    def record(self, trainer: pl.Trainer, metrics: dict[str, Tensor], step: int | None = None) -> None:
+        """Count the measurement and hand its scalars to every logger (rank zero only)."""
+        step = trainer.global_step if step is None else step
+        values = {k: float(v) for k, v in metrics.items()}
+        self.measurements += 1
+        self.last_measured_step = step
+        if self._keep_history:
+            for k, v in values.items():
+                self.history.setdefault(k, []).append((step, v))
+        if trainer.is_global_zero and values:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
+
+    # --- G shared between callbacks on one step ---------------------------------------------
+    def step_key(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> StepKey:
+        return StepKey.now(trainer, pl_module, batch, self.loss_fn if self.loss_fn is not None else self.loss_method)
 
     def shared_gradient(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> StepGradient | None:
-        """G of this step's batch when another callback measures on it too, else ``None``.
+        """G of this step's batch at the current weights when a peer measures on it too, else ``None``.
 
-        Call from ``measure`` (inside the guard, before anything else). The first of the
-        callbacks measuring on a step computes ``step_gradient`` and keeps it, with its
-        validity key (``_SharedGradient``), only if another sharing callback still has this
-        batch stashed; the last one to use it drops it, and ``on_train_batch_end`` drops
-        whatever is left, so G never outlives its step nor is held when one callback measures.
-        ``None`` means: compute G yourself (the function's own first pass, same numbers).
+        Call from ``measure`` (inside the guard). A matching G left by a peer is used; otherwise, if
+        another sharing callback will still measure this batch, G is computed once (``step_gradient``,
+        the function's own first pass: the same numbers) and left for it. ``None`` means: compute G
+        yourself.
         """
-        entry = _SHARED.pop(trainer, None)
-        more = self._pending_sharers(trainer, pl_module, batch)
-        if entry is not None and entry.matches(trainer, pl_module, self.loss_method, batch):
-            if more:
-                _SHARED[trainer] = entry
-            return entry.gradient
-        if not more:
+        key = self.step_key(trainer, pl_module, batch)
+        hit = self.gradient_exchange.get(key)
+        if hit is not None:
+            return hit
+        if not any(cb is not self and cb.shares_gradient and cb.will_measure(batch) for cb in self._peers):
             return None
-        gradient = step_gradient(pl_module, batch, loss_method=self.loss_method)
-        _SHARED[trainer] = _SharedGradient(trainer, pl_module, self.loss_method, batch, gradient)
+        gradient = step_gradient(pl_module, batch, loss_fn=self.loss_fn, loss_method=self.loss_method, reduce=self.reduce(trainer))
+        self.gradient_exchange.put(key, gradient)
         return gradient
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        _SHARED.pop(trainer, None)
+        self.gradient_exchange.clear()
 
     # --- W&B charts -----------------------------------------------------------------------
     def charts(self) -> dict[str, list[str]]:

@@ -1,21 +1,24 @@
 """The observer-effect guard: a measurement leaves the training run exactly as it found it.
 
-``observer_guard`` snapshots, and on exit restores in place, everything a measurement
-could disturb:
+``observer_guard`` makes sure that, after the block, everything a measurement could disturb is
+as before, and it does so at the cost of the small state only:
 
-- every parameter's value, ``requires_grad`` flag and ``.grad`` (the same tensor object
-  when there was one, ``None`` when there was none);
-- every buffer, including BatchNorm's ``running_mean``/``running_var`` and the integer
-  ``num_batches_tracked``;
-- the train/eval flag of every submodule;
-- the state and hyper-parameters of the optimizers passed in;
-- every random number generator: torch's CPU generator, each initialised CUDA device's
-  generator, Python's ``random`` and NumPy's global generator (when NumPy is installed).
+- **restored exactly** (snapshot, then put back): every module's parameter and buffer *slots*
+  (the ``_parameters``/``_buffers`` dicts hold the same objects as before, so a substitute can
+  never be left behind in a module registered under several names), every buffer's *value*
+  (BatchNorm's running statistics and ``num_batches_tracked``), each submodule's train flag,
+  ``requires_grad`` flags, the states of torchmetrics metrics inside the module, and every random
+  number generator (torch CPU and CUDA, Python, NumPy);
+- **checked, not copied**: parameters, their ``.grad`` and the optimizers' state and
+  hyper-parameters are large (with Adam, three times the model), and the measurements provably
+  never write them: they compute on substitutes. The guard records each tensor's identity and
+  version counter (``Tensor._version``, bumped by every in-place write) and raises
+  ``ObserverEffectError`` on exit if one changed (a write through the legacy ``.data`` attribute has
+  a version counter of its own and escapes the check; nothing in this package uses ``.data``). That is a bug in the measurement (or in
+  whatever ran inside the block), never a condition to recover from.
 
-Restoring is exact (``Tensor.copy_`` of a clone), so a run with measurements is
-bit-identical to a run without them on the same hardware. ``RngState`` is the RNG part
-alone; the measurement functions use it to replay the same random draws (noisy
-BatchNorm's noise, dropout masks) in every pass they make.
+``RngState`` is the RNG part alone; the measurement functions use it to replay the same random
+draws (noisy BatchNorm's noise, dropout masks) in every pass they make.
 """
 
 from __future__ import annotations
@@ -33,7 +36,11 @@ try:  # NumPy is optional for torch; restore its global generator when it is the
 except ImportError:  # pragma: no cover - numpy ships with every torch wheel we use
     _np = None  # type: ignore[assignment]
 
-__all__ = ["RngState", "observer_guard"]
+__all__ = ["ObserverEffectError", "RngState", "metric_states", "observer_guard", "restore_metric_states"]
+
+
+class ObserverEffectError(RuntimeError):
+    """Something inside ``observer_guard`` wrote a parameter, a gradient or optimizer state."""
 
 
 class RngState:
@@ -78,80 +85,108 @@ class RngState:
             _np.random.set_state(self.numpy)
 
 
-def _clone_value(v: Any) -> Any:
-    return v.detach().clone() if isinstance(v, Tensor) else v
+# --- torchmetrics states ---------------------------------------------------------------
+_METRIC_EXTRA = ("_update_count", "_computed", "_forward_cache")
 
 
-def _restore_value(current: Any, saved: Any) -> Any:
-    """Copy ``saved`` into ``current`` in place when both are tensors of one shape and dtype."""
-    if isinstance(current, Tensor) and isinstance(saved, Tensor) and current.shape == saved.shape and current.dtype == saved.dtype:
-        with torch.no_grad():
-            current.copy_(saved)
-        return current
-    return _clone_value(saved)
+def _copy_state(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return v.detach().clone()
+    if isinstance(v, list):
+        return list(v)  # list states (cat metrics) only ever grow by appending new tensors
+    return v
 
 
+def metric_states(module: nn.Module) -> list[tuple[Any, dict[str, Any]]]:
+    """A copy of the state of every torchmetrics ``Metric`` inside ``module`` (``Metric.metric_state``
+    plus its update counters), for ``restore_metric_states``."""
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # pragma: no cover - lightning depends on torchmetrics
+        return []
+    out = []
+    for m in module.modules():
+        if isinstance(m, Metric):
+            state = {k: _copy_state(v) for k, v in m.metric_state.items()}
+            state.update({k: _copy_state(getattr(m, k)) for k in _METRIC_EXTRA if hasattr(m, k)})
+            out.append((m, state))
+    return out
+
+
+def restore_metric_states(saved: list[tuple[Any, dict[str, Any]]]) -> None:
+    for m, state in saved:
+        for k, v in state.items():
+            current = getattr(m, k, None)
+            if isinstance(current, Tensor) and isinstance(v, Tensor) and current.shape == v.shape and current.dtype == v.dtype:
+                with torch.no_grad():
+                    current.copy_(v)
+            else:
+                object.__setattr__(m, k, v) if k in _METRIC_EXTRA else setattr(m, k, v)
+
+
+# --- the guard ---------------------------------------------------------------------------
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """Lightning's ``LightningOptimizer`` wraps the torch optimizer as ``_optimizer``."""
     return getattr(optimizer, "_optimizer", optimizer)
 
 
+def _stamp(t: Any) -> Any:
+    """Identity and version of a tensor (``None`` stays ``None``); other values as they are."""
+    return (id(t), t._version) if isinstance(t, Tensor) else t
+
+
+def _optimizer_stamp(opt: torch.optim.Optimizer) -> tuple[Any, Any]:
+    state = {id(p): {k: _stamp(v) for k, v in s.items()} for p, s in opt.state.items()}
+    groups = [{k: ([id(p) for p in v] if k == "params" else _stamp(v)) for k, v in g.items()} for g in opt.param_groups]
+    return state, groups
+
+
 @contextlib.contextmanager
 def observer_guard(module: nn.Module, optimizers: Iterable[Any] = ()) -> Iterator[None]:
-    """Snapshot ``module`` (and ``optimizers``) and every RNG; restore them exactly on exit.
+    """Restore ``module``'s slots, buffers, modes, metric states and every RNG; check the rest.
 
     Args:
-        module: the module whose parameters, gradients, buffers and modes are kept.
-        optimizers: optimizers (torch or Lightning-wrapped) whose state and
-            ``param_groups`` hyper-parameters are kept.
+        module: the module whose state is kept.
+        optimizers: optimizers (torch or Lightning-wrapped) whose state and hyper-parameters must
+            not change.
+
+    Raises:
+        ObserverEffectError: on exit, when a parameter value or ``requires_grad`` flag, a ``.grad``
+            (its object or its value) or an optimizer's state or hyper-parameters changed inside
+            the block. Everything restorable has been restored by then.
 
     Example::
 
         with observer_guard(model, [optimizer]):
-            model.train()(x).sum().backward()   # anything at all
-        # model, optimizer and all RNGs are as before the block
+            measurement_forward(model, batch)   # train-mode BN: running stats restored after
     """
     rng = RngState.capture()
-    params = list(module.named_parameters(remove_duplicate=True))
-    saved_params = [(p, p.detach().clone(), p.requires_grad, p.grad, None if p.grad is None else p.grad.detach().clone()) for _, p in params]
-    buffers = [(mod, name, buf) for mod in module.modules() for name, buf in mod._buffers.items() if buf is not None]
-    saved_buffers = [(mod, name, buf, buf.detach().clone()) for mod, name, buf in buffers]
-    modes = [(m, m.training) for m in module.modules()]
+    modules = list(module.modules())
+    slots = [(m, dict(m._parameters), dict(m._buffers)) for m in modules]
+    params = [(n, p, p._version, p.requires_grad, _stamp(p.grad)) for n, p in module.named_parameters()]
+    buffers = [(b, b._version, b.detach().clone()) for b in module.buffers()]
+    modes = [(m, m.training) for m in modules]
+    metrics = metric_states(module)
     opts = [_unwrap_optimizer(o) for o in optimizers]
-    saved_opts = []
-    for opt in opts:
-        state = {p: {k: _clone_value(v) for k, v in s.items()} for p, s in opt.state.items()}
-        groups = [{k: _clone_value(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
-        saved_opts.append((opt, state, groups))
+    stamps = [_optimizer_stamp(o) for o in opts]
     try:
         yield
     finally:
+        for m, ps, bs in slots:
+            m._parameters.clear()
+            m._parameters.update(ps)
+            m._buffers.clear()
+            m._buffers.update(bs)
         with torch.no_grad():
-            for p, value, requires_grad, grad_obj, grad_value in saved_params:
-                p.copy_(value)
-                p.requires_grad_(requires_grad)
-                if grad_obj is None:
-                    p.grad = None
-                else:
-                    grad_obj.copy_(grad_value)
-                    p.grad = grad_obj
-            for mod, name, buf, value in saved_buffers:
-                buf.copy_(value)
-                mod._buffers[name] = buf
+            for b, version, value in buffers:
+                if b._version != version:  # only what was written: a restore must not bump the version counter
+                    b.copy_(value)
         for m, training in modes:
             m.training = training
-        for opt, state, groups in saved_opts:
-            for p in [p for p in opt.state if p not in state]:
-                del opt.state[p]
-            for p, s in state.items():
-                current = opt.state[p]
-                for k in [k for k in current if k not in s]:
-                    del current[k]
-                for k, v in s.items():
-                    current[k] = _restore_value(current.get(k), v)
-            for g, saved in zip(opt.param_groups, groups):
-                for k in [k for k in g if k != "params" and k not in saved]:
-                    del g[k]
-                for k, v in saved.items():
-                    g[k] = _restore_value(g.get(k), v)
+        restore_metric_states(metrics)
         rng.restore()
+        changed = [f"parameter {n}" for n, p, v, rg, _ in params if p._version != v or p.requires_grad != rg]
+        changed += [f"gradient of {n}" for n, p, _, _, g in params if _stamp(p.grad) != g]
+        changed += [f"state of {type(o).__name__}" for o, s in zip(opts, stamps) if _optimizer_stamp(o) != s]
+        if changed:
+            raise ObserverEffectError(f"a measurement changed training state it must leave alone: {', '.join(changed[:5])}")

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from bnlightning.callbacks.base import MeasurementCallback
-from bnlightning.callbacks.functional import ICS_MODES, check_chunk_size, check_mode, internal_covariate_shift, resolve_layers
+from bnlightning.callbacks.base import MeasurementCallback, StepKey
+from bnlightning.callbacks.functional import (
+    ICS_MODES,
+    check_chunk_size,
+    check_memory_budget,
+    check_mode,
+    check_optimizer,
+    internal_covariate_shift,
+    resolve_layers,
+)
+from bnlightning.callbacks.functional._model import LossFn
+from bnlightning.callbacks.guard import observer_guard
 
 __all__ = ["InternalCovariateShift"]
 
@@ -25,13 +39,20 @@ class InternalCovariateShift(MeasurementCallback):
     masks) and the modes (norms in training mode) are the same for G and G'; running
     statistics are untouched. "Earlier" is the order of a forward pass.
 
-    W^(t+1): for plain ``torch.optim.SGD`` (no momentum) ``W - lr * (grad + weight_decay * W)``
-    with the group's lr; for any other optimizer, one step of a shadow copy of it (same
-    class and hyper-parameters, deep copy of its state, float32 clones of all its
-    parameters). With ``update_from="trainer"`` (default) the step uses the gradient the
-    trainer is about to apply (``.grad`` in ``on_before_optimizer_step``: unscaled,
-    accumulated, all-reduced, before gradient clipping), so W^(t+1) are the next step's
-    weights; ``"measured"`` uses the float32 G of the stashed batch instead.
+    W^(t+1). With ``update_from="trainer"`` (default) it is the real step: the callback keeps a
+    copy of W^t in ``on_before_optimizer_step`` (one parameter-sized copy) and measures in an
+    optimizer step post-hook, right after the optimizer has stepped, so W^(t+1) is bit for bit
+    what the trainer applied: any optimizer and scheduler, after gradient accumulation,
+    unscaling, the DDP all-reduce *and* gradient clipping. A step the GradScaler skips (inf/NaN
+    gradients) is not measured. ``"measured"`` instead steps a one-parameter copy of the
+    optimizer per parameter on the float32 G of the stashed batch (``optimizer_update``;
+    elementwise torch optimizers only).
+
+    Shared parameters. The unit is the Parameter object: a Parameter used in several places
+    counts as *before* layer i when its first use in the forward pass comes before layer i's
+    first use (order recorded per torch operation, so tied weights and ``F.linear(x, self.w)``
+    count); the measured layer's own Parameter never moves; G is the gradient w.r.t. the
+    Parameter, summed over its uses.
 
     Logged metrics (per layer, ``<layer>`` the module name relative to the LightningModule):
 
@@ -44,16 +65,20 @@ class InternalCovariateShift(MeasurementCallback):
             (default: every Conv/Linear layer). An unknown name is an error listing the valid ones.
         every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
         update_from: ``trainer`` or ``measured`` gradient for W^(t+1) (see above).
-        mode: ``auto`` (vmap for networks without convolutions, else ``prefix``), ``vmap``, ``loop`` or
+        mode: ``auto`` (``prefix`` for networks with convolutions, else vmap in chunks that fit
+            ``memory_budget``, else the loop; the choice is logged once), ``vmap``, ``loop`` or
             ``prefix`` (one pass through the updated layers gives every layer's input; each layer then
             needs only the rest of the network; layers where that is not provably exact get a full pass).
-        chunk_size: at most this many layers per vmap call (bounds memory; default all).
-        loss_method: the module's method ``(batch) -> scalar loss`` (the one requirement).
+        chunk_size: at most this many layers per vmap call.
+        memory_budget: bytes ``auto`` may spend on batched members (default: half the free CUDA memory;
+            on CPU twice the parameters' float32 size, at least 256 MiB).
+        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
+        loss_method: the module's method ``(batch) -> scalar loss``.
 
     Raises:
         ValueError: bad ``every_n_steps``, ``update_from``, ``mode``, ``chunk_size``; at setup an unknown layer.
-        MisconfigurationException: at setup, manual optimization or an unsupported strategy.
-        AttributeError: at setup, the module has no ``loss_method``.
+        MisconfigurationException: at setup, manual optimization, an unsupported strategy, LBFGS.
+        AttributeError: at setup, no ``loss_fn``, ``loss_method`` or ``training_step`` to measure with.
 
     Example::
 
@@ -67,22 +92,29 @@ class InternalCovariateShift(MeasurementCallback):
         update_from: Literal["trainer", "measured"] = "trainer",
         mode: Literal["auto", "vmap", "loop", "prefix"] = "auto",
         chunk_size: int | None = None,
+        memory_budget: int | None = None,
+        loss_fn: LossFn | str | None = None,
         loss_method: str = "loss",
     ) -> None:
-        super().__init__(every_n_steps, loss_method)
+        super().__init__(every_n_steps, loss_fn, loss_method)
         if update_from not in ("trainer", "measured"):
             raise ValueError(f"unknown update_from {update_from!r}; accepted: trainer, measured")
         check_mode(mode, ICS_MODES)
         check_chunk_size(chunk_size)
+        check_memory_budget(memory_budget)
         if layers is not None and not layers:
             raise ValueError("layers must be None (every Conv/Linear layer) or a non-empty list of module names")
         self.layers = list(layers) if layers is not None else None
         self.update_from = update_from
         self.mode = mode
         self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
         self._layers: list[str] = []
+        self._hooks: list[RemovableHandle] = []
+        self._pending: _Pending | None = None
+        self._warned_skipped = False
 
-    shares_gradient = True  # G is shared with LossLandscape on a step both measure (base.shared_gradient)
+    shares_gradient = True  # G is shared with LossLandscape on a step both measure (base.GradientExchange)
 
     def _state_key_extra(self) -> dict[str, Any]:
         return {"layers": self.layers}
@@ -92,15 +124,89 @@ class InternalCovariateShift(MeasurementCallback):
         self._layers = resolve_layers(pl_module, self.layers)
 
     @override
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
-        step_grads = None
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._remove_hooks()
         if self.update_from == "trainer":
-            step_grads = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
+            for opt in trainer.optimizers:
+                self._hooks.append(opt.register_step_post_hook(lambda *_: self._after_step()))
+        else:
+            for opt in trainer.optimizers:
+                try:
+                    check_optimizer(opt)
+                except TypeError as err:
+                    raise MisconfigurationException(f"InternalCovariateShift(update_from='measured'): {err}") from None
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+        self._pending = None
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self.update_from == "measured":
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            return
+        if self._batch is None or not self.is_measurement_step(trainer.global_step):
+            return
+        # W^t, kept until the optimizer has stepped: the one parameter-sized copy this measurement needs.
+        weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        self._pending = _Pending(trainer, pl_module, optimizer, self._batch, weights, self.step_key(trainer, pl_module, self._batch), trainer.global_step)
+
+    def _after_step(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        trainer, module = pending.trainer, pending.module
+        with observer_guard(module, [pending.optimizer]):
+            pending.key.rng.restore()  # the random draws of W^t's moment (the guard rewinds afterwards)
+            metrics = internal_covariate_shift(
+                module, pending.batch, layers=self._layers, next_weights=dict(module.named_parameters()), weights=pending.weights,
+                loss_fn=self.loss_fn, loss_method=self.loss_method, mode=self.mode, chunk_size=self.chunk_size,
+                memory_budget=self.memory_budget, gradient=self.gradient_exchange.get(pending.key.with_current_state(module)),
+                reduce=self.reduce(trainer),
+            )
+        self._batch = None
+        self.record(trainer, metrics, step=pending.step)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._pending is not None and self._pending.step == trainer.global_step:
+            return  # accumulating: the optimizer steps after a later micro-batch
+        if self._pending is not None:  # pragma: no cover - needs a GradScaler skip (CUDA fp16)
+            if not self._warned_skipped:
+                self._warned_skipped = True
+                warnings.warn(f"InternalCovariateShift: the optimizer skipped step {self._pending.step} (inf/NaN gradients under a GradScaler); not measured.", stacklevel=2)
+            self._pending = None
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
+        # update_from="measured": W^(t+1) from a one-parameter optimizer copy stepped on the measured G
         return internal_covariate_shift(
-            pl_module, batch, optimizer, self._layers, loss_method=self.loss_method, step_grads=step_grads, mode=self.mode, chunk_size=self.chunk_size,
-            gradient=self.shared_gradient(trainer, pl_module, batch),
+            pl_module, batch, optimizer, self._layers, loss_fn=self.loss_fn, loss_method=self.loss_method, mode=self.mode,
+            chunk_size=self.chunk_size, memory_budget=self.memory_budget, gradient=self.shared_gradient(trainer, pl_module, batch),
+            reduce=self.reduce(trainer),
         )
 
     @override
     def charts(self) -> dict[str, list[str]]:
         return {f"ics_{kind}": [f"ics/{kind}/{layer}" for layer in self._layers] for kind in ("l2", "cos", "rel")}
+
+
+@dataclass
+class _Pending:
+    """A measurement started before the optimizer step, finished right after it."""
+
+    trainer: pl.Trainer
+    module: pl.LightningModule
+    optimizer: Any
+    batch: Any
+    weights: dict[str, Tensor]
+    key: StepKey
+    step: int

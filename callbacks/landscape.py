@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Literal
 
@@ -12,7 +11,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
-from bnlightning.callbacks.functional import MODES, check_chunk_size, check_mode, loss_landscape
+from bnlightning.callbacks.functional import MODES, check_chunk_size, check_memory_budget, check_mode, check_step_sizes, loss_landscape
+from bnlightning.callbacks.functional._model import LossFn
 
 __all__ = ["LossLandscape"]
 
@@ -44,14 +44,19 @@ class LossLandscape(MeasurementCallback):
         step_sizes: positive step sizes (relative to lr, or absolute).
         step_size_mode: ``relative`` or ``absolute``.
         every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
-        mode: ``auto`` (vmap for networks without convolutions, else a loop), ``vmap`` or ``loop``.
+        mode: ``auto`` (a loop for networks with convolutions, else vmap in chunks that fit
+            ``memory_budget``, else the loop; the choice is logged once), ``vmap`` or ``loop``.
         chunk_size: at most this many step sizes per vmap call.
+        memory_budget: bytes ``auto`` may spend on batched step sizes (see ``InternalCovariateShift``).
+        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
         loss_method: the module's method ``(batch) -> scalar loss``.
+
+    Under DDP g, every g(w - s g) and every loss are averaged over ranks first (the global batch).
 
     Raises:
         ValueError: an empty grid, a non-positive or non-finite step size, a bad mode/chunk_size/every_n_steps.
         MisconfigurationException: at setup, manual optimization or an unsupported strategy.
-        AttributeError: at setup, the module has no ``loss_method``.
+        AttributeError: at setup, no ``loss_fn``, ``loss_method`` or ``training_step`` to measure with.
 
     Example::
 
@@ -65,19 +70,18 @@ class LossLandscape(MeasurementCallback):
         every_n_steps: int = 100,
         mode: Literal["auto", "vmap", "loop"] = "auto",
         chunk_size: int | None = None,
+        memory_budget: int | None = None,
+        loss_fn: LossFn | str | None = None,
         loss_method: str = "loss",
     ) -> None:
-        super().__init__(every_n_steps, loss_method)
-        steps = [0.5, 1.0, 2.0, 4.0] if step_sizes is None else [float(s) for s in step_sizes]
-        if not steps:
-            raise ValueError("step_sizes must be a non-empty list of positive numbers")
-        bad = [s for s in steps if not s > 0 or math.isinf(s)]
-        if bad:
-            raise ValueError(f"step sizes must be positive and finite, got {bad[0]} in {steps}")
+        super().__init__(every_n_steps, loss_fn, loss_method)
+        steps = check_step_sizes([0.5, 1.0, 2.0, 4.0] if step_sizes is None else step_sizes)
         if step_size_mode not in ("relative", "absolute"):
             raise ValueError(f"unknown step_size_mode {step_size_mode!r}; accepted: relative, absolute")
         check_mode(mode, MODES)
         check_chunk_size(chunk_size)
+        check_memory_budget(memory_budget)
+        self.memory_budget = memory_budget
         self.step_sizes = steps
         self.step_size_mode = step_size_mode
         self.mode = mode
@@ -104,7 +108,10 @@ class LossLandscape(MeasurementCallback):
             scale = {n: lr_of.get(id(p), 0.0) for n, p in pl_module.named_parameters()}
             steps = [s * base for s in self.step_sizes]
         gradient = self.shared_gradient(trainer, pl_module, batch)
-        return loss_landscape(pl_module, batch, steps, loss_method=self.loss_method, param_scale=scale, mode=self.mode, chunk_size=self.chunk_size, gradient=gradient)
+        return loss_landscape(
+            pl_module, batch, steps, loss_fn=self.loss_fn, loss_method=self.loss_method, param_scale=scale, mode=self.mode,
+            chunk_size=self.chunk_size, memory_budget=self.memory_budget, gradient=gradient, reduce=self.reduce(trainer),
+        )
 
     @override
     def charts(self) -> dict[str, list[str]]:

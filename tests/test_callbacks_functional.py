@@ -71,7 +71,7 @@ def test_ics_vmap_on_vgg() -> None:
 @pytest.mark.parametrize("case", ["vgg_bn", "vgg_noisy_bn", "mlp_noisy_bn", "dln_bn"])
 def test_ics_prefix_reuses_the_updated_prefix_and_equals_the_loop(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """mode="prefix" runs one full pass for G (+ one for the last layer) and suffixes only; same numbers as the loop."""
-    import bnlightning.callbacks.functional as F
+    from bnlightning.callbacks.functional._model import Model
 
     torch.manual_seed(0)
     build, lr = CASES[case]
@@ -79,8 +79,8 @@ def test_ics_prefix_reuses_the_updated_prefix_and_equals_the_loop(case: str, mon
     batch = batch_for(model, n=8)
     loop = internal_covariate_shift(model, batch, sgd_update(lr), mode="loop")
     full_passes = []
-    original = F._Model.gradient
-    monkeypatch.setattr(F._Model, "gradient", lambda self, names, *a, **k: full_passes.append(names) or original(self, names, *a, **k))
+    original = Model.gradient
+    monkeypatch.setattr(Model, "gradient", lambda self, names, *a, **k: full_passes.append(names) or original(self, names, *a, **k))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the prefix applies everywhere here: no fallback warning
         got = internal_covariate_shift(model, batch, sgd_update(lr), mode="prefix")
@@ -148,17 +148,29 @@ def test_ics_unknown_layer_lists_valid_names() -> None:
         internal_covariate_shift(model, batch_for(model), sgd_update(0.1), layers=["net.fc9"])
 
 
-@pytest.mark.parametrize("opt_name", ["sgd_wd", "momentum", "adam"])
-def test_optimizer_update_is_the_real_step(opt_name: str) -> None:
-    """The shadow step equals what the real optimizer does to a copy (after some state has built up)."""
+OPTIMIZERS = {
+    "sgd_wd": lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.01),
+    "momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "nesterov_groups": lambda p: torch.optim.SGD([{"params": p[:3], "lr": 0.05}, {"params": p[3:]}], lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adam_foreach": lambda p: torch.optim.Adam(p, lr=1e-2, foreach=True, amsgrad=True),
+    "adam_fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05),
+    "radam": lambda p: torch.optim.RAdam(p, lr=1e-2, decoupled_weight_decay=True, weight_decay=0.01),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=1e-2),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5, centered=True),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_optimizer_update_is_the_real_step_bit_for_bit(opt_name: str) -> None:
+    """The one-parameter copies give exactly what the real optimizer does to a copy (state built up)."""
     torch.manual_seed(0)
     model = mlp("batch")
-    factory = {
-        "sgd_wd": lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.01),
-        "momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
-        "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
-    }[opt_name]
-    opt = factory(model.parameters())
+    factory = OPTIMIZERS[opt_name]
+    opt = factory(list(model.parameters()))
     batch = batch_for(model)
     for _ in range(2):  # non-empty state
         opt.zero_grad()
@@ -174,11 +186,17 @@ def test_optimizer_update_is_the_real_step(opt_name: str) -> None:
     twin_model = copy.deepcopy(model)
     for n, p in twin_model.named_parameters():
         p.grad = grads[n].clone()
-    twin_opt = factory(twin_model.parameters())
+    twin_opt = factory(list(twin_model.parameters()))
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     twin_opt.step()
     for n in weights:
-        assert torch.allclose(got[n], twin_model.get_parameter(n), rtol=1e-6, atol=1e-7), n
+        assert torch.equal(got[n], twin_model.get_parameter(n)), n
+
+
+def test_optimizer_update_refuses_closure_optimizers_in_one_line() -> None:
+    model = mlp("none")
+    with pytest.raises(TypeError, match="LBFGS re-evaluates the loss"):
+        optimizer_update(torch.optim.LBFGS(model.parameters()), model, {}, {})
 
 
 @pytest.mark.parametrize("case", ["mlp_bn", "mlp_noisy_bn", "dln_bn", "vgg_bn", "vgg_noisy_bn"])
@@ -241,8 +259,10 @@ def test_functions_leave_no_trace(case: str) -> None:
     assert_same(before, snapshot(model))
 
 
-def test_guard_restores_everything() -> None:
+def test_guard_restores_what_it_keeps_and_catches_what_it_only_checks() -> None:
     import random
+
+    from bnlightning.callbacks import ObserverEffectError
 
     torch.manual_seed(0)
     model = mlp("noisy_batch")
@@ -251,17 +271,27 @@ def test_guard_restores_everything() -> None:
     model.loss(batch).backward()
     opt.step()
     before = snapshot(model, opt)
+    fc1 = model.net.fc1
     with observer_guard(model, [opt]):
         model.eval().net.train()
-        model.loss(batch).backward()  # grads accumulate, BN stats move, noise is drawn
-        opt.step()
-        opt.param_groups[0]["lr"] = 5.0
+        with torch.no_grad():
+            model.loss(batch)  # BN running statistics move, noise is drawn
         random.random()
         np.random.rand()
-        model.net.fc1.weight.grad = None
+        fc1._parameters["weight"] = torch.zeros_like(fc1.weight)  # a substitute left in a slot
     assert_same(before, snapshot(model, opt))
-    # the same .grad objects are back in place
-    assert model.net.fc1.weight.grad is not None
+    assert isinstance(fc1.weight, nn.Parameter)
+    # parameters, gradients and optimizer state are checked (version counters), not copied
+    for meddle, what in [
+        (lambda: fc1.weight.detach().add_(1.0), "parameter net.fc1.weight"),  # detach() shares the version counter
+        (lambda: fc1.weight.grad.mul_(2.0), "gradient of net.fc1.weight"),
+        (lambda: setattr(fc1.weight, "grad", None), "gradient of net.fc1.weight"),
+        (lambda: opt.state[fc1.weight]["exp_avg"].add_(1.0), "state of Adam"),
+        (lambda: opt.param_groups[0].__setitem__("lr", 5.0), "state of Adam"),
+    ]:
+        with pytest.raises(ObserverEffectError, match=what):
+            with observer_guard(model, [opt]):
+                meddle()
 
 
 def test_bf16_module_is_measured_in_float32() -> None:

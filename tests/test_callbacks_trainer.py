@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -134,7 +135,7 @@ def test_bf16_mixed_and_accumulation() -> None:
     assert sorted(rec.logged) == [1, 3]
     values = rec.logged[3]
     assert {"ics/l2/net.fc2", "landscape/beta_eff", "act/net.act1/q50", "act/net.act1/saturated"} <= set(values)
-    assert all(v == v for v in values.values())  # finite numbers, measured in float32
+    assert all(math.isfinite(v) for v in values.values())  # measured in float32
     assert all(cb.measurements == 2 for cb in cbs)
 
 
@@ -179,14 +180,19 @@ class AutoModule(ManualModule):
 class NoLossModule(AutoModule):
     loss = None  # type: ignore[assignment]
 
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        return None  # skips the step: no loss to measure either
+
 
 def test_setup_errors() -> None:
     data = DataLoader(TensorDataset(torch.randn(16, 16), torch.randint(0, 10, (16,))), batch_size=8)
-    for cb in all_callbacks(1):
+    for make in (InternalCovariateShift, LossLandscape, ActivationStats):
         with pytest.raises(MisconfigurationException, match="automatic optimization"):
-            pl.Trainer(max_steps=1, callbacks=[cb], **TRAINER_KW).fit(ManualModule(), data)
-        with pytest.raises(AttributeError, match=r"loss\(batch\)"):
-            pl.Trainer(max_steps=1, callbacks=[cb], **TRAINER_KW).fit(NoLossModule(), data)
+            pl.Trainer(max_steps=1, callbacks=[make(every_n_steps=1)], **TRAINER_KW).fit(ManualModule(), data)
+        with pytest.raises(AttributeError, match=r"AutoModule has no method 'objective'. Pass loss_fn="):
+            pl.Trainer(max_steps=1, callbacks=[make(every_n_steps=1, loss_method="objective")], **TRAINER_KW).fit(AutoModule(), data)
+        with pytest.raises(ValueError, match=r"training_step returned NoneType; the measurement needs the loss tensor"):
+            pl.Trainer(max_steps=1, callbacks=[make(every_n_steps=1)], **TRAINER_KW).fit(NoLossModule(), data)
     with pytest.raises(ValueError, match=r"unknown layer 'layer9'.*layer"):
         pl.Trainer(max_steps=1, callbacks=[InternalCovariateShift(layers=["layer9"])], **TRAINER_KW).fit(AutoModule(), data)
     with pytest.raises(ValueError, match="unknown layer"):
@@ -244,7 +250,7 @@ def test_foreign_module_defined_here() -> None:
     pl.Trainer(max_steps=2, callbacks=cbs, **{**TRAINER_KW, "logger": rec, "log_every_n_steps": 1}).fit(model, data)
     logged = rec.logged[1]
     assert {"ics/l2/body.0", "ics/cos/body.3", "ics/rel/head", "act/body.2/saturated", "act/body.4/dead", "landscape/grad_l2_max"} <= set(logged)
-    assert not cbs[2]._handles  # hooks removed at teardown
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())  # hooks removed after each pass
 
 
 def test_state_dict_round_trip_and_checkpoint_resume(tmp_path) -> None:  # noqa: ANN001
@@ -289,33 +295,25 @@ def test_wandb_charts_are_built_from_history() -> None:
     assert set(land.wandb_charts()) == {"charts/landscape_loss_band"}
 
 
-def _logged_run(model: pl.LightningModule, callbacks: list[Any], steps: int = 4) -> dict[int, dict[str, Any]]:
-    """Every tensor the measurement callbacks log, by step (exact, not via a logger's float)."""
-    logged: dict[int, dict[str, Any]] = {}
-    original = type(model).log
-
-    def log(self, name, value, *args, **kwargs):  # noqa: ANN001, ANN202
-        if name.split("/")[0] in ("ics", "landscape"):
-            logged.setdefault(self.trainer.global_step, {})[name] = value.detach().clone()
-        return original(self, name, value, *args, **kwargs)
-
-    model.log = log.__get__(model)
-    train(model, callbacks, steps=steps)
-    return logged
+def _logged_run(model: pl.LightningModule, callbacks: list[Any], steps: int = 4) -> dict[int, dict[str, float]]:
+    """Every value the measurement callbacks hand to the loggers, by step."""
+    rec = Recorder()
+    train(model, [*callbacks, rec], steps=steps)
+    return rec.logged
 
 
 @pytest.mark.parametrize("make", [mlp, vgg])
 def test_shared_gradient_gives_bit_identical_values(make, monkeypatch) -> None:  # noqa: ANN001
-    import bnlightning.callbacks.functional as F
+    import bnlightning.callbacks.base as B
 
     torch.manual_seed(0)
     base = make("noisy_batch")
     passes: list[int] = []
-    original = F.step_gradient
-    monkeypatch.setattr("bnlightning.callbacks.base.step_gradient", lambda *a, **k: passes.append(1) or original(*a, **k))
+    original = B.step_gradient
+    monkeypatch.setattr(B, "step_gradient", lambda *a, **k: passes.append(1) or original(*a, **k))
     alone_ics = _logged_run(copy.deepcopy(base), [InternalCovariateShift(every_n_steps=2)])
     alone_land = _logged_run(copy.deepcopy(base), [LossLandscape(every_n_steps=2)])
-    assert not passes  # measuring alone never goes through the cache
+    assert not passes  # measuring alone never goes through the exchange
     both = _logged_run(copy.deepcopy(base), [InternalCovariateShift(every_n_steps=2), LossLandscape(every_n_steps=2)])
     assert len(passes) == 2  # one shared G per measured step (steps 1 and 3)
     assert sorted(both) == sorted(alone_ics) == [1, 3]
@@ -323,65 +321,58 @@ def test_shared_gradient_gives_bit_identical_values(make, monkeypatch) -> None: 
         expected = {**alone_ics[step], **alone_land[step]}
         assert set(both[step]) == set(expected)
         for k, v in expected.items():
-            assert torch.equal(both[step][k], v) or (v.isnan() and both[step][k].isnan()), k
+            assert both[step][k] == v or (math.isnan(v) and math.isnan(both[step][k])), k
 
 
-def test_shared_gradient_is_dropped_each_step_and_not_used_when_one_measures() -> None:
+def test_shared_gradient_is_dropped_each_step_and_not_computed_when_one_measures(monkeypatch) -> None:  # noqa: ANN001
     import bnlightning.callbacks.base as B
+    import bnlightning.callbacks.functional.ics as ics_fn
 
     torch.manual_seed(0)
     model = mlp("batch")
-    events: list[tuple[int, str, bool]] = []
+    shared: list[int] = []
+    own: list[int] = []
+    original, original_pass = B.step_gradient, ics_fn.gradient_pass
     ics, land = InternalCovariateShift(every_n_steps=2), LossLandscape(every_n_steps=3)
-
-    for cb in (ics, land):
-        original = cb.shared_gradient
-
-        def wrapped(trainer, pl_module, batch, _cb=cb, _orig=original):  # noqa: ANN001, ANN202
-            had = trainer in B._SHARED
-            out = _orig(trainer, pl_module, batch)
-            events.append((trainer.global_step, type(_cb).__name__, out is not None))
-            assert not had or out is not None  # an entry left by an earlier step must not be used
-            return out
-
-        cb.shared_gradient = wrapped
 
     class Check(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
-            assert trainer not in B._SHARED  # nothing survives into the next step
+            assert not ics.gradient_exchange  # nothing survives into the next step
 
+    monkeypatch.setattr(B, "step_gradient", lambda *a, **k: shared.append(ics._pending.step if ics._pending else -1) or original(*a, **k))
+    monkeypatch.setattr(ics_fn, "gradient_pass", lambda *a, **k: own.append(1) or original_pass(*a, **k))
     train(model, [Check(), ics, land], steps=6)
-    # ICS measures on steps 1, 3, 5; the landscape on 2, 5: only step 5 shares.
-    assert events == [
-        (1, "InternalCovariateShift", False), (2, "LossLandscape", False), (3, "InternalCovariateShift", False),
-        (5, "InternalCovariateShift", True), (5, "LossLandscape", True),
-    ]
-    assert not B._SHARED
+    # ICS measures on steps 1, 3, 5; the landscape on 2, 5: only step 5 shares G.
+    assert ics.gradient_exchange is land.gradient_exchange
+    assert shared == [5]
+    assert len(own) == 2  # ICS computed G itself on steps 1 and 3 only
+    assert not ics.gradient_exchange
 
 
-def test_shared_gradient_misses_when_state_changes_in_between() -> None:
-    import bnlightning.callbacks.base as B
+def test_shared_gradient_misses_when_state_changes_in_between(monkeypatch) -> None:  # noqa: ANN001
+    import bnlightning.callbacks.functional.ics as ics_fn
 
-    torch.manual_seed(0)
-    model = mlp("batch")
-    seen: list[bool] = []
+    own: list[int] = []
+    original_pass = ics_fn.gradient_pass
+    monkeypatch.setattr(ics_fn, "gradient_pass", lambda *a, **k: own.append(1) or original_pass(*a, **k))
 
-    class Meddle(pl.Callback):  # between the two consumers: moves a weight, then puts it back
+    class Meddle(pl.Callback):  # between the two: writes a weight in place (and undoes it), or draws a number
+        def __init__(self, how: str) -> None:
+            self.how = how
+
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # noqa: ANN001
-            entry = B._SHARED.get(trainer)
-            if trainer.global_step != 1:
-                return
-            assert entry is not None and entry.matches(trainer, pl_module, "loss", entry.batch)
-            with torch.no_grad():
-                pl_module.net.fc1.weight.add_(1.0)
-            seen.append(entry.matches(trainer, pl_module, "loss", entry.batch))
-            with torch.no_grad():
-                pl_module.net.fc1.weight.sub_(1.0)
-            torch.rand(1)  # draws a random number: the key must miss
-            seen.append(entry.matches(trainer, pl_module, "loss", entry.batch))
+            if self.how == "weight":
+                with torch.no_grad():
+                    pl_module.net.fc1.weight.add_(1.0)
+                    pl_module.net.fc1.weight.sub_(1.0)
+            elif self.how == "rng":
+                torch.rand(1)
 
-    train(model, [InternalCovariateShift(every_n_steps=2), Meddle(), LossLandscape(every_n_steps=2)], steps=2)
-    assert seen == [False, False]
+    for how, expected in (("none", 0), ("weight", 1), ("rng", 1)):
+        own.clear()
+        torch.manual_seed(0)
+        train(mlp("batch"), [LossLandscape(every_n_steps=2), Meddle(how), InternalCovariateShift(every_n_steps=2)], steps=2)
+        assert len(own) == expected, how
 
 
 def test_non_measured_steps_run_without_callback_hooks() -> None:
@@ -396,7 +387,7 @@ def test_non_measured_steps_run_without_callback_hooks() -> None:
     cbs = all_callbacks(2)
     train(model, [Look(), *cbs], steps=4)
     assert hooked == [0, 0, 0, 0] and cbs[2].measurements == 2
-    assert cbs[0].state_key == cbs[0].state_key  # cached
     key = cbs[0].state_key
+    assert cbs[0].__dict__["_state_key_cache"] is key  # built once, then read from the cache
     cbs[0].every_n_steps = 3
     assert cbs[0].state_key != key and "3" in cbs[0].state_key

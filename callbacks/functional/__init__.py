@@ -1,0 +1,57 @@
+"""Pure measurement functions (PROTOCOL §1–3); the Callback classes are thin shells over them.
+
+One file per measurement: ``ics.py`` (§1), ``landscape.py`` (§2), ``activations.py`` (§3), and
+``gradient.py`` (the first pass G they share). The private modules hold the plumbing:
+``_model.py`` (the loss, substitute tensors, float32, forward order, DDP reduction, memory),
+``_batching.py`` (vmap or loop), ``_prefix.py`` (ICS's prefix engine), ``_updates.py`` (W^(t+1)
+without the real step).
+
+Every function:
+
+- calls the loss with tensors of its own substituted for the module's parameters (float32;
+  no copy when they already are) and buffers (clones: a train-mode BatchNorm updates the clone),
+  so the module's own tensors are never written;
+- runs in float32, outside autocast, with TF32 off, whatever precision training uses;
+- differentiates with ``torch.autograd`` / ``torch.func`` on its substitutes (no ``.grad`` touched);
+- replays the RNG state before every pass, so every pass draws the same random numbers (noisy
+  BatchNorm's noise, dropout masks), and rewinds it afterwards;
+- leaves normalization layers in whatever mode the module is in;
+- with ``reduce=`` (a mean over ranks) averages every gradient and loss before any norm.
+
+The loss: ``loss_fn(module, batch)`` if given (a callable or an import path string), else
+``module.<loss_method>(batch)`` (default ``loss``), else a LightningModule's ``training_step(batch, 0)``
+(a tensor or a dict with ``"loss"``; its ``self.log`` calls are silenced and torchmetrics states restored).
+"""
+
+from bnlightning.callbacks.functional._batching import MODES, check_chunk_size, check_memory_budget, check_mode
+from bnlightning.callbacks.functional._model import WEIGHT_LAYER_TYPES, exact_float32, import_loss_fn, resolve_layers, weight_layer_names
+from bnlightning.callbacks.functional._updates import check_optimizer, optimizer_update, sgd_update
+from bnlightning.callbacks.functional.activations import ACTIVATION_KINDS, activation_kind, activation_stats, measurement_forward
+from bnlightning.callbacks.functional.gradient import StepGradient, step_gradient
+from bnlightning.callbacks.functional.ics import ICS_MODES, internal_covariate_shift
+from bnlightning.callbacks.functional.landscape import check_step_sizes, loss_landscape
+
+__all__ = [
+    "ACTIVATION_KINDS",
+    "ICS_MODES",
+    "MODES",
+    "WEIGHT_LAYER_TYPES",
+    "StepGradient",
+    "activation_kind",
+    "activation_stats",
+    "check_chunk_size",
+    "check_memory_budget",
+    "check_mode",
+    "check_optimizer",
+    "check_step_sizes",
+    "exact_float32",
+    "import_loss_fn",
+    "internal_covariate_shift",
+    "loss_landscape",
+    "measurement_forward",
+    "optimizer_update",
+    "resolve_layers",
+    "sgd_update",
+    "step_gradient",
+    "weight_layer_names",
+]

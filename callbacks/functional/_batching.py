@@ -1,0 +1,65 @@
+"""How a measurement evaluates its members (ICS configurations, landscape step sizes): vmap or loop."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bnlightning.callbacks.functional._model import Model
+
+MODES: tuple[str, ...] = ("auto", "vmap", "loop")
+
+
+def check_mode(mode: str, modes: Sequence[str] = MODES) -> None:
+    """One clear error for a batching mode not in ``modes``."""
+    if mode not in modes:
+        raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(modes)}")
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    """One clear error for a chunk size that is neither None nor an integer >= 1."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+
+
+def check_memory_budget(memory_budget: int | None) -> None:
+    """One clear error for a memory budget that is neither None nor a positive number of bytes."""
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1):
+        raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
+
+
+def resolve_mode(mode: str, model: Model, modes: Sequence[str], chunk_size: int | None) -> str:
+    """``auto`` becomes ``prefix`` (or ``loop``) for networks with convolutions, where vmap is a grouped
+    convolution measured slower (bench/measure.py), else ``auto-vmap``: vmap in chunks sized from the
+    memory budget, the loop when two members do not fit."""
+    check_mode(mode, modes)
+    check_chunk_size(chunk_size)
+    if mode != "auto":
+        return mode
+    if model.has_conv():
+        return "prefix" if "prefix" in modes else "loop"
+    return "auto-vmap"
+
+
+def chunks(n: int, size: int | None) -> list[range]:
+    size = n if size is None else size
+    return [range(i, min(i + size, n)) for i in range(0, n, max(size, 1))]
+
+
+_warned_fallback: set[str] = set()
+
+
+def vmap_or_loop(mode: str, what: str, batched: Callable[[], Any], looped: Callable[[], Any]) -> Any:
+    """Run ``batched``; in ``auto`` mode fall back to ``looped`` (one warning) if vmap fails."""
+    if mode == "loop":
+        return looped()
+    if mode == "vmap":
+        return batched()
+    try:
+        return batched()
+    except Exception as err:  # noqa: BLE001 - any vmap limitation: the loop computes the same numbers
+        if what not in _warned_fallback:
+            _warned_fallback.add(what)
+            warnings.warn(f"{what}: torch.func.vmap failed on this module ({type(err).__name__}: {err}); using the per-member loop instead.", stacklevel=3)
+        return looped()
