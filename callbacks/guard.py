@@ -3,9 +3,10 @@
 ``observer_guard`` makes sure that, after the block, everything a measurement could disturb is
 as before, and it does so at the cost of the small state only:
 
-- **restored exactly** (snapshot, then put back): every module's parameter and buffer *slots*
-  (the ``_parameters``/``_buffers`` dicts hold the same objects as before, so a substitute can
-  never be left behind in a module registered under several names), every buffer's *value*
+- **restored exactly** (snapshot, then put back): every module's parameter, buffer and submodule
+  *slots* (the same objects as before, so a substitute can never be left behind in a module
+  registered under several names) and its other instance attributes (a cached mask, an RNN's
+  weight list, state a ``training_step`` keeps on ``self``), every buffer's *value*
   (BatchNorm's running statistics and ``num_batches_tracked``), each submodule's train flag,
   ``requires_grad`` flags, the states of torchmetrics metrics inside the module, and every random
   number generator (torch CPU and CUDA, Python, NumPy);
@@ -36,7 +37,15 @@ try:  # NumPy is optional for torch; restore its global generator when it is the
 except ImportError:  # pragma: no cover - numpy ships with every torch wheel we use
     _np = None  # type: ignore[assignment]
 
-__all__ = ["ObserverEffectError", "RngState", "metric_states", "observer_guard", "restore_metric_states"]
+__all__ = [
+    "ObserverEffectError",
+    "RngState",
+    "metric_states",
+    "module_attributes",
+    "observer_guard",
+    "restore_metric_states",
+    "restore_module_attributes",
+]
 
 
 class ObserverEffectError(RuntimeError):
@@ -91,15 +100,15 @@ _METRIC_EXTRA = ("_update_count", "_computed", "_forward_cache")
 
 def _copy_state(v: Any) -> Any:
     if isinstance(v, Tensor):
-        return v.detach().clone()
+        return v, v.detach().clone()
     if isinstance(v, list):
-        return list(v)  # list states (cat metrics) only ever grow by appending new tensors
-    return v
+        return v, list(v)  # list states (cat metrics) only ever grow by appending new tensors
+    return v, v
 
 
 def metric_states(module: nn.Module) -> list[tuple[Any, dict[str, Any]]]:
-    """A copy of the state of every torchmetrics ``Metric`` inside ``module`` (``Metric.metric_state``
-    plus its update counters), for ``restore_metric_states``."""
+    """The state of every torchmetrics ``Metric`` inside ``module`` (``Metric.metric_state`` plus its
+    update counters): each value's object and a copy of it, for ``restore_metric_states``."""
     try:
         from torchmetrics import Metric
     except ImportError:  # pragma: no cover - lightning depends on torchmetrics
@@ -114,14 +123,38 @@ def metric_states(module: nn.Module) -> list[tuple[Any, dict[str, Any]]]:
 
 
 def restore_metric_states(saved: list[tuple[Any, dict[str, Any]]]) -> None:
+    """Put each state's original object back in place, holding its original value."""
     for m, state in saved:
-        for k, v in state.items():
-            current = getattr(m, k, None)
-            if isinstance(current, Tensor) and isinstance(v, Tensor) and current.shape == v.shape and current.dtype == v.dtype:
+        for k, (original, copied) in state.items():
+            if isinstance(original, Tensor):
                 with torch.no_grad():
-                    current.copy_(v)
-            else:
-                object.__setattr__(m, k, v) if k in _METRIC_EXTRA else setattr(m, k, v)
+                    original.copy_(copied)
+            elif isinstance(original, list):
+                original[:] = copied
+            object.__setattr__(m, k, original)
+
+
+# --- module attributes -------------------------------------------------------------------
+def module_attributes(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """A shallow copy of every submodule's instance attributes and of its parameter, buffer and
+    submodule slots (references only: cheap), for ``restore_module_attributes``."""
+    return [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in module.modules()]
+
+
+def restore_module_attributes(saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]]) -> None:
+    """Put back every attribute a pass set or replaced on a module (a cached mask, an RNN's
+    ``_flat_weights``, a ``training_step`` that keeps state on ``self``), and every slot."""
+    for m, attrs, params, buffers, modules in saved:
+        current = vars(m)
+        for k in [k for k in current if k not in attrs]:
+            del current[k]
+        for k, v in attrs.items():
+            if current.get(k) is not v:
+                current[k] = v
+        for slots, kept in ((m._parameters, params), (m._buffers, buffers), (m._modules, modules)):
+            if slots != kept or any(slots[k] is not v for k, v in kept.items()):
+                slots.clear()
+                slots.update(kept)
 
 
 # --- the guard ---------------------------------------------------------------------------
@@ -162,7 +195,7 @@ def observer_guard(module: nn.Module, optimizers: Iterable[Any] = ()) -> Iterato
     """
     rng = RngState.capture()
     modules = list(module.modules())
-    slots = [(m, dict(m._parameters), dict(m._buffers)) for m in modules]
+    attributes = module_attributes(module)
     params = [(n, p, p._version, p.requires_grad, _stamp(p.grad)) for n, p in module.named_parameters()]
     buffers = [(b, b._version, b.detach().clone()) for b in module.buffers()]
     modes = [(m, m.training) for m in modules]
@@ -172,11 +205,7 @@ def observer_guard(module: nn.Module, optimizers: Iterable[Any] = ()) -> Iterato
     try:
         yield
     finally:
-        for m, ps, bs in slots:
-            m._parameters.clear()
-            m._parameters.update(ps)
-            m._buffers.clear()
-            m._buffers.update(bs)
+        restore_module_attributes(attributes)
         with torch.no_grad():
             for b, version, value in buffers:
                 if b._version != version:  # only what was written: a restore must not bump the version counter

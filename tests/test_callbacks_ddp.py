@@ -1,4 +1,5 @@
-"""A 2-process DDP run on CPU: every rank measures on the same steps and nothing hangs."""
+"""DDP on 2 CPU processes (gloo): every rank measures on the same steps, nothing hangs, and the logged
+numbers are those of the global batch: the same as 1 process on the concatenated batch."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
-    import json, os, sys
+    import json, os, sys, time
     import lightning.pytorch as pl
     import torch
+    from lightning.pytorch.loggers import Logger
     from torch.utils.data import DataLoader, TensorDataset
     from bnlightning.callbacks import ActivationStats, InternalCovariateShift, LossLandscape
     from bnlightning.models import MLP
@@ -24,31 +28,81 @@ SCRIPT = textwrap.dedent(
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.seen.append([trainer.global_step, [cb.measurements for cb in self.cbs]])
 
+    class Recorder(Logger):
+        name, version = "memory", 0
+        def __init__(self):
+            super().__init__()
+            self.logged = {}
+        def log_hyperparams(self, *a, **k):
+            pass
+        def log_metrics(self, metrics, step=None):
+            ours = {k: float(v) for k, v in metrics.items() if k.split("/")[0] in ("ics", "landscape")}
+            if ours:
+                self.logged.setdefault(str(step), {}).update(ours)
+
     if __name__ == "__main__":
-        out = sys.argv[1]
+        out, world, norm = sys.argv[1], int(sys.argv[2]), sys.argv[3]
         torch.manual_seed(0)
-        model = MLP(in_features=16, out_features=10, depth=2, width=16, activation="relu", norm="batch")
-        data = DataLoader(TensorDataset(torch.randn(64, 16), torch.randint(0, 10, (64,))), batch_size=8)
+        model = MLP(in_features=16, out_features=10, depth=2, width=16, activation="tanh", norm=norm)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(32, 16, generator=g), torch.randint(0, 10, (32,), generator=g)
+        # each global batch of 8 split into contiguous rank shards: 1 process sees their concatenation
+        rank, n = int(os.environ.get("LOCAL_RANK", 0)), 8 // world
+        shard = torch.cat([torch.arange(8 * k + rank * n, 8 * k + (rank + 1) * n) for k in range(4)])
+        data = DataLoader(TensorDataset(x[shard], y[shard]), batch_size=n)
         cbs = [InternalCovariateShift(every_n_steps=2), LossLandscape(every_n_steps=2), ActivationStats(every_n_steps=2)]
-        steps = Steps(cbs)
+        steps, rec = Steps(cbs), Recorder()
+        kw = dict(strategy="ddp", devices=world) if world > 1 else dict(devices=1)
         trainer = pl.Trainer(
-            max_steps=4, strategy="ddp", accelerator="cpu", devices=2, callbacks=[*cbs, steps],
-            enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False,
+            max_steps=4, accelerator="cpu", callbacks=[*cbs, steps], logger=rec, log_every_n_steps=1,
+            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False, **kw,
         )
+        reduce_s, calls = [0.0], [0]
+        original = trainer.strategy.reduce
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                reduce_s[0] += time.perf_counter() - t0
+                calls[0] += 1
+        trainer.strategy.reduce = timed
+        t0 = time.perf_counter()
         trainer.fit(model, data)
-        with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as f:
-            json.dump({"seen": steps.seen, "last": [cb.last_measured_step for cb in cbs]}, f)
+        with open(os.path.join(out, f"w{world}-{norm}-rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"seen": steps.seen, "last": [cb.last_measured_step for cb in cbs], "logged": rec.logged,
+                       "reduce_s": reduce_s[0], "reduce_calls": calls[0], "fit_s": time.perf_counter() - t0}, f)
     """
 )
 
 
-def test_ddp_two_processes_measure_on_the_same_steps(tmp_path: Path) -> None:
+def _run(tmp_path: Path, world: int, norm: str) -> list[dict]:
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(world), norm], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["seen"] == ranks[1]["seen"]
-    assert ranks[0]["seen"][-1] == [4, [2, 2, 2]]
-    assert ranks[0]["last"] == ranks[1]["last"] == [3, 3, 3]
+    return [json.loads((tmp_path / f"w{world}-{norm}-rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_ddp_two_processes_log_the_global_batch_numbers(tmp_path: Path, norm: str) -> None:
+    two = _run(tmp_path, 2, norm)
+    assert two[0]["seen"] == two[1]["seen"]  # same steps on every rank, no hang
+    assert two[0]["seen"][-1] == [4, [2, 2, 2]]
+    assert two[0]["last"] == two[1]["last"] == [3, 3, 3]
+    assert not two[1]["logged"]  # only rank zero logs
+    assert two[0]["reduce_calls"] > 0
+    one = _run(tmp_path, 1, norm)[0]
+    assert sorted(two[0]["logged"]) == sorted(one["logged"]) == ["1", "3"]
+    for step, want in one["logged"].items():
+        got = two[0]["logged"][step]
+        assert set(got) == set(want)
+        for k, w in want.items():
+            if norm == "none":  # the mean over ranks of shard gradients is the full-batch gradient
+                assert abs(got[k] - w) <= 1e-5 * abs(w) + 1e-7, f"step {step} {k}: 2 ranks {got[k]:.8g}, 1 process {w:.8g}"
+    if norm == "batch":
+        # with BatchNorm each rank normalises with its own shard's statistics (as in training), so the
+        # numbers are those of the averaged per-shard losses, not of one batch of 8: they differ
+        diffs = [abs(two[0]["logged"][s][k] - w) / (abs(w) + 1e-12) for s, m in one["logged"].items() for k, w in m.items()]
+        assert max(diffs) > 1e-4

@@ -22,8 +22,5 @@ def _snippet(path: Path) -> str:
 def test_docs_snippet_runs(in_tmp: Path, doc: str) -> None:
     namespace: dict = {"__name__": "snippet"}
     exec(compile(_snippet(REPO / doc), doc, "exec"), namespace)
-    trainer = namespace["trainer"]
-    logged = set(trainer.logged_metrics)
-    assert {"ics/cos/net.3", "landscape/beta_eff", "act/net.2/saturated"} <= logged
-    csv = next((in_tmp / "runs").rglob("metrics.csv")).read_text().splitlines()[0]
-    assert "ics/l2/net.0" in csv
+    header = next((in_tmp / "runs").rglob("metrics.csv")).read_text().splitlines()[0].split(",")
+    assert {"ics/l2/net.0", "ics/cos/net.3", "landscape/beta_eff", "act/net.2/saturated"} <= set(header)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from bnlightning.callbacks.guard import RngState, metric_states, restore_metric_states
+from bnlightning.callbacks.guard import RngState, metric_states, module_attributes, restore_metric_states, restore_module_attributes
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 Reduce = Callable[[Tensor], Tensor]
@@ -172,13 +172,22 @@ class _NoLog:
 
 
 class _FirstUse(TorchFunctionMode):
-    """Records, in order, the ids of watched tensors as torch operations first receive them."""
+    """Records, in order, the ids of watched tensors as torch operations first receive them, and
+    whether a dropout ran (vmap draws dropout masks differently from an unbatched pass)."""
 
     def __init__(self, watched: Mapping[int, str]) -> None:
         super().__init__()
         self.watched, self.order, self._seen = watched, [], set()
+        self.dropout = False
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if "dropout" in name or "bernoulli" in name:
+            p = (kwargs or {}).get("p", args[1] if len(args) > 1 and isinstance(args[1], float) else 0.5)
+            train = (kwargs or {}).get("training", args[2] if len(args) > 2 and isinstance(args[2], bool) else True)
+            self.dropout |= bool(p) and bool(train)
+        elif name == "scaled_dot_product_attention":
+            self.dropout |= bool((kwargs or {}).get("dropout_p", args[4] if len(args) > 4 else 0.0))
         for t in tree_flatten((args, kwargs or {}))[0]:
             if isinstance(t, Tensor):
                 name = self.watched.get(id(t))
@@ -213,6 +222,7 @@ class Model:
                     self.slots.append((m._buffers, key, bname[id(b)]))
             if "_flat_weights" in vars(m):  # nn.RNN/LSTM/GRU cache their weights in a list
                 self.rnns.append(m)
+        self.dropout = False  # set by a pass with record_order: whether the loss ran a dropout
         p0 = next(iter(self.params.values()), None)
         self.device = p0.device if p0 is not None else torch.device("cpu")
 
@@ -258,10 +268,12 @@ class Model:
     # --- a measurement's frame ---
     @contextlib.contextmanager
     def session(self) -> Iterator[RngState]:
-        """float32 outside autocast; the RNG captured (and rewound after); with ``training_step`` as the
-        loss, ``self.log`` silenced and torchmetrics states restored afterwards."""
+        """float32 outside autocast; the RNG captured (and rewound after); every module attribute a
+        pass sets put back after; with ``training_step`` as the loss, ``self.log`` silenced and
+        torchmetrics states restored afterwards."""
         rng = RngState.capture()
         metrics = metric_states(self.module) if self.uses_training_step else []
+        attributes = module_attributes(self.module)
         silenced = self.uses_training_step and "log" not in vars(self.module)
         if silenced:
             vars(self.module)["log"] = vars(self.module)["log_dict"] = _NoLog()
@@ -272,6 +284,7 @@ class Model:
             if silenced:
                 del vars(self.module)["log"], vars(self.module)["log_dict"]
             restore_metric_states(metrics)
+            restore_module_attributes(attributes)
             rng.restore()
 
     def gradient(
@@ -300,6 +313,9 @@ class Model:
             with mode:
                 loss = self.loss(tensors, batch)
             order = mode.order
+            self.dropout = mode.dropout or any(
+                isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0 for m in self.module.modules()
+            )
         else:
             loss = self.loss(tensors, batch)
         if consume is None:

@@ -18,17 +18,20 @@ class StepGradient(NamedTuple):
             (parameters never used are absent).
         activation_bytes: bytes autograd saved for that pass (one pass's activations), which
             ``mode="auto"`` uses to size vmap chunks.
+        dropout: whether the pass ran a dropout (``mode="auto"`` then avoids vmap, whose dropout
+            masks differ from those of an unbatched pass).
     """
 
     grads: dict[str, Tensor]
     order: list[str]
     activation_bytes: int
+    dropout: bool = False
 
 
 def gradient_pass(model: Model, names: list[str], batch: Any, rng: Any, reduce: Reduce | None, weights: dict[str, Tensor] | None = None) -> StepGradient:
     """``model``'s gradient over ``names`` with the forward order and activation size recorded."""
     (loss, grads, order), act = saved_bytes(lambda: model.gradient(names, batch, rng, overrides=weights, record_order=True))
-    return StepGradient(reduce_dict(grads, reduce), order, act)
+    return StepGradient(reduce_dict(grads, reduce), order, act, model.dropout)
 
 
 def step_gradient(
