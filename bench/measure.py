@@ -36,7 +36,9 @@ import torch
 from torch import nn
 
 from bnlightning.callbacks import internal_covariate_shift, loss_landscape, sgd_update, step_gradient
-from bnlightning.callbacks.functional import ICS_MODES, _Model, _resolve_mode
+from bnlightning.callbacks.functional import ICS_MODES, MODES
+from bnlightning.callbacks.functional._batching import resolve_mode
+from bnlightning.callbacks.functional._model import Model
 from bnlightning.models import MLP, VGG
 
 MODELS: dict[str, tuple[Callable[[float], nn.Module], float]] = {
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = build(args.vgg_width).train()
         batch = make_batch(name, model, args.batch_size)
         steps = [0.5 * lr, lr, 2 * lr, 4 * lr]
-        autos = {"ics": _resolve_mode("auto", _Model(model, "loss"), ICS_MODES), "landscape": _resolve_mode("auto", _Model(model, "loss"))}
+        # "auto-vmap" is vmap in chunks that fit the memory budget: these models fit whole
+        autos = {what: resolve_mode("auto", Model(model), modes, None).replace("auto-vmap", "vmap") for what, modes in (("ics", ICS_MODES), ("landscape", MODES))}
         for what, methods in (
             ("ics", {
                 "naive": lambda: naive_ics(model, batch, lr),

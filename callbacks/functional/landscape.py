@@ -96,7 +96,7 @@ def loss_landscape(
             gradient = gradient_pass(model, names, batch, rng, reduce)
         check_gradient(model, gradient, names)
         g = {n: gradient.grads[n] for n in names}
-        direction = {n: g[n] * scale[n] if n in scale else g[n] for n in names}
+        direction = {n: g[n] * scale[n] if scale.get(n, 1.0) != 1.0 else g[n] for n in names}  # no copy of g where it is g
         disp_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction.values()]))
 
         def point(s: float) -> dict[str, Tensor]:
