@@ -7,6 +7,8 @@ innermost message and the chain of keys leading to it; this module keeps just th
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 
 # Lines that describe jsonargparse's search, not the user's mistake.
@@ -87,3 +89,34 @@ def yaml_error(path: str) -> str | None:
     except yaml.YAMLError as err:
         return f"{path}: invalid YAML: {err}"
     return None
+
+
+class RunError(Exception):
+    """A run cannot start or go on for a reason the user can fix; shown as one ``error:`` line.
+
+    Raised for storage that is read-only or full, a checkpoint that cannot be resumed,
+    a failed data set download. Example::
+
+        raise RunError("cannot write to runs/x: Read-only file system")
+    """
+
+
+# errno values that mean "the storage, not the program, is at fault".
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM})
+
+
+def storage_error_line(err: BaseException) -> str | None:
+    """One line for an ``OSError`` caused by full, read-only or forbidden storage, else None.
+
+    Args:
+        err: any exception; only ``OSError`` with a storage errno gives a line.
+
+    Example:
+        >>> storage_error_line(OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.csv"))
+        'No space left on device: runs/x/metrics.csv (free space there, or point the run elsewhere with --trainer.default_root_dir and the loggers\\' save_dir)'
+    """
+    if not isinstance(err, OSError) or err.errno not in _STORAGE_ERRNOS:
+        return None
+    where = err.filename if err.filename is not None else "(path unknown)"
+    reason = err.strerror or os.strerror(err.errno)
+    return f"{reason}: {where} (free space there, or point the run elsewhere with --trainer.default_root_dir and the loggers' save_dir)"

@@ -166,12 +166,21 @@ class _ResumingWriter(ExperimentWriter):
 
 
 class CSVLogger(_LightningCSVLogger):
-    """Lightning's ``CSVLogger`` that continues the same run folder when a run resumes.
+    """Lightning's ``CSVLogger`` that claims its folder atomically and continues it on resume.
 
-    Args are those of ``lightning.pytorch.loggers.CSVLogger``. ``bnlightning``'s CLI calls
-    :meth:`resume` with the folder version and step stored in the checkpoint, so a run
-    killed and resumed with ``--ckpt_path last`` has one ``metrics.csv`` holding the
-    same rows an uninterrupted run would have.
+    Args are those of ``lightning.pytorch.loggers.CSVLogger``.
+
+    * A new run (``version`` not given) claims ``version_N`` with an exclusive
+      ``os.mkdir``, trying the next number when another process got there first, so
+      runs started together on one machine or a shared file system never share a
+      folder (Lightning only lists the folders and picks the next number: a race).
+    * ``bnlightning``'s CLI calls :meth:`resume` with the folder of the checkpoint it
+      resumes and its step, so a run killed and resumed with ``--ckpt_path last`` has
+      one ``metrics.csv`` holding the same rows an uninterrupted run would have.
+
+    Example::
+
+        CSVLogger(save_dir="runs", name="quickstart")   # -> runs/quickstart/version_<first free>
     """
 
     def __init__(
@@ -184,6 +193,15 @@ class CSVLogger(_LightningCSVLogger):
     ) -> None:
         super().__init__(save_dir=save_dir, name=name, version=version, prefix=prefix, flush_logs_every_n_steps=flush_logs_every_n_steps)
         self._resume_step: int | None = None
+
+    @property
+    @override
+    def version(self) -> int | str:
+        if self._version is None:
+            # Only rank zero claims; other ranks never write here, and Lightning
+            # broadcasts rank zero's folders (log_dir, checkpoint dir) to them.
+            self._version = claim_version(self.root_dir) if rank_zero_only.rank == 0 else self._get_next_version()
+        return self._version
 
     def resume(self, version: int | str, step: int) -> None:
         """Write into the folder of ``version``, keeping its rows of steps before ``step``."""
@@ -200,6 +218,36 @@ class CSVLogger(_LightningCSVLogger):
             os.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ResumingWriter(self.log_dir, self._resume_step)
         return super().experiment
+
+
+def claim_version(root: str | os.PathLike[str]) -> int:
+    """Create ``root/version_N`` for the first free N with an exclusive ``os.mkdir``; return N.
+
+    ``os.mkdir`` fails if the folder exists, also on NFS, so two processes never get
+    the same N.
+
+    Raises:
+        OSError: ``root`` cannot be created or written (read-only, full, no permission).
+
+    Example::
+
+        claim_version("runs/quickstart")  # 0 in an empty folder, then 1, 2, ...
+    """
+    root = os.fspath(root)
+    os.makedirs(root, exist_ok=True)
+    taken = [int(d[len("version_") :]) for d in os.listdir(root) if d.startswith("version_") and d[len("version_") :].isdigit()]
+    n = max(taken, default=-1) + 1
+    while True:
+        try:
+            os.mkdir(os.path.join(root, f"version_{n}"))
+            return n
+        except FileExistsError:
+            n += 1
+
+
+def csv_logger(loggers: list[Any]) -> _LightningCSVLogger | None:
+    """The first CSV logger: its version folder is the run's folder."""
+    return next((lg for lg in loggers if isinstance(lg, _LightningCSVLogger)), None)
 
 
 def logger_identity(loggers: list[Any]) -> dict[str, Any]:
