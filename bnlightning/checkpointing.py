@@ -54,6 +54,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as err:
+            if err.filename is None:  # file-object writes do not say which file
+                raise OSError(err.errno, err.strerror, path) from err
+            raise
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

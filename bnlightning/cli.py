@@ -284,7 +284,7 @@ def main(args: Sequence[str] | None = None) -> Any:
     except SIGTERMException as err:
         # Pre-empted: the checkpoint is saved; one line, and a non-zero status for schedulers.
         print(f"bnlightning: {runstate.describe_interrupt(argv)}", file=sys.stderr)
-        raise SystemExit(err.code if isinstance(err.code, int) and err.code else 128 + 15) from None
+        raise SystemExit(runstate.last_interrupt.get("code", 128 + 15)) from None
     except (*USER_ERRORS, ArgumentError) as err:
         if os.environ.get("BNLIGHTNING_DEBUG"):
             raise

@@ -119,4 +119,5 @@ def storage_error_line(err: BaseException) -> str | None:
         return None
     where = err.filename if err.filename is not None else "(path unknown)"
     reason = err.strerror or os.strerror(err.errno)
-    return f"{reason}: {where} (free space there, or point the run elsewhere with --trainer.default_root_dir and the loggers' save_dir)"
+    fix = "free space there" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    return f"{reason}: {where} ({fix}, or point the run elsewhere with --trainer.default_root_dir and the loggers' save_dir)"

@@ -210,6 +210,16 @@ class CSVLogger(_LightningCSVLogger):
         self._version = version
         self._resume_step = step
 
+    @override
+    @rank_zero_only
+    def save(self) -> None:
+        try:
+            super().save()
+        except OSError as err:
+            if err.filename is None and self._experiment is not None:  # say which file (full disk)
+                raise OSError(err.errno, err.strerror, self._experiment.metrics_file_path) from err
+            raise
+
     @property
     @override
     @rank_zero_experiment

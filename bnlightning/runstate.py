@@ -12,10 +12,11 @@ loss): the report treats such a run as incomplete and never averages it in.
 Pre-emption: Lightning's own signal connector already catches SIGTERM (it sets
 ``trainer.received_sigterm`` and its loops raise ``SIGTERMException``), but by itself
 that exits with status 0 and no checkpoint. :class:`RunState` adds what is missing: at
-the end of the training step during which SIGTERM (or SIGUSR1, SLURM's warning signal)
-arrived it saves ``last.ckpt`` at the current step, flushes the loggers, records
-``interrupted`` and raises ``SIGTERMException``; the CLI turns that into one line with
-the resume command and exit status 128 + signal number. SIGUSR1 is left alone when
+the end of the training step during which SIGTERM (or SIGUSR1, SLURM's warning signal,
+handed to the same handler) arrived it saves ``last.ckpt`` where ``ModelCheckpoint``
+saves, Lightning logs that step and raises ``SIGTERMException``, and then the loggers are
+flushed and ``interrupted`` recorded; the CLI turns that into one line with the resume
+command and exit status 128 + signal number. SIGUSR1 is left alone when
 Lightning's ``SLURMEnvironment(auto_requeue=True)`` handles it (checkpoint + requeue).
 """
 
@@ -94,7 +95,6 @@ class RunState(pl.Callback):
         self._usr1 = False
         self._old_usr1: Any = None
         self._saved_at: int | None = None
-        self._signal = ""
         self._checked_first_step = False
 
     # --- status ---------------------------------------------------------------------
@@ -118,7 +118,12 @@ class RunState(pl.Callback):
                 self._old_usr1 = None
 
     def _on_usr1(self, signum: int, frame: Any) -> None:
+        # SIGUSR1 means what SIGTERM means: hand it to the SIGTERM handler Lightning
+        # installed, so its loops stop at the same safe point (and DDP ranks are told).
         self._usr1 = True
+        handler = signal.getsignal(signal.SIGTERM)
+        if callable(handler):
+            handler(signal.SIGTERM, frame)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._old_usr1 is not None:
@@ -147,41 +152,44 @@ class RunState(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._checked_first_step and trainer.global_step <= 1:
             self._check_first_step(trainer, outputs, batch)
-        stop = trainer.received_sigterm or self._usr1
+        stop = trainer.received_sigterm
         if trainer.world_size > 1:
             # Every rank must save together: trainer.save_checkpoint has a barrier.
             stop = trainer.strategy.reduce_boolean_decision(bool(stop), all=False)
-        if not stop:
-            return
-        self._signal = "SIGUSR1" if self._usr1 and not trainer.received_sigterm else "SIGTERM"
-        self._save(trainer)
-        # Lightning's own way out on SIGTERM: its loops and on_exception hooks know it.
-        raise SIGTERMException(128 + int(getattr(signal, self._signal)))
+        if stop and self._saved_at != trainer.global_step:
+            # Save here, where ModelCheckpoint saves too (a state Lightning resumes exactly);
+            # Lightning logs this step's row, then its loop raises SIGTERMException.
+            self._save(trainer)
 
     def _save(self, trainer: pl.Trainer) -> None:
         cb = trainer.checkpoint_callback
-        path = None
-        if cb is not None and getattr(cb, "dirpath", None) and self._saved_at != trainer.global_step:
-            path = os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION)
-            trainer.save_checkpoint(path)
+        if cb is not None and getattr(cb, "dirpath", None):
+            trainer.save_checkpoint(os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION))
             self._saved_at = trainer.global_step
-        for logger in trainer.loggers:
-            logger.save()
-        checkpoint = path or (os.path.join(cb.dirpath, "last.ckpt") if cb is not None and cb.dirpath else None)
-        self._write(trainer, status="interrupted", signal=self._signal, checkpoint=checkpoint)
-        last_interrupt.update(signal=self._signal, step=trainer.global_step, checkpoint=checkpoint, run_dir=self._dir(trainer))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
-            if not last_interrupt:
-                # Raised by Lightning's loop (the signal came after our check): save here.
-                self._signal = self._signal or "SIGTERM"
-                self._save(trainer)
+            if self._saved_at is None:
+                self._save(trainer)  # the signal came during validation or after our check
+            for logger in trainer.loggers:
+                logger.save()
+            cb = trainer.checkpoint_callback
+            checkpoint = os.path.join(cb.dirpath, "last.ckpt") if self._saved_at is not None and cb is not None else None
+            name = "SIGUSR1" if self._usr1 else "SIGTERM"
+            self._write(trainer, status="interrupted", signal=name, checkpoint=checkpoint)
+            last_interrupt.update(signal=name, code=128 + int(getattr(signal, name)), step=trainer.global_step, checkpoint=checkpoint)
         elif isinstance(exception, KeyboardInterrupt):
             # Ctrl-C can land inside an optimizer step: no checkpoint of a half-updated model.
-            self._write(trainer, status="interrupted", signal="SIGINT")
+            self._write_quietly(trainer, status="interrupted", signal="SIGINT")
         else:
-            self._write(trainer, status="failed", error=f"{type(exception).__name__}: {exception}"[:500])
+            self._write_quietly(trainer, status="failed", error=f"{type(exception).__name__}: {exception}"[:500])
+
+    def _write_quietly(self, trainer: pl.Trainer, **fields: Any) -> None:
+        """Record the end, unless the storage itself is what failed (the error says so)."""
+        try:
+            self._write(trainer, **fields)
+        except OSError:
+            pass
 
 
 def resume_hint(argv: list[str]) -> str:
