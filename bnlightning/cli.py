@@ -11,21 +11,31 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
 from argparse import ArgumentError
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import (
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+)
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import (
+    MisconfigurationException,
+    SIGTERMException,
+)
 
 from bnlightning import runstate
-from bnlightning.checkpointing import AtomicCheckpointIO, RunCheckpoint, model_mismatch, resolve_resume
+from bnlightning.checkpointing import (
+    AtomicCheckpointIO,
+    RunCheckpoint,
+    model_mismatch,
+    resolve_resume,
+)
 from bnlightning.errors import RunError, condense, storage_error_line, yaml_error
 from bnlightning.loggers import CSVLogger, csv_logger, resume_loggers
 from bnlightning.models.base import BaseModule
@@ -281,7 +291,7 @@ def main(args: Sequence[str] | None = None) -> Any:
         cli = build_cli(None if args is None else argv)
         exit_code = 0
         return cli
-    except SIGTERMException as err:
+    except SIGTERMException:
         # Pre-empted: the checkpoint is saved; one line, and a non-zero status for schedulers.
         print(f"bnlightning: {runstate.describe_interrupt(argv)}", file=sys.stderr)
         raise SystemExit(runstate.last_interrupt.get("code", 128 + 15)) from None

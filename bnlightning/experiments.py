@@ -229,7 +229,7 @@ def expand(
     if not seeds:
         raise ValueError("give at least one seed")
     name = experiment.name + ("-cpu" if cpu else "")
-    grid = dict((experiment.cpu_grid if cpu and experiment.cpu_grid is not None else experiment.grid))
+    grid = dict(experiment.cpu_grid if cpu and experiment.cpu_grid is not None else experiment.grid)
     grid[SEED] = tuple(seeds)
     keys = list(grid)
     specs = []

@@ -120,7 +120,7 @@ class WandbLogger(_LightningWandbLogger):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         try:
             super().log_metrics(metrics, step)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any W&B failure must not end training
             self._warn_log_error(err)
 
     @override
@@ -128,7 +128,7 @@ class WandbLogger(_LightningWandbLogger):
     def log_hyperparams(self, params: Any) -> None:
         try:
             super().log_hyperparams(params)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any W&B failure must not end training
             self._warn_log_error(err)
 
     def _warn_log_error(self, err: Exception) -> None:
@@ -163,6 +163,16 @@ class _ResumingWriter(ExperimentWriter):
             writer.writeheader()
             writer.writerows(rows)
         self.metrics_keys = keys
+
+
+class _FreshWriter(ExperimentWriter):
+    """Lightning's CSV writer, warning only when an old ``metrics.csv`` is really replaced
+    (the run's own ``checkpoints/`` and ``run.json`` beside it are not "previous logs")."""
+
+    @override
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            super()._check_log_dir_exists()
 
 
 class CSVLogger(_LightningCSVLogger):
@@ -224,9 +234,10 @@ class CSVLogger(_LightningCSVLogger):
     @override
     @rank_zero_experiment
     def experiment(self) -> Any:
-        if self._experiment is None and self._resume_step is not None:
+        if self._experiment is None:
             os.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ResumingWriter(self.log_dir, self._resume_step)
+            resuming = self._resume_step is not None
+            self._experiment = _ResumingWriter(self.log_dir, self._resume_step) if resuming else _FreshWriter(self.log_dir)
         return super().experiment
 
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONFIGS, REPO
 
 from bnlightning.checkpointing import AtomicCheckpointIO
 from bnlightning.cli import main
 from bnlightning.loggers import WandbLogger
-from conftest import CONFIGS, REPO
 
 QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
@@ -30,7 +30,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def _fit_subprocess(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "offline", "WANDB_DIR": str(cwd)}
     cmd = [sys.executable, "-m", "bnlightning", "fit", *args, *QUICK]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 # --- crash and resume ---------------------------------------------------------------
@@ -90,7 +90,7 @@ def _callback_items(measure_yaml: str) -> list[str]:
     for line in lines[start:]:
         if line and not line.startswith("    "):
             break
-        items.append(line[4:] if line.startswith("    ") else line)
+        items.append(line.removeprefix("    "))
     return [i for i in items if i.strip() and not i.strip().startswith("#")]
 
 
@@ -437,14 +437,14 @@ def _in_private_mount(tmp: Path, mount_opts: str, *fit_args: str) -> subprocess.
     """``fit`` in a user+mount namespace with a fresh tmpfs at ``tmp/disk`` (real ENOSPC / EROFS)."""
     import shutil
 
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False).returncode != 0:
         pytest.skip("user namespaces (unshare -rm) are not available here")
     disk = tmp / "disk"
     disk.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "offline"}
     script = f'mount -t tmpfs -o {mount_opts} tmpfs "$1" || exit 77; shift; exec "$@"'
     cmd = ["unshare", "-rm", "sh", "-c", script, "sh", str(disk), sys.executable, "-m", "bnlightning", "fit", *fit_args, *QUICK]
-    out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300, check=False)
     if out.returncode == 77:
         pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
     return out

@@ -133,7 +133,7 @@ def wandb_report_main(argv: Sequence[str]) -> int:
         report = build_report(args.entity, args.project, args.title, args.group, link_runsets=True)
         try:
             report.save(draft=args.draft)
-        except Exception as err:  # network, auth, missing project: many exception types
+        except Exception as err:  # noqa: BLE001 - network, auth, missing project: many exception types
             raise ValueError(f"saving the W&B report failed ({type(err).__name__}: {err})") from None
         print(f"bnlightning wandb-report: saved {report.url}")
         return 0

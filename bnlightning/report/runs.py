@@ -68,7 +68,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             data = yaml.safe_load(f)
         except yaml.YAMLError:
             f.seek(0)
-            data = yaml.load(f, Loader=_TolerantLoader)  # noqa: S506 - loader ignores tags
+            data = yaml.load(f, Loader=_TolerantLoader)
     return data if isinstance(data, dict) else {}
 
 
@@ -267,7 +267,7 @@ def layer_sort_key(name: str) -> tuple[int, str]:
 
 def short_layer(name: str) -> str:
     """``net.conv5`` -> ``conv5``: the callbacks may name layers either way."""
-    return name[4:] if name.startswith("net.") else name
+    return name.removeprefix("net.")
 
 
 def find_run_dirs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
