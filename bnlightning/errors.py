@@ -3,6 +3,8 @@
 jsonargparse explains a bad value by walking every type it tried ("Does not validate
 against any of the Union subtypes ... Given value: ..."). The useful part is the
 innermost message and the chain of keys leading to it; this module keeps just that.
+:class:`RunError` and :func:`storage_error_line` do the same for problems found while a
+run starts or trains (an unusable checkpoint, a full or read-only disk).
 """
 
 from __future__ import annotations
@@ -112,8 +114,8 @@ def storage_error_line(err: BaseException) -> str | None:
         err: any exception; only ``OSError`` with a storage errno gives a line.
 
     Example:
-        >>> storage_error_line(OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.csv"))
-        'No space left on device: runs/x/metrics.csv (free space there, or point the run elsewhere with --trainer.default_root_dir and the loggers\\' save_dir)'
+        >>> print(storage_error_line(OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.csv")))
+        No space left on device: runs/x/metrics.csv (free space there, or point the run elsewhere with --trainer.default_root_dir and the loggers' save_dir)
     """
     if not isinstance(err, OSError) or err.errno not in _STORAGE_ERRNOS:
         return None
