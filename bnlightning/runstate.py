@@ -169,7 +169,7 @@ class RunState(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
-            if self._saved_at is None:
+            if self._saved_at != trainer.global_step:
                 self._save(trainer)  # the signal came during validation or after our check
             for logger in trainer.loggers:
                 logger.save()
