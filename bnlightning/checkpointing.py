@@ -2,16 +2,22 @@
 
 Lightning's own save goes through an fsspec transaction whose temporary file lives in
 the system temp folder; when that is another file system the final move is a copy, and
-a kill during the copy leaves a truncated checkpoint. ``AtomicCheckpointIO`` writes the
-temporary file beside the target, fsyncs it and renames it into place with
-``os.replace`` (atomic on POSIX), so a reader sees either the old checkpoint or the
-new one. Loading uses ``torch.load(weights_only=True)``: a checkpoint is data, and
-nothing in it may run code.
+a kill during the copy leaves a truncated checkpoint. ``AtomicCheckpointIO`` serialises
+into memory, writes the bytes to a temporary file beside the target, fsyncs it and
+renames it into place with ``os.replace`` (atomic on POSIX), so a reader sees either the
+old checkpoint or the new one, and a full disk raises ``OSError(ENOSPC)`` naming the file
+(``torch.save`` straight into a file reports it as "unexpected pos ..."). Loading uses
+``torch.load(weights_only=True)``: a checkpoint is data, and nothing in it may run code.
+
+Resuming is checked before anything is written: :func:`resolve_resume` picks the
+checkpoint (``last.ckpt``, or the newest intact step checkpoint beside a corrupt one),
+and :func:`model_mismatch` compares it with the model.
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import os
 from typing import Any
 
@@ -39,12 +45,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         for stale in glob.glob(glob.escape(path) + _TMP_SUFFIX + "*"):
             os.remove(stale)
         tmp = f"{path}{_TMP_SUFFIX}{os.getpid()}"
+        # Serialise first: write errors then surface as OSError with errno and file name.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
         try:
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
+                f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as err:
+            if err.filename is None:  # file-object writes do not say which file
+                raise OSError(err.errno, err.strerror, path) from err
+            raise
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -71,15 +84,108 @@ def _fsync_dir(folder: str) -> None:
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends.
+    """``ModelCheckpoint`` that keeps the last ``keep_last`` step checkpoints and writes
+    ``last.ckpt`` when training ends.
 
     With ``every_n_train_steps`` set, Lightning saves only on those steps, so the final
     weights of a run whose length is not a multiple of the interval (or that stopped on
-    divergence) would be lost. Arguments are ``ModelCheckpoint``'s.
+    divergence) would be lost. Older step checkpoints are pruned through Lightning's own
+    top-k logic on the ``step`` it offers as a monitor (``monitor="step", mode="max"``).
+
+    Args:
+        keep_last: how many step checkpoints to keep (-1: all), besides ``last.ckpt``;
+            used when ``monitor`` is not set (a monitored metric keeps ``save_top_k``).
+        **kwargs: ``ModelCheckpoint``'s arguments.
+
+    Raises:
+        ValueError: ``keep_last`` is 0 or below -1.
+
+    Example::
+
+        RunCheckpoint(every_n_train_steps=1000, save_last=True, keep_last=3)
     """
+
+    def __init__(self, *args: Any, keep_last: int = 2, **kwargs: Any) -> None:
+        if keep_last == 0 or keep_last < -1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1 (or -1 to keep every step checkpoint), got {keep_last}")
+        if kwargs.get("monitor") is None and not args:
+            kwargs.update(monitor="step", mode="max", save_top_k=keep_last)
+        super().__init__(*args, **kwargs)
+        self.keep_last = keep_last
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if self.save_last and not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+# --- resuming -------------------------------------------------------------------------
+def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed (empty, truncated, unreadable), or None."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as err:
+        return err.strerror or str(err)
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - zip, pickle and EOF errors all mean "not a whole checkpoint"
+        return f"it cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:160]})"
+    if not isinstance(state, dict) or "state_dict" not in state:
+        return "it holds no state_dict (not a Lightning checkpoint)"
+    return None
+
+
+def _step_checkpoints(folder: str) -> list[str]:
+    """Checkpoints in ``folder`` other than last*, newest first."""
+    paths = [p for p in glob.glob(os.path.join(glob.escape(folder), "*.ckpt")) if not os.path.basename(p).startswith("last")]
+    return sorted(paths, key=lambda p: os.path.getmtime(p), reverse=True)
+
+
+def resolve_resume(path: str) -> tuple[str, str | None]:
+    """The checkpoint to resume from, given the one asked for, and a warning if it differs.
+
+    A corrupt ``last*.ckpt`` falls back to the newest intact step checkpoint beside it.
+
+    Args:
+        path: the checkpoint file asked for.
+
+    Returns:
+        ``(path to load, one-line warning or None)``.
+
+    Raises:
+        RunError: the file is unusable and no intact checkpoint lies beside it.
+
+    Example::
+
+        path, warning = resolve_resume("runs/quickstart/version_1/checkpoints/last.ckpt")
+    """
+    from bnlightning.errors import RunError
+
+    problem = checkpoint_problem(path)
+    if problem is None:
+        return path, None
+    if os.path.basename(path).startswith("last"):
+        for other in _step_checkpoints(os.path.dirname(path) or "."):
+            if checkpoint_problem(other) is None:
+                return other, f"bnlightning: {path} cannot be resumed ({problem}); resuming from the newest intact checkpoint {other}"
+    raise RunError(f"cannot resume from {path}: {problem}; no intact checkpoint lies beside it")
+
+
+def model_mismatch(model: torch.nn.Module, state_dict: dict[str, Any]) -> str | None:
+    """How ``state_dict`` does not fit ``model`` (missing/unexpected keys, shapes), or None."""
+    own = model.state_dict()
+    problems = []
+    for key, value in own.items():
+        if key not in state_dict:
+            problems.append(f"{key} is missing from the checkpoint")
+        elif hasattr(value, "shape") and hasattr(state_dict[key], "shape") and tuple(value.shape) != tuple(state_dict[key].shape):
+            problems.append(f"{key} is {tuple(state_dict[key].shape)} in the checkpoint but {tuple(value.shape)} in this model")
+    problems += [f"{key} is in the checkpoint but not in this model" for key in state_dict if key not in own]
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
+    return problems[0] + more

@@ -11,20 +11,33 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
 from argparse import ArgumentError
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import (
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+)
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import (
+    MisconfigurationException,
+    SIGTERMException,
+)
 
-from bnlightning.checkpointing import AtomicCheckpointIO, RunCheckpoint
-from bnlightning.errors import condense, yaml_error
-from bnlightning.loggers import resume_loggers
+from bnlightning import runstate
+from bnlightning.checkpointing import (
+    AtomicCheckpointIO,
+    RunCheckpoint,
+    model_mismatch,
+    resolve_resume,
+)
+from bnlightning.errors import RunError, condense, storage_error_line, yaml_error
+from bnlightning.loggers import CSVLogger, csv_logger, resume_loggers
 from bnlightning.models.base import BaseModule
 
 # Subcommands that are not LightningCLI's: name -> "module:function" taking argv.
@@ -37,7 +50,7 @@ EXTRA_COMMANDS: dict[str, str] = {
 CHECKPOINT_EVERY_N_STEPS = 1000
 
 # Errors that mean "the user's input is wrong": shown as one line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, MisconfigurationException, KeyError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, MisconfigurationException, KeyError, RunError)
 
 
 class ConfigToLoggers(SaveConfigCallback):
@@ -57,11 +70,18 @@ class ConfigToLoggers(SaveConfigCallback):
 class BNLightningCLI(LightningCLI):
     """LightningCLI with bnlightning's run hygiene.
 
-    * Every run checkpoints: ``checkpoint.*`` configures a ``ModelCheckpoint`` that saves
-      every 1,000 steps and ``last.ckpt`` (also at the end of training) into ``<default_root_dir>/checkpoints``, written
-      atomically (``AtomicCheckpointIO``) and loaded with ``weights_only=True``.
-    * ``--ckpt_path last`` resumes there, and the CSV and W&B loggers continue the same
-      runs instead of starting new ones.
+    * One folder per run: the CSV logger's version folder (claimed atomically) holds
+      ``metrics.csv``, ``config.yaml``, ``hparams.yaml``, ``run.json`` (status, W&B id)
+      and ``checkpoints/`` (Lightning's convention: checkpoints under the logger's
+      version folder). ``checkpoint.*`` configures a ``RunCheckpoint``: every 1,000
+      steps, the last ``keep_last`` step checkpoints kept, ``last.ckpt`` also at the end,
+      written atomically and loaded with ``weights_only=True``.
+    * ``--ckpt_path last`` picks the run to continue among the folders of the CSV
+      logger's ``save_dir/name`` (the one whose settings match, unfinished first, newest
+      first) and takes the checkpoint *and* the logger identity from that folder. The
+      checkpoint is read and compared with the model before anything is written.
+    * Output folders are checked writable before training; SIGTERM/SIGUSR1 save a
+      checkpoint and stop with one line (see ``bnlightning.runstate``).
     * A one-line summary ends ``fit``/``validate``/``test``.
     """
 
@@ -73,32 +93,79 @@ class BNLightningCLI(LightningCLI):
         if config.get("enable_checkpointing") is False:
             # The user turned checkpointing off: drop the checkpoint callback we add.
             callbacks = [c for c in callbacks if not isinstance(c, RunCheckpoint)]
+        if self.subcommand == "fit":
+            callbacks = [*callbacks, runstate.RunState()]
         return super()._instantiate_trainer(config, callbacks)
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if config is not None and config.get("checkpoint") is not None and config.checkpoint.dirpath is None:
-            # A fixed folder (not the logger's new version folder) is what lets
-            # `--ckpt_path last` find the previous attempt's checkpoint.
-            root = config.trainer.default_root_dir or "."
-            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
-
     def before_fit(self) -> None:
-        strategy = self.trainer.strategy
+        trainer = self.trainer
+        strategy = trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
-        ckpt = self._resume_checkpoint()
-        if ckpt is not None:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-            resume_loggers(self.trainer.loggers, state.get("bnlightning_loggers", {}), int(state.get("global_step", 0)))
+        csv = csv_logger(trainer.loggers)
+        ckpt = self._resume(csv)
+        if ckpt is None and isinstance(csv, CSVLogger):
+            _refuse_finished_folder(csv)
+        self.config_init.fit.ckpt_path = ckpt
+        run_dir = csv.log_dir if csv is not None else trainer.default_root_dir  # claims the folder (rank 0)
+        ckpt_cb = trainer.checkpoint_callback
+        if isinstance(ckpt_cb, RunCheckpoint) and self.config.fit.checkpoint.dirpath is None:
+            ckpt_cb.dirpath = os.path.join(run_dir, "checkpoints")
+        for cb in trainer.callbacks:
+            if isinstance(cb, runstate.RunState):
+                cb.run_dir = run_dir
+        if trainer.is_global_zero:
+            folders = [run_dir, getattr(ckpt_cb, "dirpath", None)] + [getattr(lg, "save_dir", None) for lg in trainer.loggers]
+            for folder in dict.fromkeys(f for f in folders if f):
+                _check_writable(folder)
 
-    def _resume_checkpoint(self) -> str | None:
-        """The checkpoint file ``fit`` will resume from, if any."""
-        path = self.config.fit.get("ckpt_path")
-        if path == "last":
-            dirpath = self.config.fit.checkpoint.dirpath
-            path = os.path.join(dirpath, "last.ckpt") if dirpath else None
-        return path if path and os.path.isfile(path) else None
+    def _resume(self, csv: Any) -> str | None:
+        """The checkpoint ``fit`` resumes from (checked), with the loggers pointed at its run."""
+        asked = self.config.fit.get("ckpt_path")
+        if not asked:
+            return None
+        if asked == "last":
+            if csv is None:
+                return "last"  # no run folders to choose from: Lightning's own lookup
+            found = _find_last(csv, self._settings(self.config.fit))
+            if found is None:
+                rank_zero_info(f"bnlightning: no checkpoint to resume under {csv.root_dir}; starting a new run")
+                return None
+            asked = found
+        if asked in ("best", "hpc", "registry") or asked.startswith("registry:"):
+            return asked
+        if not os.path.isfile(asked):
+            raise RunError(f"--ckpt_path {asked}: no such checkpoint file")
+        path, warning = resolve_resume(asked)
+        if warning:
+            rank_zero_warn(warning)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("diverged_at_step") is not None:
+            raise RunError(
+                f"{path}: this run diverged at step {state['diverged_at_step']} (non-finite loss); resuming would train on NaN. "
+                "Start a new run (e.g. a smaller learning rate) instead"
+            )
+        if problem := model_mismatch(self.model, state.get("state_dict", {})):
+            raise RunError(f"{path} does not match this model: {problem}; resume with the run's own settings (its config.yaml) or start a new run")
+        ident = dict(state.get("bnlightning_loggers", {}))
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        if isinstance(csv, CSVLogger) and os.path.basename(os.path.dirname(path)) == "checkpoints" and os.path.dirname(run_dir) == os.path.abspath(csv.root_dir):
+            # The run is the folder the checkpoint lies in, whatever the checkpoint says.
+            name = os.path.basename(run_dir)
+            ident["csv_version"] = int(name[len("version_") :]) if name.startswith("version_") and name[len("version_") :].isdigit() else name
+        wandb_id = runstate.read_status(run_dir).get("wandb_id")
+        if wandb_id and "wandb_id" not in ident:
+            ident["wandb_id"] = wandb_id
+        resume_loggers(self.trainer.loggers, ident, int(state.get("global_step", 0)))
+        rank_zero_info(f"bnlightning: resuming {run_dir} from {path} (step {state.get('global_step', '?')})")
+        return path
+
+    def _settings(self, config: Any) -> dict[str, Any]:
+        """What makes two runs the same experiment: model, data and seed (as saved in config.yaml)."""
+        import yaml
+
+        dumped = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False, skip_validation=True))
+        return {k: dumped.get(k) for k in ("model", "data", "seed_everything")}
 
     def after_fit(self) -> None:
         self._summarize("fit")
@@ -117,6 +184,73 @@ class BNLightningCLI(LightningCLI):
         diverged = getattr(model, "diverged_at_step", None)
         status = f"DIVERGED at step {diverged}" if diverged is not None else f"{trainer.global_step} steps"
         rank_zero_info(f"bnlightning: {stage} done for {what}: {status}; {shown or 'no validation metrics'}")
+
+
+def _run_folders(root: str) -> list[str]:
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return []
+    return [os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n, "checkpoints"))]
+
+
+def _find_last(csv: Any, settings: dict[str, Any]) -> str | None:
+    """``last.ckpt`` of the run ``--ckpt_path last`` continues, or None.
+
+    With an explicit logger version only that folder counts. Otherwise, among the
+    version folders holding checkpoints: those whose saved settings equal the current
+    ones first, then unfinished ones, then the newest.
+    """
+    import yaml
+
+    if csv._version is not None:
+        folders = [csv.log_dir] if os.path.isdir(os.path.join(csv.log_dir, "checkpoints")) else []
+    else:
+        folders = _run_folders(csv.root_dir)
+    ranked = []
+    for folder in folders:
+        ckpts = [os.path.join(folder, "checkpoints", f) for f in os.listdir(os.path.join(folder, "checkpoints")) if f.endswith(".ckpt")]
+        if not ckpts:
+            continue
+        try:
+            with open(os.path.join(folder, "config.yaml")) as f:
+                saved = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError):
+            saved = {}
+        same = {k: saved.get(k) for k in settings} == settings
+        unfinished = runstate.read_status(folder).get("status") not in runstate.FINISHED
+        ranked.append((same, unfinished, max(os.path.getmtime(c) for c in ckpts), folder, ckpts))
+    if not ranked:
+        return None
+    *_, folder, ckpts = max(ranked, key=lambda r: r[:3])
+    last = os.path.join(folder, "checkpoints", "last.ckpt")
+    return last if os.path.exists(last) else max(ckpts, key=os.path.getmtime)
+
+
+def _refuse_finished_folder(csv: CSVLogger) -> None:
+    """A new run never writes into a folder that holds another run's checkpoints."""
+    if csv._version is None:
+        return  # a fresh folder will be claimed
+    folder = csv.log_dir
+    status = runstate.read_status(folder).get("status")
+    has_ckpt = os.path.isdir(os.path.join(folder, "checkpoints")) and any(f.endswith(".ckpt") for f in os.listdir(os.path.join(folder, "checkpoints")))
+    if has_ckpt:
+        what = f"a {status} run" if status else "another run's checkpoints"
+        raise RunError(f"{folder} already holds {what}; resume it with --ckpt_path last, or give the logger another version/name")
+
+
+def _check_writable(folder: str) -> None:
+    """Create ``folder`` and write a probe file, so a read-only or full disk fails now, not at step 1,000."""
+    probe = os.path.join(folder, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as err:
+        raise RunError(f"cannot write to the output folder {folder}: {err.strerror or err}") from None
 
 
 def build_cli(args: Sequence[str] | None, run: bool = True) -> BNLightningCLI:
@@ -139,8 +273,9 @@ def build_cli(args: Sequence[str] | None, run: bool = True) -> BNLightningCLI:
 def main(args: Sequence[str] | None = None) -> Any:
     """Run the command line ``args`` (default: ``sys.argv[1:]``).
 
-    Bad input exits with code 2 and one ``error:`` line; set ``BNLIGHTNING_DEBUG=1`` to
-    see the traceback instead.
+    Bad input, and full or read-only storage, exit with code 2 and one ``error:`` line;
+    set ``BNLIGHTNING_DEBUG=1`` to see the traceback instead. SIGTERM/SIGUSR1 during
+    ``fit`` exit with 128 + the signal number after saving a checkpoint.
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
@@ -156,10 +291,19 @@ def main(args: Sequence[str] | None = None) -> Any:
         cli = build_cli(None if args is None else argv)
         exit_code = 0
         return cli
+    except SIGTERMException:
+        # Pre-empted: the checkpoint is saved; one line, and a non-zero status for schedulers.
+        print(f"bnlightning: {runstate.describe_interrupt(argv)}", file=sys.stderr)
+        raise SystemExit(runstate.last_interrupt.get("code", 128 + 15)) from None
     except (*USER_ERRORS, ArgumentError) as err:
         if os.environ.get("BNLIGHTNING_DEBUG"):
             raise
         _fail(condense(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)))
+    except OSError as err:
+        line = storage_error_line(err)
+        if line is None or os.environ.get("BNLIGHTNING_DEBUG"):
+            raise
+        _fail(line)
     finally:
         _finish_wandb_run(exit_code)
 

@@ -3,10 +3,14 @@
 jsonargparse explains a bad value by walking every type it tried ("Does not validate
 against any of the Union subtypes ... Given value: ..."). The useful part is the
 innermost message and the chain of keys leading to it; this module keeps just that.
+:class:`RunError` and :func:`storage_error_line` do the same for problems found while a
+run starts or trains (an unusable checkpoint, a full or read-only disk).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 
 # Lines that describe jsonargparse's search, not the user's mistake.
@@ -87,3 +91,35 @@ def yaml_error(path: str) -> str | None:
     except yaml.YAMLError as err:
         return f"{path}: invalid YAML: {err}"
     return None
+
+
+class RunError(Exception):
+    """A run cannot start or go on for a reason the user can fix; shown as one ``error:`` line.
+
+    Raised for storage that is read-only or full, a checkpoint that cannot be resumed,
+    a failed data set download. Example::
+
+        raise RunError("cannot write to runs/x: Read-only file system")
+    """
+
+
+# errno values that mean "the storage, not the program, is at fault".
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM})
+
+
+def storage_error_line(err: BaseException) -> str | None:
+    """One line for an ``OSError`` caused by full, read-only or forbidden storage, else None.
+
+    Args:
+        err: any exception; only ``OSError`` with a storage errno gives a line.
+
+    Example:
+        >>> print(storage_error_line(OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.csv")))
+        No space left on device: runs/x/metrics.csv (free space there, or point the run elsewhere with --trainer.default_root_dir and the loggers' save_dir)
+    """
+    if not isinstance(err, OSError) or err.errno not in _STORAGE_ERRNOS:
+        return None
+    where = err.filename if err.filename is not None else "(path unknown)"
+    reason = err.strerror or os.strerror(err.errno)
+    fix = "free space there" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    return f"{reason}: {where} ({fix}, or point the run elsewhere with --trainer.default_root_dir and the loggers' save_dir)"

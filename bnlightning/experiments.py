@@ -15,6 +15,9 @@ Usage::
     python -m bnlightning.experiments run dln mlp-sigmoid vgg-lr --cpu --seeds 0 1   # CPU-sized
     python -m bnlightning.experiments sweep configs/sweeps/vgg-lr.yaml [--run] [-- --trainer.max_steps=100]
 
+``run`` is safe to repeat: finished runs (``run.json`` says completed or diverged) are
+skipped, interrupted or killed runs with a checkpoint resume with ``--ckpt_path=last``.
+
 Arguments after ``--`` are appended to every ``fit`` command (e.g. a smaller
 ``--trainer.max_steps`` or ``--trainer.devices``).
 
@@ -30,8 +33,10 @@ import itertools
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -224,7 +229,7 @@ def expand(
     if not seeds:
         raise ValueError("give at least one seed")
     name = experiment.name + ("-cpu" if cpu else "")
-    grid = dict((experiment.cpu_grid if cpu and experiment.cpu_grid is not None else experiment.grid))
+    grid = dict(experiment.cpu_grid if cpu and experiment.cpu_grid is not None else experiment.grid)
     grid[SEED] = tuple(seeds)
     keys = list(grid)
     specs = []
@@ -241,25 +246,76 @@ def expand(
     return specs
 
 
-def run_all(specs: Sequence[RunSpec], cwd: Path = REPO, quiet: bool = False) -> list[tuple[RunSpec, int]]:
-    """Run ``specs`` one after another; a failing run is reported and the others go on.
+def run_state(spec: RunSpec, cwd: Path = REPO) -> tuple[str, bool]:
+    """``(status from run.json or "new", whether it has a checkpoint)`` of ``spec``'s folder."""
+    from bnlightning.runstate import read_status
 
-    A run that diverges is a result, not a failure: it ends with status 0 and its
-    ``diverged_at_step`` in metrics.csv.
+    folder = spec.log_dir if spec.log_dir.is_absolute() else cwd / spec.log_dir
+    ckpts = folder / "checkpoints"
+    has_ckpt = ckpts.is_dir() and any(ckpts.glob("*.ckpt"))
+    return str(read_status(folder).get("status", "new")), has_ckpt
+
+
+def run_all(specs: Sequence[RunSpec], cwd: Path = REPO, quiet: bool = False) -> list[tuple[RunSpec, str]]:
+    """Run ``specs`` one after another; returns each run's outcome.
+
+    Outcomes: ``ok`` (completed), ``diverged`` (a result, not a failure: its
+    ``diverged_at_step`` is in metrics.csv), ``skipped`` (finished by an earlier
+    invocation), ``interrupted`` (SIGTERM/SIGUSR1: checkpoint saved; the next invocation
+    resumes it with ``--ckpt_path last``) or ``failed``. A SIGTERM to this runner is passed
+    on to the running ``fit`` (which saves and stops) and no further run starts.
     """
-    results = []
-    for i, spec in enumerate(specs, 1):
-        start = time.monotonic()
-        print(f"[{i}/{len(specs)}] {spec.experiment}/{spec.name} ...", flush=True)
-        log = spec.log_dir.parent / f"{spec.name}.out"
-        log_path = (cwd / log) if not log.is_absolute() else log
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("w") as out:
-            proc = subprocess.run(spec.command(), cwd=cwd, stdout=out if quiet else None, stderr=subprocess.STDOUT if quiet else None, check=False)
-        status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}; output in {log_path})"
-        print(f"[{i}/{len(specs)}] {spec.experiment}/{spec.name}: {status} in {time.monotonic() - start:.0f}s", flush=True)
-        results.append((spec, proc.returncode))
+    results: list[tuple[RunSpec, str]] = []
+    stop: list[int] = []
+    child: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        stop.append(signum)
+        if child and child[0].poll() is None:
+            child[0].send_signal(signum)
+
+    old = signal.signal(signal.SIGTERM, forward) if threading.current_thread() is threading.main_thread() else None
+    try:
+        for i, spec in enumerate(specs, 1):
+            tag = f"[{i}/{len(specs)}] {spec.experiment}/{spec.name}"
+            status, has_ckpt = run_state(spec, cwd)
+            if status in ("completed", "diverged") or stop:
+                outcome = "skipped" if not stop else "not started"
+                print(f"{tag}: {outcome}" + (f" (already {status})" if not stop else " (runner stopped by a signal)"), flush=True)
+                results.append((spec, outcome))
+                continue
+            command = spec.command() + (["--ckpt_path=last"] if has_ckpt else [])
+            print(f"{tag} ..." + (f" (resuming the {status} run)" if has_ckpt else ""), flush=True)
+            start = time.monotonic()
+            log = spec.log_dir.parent / f"{spec.name}.out"
+            log_path = (cwd / log) if not log.is_absolute() else log
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("a" if has_ckpt else "w") as out:
+                proc = subprocess.Popen(command, cwd=cwd, stdout=out if quiet else None, stderr=subprocess.STDOUT if quiet else None)
+                child[:] = [proc]
+                returncode = proc.wait()
+                child.clear()
+            outcome = _outcome(returncode, run_state(spec, cwd)[0])
+            text = {
+                "ok": "ok",
+                "diverged": "ok (diverged: a result)",
+                "interrupted": "INTERRUPTED (checkpoint saved; run the same command again to resume)",
+            }.get(outcome, f"FAILED (exit {returncode}; output in {log_path})")
+            print(f"{tag}: {text} in {time.monotonic() - start:.0f}s", flush=True)
+            results.append((spec, outcome))
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
     return results
+
+
+def _outcome(returncode: int, status: str) -> str:
+    """A run's outcome from its exit status and the status it recorded."""
+    if returncode == 0 and status in ("completed", "diverged"):
+        return "ok" if status == "completed" else "diverged"
+    if status == "interrupted" or returncode in (-signal.SIGTERM, 128 + signal.SIGTERM, 128 + signal.SIGUSR1):
+        return "interrupted"
+    return "failed"
 
 
 # --- W&B sweeps -----------------------------------------------------------------------
@@ -437,9 +493,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.close()
         return 0
     results = run_all(specs, Path.cwd(), quiet)
-    failed = [s.name for s, rc in results if rc != 0]
-    print(f"done: {len(results) - len(failed)}/{len(results)} runs ok" + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+    done = [s.name for s, o in results if o in ("ok", "diverged", "skipped")]
+    interrupted = [s.name for s, o in results if o in ("interrupted", "not started")]
+    failed = [s.name for s, o in results if o == "failed"]
+    line = f"done: {len(done)}/{len(results)} runs finished"
+    line += f"; interrupted (run again to resume): {', '.join(interrupted)}" if interrupted else ""
+    line += f"; failed: {', '.join(failed)}" if failed else ""
+    print(line)
+    return 1 if failed or interrupted else 0
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ class WandbLogger(_LightningWandbLogger):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         try:
             super().log_metrics(metrics, step)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any W&B failure must not end training
             self._warn_log_error(err)
 
     @override
@@ -128,7 +128,7 @@ class WandbLogger(_LightningWandbLogger):
     def log_hyperparams(self, params: Any) -> None:
         try:
             super().log_hyperparams(params)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any W&B failure must not end training
             self._warn_log_error(err)
 
     def _warn_log_error(self, err: Exception) -> None:
@@ -165,13 +165,32 @@ class _ResumingWriter(ExperimentWriter):
         self.metrics_keys = keys
 
 
-class CSVLogger(_LightningCSVLogger):
-    """Lightning's ``CSVLogger`` that continues the same run folder when a run resumes.
+class _FreshWriter(ExperimentWriter):
+    """Lightning's CSV writer, warning only when an old ``metrics.csv`` is really replaced
+    (the run's own ``checkpoints/`` and ``run.json`` beside it are not "previous logs")."""
 
-    Args are those of ``lightning.pytorch.loggers.CSVLogger``. ``bnlightning``'s CLI calls
-    :meth:`resume` with the folder version and step stored in the checkpoint, so a run
-    killed and resumed with ``--ckpt_path last`` has one ``metrics.csv`` holding the
-    same rows an uninterrupted run would have.
+    @override
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            super()._check_log_dir_exists()
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's ``CSVLogger`` that claims its folder atomically and continues it on resume.
+
+    Args are those of ``lightning.pytorch.loggers.CSVLogger``.
+
+    * A new run (``version`` not given) claims ``version_N`` with an exclusive
+      ``os.mkdir``, trying the next number when another process got there first, so
+      runs started together on one machine or a shared file system never share a
+      folder (Lightning only lists the folders and picks the next number: a race).
+    * ``bnlightning``'s CLI calls :meth:`resume` with the folder of the checkpoint it
+      resumes and its step, so a run killed and resumed with ``--ckpt_path last`` has
+      one ``metrics.csv`` holding the same rows an uninterrupted run would have.
+
+    Example::
+
+        CSVLogger(save_dir="runs", name="quickstart")   # -> runs/quickstart/version_<first free>
     """
 
     def __init__(
@@ -185,6 +204,15 @@ class CSVLogger(_LightningCSVLogger):
         super().__init__(save_dir=save_dir, name=name, version=version, prefix=prefix, flush_logs_every_n_steps=flush_logs_every_n_steps)
         self._resume_step: int | None = None
 
+    @property
+    @override
+    def version(self) -> int | str:
+        if self._version is None:
+            # Only rank zero claims; other ranks never write here, and Lightning
+            # broadcasts rank zero's folders (log_dir, checkpoint dir) to them.
+            self._version = claim_version(self.root_dir) if rank_zero_only.rank == 0 else self._get_next_version()
+        return self._version
+
     def resume(self, version: int | str, step: int) -> None:
         """Write into the folder of ``version``, keeping its rows of steps before ``step``."""
         if self._experiment is not None:
@@ -192,14 +220,55 @@ class CSVLogger(_LightningCSVLogger):
         self._version = version
         self._resume_step = step
 
+    @override
+    @rank_zero_only
+    def save(self) -> None:
+        try:
+            super().save()
+        except OSError as err:
+            if err.filename is None and self._experiment is not None:  # say which file (full disk)
+                raise OSError(err.errno, err.strerror, self._experiment.metrics_file_path) from err
+            raise
+
     @property
     @override
     @rank_zero_experiment
     def experiment(self) -> Any:
-        if self._experiment is None and self._resume_step is not None:
+        if self._experiment is None:
             os.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ResumingWriter(self.log_dir, self._resume_step)
+            resuming = self._resume_step is not None
+            self._experiment = _ResumingWriter(self.log_dir, self._resume_step) if resuming else _FreshWriter(self.log_dir)
         return super().experiment
+
+
+def claim_version(root: str | os.PathLike[str]) -> int:
+    """Create ``root/version_N`` for the first free N with an exclusive ``os.mkdir``; return N.
+
+    ``os.mkdir`` fails if the folder exists, also on NFS, so two processes never get
+    the same N.
+
+    Raises:
+        OSError: ``root`` cannot be created or written (read-only, full, no permission).
+
+    Example::
+
+        claim_version("runs/quickstart")  # 0 in an empty folder, then 1, 2, ...
+    """
+    root = os.fspath(root)
+    os.makedirs(root, exist_ok=True)
+    taken = [int(d[len("version_") :]) for d in os.listdir(root) if d.startswith("version_") and d[len("version_") :].isdigit()]
+    n = max(taken, default=-1) + 1
+    while True:
+        try:
+            os.mkdir(os.path.join(root, f"version_{n}"))
+            return n
+        except FileExistsError:
+            n += 1
+
+
+def csv_logger(loggers: list[Any]) -> _LightningCSVLogger | None:
+    """The first CSV logger: its version folder is the run's folder."""
+    return next((lg for lg in loggers if isinstance(lg, _LightningCSVLogger)), None)
 
 
 def logger_identity(loggers: list[Any]) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from bnlightning.data import Digits
+
 
 class KillAtStep(pl.Callback):
     """SIGKILL this process right after optimizer step ``step`` (no cleanup, like a pre-emption)."""
@@ -36,3 +38,29 @@ class FailingLogger(pl.loggers.Logger):
 
     def log_metrics(self, metrics: Any, step: Any = None) -> None:
         raise ConnectionError("simulated W&B outage")
+
+
+class SignalAtStep(pl.Callback):
+    """Send ``signum`` (a real signal, default SIGTERM) to this process after step ``step``.
+
+    After a resume past ``step`` it never fires again, so the same command line can be
+    run twice: pre-empted the first time, resumed the second.
+    """
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
+        self.step = step
+        self.signum = signum
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class PoisonedDigits(Digits):
+    """The digits with NaN in every training row's first feature, as a broken preprocessing step would leave them."""
+
+    def load_tensors(self) -> Any:
+        train_x, train_y, val_x, val_y = super().load_tensors()
+        train_x = train_x.clone()
+        train_x[:, 0] = float("nan")
+        return train_x, train_y, val_x, val_y

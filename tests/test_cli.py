@@ -46,7 +46,7 @@ def test_quickstart_trains_and_reports_accuracy(in_tmp: Path, caplog: pytest.Log
     assert f"val/acc={acc:.4f}" in caplog.text
     run = in_tmp / "runs" / "quickstart" / "version_0"
     assert (run / "metrics.csv").exists() and (run / "config.yaml").exists()
-    assert (in_tmp / "runs" / "quickstart" / "checkpoints" / "last.ckpt").exists()
+    assert (run / "checkpoints" / "last.ckpt").exists(), "checkpoints live in the run's own folder"
 
 
 def test_vgg_bn_config_runs_three_steps_on_cifar_format_files(in_tmp: Path, fake_cifar10: Path) -> None:
@@ -74,11 +74,11 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fit done for MLP(norm=batch): 20 steps" in out.stdout + out.stderr
-    ckpt = torch.load(tmp_path / "runs/quickstart/checkpoints/last.ckpt", weights_only=True)
+    ckpt = torch.load(tmp_path / "runs/quickstart/version_0/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 20
 
 
 def test_checkpointing_can_be_switched_off(in_tmp: Path) -> None:
     cli = main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.enable_checkpointing", "false", "--trainer.max_steps", "5", *QUICK])
     assert cli.trainer.checkpoint_callback is None
-    assert not (in_tmp / "runs" / "quickstart" / "checkpoints").exists()
+    assert not (in_tmp / "runs" / "quickstart" / "version_0" / "checkpoints").exists()

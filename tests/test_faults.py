@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONFIGS, REPO
 
 from bnlightning.checkpointing import AtomicCheckpointIO
 from bnlightning.cli import main
 from bnlightning.loggers import WandbLogger
-from conftest import CONFIGS, REPO
 
 QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
@@ -28,7 +30,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def _fit_subprocess(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "offline", "WANDB_DIR": str(cwd)}
     cmd = [sys.executable, "-m", "bnlightning", "fit", *args, *QUICK]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 # --- crash and resume ---------------------------------------------------------------
@@ -57,19 +59,19 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pa
     assert ref.returncode == 0, ref.stderr[-2000:]
     killed = _fit_subprocess(crash_dir, *common, "--config", str(kill))
     assert killed.returncode == -9, killed.stderr[-2000:]
-    ckpts = crash_dir / "runs/quickstart/checkpoints"
+    ckpts = crash_dir / "runs/quickstart/version_0/checkpoints"
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 30
     resumed = _fit_subprocess(crash_dir, *common, "--config", str(measure), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Restored all states" in resumed.stdout + resumed.stderr
 
-    a = torch.load(ref_dir / "runs/quickstart/checkpoints/last.ckpt", weights_only=True)
+    a = torch.load(ref_dir / "runs/quickstart/version_0/checkpoints/last.ckpt", weights_only=True)
     b = torch.load(ckpts / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 45
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     # One run folder, the same rows (measurements included) as the uninterrupted run.
-    assert sorted(p.name for p in (crash_dir / "runs/quickstart").iterdir()) == ["checkpoints", "version_0"]
+    assert sorted(p.name for p in (crash_dir / "runs/quickstart").iterdir()) == ["version_0"]
     ref_rows = _rows(ref_dir / "runs/quickstart/version_0/metrics.csv")
     assert _rows(crash_dir / "runs/quickstart/version_0/metrics.csv") == ref_rows
     assert len([r for r in ref_rows if r.get("train/loss")]) == 45
@@ -88,7 +90,7 @@ def _callback_items(measure_yaml: str) -> list[str]:
     for line in lines[start:]:
         if line and not line.startswith("    "):
             break
-        items.append(line[4:] if line.startswith("    ") else line)
+        items.append(line.removeprefix("    "))
     return [i for i in items if i.strip() and not i.strip().startswith("#")]
 
 
@@ -183,8 +185,6 @@ def test_corrupted_cifar_batch_file_is_detected(in_tmp: Path, fake_cifar10: Path
 
 
 def _assert_one_line_error(args: list[str], pattern: str, capsys: pytest.CaptureFixture[str]) -> None:
-    import re
-
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 2
@@ -280,3 +280,232 @@ def test_non_positive_landscape_step_size_is_one_clear_line(in_tmp: Path, capsys
     measure.write_text("trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.LossLandscape\n      init_args: {step_sizes: [0.5, -1.0]}\n")
     args = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(measure), "--trainer.max_steps", "2", *QUICK]
     _assert_one_line_error(args, r"^error: .*step.*-1\.0", capsys)
+
+
+# --- issue 14: runs never mix, survive pre-emption, fail early ------------------------
+CSV_ONLY = "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n      init_args: {save_dir: runs, name: quickstart}\n"
+
+
+def _quick(tmp: Path, *extra: str) -> list[str]:
+    """Quickstart, CSV logger only (no W&B start-up cost), checkpoints every 10 steps."""
+    csv_only = tmp / "csv_only.yaml"
+    csv_only.write_text(CSV_ONLY)
+    return ["--config", str(CONFIGS / "quickstart.yaml"), "--config", str(csv_only), "--checkpoint.every_n_train_steps", "10", "--trainer.log_every_n_steps", "1", *extra]
+
+
+def _callback(tmp: Path, class_path: str, **init_args: int) -> list[str]:
+    path = tmp / f"{class_path.rsplit('.', 1)[-1]}.yaml"
+    path.write_text(f"trainer:\n  callbacks:\n    - class_path: {class_path}\n      init_args: {json.dumps(init_args)}\n")
+    return ["--config", str(path)]
+
+
+def _state(run: Path) -> dict[str, object]:
+    return json.loads((run / "run.json").read_text())
+
+
+def test_ckpt_path_last_resumes_the_killed_run_not_its_neighbour(in_tmp: Path) -> None:
+    """Issue case 1: `make quickstart` (norm none, then batch) with batch killed and resumed."""
+    common = _quick(in_tmp, "--trainer.max_steps", "12", "--checkpoint.every_n_train_steps", "5", *QUICK)
+    main(["fit", *common, "--model.init_args.norm", "none"])
+    run_a = in_tmp / "runs/quickstart/version_0"
+    before = {f: (run_a / f).read_bytes() for f in ("metrics.csv", "config.yaml", "run.json")}
+    killed = _fit_subprocess(in_tmp, *common, "--model.init_args.norm", "batch", *_callback(in_tmp, "fault_helpers.KillAtStep", step=11))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    cli = main(["fit", *common, "--model.init_args.norm", "batch", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 12
+    assert {f: (run_a / f).read_bytes() for f in before} == before, "run A's folder is untouched"
+    run_b = in_tmp / "runs/quickstart/version_1"
+    assert "norm: batch" in (run_b / "config.yaml").read_text()
+    assert [int(r["step"]) for r in _rows(run_b / "metrics.csv") if r.get("train/loss")] == list(range(12))
+    assert _state(run_b)["status"] == "completed"
+    assert sorted(p.name for p in (in_tmp / "runs/quickstart").iterdir()) == ["version_0", "version_1"]
+
+
+def _claim_many(root: str, n: int) -> list[int]:
+    from bnlightning.loggers import claim_version
+
+    return [claim_version(root) for _ in range(n)]
+
+
+def test_concurrent_runs_never_share_a_folder(tmp_path: Path) -> None:
+    """Issue case 2: two runs created together get two folders (Lightning's listing gave both version_0) ..."""
+    from bnlightning.loggers import CSVLogger
+
+    a, b = CSVLogger(save_dir=str(tmp_path), name="q"), CSVLogger(save_dir=str(tmp_path), name="q")
+    assert (a.log_dir, b.log_dir) == (str(tmp_path / "q/version_0"), str(tmp_path / "q/version_1"))
+    # ... and so do processes racing for the next number (an exclusive mkdir each).
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        claimed = [v for chunk in pool.starmap(_claim_many, [(str(tmp_path / "race"), 10)] * 4) for v in chunk]
+    assert sorted(claimed) == list(range(40))
+
+
+def test_sigterm_saves_stops_nonzero_and_resumes_exactly(in_tmp: Path) -> None:
+    """Issue case 3: a real SIGTERM at step 7 (between checkpoints): checkpoint at 7, one line,
+    exit 143; resuming gives the weights and rows of an uninterrupted run."""
+    common = _quick(in_tmp, "--trainer.max_steps", "12", "--checkpoint.every_n_train_steps", "5", *QUICK)
+    out = _fit_subprocess(in_tmp, *common, *_callback(in_tmp, "fault_helpers.SignalAtStep", step=7))
+    assert out.returncode == 128 + 15, out.stderr[-2000:]
+    run = in_tmp / "runs/quickstart/version_0"
+    state = _state(run)
+    assert state["status"] == "interrupted" and state["step"] == 7 and state["signal"] == "SIGTERM"
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 7
+    line = [ln for ln in out.stderr.splitlines() if ln.startswith("bnlightning: interrupted")]
+    assert len(line) == 1 and "by SIGTERM at step 7" in line[0] and line[0].endswith("--ckpt_path last"), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    main(["fit", *common, "--ckpt_path", "last"])
+    assert _state(run)["status"] == "completed"
+    main(["fit", *common])  # the uninterrupted reference, in version_1
+    ref = in_tmp / "runs/quickstart/version_1"
+    a = torch.load(ref / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _rows(run / "metrics.csv") == _rows(ref / "metrics.csv")
+
+
+def test_experiment_runner_reports_interrupted_then_resumes_then_skips(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue case 3 (runner), with SLURM's warning signal SIGUSR1: "INTERRUPTED", not "ok"; the
+    next invocation resumes, the one after skips."""
+    import signal
+
+    from bnlightning.experiments import RunSpec, run_all
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
+    args = (
+        f"--config={CONFIGS / 'quickstart.yaml'}", "--trainer.max_steps=12", "--trainer.log_every_n_steps=4", "--checkpoint.every_n_train_steps=100",
+        "--trainer.logger=" + json.dumps([{"class_path": "bnlightning.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "exp", "version": "a"}}]),
+        *_callback(tmp_path, "fault_helpers.SignalAtStep", step=6, signum=int(signal.SIGUSR1)), *QUICK,
+    )
+    spec = RunSpec("exp", "a", Path("runs/exp/a"), tuple(args))
+    assert [o for _, o in run_all([spec], tmp_path)] == ["interrupted"]
+    assert "INTERRUPTED (checkpoint saved; run the same command again to resume)" in capsys.readouterr().out
+    assert _state(tmp_path / "runs/exp/a")["signal"] == "SIGUSR1"
+    assert [o for _, o in run_all([spec], tmp_path)] == ["ok"]
+    assert "(resuming the interrupted run)" in capsys.readouterr().out
+    assert _state(tmp_path / "runs/exp/a")["status"] == "completed"
+    assert [int(r["step"]) for r in _rows(tmp_path / "runs/exp/a/metrics.csv") if r.get("train/loss")] == [3, 7, 11]
+    assert [o for _, o in run_all([spec], tmp_path)] == ["skipped"]
+
+
+def test_kill_before_first_checkpoint_is_not_counted_as_a_seed(in_tmp: Path) -> None:
+    """Issue case 4: the fragment is marked unfinished; the restart is a new run; the report keeps them apart."""
+    from bnlightning.report.page import write_markdown
+    from bnlightning.report.runs import load_runs, split_runs
+
+    common = _quick(in_tmp, "--trainer.max_steps", "10", "--checkpoint.every_n_train_steps", "1000", *QUICK)
+    killed = _fit_subprocess(in_tmp, *common, *_callback(in_tmp, "fault_helpers.KillAtStep", step=3))
+    assert killed.returncode == -9
+    assert _state(in_tmp / "runs/quickstart/version_0")["status"] == "running"
+    main(["fit", *common, "--ckpt_path", "last"])  # nothing to resume: a new run
+    done, unfinished = split_runs(load_runs([in_tmp / "runs"]))
+    assert [r.path.name for r in done] == ["version_1"] and [r.path.name for r in unfinished] == ["version_0"]
+    md = write_markdown(done, [], in_tmp, "t", unfinished).read_text()  # the page `report` writes (figures left out: slow)
+    tables, apart = md.split("## Incomplete runs")
+    assert "version_1" in tables and "version_0" not in tables
+    assert "| version_0 | running |" in apart.replace("runs/quickstart/", "")
+
+
+def test_failed_resume_touches_nothing(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue case 5: a resume that cannot work fails in one line before writing; a corrupt last
+    falls back to the newest intact checkpoint; old step checkpoints are pruned (keep_last)."""
+    common = ["fit", *_quick(in_tmp, "--trainer.max_steps", "12", "--checkpoint.every_n_train_steps", "3", *QUICK)]
+    main(common)
+    run = in_tmp / "runs/quickstart/version_0"
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=0-step=12.ckpt", "epoch=0-step=9.ckpt", "last.ckpt"], "keep_last=2 by default"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    _assert_one_line_error(
+        [*common, "--model.init_args.width", "50", "--ckpt_path", "last"],
+        r"^error: .*last\.ckpt does not match this model: net\.[\w.]+ is \(100, 64\) in the checkpoint but \(50, 64\) in this model",
+        capsys,
+    )
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before, "nothing written before the check"
+    (ckpts / "last.ckpt").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"last\.ckpt cannot be resumed \(the file is empty \(0 bytes\)\); resuming from the newest intact checkpoint .*epoch=0-step=12\.ckpt"):
+        cli = main([*common, "--trainer.max_steps", "14", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 14
+    for p in ckpts.iterdir():
+        p.write_bytes(p.read_bytes()[:1000])  # truncated, every one of them
+    _assert_one_line_error([*common, "--ckpt_path", "last"], r"^error: cannot resume from .*last\.ckpt: it cannot be read .*no intact checkpoint", capsys)
+    _assert_one_line_error([*common, "--checkpoint.keep_last", "0"], r"^error: .*keep_last must be >= 1 \(or -1 .*\), got 0", capsys)
+
+
+def _in_private_mount(tmp: Path, mount_opts: str, *fit_args: str) -> subprocess.CompletedProcess[str]:
+    """``fit`` in a user+mount namespace with a fresh tmpfs at ``tmp/disk`` (real ENOSPC / EROFS)."""
+    import shutil
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("user namespaces (unshare -rm) are not available here")
+    disk = tmp / "disk"
+    disk.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "offline"}
+    script = f'mount -t tmpfs -o {mount_opts} tmpfs "$1" || exit 77; shift; exec "$@"'
+    cmd = ["unshare", "-rm", "sh", "-c", script, "sh", str(disk), sys.executable, "-m", "bnlightning", "fit", *fit_args, *QUICK]
+    out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300, check=False)
+    if out.returncode == 77:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("opts", "pattern"),
+    [
+        ("ro,size=1m", r"^error: Read-only file system: .*disk/runs \(make it writable, or point the run elsewhere"),
+        ("size=48k", r"^error: No space left on device: .*disk/runs/quickstart/version_0/checkpoints/.*ckpt.* \(free space there"),
+    ],
+    ids=["read-only", "full"],
+)
+def test_full_or_read_only_storage_is_one_line(tmp_path: Path, opts: str, pattern: str) -> None:
+    """Issue case 6: a read-only folder fails at start-up, a full disk at the first checkpoint,
+    each as one line naming the path (no "unexpected pos" traceback)."""
+    csv_only = tmp_path / "csv.yaml"
+    csv_only.write_text(CSV_ONLY.replace("save_dir: runs", f"save_dir: {tmp_path / 'disk' / 'runs'}"))
+    out = _in_private_mount(tmp_path, opts, "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(csv_only), "--trainer.max_steps", "5", "--checkpoint.every_n_train_steps", "2")
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1, out.stderr[-3000:]
+    assert re.search(pattern, errors[0]), errors[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_report_ignores_cut_rows_and_empty_logs(tmp_path: Path) -> None:
+    """Issue case 7: a last line cut mid-write is dropped (with a warning); an empty metrics.csv is no run."""
+    from bnlightning.report.runs import load_runs
+
+    good, empty = tmp_path / "good", tmp_path / "empty"
+    for d in (good, empty):
+        d.mkdir()
+        (d / "config.yaml").write_text("model: {class_path: bnlightning.models.MLP, init_args: {norm: batch}}\n")
+    (good / "metrics.csv").write_text("epoch,step,val/acc\r\n0,9,0.5\r\n0,19,0.9375\r\n0,29,0.9")
+    (empty / "metrics.csv").write_text("epoch,step,val/acc\r\n")
+    with pytest.warns(UserWarning) as record:
+        runs = load_runs([tmp_path])
+    messages = " ".join(str(w.message) for w in record)
+    assert "ignoring its last line, which was cut short: '0,29,0.9'" in messages
+    assert "metrics.csv holds no rows; not a run, skipped" in messages
+    assert [r.path for r in runs] == [good] and runs[0].final("val/acc") == 0.9375 and runs[0].last_step == 19
+
+
+def test_failed_cifar_download_is_one_line_with_the_fix(in_tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue case 8: no internet (here: a refused connection) is one line saying where the files go."""
+    from bnlightning.data.cifar10 import CIFAR10Dataset
+
+    monkeypatch.setattr(CIFAR10Dataset, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    root = in_tmp / "data"
+    args = ["fit", "--config", str(CONFIGS / "vgg_bn.yaml"), "--data.init_args.root", str(root), "--trainer.max_steps", "1", *QUICK]
+    _assert_one_line_error(
+        args,
+        rf"^error: CIFAR-10 download failed \(.*refused.*\); without internet, .* so that {re.escape(str(root))}/cifar-10-batches-py holds .* --data\.init_args\.root",
+        capsys,
+    )
+
+
+def test_nan_in_data_is_named_and_a_diverged_run_does_not_resume(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Non-finite loss at the very first step points at the data; resuming that run stops at once."""
+    common = ["fit", *_quick(in_tmp, "--trainer.max_steps", "12", "--data", "fault_helpers.PoisonedDigits", *QUICK)]
+    with pytest.warns(UserWarning, match=r"loss is not finite at the very first step: the training data may hold NaN/inf \(the first training batch holds 60 NaN/inf values\)"):
+        cli = main(common)
+    assert cli.model.diverged_at_step == 0
+    run = in_tmp / "runs/quickstart/version_0"
+    assert _state(run)["status"] == "diverged"
+    _assert_one_line_error([*common, "--ckpt_path", "last"], r"^error: .*last\.ckpt: this run diverged at step 0 \(non-finite loss\); resuming would train on NaN", capsys)

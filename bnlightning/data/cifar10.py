@@ -294,7 +294,18 @@ class CIFAR10(DataModuleBase):
         """Download on one process per node if asked and the files are missing."""
         if self.hparams.download and not CIFAR10Dataset.is_present(self.root):
             rank_zero_info(f"CIFAR-10: downloading to '{os.path.abspath(self.root)}'")
-            CIFAR10Dataset.fetch(self.root)
+            try:
+                CIFAR10Dataset.fetch(self.root)
+            except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError on bad md5
+                from bnlightning.errors import RunError
+
+                folder = os.path.join(os.path.abspath(self.root), CIFAR10Dataset.base_folder)
+                reason = " ".join(str(getattr(err, "reason", None) or err).split())[:200]
+                raise RunError(
+                    f"CIFAR-10 download failed ({reason}); without internet, copy the extracted {CIFAR10Dataset.filename} "
+                    f"from {CIFAR10Dataset.url} so that {folder} holds data_batch_1..5, test_batch and batches.meta, "
+                    "or point --data.init_args.root at the folder that contains cifar-10-batches-py/"
+                ) from None
 
     def _dataset(self, train: bool, transform: Any = None) -> CIFAR10Dataset:
         return CIFAR10Dataset(self.root, train=train, transform=transform, verify_checksums=self.hparams.verify_checksums)

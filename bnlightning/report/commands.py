@@ -73,19 +73,22 @@ def report_main(argv: Sequence[str]) -> int:
         # Imported here so `--help` and argument errors stay fast (matplotlib is slow to load).
         from bnlightning.report.figures import draw_all
         from bnlightning.report.page import write_html, write_markdown
-        from bnlightning.report.runs import load_runs
+        from bnlightning.report.runs import load_runs, split_runs
 
         if args.dpi < 20 or args.dpi > 600:
             raise ValueError(f"--dpi must be between 20 and 600, got {args.dpi}")
-        runs = load_runs(args.run_dirs)
+        runs, incomplete = split_runs(load_runs(args.run_dirs))
+        if not runs:
+            raise FileNotFoundError(f"no finished run under {' '.join(args.run_dirs)} ({len(incomplete)} incomplete: resume them with --ckpt_path last)")
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"--out {out} exists and is not a folder")
         figures = draw_all(runs, out, args.dpi)
-        md = write_markdown(runs, figures, out, args.title)
-        page = write_html(runs, figures, out, args.title)
+        md = write_markdown(runs, figures, out, args.title, incomplete)
+        page = write_html(runs, figures, out, args.title, incomplete)
         diverged = [r for r in runs if r.diverged_at_step is not None]
-        print(f"bnlightning report: {len(runs)} runs ({len(diverged)} diverged), {len(figures)} figures -> {md}, {page}")
+        extra = f"; {len(incomplete)} incomplete runs listed apart, not averaged" if incomplete else ""
+        print(f"bnlightning report: {len(runs)} runs ({len(diverged)} diverged){extra}, {len(figures)} figures -> {md}, {page}")
         return 0
 
     return _guard(body)
@@ -130,7 +133,7 @@ def wandb_report_main(argv: Sequence[str]) -> int:
         report = build_report(args.entity, args.project, args.title, args.group, link_runsets=True)
         try:
             report.save(draft=args.draft)
-        except Exception as err:  # network, auth, missing project: many exception types
+        except Exception as err:  # noqa: BLE001 - network, auth, missing project: many exception types
             raise ValueError(f"saving the W&B report failed ({type(err).__name__}: {err})") from None
         print(f"bnlightning wandb-report: saved {report.url}")
         return 0

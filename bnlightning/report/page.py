@@ -88,14 +88,31 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(runs: Sequence[Run], figures: Sequence[Figure], out: Path, title: str) -> Path:
-    """``report.md``: tables, then each figure (relative links)."""
+INCOMPLETE_HEADER = ["run", "status", "norm", "lr", "seed", "steps logged"]
+
+
+def incomplete_rows(runs: Sequence[Run], base: Path) -> list[list[str]]:
+    """Runs that did not end on their own (interrupted, failed, killed): never averaged."""
+    return [[_name(r, base), r.status, r.norm_label, _fmt(r.lr), str(r.seed), str(r.last_step)] for r in runs]
+
+
+def _name(run: Run, base: Path) -> str:
+    try:
+        return os.path.relpath(run.path, base)
+    except ValueError:  # other drive on Windows
+        return str(run.path)
+
+
+def write_markdown(runs: Sequence[Run], figures: Sequence[Figure], out: Path, title: str, incomplete: Sequence[Run] = ()) -> Path:
+    """``report.md``: tables, then each figure (relative links); ``incomplete`` runs in a table of their own."""
     parts = [f"# {title}", "", f"{len(runs)} runs. Curves: mean over seeds with a min-max band; a cross marks a diverged run.", ""]
     parts += ["## Final results per setting", "", markdown_table(SUMMARY_HEADER, summary_rows(runs)), ""]
     parts += ["## Figures", ""]
     for fig in figures:
         parts += [f"### {fig.caption}", "", f"![{fig.caption}]({fig.path.name})", ""]
     parts += ["## Runs", "", markdown_table(RUN_HEADER, run_rows(runs, out)), ""]
+    if incomplete:
+        parts += ["## Incomplete runs (not in the tables or figures above)", "", markdown_table(INCOMPLETE_HEADER, incomplete_rows(incomplete, out)), ""]
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path
@@ -112,7 +129,7 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_html(runs: Sequence[Run], figures: Sequence[Figure], out: Path, title: str) -> Path:
+def write_html(runs: Sequence[Run], figures: Sequence[Figure], out: Path, title: str, incomplete: Sequence[Run] = ()) -> Path:
     """``index.html``: the same content with the PNGs embedded, figures side by side."""
     cards = []
     for fig in figures:
@@ -129,7 +146,9 @@ def write_html(runs: Sequence[Run], figures: Sequence[Figure], out: Path, title:
         f"<h1>{html.escape(title)}</h1><p>{len(runs)} runs. Curves: mean over seeds with a min-max band; a cross marks a diverged run.</p>"
         f"<h2>Final results per setting</h2>{_html_table(SUMMARY_HEADER, summary_rows(runs))}"
         f"<h2>Figures</h2><div class='grid'>{''.join(cards)}</div>"
-        f"<h2>Runs</h2>{_html_table(RUN_HEADER, run_rows(runs, out))}</body></html>"
+        f"<h2>Runs</h2>{_html_table(RUN_HEADER, run_rows(runs, out))}"
+        + (f"<h2>Incomplete runs (not in the tables or figures above)</h2>{_html_table(INCOMPLETE_HEADER, incomplete_rows(incomplete, out))}" if incomplete else "")
+        + "</body></html>"
     )
     path = out / "index.html"
     path.write_text(page)

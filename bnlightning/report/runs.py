@@ -8,13 +8,23 @@ figure and table shows so a substitute data set is never taken for the real one.
 
 Runs are grouped into *settings* (model, data set, normalization, learning rate); the
 seeds of one setting are repeats and become the band around a curve.
+
+Only finished runs are averaged: ``run.json`` (written by every ``fit``) must say
+``completed`` or ``diverged``. A run that was interrupted, failed, or killed (still
+``running``) is *incomplete*: :func:`split_runs` keeps it apart, and the report lists it
+on its own. Folders from before ``run.json`` existed count as finished. A ``metrics.csv``
+with no rows is not a run, and a last line cut short (a crash mid-write) is dropped,
+each with a warning.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +68,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             data = yaml.safe_load(f)
         except yaml.YAMLError:
             f.seek(0)
-            data = yaml.load(f, Loader=_TolerantLoader)  # noqa: S506 - loader ignores tags
+            data = yaml.load(f, Loader=_TolerantLoader)
     return data if isinstance(data, dict) else {}
 
 
@@ -78,23 +88,32 @@ def read_metrics(path: Path) -> dict[str, Series]:
     """
     columns: dict[str, tuple[list[int], list[float]]] = {}
     with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            step_text = row.get("step") or ""
+        text = f.read()
+    if text and not text.endswith("\n"):
+        # Lightning ends every row with a newline: a last line without one was cut short
+        # (a kill or a full disk mid-write), and "0.9" of "0.9375" must not become a result.
+        cut = text.rsplit("\n", 1)[-1]
+        warnings.warn(f"{path}: ignoring its last line, which was cut short: {cut[:60]!r}", stacklevel=2)
+        text = text[: len(text) - len(cut)]
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    for row in reader:
+        if None in row or any(v is None for v in row.values()):
+            continue  # a row with more or fewer cells than the header is not trustworthy
+        step_text = row.get("step") or ""
+        try:
+            step = int(float(step_text))
+        except ValueError:
+            continue
+        for name, cell in row.items():
+            if name in ("step", "epoch") or name is None or cell in (None, ""):
+                continue
             try:
-                step = int(float(step_text))
+                value = float(cell)
             except ValueError:
                 continue
-            for name, cell in row.items():
-                if name in ("step", "epoch") or name is None or cell in (None, ""):
-                    continue
-                try:
-                    value = float(cell)
-                except ValueError:
-                    continue
-                steps, values = columns.setdefault(name, ([], []))
-                steps.append(step)
-                values.append(value)
+            steps, values = columns.setdefault(name, ([], []))
+            steps.append(step)
+            values.append(value)
     return {name: (np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64)) for name, (s, v) in columns.items()}
 
 
@@ -106,6 +125,17 @@ class Run:
     config: dict[str, Any]
     hparams: dict[str, Any]
     metrics: dict[str, Series] = field(repr=False)
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        """``completed``, ``diverged``, ``interrupted``, ``failed``, ``running`` (killed), or ``unknown`` (no run.json)."""
+        return str(self.state.get("status", "unknown"))
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run ended on its own; only complete runs are averaged."""
+        return self.status in ("completed", "diverged", "unknown")
 
     # --- settings -----------------------------------------------------------------
     @property
@@ -237,7 +267,7 @@ def layer_sort_key(name: str) -> tuple[int, str]:
 
 def short_layer(name: str) -> str:
     """``net.conv5`` -> ``conv5``: the callbacks may name layers either way."""
-    return name[4:] if name.startswith("net.") else name
+    return name.removeprefix("net.")
 
 
 def find_run_dirs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -259,12 +289,28 @@ def find_run_dirs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return sorted(set(found))
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((path / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def load_run(path: Path) -> Run:
-    return Run(path=path, config=_read_yaml(path / "config.yaml"), hparams=_read_yaml(path / "hparams.yaml"), metrics=read_metrics(path / "metrics.csv"))
+    return Run(
+        path=path,
+        config=_read_yaml(path / "config.yaml"),
+        hparams=_read_yaml(path / "hparams.yaml"),
+        metrics=read_metrics(path / "metrics.csv"),
+        state=_read_state(path),
+    )
 
 
 def load_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
-    """Load every run under ``paths``.
+    """Load every run under ``paths`` (complete or not; see :func:`split_runs`).
+
+    A folder whose ``metrics.csv`` holds no rows is skipped with a warning.
 
     Raises:
         FileNotFoundError: a path does not exist, or no run folder is found under them.
@@ -272,7 +318,27 @@ def load_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
     dirs = find_run_dirs(paths)
     if not dirs:
         raise FileNotFoundError(f"no run folders (metrics.csv + config.yaml) under: {' '.join(map(str, paths))}")
-    return [load_run(d) for d in dirs]
+    runs = []
+    for d in dirs:
+        run = load_run(d)
+        if not run.metrics:
+            warnings.warn(f"{d}: metrics.csv holds no rows; not a run, skipped", stacklevel=2)
+            continue
+        runs.append(run)
+    if not runs:
+        raise FileNotFoundError(f"no run folder with logged metrics under: {' '.join(map(str, paths))}")
+    return runs
+
+
+def split_runs(runs: Iterable[Run]) -> tuple[list[Run], list[Run]]:
+    """``(complete, incomplete)``: only the first are averaged, the second are listed apart.
+
+    Example::
+
+        done, unfinished = split_runs(load_runs(["runs/quickstart"]))
+    """
+    runs = list(runs)
+    return [r for r in runs if r.complete], [r for r in runs if not r.complete]
 
 
 def group_by(runs: Iterable[Run], key: str) -> dict[Any, list[Run]]:
