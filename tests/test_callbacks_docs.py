@@ -24,3 +24,10 @@ def test_docs_snippet_runs(in_tmp: Path, doc: str) -> None:
     exec(compile(_snippet(REPO / doc), doc, "exec"), namespace)
     header = next((in_tmp / "runs").rglob("metrics.csv")).read_text().splitlines()[0].split(",")
     assert {"ics/l2/net.0", "ics/cos/net.3", "landscape/beta_eff", "act/net.2/saturated"} <= set(header)
+
+
+def test_protocol_copy_is_in_step_with_the_shared_protocol() -> None:
+    shared = REPO.parent / "shared" / "PROTOCOL.md"
+    if not shared.exists():
+        pytest.skip("no shared/PROTOCOL.md beside this checkout")
+    assert shared.read_text() in (REPO / "docs" / "protocol.md").read_text()

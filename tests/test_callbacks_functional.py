@@ -42,7 +42,7 @@ def _close(got: dict, want: dict, rtol: float = 2e-3, atol: float = 1e-5) -> Non
 @pytest.mark.parametrize("mode", ["vmap", "loop", "prefix"])
 def test_ics_matches_naive_reference(case: str, mode: str) -> None:
     if mode == "vmap" and case.startswith("vgg"):
-        pytest.skip("VGG's auto mode is the loop; vmap over convs is covered by test_ics_vmap_on_vgg")
+        pytest.skip("VGG's auto mode is prefix; vmap over convs is covered by test_ics_vmap_on_vgg")
     torch.manual_seed(0)
     build, lr = CASES[case]
     model = build().train()
