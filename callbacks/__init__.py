@@ -5,7 +5,7 @@ Depends on torch and lightning only. No edit to the user's module is needed: the
 ``loss(batch)`` method (name configurable with ``loss_method=``), else its own ``training_step``.
 
 Callbacks: ``InternalCovariateShift`` (PROTOCOL §1), ``LossLandscape`` (§2), ``ActivationStats``
-(§3). Functional API (pure functions, ``bnlightning.callbacks.functional``): ``internal_covariate_shift``,
+(§3), ``HessianSpectrum`` (§9). Functional API (pure functions, ``bnlightning.callbacks.functional``): ``internal_covariate_shift``,
 ``loss_landscape``, ``activation_stats``, ``measurement_forward``, ``step_gradient``,
 ``sgd_update``, ``optimizer_update``. The observer-effect guard: ``observer_guard``, ``RngState``.
 """
@@ -23,11 +23,13 @@ from bnlightning.callbacks.functional import (
     weight_layer_names,
 )
 from bnlightning.callbacks.guard import ObserverEffectError, RngState, observer_guard
+from bnlightning.callbacks.hessian import HessianSpectrum
 from bnlightning.callbacks.ics import InternalCovariateShift
 from bnlightning.callbacks.landscape import LossLandscape
 
 __all__ = [
     "ActivationStats",
+    "HessianSpectrum",
     "InternalCovariateShift",
     "LossLandscape",
     "MeasurementCallback",

@@ -1,0 +1,133 @@
+"""Curvature on the training batch (PROTOCOL §9): top Hessian eigenvalues and trace, as a pure function.
+
+The linear algebra (thick-restart Lanczos, Hutchinson's trace, the HVP forms) is in
+``bnlightning.callbacks._curvature``; this file applies it to a module's training loss with the
+measurement rules of the other functions: float32 substitutes, cloned buffers (BatchNorm in training
+mode, running statistics untouched), the same random draws in every pass, DDP mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from bnlightning.callbacks._curvature import HVP_METHODS, hutchinson_trace, make_hvp, top_eigenvalues
+from bnlightning.callbacks.functional._model import LossFn, Model, Reduce, layer_param, reduce_dict, resolve_layers, to_float32
+
+Vec = dict[str, Tensor]
+
+
+class HessianResult(NamedTuple):
+    """Metrics and the eigenvectors found (keep them to warm-start the next measurement).
+
+    Attributes:
+        metrics: ``hessian/lambda_max``, ``hessian/eig_<j>`` (j = 1..k, descending), ``hessian/iterations``
+            (HVPs of the eigen solver), ``hessian/converged`` (1 or 0), and with ``n_probes > 0``
+            ``hessian/trace`` and ``hessian/trace_se``; per layer block the same under ``hessian/<layer>/``.
+        eigenvectors: block name (``""`` for the whole network, else the layer) -> the top-k eigenvectors.
+    """
+
+    metrics: dict[str, Tensor]
+    eigenvectors: dict[str, list[Vec]]
+
+
+def hessian_spectrum(
+    module: nn.Module,
+    batch: Any,
+    *,
+    k: int = 1,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    n_probes: int = 20,
+    layers: Sequence[str] = (),
+    whole: bool = True,
+    v0: Mapping[str, list[Vec]] | None = None,
+    seed: int = 0,
+    max_basis: int | None = None,
+    hvp_method: str = "retained",
+    loss_fn: LossFn | str | None = None,
+    loss_method: str = "loss",
+    reduce: Reduce | None = None,
+) -> HessianResult:
+    """Top-k eigenvalues (algebraic) and trace of the Hessian of the training loss on ``batch``.
+
+    H = ∇²L(w) over every trainable parameter (and, per name in ``layers``, the block of H for that
+    layer's weight), accessed only through Hessian-vector products; the module is never written.
+
+    Args:
+        module: any module; ``loss_fn``/``loss_method`` as in ``internal_covariate_shift``.
+        batch: the batch.
+        k: how many top eigenvalues.
+        tol: the eigen solver's relative residual tolerance (see ``_curvature.top_eigenvalues``).
+        max_iter: cap on the eigen solver's HVPs per block.
+        n_probes: Hutchinson probes for the trace (0: no trace), deflated by the eigenvectors found.
+        layers: module names whose weight block is also measured.
+        whole: measure the whole-network Hessian (set False for blocks only).
+        v0: block name -> start vectors (a previous result's ``eigenvectors``): a warm start.
+        seed: seed of the random start and probes (a ``torch.Generator``: the global RNG is untouched;
+            every rank must use the same seed under DDP).
+        max_basis: Lanczos basis size (default 4 for k = 1).
+        hvp_method: ``retained`` (default, fastest measured), ``double_backward`` or ``jvp``.
+        reduce: mean over ranks (DDP), applied to every HVP.
+
+    Raises:
+        ValueError: a bad ``k``, ``tol``, ``max_iter``, ``n_probes``, ``hvp_method`` or layer name.
+    """
+    if hvp_method not in HVP_METHODS:
+        raise ValueError(f"unknown hvp_method {hvp_method!r}; accepted: {', '.join(HVP_METHODS)}")
+    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 0:
+        raise ValueError(f"n_probes must be an integer >= 0, got {n_probes!r}")
+    model = Model(module, loss_fn, loss_method)
+    blocks: dict[str, list[str]] = {"": list(model.trainable)} if whole else {}
+    for layer in resolve_layers(module, list(layers)) if layers else []:
+        blocks[layer] = [layer_param(module, layer, model)]
+    batch = to_float32(batch)
+    vec_reduce = (lambda v: reduce_dict(v, reduce)) if reduce is not None else None
+    metrics: dict[str, Tensor] = {}
+    vectors: dict[str, list[Vec]] = {}
+    with model.session() as rng:
+        for block, names in blocks.items():
+            buffers = model.fresh_buffers()
+
+            def loss_of(p: Vec, _buffers: dict[str, Tensor] = buffers) -> Tensor:
+                rng.restore()  # the same random draws in every pass
+                return model.loss({**model.values, **_buffers, **p}, batch)
+
+            point = {n: model.values[n] for n in names}
+            hvp = make_hvp(loss_of, point, hvp_method)  # type: ignore[arg-type]
+            gen = torch.Generator(device=model.device).manual_seed(seed)
+            start = (v0 or {}).get(block)
+            if start and not all(set(v) == set(point) and all(v[n].shape == point[n].shape for n in point) for v in start):
+                start = None  # the parameters changed shape or set: start cold
+            eig = top_eigenvalues(hvp, point, k, tol=tol, max_iter=max_iter, v0=start, generator=gen, reduce=vec_reduce, max_basis=max_basis)
+            prefix = "hessian/" if not block else f"hessian/{block}/"
+            values = eig.eigenvalues.to(torch.float32)
+            metrics[f"{prefix}lambda_max"] = values[0]
+            for j in range(k):
+                metrics[f"{prefix}eig_{j + 1}"] = values[j]
+            metrics[f"{prefix}iterations"] = torch.tensor(float(eig.iterations))
+            metrics[f"{prefix}converged"] = torch.tensor(float(eig.converged))
+            if n_probes:
+                trace, se = hutchinson_trace(hvp, point, n_probes, generator=gen, reduce=vec_reduce, deflate=eig.eigenvectors)
+                metrics[f"{prefix}trace"] = torch.tensor(trace, dtype=torch.float32)
+                metrics[f"{prefix}trace_se"] = torch.tensor(se, dtype=torch.float32)
+            vectors[block] = eig.eigenvectors
+            del hvp
+    return HessianResult(metrics, vectors)
+
+
+def edge_of_stability(optimizer: Any) -> float | None:
+    """The stability limit of λmax for the optimizer's first parameter group: 2/η for SGD,
+    2(1+β)/η for SGD with (heavy-ball) momentum β (Cohen et al. 2021); ``None`` for any other
+    optimizer or SGD with Nesterov momentum or dampening, where no such limit is defined here."""
+    opt = getattr(optimizer, "_optimizer", optimizer)
+    if type(opt) is not torch.optim.SGD:
+        return None
+    group = opt.param_groups[0]
+    lr, beta = float(group["lr"]), float(group.get("momentum", 0.0))
+    if group.get("nesterov", False) or (beta and float(group.get("dampening", 0.0))) or not lr > 0:
+        return None
+    return 2.0 * (1.0 + beta) / lr
