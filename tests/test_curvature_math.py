@@ -132,6 +132,16 @@ def test_lambda_max_of_bn_mlp(mlp_case, max_basis: int | None) -> None:
     assert len(res.history) == res.iterations
 
 
+def test_iteration_cap_returns_unconverged_lower_bounds(mlp_case) -> None:
+    model, x, y, _, eigs = mlp_case
+    p = params_of(model)
+    res = top_eigenvalues(make_hvp(loss_fn(model, x, y), p), p, k=2, tol=1e-6, max_iter=3)
+    assert res.iterations == 3 and not res.converged and len(res.history) == 3
+    # Ritz values of a subspace never exceed the true top eigenvalues (Cauchy interlacing).
+    assert (res.eigenvalues <= eigs[:2] + 1e-6).all()
+    assert (res.residuals > 1e-6 * res.eigenvalues.abs()).any()
+
+
 @pytest.mark.parametrize("max_basis", [None, 5])
 def test_top3_of_bn_mlp(mlp_case, max_basis: int | None) -> None:
     model, x, y, _, eigs = mlp_case
