@@ -233,8 +233,8 @@ def top_eigenvalues(
     Convergence: pair i is converged when its Ritz residual ``||H v_i - θ_i v_i||₂ <= tol * |θ_i|``
     (v_i of unit norm; the residual is the Lanczos estimate ``β · |s_last,i|``, which equals the
     true residual up to rounding because the basis is reorthogonalized). So ``tol`` bounds a
-    *relative residual*; the eigenvalue's own relative error is at most ``tol`` and typically
-    about ``tol² · |θ| / gap``. The solver stops when the k pairs are converged or after
+    *relative residual*: θ_i lies within ``tol · |θ_i|`` of an eigenvalue of H, and its error as
+    an estimate of that eigenvalue is typically about ``tol² · |θ_i|² / gap``. The solver stops when the k pairs are converged or after
     ``max_iter`` HVPs (then ``converged`` is False and the best estimates are returned).
 
     Warm start: ``v0`` (one vector or a list, e.g. the previous result's ``eigenvectors``)
@@ -246,7 +246,7 @@ def top_eigenvalues(
         like: a dict with the parameters' keys, shapes, devices (values are not read).
         k: how many eigenvalues (>= 1).
         tol: relative residual tolerance, > 0.
-        max_iter: cap on the number of HVPs (>= 1).
+        max_iter: cap on the number of HVPs (>= k).
         v0: start vector(s); need not be normalized.
         generator: source of the random start (``torch.Generator``); the global RNG is never used.
         reduce: applied to every HVP result (e.g. a DDP all-reduce mean); identity by default.
@@ -271,8 +271,8 @@ def top_eigenvalues(
         raise ValueError(f"k must be an integer in [1, {n}] (the number of parameters), got {k!r}")
     if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a positive finite number, got {tol!r}")
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < k:
+        raise ValueError(f"max_iter must be an integer >= k = {k} (one HVP per basis vector), got {max_iter!r}")
     if max_basis is None:
         max_basis = 4 if k == 1 else max(2 * k + 2, 10)
     elif not isinstance(max_basis, int) or isinstance(max_basis, bool) or max_basis < k + 1:
@@ -396,38 +396,61 @@ def hutchinson_trace(
     *,
     generator: torch.Generator | None = None,
     reduce: Callable[[Vec], Vec] | None = None,
+    deflate: list[Vec] | None = None,
 ) -> tuple[float, float]:
-    """Hutchinson's estimate of tr(H) and its standard error.
+    """Hutchinson's estimate of tr(H) and its standard error, optionally deflated.
 
     tr(H) ≈ (1/m) Σ_j v_jᵀ H v_j with v_j Rademacher (independent ±1 entries), m = ``n_probes``;
     each term is unbiased, so the standard error is the sample standard deviation of the
     terms over √m (NaN for m = 1). Its variance is 2 Σ_{a≠b} H_ab²: exact for a diagonal H.
 
+    Deflation (the idea of Hutch++, with vectors the caller already has, e.g. the
+    ``eigenvectors`` of :func:`top_eigenvalues`): with V the orthonormalized ``deflate``
+    vectors and P = I − VVᵀ, tr(H) = Σ_i v_iᵀ H v_i + tr(PHP); the first part is computed
+    exactly (one HVP per vector) and only tr(PHP) is estimated, with probes P z_j. Unbiased
+    whatever V is; the variance drops by the part of H that V captures (the outliers that
+    dominate a network Hessian's Frobenius norm). Holds len(deflate) + 2 parameter vectors.
+
     Args:
         hvp: ``v -> H v``.
         like: a dict with the parameters' keys, shapes, devices.
-        n_probes: number of probes (>= 1), i.e. of HVPs.
+        n_probes: number of random probes (>= 1); HVPs = n_probes + len(deflate).
         generator: source of the probes; the global RNG is never used (fresh seed 0 if None).
         reduce: applied to every HVP result (DDP all-reduce mean).
+        deflate: optional vectors whose span is handled exactly (need not be orthonormal).
 
     Returns:
         ``(estimate, standard_error)`` as floats.
 
     Raises:
-        ValueError: ``n_probes`` < 1 or a bad ``like``.
+        ValueError: ``n_probes`` < 1, a bad ``like`` or ``deflate`` vectors without its keys.
 
     Example::
 
         trace, se = hutchinson_trace(make_hvp(loss_of, params), params, n_probes=50)
+        eig = top_eigenvalues(hvp, params, k=3)
+        trace, se = hutchinson_trace(hvp, params, n_probes=50, deflate=eig.eigenvectors)
     """
     _check_like(like)
     if not isinstance(n_probes, int) or isinstance(n_probes, bool) or n_probes < 1:
         raise ValueError(f"n_probes must be a positive integer, got {n_probes!r}")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    basis: list[Vec] = []
+    exact = 0.0
+    for d in deflate or []:
+        if not isinstance(d, Mapping) or set(d) != set(like):
+            raise ValueError("deflate must be a list of dicts with exactly the keys of `like` (the parameter names)")
+        q = {k: d[k].detach().to(like[k].device, torch.float32).clone(memory_format=torch.contiguous_format) for k in like}
+        _orthogonalize_(q, basis)
+        nrm = _norm(q)
+        if nrm > 1e-6:  # skip vectors (nearly) in the span of the earlier ones
+            basis.append(_scale_(q, 1.0 / nrm))
+            exact += _dot(q, _apply(hvp, reduce, q))
     terms = []
     for _ in range(n_probes):
         v = _random_like(like, gen, rademacher=True)
+        _orthogonalize_(v, basis)
         terms.append(_dot(v, _apply(hvp, reduce, v)))
     t = torch.tensor(terms, dtype=torch.float64)
     se = float(t.std(unbiased=True) / math.sqrt(n_probes)) if n_probes > 1 else float("nan")
-    return float(t.mean()), se
+    return exact + float(t.mean()), se
