@@ -53,8 +53,12 @@ HVP_METHODS: tuple[str, ...] = ("retained", "double_backward", "jvp")
 # Scalars are accumulated in float64 so that reorthogonalization coefficients do not lose
 # the digits the convergence test needs; the vectors themselves stay in their own dtype.
 def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
-    # One host sync per dot product, not one per tensor.
-    return float(sum(torch.vdot(a[k].reshape(-1), b[k].reshape(-1)).double().cpu() for k in a))
+    # Summed on each device first: one host sync per device and dot product, not per tensor.
+    per_device: dict[torch.device, Tensor] = {}
+    for k in a:
+        d = torch.vdot(a[k].reshape(-1), b[k].reshape(-1)).double()
+        per_device[d.device] = per_device[d.device] + d if d.device in per_device else d
+    return math.fsum(float(t) for t in per_device.values())
 
 
 def _norm(a: Mapping[str, Tensor]) -> float:
