@@ -161,6 +161,27 @@ EXPERIMENTS: dict[str, Experiment] = {
             cpu=("--trainer.max_steps=600", "--trainer.accelerator=cpu", "--trainer.log_every_n_steps=10", "--config=configs/experiments/measure_activations_cpu.yaml"),
             cpu_grid={NORM: ("none", "batch", "noisy_batch"), LR: (0.1, 1.0)},
         ),
+        Experiment(
+            "dln-curvature",
+            "§9 (beyond the paper): does BN lower the curvature, as the beta-smoothness argument predicts? lambda_max and trace over training, DLN",
+            ("configs/dln.yaml", "configs/experiments/measure_curvature_dln.yaml"),
+            {NORM: ("none", "batch"), LR: (1e-6,)},
+            cpu=("--trainer.max_steps=1000", "--trainer.accelerator=cpu"),
+        ),
+        Experiment(
+            "vgg-curvature",
+            "§9 (beyond the paper): lambda_max and Hessian trace over training, VGG standard vs BN",
+            ("configs/vgg.yaml", "configs/experiments/measure_curvature.yaml"),
+            {NORM: ("none", "batch"), LR: (0.1,)},
+            cpu=(*CPU_VGG, "--config=configs/experiments/measure_curvature_cpu.yaml"),
+        ),
+        Experiment(
+            "dln-eos",
+            "Cohen et al. 2021: full-batch gradient descent drives lambda_max up to the stability limit 2/lr (sharpness ratio 1), standard vs BN",
+            ("configs/dln.yaml", "configs/experiments/measure_curvature_dln.yaml"),
+            {NORM: ("none", "batch"), LR: (1e-6, 3e-6, 1e-5)},
+            cpu=("--trainer.max_steps=1000", "--trainer.accelerator=cpu"),
+        ),
     ]
 }
 

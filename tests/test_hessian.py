@@ -148,3 +148,19 @@ def test_ratio_is_nan_with_a_warning_for_adam_and_arguments_are_checked() -> Non
     for bad in ({"k": 0}, {"tol": -1.0}, {"max_iter": 0}, {"n_probes": -2}, {"hvp_method": "fast"}, {"max_basis": 1}):
         with pytest.raises(ValueError):
             HessianSpectrum(**bad)  # type: ignore[arg-type]
+
+
+def test_paper_scale_curvature_config_parses_and_starts(in_tmp: Any, fake_cifar10: Any) -> None:
+    """configs/vgg.yaml + the curvature fragment on CIFAR-format files: it builds, trains and measures."""
+    from bnlightning.cli import main
+
+    from conftest import CONFIGS
+
+    cli = main([
+        "fit", "--config", str(CONFIGS / "vgg_bn.yaml"), "--config", str(CONFIGS / "experiments" / "measure_curvature.yaml"),
+        "--trainer.max_steps", "2", "--trainer.callbacks.init_args.every_n_steps", "2", "--model.init_args.width", "0.125",
+        "--data.init_args.root", str(fake_cifar10), "--data.init_args.download", "false", "--data.init_args.verify_checksums", "false",
+        "--data.init_args.batch_size", "8", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+    ])
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, HessianSpectrum)]
+    assert cli.trainer.global_step == 2 and cb.measurements == 1 and cb.k == 2

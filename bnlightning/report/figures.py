@@ -235,6 +235,37 @@ def landscape_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
     )
 
 
+def curvature_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
+    """Top Hessian eigenvalue, Hessian trace and sharpness ratio (lambda_max / stability limit) over steps."""
+    if not any(r.series("hessian/lambda_max") is not None for r in runs):
+        return None
+    settings = _settings(runs)
+    lrs = sorted({lr for _, lr, _ in settings})
+    fig, axes = plt.subplots(1, 3, figsize=(11.5, 3.0), squeeze=False)
+    lam_ax, tr_ax, ratio_ax = axes[0]
+    for i, (norm, lr, rs) in enumerate(settings):
+        color, style, label = _color(norm, i), LR_STYLES[lrs.index(lr) % len(LR_STYLES)], f"{norm}, lr={lr:g}"
+        _band(lam_ax, rs, "hessian/lambda_max", color, label, style)
+        _band(tr_ax, rs, "hessian/trace", color, label, style)
+        _band(ratio_ax, rs, "hessian/sharpness_ratio", color, label, style)
+    ratio_ax.axhline(1.0, color="k", lw=0.8, ls=":", label="edge of stability")
+    lam_ax.set_title("top Hessian eigenvalue lambda_max", fontsize=9)
+    tr_ax.set_title("Hessian trace (Hutchinson)", fontsize=9)
+    ratio_ax.set_title("lambda_max / (2(1+beta)/lr)", fontsize=9)
+    for ax in axes[0]:
+        _log_if_wide(ax)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    lam_ax.legend(fontsize=7)
+    ratio_ax.legend(fontsize=7)
+    return _finish(
+        fig, out, family, "curvature",
+        "Curvature of the training loss (Hessian, PROTOCOL §9) — {model} on {dataset}",
+        "Top Hessian eigenvalue, trace and sharpness ratio — {model} on {dataset}",
+        dpi,
+    )
+
+
 def activations_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
     """15/50/85 % quantiles of each measured layer's pre-activations, one row per setting."""
     layers = sorted({layer for r in runs for layer in r.layers("act/")}, key=lambda n: (len(n), n))
@@ -262,7 +293,7 @@ def activations_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, 
     )
 
 
-FIGURES = (accuracy_figure, ics_figure, landscape_figure, activations_figure)
+FIGURES = (accuracy_figure, ics_figure, landscape_figure, activations_figure, curvature_figure)
 
 
 def draw_all(runs: Sequence[Run], out: Path, dpi: int = 90) -> list[Figure]:
