@@ -25,16 +25,19 @@ from bnlightning.callbacks.functional import (
 from bnlightning.callbacks.guard import RngState, observer_guard
 from bnlightning.callbacks.ics import InternalCovariateShift
 from bnlightning.callbacks.landscape import LossLandscape
+from bnlightning.callbacks.meanshift import MeanShift, mean_shift
 
 __all__ = [
     "ActivationStats",
     "InternalCovariateShift",
     "LossLandscape",
+    "MeanShift",
     "MeasurementCallback",
     "RngState",
     "activation_stats",
     "internal_covariate_shift",
     "loss_landscape",
+    "mean_shift",
     "measurement_forward",
     "observer_guard",
     "optimizer_update",
