@@ -17,13 +17,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
-from typing_extensions import override
-
 from bnlightning.callbacks.activations import default_activation_layers
 from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional import measurement_forward
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
 __all__ = ["MeanShift", "mean_shift", "pairwise_cosine_mean"]
 
