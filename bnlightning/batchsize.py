@@ -14,8 +14,6 @@ accuracy beside the usual eval-mode one.
 
 from __future__ import annotations
 
-import copy
-
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -91,10 +89,10 @@ def _is_batch_norm_like(module: nn.Module) -> bool:
 class TrainModeAccuracy(Callback):
     """After each validation, the validation accuracy with BN layers in training mode.
 
-    A deep copy of the module is put in eval mode except its batch-norm-like layers (those
-    with ``running_mean``), which use the statistics of each chunk of ``batch_size``
-    validation examples, as during training; dropout stays off. The copy is thrown away, so
-    the running statistics and everything else of the trained module are untouched. Logs
+    The module is put in eval mode except its batch-norm-like layers (those with
+    ``running_mean``), which use the statistics of each chunk of ``batch_size`` validation
+    examples, as during training; dropout stays off. Modes, running statistics and the RNG
+    are restored afterwards (``train_mode_accuracy``), so training is untouched. Logs
     ``val/acc_train_mode`` next to ``val/acc`` (eval mode, running statistics); their
     difference is the cost of the running statistics. Chunks shorter than 2 examples are
     dropped (one example has no batch variance).
@@ -137,19 +135,33 @@ class TrainModeAccuracy(Callback):
 def train_mode_accuracy(module: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
     """Accuracy of ``module`` on (x, y) with BN-like layers in train mode, chunks of ``batch_size``.
 
+    Every other layer is in eval mode (no dropout). Afterwards the module is exactly as
+    before: each submodule's mode, the BN buffers (running statistics, batch counter) and
+    the RNG state (noisy BN draws) are restored.
+
     Example::
 
         acc = train_mode_accuracy(model, x_val, y_val, batch_size=8)
     """
-    probe = copy.deepcopy(module).eval()
-    for m in probe.modules():
-        if _is_batch_norm_like(m):
-            m.train()
-    correct, seen = torch.zeros((), device=x.device), 0
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        if len(xb) < 2:
-            continue
-        correct += (probe(xb).argmax(1) == yb).sum()
-        seen += len(xb)
+    modes = {m: m.training for m in module.modules()}
+    buffers = {id(b): (b, b.detach().clone()) for m in module.modules() if _is_batch_norm_like(m) for b in m.buffers()}
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            module.eval()
+            for m in module.modules():
+                if _is_batch_norm_like(m):
+                    m.train()
+            correct, seen = torch.zeros((), device=x.device), 0
+            for start in range(0, len(x), batch_size):
+                xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+                if len(xb) < 2:
+                    continue
+                correct += (module(xb).argmax(1) == yb).sum()
+                seen += len(xb)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for b, saved in buffers.values():
+            b.copy_(saved)
     return correct / max(seen, 1)
