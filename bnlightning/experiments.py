@@ -189,7 +189,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             ("configs/vgg.yaml", "configs/experiments/batch_size.yaml"),
             {NORM: ("none", "batch", "group", "layer"), BATCH: (2, 4, 8, 16, 32, 128)},
             overrides=("--trainer.max_steps=-1", "--trainer.max_epochs=40"),
-            cpu=(*CPU_MLP, "--model.init_args.activation=relu", "--model.init_args.optimizer.init_args.lr=0.8", "--trainer.max_steps=-1", "--trainer.max_epochs=6"),
+            cpu=(*CPU_MLP, "--model.init_args.activation=relu", "--model.init_args.optimizer.init_args.lr=0.8", "--trainer.max_steps=-1", "--trainer.max_epochs=4"),
             cpu_grid={NORM: ("none", "batch", "group", "layer"), BATCH: (2, 8, 32, 128)},
         ),
         Experiment(
@@ -313,7 +313,7 @@ def expand(
     if not seeds:
         raise ValueError("give at least one seed")
     name = experiment.name + ("-cpu" if cpu else "")
-    grid = dict((experiment.cpu_grid if cpu and experiment.cpu_grid is not None else experiment.grid))
+    grid = dict(experiment.cpu_grid if cpu and experiment.cpu_grid is not None else experiment.grid)
     grid[SEED] = tuple(seeds)
     keys = list(grid)
     specs = []
