@@ -184,7 +184,7 @@ def sweep_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: i
         label = setting_label(rs[0], others)
         for ax, metric in zip(axes, ("val/acc", second)):
             pts = []
-            for _, group in settings_of(rs, [x_key]).items():
+            for group in settings_of(rs, [x_key]).values():
                 st = _stats([r.final(metric) if metric != "train/loss" else _mean_last(r, metric, 1) for r in group])
                 if st is not None:
                     pts.append((float(_value(group[0], x_key)), *st, sum(r.diverged_at_step is not None for r in group)))
