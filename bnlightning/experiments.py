@@ -51,6 +51,7 @@ POSITION = "model.init_args.norm_position"
 AFFINE = "model.init_args.norm_affine"
 DROPOUT = "model.init_args.dropout"
 WS = "model.init_args.weight_standardization"
+DEPTH = "model.init_args.depth"
 
 #: CPU-sized VGG: the digits substitute, VGG-A at 1/8 width, a few hundred steps.
 CPU_VGG: tuple[str, ...] = (
@@ -245,6 +246,29 @@ EXPERIMENTS: dict[str, Experiment] = {
             cpu=CPU_VGG,
             cpu_grid={LR: (0.1, 0.3, 1.0)},
         ),
+        Experiment(
+            "resnet-residual",
+            "Claim 8 [seed 003]: at initialisation BN downscales each residual branch relative to the skip path (ResNet-20 and -110)",
+            ("configs/resnet20.yaml", "configs/experiments/measure_residual.yaml"),
+            {NORM: ("none", "batch"), DEPTH: (20, 110)},
+            cpu=(*CPU_RESNET, "--trainer.max_steps=1", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0"),
+        ),
+        Experiment(
+            "resnet",
+            "Claim 8 [seed 003]: ResNet-20 with and without BN across learning rates (the baselines of resnet-nf)",
+            ("configs/resnet20.yaml",),
+            {NORM: ("none", "batch"), LR: (0.03, 0.1, 0.3, 1.0)},
+            cpu=CPU_RESNET,
+            cpu_grid={NORM: ("none", "batch"), LR: (0.1, 1.0)},
+        ),
+        Experiment(
+            "resnet-nf",
+            "Claims 7 + 8 [seed 003]: normalizer-free ResNet-20 (scaled WS + SkipInit + AGC) trains like the BN ResNet",
+            ("configs/resnet20.yaml", "configs/experiments/normfree_resnet.yaml"),
+            {LR: (0.03, 0.1, 0.3, 1.0)},
+            cpu=CPU_RESNET,
+            cpu_grid={LR: (0.1, 1.0)},
+        ),
     ]
 }
 
@@ -353,7 +377,10 @@ def run_all(specs: Sequence[RunSpec], cwd: Path = REPO, quiet: bool = False) -> 
 
 # --- W&B sweeps -----------------------------------------------------------------------
 #: Experiments whose sweep YAML is generated from this registry (``write_sweep``) and kept equal to it by a test.
-GENERATED_SWEEPS: tuple[str, ...] = ("bn-batch-size", "lr-range", "mean-shift", "init-gain", "bn-placement", "bn-regularizer", "normfree", "normfree-nf")
+GENERATED_SWEEPS: tuple[str, ...] = (
+    "bn-batch-size", "lr-range", "mean-shift", "init-gain", "bn-placement", "bn-regularizer", "normfree", "normfree-nf",
+    "resnet-residual", "resnet", "resnet-nf",
+)
 
 
 def sweep_config(experiment: Experiment, seeds: Sequence[int] = (0, 1, 2)) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from bnlightning.callbacks.guard import RngState, observer_guard
 from bnlightning.callbacks.ics import InternalCovariateShift
 from bnlightning.callbacks.landscape import LossLandscape
 from bnlightning.callbacks.meanshift import MeanShift, mean_shift
+from bnlightning.callbacks.residual import ResidualVariance, residual_variance
 
 __all__ = [
     "ActivationStats",
@@ -33,6 +34,7 @@ __all__ = [
     "LossLandscape",
     "MeanShift",
     "MeasurementCallback",
+    "ResidualVariance",
     "RngState",
     "activation_stats",
     "internal_covariate_shift",
@@ -41,6 +43,7 @@ __all__ = [
     "measurement_forward",
     "observer_guard",
     "optimizer_update",
+    "residual_variance",
     "sgd_update",
     "step_gradient",
     "weight_layer_names",

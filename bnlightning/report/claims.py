@@ -11,6 +11,7 @@ from each run's ``config.yaml``; seeds are the repeats. Per family:
   when it was logged (``val/acc_train_mode``), else the final training loss. Without such a
   key, a bar chart per setting with the train-validation accuracy gap beside it.
 - ``meanshift``: per-layer ``meanshift/<layer>/cos`` and channel mean over depth.
+- ``residual``: per-block var(branch) / var(skip) over depth (``resvar/<block>/ratio``).
 
 ``claims.md`` holds one table row per setting with seeds, mean ± std and min-max.
 """
@@ -267,6 +268,40 @@ def meanshift_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
     )
 
 
+def residual_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
+    """var(branch) / var(skip) per residual block over depth, at the first measurement (claim 8)."""
+    blocks = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith("resvar/") and n.endswith("/ratio")}, key=_block_key)
+    if not blocks:
+        return None
+    keys = varying_keys(runs)
+    fig, ax = plt.subplots(1, 1, figsize=(7.0, 3.4))
+    for i, (_, rs) in enumerate(settings_of(runs, keys).items()):
+        own = [b for b in blocks if any(r.series(f"resvar/{b}/ratio") is not None for r in rs)]
+        vals = np.array([[_first(r, f"resvar/{b}/ratio") or np.nan for b in own] for r in rs])
+        depth = np.arange(1, len(own) + 1)
+        ax.plot(depth, np.nanmean(vals, 0), "o-", color=f"C{i % 10}", label=setting_label(rs[0], keys), ms=3, lw=1.3)
+        if len(rs) > 1:
+            ax.fill_between(depth, np.nanmin(vals, 0), np.nanmax(vals, 0), color=f"C{i % 10}", alpha=0.2, lw=0)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="k", lw=0.6, ls=":")
+    ax.set_xlabel("residual block (input to output)", fontsize=8)
+    ax.set_ylabel("var(branch) / var(skip)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _finish(
+        fig, out, family, "residual",
+        "Residual branch vs skip path at initialisation — {model} on {dataset}; mean over seeds, band = min-max",
+        "Residual branch / skip variance at initialisation — {model} on {dataset}",
+        dpi,
+    )
+
+
+def _block_key(name: str) -> tuple[int, ...]:
+    """``net.stage2.block10`` -> (2, 10): stage, then block, numerically."""
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in name.split(".") if any(c.isdigit() for c in part))
+
+
 def _first(run: Run, metric: str) -> float | None:
     s = run.series(metric)
     return float(s[1][0]) if s is not None and len(s[1]) else None
@@ -277,7 +312,7 @@ def draw_claims(runs: Sequence[Run], out: Path, dpi: int = 90) -> list[Figure]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for family, family_runs in group_by(runs, "family").items():
-        for draw in (sweep_figure, meanshift_figure):
+        for draw in (sweep_figure, meanshift_figure, residual_figure):
             fig = draw(family, family_runs, out, dpi)
             if fig is not None:
                 written.append(fig)
@@ -292,6 +327,8 @@ def write_claims_markdown(runs: Sequence[Run], out: Path) -> Path:
         parts += [f"## {model} on {dataset}", "", markdown_table(header, rows), ""]
         if any(r.series("meanshift/majority_share") is not None for r in rs):
             parts += [_meanshift_table(rs), ""]
+        if any(n.startswith("resvar/") for r in rs for n in r.metrics):
+            parts += [_residual_table(rs), ""]
     path = out / "claims.md"
     path.write_text("\n".join(parts))
     return path
@@ -311,3 +348,23 @@ def _meanshift_table(runs: Sequence[Run]) -> str:
             + [_fmt(_stats([_first(r, f"meanshift/{picks[-1]}/channel_mean") for r in rs])), _fmt(_stats([_first(r, "meanshift/majority_share") for r in rs]))]
         )
     return markdown_table(header, rows)
+
+
+def _residual_table(runs: Sequence[Run]) -> str:
+    blocks = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith("resvar/") and n.endswith("/ratio")}, key=_block_key)
+    keys = varying_keys(runs)
+    header = [short_key(k) for k in keys] + ["seeds", "blocks", "ratio first block", "ratio last block", "median ratio"]
+    rows = []
+    for rs in settings_of(runs, keys).values():
+        own = [b for b in blocks if any(r.series(f"resvar/{b}/ratio") is not None for r in rs)]
+        if not own:
+            continue
+        med = [float(np.nanmedian([_first(r, f"resvar/{b}/ratio") or np.nan for b in own])) for r in rs]
+        rows.append(
+            [str(_value(rs[0], k)) for k in keys]
+            + [",".join(str(r.seed) for r in rs), str(len(own))]
+            + [_fmt(_stats([_first(r, f"resvar/{b}/ratio") for r in rs])) for b in (own[0], own[-1])]
+            + [_fmt(_stats(med))]
+        )
+    return markdown_table(header, rows)
+
