@@ -245,6 +245,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             "Claim 7 [seed 003]: VGG without BN but with scaled weight standardisation + AGC trains like BN across learning rates",
             ("configs/vgg.yaml", "configs/experiments/normfree.yaml"),
             {LR: (0.03, 0.1, 0.3, 1.0)},
+            overrides=(f"--{NORM}=none", f"--{WS}=true"),
             cpu=CPU_VGG,
             cpu_grid={LR: (0.1, 1.0)},
         ),
@@ -266,8 +267,9 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment(
             "resnet-nf",
             "Claims 7 + 8 [seed 003]: normalizer-free ResNet-20 (scaled WS + SkipInit + AGC) trains like the BN ResNet",
-            ("configs/resnet20.yaml", "configs/experiments/normfree_resnet.yaml"),
+            ("configs/resnet20.yaml", "configs/experiments/normfree.yaml"),
             {LR: (0.03, 0.1, 0.3, 1.0)},
+            overrides=(f"--{NORM}=none", f"--{WS}=true", "--model.init_args.skipinit=true"),
             cpu=CPU_RESNET,
             cpu_grid={LR: (0.1,)},
         ),
