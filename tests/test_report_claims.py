@@ -85,5 +85,5 @@ def test_categorical_settings_get_a_bar_chart_and_meanshift_its_figure(tmp_path:
     figs = draw_claims(runs, tmp_path / "out", dpi=40)
     assert sorted(f.path.name.rsplit("_", 1)[1] for f in figs) == ["meanshift.png", "sweep.png"]
     text = write_claims_markdown(runs, tmp_path / "out").read_text()
-    assert "| norm | weight_standardization | seeds | cos relu1 | cos relu3 | cos relu4 |" in text
+    assert "| norm | weight_standardization | seeds | layers | cos first | cos middle | cos last |" in text
     assert "0.99 ± 0 [0.99, 0.99]" in text

@@ -27,7 +27,7 @@ import numpy as np
 
 from bnlightning.report.figures import Figure, _finish, plt
 from bnlightning.report.page import markdown_table
-from bnlightning.report.runs import Run, group_by, layer_sort_key, short_layer
+from bnlightning.report.runs import Run, group_by, short_layer
 
 #: Config keys that never define a setting (repeats, bookkeeping).
 IGNORED_KEYS = ("seed_everything", "trainer.logger", "trainer.default_root_dir", "checkpoint.", "ckpt_path", "dataset_name", "data.init_args.seed")
@@ -239,7 +239,7 @@ def _bar_figure(family: tuple[str, str], runs: Sequence[Run], keys: Sequence[str
 
 def meanshift_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
     """Mean cosine between examples and per-channel mean, per layer over depth, at the first measurement."""
-    layers = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith("meanshift/") and n.endswith("/cos")}, key=layer_sort_key)
+    layers = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith("meanshift/") and n.endswith("/cos")}, key=_block_key)
     if not layers:
         return None
     keys = varying_keys(runs)
@@ -298,7 +298,7 @@ def residual_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
 
 
 def _block_key(name: str) -> tuple[int, ...]:
-    """``net.stage2.block10`` -> (2, 10): stage, then block, numerically."""
+    """Natural order by every number in the name: ``net.stage2.block10`` -> (2, 10); ``relu13`` -> (13,)."""
     return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in name.split(".") if any(c.isdigit() for c in part))
 
 
@@ -335,17 +335,20 @@ def write_claims_markdown(runs: Sequence[Run], out: Path) -> Path:
 
 
 def _meanshift_table(runs: Sequence[Run]) -> str:
-    layers = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith("meanshift/") and n.endswith("/cos")}, key=layer_sort_key)
-    picks = [layers[0], layers[len(layers) // 2], layers[-1]] if len(layers) >= 3 else layers
+    """First, middle and last measured layer of each setting (settings may differ in depth)."""
     keys = varying_keys(runs)
-    header = [short_key(k) for k in keys] + ["seeds"] + [f"cos {short_layer(n)}" for n in picks] + [f"channel mean {short_layer(picks[-1])}", "majority share"]
+    header = [short_key(k) for k in keys] + ["seeds", "layers", "cos first", "cos middle", "cos last", "channel mean last", "majority share"]
     rows = []
     for rs in settings_of(runs, keys).values():
+        own = sorted({n.split("/")[1] for r in rs for n in r.metrics if n.startswith("meanshift/") and n.endswith("/cos")}, key=_block_key)
+        if not own:
+            continue
+        picks = [own[0], own[len(own) // 2], own[-1]]
         rows.append(
             [str(_value(rs[0], k)) for k in keys]
-            + [",".join(str(r.seed) for r in rs)]
+            + [",".join(str(r.seed) for r in rs), f"{short_layer(own[0])} … {short_layer(own[-1])} ({len(own)})"]
             + [_fmt(_stats([_first(r, f"meanshift/{n}/cos") for r in rs])) for n in picks]
-            + [_fmt(_stats([_first(r, f"meanshift/{picks[-1]}/channel_mean") for r in rs])), _fmt(_stats([_first(r, "meanshift/majority_share") for r in rs]))]
+            + [_fmt(_stats([_first(r, f"meanshift/{own[-1]}/channel_mean") for r in rs])), _fmt(_stats([_first(r, "meanshift/majority_share") for r in rs]))]
         )
     return markdown_table(header, rows)
 
