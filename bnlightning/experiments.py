@@ -49,12 +49,39 @@ REPO = Path(__file__).resolve().parents[1]
 NORM = "model.init_args.norm"
 LR = "model.init_args.optimizer.init_args.lr"
 SEED = "seed_everything"
+BATCH = "data.init_args.batch_size"
+GAIN = "model.init_args.init_gain"
+INIT = "model.init_args.init"
+POSITION = "model.init_args.norm_position"
+AFFINE = "model.init_args.norm_affine"
+DROPOUT = "model.init_args.dropout"
+WS = "model.init_args.weight_standardization"
+DEPTH = "model.init_args.depth"
 
 #: CPU-sized VGG: the digits substitute, VGG-A at 1/8 width, a few hundred steps.
 CPU_VGG: tuple[str, ...] = (
     "--config=configs/experiments/digits32.yaml",
     "--model.init_args.config=A",
     "--model.init_args.width=0.125",
+    "--trainer.accelerator=cpu",
+    "--trainer.max_steps=150",
+    "--trainer.log_every_n_steps=10",
+    "--trainer.val_check_interval=50",
+    "--trainer.check_val_every_n_epoch=null",
+)
+
+
+#: CPU-sized MLP for the claims of issue 12: Ioffe & Szegedy's 3x100 MLP on the 8x8 digits.
+CPU_MLP: tuple[str, ...] = (
+    "--config=configs/mlp_sigmoid.yaml",
+    "--trainer.accelerator=cpu",
+    "--trainer.log_every_n_steps=10",
+)
+
+#: CPU-sized ResNet-20: 1/4 width on the digits substitute.
+CPU_RESNET: tuple[str, ...] = (
+    "--config=configs/experiments/digits32.yaml",
+    "--model.init_args.width=0.25",
     "--trainer.accelerator=cpu",
     "--trainer.max_steps=150",
     "--trainer.log_every_n_steps=10",
@@ -181,6 +208,95 @@ EXPERIMENTS: dict[str, Experiment] = {
             ("configs/dln.yaml", "configs/experiments/measure_curvature_dln.yaml"),
             {NORM: ("none", "batch"), LR: (1e-6, 3e-6, 1e-5)},
             cpu=("--trainer.max_steps=1000", "--trainer.accelerator=cpu"),
+        # --- issue 12: the other claims about BatchNorm (docs/reproduction-cpu.md, "Other claims") ---
+        Experiment(
+            "bn-batch-size",
+            "Claim 1 [seeds 000, 003]: BN degrades at small batches, LayerNorm/GroupNorm do not (lr = lr_128 * B/128, same epochs; BN train- vs eval-mode accuracy)",
+            ("configs/vgg.yaml", "configs/experiments/batch_size.yaml"),
+            {NORM: ("none", "batch", "group", "layer"), BATCH: (2, 4, 8, 16, 32, 128)},
+            overrides=("--trainer.max_steps=-1", "--trainer.max_epochs=40"),
+            cpu=(*CPU_MLP, "--model.init_args.activation=relu", "--model.init_args.optimizer.init_args.lr=0.8", "--trainer.max_steps=-1", "--trainer.max_epochs=4"),
+            cpu_grid={NORM: ("none", "batch", "group", "layer"), BATCH: (2, 8, 32, 128)},
+        ),
+        Experiment(
+            "lr-range",
+            "Claim 3 [all seeds]: BN trains at higher learning rates: the largest lr that trains, accuracy vs lr (extends vgg-lr)",
+            ("configs/vgg.yaml",),
+            {NORM: ("none", "batch"), LR: (0.01, 0.03, 0.1, 0.3, 1.0, 2.0)},
+            cpu=CPU_VGG,
+            cpu_grid={NORM: ("none", "batch"), LR: (0.01, 0.1, 1.0, 2.0)},
+        ),
+        Experiment(
+            "mean-shift",
+            "Claim 6 [seed 003]: at initialisation, without BN, examples' activations align with depth and one label wins; BN and scaled WS prevent it",
+            ("configs/vgg.yaml", "configs/experiments/meanshift.yaml"),
+            {NORM: ("none", "batch"), WS: (False, True)},
+            cpu=(*CPU_VGG, "--model.init_args.config=D", "--trainer.max_steps=1", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0"),
+        ),
+        Experiment(
+            "init-gain",
+            "Claim 2 [seeds 000, 001; Ioffe & Szegedy]: with BN one can be less careful about initialisation (weight gain 0.1-10)",
+            ("configs/vgg.yaml",),
+            {NORM: ("none", "batch"), GAIN: (0.1, 0.3, 1.0, 3.0, 10.0), INIT: ("xavier_uniform", "kaiming")},
+            cpu=(*CPU_MLP, "--trainer.max_steps=600"),
+            cpu_grid={NORM: ("none", "batch"), GAIN: (0.1, 1.0, 10.0)},
+        ),
+        Experiment(
+            "bn-placement",
+            "Claim 4 [seeds 001, 002]: BN before vs after the activation, affine on/off: accuracy, ICS and landscape side by side",
+            ("configs/mlp_sigmoid.yaml", "configs/experiments/measure_placement.yaml"),
+            {NORM: ("none", "batch"), POSITION: ("before", "after"), AFFINE: (True, False)},
+            cpu=("--trainer.accelerator=cpu", "--trainer.max_steps=600", "--trainer.log_every_n_steps=10"),
+            # CPU: the four BN variants only; the standard network at the same settings is init-gain's gain=1 run.
+            cpu_grid={NORM: ("batch",), POSITION: ("before", "after"), AFFINE: (True, False)},
+        ),
+        Experiment(
+            "bn-regularizer",
+            "Claim 5 [seeds 002, 003; Ioffe & Szegedy]: BN regularises: none / dropout / BN / BN + dropout, train-validation gap",
+            ("configs/vgg.yaml",),
+            {NORM: ("none", "batch"), DROPOUT: (0.0, 0.5)},
+            cpu=(*CPU_MLP, "--trainer.max_steps=2000", "--model.init_args.optimizer.init_args.lr=0.5"),
+        ),
+        Experiment(
+            "normfree",
+            "Claim 7 [seed 003]: plain and BN VGG across learning rates, the baselines of the normalizer-free VGG (run with normfree-nf)",
+            ("configs/vgg.yaml",),
+            {NORM: ("none", "batch"), LR: (0.03, 0.1, 0.3, 1.0)},
+            cpu=CPU_VGG,
+            cpu_grid={NORM: ("none", "batch"), LR: (0.1, 1.0)},
+        ),
+        Experiment(
+            "normfree-nf",
+            "Claim 7 [seed 003]: VGG without BN but with scaled weight standardisation + AGC trains like BN across learning rates",
+            ("configs/vgg.yaml", "configs/experiments/normfree.yaml"),
+            {LR: (0.03, 0.1, 0.3, 1.0)},
+            overrides=(f"--{NORM}=none", f"--{WS}=true"),
+            cpu=CPU_VGG,
+            cpu_grid={LR: (0.1, 1.0)},
+        ),
+        Experiment(
+            "resnet-residual",
+            "Claim 8 [seed 003]: at initialisation BN downscales each residual branch relative to the skip path (ResNet-20 and -110)",
+            ("configs/resnet20.yaml", "configs/experiments/measure_residual.yaml"),
+            {NORM: ("none", "batch"), DEPTH: (20, 110)},
+            cpu=(*CPU_RESNET, "--trainer.max_steps=1", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0"),
+        ),
+        Experiment(
+            "resnet",
+            "Claim 8 [seed 003]: ResNet-20 with and without BN across learning rates (the baselines of resnet-nf)",
+            ("configs/resnet20.yaml",),
+            {NORM: ("none", "batch"), LR: (0.03, 0.1, 0.3, 1.0)},
+            cpu=CPU_RESNET,
+            cpu_grid={NORM: ("none", "batch"), LR: (0.1,)},
+        ),
+        Experiment(
+            "resnet-nf",
+            "Claims 7 + 8 [seed 003]: normalizer-free ResNet-20 (scaled WS + SkipInit + AGC) trains like the BN ResNet",
+            ("configs/resnet20.yaml", "configs/experiments/normfree.yaml"),
+            {LR: (0.03, 0.1, 0.3, 1.0)},
+            overrides=(f"--{NORM}=none", f"--{WS}=true", "--model.init_args.skipinit=true"),
+            cpu=CPU_RESNET,
+            cpu_grid={LR: (0.1,)},
         ),
     ]
 }
@@ -340,6 +456,52 @@ def _outcome(returncode: int, status: str) -> str:
 
 
 # --- W&B sweeps -----------------------------------------------------------------------
+#: Experiments whose sweep YAML is generated from this registry (``write_sweep``) and kept equal to it by a test.
+GENERATED_SWEEPS: tuple[str, ...] = (
+    "bn-batch-size", "lr-range", "mean-shift", "init-gain", "bn-placement", "bn-regularizer", "normfree", "normfree-nf",
+    "resnet-residual", "resnet", "resnet-nf",
+)
+
+
+def sweep_config(experiment: Experiment, seeds: Sequence[int] = (0, 1, 2)) -> dict[str, Any]:
+    """The W&B grid sweep of ``experiment`` (paper scale): its grid plus the seeds, same configs and overrides."""
+    command = ["${env}", "${interpreter}", "-m", "bnlightning", "fit"]
+    for c in experiment.configs:
+        command += ["--config", c]
+    command += [*experiment.overrides, "${args}"]
+    parameters = {k: {"values": list(v)} for k, v in experiment.grid.items()}
+    parameters[SEED] = {"values": list(seeds)}
+    return {
+        "name": experiment.name,
+        "program": "bnlightning/__main__.py",
+        "method": "grid",
+        "metric": {"name": "val/acc", "goal": "maximize"},
+        "parameters": parameters,
+        "command": command,
+    }
+
+
+def write_sweep(name: str, folder: str | os.PathLike[str] = REPO / "configs" / "sweeps") -> Path:
+    """Write ``configs/sweeps/<name>.yaml`` from the registry (the file is generated; edit the registry).
+
+    Example::
+
+        python -c "from bnlightning.experiments import write_sweep; write_sweep('bn-batch-size')"
+    """
+    import yaml
+
+    e = EXPERIMENTS[name]
+    header = (
+        f"# W&B sweep, GENERATED from bnlightning/experiments.py (write_sweep({name!r})); a test keeps them equal.\n"
+        f"# {e.claim}\n"
+        f"#   wandb sweep configs/sweeps/{name}.yaml && wandb agent ENTITY/PROJECT/SWEEP_ID\n"
+        f"# or locally: python -m bnlightning.experiments sweep configs/sweeps/{name}.yaml --run\n"
+    )
+    path = Path(folder) / f"{name}.yaml"
+    path.write_text(header + yaml.safe_dump(sweep_config(e), sort_keys=False, width=200))
+    return path
+
+
 SWEEP_METHODS = ("grid", "random", "bayes")
 
 

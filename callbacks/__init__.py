@@ -26,21 +26,27 @@ from bnlightning.callbacks.guard import ObserverEffectError, RngState, observer_
 from bnlightning.callbacks.hessian import HessianSpectrum
 from bnlightning.callbacks.ics import InternalCovariateShift
 from bnlightning.callbacks.landscape import LossLandscape
+from bnlightning.callbacks.meanshift import MeanShift, mean_shift
+from bnlightning.callbacks.residual import ResidualVariance, residual_variance
 
 __all__ = [
     "ActivationStats",
     "HessianSpectrum",
     "InternalCovariateShift",
     "LossLandscape",
+    "MeanShift",
     "MeasurementCallback",
     "ObserverEffectError",
+    "ResidualVariance",
     "RngState",
     "activation_stats",
     "internal_covariate_shift",
     "loss_landscape",
+    "mean_shift",
     "measurement_forward",
     "observer_guard",
     "optimizer_update",
+    "residual_variance",
     "sgd_update",
     "step_gradient",
     "weight_layer_names",

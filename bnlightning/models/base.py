@@ -33,20 +33,37 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1)
 
 
-def init_weights(net: nn.Module, init: str) -> None:
-    """Initialise every Conv/Linear weight (biases to zero) with the named scheme."""
-    if init == "default":
-        return
+def init_weights(net: nn.Module, init: str, gain: float = 1.0) -> None:
+    """Initialise every Conv/Linear weight (biases to zero) with the named scheme.
+
+    ``gain`` multiplies every initial weight (the scheme's own gain times ``gain``), so a
+    sweep over it asks how careful the initialisation must be (Ioffe & Szegedy); with
+    ``init="default"`` PyTorch's own initial weights are scaled.
+
+    Raises:
+        ValueError: an unknown scheme or a gain that is not a positive finite number.
+    """
+    if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not 0 < gain < float("inf"):
+        raise ValueError(f"init_gain must be a positive number, got {gain!r}")
+    if init not in ("xavier_uniform", "kaiming", "default"):
+        raise ValueError(f"unknown init {init!r}; accepted: xavier_uniform, kaiming, default")
     for m in net.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             if init == "xavier_uniform":
-                nn.init.xavier_uniform_(m.weight)
+                nn.init.xavier_uniform_(m.weight, gain=gain)
             elif init == "kaiming":
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                m.weight.data.mul_(gain)
             else:
-                raise ValueError(f"unknown init {init!r}; accepted: xavier_uniform, kaiming, default")
-            if m.bias is not None:
+                m.weight.data.mul_(gain)
+            if init != "default" and m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def check_dropout(p: float) -> None:
+    """Raise ``ValueError`` unless ``0 <= p < 1`` (p = 1 would zero every activation)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
 
 
 def check_norm_options(norm: str, norm_layers: list[int] | None, num_layers: int, what: str) -> list[int]:

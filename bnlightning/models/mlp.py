@@ -8,7 +8,7 @@ from typing import Literal
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from bnlightning.models.base import BaseModule, InitKind, LossKind, NormPosition, check_norm_options, default_optimizer, init_weights
+from bnlightning.models.base import BaseModule, InitKind, LossKind, NormPosition, check_dropout, check_norm_options, default_optimizer, init_weights
 from bnlightning.models.norms import NormKind, make_norm
 
 ActivationKind = Literal["relu", "tanh", "sigmoid", "identity"]
@@ -26,11 +26,13 @@ def build_mlp(
     norm_affine: bool = True,
     norm_layers: list[int] | None = None,
     bias: bool = True,
+    dropout: float = 0.0,
 ) -> nn.Sequential:
     """A flat ``nn.Sequential`` named ``fc1, norm1, act1, ..., fc{depth+1}``.
 
     ``depth`` hidden layers of ``width`` units, then the output layer ``fc{depth+1}``.
-    ``norm_layers`` holds 0-based indices of hidden layers that get a norm.
+    ``norm_layers`` holds 0-based indices of hidden layers that get a norm; ``dropout > 0``
+    adds ``drop{i}`` (``nn.Dropout``) at the end of every hidden block.
     """
     if depth < 0 or width < 1:
         raise ValueError(f"depth must be >= 0 and width >= 1, got depth={depth}, width={width}")
@@ -38,6 +40,7 @@ def build_mlp(
         raise ValueError(f"unknown activation {activation!r}; accepted: {', '.join(ACTIVATIONS)}")
     if norm_position not in ("before", "after"):
         raise ValueError(f"unknown norm_position {norm_position!r}; accepted: before, after")
+    check_dropout(dropout)
     with_norm = set(check_norm_options(norm, norm_layers, depth, "hidden")) if depth else set()
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     features = in_features
@@ -50,6 +53,8 @@ def build_mlp(
             layers[f"act{i}"] = ACTIVATIONS[activation]()
         if has_norm and norm_position == "after":
             layers[f"norm{i}"] = make_norm(norm, width, dims=1, affine=norm_affine)
+        if dropout > 0:
+            layers[f"drop{i}"] = nn.Dropout(dropout)
         features = width
     layers[f"fc{depth + 1}"] = nn.Linear(features, out_features, bias=bias)
     return nn.Sequential(layers)
@@ -71,6 +76,8 @@ class MLP(BaseModule):
         norm_layers: 0-based hidden-layer indices that get a norm (default: all).
         init: xavier_uniform (paper), kaiming or default.
         bias: biases in the Linear layers.
+        init_gain: multiplies every initial weight (see ``init_weights``; > 0).
+        dropout: dropout probability after every hidden block, in [0, 1) (0: none).
         loss, optimizer, lr_scheduler, compile, divergence_check_every_n_steps: see ``BaseModule``.
 
     Example::
@@ -96,8 +103,10 @@ class MLP(BaseModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
         divergence_check_every_n_steps: int = 10,
+        init_gain: float = 1.0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(loss, out_features, optimizer, lr_scheduler, compile, divergence_check_every_n_steps)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.net = build_mlp(in_features, out_features, depth, width, activation, norm, norm_position, norm_affine, norm_layers, bias)
-        init_weights(self.net, init)
+        self.net = build_mlp(in_features, out_features, depth, width, activation, norm, norm_position, norm_affine, norm_layers, bias, dropout)
+        init_weights(self.net, init, init_gain)

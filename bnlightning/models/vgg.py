@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from bnlightning.models.base import BaseModule, InitKind, LossKind, NormPosition, check_norm_options, default_optimizer, init_weights
+from bnlightning.models.base import BaseModule, InitKind, LossKind, NormPosition, check_dropout, check_norm_options, default_optimizer, init_weights
 from bnlightning.models.norms import NormKind, make_norm
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
@@ -21,6 +22,25 @@ VGG_CONFIGS: dict[str, list[int | str]] = {
 }
 
 
+#: gamma of Brock et al. (2021) for ReLU: 1 / sqrt(E[relu(z)^2] - E[relu(z)]^2) = sqrt(2 / (1 - 1/pi)).
+RELU_GAMMA = math.sqrt(2.0 / (1.0 - 1.0 / math.pi))
+
+
+def conv_layer(in_channels: int, out_channels: int, weight_standardization: bool = False, stride: int = 1) -> nn.Conv2d:
+    """A 3x3 conv, plain or with scaled weight standardisation (PROTOCOL §11).
+
+    Scaled WS uses timm's maintained ``ScaledStdConv2d``: per output unit
+    ``W_hat = gain * gamma * (W - mean(W)) / (std(W) * sqrt(fan_in))`` with a learnable
+    ``gain`` (initialised to 1) and ``gamma = RELU_GAMMA``, so that a ReLU network keeps unit
+    variance at initialisation without any normalization layer (Brock et al. 2021).
+    """
+    if not weight_standardization:
+        return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+    from timm.layers import ScaledStdConv2d  # imported only when asked for: timm is slow to import
+
+    return ScaledStdConv2d(in_channels, out_channels, 3, stride=stride, padding=1, gamma=RELU_GAMMA)
+
+
 def build_vgg(
     config: str,
     norm: str,
@@ -30,12 +50,16 @@ def build_vgg(
     in_channels: int = 3,
     num_classes: int = 10,
     width: float = 1.0,
+    weight_standardization: bool = False,
+    dropout: float = 0.0,
 ) -> nn.Sequential:
     """A flat ``nn.Sequential`` named ``conv1, norm1, relu1, pool1, ..., flatten, fc``.
 
     Conv layers are numbered from 1 as in the paper ("layer 5" is ``conv5``);
     ``norm_layers`` holds 0-based indices into the conv layers (``[3]`` puts the only
     norm after ``conv4``). ``width`` scales every channel count (for small test nets).
+    ``weight_standardization`` builds every conv as timm's ``ScaledStdConv2d`` (see
+    ``conv_layer``); ``dropout > 0`` adds ``drop`` (``nn.Dropout``) before the classifier.
     """
     if config not in VGG_CONFIGS:
         raise ValueError(f"unknown VGG config {config!r}; accepted: {', '.join(VGG_CONFIGS)}")
@@ -43,6 +67,7 @@ def build_vgg(
         raise ValueError(f"unknown norm_position {norm_position!r}; accepted: before, after")
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}")
+    check_dropout(dropout)
     spec = VGG_CONFIGS[config]
     num_convs = sum(1 for v in spec if v != "M")
     with_norm = set(check_norm_options(norm, norm_layers, num_convs, "conv"))
@@ -55,7 +80,7 @@ def build_vgg(
             continue
         out = max(1, round(int(v) * width))
         conv_i += 1
-        layers[f"conv{conv_i}"] = nn.Conv2d(channels, out, 3, padding=1)
+        layers[f"conv{conv_i}"] = conv_layer(channels, out, weight_standardization)
         has_norm = norm != "none" and (conv_i - 1) in with_norm
         if has_norm and norm_position == "before":
             layers[f"norm{conv_i}"] = make_norm(norm, out, dims=2, affine=norm_affine)
@@ -64,6 +89,8 @@ def build_vgg(
             layers[f"norm{conv_i}"] = make_norm(norm, out, dims=2, affine=norm_affine)
         channels = out
     layers["flatten"] = nn.Flatten()
+    if dropout > 0:
+        layers["drop"] = nn.Dropout(dropout)
     layers["fc"] = nn.Linear(channels, num_classes)
     return nn.Sequential(layers)
 
@@ -81,6 +108,10 @@ class VGG(BaseModule):
         in_channels, num_classes: input channels and classes.
         width: channel multiplier (1.0 is the real VGG; tests use small values).
         channels_last: keep conv weights and inputs in channels-last memory format.
+        init_gain: multiplies every initial weight (see ``init_weights``; > 0).
+        weight_standardization: scaled weight standardisation in every conv (normalizer-free
+            VGG, Brock et al. 2021; pair it with ``bnlightning.normfree.AdaptiveGradientClipping``).
+        dropout: dropout probability before the classifier, in [0, 1) (0: none).
         loss, optimizer, lr_scheduler, compile, divergence_check_every_n_steps: see ``BaseModule``.
 
     Example::
@@ -105,11 +136,14 @@ class VGG(BaseModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
         divergence_check_every_n_steps: int = 10,
+        init_gain: float = 1.0,
+        weight_standardization: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(loss, num_classes, optimizer, lr_scheduler, compile, divergence_check_every_n_steps)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.net = build_vgg(config, norm, norm_position, norm_affine, norm_layers, in_channels, num_classes, width)
-        init_weights(self.net, init)
+        self.net = build_vgg(config, norm, norm_position, norm_affine, norm_layers, in_channels, num_classes, width, weight_standardization, dropout)
+        init_weights(self.net, init, init_gain)
         self.channels_last = channels_last
         if channels_last:
             self.net.to(memory_format=torch.channels_last)

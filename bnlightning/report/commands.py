@@ -84,7 +84,12 @@ def report_main(argv: Sequence[str]) -> int:
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"--out {out} exists and is not a folder")
         figures = draw_all(runs, out, args.dpi)
-        md = write_markdown(runs, figures, out, args.title, incomplete)
+        # Sweeps over keys beyond (norm, lr) -- issue 12's claims: their own figures and claims.md.
+        from bnlightning.report.claims import draw_claims, write_claims_markdown
+
+        figures += draw_claims(runs, out, args.dpi)
+        write_claims_markdown(runs, out)
+                md = write_markdown(runs, figures, out, args.title, incomplete)
         page = write_html(runs, figures, out, args.title, incomplete)
         diverged = [r for r in runs if r.diverged_at_step is not None]
         extra = f"; {len(incomplete)} incomplete runs listed apart, not averaged" if incomplete else ""

@@ -1,0 +1,373 @@
+"""Figures and tables for sweeps beyond (norm, lr): issue 12's claims.
+
+The paper figures (``figures.py``) group runs by (norm, lr). The claims sweep other keys too
+(batch size, init gain, BN position and affine, dropout, weight standardisation, callbacks),
+so here a *setting* is every config value that differs between the runs of a family, read
+from each run's ``config.yaml``; seeds are the repeats. Per family:
+
+- ``sweep``: final validation accuracy (mean over seeds, min-max bar) against the first
+  numeric swept key with at least three values (batch size, init gain, lr), one line per
+  combination of the other keys; a second panel shows BN's train-mode validation accuracy
+  when it was logged (``val/acc_train_mode``), else the final training loss. Without such a
+  key, a bar chart per setting with the train-validation accuracy gap beside it.
+- ``meanshift``: per-layer ``meanshift/<layer>/cos`` and channel mean over depth.
+- ``residual``: per-block var(branch) / var(skip) over depth (``resvar/<block>/ratio``).
+
+``claims.md`` holds one table row per setting with seeds, mean ± std and min-max.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnlightning.report.figures import Figure, _finish, plt
+from bnlightning.report.page import markdown_table
+from bnlightning.report.runs import Run, group_by, short_layer
+
+#: Config keys that never define a setting (repeats, bookkeeping).
+IGNORED_KEYS = ("seed_everything", "trainer.logger", "trainer.default_root_dir", "checkpoint.", "ckpt_path", "dataset_name", "data.init_args.seed")
+#: Numeric keys that make a good x axis, in order of preference.
+X_KEYS = ("data.init_args.batch_size", "model.init_args.init_gain", "model.init_args.optimizer.init_args.lr", "model.init_args.dropout")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; a callbacks list becomes its class names and arguments."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    key = prefix[:-1]
+    if key.endswith("callbacks") and isinstance(tree, list):
+        out[key] = " + ".join(_callback_label(c) for c in tree) or "none"
+    else:
+        out[key] = tree if not isinstance(tree, list) else tuple(map(str, tree))
+    return out
+
+
+def _callback_label(spec: Any) -> str:
+    if not isinstance(spec, dict):
+        return str(spec)
+    name = str(spec.get("class_path", "?")).rsplit(".", 1)[-1]
+    args = spec.get("init_args") or {}
+    return name + (f"({', '.join(f'{k}={v}' for k, v in args.items())})" if args else "")
+
+
+def varying_keys(runs: Sequence[Run]) -> list[str]:
+    """Config keys (dotted) whose values differ between ``runs``, seeds and bookkeeping left out."""
+    flats = [_flat(r.config) for r in runs]
+    keys = sorted({k for f in flats for k in f})
+    out = []
+    for k in keys:
+        if any(k == i or k.startswith(i) for i in IGNORED_KEYS):
+            continue
+        if len({repr(f.get(k)) for f in flats}) > 1:
+            out.append(k)
+    return out
+
+
+def short_key(key: str) -> str:
+    return {"model.init_args.optimizer.init_args.lr": "lr", "trainer.callbacks": "callbacks"}.get(key, key.rsplit(".", 1)[-1])
+
+
+def _value(run: Run, key: str) -> Any:
+    return _flat(run.config).get(key)
+
+
+def setting_label(run: Run, keys: Sequence[str]) -> str:
+    return ", ".join(f"{short_key(k)}={_value(run, k)}" for k in keys) or "all runs"
+
+
+def _mean_last(run: Run, metric: str, n: int = 5) -> float | None:
+    """Mean of the last ``n`` logged values (train metrics are one batch each)."""
+    s = run.series(metric)
+    if s is None or not len(s[1]):
+        return None
+    v = s[1][-n:]
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if len(v) else None
+
+
+def run_results(run: Run) -> dict[str, float | None]:
+    """The numbers a claim table shows for one run."""
+    val = run.final("val/acc")
+    train = _mean_last(run, "train/acc")
+    out: dict[str, float | None] = {
+        "val acc": val,
+        "val acc (BN train mode)": run.final("val/acc_train_mode"),
+        "train acc (last 5 logs)": train,
+        "train - val acc": train - val if train is not None and val is not None else None,
+        "final train loss": _mean_last(run, "train/loss", 1),
+    }
+    for prefix in ("ics/cos/", "ics/rel/"):
+        for layer in run.layers(prefix):
+            s = run.series(prefix + layer)
+            out[f"median {prefix}{short_layer(layer)}"] = float(np.nanmedian(s[1])) if s is not None and len(s[1]) else None
+    for metric in ("landscape/beta_eff", "landscape/grad_l2_max"):
+        s = run.series(metric)
+        if s is not None and len(s[1]):
+            out[f"median {metric}"] = float(np.nanmedian(s[1]))
+    return out
+
+
+def _stats(values: Sequence[float | None]) -> tuple[float, float, float, float] | None:
+    xs = [v for v in values if v is not None and math.isfinite(v)]
+    if not xs:
+        return None
+    return float(np.mean(xs)), float(np.std(xs)), min(xs), max(xs)
+
+
+def _fmt(st: tuple[float, float, float, float] | None) -> str:
+    if st is None:
+        return "—"
+    mean, std, lo, hi = st
+    return f"{mean:.3g} ± {std:.2g} [{lo:.3g}, {hi:.3g}]"
+
+
+def settings_of(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple[str, ...], list[Run]]:
+    """Runs grouped by their values of ``keys`` (seeds are the repeats), in a stable order."""
+    groups: dict[tuple[str, ...], list[Run]] = {}
+    for r in runs:
+        groups.setdefault(tuple(repr(_value(r, k)) for k in keys), []).append(r)
+
+    def order(item: tuple[tuple[str, ...], list[Run]]) -> tuple[Any, ...]:
+        r = item[1][0]
+        return tuple((0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v)) for v in (_value(r, k) for k in keys))
+
+    return dict(sorted(groups.items(), key=order))
+
+
+def claim_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the claims table of one family: one row per setting."""
+    keys = varying_keys(runs)
+    groups = settings_of(runs, keys)
+    results = {id(r): run_results(r) for r in runs}
+    columns: list[str] = []
+    for r in runs:
+        for c, v in results[id(r)].items():
+            if v is not None and c not in columns:
+                columns.append(c)
+    header = [short_key(k) for k in keys] + ["seeds"] + [f"{c} (mean ± std [min, max])" for c in columns] + ["diverged"]
+    rows = []
+    for rs in groups.values():
+        seeds = ",".join(str(r.seed) for r in sorted(rs, key=lambda r: r.seed if r.seed is not None else -1))
+        diverged = sum(r.diverged_at_step is not None for r in rs)
+        rows.append([str(_value(rs[0], k)) for k in keys] + [seeds] + [_fmt(_stats([results[id(r)].get(c) for r in rs])) for c in columns] + [f"{diverged}/{len(rs)}"])
+    return header, rows
+
+
+def _x_key(runs: Sequence[Run], keys: Sequence[str]) -> str | None:
+    for k in X_KEYS:
+        if k in keys:
+            values = {_value(r, k) for r in runs}
+            if len(values) >= 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                return k
+    return None
+
+
+def sweep_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
+    """Final accuracy against the swept key (or per setting), mean over seeds with a min-max bar."""
+    keys = varying_keys(runs)
+    if not keys or not any(r.final("val/acc") is not None for r in runs):
+        return None
+    x_key = _x_key(runs, keys)
+    if x_key is None:
+        return _bar_figure(family, runs, keys, out, dpi)
+    others = [k for k in keys if k != x_key]
+    second = "val/acc_train_mode" if any(r.final("val/acc_train_mode") is not None for r in runs) else "train/loss"
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4))
+    for i, (_, rs) in enumerate(settings_of(runs, others).items()):
+        label = setting_label(rs[0], others)
+        for ax, metric in zip(axes, ("val/acc", second)):
+            pts = []
+            for group in settings_of(rs, [x_key]).values():
+                st = _stats([r.final(metric) if metric != "train/loss" else _mean_last(r, metric, 1) for r in group])
+                if st is not None:
+                    pts.append((float(_value(group[0], x_key)), *st, sum(r.diverged_at_step is not None for r in group)))
+            if not pts:
+                continue
+            xs, means, _, los, his, div = (np.array(c) for c in zip(*pts))
+            ax.errorbar(xs, means, yerr=[means - los, his - means], fmt="o-", color=f"C{i % 10}", label=label, capsize=3, lw=1.3, ms=4)
+            for x, m, d in zip(xs, means, div):
+                if d:
+                    ax.plot([x], [m], "x", color=f"C{i % 10}", ms=10, mew=2)
+    axes[0].set_ylabel("final val acc (eval mode)", fontsize=8)
+    axes[1].set_ylabel("final val acc, BN in train mode" if second == "val/acc_train_mode" else "final train loss", fontsize=8)
+    if second == "train/loss":
+        axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xscale("log", base=2 if x_key == "data.init_args.batch_size" else 10)
+        ax.set_xlabel(short_key(x_key), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _finish(
+        fig, out, family, "sweep",
+        f"{{model}} on {{dataset}}: final accuracy vs {short_key(x_key)}; mean over seeds, bar = min-max, x = a seed diverged",
+        f"Accuracy vs {short_key(x_key)} — {{model}} on {{dataset}}",
+        dpi,
+    )
+
+
+def _bar_figure(family: tuple[str, str], runs: Sequence[Run], keys: Sequence[str], out: Path, dpi: int) -> Figure | None:
+    groups = settings_of(runs, keys)
+    labels = [setting_label(rs[0], keys).replace(", ", "\n") for rs in groups.values()]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(groups) * 2), 3.8))
+    for ax, (metric, title) in zip(axes, (("val acc", "final val acc"), ("train - val acc", "train acc (last 5 logs) - val acc"))):
+        sts = [_stats([run_results(r)[metric] for r in rs]) for rs in groups.values()]
+        xs = np.arange(len(sts))
+        means = np.array([s[0] if s else np.nan for s in sts])
+        lo = np.array([s[0] - s[2] if s else 0 for s in sts])
+        hi = np.array([s[3] - s[0] if s else 0 for s in sts])
+        ax.bar(xs, means, yerr=[lo, hi], color=[f"C{i % 10}" for i in range(len(sts))], capsize=4, alpha=0.8)
+        ax.set_xticks(xs, labels, fontsize=6)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    return _finish(
+        fig, out, family, "sweep",
+        "{model} on {dataset}: final accuracy per setting; mean over seeds, bar = min-max",
+        "Accuracy per setting — {model} on {dataset}",
+        dpi,
+    )
+
+
+def meanshift_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
+    """Mean cosine between examples and per-channel mean, per layer over depth, at the first measurement."""
+    layers = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith("meanshift/") and n.endswith("/cos")}, key=_block_key)
+    if not layers:
+        return None
+    keys = varying_keys(runs)
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4))
+    for i, (_, rs) in enumerate(settings_of(runs, keys).items()):
+        share = _stats([_first(r, "meanshift/majority_share") for r in rs])
+        label = setting_label(rs[0], keys) + (f" (majority {share[0]:.2f})" if share else "")
+        for ax, stat in zip(axes, ("cos", "channel_mean")):
+            vals = np.array([[_first(r, f"meanshift/{layer}/{stat}") or np.nan for layer in layers] for r in rs])
+            depth = np.arange(1, len(layers) + 1)
+            ax.plot(depth, np.nanmean(vals, 0), "o-", color=f"C{i % 10}", label=label, ms=3, lw=1.3)
+            if len(rs) > 1:
+                ax.fill_between(depth, np.nanmin(vals, 0), np.nanmax(vals, 0), color=f"C{i % 10}", alpha=0.2, lw=0)
+    axes[0].set_ylabel("mean cos(A_a, A_b), a != b", fontsize=8)
+    axes[1].set_ylabel("mean over channels of channel mean", fontsize=8)
+    for ax in axes:
+        ax.set_xlabel(f"layer ({short_layer(layers[0])} ... {short_layer(layers[-1])})", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _finish(
+        fig, out, family, "meanshift",
+        "Mean shift at initialisation (PROTOCOL §10) — {model} on {dataset}; mean over seeds, band = min-max",
+        "Mean shift over depth at initialisation — {model} on {dataset}",
+        dpi,
+    )
+
+
+def residual_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
+    """var(branch) / var(skip) per residual block over depth, at the first measurement (claim 8)."""
+    blocks = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith("resvar/") and n.endswith("/ratio")}, key=_block_key)
+    if not blocks:
+        return None
+    keys = varying_keys(runs)
+    fig, ax = plt.subplots(1, 1, figsize=(7.0, 3.4))
+    for i, (_, rs) in enumerate(settings_of(runs, keys).items()):
+        own = [b for b in blocks if any(r.series(f"resvar/{b}/ratio") is not None for r in rs)]
+        vals = np.array([[_first(r, f"resvar/{b}/ratio") or np.nan for b in own] for r in rs])
+        depth = np.arange(1, len(own) + 1)
+        ax.plot(depth, np.nanmean(vals, 0), "o-", color=f"C{i % 10}", label=setting_label(rs[0], keys), ms=3, lw=1.3)
+        if len(rs) > 1:
+            ax.fill_between(depth, np.nanmin(vals, 0), np.nanmax(vals, 0), color=f"C{i % 10}", alpha=0.2, lw=0)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="k", lw=0.6, ls=":")
+    ax.set_xlabel("residual block (input to output)", fontsize=8)
+    ax.set_ylabel("var(branch) / var(skip)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _finish(
+        fig, out, family, "residual",
+        "Residual branch vs skip path at initialisation — {model} on {dataset}; mean over seeds, band = min-max",
+        "Residual branch / skip variance at initialisation — {model} on {dataset}",
+        dpi,
+    )
+
+
+def _block_key(name: str) -> tuple[int, ...]:
+    """Natural order by every number in the name: ``net.stage2.block10`` -> (2, 10); ``relu13`` -> (13,)."""
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in name.split(".") if any(c.isdigit() for c in part))
+
+
+def _first(run: Run, metric: str) -> float | None:
+    s = run.series(metric)
+    return float(s[1][0]) if s is not None and len(s[1]) else None
+
+
+def draw_claims(runs: Sequence[Run], out: Path, dpi: int = 90) -> list[Figure]:
+    """The claims figures every family has data for."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for family, family_runs in group_by(runs, "family").items():
+        for draw in (sweep_figure, meanshift_figure, residual_figure):
+            fig = draw(family, family_runs, out, dpi)
+            if fig is not None:
+                written.append(fig)
+    return written
+
+
+def write_claims_markdown(runs: Sequence[Run], out: Path) -> Path:
+    """``claims.md``: per family, one row per setting (every swept key, seeds, mean ± std [min, max])."""
+    parts = ["# Results per setting (every swept key; seeds are repeats)", ""]
+    for (model, dataset), rs in group_by(runs, "family").items():
+        header, rows = claim_rows(rs)
+        parts += [f"## {model} on {dataset}", "", markdown_table(header, rows), ""]
+        if any(r.series("meanshift/majority_share") is not None for r in rs):
+            parts += [_meanshift_table(rs), ""]
+        if any(n.startswith("resvar/") for r in rs for n in r.metrics):
+            parts += [_residual_table(rs), ""]
+    path = out / "claims.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def _meanshift_table(runs: Sequence[Run]) -> str:
+    """First, middle and last measured layer of each setting (settings may differ in depth)."""
+    keys = varying_keys(runs)
+    header = [short_key(k) for k in keys] + ["seeds", "layers", "cos first", "cos middle", "cos last", "channel mean last", "majority share"]
+    rows = []
+    for rs in settings_of(runs, keys).values():
+        own = sorted({n.split("/")[1] for r in rs for n in r.metrics if n.startswith("meanshift/") and n.endswith("/cos")}, key=_block_key)
+        if not own:
+            continue
+        picks = [own[0], own[len(own) // 2], own[-1]]
+        rows.append(
+            [str(_value(rs[0], k)) for k in keys]
+            + [",".join(str(r.seed) for r in rs), f"{short_layer(own[0])} … {short_layer(own[-1])} ({len(own)})"]
+            + [_fmt(_stats([_first(r, f"meanshift/{n}/cos") for r in rs])) for n in picks]
+            + [_fmt(_stats([_first(r, f"meanshift/{own[-1]}/channel_mean") for r in rs])), _fmt(_stats([_first(r, "meanshift/majority_share") for r in rs]))]
+        )
+    return markdown_table(header, rows)
+
+
+def _residual_table(runs: Sequence[Run]) -> str:
+    blocks = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith("resvar/") and n.endswith("/ratio")}, key=_block_key)
+    keys = varying_keys(runs)
+    header = [short_key(k) for k in keys] + ["seeds", "blocks", "ratio first block", "ratio last block", "median ratio"]
+    rows = []
+    for rs in settings_of(runs, keys).values():
+        own = [b for b in blocks if any(r.series(f"resvar/{b}/ratio") is not None for r in rs)]
+        if not own:
+            continue
+        med = [float(np.nanmedian([_first(r, f"resvar/{b}/ratio") or np.nan for b in own])) for r in rs]
+        rows.append(
+            [str(_value(rs[0], k)) for k in keys]
+            + [",".join(str(r.seed) for r in rs), str(len(own))]
+            + [_fmt(_stats([_first(r, f"resvar/{b}/ratio") for r in rs])) for b in (own[0], own[-1])]
+            + [_fmt(_stats(med))]
+        )
+    return markdown_table(header, rows)
+

@@ -1,0 +1,196 @@
+"""``MeanShift``: how alike different examples look inside the network (PROTOCOL §10).
+
+Brock et al. (2021) and seed 003: without normalization, ReLU outputs have a positive mean
+per channel, the shift grows with depth, and every example's hidden representation points
+the same way, until the network predicts one label for every input at initialisation.
+BatchNorm removes the per-channel mean at every layer; scaled weight standardisation
+removes it from the weights instead.
+
+``mean_shift`` is the pure function; ``MeanShift`` the callback that applies it to the
+outputs of chosen layers during one side-effect-free measurement pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from bnlightning.callbacks.activations import default_activation_layers
+from bnlightning.callbacks.base import MeasurementCallback
+from bnlightning.callbacks.functional import measurement_forward
+from bnlightning.callbacks.functional._model import LossFn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+__all__ = ["MeanShift", "mean_shift", "pairwise_cosine_mean"]
+
+
+def pairwise_cosine_mean(a: Tensor) -> Tensor:
+    """Mean of ``cos(A_a, A_b)`` over ordered pairs of different examples ``a != b``.
+
+    Each example's activations are flattened to one vector. An all-zero vector (a ReLU
+    layer that is silent for that example) has cosine 0 with every other vector.
+
+    Args:
+        a: activations, batch first, at least 2 examples: (N, ...).
+
+    Raises:
+        ValueError: fewer than 2 examples (no pair to compare).
+
+    Example::
+
+        pairwise_cosine_mean(torch.ones(4, 3))  # tensor(1.)
+    """
+    n = a.shape[0]
+    if n < 2:
+        raise ValueError(f"mean shift needs at least 2 examples in the batch, got {n}")
+    x = a.detach().reshape(n, -1).double()  # float64: the sum of N^2 cosines must not lose the small ones
+    norms = x.norm(dim=1, keepdim=True)
+    unit = torch.where(norms > 0, x / norms.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
+    # sum_{a != b} cos = ||sum_a u_a||^2 - sum_a ||u_a||^2: O(N F) instead of the N x N Gram matrix.
+    total = unit.sum(0).pow(2).sum() - unit.pow(2).sum()
+    return (total / (n * (n - 1))).to(a.dtype if a.is_floating_point() else torch.float32)
+
+
+def mean_shift(activations: Mapping[str, Tensor], logits: Tensor | None = None) -> dict[str, Tensor]:
+    """Mean-shift statistics of captured activations and the predictions (PROTOCOL §10).
+
+    Per layer ``<name>`` with output ``A`` (N, C) or (N, C, H, W):
+
+    - ``meanshift/<name>/cos``: mean over pairs of different examples of ``cos(A_a, A_b)``
+      (0: unrelated directions; 1: every example looks alike);
+    - ``meanshift/<name>/channel_mean``: the mean over channels of each channel's mean over
+      the batch (and pixels) -- positive for ReLU outputs without normalization.
+
+    With ``logits`` (N, classes): ``meanshift/majority_share``, the share of examples given
+    the most frequent predicted label (1: the same label for every example).
+
+    Args:
+        activations: layer name -> its output on one batch (batch first, same batch for all).
+        logits: the network's outputs on that batch, or None.
+
+    Raises:
+        ValueError: a tensor with fewer than 2 examples or fewer than 2 dimensions.
+
+    Example::
+
+        stats = mean_shift({"relu1": torch.relu(torch.randn(8, 16))}, logits=torch.randn(8, 10))
+    """
+    out: dict[str, Tensor] = {}
+    for name, a in activations.items():
+        if a.dim() < 2:
+            raise ValueError(f"activations of {name!r} must be batch first with features, got shape {tuple(a.shape)}")
+        out[f"meanshift/{name}/cos"] = pairwise_cosine_mean(a)
+        dims = [0, *range(2, a.dim())]  # batch and pixels: one mean per channel
+        out[f"meanshift/{name}/channel_mean"] = a.detach().float().mean(dims).mean()
+    if logits is not None:
+        if logits.dim() != 2 or logits.shape[0] < 1:
+            raise ValueError(f"logits must be (N, classes), got shape {tuple(logits.shape)}")
+        counts = torch.bincount(logits.detach().argmax(1), minlength=logits.shape[1])
+        out["meanshift/majority_share"] = counts.max().float() / logits.shape[0]
+    return out
+
+
+class MeanShift(MeasurementCallback):
+    r"""Log the mean shift of chosen layers' outputs and the majority-prediction share.
+
+    What is read: the *output* of each selected module (default: every activation module,
+    i.e. the ReLU outputs, or in a network without any every Conv/Linear output) and the
+    LightningModule's own output (the logits) for ``meanshift/majority_share``.
+
+    When: as ``ActivationStats`` -- forward hooks live only around the callback's own
+    float32, no-grad ``measurement_forward`` of ``loss_method(batch)`` on the measured step's
+    training batch (pre-step weights, training mode, buffers cloned, RNG rewound), so
+    training is untouched. ``every_n_steps=1`` with ``max_steps=1`` measures the network at
+    initialisation, which is where seed 003's claim lives.
+
+    Logged metrics: see ``mean_shift``.
+
+    Args:
+        layers: module names relative to the LightningModule (default: see above).
+        every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
+        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
+        loss_method: the module's method ``(batch) -> scalar loss``.
+
+    Raises:
+        ValueError: bad arguments; at setup an unknown layer name (the valid ones are listed).
+        MisconfigurationException: at setup, manual optimization or an unsupported strategy.
+        AttributeError: at setup, no ``loss_fn``, ``loss_method`` or ``training_step`` to measure with.
+
+    Example::
+
+        trainer = Trainer(max_steps=1, callbacks=[MeanShift(every_n_steps=1)])
+    """
+
+    def __init__(self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> None:
+        super().__init__(every_n_steps, loss_fn, loss_method)
+        if layers is not None and not layers:
+            raise ValueError("layers must be None (default layers) or a non-empty list of module names")
+        self.layers = list(layers) if layers is not None else None
+        self._layers: list[str] = []
+        self._handles: list[RemovableHandle] = []
+        self._captured: dict[str, Tensor] = {}
+        self._logits: Tensor | None = None
+
+    def _state_key_extra(self) -> dict[str, Any]:
+        return {"layers": self.layers}
+
+    @override
+    def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        modules = dict(pl_module.named_modules())
+        if self.layers is None:
+            self._layers = default_activation_layers(pl_module)
+            if not self._layers:
+                raise ValueError(f"{type(pl_module).__name__} has no activation, Conv or Linear module; pass layers=")
+        else:
+            bad = [n for n in self.layers if n not in modules or not n]
+            if bad:
+                raise ValueError(f"unknown layer {bad[0]!r}. Valid module names: {', '.join(n for n in modules if n)}")
+            self._layers = list(self.layers)
+
+    def _register_hooks(self, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        modules = dict(pl_module.named_modules())
+        for name in self._layers:
+            self._handles.append(modules[name].register_forward_hook(self._make_hook(name)))
+        self._handles.append(pl_module.register_forward_hook(self._logits_hook))
+
+    def _make_hook(self, name: str) -> Any:
+        def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+            if isinstance(output, Tensor):
+                self._captured[name] = output.detach()
+
+        return hook
+
+    def _logits_hook(self, _module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+        if isinstance(output, Tensor) and output.dim() == 2:
+            self._logits = output.detach()
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    @override
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
+        self._captured, self._logits = {}, None
+        self._register_hooks(pl_module)  # only around this pass: training's own forwards run hook-free
+        try:
+            measurement_forward(pl_module, batch, loss_fn=self.loss_fn, loss_method=self.loss_method)
+        finally:
+            self._remove_hooks()
+        captured = {name: self._captured[name] for name in self._layers if name in self._captured}
+        metrics = mean_shift(captured, self._logits)
+        self._captured, self._logits = {}, None
+        return metrics
+
+    @override
+    def charts(self) -> dict[str, list[str]]:
+        return {"meanshift_cos": [f"meanshift/{name}/cos" for name in self._layers]}
