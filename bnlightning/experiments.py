@@ -208,6 +208,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             ("configs/dln.yaml", "configs/experiments/measure_curvature_dln.yaml"),
             {NORM: ("none", "batch"), LR: (1e-6, 3e-6, 1e-5)},
             cpu=("--trainer.max_steps=1000", "--trainer.accelerator=cpu"),
+        ),
         # --- issue 12: the other claims about BatchNorm (docs/reproduction-cpu.md, "Other claims") ---
         Experiment(
             "bn-batch-size",
