@@ -89,7 +89,7 @@ def report_main(argv: Sequence[str]) -> int:
 
         figures += draw_claims(runs, out, args.dpi)
         write_claims_markdown(runs, out)
-                md = write_markdown(runs, figures, out, args.title, incomplete)
+        md = write_markdown(runs, figures, out, args.title, incomplete)
         page = write_html(runs, figures, out, args.title, incomplete)
         diverged = [r for r in runs if r.diverged_at_step is not None]
         extra = f"; {len(incomplete)} incomplete runs listed apart, not averaged" if incomplete else ""
