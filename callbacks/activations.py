@@ -8,11 +8,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback, wandb_loggers
-from bnlightning.callbacks.functional import activation_kind, activation_stats, measurement_forward
+from bnlightning.callbacks.functional import activation_kind, activation_stats, capture_forward
 from bnlightning.callbacks.functional._model import LossFn
 
 __all__ = ["ActivationStats", "default_activation_layers"]
@@ -97,9 +96,6 @@ class ActivationStats(MeasurementCallback):
         self.histogram = histogram
         self.histogram_bins = histogram_bins
         self._layers: list[str] = []
-        self._handles: list[RemovableHandle] = []
-        self._recording = False
-        self._captured: dict[str, Tensor] = {}
 
     def _state_key_extra(self) -> dict[str, Any]:
         return {"layers": self.layers}
@@ -118,62 +114,24 @@ class ActivationStats(MeasurementCallback):
                 raise ValueError(f"unknown layer {bad[0]!r}. Valid module names: {', '.join(valid)}")
             self._layers = list(self.layers)
 
-    def _register_hooks(self, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
-        modules = dict(pl_module.named_modules())
-        for name in self._layers:
-            m = modules[name]
-            if activation_kind(m):
-                self._handles.append(m.register_forward_pre_hook(self._make_hook(name, read_input=True)))
-            else:
-                self._handles.append(m.register_forward_hook(self._make_hook(name, read_input=False)))
-
-    def _make_hook(self, name: str, read_input: bool) -> Any:
-        def hook(_module: nn.Module, args: tuple[Any, ...], output: Any = None) -> None:
-            if not self._recording:
-                return
-            x = args[0] if read_input else output
-            if isinstance(x, Tensor):
-                self._captured[name] = x.detach()
-
-        if read_input:
-            return lambda m, args: hook(m, args)
-        return hook
-
-    def _remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
-
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
         modules = dict(pl_module.named_modules())
-        self._captured = {}
-        self._recording = True
-        self._register_hooks(pl_module)  # only around this pass: training's own forwards run hook-free
-        try:
-            measurement_forward(pl_module, batch, loss_fn=self.loss_fn, loss_method=self.loss_method)
-        finally:
-            self._recording = False
-            self._remove_hooks()
+        taps = {name: (modules[name], "input" if activation_kind(modules[name]) else "output") for name in self._layers}
+        captured = capture_forward(pl_module, batch, taps, loss_fn=self.loss_fn, loss_method=self.loss_method)  # type: ignore[arg-type]
         metrics: dict[str, Tensor] = {}
         for name in self._layers:
-            x = self._captured.get(name)
+            x = captured.get(name)
             if x is None:
                 continue
             kind = activation_kind(modules[name]) or "none"
             for key, value in activation_stats(x, kind, saturation_threshold=self.saturation_threshold).items():
                 metrics[f"act/{name}/{key}"] = value
         if self.histogram:
-            self._log_histograms(trainer)
-        self._captured = {}
+            self._log_histograms(trainer, captured)
         return metrics
 
-    def _log_histograms(self, trainer: pl.Trainer) -> None:
+    def _log_histograms(self, trainer: pl.Trainer, captured: dict[str, Tensor]) -> None:
         if not trainer.is_global_zero:  # loggers write on rank zero only; no collective here
             return
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -183,7 +141,7 @@ class ActivationStats(MeasurementCallback):
         if not wandb_targets and not tb_targets:
             return
         step = trainer.global_step
-        for name, x in self._captured.items():
+        for name, x in captured.items():
             x = x.float().flatten()
             x = x[torch.isfinite(x)]
             if x.numel() == 0:

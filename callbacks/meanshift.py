@@ -19,11 +19,12 @@ import lightning.pytorch as pl
 import torch
 from bnlightning.callbacks.activations import default_activation_layers
 from bnlightning.callbacks.base import MeasurementCallback
-from bnlightning.callbacks.functional import measurement_forward
+from bnlightning.callbacks.functional import capture_forward
 from bnlightning.callbacks.functional._model import LossFn
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+from torch import Tensor
 from typing_extensions import override
+
+_LOGITS = "\x00logits"  # the tap on the whole module's output (not a module name)
 
 __all__ = ["MeanShift", "mean_shift", "pairwise_cosine_mean"]
 
@@ -131,9 +132,6 @@ class MeanShift(MeasurementCallback):
             raise ValueError("layers must be None (default layers) or a non-empty list of module names")
         self.layers = list(layers) if layers is not None else None
         self._layers: list[str] = []
-        self._handles: list[RemovableHandle] = []
-        self._captured: dict[str, Tensor] = {}
-        self._logits: Tensor | None = None
 
     def _state_key_extra(self) -> dict[str, Any]:
         return {"layers": self.layers}
@@ -151,45 +149,14 @@ class MeanShift(MeasurementCallback):
                 raise ValueError(f"unknown layer {bad[0]!r}. Valid module names: {', '.join(n for n in modules if n)}")
             self._layers = list(self.layers)
 
-    def _register_hooks(self, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
-        modules = dict(pl_module.named_modules())
-        for name in self._layers:
-            self._handles.append(modules[name].register_forward_hook(self._make_hook(name)))
-        self._handles.append(pl_module.register_forward_hook(self._logits_hook))
-
-    def _make_hook(self, name: str) -> Any:
-        def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-            if isinstance(output, Tensor):
-                self._captured[name] = output.detach()
-
-        return hook
-
-    def _logits_hook(self, _module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-        if isinstance(output, Tensor) and output.dim() == 2:
-            self._logits = output.detach()
-
-    def _remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
-
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
-        self._captured, self._logits = {}, None
-        self._register_hooks(pl_module)  # only around this pass: training's own forwards run hook-free
-        try:
-            measurement_forward(pl_module, batch, loss_fn=self.loss_fn, loss_method=self.loss_method)
-        finally:
-            self._remove_hooks()
-        captured = {name: self._captured[name] for name in self._layers if name in self._captured}
-        metrics = mean_shift(captured, self._logits)
-        self._captured, self._logits = {}, None
-        return metrics
+        taps: dict[str, Any] = {name: (pl_module.get_submodule(name), "output") for name in self._layers}
+        taps[_LOGITS] = (pl_module, "output")
+        seen = capture_forward(pl_module, batch, taps, loss_fn=self.loss_fn, loss_method=self.loss_method)
+        logits = seen.pop(_LOGITS, None)
+        captured = {name: seen[name] for name in self._layers if name in seen}
+        return mean_shift(captured, logits if logits is not None and logits.dim() == 2 else None)
 
     @override
     def charts(self) -> dict[str, list[str]]:

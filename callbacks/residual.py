@@ -16,10 +16,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from bnlightning.callbacks.base import MeasurementCallback
-from bnlightning.callbacks.functional import measurement_forward
+from bnlightning.callbacks.functional import capture_forward
 from bnlightning.callbacks.functional._model import LossFn
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 __all__ = ["ResidualVariance", "residual_blocks", "residual_variance"]
@@ -88,8 +87,6 @@ class ResidualVariance(MeasurementCallback):
     def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> None:
         super().__init__(every_n_steps, loss_fn, loss_method)
         self._blocks: list[str] = []
-        self._handles: list[RemovableHandle] = []
-        self._captured: dict[str, dict[str, Tensor]] = {}
 
     @override
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -97,35 +94,14 @@ class ResidualVariance(MeasurementCallback):
         if not self._blocks:
             raise ValueError(f"{type(pl_module).__name__} has no residual block (a module with children named 'branch' and 'shortcut')")
 
-    def _hook(self, block: str, part: str) -> Any:
-        def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-            if isinstance(output, Tensor):
-                self._captured.setdefault(block, {})[part] = output.detach()
-
-        return hook
-
-    def _remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
-
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
-        self._captured = {}
+        taps: dict[str, Any] = {}
         for name in self._blocks:
             block = pl_module.get_submodule(name)
-            self._handles.append(block.branch.register_forward_hook(self._hook(name, "branch")))
-            self._handles.append(block.shortcut.register_forward_hook(self._hook(name, "skip")))
-        try:
-            measurement_forward(pl_module, batch, loss_fn=self.loss_fn, loss_method=self.loss_method)
-        finally:
-            self._remove_hooks()
-        pairs = {n: (c["branch"], c["skip"]) for n, c in self._captured.items() if {"branch", "skip"} <= c.keys()}
-        self._captured = {}
+            taps[f"{name}\x00branch"], taps[f"{name}\x00skip"] = (block.branch, "output"), (block.shortcut, "output")
+        seen = capture_forward(pl_module, batch, taps, loss_fn=self.loss_fn, loss_method=self.loss_method)
+        pairs = {n: (seen[f"{n}\x00branch"], seen[f"{n}\x00skip"]) for n in self._blocks if f"{n}\x00branch" in seen and f"{n}\x00skip" in seen}
         return residual_variance(pairs)
 
     @override

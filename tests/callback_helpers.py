@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from lightning.pytorch.loggers import Logger
+
 import torch
 from torch import Tensor, nn
 
@@ -142,3 +144,28 @@ def assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
             for name, v in sa["state"][k].items():
                 w = sb["state"][k][name]
                 assert torch.equal(v, w) if isinstance(v, Tensor) else v == w
+
+
+class Recorder(Logger):
+    """An in-memory logger: what was handed to the loggers, by step (only keys under ``prefixes``, if given)."""
+
+    def __init__(self, prefixes: tuple[str, ...] | None = None) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+        self.logged: dict[int, dict[str, float]] = {}
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        kept = {k: float(v) for k, v in metrics.items() if self.prefixes is None or k.split("/")[0] in self.prefixes}
+        if kept:
+            self.logged.setdefault(int(step), {}).update(kept)

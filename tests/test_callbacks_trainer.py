@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnlightning.callbacks import ActivationStats, InternalCovariateShift, LossLandscape, internal_covariate_shift, sgd_update
-from callback_helpers import assert_same, batch_for, mlp, snapshot, vgg
+from callback_helpers import Recorder, assert_same, batch_for, mlp, snapshot, vgg
 
 TRAINER_KW: dict[str, Any] = dict(
     enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False, accelerator="cpu"
@@ -31,28 +31,8 @@ def all_callbacks(n: int = 1) -> list[pl.Callback]:
     return [InternalCovariateShift(every_n_steps=n), LossLandscape(every_n_steps=n), ActivationStats(every_n_steps=n)]
 
 
-class Recorder(Logger):
-    """An in-memory logger: what the measurement callbacks handed to the loggers, by step."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.logged: dict[int, dict[str, float]] = {}
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        ours = {k: float(v) for k, v in metrics.items() if k.split("/")[0] in ("ics", "landscape", "act")}
-        if ours:
-            self.logged.setdefault(int(step), {}).update(ours)
+MEASURED = ("ics", "landscape", "act")  # what the Recorder keeps
 
 
 def train(model: pl.LightningModule, callbacks: list[Any], steps: int = 6, **kw: Any) -> pl.Trainer:
@@ -73,7 +53,7 @@ def test_zero_observer_effect_bit_identical(norm: str) -> None:
     base = mlp(norm)
     a, b = copy.deepcopy(base), copy.deepcopy(base)
     train(a, [])
-    rec = Recorder()
+    rec = Recorder(MEASURED)
     train(b, [*all_callbacks(1), rec])
     assert len(rec.logged) == 6 and any(k.startswith("ics/") for k in rec.logged[0])
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
@@ -118,7 +98,7 @@ def test_logged_values_match_the_function() -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
             trainer_batch["b"] = batch
 
-    rec = Recorder()
+    rec = Recorder(MEASURED)
     model.optimizer_factory = lambda p: torch.optim.SGD(p, lr=0.05)
     train(model, [Stash(), InternalCovariateShift(every_n_steps=2, update_from="measured"), Peek(), rec], steps=4)
     assert sorted(rec.logged) == [1, 3]
@@ -129,7 +109,7 @@ def test_logged_values_match_the_function() -> None:
 def test_bf16_mixed_and_accumulation() -> None:
     torch.manual_seed(0)
     model = mlp("batch")
-    rec = Recorder()
+    rec = Recorder(MEASURED)
     cbs = all_callbacks(2)
     train(model, [*cbs, rec], steps=4, precision="bf16-mixed", accumulate_grad_batches=2)
     assert sorted(rec.logged) == [1, 3]
@@ -142,7 +122,7 @@ def test_bf16_mixed_and_accumulation() -> None:
 def test_vgg_trains_with_all_callbacks() -> None:
     torch.manual_seed(0)
     model = vgg("batch")
-    rec = Recorder()
+    rec = Recorder(MEASURED)
     train(model, [InternalCovariateShift(layers=["net.conv5", "net.conv7"], every_n_steps=2), LossLandscape(every_n_steps=2), ActivationStats(every_n_steps=2), rec], steps=2)
     assert {"ics/cos/net.conv5", "ics/rel/net.conv7", "act/net.relu3/dead", "landscape/loss_max"} <= set(rec.logged[1])
 
@@ -240,7 +220,7 @@ def test_foreign_module_defined_here() -> None:
 
     torch.manual_seed(0)
     model = Foreign()
-    rec = Recorder()
+    rec = Recorder(MEASURED)
     cbs = [
         InternalCovariateShift(every_n_steps=1, loss_method="objective"),
         LossLandscape(every_n_steps=1, loss_method="objective"),
@@ -297,7 +277,7 @@ def test_wandb_charts_are_built_from_history() -> None:
 
 def _logged_run(model: pl.LightningModule, callbacks: list[Any], steps: int = 4) -> dict[int, dict[str, float]]:
     """Every value the measurement callbacks hand to the loggers, by step."""
-    rec = Recorder()
+    rec = Recorder(MEASURED)
     train(model, [*callbacks, rec], steps=steps)
     return rec.logged
 

@@ -21,11 +21,11 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from bnlightning.callbacks import ActivationStats, InternalCovariateShift, LossLandscape
+from callback_helpers import Recorder
 from zoo_models import CASES, Case
 
 STEPS = 2
@@ -46,27 +46,6 @@ def _optimizer(made: Any) -> torch.optim.Optimizer:
     return made["optimizer"] if isinstance(made, dict) else made
 TRAINER_KW: dict[str, Any] = dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", log_every_n_steps=1)
 
-
-class Recorder(Logger):
-    """What every logger was handed, by step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.logged: dict[int, dict[str, float]] = {}
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.logged.setdefault(int(step), {}).update({k: float(v) for k, v in metrics.items()})
 
 
 class Capture(pl.Callback):

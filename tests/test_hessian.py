@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bnlightning.callbacks import HessianSpectrum
 from bnlightning.callbacks.functional.hessian import edge_of_stability, hessian_spectrum
+from callback_helpers import Recorder
 
 
 class Tiny(pl.LightningModule):
@@ -99,24 +100,11 @@ def test_edge_of_stability_limits() -> None:
     assert edge_of_stability(torch.optim.Adam(p, lr=0.1)) is None
 
 
-class Recorder(pl.loggers.logger.Logger):
-    name, version = "memory", 0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.logged: dict[int, dict[str, float]] = {}
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.logged.setdefault(int(step), {}).update({k: float(v) for k, v in metrics.items() if k.startswith("hessian/")})
-
 
 def _train(model: Tiny, callbacks: list[Any], **kw: Any) -> Recorder:
     torch.manual_seed(0)
     x, y = torch.randn(32, 3), torch.randint(0, 3, (32,))
-    rec = Recorder()
+    rec = Recorder(("hessian",))
     pl.Trainer(max_steps=4, callbacks=callbacks, logger=rec, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw).fit(
         model, DataLoader(TensorDataset(x, y), batch_size=8)
     )

@@ -26,7 +26,7 @@ The loss: ``loss_fn(module, batch)`` if given (a callable or an import path stri
 from bnlightning.callbacks.functional._batching import MODES, check_chunk_size, check_memory_budget, check_mode
 from bnlightning.callbacks.functional._model import WEIGHT_LAYER_TYPES, exact_float32, import_loss_fn, resolve_layers, weight_layer_names
 from bnlightning.callbacks.functional._updates import check_optimizer, optimizer_update, sgd_update
-from bnlightning.callbacks.functional.activations import ACTIVATION_KINDS, activation_kind, activation_stats, measurement_forward
+from bnlightning.callbacks.functional.activations import ACTIVATION_KINDS, activation_kind, activation_stats, capture_forward, measurement_forward
 from bnlightning.callbacks.functional.gradient import StepGradient, step_gradient
 from bnlightning.callbacks.functional.ics import ICS_MODES, internal_covariate_shift
 from bnlightning.callbacks.functional.landscape import check_step_sizes, loss_landscape
@@ -39,6 +39,7 @@ __all__ = [
     "StepGradient",
     "activation_kind",
     "activation_stats",
+    "capture_forward",
     "check_chunk_size",
     "check_memory_budget",
     "check_mode",

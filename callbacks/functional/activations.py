@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -105,3 +106,37 @@ def measurement_forward(module: nn.Module, batch: Any, *, loss_fn: LossFn | str 
     model = Model(module, loss_fn, loss_method)
     with model.session(), torch.no_grad():
         return model.loss({**model.values, **model.fresh_buffers()}, to_float32(batch))
+
+
+Tap = tuple[nn.Module, Literal["input", "output"]]
+
+
+def capture_forward(
+    module: nn.Module, batch: Any, taps: Mapping[str, Tap], *, loss_fn: LossFn | str | None = None, loss_method: str = "loss"
+) -> dict[str, Tensor]:
+    """Run ``measurement_forward`` once and return what each tap saw: name -> the (first positional)
+    input or the output of its module, from the module's last call in that pass (tensors only).
+
+    The hooks exist only for this one pass, so training's own forwards never run through them.
+    This is how ``ActivationStats``, ``MeanShift`` and ``ResidualVariance`` read their tensors.
+    """
+    captured: dict[str, Tensor] = {}
+
+    def hook(name: str, read_input: bool) -> Any:
+        def read(_m: nn.Module, args: tuple[Any, ...], output: Any = None) -> None:
+            x = (args[0] if args else None) if read_input else output
+            if isinstance(x, Tensor):
+                captured[name] = x.detach()
+
+        return (lambda m, args: read(m, args)) if read_input else read
+
+    handles = [
+        m.register_forward_pre_hook(hook(name, True)) if where == "input" else m.register_forward_hook(hook(name, False))
+        for name, (m, where) in taps.items()
+    ]
+    try:
+        measurement_forward(module, batch, loss_fn=loss_fn, loss_method=loss_method)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
