@@ -152,7 +152,7 @@ def restore_module_attributes(saved: list[tuple[nn.Module, dict[str, Any], dict[
             if current.get(k) is not v:
                 current[k] = v
         for slots, kept in ((m._parameters, params), (m._buffers, buffers), (m._modules, modules)):
-            if slots != kept or any(slots[k] is not v for k, v in kept.items()):
+            if len(slots) != len(kept) or any(slots.get(k) is not v for k, v in kept.items()):  # identity, never tensor ==
                 slots.clear()
                 slots.update(kept)
 
