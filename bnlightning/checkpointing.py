@@ -172,7 +172,7 @@ def resolve_resume(path: str) -> tuple[str, str | None]:
         for other in _step_checkpoints(os.path.dirname(path) or "."):
             if checkpoint_problem(other) is None:
                 return other, f"bnlightning: {path} cannot be resumed ({problem}); resuming from the newest intact checkpoint {other}"
-    raise RunError(f"cannot resume from {path}: {problem}; no intact checkpoint lies beside it")
+    raise RunError(f"cannot resume from {path}: not a readable checkpoint ({problem}); no intact checkpoint lies beside it")
 
 
 def model_mismatch(model: torch.nn.Module, state_dict: dict[str, Any]) -> str | None:
