@@ -215,7 +215,7 @@ class CIFAR10(DataModuleBase):
             CIFAR recipes: 4; airbench's fastest variants use 2).
         pad_mode: ``reflect`` (airbench) or ``zeros`` (torchvision's default).
         verify_checksums: check the files against the official md5 sums; set false for a
-            CIFAR-format folder you generated (e.g. ``tests/cifar_fixture.py``).
+            CIFAR-format folder you generated (e.g. ``python -m bnlightning.data.fake``).
 
     Raises:
         ValueError: a bad argument, or a corrupted/truncated/non-official file.
