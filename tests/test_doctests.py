@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import doctest
 import importlib
-from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 # Package folder -> import name (``callbacks/`` installs as ``bnlightning.callbacks``).
