@@ -22,9 +22,10 @@ Three measurements, all on VGG-11-BN (``VGG(config="A", norm="batch")``) trained
    ``record_function``. The training-step window is ``on_train_batch_start`` to
    ``on_train_batch_end`` (forward, backward, optimizer step) of a step without a measurement.
 
-Quick mode (``--quick``): width 0.125, batch 32, 200 timed steps (2 measurements of each
-callback per run) x 2 repeats for (1); width 0.25, batch 64, 2 measurements per callback
-for (2) and (3).
+Quick mode (``--quick``): width 0.0625, batch 16, 20 timed steps with the callbacks every
+20 steps (1 measurement of each per run; the overhead it prints is therefore ~5x that at
+the default interval of 100) x 2 repeats for (1); the same network, 2 measurements per
+callback for (2) and (3); within 90 s on a shared 2-core CPU (docs/benchmarks.md).
 
 Example::
 
@@ -37,7 +38,6 @@ from __future__ import annotations
 import copy
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,28 +45,31 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _cli
+import _fixtures
+import _report
+import _timing
 
 CALLBACKS = ("InternalCovariateShift", "LossLandscape", "ActivationStats")
-QUICK = {"width": 0.125, "batch_size": 32, "steps": 200, "warmup": 3, "repeats": 2,
-         "probe_width": 0.25, "probe_batch_size": 64, "probe_measurements": 2}
-FULL = {"width": 0.25, "batch_size": 128, "steps": 300, "warmup": 5, "repeats": 3,
+QUICK = {"width": 0.0625, "batch_size": 16, "steps": 20, "warmup": 1, "repeats": 2, "every_n_steps": 20,
+         "probe_width": 0.0625, "probe_batch_size": 16, "probe_measurements": 2}
+FULL = {"width": 0.25, "batch_size": 128, "steps": 300, "warmup": 5, "repeats": 3, "every_n_steps": 100,
         "probe_width": 1.0, "probe_batch_size": 128, "probe_measurements": 5}
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
-    p = C.bench_parser("bench/overhead.py", __doc__, QUICK, FULL)
-    p.add_argument("--precision", type=C.precision_list, default=["32-true"], help="one of 32-true, bf16-mixed, 16-mixed")
-    p.add_argument("--width", type=C.positive_float, default=None, help="VGG channel multiplier of the throughput runs (1)")
-    p.add_argument("--batch-size", type=C.positive_int, default=None, help="batch size of the throughput runs (1)")
-    p.add_argument("--steps", type=C.positive_int, default=None, help="timed steps per throughput run; a multiple of --every-n-steps")
-    p.add_argument("--warmup", type=C.nonnegative_int, default=None, help="untimed steps before the timed ones")
-    p.add_argument("--repeats", type=C.positive_int, default=None, help="throughput runs of each side")
-    p.add_argument("--every-n-steps", type=C.positive_int, default=100, help="callback interval of the throughput runs (callbacks' default: 100)")
-    p.add_argument("--probe-width", type=C.positive_float, default=None, help="VGG channel multiplier of the cost/memory runs (2, 3)")
-    p.add_argument("--probe-batch-size", type=C.positive_int, default=None, help="batch size of the cost/memory runs")
-    p.add_argument("--probe-measurements", type=C.positive_int, default=None, help="timed measurements per callback (2)")
-    p.add_argument("--probe-every", type=C.positive_int, default=2, help="measure every this many steps in the cost runs (2)")
+    p = _cli.bench_parser("bench/overhead.py", __doc__, QUICK, FULL)
+    p.add_argument("--precision", type=_cli.precision_list, default=["32-true"], help="one of 32-true, bf16-mixed, 16-mixed")
+    p.add_argument("--width", type=_cli.positive_float, default=None, help="VGG channel multiplier of the throughput runs (1)")
+    p.add_argument("--batch-size", type=_cli.positive_int, default=None, help="batch size of the throughput runs (1)")
+    p.add_argument("--steps", type=_cli.positive_int, default=None, help="timed steps per throughput run; a multiple of --every-n-steps")
+    p.add_argument("--warmup", type=_cli.nonnegative_int, default=None, help="untimed steps before the timed ones")
+    p.add_argument("--repeats", type=_cli.positive_int, default=None, help="throughput runs of each side")
+    p.add_argument("--every-n-steps", type=_cli.positive_int, default=None, help="callback interval of the throughput runs (callbacks' default: 100)")
+    p.add_argument("--probe-width", type=_cli.positive_float, default=None, help="VGG channel multiplier of the cost/memory runs (2, 3)")
+    p.add_argument("--probe-batch-size", type=_cli.positive_int, default=None, help="batch size of the cost/memory runs")
+    p.add_argument("--probe-measurements", type=_cli.positive_int, default=None, help="timed measurements per callback (2)")
+    p.add_argument("--probe-every", type=_cli.positive_int, default=2, help="measure every this many steps in the cost runs (2)")
     p.add_argument("--channels-last", action="store_true", help="VGG(channels_last=True)")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -80,9 +83,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
         p.error(f"argument --steps: must be a multiple of --every-n-steps ({args.every_n_steps}), got {args.steps}")
     if args.probe_every < 2:
         p.error("argument --probe-every: must be >= 2 (steps without a measurement give the unit)")
-    args.device = C.resolve_device(p, args.device)
-    C.set_clock(p, args.clock, args.device)
-    C.check_precisions(p, [args.precision], args.device)
+    args.device = _cli.resolve_device(p, args.device)
+    args.timer = _timing.make_clock(p, args.clock, args.device)
+    _cli.check_precisions(p, [args.precision], args.device)
     return args
 
 
@@ -171,8 +174,8 @@ class MemoryWindows:
 class StepClock(Callback):
     """Per-step wall time (device-synced) and whether a callback measured in that step."""
 
-    def __init__(self, device: torch.device, measurers: list[Any], memory: MemoryWindows | None = None) -> None:
-        self.device, self.measurers, self.memory = device, measurers, memory
+    def __init__(self, clock: _timing.Clock, measurers: list[Any], memory: MemoryWindows | None = None) -> None:
+        self.clock, self.measurers, self.memory = clock, measurers, memory
         self.steps: list[tuple[float, bool]] = []
         self._t0 = 0.0
         self._measured = False
@@ -181,15 +184,15 @@ class StepClock(Callback):
         self._measured = any(cb.is_measurement_step(trainer.global_step) for cb in self.measurers)
         if self.memory is not None and not self._measured:
             self.memory.open("step")
-        self._t0 = C.now(self.device)
+        self._t0 = self.clock.now()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.steps.append((C.now(self.device) - self._t0, self._measured))
+        self.steps.append((self.clock.now() - self._t0, self._measured))
         if self.memory is not None and not self._measured:
             self.memory.close("step")
 
 
-def time_measurements(cb: Any, device: torch.device, memory: MemoryWindows | None = None) -> list[float]:
+def time_measurements(cb: Any, clock: _timing.Clock, memory: MemoryWindows | None = None) -> list[float]:
     """Wrap ``cb``'s measuring hook: returns the list its measured calls' durations are appended to."""
     durations: list[float] = []
     original = cb.on_before_optimizer_step
@@ -200,9 +203,9 @@ def time_measurements(cb: Any, device: torch.device, memory: MemoryWindows | Non
             return original(trainer, pl_module, optimizer)
         if memory is not None:
             memory.open(name)
-        t0 = C.now(device)
+        t0 = clock.now()
         original(trainer, pl_module, optimizer)
-        durations.append(C.now(device) - t0)
+        durations.append(clock.now() - t0)
         if memory is not None:
             memory.close(name)
 
@@ -213,8 +216,8 @@ def time_measurements(cb: Any, device: torch.device, memory: MemoryWindows | Non
 def fit(model: Any, loader: Any, args: Any, max_steps: int, callbacks: list[Any]) -> None:
     import lightning.pytorch as pl
 
-    with tempfile.TemporaryDirectory() as root, C.quiet_lightning():
-        trainer = pl.Trainer(callbacks=callbacks, **C.trainer_kwargs(args.device, args.precision, max_steps, root))
+    with tempfile.TemporaryDirectory() as root, _fixtures.quiet_lightning():
+        trainer = pl.Trainer(callbacks=callbacks, **_fixtures.trainer_kwargs(args.device, args.precision, max_steps, root))
         trainer.fit(model, train_dataloaders=loader)
 
 
@@ -223,44 +226,44 @@ def bench_throughput(args: Any) -> dict[str, Any]:
     """(1) all callbacks at ``every_n_steps`` vs none, alternating."""
     from throughput import WindowTimer
 
-    model = C.make_vgg(args.width, args.channels_last, seed=args.seed).to(args.device)
+    model = _fixtures.make_vgg(args.width, args.channels_last, seed=args.seed).to(args.device)
     init = copy.deepcopy(model.state_dict())
     bs = args.batch_size
-    x, y = C.synthetic_cifar((args.warmup + args.steps + 1) * bs, args.device, args.seed)
+    x, y = _fixtures.synthetic_cifar((args.warmup + args.steps + 1) * bs, args.device, args.seed)
     ips: dict[str, list[float]] = {"none": [], "all three": []}
     for r in range(args.repeats):
-        for side in C.alternate(list(ips), r):
+        for side in _timing.alternate(list(ips), r):
             model.load_state_dict(init)
-            timer = WindowTimer(args.device, args.warmup, args.steps)
+            timer = WindowTimer(args.timer, args.warmup, args.steps)
             cbs = make_callbacks(CALLBACKS, args.every_n_steps) if side == "all three" else []
-            fit(model, C.tensor_loader(x, y, bs, args.seed), args, args.warmup + args.steps, [timer, *cbs])
+            fit(model, _fixtures.tensor_loader(x, y, bs, args.seed), args, args.warmup + args.steps, [timer, *cbs])
             ips[side].append(args.steps * bs / timer.seconds)
             n = sum(cb.measurements for cb in cbs)
             print(f"  throughput repeat {r + 1}/{args.repeats}, callbacks {side}: {ips[side][-1]:,.1f} images/s ({n} measurements)", flush=True)
     ratios = [a / b for a, b in zip(ips["all three"], ips["none"])]
     return {
         "width": args.width, "batch_size": bs, "steps": args.steps, "every_n_steps": args.every_n_steps,
-        "none_images_per_s": C.median(ips["none"]), "callbacks_images_per_s": C.median(ips["all three"]),
+        "none_images_per_s": _timing.median(ips["none"]), "callbacks_images_per_s": _timing.median(ips["all three"]),
         "none_runs": ips["none"], "callbacks_runs": ips["all three"], "ratios": ratios,
-        "overhead_pct": 100.0 * (1.0 - C.median(ratios)),
+        "overhead_pct": 100.0 * (1.0 - _timing.median(ratios)),
     }
 
 
 def bench_costs(args: Any) -> list[dict[str, Any]]:
     """(2) and (3): per callback, one measurement's time in step units and its peak memory vs a step's."""
-    model = C.make_vgg(args.probe_width, args.channels_last, seed=args.seed).to(args.device)
+    model = _fixtures.make_vgg(args.probe_width, args.channels_last, seed=args.seed).to(args.device)
     init = copy.deepcopy(model.state_dict())
     bs, every = args.probe_batch_size, args.probe_every
     # warm-up steps, then `probe_measurements` measurements `every` steps apart
     steps = every * (args.probe_measurements + 1)
-    x, y = C.synthetic_cifar((steps + 1) * bs, args.device, args.seed)
+    x, y = _fixtures.synthetic_cifar((steps + 1) * bs, args.device, args.seed)
     rows = []
     for name in CALLBACKS:
         model.load_state_dict(init)
         (cb,) = make_callbacks([name], every)
-        durations = time_measurements(cb, args.device)
-        clock = StepClock(args.device, [cb])
-        fit(model, C.tensor_loader(x, y, bs, args.seed), args, steps, [clock, cb])
+        durations = time_measurements(cb, args.timer)
+        clock = StepClock(args.timer, [cb])
+        fit(model, _fixtures.tensor_loader(x, y, bs, args.seed), args, steps, [clock, cb])
         durations = durations[1:] or durations  # the first measurement pays one-time set-up (vmap tracing, hooks)
         plain = [t for t, measured in clock.steps[1:] if not measured]  # skip the first step (allocator warm-up)
 
@@ -268,16 +271,16 @@ def bench_costs(args: Any) -> list[dict[str, Any]]:
         model.load_state_dict(init)
         (cb_mem,) = make_callbacks([name], every)
         memory = MemoryWindows(args.device)
-        time_measurements(cb_mem, args.device, memory)
+        time_measurements(cb_mem, args.timer, memory)
         with memory:
-            fit(model, C.tensor_loader(x, y, bs, args.seed), args, 2 * every, [StepClock(args.device, [cb_mem], memory), cb_mem])
+            fit(model, _fixtures.tensor_loader(x, y, bs, args.seed), args, 2 * every, [StepClock(args.timer, [cb_mem], memory), cb_mem])
         peaks = memory.peaks()
         step_peak = max(peaks.get("step", [0])[1:] or peaks.get("step", [0]))  # skip the first step (warm-up)
         measure_peak = max(peaks.get(name, [0]))
         row = {
             "callback": name, "probe_width": args.probe_width, "batch_size": bs,
-            "step_s": C.median(plain), "measurement_s": C.median(durations),
-            "cost_in_steps": C.median(durations) / C.median(plain),
+            "step_s": _timing.median(plain), "measurement_s": _timing.median(durations),
+            "cost_in_steps": _timing.median(durations) / _timing.median(plain),
             "measurement_runs_s": durations, "step_runs_s": plain,
             "step_peak_bytes": step_peak, "measurement_peak_bytes": measure_peak,
             "memory_ratio": measure_peak / step_peak if step_peak else float("nan"),
@@ -290,7 +293,7 @@ def bench_costs(args: Any) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    info, started = C.begin(__file__, args)
+    info, started = _report.begin(__file__, args)
     print(f"VGG-11-BN {args.precision}; throughput: width {args.width}, batch {args.batch_size}, {args.steps} steps, "
           f"{args.repeats} repeats; cost/memory: width {args.probe_width}, batch {args.probe_batch_size}", flush=True)
     costs = bench_costs(args)
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mem_worst = max(r["memory_ratio"] for r in costs)
 
     print()
-    print(C.format_table(
+    print(_report.format_table(
         ["callback", "ms/measurement", "ms/step", "cost (steps)", f"overhead @{args.every_n_steps}", "peak MiB", "step MiB", "mem ratio"],
         [[r["callback"], r["measurement_s"] * 1e3, r["step_s"] * 1e3, r["cost_in_steps"], f"{100 * r['cost_in_steps'] / args.every_n_steps:.1f}%",
           r["measurement_peak_bytes"] / 2**20, r["step_peak_bytes"] / 2**20, r["memory_ratio"]] for r in costs]
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "memory_method": "cuda max_memory_allocated" if args.device.type == "cuda" else "torch.profiler profile_memory (tensor allocations)",
         "costs": costs, "throughput": thr, "predicted_overhead_pct": predicted, "worst_memory_ratio": mem_worst,
     }
-    return C.finish(__file__, argv, args, info, results, summary, started)
+    return _report.finish(__file__, argv, args, info, results, summary, started)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
         return "the file is empty (0 bytes)"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - zip, pickle and EOF errors all mean "not a whole checkpoint"
+    except Exception as err:  # zip, pickle and EOF errors all mean "not a whole checkpoint"
         return f"it cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:160]})"
     if not isinstance(state, dict) or "state_dict" not in state:
         return "it holds no state_dict (not a Lightning checkpoint)"
@@ -172,7 +172,7 @@ def resolve_resume(path: str) -> tuple[str, str | None]:
         for other in _step_checkpoints(os.path.dirname(path) or "."):
             if checkpoint_problem(other) is None:
                 return other, f"bnlightning: {path} cannot be resumed ({problem}); resuming from the newest intact checkpoint {other}"
-    raise RunError(f"cannot resume from {path}: {problem}; no intact checkpoint lies beside it")
+    raise RunError(f"cannot resume from {path}: not a readable checkpoint ({problem}); no intact checkpoint lies beside it")
 
 
 def model_mismatch(model: torch.nn.Module, state_dict: dict[str, Any]) -> str | None:

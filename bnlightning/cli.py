@@ -33,6 +33,7 @@ from bnlightning import runstate
 from bnlightning.checkpointing import (
     AtomicCheckpointIO,
     RunCheckpoint,
+    checkpoint_problem,
     model_mismatch,
     resolve_resume,
 )
@@ -49,8 +50,10 @@ EXTRA_COMMANDS: dict[str, str] = {
 # Default checkpoint interval, in optimizer steps (plus last.ckpt at the end of fit).
 CHECKPOINT_EVERY_N_STEPS = 1000
 
-# Errors that mean "the user's input is wrong": shown as one line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, MisconfigurationException, KeyError, RunError)
+# Errors that mean "the user's input is wrong": shown as one line, no traceback. Anything
+# else (a KeyError or ValueError from our own code included) is a bug and keeps its traceback.
+# Lightning raises MisconfigurationException for bad Trainer/callback settings.
+USER_ERRORS: tuple[type[BaseException], ...] = (RunError, MisconfigurationException)
 
 
 class ConfigToLoggers(SaveConfigCallback):
@@ -88,6 +91,53 @@ class BNLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.every_n_train_steps": CHECKPOINT_EVERY_N_STEPS, "checkpoint.save_last": True})
+
+    # --- the input boundary: what goes wrong here is the user's input -----------------
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check ``--ckpt_path`` before Lightning reads it.
+
+        Raises:
+            RunError: a bad option or value (jsonargparse's report condensed to one line),
+                or a ``--ckpt_path`` file that is not a readable checkpoint.
+        """
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise RunError(condense(str(err))) from err
+        self._check_ckpt_file()
+
+    def _check_ckpt_file(self) -> None:
+        """Fail with one line naming a ``--ckpt_path`` file that cannot be loaded.
+
+        Lightning loads the file right after parsing (to read hyper-parameters), so a
+        corrupt one would end in a ``torch.load`` traceback. For ``fit``, a corrupt
+        ``last*.ckpt`` falls back to the newest intact checkpoint beside it.
+        """
+        subcommand = self.config.get("subcommand")
+        asked = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not asked or not os.path.isfile(asked):
+            return
+        if subcommand == "fit":
+            path, warning = resolve_resume(asked)
+            if warning:
+                rank_zero_warn(warning)
+            self.config[subcommand].ckpt_path = path
+        elif problem := checkpoint_problem(asked):
+            raise RunError(f"--ckpt_path {asked} is not a readable checkpoint: {problem}")
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and callbacks; a ``ValueError`` from their constructors is bad input.
+
+        The constructors validate the values the user wrote in the config, so their
+        ``ValueError`` becomes a :class:`RunError` here, at the one place where config
+        meets code. A ``ValueError`` raised later (during training) stays a bug.
+        """
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            if isinstance(err, RunError):
+                raise
+            raise RunError(condense(str(err))) from err
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[pl.Callback]) -> pl.Trainer:
         if config.get("enable_checkpointing") is False:
@@ -295,10 +345,14 @@ def main(args: Sequence[str] | None = None) -> Any:
         # Pre-empted: the checkpoint is saved; one line, and a non-zero status for schedulers.
         print(f"bnlightning: {runstate.describe_interrupt(argv)}", file=sys.stderr)
         raise SystemExit(runstate.last_interrupt.get("code", 128 + 15)) from None
-    except (*USER_ERRORS, ArgumentError) as err:
+    except USER_ERRORS as err:
         if os.environ.get("BNLIGHTNING_DEBUG"):
             raise
-        _fail(condense(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)))
+        _fail(condense(str(err)))
+    except ValueError as err:
+        if not _raised_by_setup_check(err) or os.environ.get("BNLIGHTNING_DEBUG"):
+            raise  # a bug: keep the traceback
+        _fail(condense(str(err)))
     except OSError as err:
         line = storage_error_line(err)
         if line is None or os.environ.get("BNLIGHTNING_DEBUG"):
@@ -306,6 +360,21 @@ def main(args: Sequence[str] | None = None) -> Any:
         _fail(line)
     finally:
         _finish_wandb_run(exit_code)
+
+
+def _raised_by_setup_check(err: BaseException) -> bool:
+    """Whether ``err`` came out of a callback's or data module's ``setup``/``prepare_data``.
+
+    Those hooks check the config against the model once it exists (a callback's layer
+    names, for one), so their ``ValueError`` is the user's input, like a constructor's.
+    """
+    tb = err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name in ("setup", "prepare_data") and isinstance(frame.f_locals.get("self"), (pl.Callback, pl.LightningDataModule)):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _finish_wandb_run(exit_code: int) -> None:

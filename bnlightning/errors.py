@@ -29,6 +29,12 @@ _NOISE_BLOCK = re.compile(r"^- Not a valid subclass of ")
 _KEY = re.compile(r'^(?:- )?Parser key "([^"]+)":\s*(.*)$')
 _CLASS_PATH = re.compile(r"^(?:- )?Problem with given class_path '([^']+)':\s*(.*)$")
 _LITERAL = re.compile(r"Expected a (?:typing\.)?Literal\[(.*)\]\. Got value: (.*)$")
+# A key named at the end of a longer line ("... expects a function or a callable class: Parser key "lr":").
+_TRAILING_KEY = re.compile(r'Parser key "([^"]+)":\s*$')
+# A number was expected; jsonargparse words it "Expected a <class 'float'>" (the value may follow).
+_NUMBER = re.compile(r"Expected a <class '(int|float)'>(?:\. Got value: (.*?)(?:\. Got value: .*)?)?$")
+_GIVEN = re.compile(r"^Given value: (.*?)(?:\. Got value: .*)?$")
+_EXPECTED = {"int": "expected an integer", "float": "expected a number"}
 
 
 def condense(message: str) -> str:
@@ -37,6 +43,8 @@ def condense(message: str) -> str:
     details: list[str] = []
     class_path, keys_at_class = "", -1
     skip_below: int | None = None  # indentation of a noise line whose sub-lines are noise too
+    number: tuple[str, str | None] | None = None  # ("int"|"float", value) of the first "Expected a number"
+    given: str | None = None  # the innermost "Given value:"
     for raw in message.splitlines():
         line = raw.strip()
         indent = len(raw) - len(raw.lstrip())
@@ -48,6 +56,10 @@ def condense(message: str) -> str:
         if _NOISE_BLOCK.match(line):
             skip_below = indent
             continue
+        if given is None and (m := _GIVEN.match(line)):
+            given = m.group(1)
+        if number is None and (m := _NUMBER.search(line)):
+            number = (m.group(1), m.group(2))
         if any(p.match(line) for p in _NOISE):
             continue
         if m := _KEY.match(line):
@@ -56,13 +68,21 @@ def condense(message: str) -> str:
         elif m := _CLASS_PATH.match(line):
             class_path, keys_at_class = m.group(1), len(keys)
             line = m.group(2)
+        if (m := _TRAILING_KEY.search(line)) and number is None:
+            keys.append(m.group(1))
+            line = line[: m.start()]
         line = line.removeprefix("- ").strip()
         if line:
             details.append(line)
     if not details:
         return " ".join(message.split())
     detail = details[-1]
-    if m := _LITERAL.search(detail):
+    if number is not None and (number[1] or given) is not None:
+        # A non-number for a numeric option: jsonargparse's last word is about the other
+        # types it tried ("Expected a dot import path string"), which misleads.
+        kind, value = number
+        detail = f"got {(value or given).strip()!r}; {_EXPECTED[kind]}"
+    elif m := _LITERAL.search(detail):
         choices = ", ".join(c.strip().strip("'\"") for c in m.group(1).split(","))
         detail = f"got {m.group(2).strip()!r}; accepted: {choices}"
     elif class_path and keys_at_class == len(keys):
@@ -94,12 +114,37 @@ def yaml_error(path: str) -> str | None:
 
 
 class RunError(Exception):
-    """A run cannot start or go on for a reason the user can fix; shown as one ``error:`` line.
+    """Bad user input, or a run that cannot start or go on for a reason the user can fix.
 
-    Raised for storage that is read-only or full, a checkpoint that cannot be resumed,
-    a failed data set download. Example::
+    The command line shows it as one ``error:`` line (exit code 2) and hides the
+    traceback; every other exception is a bug and keeps its traceback. Raised for a bad
+    option or config value (converted from jsonargparse and from the constructors'
+    ``ValueError`` by the CLI), storage that is read-only or full, a checkpoint that
+    cannot be read or resumed, a failed data set download.
+
+    Example::
 
         raise RunError("cannot write to runs/x: Read-only file system")
+    """
+
+
+class BadFileError(RunError, ValueError):
+    """A file the user pointed at exists but is corrupt, truncated or of the wrong kind.
+
+    Also a ``ValueError``, so library callers that catch ``ValueError`` keep working.
+
+    Example::
+
+        raise BadFileError("CIFAR-10 file 'data/cifar-10-batches-py/data_batch_3' is corrupted or truncated")
+    """
+
+
+class MissingFileError(RunError, FileNotFoundError):
+    """A file or folder the user pointed at does not exist (also a ``FileNotFoundError``).
+
+    Example::
+
+        raise MissingFileError("CIFAR-10 not found under 'data/cifar-10-batches-py'; set download: true")
     """
 
 

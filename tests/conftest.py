@@ -24,7 +24,7 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-# ---- data (owned by bnlightning/data): a CIFAR-10-format folder, see tests/cifar_fixture.py ----
+# ---- data (owned by bnlightning/data): a CIFAR-10-format folder, see bnlightning/data/fake.py ----
 @pytest.fixture
 def fake_cifar10(tmp_path: Path) -> Path:
     """A ``root`` holding ``cifar-10-batches-py`` with 100 train / 40 test random images.
@@ -32,7 +32,7 @@ def fake_cifar10(tmp_path: Path) -> Path:
     Not the official files: load with ``verify_checksums=False``
     (``--data.init_args.verify_checksums false`` on the command line).
     """
-    from cifar_fixture import make_fake_cifar10
+    from bnlightning.data.fake import make_fake_cifar10
 
     root = tmp_path / "cifar10"
     make_fake_cifar10(root, n_train=100, n_test=40)

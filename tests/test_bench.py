@@ -17,7 +17,9 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-import _common as C  # noqa: E402
+import _cli  # noqa: E402 - bench/ is a folder of scripts, not a package
+import _report  # noqa: E402
+import _timing  # noqa: E402
 
 
 def test_help_runs_as_a_script() -> None:
@@ -100,9 +102,9 @@ def test_cpu_memory_windows_see_allocations() -> None:
     """The CPU memory probe reports a window's peak above its start, not what was resident before."""
     import overhead
 
-    resident = torch.ones(1_000_000)  # allocated before: must not count
     mem = overhead.MemoryWindows(torch.device("cpu"))
     with mem:
+        resident = torch.ones(1_000_000)  # 4 MB, seen by the profiler but allocated before window "a": must not count
         mem.open("a")
         x = torch.empty(2_000_000)  # 8 MB
         y = torch.empty(1_000_000)  # 4 MB, both alive: peak 12 MB
@@ -115,11 +117,23 @@ def test_cpu_memory_windows_see_allocations() -> None:
     peaks = mem.peaks()
     assert peaks["a"] == [12_000_000]
     assert peaks["b"] == [2_000_000]
-    assert resident.numel() == 1_000_000
+    del resident
 
 
 def test_table_and_lists() -> None:
-    assert C.int_list("128, 512") == [128, 512]
-    table = C.format_table(["a", "b"], [[1, 2.5], ["x", 1234.5]])
+    assert _cli.int_list("128, 512") == [128, 512]
+    table = _report.format_table(["a", "b"], [[1, 2.5], ["x", 1234.5]])
     assert table.splitlines()[0].split() == ["a", "b"] and "1,234.5" in table
-    assert C.alternate(["p", "q"], 0) == ["p", "q"] and C.alternate(["p", "q"], 1) == ["q", "p"]
+    assert _timing.alternate(["p", "q"], 0) == ["p", "q"] and _timing.alternate(["p", "q"], 1) == ["q", "p"]
+
+
+def test_clocks_are_objects_passed_around_wall_vs_cpu() -> None:
+    """``--clock cpu`` reads this process's CPU time: a sleep costs it nothing, unlike the wall clock."""
+    import time
+
+    cpu = torch.device("cpu")
+    wall_s, _ = _timing.Clock(cpu, "wall").timed(lambda: time.sleep(0.2))
+    cpu_s, _ = _timing.Clock(cpu, "cpu").timed(lambda: time.sleep(0.2))
+    assert wall_s >= 0.2 and cpu_s < 0.1
+    parser = _cli.bench_parser("x", None, {}, {})
+    assert _timing.make_clock(parser, "cpu", cpu) == _timing.Clock(cpu, "cpu")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -12,11 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar_fixture import make_fake_cifar10  # noqa: E402
-
-from bnlightning.data import CIFAR10, Digits, LinearRegression, TensorLoader  # noqa: E402
-from bnlightning.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, CIFAR10Dataset  # noqa: E402
+from bnlightning.data import CIFAR10, Digits, LinearRegression, TensorLoader
+from bnlightning.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, CIFAR10Dataset
+from bnlightning.data.fake import make_fake_cifar10
 
 
 @pytest.fixture

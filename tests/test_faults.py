@@ -154,7 +154,8 @@ BAD_INPUT = [
     (["--model.init_args.activation", "gelu"], r"^error: model.activation: got 'gelu'; accepted: relu, tanh, sigmoid, identity$"),
     (["--model.init_args.norm_layers", "[5]"], r"^error: norm_layers index 5 out of range: this network has 3 hidden layers, so indices run from 0 to 2$"),
     (["--data.init_args.batch_size", "0"], r"^error: .*batch_size.*0"),
-    (["--trainer.max_steps", "many"], r"^error: trainer.max_steps: Expected a <class 'int'>. Got value: many$"),
+    (["--trainer.max_steps", "many"], r"^error: trainer.max_steps: got 'many'; expected an integer$"),
+    (["--model.init_args.optimizer.init_args.lr", "abc"], r"^error: model.optimizer.lr: got 'abc'; expected a number$"),
 ]
 
 
@@ -182,6 +183,38 @@ def test_corrupted_cifar_batch_file_is_detected(in_tmp: Path, fake_cifar10: Path
         "--data.init_args.download", "false", "--data.init_args.verify_checksums", "false", "--trainer.max_steps", "1", *QUICK,
     ]
     _assert_one_line_error(args, r"^error: .*data_batch_3", capsys)
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", os.urandom(2048)], ids=["empty", "truncated", "garbage"])
+def test_unreadable_ckpt_path_is_one_line_naming_the_file(in_tmp: Path, capsys: pytest.CaptureFixture[str], subcommand: str, content: bytes) -> None:
+    bad = in_tmp / "model.ckpt"
+    bad.write_bytes(content)
+    args = [subcommand, "--config", str(CONFIGS / "quickstart.yaml"), "--ckpt_path", str(bad), *QUICK]
+    _assert_one_line_error(args, rf"^error: .*{re.escape(str(bad))}.* not a readable checkpoint", capsys)
+
+
+@pytest.mark.parametrize("error", [KeyError, ValueError])
+def test_a_bug_keeps_its_traceback(in_tmp: Path, monkeypatch: pytest.MonkeyPatch, error: type[Exception]) -> None:
+    """A ValueError/KeyError from our own code during training is not "bad input": it propagates."""
+    from bnlightning.models.mlp import MLP
+
+    def broken(self: object, batch: object, batch_idx: int) -> None:
+        raise error("internal bug")
+
+    monkeypatch.setattr(MLP, "training_step", broken)
+    with pytest.raises(error, match="internal bug"):
+        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.max_steps", "1", "--trainer.logger", "false", *QUICK])
+
+
+def test_a_constructor_value_error_is_bad_input_but_keeps_its_cause(in_tmp: Path) -> None:
+    """At the config boundary a constructor's ValueError is the user's value: RunError, chained."""
+    from bnlightning.cli import build_cli
+    from bnlightning.errors import RunError
+
+    with pytest.raises(RunError, match="batch_size") as exc:
+        build_cli(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--data.init_args.batch_size", "0"], run=True)
+    assert isinstance(exc.value.__cause__, ValueError)
 
 
 def _assert_one_line_error(args: list[str], pattern: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -427,7 +460,7 @@ def test_failed_resume_touches_nothing(in_tmp: Path, capsys: pytest.CaptureFixtu
     assert cli.trainer.global_step == 14
     for p in ckpts.iterdir():
         p.write_bytes(p.read_bytes()[:1000])  # truncated, every one of them
-    _assert_one_line_error([*common, "--ckpt_path", "last"], r"^error: cannot resume from .*last\.ckpt: it cannot be read .*no intact checkpoint", capsys)
+    _assert_one_line_error([*common, "--ckpt_path", "last"], r"^error: cannot resume from .*last\.ckpt: not a readable checkpoint \(it cannot be read .*no intact checkpoint", capsys)
     _assert_one_line_error([*common, "--checkpoint.keep_last", "0"], r"^error: .*keep_last must be >= 1 \(or -1 .*\), got 0", capsys)
 
 

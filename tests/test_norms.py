@@ -92,6 +92,27 @@ def test_lp_norm_l2_is_batchnorm_and_uncentred_flag() -> None:
     torch.testing.assert_close(out, (y - mu) / s1)
 
 
+@pytest.mark.parametrize("shape", [(16, 4), (8, 4, 5, 5)])
+def test_lp_norm_l2_is_batchnorm_in_eval_too(shape: tuple[int, ...]) -> None:
+    """Same running statistics as BatchNorm (unbiased variance), so eval outputs agree after training steps."""
+    torch.manual_seed(4)
+    lp = LpNorm(4, p=2, momentum=0.3)
+    bn = nn.BatchNorm1d(4, momentum=0.3) if len(shape) == 2 else nn.BatchNorm2d(4, momentum=0.3)
+    with torch.no_grad():
+        for m in (lp, bn):
+            m.weight.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+            m.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    for step in range(3):
+        y = torch.randn(shape) * (step + 1) + 2
+        torch.testing.assert_close(lp(y), bn(y), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp.running_mean, bn.running_mean)
+    torch.testing.assert_close(lp.running_var, bn.running_var, rtol=1e-5, atol=1e-6)
+    x = torch.randn(shape) * 3
+    torch.testing.assert_close(lp.eval()(x), bn.eval()(x), rtol=1e-5, atol=1e-5)
+    # The biased statistic (what it kept before) would be visibly off for a batch this small.
+    assert not torch.allclose(bn.running_var, lp.running_var * (1 - 1 / (y.numel() // 4)), rtol=1e-4)
+
+
 def test_lp_norm_eval_uses_running_statistics() -> None:
     layer = LpNorm(3, p=math.inf, affine=False, momentum=1.0)
     y = torch.randn(10, 3) * 2

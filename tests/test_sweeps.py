@@ -8,18 +8,21 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import REPO
 
 from bnlightning.cli import main
 from bnlightning.experiments import expand_sweep, load_sweep, sweep_problems
-from bnlightning.report.runs import read_metrics
-
-from bnlightning.report.runs import _get
-from conftest import REPO
+from bnlightning.report.runs import _get, read_metrics
 
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 
 
 _MISSING = object()
+
+
+def _at_repo(path: str) -> Path:
+    """A config path from a sweep (relative to the repository root, or absolute) as an absolute path."""
+    return (REPO / path).resolve()
 
 
 def _lookup(tree: Any, dotted: str) -> bool:
@@ -40,7 +43,7 @@ def test_sweep_is_valid_for_wandb(path: Path) -> None:
     merged: dict[str, Any] = {}
     for i, arg in enumerate(command):
         if arg == "--config":
-            cfg = REPO / command[i + 1]
+            cfg = _at_repo(command[i + 1])
             assert cfg.is_file(), cfg
             merged.update(yaml.safe_load(cfg.read_text()))
     for key in config["parameters"]:
@@ -60,7 +63,8 @@ def test_expansion_uses_the_agents_argument_format() -> None:
         for n, lr, seed in itertools.product(["none", "batch"], [0.1, 0.5], [0, 1, 2])
     }
     assert combos == expected
-    assert specs[0].args[:2] == ("--config", "configs/vgg.yaml")
+    # The path is relative to the repository root or absolute, depending on where pytest runs.
+    assert specs[0].args[0] == "--config" and _at_repo(specs[0].args[1]) == REPO / "configs" / "vgg.yaml"
     assert all(s.log_dir == Path("r") / "vgg-lr" / s.name for s in specs)
 
 
@@ -89,8 +93,9 @@ def test_an_expanded_sweep_run_trains(in_tmp: Path) -> None:
     """The agent's ``--key=value`` arguments parse and train with LightningCLI (one grid point, 4 steps)."""
     config = load_sweep(REPO / "configs" / "sweeps" / "mlp-sigmoid.yaml")
     spec = expand_sweep(config, runs_dir=str(in_tmp / "runs"))[-1]
-    args = [a.replace("--config=configs/", f"--config={REPO}/configs/") if a.startswith("--config=") else a for a in spec.args]
-    args = [f"{REPO}/{a}" if a.startswith("configs/") else a for a in args]
+    # Absolute config paths: the test runs from a temporary folder, wherever pytest started.
+    args = [f"--config={_at_repo(a.split('=', 1)[1])}" if a.startswith("--config=") else a for a in spec.args]
+    args = [str(_at_repo(a)) if i and args[i - 1] == "--config" else a for i, a in enumerate(args)]
     main(["fit", *args, "--trainer.max_steps=4", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"])
     metrics = read_metrics(spec.log_dir / "metrics.csv")
     assert metrics["train/loss"][0].max() == 3

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from bnlightning.data._common import DataModuleBase, check_nonnegative_int, check_positive_int
 from bnlightning.data.loader import DeviceImageTransform, TensorLoader
+from bnlightning.errors import BadFileError, MissingFileError, RunError
 
 __all__ = ["CIFAR10", "CIFAR10Dataset", "CIFAR10_MEAN", "CIFAR10_STD"]
 
@@ -70,12 +71,12 @@ def _read_batch(path: str) -> dict[str, Any]:
             raw = f.read()
         entry = _CIFARUnpickler(io.BytesIO(raw), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
-        raise ValueError(
+        raise BadFileError(
             f"CIFAR-10 file '{path}' is corrupted or truncated ({type(e).__name__}: {e}); "
             "delete the folder and download it again"
         ) from None
     if not isinstance(entry, dict):
-        raise ValueError(f"CIFAR-10 file '{path}' is corrupted: expected a dict, found {type(entry).__name__}")
+        raise BadFileError(f"CIFAR-10 file '{path}' is corrupted: expected a dict, found {type(entry).__name__}")
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in entry.items()}
 
 
@@ -95,8 +96,8 @@ class CIFAR10Dataset(torchvision.datasets.CIFAR10):
             generator); the files' structure is checked either way.
 
     Raises:
-        FileNotFoundError: a file of the data set is missing (names the folder).
-        ValueError: a file fails its checksum, is truncated/corrupted or has the wrong shape.
+        MissingFileError: a file of the data set is missing (names the folder); a ``FileNotFoundError``.
+        BadFileError: a file fails its checksum, is truncated/corrupted or has the wrong shape; a ``ValueError``.
     """
 
     def __init__(
@@ -119,15 +120,15 @@ class CIFAR10Dataset(torchvision.datasets.CIFAR10):
             y = entry.get("labels", entry.get("fine_labels"))
             if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
                 desc = f"{type(x).__name__} {getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}".strip()
-                raise ValueError(f"CIFAR-10 file '{path}' is corrupted: 'data' should be uint8 (N, 3072), found {desc}")
+                raise BadFileError(f"CIFAR-10 file '{path}' is corrupted: 'data' should be uint8 (N, 3072), found {desc}")
             if y is None or len(y) != x.shape[0]:
-                raise ValueError(
+                raise BadFileError(
                     f"CIFAR-10 file '{path}' is corrupted: {x.shape[0]} images but "
                     f"{'no' if y is None else len(y)} labels"
                 )
             y = np.asarray(y, dtype=np.int64)
             if y.size and (y.min() < 0 or y.max() > 9):
-                raise ValueError(f"CIFAR-10 file '{path}' is corrupted: labels outside 0..9")
+                raise BadFileError(f"CIFAR-10 file '{path}' is corrupted: labels outside 0..9")
             data.append(x)
             targets.append(y)
         self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))  # HWC, as torchvision
@@ -153,7 +154,7 @@ class CIFAR10Dataset(torchvision.datasets.CIFAR10):
         missing = [f for f, _ in cls.files() if not os.path.isfile(os.path.join(folder, f))]
         if missing:
             what = "not found" if len(missing) == len(cls.files()) else f"incomplete (missing {', '.join(missing)})"
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"CIFAR-10 {what} under '{folder}'; set download: true, "
                 f"or point root at the folder that contains {cls.base_folder}/"
             )
@@ -161,7 +162,7 @@ class CIFAR10Dataset(torchvision.datasets.CIFAR10):
             for f, md5 in cls.files():
                 path = os.path.join(folder, f)
                 if _md5(path) != md5:
-                    raise ValueError(
+                    raise BadFileError(
                         f"CIFAR-10 file '{path}' fails its checksum (corrupted, truncated or not the official "
                         "release); delete the folder and download again, or set verify_checksums: false "
                         "for a CIFAR-format folder you generated"
@@ -214,7 +215,7 @@ class CIFAR10(DataModuleBase):
             CIFAR recipes: 4; airbench's fastest variants use 2).
         pad_mode: ``reflect`` (airbench) or ``zeros`` (torchvision's default).
         verify_checksums: check the files against the official md5 sums; set false for a
-            CIFAR-format folder you generated (e.g. ``tests/cifar_fixture.py``).
+            CIFAR-format folder you generated (e.g. ``python -m bnlightning.data.fake``).
 
     Raises:
         ValueError: a bad argument, or a corrupted/truncated/non-official file.
@@ -297,8 +298,6 @@ class CIFAR10(DataModuleBase):
             try:
                 CIFAR10Dataset.fetch(self.root)
             except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError on bad md5
-                from bnlightning.errors import RunError
-
                 folder = os.path.join(os.path.abspath(self.root), CIFAR10Dataset.base_folder)
                 reason = " ".join(str(getattr(err, "reason", None) or err).split())[:200]
                 raise RunError(

@@ -94,10 +94,15 @@ class LpNorm(nn.Module):
 
     ``y_hat = (y - mu_B) / s_p`` then ``gamma * y_hat + beta``, with, per channel over the
     batch (and pixels), ``s_1 = mean|y - mu_B|``, ``s_2 = sqrt(mean (y - mu_B)^2 + eps)``
-    (so ``p=2`` is exactly BatchNorm) and ``s_inf = max|y - mu_B|``; for ``p`` in {1, inf}
-    ``eps`` is added to ``s_p``. With ``center_scale=False`` the statistic is taken of the
-    uncentred ``y`` instead (the paper's "before shifting the mean" read the other way).
-    Running averages of ``mu_B`` and ``s_p`` serve eval mode, as in BatchNorm.
+    and ``s_inf = max|y - mu_B|``; for ``p`` in {1, inf} ``eps`` is added to ``s_p``. With
+    ``center_scale=False`` the statistic is taken of the uncentred ``y`` instead (the
+    paper's "before shifting the mean" read the other way).
+
+    Eval mode uses running averages (``momentum``), as BatchNorm does. ``p=2`` with
+    ``center_scale=True`` is exactly BatchNorm in both modes: it keeps BatchNorm's
+    ``running_var`` (the *unbiased* batch variance, averaged) and divides by
+    ``sqrt(running_var + eps)`` in eval. Every other setting keeps ``running_scale``, the
+    average of ``s_p`` itself, because no variance underlies it.
 
     Args:
         num_features: channels (images) or units (vectors).
@@ -123,8 +128,10 @@ class LpNorm(nn.Module):
         self.eps, self.momentum = eps, momentum
         self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        # p=2, centred: BatchNorm's own statistic (unbiased variance), so eval matches it too.
+        self.tracks_variance = self.p == 2.0 and center_scale
         self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_scale", torch.ones(num_features))
+        self.register_buffer("running_var" if self.tracks_variance else "running_scale", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def batch_scale(self, y: Tensor, mean: Tensor) -> Tensor:
@@ -143,8 +150,15 @@ class LpNorm(nn.Module):
             scale = self.batch_scale(y, mean)
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_scale.lerp_(scale.detach(), self.momentum)
+                if self.tracks_variance:
+                    n = y.numel() // y.shape[1]  # values per channel
+                    biased = scale.detach().pow(2) - self.eps
+                    self.running_var.lerp_(biased * n / max(n - 1, 1), self.momentum)
+                else:
+                    self.running_scale.lerp_(scale.detach(), self.momentum)
                 self.num_batches_tracked.add_(1)
+        elif self.tracks_variance:
+            mean, scale = self.running_mean, (self.running_var + self.eps).sqrt()
         else:
             mean, scale = self.running_mean, self.running_scale
         out = (y - _per_channel(mean, y)) / _per_channel(scale, y)

@@ -1,5 +1,8 @@
 """A CIFAR-10-format folder with random images, written in the real on-disk format.
 
+Used by the test suite and the benchmarks (random pixels cost the data path exactly what
+real ones do), and for a manual run without the real data set.
+
 ``make_fake_cifar10(root)`` writes ``root/cifar-10-batches-py/{data_batch_1..5, test_batch,
 batches.meta}``: pickles (protocol 2, as close as Python 3 gets to the Python 2 originals)
 of dicts with ``data`` (uint8 numpy array (N, 3072), channel-major rows: 1024 red, 1024
@@ -8,9 +11,9 @@ green, 1024 blue values, as the real files) and ``labels`` (a list of ints), plu
 official files, so their md5 sums differ: load them with ``verify_checksums=False``
 (YAML: ``data.init_args.verify_checksums: false``).
 
-Run as a script to make a folder for a manual run::
+Run as a module to make a folder for a manual run::
 
-    python tests/cifar_fixture.py data/fake_cifar10 --n-train 1000 --n-test 200
+    python -m bnlightning.data.fake data/fake_cifar10 --n-train 1000 --n-test 200
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def make_fake_cifar10(
         data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         labels = [int((offset + i) % 10) for i in range(n)]
         entry = {
-            key("batch_label"): f"{name} (bnlightning test fixture)",
+            key("batch_label"): f"{name} (bnlightning fake CIFAR-10)",
             key("labels"): labels,
             key("data"): data,
             key("filenames"): [f"fake_{offset + i:05d}.png" for i in range(n)],
