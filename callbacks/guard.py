@@ -208,7 +208,9 @@ def observer_guard(module: nn.Module, optimizers: Iterable[Any] = ()) -> Iterato
         restore_module_attributes(attributes)
         with torch.no_grad():
             for b, version, value in buffers:
-                if b._version != version:  # only what was written: a restore must not bump the version counter
+                # Only what was written, so that a restore bumps no version counter. Values are compared
+                # too: BatchNorm's kernel updates running statistics without bumping the counter.
+                if b._version != version or not torch.equal(b, value):
                     b.copy_(value)
         for m, training in modes:
             m.training = training
