@@ -20,6 +20,7 @@ quickstart: $(STAMP)
 	$(PY) -m bnlightning fit --config configs/quickstart.yaml --model.init_args.norm batch
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 clean:

@@ -41,9 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bnlightning.callbacks._curvature import _dot, make_hvp, top_eigenvalues
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from bnlightning.callbacks._curvature import _dot, make_hvp, top_eigenvalues
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C

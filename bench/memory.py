@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> None:
         base, unit = results["none"]["peak"], results["none"]["param_bytes"]
         for config in args.configs:
             extra = results[config]["peak"] - base
-            rows.append({"model": model, "config": config, "what": CONFIGS[config], "extra_bytes": extra, "units": extra / unit, "param_bytes": unit, "baseline_peak": base, "measurements": results[config]["measurements"]})
+            rows.append({
+                "model": model, "config": config, "what": CONFIGS[config], "extra_bytes": extra, "units": extra / unit, "param_bytes": unit,
+                "baseline_peak": base, "measurements": results[config]["measurements"],
+            })
     print(f"{'model':12} {'callback':58} {'extra peak':>12} {'x params':>9}")
     for r in rows:
         print(f"{r['model']:12} {r['what']:58} {r['extra_bytes'] / 2**20:10.0f} MiB {r['units']:8.2f}x")

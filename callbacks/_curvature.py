@@ -367,18 +367,18 @@ def _rotate_(basis: list[Vec], coeffs: Tensor) -> list[Vec]:
     """Overwrite ``basis[:l]`` with ``basis @ coeffs`` (``coeffs``: len(basis) × l) and return it.
 
     Slice by slice, so the Ritz vectors of a thick restart replace the basis without ever
-    holding a second basis: scratch memory is (len(basis) + l) × ``_ROTATE_CHUNK`` elements.
+    holding a second basis: scratch memory is (len(basis) + n_new) × ``_ROTATE_CHUNK`` elements (n_new = the number of new vectors).
     """
-    l = coeffs.shape[1]
+    n_new = coeffs.shape[1]
     for key in basis[0]:
         flat = [q[key].view(-1) for q in basis]
         c = coeffs.to(device=flat[0].device, dtype=flat[0].dtype)
         for s in range(0, flat[0].numel(), _ROTATE_CHUNK):
             block = torch.stack([f[s : s + _ROTATE_CHUNK] for f in flat])  # m × chunk
-            new = c.T @ block  # l × chunk
-            for i in range(l):
+            new = c.T @ block  # n_new × chunk
+            for i in range(n_new):
                 flat[i][s : s + _ROTATE_CHUNK] = new[i]
-    return basis[:l]
+    return basis[:n_new]
 
 
 def _orthogonalize_(w: Vec, basis: list[Vec]) -> Tensor:

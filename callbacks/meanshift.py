@@ -17,12 +17,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import Tensor
+from typing_extensions import override
+
 from bnlightning.callbacks.activations import default_activation_layers
 from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional import capture_forward
 from bnlightning.callbacks.functional._model import LossFn
-from torch import Tensor
-from typing_extensions import override
 
 _LOGITS = "\x00logits"  # the tap on the whole module's output (not a module name)
 

@@ -15,11 +15,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
 from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional import capture_forward
 from bnlightning.callbacks.functional._model import LossFn
-from torch import Tensor, nn
-from typing_extensions import override
 
 __all__ = ["ResidualVariance", "residual_blocks", "residual_variance"]
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from lightning.pytorch.loggers import Logger
-
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 
 from bnlightning.models import MLP, VGG

@@ -8,12 +8,12 @@ import logging
 import lightning.pytorch as pl
 import pytest
 import torch
+from callback_helpers import batch_for, mlp
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnlightning.callbacks import InternalCovariateShift, LossLandscape, internal_covariate_shift, loss_landscape, sgd_update
 from bnlightning.callbacks.functional import _model
-from callback_helpers import batch_for, mlp
 
 
 def _count_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:

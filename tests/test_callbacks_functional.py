@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from callback_helpers import assert_same, batch_for, dln, mlp, naive_ics, naive_landscape, snapshot, vgg
 from torch import nn
 
 from bnlightning.callbacks import (
@@ -18,7 +19,6 @@ from bnlightning.callbacks import (
     optimizer_update,
     sgd_update,
 )
-from callback_helpers import assert_same, batch_for, dln, mlp, naive_ics, naive_landscape, snapshot, vgg
 
 CASES = {
     "mlp_bn": (lambda: mlp("batch"), 0.1),

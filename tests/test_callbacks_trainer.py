@@ -9,13 +9,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from callback_helpers import Recorder, assert_same, batch_for, mlp, snapshot, vgg
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnlightning.callbacks import ActivationStats, InternalCovariateShift, LossLandscape, internal_covariate_shift, sgd_update
-from callback_helpers import Recorder, assert_same, batch_for, mlp, snapshot, vgg
 
 TRAINER_KW: dict[str, Any] = dict(
     enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False, accelerator="cpu"
@@ -56,9 +56,9 @@ def test_zero_observer_effect_bit_identical(norm: str) -> None:
     rec = Recorder(MEASURED)
     train(b, [*all_callbacks(1), rec])
     assert len(rec.logged) == 6 and any(k.startswith("ics/") for k in rec.logged[0])
-    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), na
-    for (na, ba), (nb, bb) in zip(a.named_buffers(), b.named_buffers()):
+    for (na, ba), (_, bb) in zip(a.named_buffers(), b.named_buffers()):
         assert torch.equal(ba, bb), na
 
 

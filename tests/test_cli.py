@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONFIGS, REPO
 
 from bnlightning.cli import main
-from conftest import CONFIGS, REPO
 
 QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 ALL_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml"))

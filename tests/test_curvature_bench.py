@@ -15,7 +15,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-import curvature
+import curvature  # noqa: E402 - bench/ is not a package: importable only after the path insert
 
 
 def test_tiny_run(tmp_path: Path) -> None:

@@ -13,14 +13,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
 from bnlightning.callbacks._curvature import (
     EigenResult,
     hutchinson_trace,
     make_hvp,
     top_eigenvalues,
 )
-from torch import Tensor, nn
-from torch.func import functional_call
 
 
 # --- references -------------------------------------------------------------------------------

@@ -59,8 +59,8 @@ def test_ddp_sharding_is_disjoint_and_equal_length(drop_last: bool) -> None:
     n, world = 103, 3
     x = torch.arange(n)
     loaders = [TensorLoader(x, batch_size=8, seed=2, drop_last=drop_last, rank=r, world_size=world) for r in range(world)]
-    assert len({len(l) for l in loaders}) == 1
-    shards = [_indices_plain(l) for l in loaders]
+    assert len({len(ld) for ld in loaders}) == 1
+    shards = [_indices_plain(ld) for ld in loaders]
     flat = [i for s in shards for i in s]
     if drop_last:
         assert len(flat) == len(set(flat))  # disjoint
@@ -70,7 +70,7 @@ def test_ddp_sharding_is_disjoint_and_equal_length(drop_last: bool) -> None:
         assert len(flat) == 35 * world
     # every rank took its slice of one permutation: interleaving them restores it
     full = TensorLoader(x, batch_size=n, seed=2, drop_last=False).permutation(0)
-    per_rank = [l.permutation(0) for l in loaders]
+    per_rank = [ld.permutation(0) for ld in loaders]
     m = min(len(p) for p in per_rank)
     interleaved = torch.stack([p[:m] for p in per_rank], 1).flatten()
     k = min(len(interleaved), len(full))

@@ -82,7 +82,7 @@ def test_agc_runs_before_the_other_callbacks_and_refuses_lightning_clipping() ->
     trainer = pl.Trainer(max_steps=1, callbacks=[cap, agc], **TRAINER_KW)
     trainer.fit(model, _data(model))
     assert trainer.callbacks[0] is agc
-    for name, p in model.named_parameters():  # every unit clipped, classifier included (exclude=[])
+    for name, _ in model.named_parameters():  # every unit clipped, classifier included (exclude=[])
         assert torch.allclose(cap.grads[name], reference_agc(cap.weights[name], cap.grads[name], 1e-4), atol=1e-8), name
     with pytest.raises(MisconfigurationException, match="gradient_clip_val=1.0"):
         pl.Trainer(max_steps=1, callbacks=[AdaptiveGradientClipping()], gradient_clip_val=1.0, **TRAINER_KW).fit(model, _data(model))

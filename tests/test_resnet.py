@@ -9,11 +9,11 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from bnlightning.callbacks import ResidualVariance, residual_variance
 from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from bnlightning.callbacks import ResidualVariance, residual_variance
 from bnlightning.models import ResNet
 from bnlightning.models.norms import NORM_KINDS
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnlightning.data._common import DataModuleBase, check_positive_int
-from bnlightning.data.loader import TensorLoader, mix_seed
+from bnlightning.data.loader import mix_seed
 
 __all__ = ["LinearRegression"]
 

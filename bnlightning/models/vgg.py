@@ -7,11 +7,11 @@ from collections import OrderedDict
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from bnlightning.models.base import BaseModule, InitKind, LossKind, NormPosition, check_dropout, check_norm_options, default_optimizer, init_weights
 from bnlightning.models.norms import NormKind, make_norm
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 # Channels per conv layer, "M" for a 2x2 max-pool (Simonyan & Zisserman, Table 1).
 VGG_CONFIGS: dict[str, list[int | str]] = {

@@ -100,7 +100,10 @@ def report_main(argv: Sequence[str]) -> int:
 
 
 def wandb_report_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m bnlightning wandb-report", description="Build a W&B Report comparing normalizations and learning rates.", epilog=WANDB_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="python -m bnlightning wandb-report", description="Build a W&B Report comparing normalizations and learning rates.",
+        epilog=WANDB_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--entity", required=True, help="W&B entity (user or team)")
     p.add_argument("--project", required=True, help="W&B project holding the runs")
     p.add_argument("--title", default="bnlightning: how does BatchNorm help optimization?", help="report title (max 128 characters)")

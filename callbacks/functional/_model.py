@@ -431,6 +431,14 @@ def members_that_fit(budget: int, per_member: int, n: int) -> int:
 _told: set[tuple[str, str, str]] = set()
 
 
+def auto_choice(size: int, dropout: bool, training_step: bool) -> str:
+    """What ``mode="auto"`` chose, in words, for ``tell_choice``."""
+    if size:
+        return f"vmap in chunks of {size}"
+    why = "the loss runs a dropout" if dropout else "the loss is training_step, which may update state" if training_step else "vmap members do not fit the memory budget"
+    return f"loop ({why})"
+
+
 def tell_choice(what: str, module: nn.Module, choice: str) -> None:
     """Say once per function, model class and choice which batching ``mode="auto"`` chose."""
     key = (what, type(module).__name__, choice)

@@ -41,9 +41,15 @@ def check_optimizer(optimizer: object) -> None:
     """
     opt = getattr(optimizer, "_optimizer", optimizer)
     if isinstance(opt, torch.optim.LBFGS):
-        raise TypeError("LBFGS re-evaluates the loss inside its step (a closure optimizer); W^(t+1) cannot be computed from one gradient. Supported: SGD, Adam, AdamW, RAdam, NAdam, RMSprop, Adagrad, Adamax, Adadelta, ASGD, Rprop")
+        raise TypeError(
+            "LBFGS re-evaluates the loss inside its step (a closure optimizer); W^(t+1) cannot be computed from one gradient. "
+            f"Supported: {', '.join(c.__name__ for c in ELEMENTWISE)}"
+        )
     if not isinstance(opt, ELEMENTWISE):
-        raise TypeError(f"optimizer_update cannot step {type(opt).__name__} per parameter; supported: {', '.join(c.__name__ for c in ELEMENTWISE)}. The callbacks' default (update_from='trainer') reads the real step and supports any optimizer.")
+        raise TypeError(
+            f"optimizer_update cannot step {type(opt).__name__} per parameter; supported: {', '.join(c.__name__ for c in ELEMENTWISE)}. "
+            "The callbacks' default (update_from='trainer') reads the real step and supports any optimizer."
+        )
 
 
 def optimizer_update(

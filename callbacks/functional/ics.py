@@ -15,6 +15,7 @@ from bnlightning.callbacks.functional._model import (
     LossFn,
     Model,
     Reduce,
+    auto_choice,
     default_budget,
     float32,
     layer_param,
@@ -186,7 +187,7 @@ def internal_covariate_shift(
             size = members_that_fit(budget, per_member, len(shifted) + 1)
             size = min(size, chunk_size) if size and chunk_size else size
             size = 0 if gradient.dropout or model.uses_training_step else size
-            tell_choice("internal_covariate_shift", module, f"vmap in chunks of {size}" if size else "loop (" + ("the loss runs a dropout" if gradient.dropout else "the loss is training_step, which may update state" if model.uses_training_step else "vmap members do not fit the memory budget") + ")")
+            tell_choice("internal_covariate_shift", module, auto_choice(size, gradient.dropout, model.uses_training_step))
             G2 = vmap_or_loop("auto", "internal_covariate_shift", lambda: batched(size), looped) if size else looped()
         else:
             G2 = vmap_or_loop(mode, "internal_covariate_shift", lambda: batched(chunk_size), looped)

@@ -10,12 +10,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
-from bnlightning.callbacks.functional._batching import chunks, resolve_mode, vmap_or_loop
-from bnlightning.callbacks.functional._batching import MODES
+from bnlightning.callbacks.functional._batching import MODES, chunks, resolve_mode, vmap_or_loop
 from bnlightning.callbacks.functional._model import (
     LossFn,
     Model,
     Reduce,
+    auto_choice,
     default_budget,
     float32,
     members_that_fit,
@@ -141,7 +141,7 @@ def loss_landscape(
             size = members_that_fit(budget, per_member, len(steps))
             size = min(size, chunk_size) if size and chunk_size else size
             size = 0 if gradient.dropout or model.uses_training_step else size
-            tell_choice("loss_landscape", module, f"vmap in chunks of {size}" if size else "loop (" + ("the loss runs a dropout" if gradient.dropout else "the loss is training_step, which may update state" if model.uses_training_step else "vmap members do not fit the memory budget") + ")")
+            tell_choice("loss_landscape", module, auto_choice(size, gradient.dropout, model.uses_training_step))
             losses, dists = vmap_or_loop("auto", "loss_landscape", lambda: batched(size), looped) if size else looped()
         else:
             losses, dists = vmap_or_loop(mode, "loss_landscape", lambda: batched(chunk_size), looped)
