@@ -47,7 +47,10 @@ from torch.func import functional_call
 from bnlightning.callbacks._curvature import _dot, make_hvp, top_eigenvalues
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C
+import _cli
+import _fixtures
+import _report
+import _timing
 
 QUICK = {"widths": [0.125], "pretrain_steps": 10, "rounds": 1, "repeats": 3}
 FULL = {"widths": [0.125, 0.25], "pretrain_steps": 20, "rounds": 2, "repeats": 3}
@@ -55,21 +58,21 @@ METHODS = ("retained", "double_backward", "jvp")
 
 
 def float_list(text: str) -> list[float]:
-    return [C.positive_float(t.strip()) for t in text.split(",") if t.strip()] or [C.positive_float(text)]
+    return [_cli.positive_float(t.strip()) for t in text.split(",") if t.strip()] or [_cli.positive_float(text)]
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
-    p = C.bench_parser("bench/curvature.py", __doc__, QUICK, FULL)
+    p = _cli.bench_parser("bench/curvature.py", __doc__, QUICK, FULL)
     p.add_argument("--widths", type=float_list, default=None, help="comma-separated VGG channel multipliers")
-    p.add_argument("--batch-size", type=C.positive_int, default=32, help="batch size (32)")
-    p.add_argument("--pretrain-steps", type=C.nonnegative_int, default=None, help="SGD steps before the first measurement")
-    p.add_argument("--rounds", type=C.positive_int, default=None, help="warm-started re-measurements")
-    p.add_argument("--sgd-steps", type=C.positive_int, default=1, help="SGD steps between measurements (1)")
+    p.add_argument("--batch-size", type=_cli.positive_int, default=32, help="batch size (32)")
+    p.add_argument("--pretrain-steps", type=_cli.nonnegative_int, default=None, help="SGD steps before the first measurement")
+    p.add_argument("--rounds", type=_cli.positive_int, default=None, help="warm-started re-measurements")
+    p.add_argument("--sgd-steps", type=_cli.positive_int, default=1, help="SGD steps between measurements (1)")
     p.add_argument("--lrs", type=float_list, default=[0.1, 0.01], help="comma-separated SGD learning rates (0.1, the paper's, and 0.01)")
-    p.add_argument("--tol", type=C.positive_float, default=1e-3, help="top_eigenvalues' relative residual tolerance (1e-3)")
-    p.add_argument("--max-basis", type=C.positive_int, default=None, help="top_eigenvalues' max_basis (default: its own, 4)")
-    p.add_argument("--repeats", type=C.positive_int, default=None, help="timings per HVP method (medians)")
-    p.add_argument("--basis-sweep", type=C.int_list, default=[], help="comma-separated max_basis values to compare cold (off by default)")
+    p.add_argument("--tol", type=_cli.positive_float, default=1e-3, help="top_eigenvalues' relative residual tolerance (1e-3)")
+    p.add_argument("--max-basis", type=_cli.positive_int, default=None, help="top_eigenvalues' max_basis (default: its own, 4)")
+    p.add_argument("--repeats", type=_cli.positive_int, default=None, help="timings per HVP method (medians)")
+    p.add_argument("--basis-sweep", type=_cli.int_list, default=[], help="comma-separated max_basis values to compare cold (off by default)")
     p.add_argument("--no-cost", action="store_true", help="skip the HVP cost table (2)")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -78,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
     for b in [args.max_basis or 2, *args.basis_sweep]:
         if b < 2:
             p.error(f"argument --max-basis/--basis-sweep: max_basis must be >= 2, got {b}")
-    args.device = C.resolve_device(p, args.device)
-    C.set_clock(p, args.clock, args.device)
+    args.device = _cli.resolve_device(p, args.device)
+    args.timer = _timing.make_clock(p, args.clock, args.device)
     return args
 
 
@@ -148,7 +151,7 @@ def summarize(kind: str, res: Any, ref: float, prev: list[dict[str, Tensor]] | N
 
 # --- 1. HVPs to λmax ------------------------------------------------------------------------
 def bench_counts(args: Any, width: float, lr: float) -> list[dict[str, Any]]:
-    model = C.make_vgg(width, seed=args.seed).to(args.device).train()
+    model = _fixtures.make_vgg(width, seed=args.seed).to(args.device).train()
     pool = batches(8, args.batch_size, args.device, args.seed)
     measured = batches(1, args.batch_size, args.device, args.seed + 1)[0]
     fresh = batches(args.rounds, args.batch_size, args.device, args.seed + 2)
@@ -198,14 +201,14 @@ def bench_cost(args: Any, name: str, model: nn.Module, batch: Any) -> dict[str, 
         built[m](v)
     times: dict[str, list[float]] = {"step": [], "retained_setup": [], **{m: [] for m in METHODS}}
     for rep in range(args.repeats):
-        for what in C.alternate(["step", "retained_setup", *METHODS], rep):
+        for what in _timing.alternate(["step", "retained_setup", *METHODS], rep):
             if what == "step":
-                times["step"].append(C.timed(step, args.device)[0])
+                times["step"].append(args.timer.timed(step)[0])
             elif what == "retained_setup":
-                t, built["retained"] = C.timed(lambda: hvp_for(model, batch, "retained")[0], args.device)
+                t, built["retained"] = args.timer.timed(lambda: hvp_for(model, batch, "retained")[0])
                 times["retained_setup"].append(t)
             else:
-                times[what].append(C.timed(lambda m=what: built[m](v), args.device)[0])
+                times[what].append(args.timer.timed(lambda m=what: built[m](v))[0])
     with torch.no_grad():  # the timed training steps moved BN's running stats; put them back
         for k, b in model.named_buffers():
             b.copy_(snapshot[k])
@@ -219,7 +222,7 @@ def bench_cost(args: Any, name: str, model: nn.Module, batch: Any) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    info, started = C.begin(__file__, args)
+    info, started = _report.begin(__file__, args)
     print(f"VGG-11-BN widths {args.widths}, batch {args.batch_size}, lrs {args.lrs}, {args.pretrain_steps} pretrain steps, "
           f"{args.rounds} rounds of {args.sgd_steps} SGD step(s), tol {args.tol}", flush=True)
     counts: list[dict[str, Any]] = []
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             counts += bench_counts(args, width, lr)
         if not args.no_cost:
             print(f"width {width}: HVP cost ...", flush=True)
-            model = C.make_vgg(width, seed=args.seed)
+            model = _fixtures.make_vgg(width, seed=args.seed)
             costs.append(bench_cost(args, f"VGG-11-BN w={width}", model, batches(1, args.batch_size, args.device, args.seed + 1)[0]))
     if not args.no_cost:
         from bnlightning.models import MLP
@@ -243,14 +246,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         costs.append(bench_cost(args, "MLP 3x100 BN, batch 128", mlp, mlp_batch))
 
     print()
-    print(C.format_table(
+    print(_report.format_table(
         ["width", "lr", "round", "run", "stop HVPs", "HVPs to 1e-3", "rel. error at stop", "λmax", "overlap"],
         [[r["width"], r["lr"], r["round"], r["kind"], r["stop_hvps"], r["to_1e-3_hvps"], f"{r['rel_error']:.1e}", r["lambda"],
           "" if r["overlap"] is None else f"{r['overlap']:.3f}"] for r in counts],
     ))
     if costs:
         print()
-        print(C.format_table(
+        print(_report.format_table(
         ["model", "params", "step s", "retained set-up", "retained HVP", "double_backward HVP", "jvp HVP"],
             [[r["model"], r["params"], r["step_s"], r["retained_setup_steps"], r["retained_steps"], r["double_backward_steps"], r["jvp_steps"]] for r in costs],
         ))
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if costs:
         parts.append("one retained HVP = " + ", ".join(f"{r['retained_steps']:.2f}" for r in costs) + " training steps (" + ", ".join(r["model"] for r in costs) + ")")
     summary = "; ".join(parts)
-    return C.finish(__file__, argv, args, info, {"counts": counts, "costs": costs}, summary, started)
+    return _report.finish(__file__, argv, args, info, {"counts": counts, "costs": costs}, summary, started)
 
 
 if __name__ == "__main__":
