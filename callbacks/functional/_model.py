@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -446,6 +445,3 @@ def tell_choice(what: str, module: nn.Module, choice: str) -> None:
         _told.add(key)
         log.info("%s(mode='auto') on %s: %s", what, type(module).__name__, choice)
 
-
-def finite_or_nan(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")
