@@ -25,6 +25,24 @@ def default_activation_layers(module: nn.Module) -> list[str]:
     return [n for n, m in module.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
 
 
+def module_layers(module: nn.Module, layers: list[str] | None) -> list[str]:
+    """``layers`` checked against ``module``'s submodule names, or ``default_activation_layers`` when None.
+
+    Raises:
+        ValueError: an unknown name (the valid ones are listed), or no default layer in the module.
+    """
+    modules = dict(module.named_modules())
+    if layers is None:
+        found = default_activation_layers(module)
+        if not found:
+            raise ValueError(f"{type(module).__name__} has no activation, Conv or Linear module; pass layers=")
+        return found
+    bad = [n for n in layers if n not in modules or not n]
+    if bad:
+        raise ValueError(f"unknown layer {bad[0]!r}. Valid module names: {', '.join(n for n in modules if n)}")
+    return list(layers)
+
+
 class ActivationStats(MeasurementCallback):
     r"""Log the distribution of each selected layer's pre-activations (Ioffe & Szegedy Fig. 1).
 
@@ -102,17 +120,7 @@ class ActivationStats(MeasurementCallback):
 
     @override
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        modules = dict(pl_module.named_modules())
-        if self.layers is None:
-            self._layers = default_activation_layers(pl_module)
-            if not self._layers:
-                raise ValueError(f"{type(pl_module).__name__} has no activation, Conv or Linear module; pass layers=")
-        else:
-            valid = [n for n in modules if n]
-            bad = [n for n in self.layers if n not in modules or not n]
-            if bad:
-                raise ValueError(f"unknown layer {bad[0]!r}. Valid module names: {', '.join(valid)}")
-            self._layers = list(self.layers)
+        self._layers = module_layers(pl_module, self.layers)
 
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:

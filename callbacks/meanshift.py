@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from bnlightning.callbacks.activations import default_activation_layers
+from bnlightning.callbacks.activations import module_layers
 from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional import capture_forward
 from bnlightning.callbacks.functional._model import LossFn
@@ -139,16 +139,7 @@ class MeanShift(MeasurementCallback):
 
     @override
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        modules = dict(pl_module.named_modules())
-        if self.layers is None:
-            self._layers = default_activation_layers(pl_module)
-            if not self._layers:
-                raise ValueError(f"{type(pl_module).__name__} has no activation, Conv or Linear module; pass layers=")
-        else:
-            bad = [n for n in self.layers if n not in modules or not n]
-            if bad:
-                raise ValueError(f"unknown layer {bad[0]!r}. Valid module names: {', '.join(n for n in modules if n)}")
-            self._layers = list(self.layers)
+        self._layers = module_layers(pl_module, self.layers)
 
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bnlightning.callbacks.functional._model import Model
+from bnlightning.callbacks.functional._model import Model, auto_choice, default_budget, members_that_fit, tell_choice
+
+if TYPE_CHECKING:
+    from bnlightning.callbacks.functional.gradient import StepGradient
 
 MODES: tuple[str, ...] = ("auto", "vmap", "loop")
 
@@ -63,3 +66,33 @@ def vmap_or_loop(mode: str, what: str, batched: Callable[[], Any], looped: Calla
             _warned_fallback.add(what)
             warnings.warn(f"{what}: torch.func.vmap failed on this module ({type(err).__name__}: {err}); using the per-member loop instead.", stacklevel=3)
         return looped()
+
+
+def run_members(
+    mode: str,
+    what: str,
+    model: Model,
+    gradient: StepGradient,
+    *,
+    weight_bytes: int,
+    members: int,
+    chunk_size: int | None,
+    memory_budget: int | None,
+    batched: Callable[[int | None], Any],
+    looped: Callable[[], Any],
+) -> Any:
+    """Evaluate a measurement's members in the resolved ``mode``; ``batched(size)`` takes the chunk size.
+
+    ``auto-vmap`` sizes chunks from ``memory_budget``: a member costs about three copies of the
+    ``weight_bytes`` it stacks plus one pass's activations (``gradient.activation_bytes``); the loop
+    when two do not fit, when the loss runs a dropout or when it is ``training_step``. The choice
+    is said once (``tell_choice``).
+    """
+    if mode != "auto-vmap":
+        return vmap_or_loop(mode, what, lambda: batched(chunk_size), looped)
+    budget = default_budget(model) if memory_budget is None else memory_budget
+    size = members_that_fit(budget, 3 * weight_bytes + gradient.activation_bytes, members)
+    size = min(size, chunk_size) if size and chunk_size else size
+    size = 0 if gradient.dropout or model.uses_training_step else size
+    tell_choice(what, model.module, auto_choice(size, gradient.dropout, model.uses_training_step))
+    return vmap_or_loop("auto", what, lambda: batched(size), looped) if size else looped()

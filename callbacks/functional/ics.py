@@ -10,19 +10,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from bnlightning.callbacks.functional._batching import chunks, resolve_mode, vmap_or_loop
+from bnlightning.callbacks.functional._batching import chunks, resolve_mode, run_members
 from bnlightning.callbacks.functional._model import (
     LossFn,
     Model,
     Reduce,
-    auto_choice,
-    default_budget,
     float32,
     layer_param,
-    members_that_fit,
     reduce_dict,
     resolve_layers,
-    tell_choice,
     to_float32,
     weight_layer_names,
 )
@@ -181,16 +177,11 @@ def internal_covariate_shift(
 
         if mode == "prefix":
             G2 = prefix_gradients(model, batch, rng, updated, pos, own, shifted, config, warn=requested == "prefix")
-        elif mode == "auto-vmap":
-            per_member = 3 * sum(model.values[p].numel() * 4 for p in updated) + gradient.activation_bytes
-            budget = default_budget(model) if memory_budget is None else memory_budget
-            size = members_that_fit(budget, per_member, len(shifted) + 1)
-            size = min(size, chunk_size) if size and chunk_size else size
-            size = 0 if gradient.dropout or model.uses_training_step else size
-            tell_choice("internal_covariate_shift", module, auto_choice(size, gradient.dropout, model.uses_training_step))
-            G2 = vmap_or_loop("auto", "internal_covariate_shift", lambda: batched(size), looped) if size else looped()
         else:
-            G2 = vmap_or_loop(mode, "internal_covariate_shift", lambda: batched(chunk_size), looped)
+            G2 = run_members(
+                mode, "internal_covariate_shift", model, gradient, weight_bytes=sum(model.values[p].numel() * 4 for p in updated),
+                members=len(shifted) + 1, chunk_size=chunk_size, memory_budget=memory_budget, batched=batched, looped=looped,
+            )
         G2 = reduce_dict(G2, reduce)
         result: dict[str, Tensor] = {}
         for layer in measured:

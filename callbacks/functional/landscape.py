@@ -10,17 +10,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
-from bnlightning.callbacks.functional._batching import MODES, chunks, resolve_mode, vmap_or_loop
+from bnlightning.callbacks.functional._batching import MODES, chunks, resolve_mode, run_members
 from bnlightning.callbacks.functional._model import (
     LossFn,
     Model,
     Reduce,
-    auto_choice,
-    default_budget,
     float32,
-    members_that_fit,
     reduce_dict,
-    tell_choice,
     to_float32,
 )
 from bnlightning.callbacks.functional.gradient import StepGradient, check_gradient, gradient_pass
@@ -135,16 +131,10 @@ def loss_landscape(
                 dists.append(torch.stack([(g[n] - gs[n]).pow(2).flatten(1).sum(1) for n in names]).sum(0).sqrt())
             return torch.cat(losses), torch.cat(dists)
 
-        if mode == "auto-vmap":
-            per_member = 3 * model.trainable_bytes() + gradient.activation_bytes
-            budget = default_budget(model) if memory_budget is None else memory_budget
-            size = members_that_fit(budget, per_member, len(steps))
-            size = min(size, chunk_size) if size and chunk_size else size
-            size = 0 if gradient.dropout or model.uses_training_step else size
-            tell_choice("loss_landscape", module, auto_choice(size, gradient.dropout, model.uses_training_step))
-            losses, dists = vmap_or_loop("auto", "loss_landscape", lambda: batched(size), looped) if size else looped()
-        else:
-            losses, dists = vmap_or_loop(mode, "loss_landscape", lambda: batched(chunk_size), looped)
+        losses, dists = run_members(
+            mode, "loss_landscape", model, gradient, weight_bytes=model.trainable_bytes(), members=len(steps),
+            chunk_size=chunk_size, memory_budget=memory_budget, batched=batched, looped=looped,
+        )
         ratios = dists / (torch.tensor(steps, dtype=torch.float32, device=dists.device) * disp_norm.to(dists.device))
         return {
             "landscape/loss_min": losses.min(),
