@@ -98,7 +98,8 @@ def hessian_spectrum(
 
             point = {n: model.values[n] for n in names}
             hvp = make_hvp(loss_of, point, hvp_method)  # type: ignore[arg-type]
-            gen = torch.Generator(device=model.device).manual_seed(seed)
+            # a CPU generator: the same seed gives the same start and probes on every device (CPU, any GPU)
+            gen = torch.Generator().manual_seed(seed)
             start = (v0 or {}).get(block)
             if start and not all(set(v) == set(point) and all(v[n].shape == point[n].shape for n in point) for v in start):
                 start = None  # the parameters changed shape or set: start cold
