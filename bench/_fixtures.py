@@ -34,12 +34,12 @@ def tensor_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int =
     return dm.train_dataloader()
 
 
-def make_vgg(width: float, channels_last: bool = False, compile: bool = False, seed: int = 0) -> Any:
-    """VGG-11-BN (``VGG(config="A", norm="batch")``), seeded, with the paper's optimizer (SGD, lr 0.1)."""
+def make_vgg(width: float, channels_last: bool = False, compile: bool = False, seed: int = 0, config: str = "A") -> Any:
+    """VGG-BN (``VGG(config=config, norm="batch")``; "A" = VGG-11, "D" = VGG-16), seeded, with the paper's optimizer (SGD, lr 0.1)."""
     from bnlightning.models import VGG
 
     torch.manual_seed(seed)
-    return VGG(config="A", norm="batch", width=width, channels_last=channels_last, compile=compile)
+    return VGG(config=config, norm="batch", width=width, channels_last=channels_last, compile=compile)
 
 
 def autocast(device: torch.device, precision: str) -> Any:

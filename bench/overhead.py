@@ -1,6 +1,6 @@
 """What the measurement callbacks cost: throughput, time per measurement, peak memory.
 
-Three measurements, all on VGG-11-BN (``VGG(config="A", norm="batch")``) trained by
+Three measurements, all on VGG-11-BN (``VGG(config="A", norm="batch")``; ``--config D``: VGG-16) trained by
 ``Trainer.fit`` on uint8 CIFAR-shaped tensors through the on-device loader:
 
 1. **Throughput** with ``InternalCovariateShift``, ``LossLandscape`` and
@@ -50,6 +50,7 @@ import _fixtures
 import _report
 import _timing
 
+VGG_DEPTH = {"A": 11, "B": 13, "D": 16, "E": 19}
 CALLBACKS = ("InternalCovariateShift", "LossLandscape", "ActivationStats")
 QUICK = {"width": 0.0625, "batch_size": 16, "steps": 20, "warmup": 1, "repeats": 2, "every_n_steps": 20,
          "probe_width": 0.0625, "probe_batch_size": 16, "probe_measurements": 2}
@@ -71,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
     p.add_argument("--probe-measurements", type=_cli.positive_int, default=None, help="timed measurements per callback (2)")
     p.add_argument("--probe-every", type=_cli.positive_int, default=2, help="measure every this many steps in the cost runs (2)")
     p.add_argument("--channels-last", action="store_true", help="VGG(channels_last=True)")
+    p.add_argument("--config", choices=["A", "B", "D", "E"], default="A", help="VGG config of every run: A = VGG-11 (default), D = VGG-16")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
     for key, value in base.items():
@@ -226,7 +228,7 @@ def bench_throughput(args: Any) -> dict[str, Any]:
     """(1) all callbacks at ``every_n_steps`` vs none, alternating."""
     from throughput import WindowTimer
 
-    model = _fixtures.make_vgg(args.width, args.channels_last, seed=args.seed).to(args.device)
+    model = _fixtures.make_vgg(args.width, args.channels_last, seed=args.seed, config=args.config).to(args.device)
     init = copy.deepcopy(model.state_dict())
     bs = args.batch_size
     x, y = _fixtures.synthetic_cifar((args.warmup + args.steps + 1) * bs, args.device, args.seed)
@@ -251,7 +253,7 @@ def bench_throughput(args: Any) -> dict[str, Any]:
 
 def bench_costs(args: Any) -> list[dict[str, Any]]:
     """(2) and (3): per callback, one measurement's time in step units and its peak memory vs a step's."""
-    model = _fixtures.make_vgg(args.probe_width, args.channels_last, seed=args.seed).to(args.device)
+    model = _fixtures.make_vgg(args.probe_width, args.channels_last, seed=args.seed, config=args.config).to(args.device)
     init = copy.deepcopy(model.state_dict())
     bs, every = args.probe_batch_size, args.probe_every
     # warm-up steps, then `probe_measurements` measurements `every` steps apart
@@ -294,7 +296,7 @@ def bench_costs(args: Any) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     info, started = _report.begin(__file__, args)
-    print(f"VGG-11-BN {args.precision}; throughput: width {args.width}, batch {args.batch_size}, {args.steps} steps, "
+    print(f"VGG-{VGG_DEPTH[args.config]}-BN {args.precision}; throughput: width {args.width}, batch {args.batch_size}, {args.steps} steps, "
           f"{args.repeats} repeats; cost/memory: width {args.probe_width}, batch {args.probe_batch_size}", flush=True)
     costs = bench_costs(args)
     thr = bench_throughput(args)

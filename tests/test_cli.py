@@ -66,7 +66,9 @@ def test_bf16_mixed_training_runs_on_cpu(in_tmp: Path) -> None:
 
 
 def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "PYTHONPATH": str(REPO / "tests")}
+    # keep an existing PYTHONPATH (site folders of an environment installed there) after tests/
+    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "PYTHONPATH": path}
     cmd = [
         sys.executable, "-m", "bnlightning", "fit", "--config", str(CONFIGS / "quickstart.yaml"),
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "20", *QUICK,
