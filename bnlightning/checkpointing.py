@@ -23,10 +23,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
+
+from bnlightning import _private
 
 _TMP_SUFFIX = ".tmp-"
 
@@ -35,7 +36,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Save with write-to-temporary + fsync + ``os.replace``; load with ``weights_only=True``."""
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         path = os.fspath(path)
@@ -64,7 +65,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync_dir(folder)
 
     @override
-    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         # Untrusted pickles never run code here; say so rather than fall back silently.
         return torch.load(os.fspath(path), map_location=map_location or "cpu", weights_only=True if weights_only is None else weights_only)
 
@@ -116,8 +117,8 @@ class RunCheckpoint(ModelCheckpoint):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        if self.save_last and not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.save_last and not trainer.fast_dev_run and _private.last_step_saved(self) != trainer.global_step:
+            _private.save_last_checkpoint(self, trainer)
 
 
 # --- resuming -------------------------------------------------------------------------

@@ -253,7 +253,7 @@ def _find_last(csv: Any, settings: dict[str, Any]) -> str | None:
     """
     import yaml
 
-    if csv._version is not None:
+    if getattr(csv, "version_given", False):
         folders = [csv.log_dir] if os.path.isdir(os.path.join(csv.log_dir, "checkpoints")) else []
     else:
         folders = _run_folders(csv.root_dir)
@@ -279,7 +279,7 @@ def _find_last(csv: Any, settings: dict[str, Any]) -> str | None:
 
 def _refuse_finished_folder(csv: CSVLogger) -> None:
     """A new run never writes into a folder that holds another run's checkpoints."""
-    if csv._version is None:
+    if not csv.version_given:
         return  # a fresh folder will be claimed
     folder = csv.log_dir
     status = runstate.read_status(folder).get("status")

@@ -24,6 +24,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
+from bnlightning import _private
+
 
 def wandb_credentials_found() -> bool:
     """True when an API key is in the environment or in the netrc file wandb reads."""
@@ -80,39 +82,40 @@ class WandbLogger(_LightningWandbLogger):
         super().__init__(
             name=name, save_dir=save_dir, project=project, version=version, offline=offline, log_model=log_model, prefix=prefix, **extra
         )
-        self._wandb_init.pop("anonymous", None)  # deprecated in wandb; Lightning always passes it
+        _private.drop_wandb_init_kwarg(self, "anonymous")  # deprecated in wandb; Lightning always passes it
         self._warned_log_error = False
         self._resumed_id: str | None = None
 
     def resume(self, run_id: str) -> None:
         """Continue the W&B run ``run_id`` (``wandb.init(id=..., resume="allow")``)."""
-        if self._experiment is None:
+        if _private.wandb_run(self) is None:
             self._resumed_id = run_id
-            self._wandb_init["id"] = self._id = run_id
+            _private.set_wandb_run_id(self, run_id)
 
     @property
     @override
     def experiment(self) -> Any:
-        if self._experiment is not None:
-            return self._experiment
-        if self._offline and self._offline_reason:
+        run = _private.wandb_run(self)
+        if run is not None:
+            return run
+        if _private.wandb_offline(self) and self._offline_reason:
             rank_zero_info(f"bnlightning: W&B offline mode ({self._offline_reason}); {sync_hint(self.save_dir or '.')}")
             self._offline_reason = ""
         try:
             return super().experiment
         except Exception as err:  # wandb raises many types for "cannot reach the server"
-            self._experiment = None
+            _private.forget_wandb_run(self)
             if self._resumed_id is not None:
                 # e.g. "run ID ... is in use": the killed process's wandb service still
                 # holds it. The CSV log continues the run; W&B gets a new one.
                 rank_zero_warn(f"bnlightning: could not continue W&B run {self._resumed_id} ({type(err).__name__}: {err}); starting a new W&B run")
                 self._resumed_id = None
-                self._wandb_init["id"] = self._id = None
+                _private.set_wandb_run_id(self, None)
                 return self.experiment
-            if self._offline:
+            if _private.wandb_offline(self):
                 raise
             rank_zero_warn(f"bnlightning: wandb.init failed ({type(err).__name__}: {err}); switching to W&B offline mode; {sync_hint(self.save_dir or '.')}")
-            self._offline = True
+            _private.set_wandb_offline(self)
             return super().experiment
 
     @override
@@ -207,17 +210,22 @@ class CSVLogger(_LightningCSVLogger):
     @property
     @override
     def version(self) -> int | str:
-        if self._version is None:
+        if _private.csv_requested_version(self) is None:
             # Only rank zero claims; other ranks never write here, and Lightning
             # broadcasts rank zero's folders (log_dir, checkpoint dir) to them.
-            self._version = claim_version(self.root_dir) if rank_zero_only.rank == 0 else self._get_next_version()
-        return self._version
+            _private.set_csv_version(self, claim_version(self.root_dir) if rank_zero_only.rank == 0 else _private.csv_next_version(self))
+        return _private.csv_requested_version(self)
+
+    @property
+    def version_given(self) -> bool:
+        """Whether this logger writes into a version chosen for it (``version=`` or :meth:`resume`), not a fresh one."""
+        return _private.csv_requested_version(self) is not None
 
     def resume(self, version: int | str, step: int) -> None:
         """Write into the folder of ``version``, keeping its rows of steps before ``step``."""
-        if self._experiment is not None:
+        if _private.csv_writer(self) is not None:
             raise RuntimeError("CSVLogger.resume must be called before anything is logged")
-        self._version = version
+        _private.set_csv_version(self, version)
         self._resume_step = step
 
     @override
@@ -226,18 +234,19 @@ class CSVLogger(_LightningCSVLogger):
         try:
             super().save()
         except OSError as err:
-            if err.filename is None and self._experiment is not None:  # say which file (full disk)
-                raise OSError(err.errno, err.strerror, self._experiment.metrics_file_path) from err
+            writer = _private.csv_writer(self)
+            if err.filename is None and writer is not None:  # say which file (full disk)
+                raise OSError(err.errno, err.strerror, writer.metrics_file_path) from err
             raise
 
     @property
     @override
     @rank_zero_experiment
     def experiment(self) -> Any:
-        if self._experiment is None:
+        if _private.csv_writer(self) is None:
             os.makedirs(self.root_dir, exist_ok=True)
             resuming = self._resume_step is not None
-            self._experiment = _ResumingWriter(self.log_dir, self._resume_step) if resuming else _FreshWriter(self.log_dir)
+            _private.set_csv_writer(self, _ResumingWriter(self.log_dir, self._resume_step) if resuming else _FreshWriter(self.log_dir))
         return super().experiment
 
 
@@ -277,7 +286,7 @@ def logger_identity(loggers: list[Any]) -> dict[str, Any]:
     for logger in loggers:
         if isinstance(logger, _LightningCSVLogger):
             ident["csv_version"] = logger.version
-        elif isinstance(logger, _LightningWandbLogger) and logger._experiment is not None:
+        elif isinstance(logger, _LightningWandbLogger) and _private.wandb_run(logger) is not None:
             ident["wandb_id"] = logger.version
     return ident
 

@@ -32,8 +32,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from bnlightning import _private
+from bnlightning.loggers import logger_identity
 
 RUN_FILE = "run.json"
 #: Statuses of a run that ended on its own: the only ones a report averages.
@@ -105,11 +109,19 @@ class RunState(pl.Callback):
         if trainer.is_global_zero:
             write_status(self._dir(trainer), replace, step=trainer.global_step, max_steps=trainer.max_steps, **fields)
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Which logger runs to continue on resume; flush so the CSV holds every row
+        # logged before this checkpoint (a crash loses only rows the resume re-logs).
+        checkpoint["bnlightning_loggers"] = logger_identity(trainer.loggers)
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                logger.save()
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         last_interrupt.clear()
-        wandb_id = next((lg.version for lg in trainer.loggers if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None), None)
+        wandb_id = next((lg.version for lg in trainer.loggers if isinstance(lg, WandbLogger) and _private.wandb_run(lg) is not None), None)
         self._write(trainer, replace=True, status="running", pid=os.getpid(), **({"wandb_id": wandb_id} if wandb_id else {}))
-        env = trainer._accelerator_connector.cluster_environment  # no public accessor
+        env = _private.cluster_environment(trainer)
         slurm_requeues = isinstance(env, SLURMEnvironment) and env.auto_requeue
         if not slurm_requeues and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
             try:

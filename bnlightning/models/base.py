@@ -15,12 +15,10 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from bnlightning.loggers import logger_identity
 from bnlightning.models.norms import NORM_KINDS
 
 LossKind = Literal["cross_entropy", "mse", "sum_squared"]
@@ -225,12 +223,6 @@ class BaseModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["diverged_at_step"] = self.diverged_at_step
-        # Which logger runs to continue on resume; flush so the CSV holds every row
-        # logged before this checkpoint (a crash loses only rows the resume re-logs).
-        checkpoint["bnlightning_loggers"] = logger_identity(self.loggers)
-        for logger in self.loggers:
-            if isinstance(logger, CSVLogger):
-                logger.save()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.diverged_at_step = checkpoint.get("diverged_at_step")

@@ -17,6 +17,8 @@ from typing import Any
 
 import wandb_workspaces.reports.v2 as wr
 
+from bnlightning import _private
+
 #: Config keys (as the CLI logs them under ``cli``) that define a setting.
 NORM_KEY = "cli.model.init_args.norm"
 LR_KEY = "cli.model.init_args.optimizer.init_args.lr"
@@ -129,6 +131,5 @@ def build_report(
 def report_spec(entity: str, project: str, title: str = "bnlightning: how does BatchNorm help optimization?", groups: list[str] | None = None) -> dict[str, Any]:
     """The report's JSON spec built entirely offline (runsets left unlinked)."""
     report = build_report(entity, project, title, groups, link_runsets=False)
-    # wandb-workspaces' own serialisation: the viewspec model that save() uploads.
-    spec = report._to_model().model_dump(mode="json", by_alias=True, exclude_none=True)
+    spec = _private.report_viewspec(report)  # wandb-workspaces' own serialisation
     return {"entity": entity, "project": project, "title": report.title, "runsets_project": f"{entity}/{project}", "viewspec": spec}
