@@ -132,7 +132,7 @@ class ActivationStats(MeasurementCallback):
             x = captured.get(name)
             if x is None:
                 continue
-            kind = activation_kind(modules[name]) or "none"
+            kind = activation_kind(modules[name]) or "other"
             for key, value in activation_stats(x, kind, saturation_threshold=self.saturation_threshold).items():
                 metrics[f"act/{name}/{key}"] = value
         if self.histogram:

@@ -243,7 +243,19 @@ def test_activation_stats_reference() -> None:
     assert dead >= 9
     sat = activation_stats(x, "saturating", saturation_threshold=2.0)
     assert sat["saturated"].item() == pytest.approx(float((np.abs(x.numpy()) > 2).mean()))
-    assert "dead" not in sat and "saturated" not in activation_stats(x, "none")
+    other = activation_stats(x, "other")
+    assert set(other) == {"q15", "q50", "q85", "mean", "std"}
+    assert set(activation_stats(x, "none")) == set(other)  # the old name of "other" still works
+    with pytest.raises(ValueError, match="accepted: saturating, relu, other"):
+        activation_stats(x, "dead")
+
+
+def test_activation_kind_names_every_activation() -> None:
+    from torch import nn
+
+    from bnlightning.callbacks.functional import activation_kind
+
+    assert [activation_kind(m) for m in (nn.Sigmoid(), nn.ReLU(), nn.GELU(), nn.Linear(2, 2))] == ["saturating", "relu", "other", ""]
 
 
 @pytest.mark.parametrize("case", ["mlp_noisy_bn", "vgg_bn", "dln_bn"])

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from bnlightning.callbacks.functional._model import LossFn, Model, to_float32
 
 #: How ``activation_stats`` reads an activation module's input: ``saturating`` units
-#: (tanh/sigmoid family) get a saturated share, ``relu`` units a dead share, ``none`` neither.
+#: (tanh/sigmoid family) get a saturated share, ``relu`` units a dead share, ``other`` activations neither.
 ACTIVATION_KINDS: dict[type[nn.Module], str] = {
     nn.Sigmoid: "saturating",
     nn.Tanh: "saturating",
@@ -20,15 +20,15 @@ ACTIVATION_KINDS: dict[type[nn.Module], str] = {
     nn.Softsign: "saturating",
     nn.ReLU: "relu",
     nn.ReLU6: "relu",
-    nn.LeakyReLU: "none",
-    nn.PReLU: "none",
-    nn.ELU: "none",
-    nn.SELU: "none",
-    nn.CELU: "none",
-    nn.GELU: "none",
-    nn.SiLU: "none",
-    nn.Mish: "none",
-    nn.Softplus: "none",
+    nn.LeakyReLU: "other",
+    nn.PReLU: "other",
+    nn.ELU: "other",
+    nn.SELU: "other",
+    nn.CELU: "other",
+    nn.GELU: "other",
+    nn.SiLU: "other",
+    nn.Mish: "other",
+    nn.Softplus: "other",
 }
 
 
@@ -53,7 +53,7 @@ def _quantiles(x: Tensor, qs: Sequence[float]) -> Tensor:
 
 def activation_stats(
     x: Tensor,
-    kind: Literal["saturating", "relu", "none"] = "none",
+    kind: Literal["saturating", "relu", "other"] = "other",
     *,
     saturation_threshold: float = 2.0,
     quantiles: Sequence[float] = (0.15, 0.5, 0.85),
@@ -65,7 +65,7 @@ def activation_stats(
         kind: ``saturating`` adds ``saturated`` (share of entries with
             ``|x| > saturation_threshold``); ``relu`` adds ``dead`` (share of units that are
             never positive on the whole batch; a unit is one entry of ``x[0]``, i.e. a
-            feature, or a (channel, row, column) position for images); ``none`` adds neither.
+            feature, or a (channel, row, column) position for images); ``other`` (and ``none``, its name before) adds neither.
         saturation_threshold: the ``|x|`` above which a tanh/sigmoid unit counts as saturated.
         quantiles: quantile levels; keys are ``q<round(100*level)>``.
 
@@ -73,8 +73,8 @@ def activation_stats(
         ``{"q15", "q50", "q85", "mean", "std" (population, correction 0), ["saturated" | "dead"]}``
         as 0-dim float32 tensors.
     """
-    if kind not in ("saturating", "relu", "none"):
-        raise ValueError(f"unknown kind {kind!r}; accepted: saturating, relu, none")
+    if kind not in ("saturating", "relu", "other", "none"):
+        raise ValueError(f"unknown kind {kind!r}; accepted: saturating, relu, other")
     x = x.detach().to(torch.float32)
     out = {f"q{round(100 * q)}": v for q, v in zip(quantiles, _quantiles(x, quantiles))}
     out["mean"] = x.mean()
@@ -87,8 +87,8 @@ def activation_stats(
 
 
 def activation_kind(module: nn.Module) -> str:
-    """``saturating``, ``relu`` or ``none`` (no extra statistic) for an activation module; ``""`` for a module
-    that is not an activation."""
+    """``saturating``, ``relu`` or ``other`` (an activation with no kind-specific statistic) for an
+    activation module; ``""`` for a module that is not an activation."""
     for cls, kind in ACTIVATION_KINDS.items():
         if type(module) is cls:
             return kind
