@@ -87,3 +87,27 @@ def test_categorical_settings_get_a_bar_chart_and_meanshift_its_figure(tmp_path:
     text = write_claims_markdown(runs, tmp_path / "out").read_text()
     assert "| norm | weight_standardization | seeds | layers | cos first | cos middle | cos last |" in text
     assert "0.99 ± 0 [0.99, 0.99]" in text
+
+
+def test_placement_settings_get_their_own_ics_and_landscape_curves(tmp_path: Path) -> None:
+    # claim 4: four BN variants share (norm, lr), so only the measures figure tells them apart
+    root = tmp_path / "runs"
+    for pos in ("before", "after"):
+        for affine in (True, False):
+            for seed in (0, 1):
+                rel = 0.05 if pos == "before" else 0.4
+                rows = [{"step": s, "ics/rel/net.fc2": rel * (1 + seed), "landscape/beta_eff": 2.0, "train/acc": 0.9} for s in (50, 100)]
+                rows.append({"step": 100, "val/acc": 0.96})
+                _run(root, f"{pos}_{affine}_s{seed}", "batch", 60, seed, rows, {"norm_position": pos, "norm_affine": affine})
+    runs = load_runs([root])
+    figs = draw_claims(runs, tmp_path / "out", dpi=40)
+    measures = [f for f in figs if f.path.name.endswith("_measures.png")]
+    assert len(measures) == 1 and measures[0].path.stat().st_size > 1000
+    # a (norm, lr)-only sweep is the paper figures' job: no measures figure
+    for d in root.iterdir():
+        if "after" in d.name or "False" in d.name:
+            for f in d.iterdir():
+                f.unlink()
+            d.rmdir()
+    runs = load_runs([root])
+    assert not [f for f in draw_claims(runs, tmp_path / "out2", dpi=40) if f.path.name.endswith("_measures.png")]

@@ -12,6 +12,8 @@ from each run's ``config.yaml``; seeds are the repeats. Per family:
   key, a bar chart per setting with the train-validation accuracy gap beside it.
 - ``meanshift``: per-layer ``meanshift/<layer>/cos`` and channel mean over depth.
 - ``residual``: per-block var(branch) / var(skip) over depth (``resvar/<block>/ratio``).
+- ``measures``: ICS (``ics/rel/<layer>``) and landscape (``landscape/beta_eff``,
+  ``grad_l2_max``) over steps, one line per setting, when a key beyond (norm, lr) is swept.
 
 ``claims.md`` holds one table row per setting with seeds, mean ± std and min-max.
 """
@@ -25,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bnlightning.report.figures import Figure, _finish, plt
+from bnlightning.report.figures import Figure, _finish, _log_y, plt
 from bnlightning.report.page import markdown_table
 from bnlightning.report.runs import Run, group_by, short_layer
 
@@ -297,6 +299,53 @@ def residual_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
     )
 
 
+#: Keys the paper figures (``figures.py``) already separate runs by.
+PAPER_KEYS = ("model.init_args.norm", "model.init_args.optimizer.init_args.lr")
+
+
+def measures_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
+    """ICS and landscape over training, one line per setting (claim 4: BN position x affine).
+
+    The paper figures group runs by (norm, lr) only, so settings that differ in another key
+    (BN before / after the activation, affine on / off) would be pooled into one band there.
+    Drawn only when a family logged ``ics/rel/`` or ``landscape/`` metrics and sweeps a key
+    beyond (norm, lr).
+    """
+    keys = varying_keys(runs)
+    layers = sorted({layer for r in runs for layer in r.layers("ics/rel/")}, key=_block_key)
+    panels = [(f"ics/rel/{layer}", f"ICS ||G - G'|| / ||G|| — {short_layer(layer)}") for layer in layers]
+    landscape = (("landscape/beta_eff", "effective beta-smoothness"), ("landscape/grad_l2_max", "gradient predictiveness max ||g - g'||"))
+    panels += [(m, t) for m, t in landscape if any(r.series(m) is not None for r in runs)]
+    if not panels or all(k in PAPER_KEYS for k in keys):
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for i, (_, rs) in enumerate(settings_of(runs, keys).items()):
+        for ax, (metric, _) in zip(axes[0], panels):
+            curves = [r.series(metric) for r in rs]
+            curves = [c for c in curves if c is not None and len(c[1])]
+            if not curves:
+                continue
+            n = min(len(c[1]) for c in curves)  # seeds share the schedule; cut to the shortest
+            vals = np.array([c[1][:n] for c in curves])
+            steps = curves[0][0][:n]
+            ax.plot(steps, np.nanmean(vals, 0), "-", color=f"C{i % 10}", label=setting_label(rs[0], keys), lw=1.3)
+            if len(curves) > 1:
+                ax.fill_between(steps, np.nanmin(vals, 0), np.nanmax(vals, 0), color=f"C{i % 10}", alpha=0.2, lw=0)
+    for ax, (_, title) in zip(axes[0], panels):
+        _log_y(ax)  # ICS spans decades between settings (standard 1e-3, BN after 0.4)
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    return _finish(
+        fig, out, family, "measures",
+        "ICS and loss landscape per setting — {model} on {dataset}; mean over seeds, band = min-max",
+        "ICS and landscape per setting — {model} on {dataset}",
+        dpi,
+    )
+
+
 def _block_key(name: str) -> tuple[int, ...]:
     """Natural order by every number in the name: ``net.stage2.block10`` -> (2, 10); ``relu13`` -> (13,)."""
     return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in name.split(".") if any(c.isdigit() for c in part))
@@ -312,7 +361,7 @@ def draw_claims(runs: Sequence[Run], out: Path, dpi: int = 90) -> list[Figure]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for family, family_runs in group_by(runs, "family").items():
-        for draw in (sweep_figure, meanshift_figure, residual_figure):
+        for draw in (sweep_figure, measures_figure, meanshift_figure, residual_figure):
             fig = draw(family, family_runs, out, dpi)
             if fig is not None:
                 written.append(fig)
