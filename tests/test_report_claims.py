@@ -111,3 +111,18 @@ def test_placement_settings_get_their_own_ics_and_landscape_curves(tmp_path: Pat
             d.rmdir()
     runs = load_runs([root])
     assert not [f for f in draw_claims(runs, tmp_path / "out2", dpi=40) if f.path.name.endswith("_measures.png")]
+
+
+def test_setting_labels_drop_callback_arguments_but_the_table_keeps_them(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    for i, cbs in enumerate(([], [{"class_path": "bnlightning.normfree.AdaptiveGradientClipping", "init_args": {"clip_factor": 0.08}}])):
+        _run(root, f"r{i}", "none", 128, 0, [{"step": 9, "val/acc": 0.5, "train/acc": 0.5}])
+        cfg = yaml.safe_load((root / f"r{i}" / "config.yaml").read_text())
+        cfg["trainer"]["callbacks"] = cbs
+        (root / f"r{i}" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    runs = load_runs([root])
+    from bnlightning.report.claims import setting_label
+
+    assert sorted(setting_label(r, ["trainer.callbacks"]) for r in runs) == ["callbacks=AdaptiveGradientClipping", "callbacks=none"]
+    (tmp_path / "out").mkdir()
+    assert "AdaptiveGradientClipping(clip_factor=0.08)" in write_claims_markdown(runs, tmp_path / "out").read_text()

@@ -21,6 +21,7 @@ from each run's ``config.yaml``; seeds are the repeats. Per family:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,12 @@ def _value(run: Run, key: str) -> Any:
 
 
 def setting_label(run: Run, keys: Sequence[str]) -> str:
-    return ", ".join(f"{short_key(k)}={_value(run, k)}" for k in keys) or "all runs"
+    """``norm=none, lr=1.0, callbacks=AdaptiveGradientClipping`` for legends and axes.
+
+    Callback arguments are left out (the claims table keeps them): they made tick labels
+    too long to read.
+    """
+    return ", ".join(f"{short_key(k)}={re.sub(r'[(][^)]*[)]', '', str(_value(run, k)))}" for k in keys) or "all runs"
 
 
 def _mean_last(run: Run, metric: str, n: int = 5) -> float | None:
@@ -219,7 +225,9 @@ def sweep_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: i
 def _bar_figure(family: tuple[str, str], runs: Sequence[Run], keys: Sequence[str], out: Path, dpi: int) -> Figure | None:
     groups = settings_of(runs, keys)
     labels = [setting_label(rs[0], keys).replace(", ", "\n") for rs in groups.values()]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(groups) * 2), 3.8))
+    # Side by side up to four settings; beyond, one panel per row so the tick labels fit.
+    stacked = len(groups) > 4
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.7 * len(groups)), 7.0)) if stacked else plt.subplots(1, 2, figsize=(max(8.0, 3.2 * len(groups)), 3.8))
     for ax, (metric, title) in zip(axes, (("val acc", "final val acc"), ("train - val acc", "train acc (last 5 logs) - val acc"))):
         sts = [_stats([run_results(r)[metric] for r in rs]) for rs in groups.values()]
         xs = np.arange(len(sts))
@@ -227,9 +235,13 @@ def _bar_figure(family: tuple[str, str], runs: Sequence[Run], keys: Sequence[str
         lo = np.array([s[0] - s[2] if s else 0 for s in sts])
         hi = np.array([s[3] - s[0] if s else 0 for s in sts])
         ax.bar(xs, means, yerr=[lo, hi], color=[f"C{i % 10}" for i in range(len(sts))], capsize=4, alpha=0.8)
+        for x, rs in zip(xs, groups.values()):
+            diverged = sum(r.diverged_at_step is not None for r in rs)
+            if diverged:  # a diverged run's accuracy is chance: say why the bar is low
+                ax.annotate(f"{diverged}/{len(rs)} diverged", (x, 0), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=6, color="k")
+        ax.tick_params(labelsize=7)
         ax.set_xticks(xs, labels, fontsize=6)
         ax.set_title(title, fontsize=9)
-        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, axis="y")
     return _finish(
         fig, out, family, "sweep",
