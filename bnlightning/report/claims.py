@@ -225,8 +225,8 @@ def sweep_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: i
 def _bar_figure(family: tuple[str, str], runs: Sequence[Run], keys: Sequence[str], out: Path, dpi: int) -> Figure | None:
     groups = settings_of(runs, keys)
     labels = [setting_label(rs[0], keys).replace(", ", "\n") for rs in groups.values()]
-    # Side by side up to four settings; beyond, one panel per row so the tick labels fit.
-    stacked = len(groups) > 4
+    # Side by side up to three settings; beyond, one panel per row so the tick labels fit.
+    stacked = len(groups) > 3
     fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.7 * len(groups)), 7.0)) if stacked else plt.subplots(1, 2, figsize=(max(8.0, 3.2 * len(groups)), 3.8))
     for ax, (metric, title) in zip(axes, (("val acc", "final val acc"), ("train - val acc", "train acc (last 5 logs) - val acc"))):
         sts = [_stats([run_results(r)[metric] for r in rs]) for rs in groups.values()]
