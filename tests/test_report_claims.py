@@ -87,3 +87,42 @@ def test_categorical_settings_get_a_bar_chart_and_meanshift_its_figure(tmp_path:
     text = write_claims_markdown(runs, tmp_path / "out").read_text()
     assert "| norm | weight_standardization | seeds | layers | cos first | cos middle | cos last |" in text
     assert "0.99 ± 0 [0.99, 0.99]" in text
+
+
+def test_placement_settings_get_their_own_ics_and_landscape_curves(tmp_path: Path) -> None:
+    # claim 4: four BN variants share (norm, lr), so only the measures figure tells them apart
+    root = tmp_path / "runs"
+    for pos in ("before", "after"):
+        for affine in (True, False):
+            for seed in (0, 1):
+                rel = 0.05 if pos == "before" else 0.4
+                rows = [{"step": s, "ics/rel/net.fc2": rel * (1 + seed), "landscape/beta_eff": 2.0, "train/acc": 0.9} for s in (50, 100)]
+                rows.append({"step": 100, "val/acc": 0.96})
+                _run(root, f"{pos}_{affine}_s{seed}", "batch", 60, seed, rows, {"norm_position": pos, "norm_affine": affine})
+    runs = load_runs([root])
+    figs = draw_claims(runs, tmp_path / "out", dpi=40)
+    measures = [f for f in figs if f.path.name.endswith("_measures.png")]
+    assert len(measures) == 1 and measures[0].path.stat().st_size > 1000
+    # a (norm, lr)-only sweep is the paper figures' job: no measures figure
+    for d in root.iterdir():
+        if "after" in d.name or "False" in d.name:
+            for f in d.iterdir():
+                f.unlink()
+            d.rmdir()
+    runs = load_runs([root])
+    assert not [f for f in draw_claims(runs, tmp_path / "out2", dpi=40) if f.path.name.endswith("_measures.png")]
+
+
+def test_setting_labels_drop_callback_arguments_but_the_table_keeps_them(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    for i, cbs in enumerate(([], [{"class_path": "bnlightning.normfree.AdaptiveGradientClipping", "init_args": {"clip_factor": 0.08}}])):
+        _run(root, f"r{i}", "none", 128, 0, [{"step": 9, "val/acc": 0.5, "train/acc": 0.5}])
+        cfg = yaml.safe_load((root / f"r{i}" / "config.yaml").read_text())
+        cfg["trainer"]["callbacks"] = cbs
+        (root / f"r{i}" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    runs = load_runs([root])
+    from bnlightning.report.claims import setting_label
+
+    assert sorted(setting_label(r, ["trainer.callbacks"]) for r in runs) == ["callbacks=AdaptiveGradientClipping", "callbacks=none"]
+    (tmp_path / "out").mkdir()
+    assert "AdaptiveGradientClipping(clip_factor=0.08)" in write_claims_markdown(runs, tmp_path / "out").read_text()

@@ -12,6 +12,8 @@ from each run's ``config.yaml``; seeds are the repeats. Per family:
   key, a bar chart per setting with the train-validation accuracy gap beside it.
 - ``meanshift``: per-layer ``meanshift/<layer>/cos`` and channel mean over depth.
 - ``residual``: per-block var(branch) / var(skip) over depth (``resvar/<block>/ratio``).
+- ``measures``: ICS (``ics/rel/<layer>``) and landscape (``landscape/beta_eff``,
+  ``grad_l2_max``) over steps, one line per setting, when a key beyond (norm, lr) is swept.
 
 ``claims.md`` holds one table row per setting with seeds, mean ± std and min-max.
 """
@@ -19,13 +21,14 @@ from each run's ``config.yaml``; seeds are the repeats. Per family:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bnlightning.report.figures import Figure, _finish, plt
+from bnlightning.report.figures import Figure, _finish, _log_y, plt
 from bnlightning.report.page import markdown_table
 from bnlightning.report.runs import Run, group_by, short_layer
 
@@ -80,7 +83,12 @@ def _value(run: Run, key: str) -> Any:
 
 
 def setting_label(run: Run, keys: Sequence[str]) -> str:
-    return ", ".join(f"{short_key(k)}={_value(run, k)}" for k in keys) or "all runs"
+    """``norm=none, lr=1.0, callbacks=AdaptiveGradientClipping`` for legends and axes.
+
+    Callback arguments are left out (the claims table keeps them): they made tick labels
+    too long to read.
+    """
+    return ", ".join(f"{short_key(k)}={re.sub(r'[(][^)]*[)]', '', str(_value(run, k)))}" for k in keys) or "all runs"
 
 
 def _mean_last(run: Run, metric: str, n: int = 5) -> float | None:
@@ -217,7 +225,9 @@ def sweep_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: i
 def _bar_figure(family: tuple[str, str], runs: Sequence[Run], keys: Sequence[str], out: Path, dpi: int) -> Figure | None:
     groups = settings_of(runs, keys)
     labels = [setting_label(rs[0], keys).replace(", ", "\n") for rs in groups.values()]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(groups) * 2), 3.8))
+    # Side by side up to three settings; beyond, one panel per row so the tick labels fit.
+    stacked = len(groups) > 3
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.7 * len(groups)), 7.0)) if stacked else plt.subplots(1, 2, figsize=(max(8.0, 3.2 * len(groups)), 3.8))
     for ax, (metric, title) in zip(axes, (("val acc", "final val acc"), ("train - val acc", "train acc (last 5 logs) - val acc"))):
         sts = [_stats([run_results(r)[metric] for r in rs]) for rs in groups.values()]
         xs = np.arange(len(sts))
@@ -225,9 +235,13 @@ def _bar_figure(family: tuple[str, str], runs: Sequence[Run], keys: Sequence[str
         lo = np.array([s[0] - s[2] if s else 0 for s in sts])
         hi = np.array([s[3] - s[0] if s else 0 for s in sts])
         ax.bar(xs, means, yerr=[lo, hi], color=[f"C{i % 10}" for i in range(len(sts))], capsize=4, alpha=0.8)
+        for x, rs in zip(xs, groups.values()):
+            diverged = sum(r.diverged_at_step is not None for r in rs)
+            if diverged:  # a diverged run's accuracy is chance: say why the bar is low
+                ax.annotate(f"{diverged}/{len(rs)} diverged", (x, 0), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=6, color="k")
+        ax.tick_params(labelsize=7)
         ax.set_xticks(xs, labels, fontsize=6)
         ax.set_title(title, fontsize=9)
-        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, axis="y")
     return _finish(
         fig, out, family, "sweep",
@@ -297,6 +311,53 @@ def residual_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
     )
 
 
+#: Keys the paper figures (``figures.py``) already separate runs by.
+PAPER_KEYS = ("model.init_args.norm", "model.init_args.optimizer.init_args.lr")
+
+
+def measures_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
+    """ICS and landscape over training, one line per setting (claim 4: BN position x affine).
+
+    The paper figures group runs by (norm, lr) only, so settings that differ in another key
+    (BN before / after the activation, affine on / off) would be pooled into one band there.
+    Drawn only when a family logged ``ics/rel/`` or ``landscape/`` metrics and sweeps a key
+    beyond (norm, lr).
+    """
+    keys = varying_keys(runs)
+    layers = sorted({layer for r in runs for layer in r.layers("ics/rel/")}, key=_block_key)
+    panels = [(f"ics/rel/{layer}", f"ICS ||G - G'|| / ||G|| — {short_layer(layer)}") for layer in layers]
+    landscape = (("landscape/beta_eff", "effective beta-smoothness"), ("landscape/grad_l2_max", "gradient predictiveness max ||g - g'||"))
+    panels += [(m, t) for m, t in landscape if any(r.series(m) is not None for r in runs)]
+    if not panels or all(k in PAPER_KEYS for k in keys):
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for i, (_, rs) in enumerate(settings_of(runs, keys).items()):
+        for ax, (metric, _) in zip(axes[0], panels):
+            curves = [r.series(metric) for r in rs]
+            curves = [c for c in curves if c is not None and len(c[1])]
+            if not curves:
+                continue
+            n = min(len(c[1]) for c in curves)  # seeds share the schedule; cut to the shortest
+            vals = np.array([c[1][:n] for c in curves])
+            steps = curves[0][0][:n]
+            ax.plot(steps, np.nanmean(vals, 0), "-", color=f"C{i % 10}", label=setting_label(rs[0], keys), lw=1.3)
+            if len(curves) > 1:
+                ax.fill_between(steps, np.nanmin(vals, 0), np.nanmax(vals, 0), color=f"C{i % 10}", alpha=0.2, lw=0)
+    for ax, (_, title) in zip(axes[0], panels):
+        _log_y(ax)  # ICS spans decades between settings (standard 1e-3, BN after 0.4)
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    return _finish(
+        fig, out, family, "measures",
+        "ICS and loss landscape per setting — {model} on {dataset}; mean over seeds, band = min-max",
+        "ICS and landscape per setting — {model} on {dataset}",
+        dpi,
+    )
+
+
 def _block_key(name: str) -> tuple[int, ...]:
     """Natural order by every number in the name: ``net.stage2.block10`` -> (2, 10); ``relu13`` -> (13,)."""
     return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in name.split(".") if any(c.isdigit() for c in part))
@@ -312,7 +373,7 @@ def draw_claims(runs: Sequence[Run], out: Path, dpi: int = 90) -> list[Figure]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for family, family_runs in group_by(runs, "family").items():
-        for draw in (sweep_figure, meanshift_figure, residual_figure):
+        for draw in (sweep_figure, measures_figure, meanshift_figure, residual_figure):
             fig = draw(family, family_runs, out, dpi)
             if fig is not None:
                 written.append(fig)
