@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -84,10 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.action == "list":
-            for e in EXPERIMENTS.values():
-                n = len(list(itertools.product(*e.grid.values())))
-                print(f"{e.name:16s} {n} settings x seeds   {e.claim}")
-            return 0
+            lines = [f"{e.name:16s} {len(list(itertools.product(*e.grid.values())))} settings x seeds   {e.claim}" for e in EXPERIMENTS.values()]
+            return _print_lines(lines)
         if args.action == "sweep":
             specs = expand_sweep(load_sweep(args.file), args.runs_dir, extra, project=args.project)
             run, quiet = args.run, args.quiet
@@ -102,12 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     if not run:
-        try:
-            for spec in specs:
-                print(spec.shell())
-        except BrokenPipeError:  # `... | head`: the reader left, nothing is wrong
-            sys.stderr.close()
-        return 0
+        return _print_lines(spec.shell() for spec in specs)
     results = run_all(specs, Path.cwd(), quiet)
     done = [s.name for s, o in results if o in ("ok", "diverged", "skipped")]
     interrupted = [s.name for s, o in results if o in ("interrupted", "not started")]
@@ -117,3 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     line += f"; failed: {', '.join(failed)}" if failed else ""
     print(line)
     return 1 if failed or interrupted else 0
+
+
+def _print_lines(lines: Iterable[str]) -> int:
+    """Print ``lines``; a reader that leaves early (``... | head``) is not an error."""
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        sys.stderr.close()
+    return 0

@@ -59,31 +59,22 @@ def run_name(values: Mapping[str, Any]) -> str:
     return "_".join(parts).replace("/", "-")
 
 
-def logger_override(experiment: str, name: str, runs_dir: str, project: str, csv_class: str | None = None) -> str:
+#: The CSV logger that resumes a run's folder (named, not imported: printing commands needs no torch).
+CSV_LOGGER = "bnlightning.loggers.CSVLogger"
+
+
+def logger_override(experiment: str, name: str, runs_dir: str, project: str, csv_class: str = CSV_LOGGER) -> str:
     """``--trainer.logger=[CSV, W&B]`` naming this run: replaces the config's logger list.
 
     A list given on the command line replaces the YAML's list (jsonargparse), so both
     loggers are restated: the CSV log the report reads and the W&B run, grouped by
     experiment.
     """
-    csv_class = csv_class or _csv_logger_class()
     loggers = [
         {"class_path": csv_class, "init_args": {"save_dir": runs_dir, "name": experiment, "version": name}},
         {"class_path": "bnlightning.loggers.WandbLogger", "init_args": {"project": project, "save_dir": runs_dir, "group": experiment, "name": name, "tags": [experiment]}},
     ]
     return "--trainer.logger=" + json.dumps(loggers, separators=(",", ":"))
-
-
-def _csv_logger_class() -> str:
-    """The project's resuming CSVLogger when present, else Lightning's."""
-    try:
-        from bnlightning import loggers
-
-        if hasattr(loggers, "CSVLogger"):
-            return "bnlightning.loggers.CSVLogger"
-    except ImportError:  # pragma: no cover - the package always has loggers
-        pass
-    return "lightning.pytorch.loggers.CSVLogger"
 
 
 def expand(
