@@ -82,3 +82,17 @@ def test_runner_works_in_the_current_directory(tmp_path: Path, monkeypatch: pyte
     write_status(tmp_path / "runs/exp/a", status="completed")
     assert [o for _, o in run_all([spec])] == ["skipped"]
     assert "exp/a: skipped (already completed)" in capsys.readouterr().out
+
+
+def test_fit_finds_a_shipped_config_from_another_directory(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``fit --config configs/...`` (the docs' and the sweep files' spelling) works away from the repository root."""
+    from bnlightning.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as done:
+        cli_main(["fit", "--config", "configs/quickstart.yaml", "--config=configs/experiments/digits32.yaml", "--print_config"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: bnlightning.data.Digits" in printed and "image_size: 32" in printed  # both files were read
+    with pytest.raises(SystemExit) as done:
+        cli_main(["fit", "--config", "configs/missing.yaml"])
+    assert done.value.code == 2 and "configs/missing.yaml" in capsys.readouterr().err
