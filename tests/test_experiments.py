@@ -55,6 +55,8 @@ def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(lines) == 12 and all(line.startswith("python -m bnlightning fit ") and line.endswith("--trainer.devices=2") for line in lines)
     assert main(["show", "nope"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: unknown experiment 'nope'")
+    assert main(["show", "vgg-ics", "--cpu"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: vgg-ics has no CPU-sized variant (--cpu); these have one: vgg-lr, ")
 
 
 def test_configs_are_found_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

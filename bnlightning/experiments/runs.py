@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlightning.experiments.configs import config_path
-from bnlightning.experiments.registry import LR, NORM, SEED, Experiment
+from bnlightning.experiments.registry import EXPERIMENTS, LR, NORM, SEED, Experiment
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def expand(
         project: the W&B project.
 
     Raises:
-        ValueError: no seeds.
+        ValueError: no seeds, or ``cpu`` for an experiment without a CPU-sized variant.
 
     Example:
         >>> from bnlightning.experiments.registry import EXPERIMENTS
@@ -105,6 +105,9 @@ def expand(
     """
     if not seeds:
         raise ValueError("give at least one seed")
+    if cpu and not experiment.cpu_overrides:  # else --cpu would start the paper-scale run, CIFAR-10 download and all
+        sized = ", ".join(n for n, e in EXPERIMENTS.items() if e.cpu_overrides)
+        raise ValueError(f"{experiment.name} has no CPU-sized variant (--cpu); these have one: {sized}")
     name = experiment.name + ("-cpu" if cpu else "")
     grid = dict(experiment.cpu_grid if cpu and experiment.cpu_grid is not None else experiment.grid)
     grid[SEED] = tuple(seeds)
