@@ -95,4 +95,3 @@ def _outcome(returncode: int, status: str) -> str:
     if status == "interrupted" or returncode in (-signal.SIGTERM, 128 + signal.SIGTERM, 128 + signal.SIGUSR1):
         return "interrupted"
     return "failed"
-

@@ -118,10 +118,9 @@ def expand(
         rname = run_name(values)
         args = [f"--config={config_path(c)}" for c in experiment.configs]
         fixed = list(experiment.overrides) + (list(experiment.cpu_overrides) if cpu else [])
-        args += [f"--config={config_path(a[len('--config='):])}" if a.startswith("--config=") else a for a in fixed]
+        args += [f"--config={config_path(a[len('--config=') :])}" if a.startswith("--config=") else a for a in fixed]
         args += [f"--{k}={_value_text(v)}" for k, v in values.items()]
         args += [logger_override(name, rname, runs_dir, project), f"--trainer.default_root_dir={runs_dir}/{name}/{rname}"]
         args += list(extra)
         specs.append(RunSpec(name, rname, Path(runs_dir) / name / rname, tuple(args)))
     return specs
-

@@ -159,9 +159,7 @@ def _sweep_base_args(config: Mapping[str, Any]) -> list[str]:
     return [config_path(c) if i and tail[i - 1] == "--config" else c for i, c in enumerate(tail)]
 
 
-def expand_sweep(
-    config: Mapping[str, Any], runs_dir: str = "runs", extra: Sequence[str] = (), name: str | None = None, project: str = "bnlightning"
-) -> list[RunSpec]:
+def expand_sweep(config: Mapping[str, Any], runs_dir: str = "runs", extra: Sequence[str] = (), name: str | None = None, project: str = "bnlightning") -> list[RunSpec]:
     """The grid of a sweep as local runs, with the arguments the W&B agent would pass.
 
     The agent turns each parameter into ``--key=value`` (wandb's
@@ -189,4 +187,3 @@ def expand_sweep(
         args = base + agent_args + [logger_override(sweep_name, rname, runs_dir, project), f"--trainer.default_root_dir={runs_dir}/{sweep_name}/{rname}"] + list(extra)
         specs.append(RunSpec(sweep_name, rname, Path(runs_dir) / sweep_name / rname, tuple(args)))
     return specs
-
