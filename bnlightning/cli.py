@@ -332,6 +332,10 @@ def main(args: Sequence[str] | None = None) -> Any:
         module, func = EXTRA_COMMANDS[argv[0]].split(":")
         command: Callable[[list[str]], Any] = getattr(importlib.import_module(module), func)
         return command(argv[1:])
+    if (shipped := _shipped_configs(argv)) != argv:
+        argv = shipped
+        if args is None:  # LightningCLI reads sys.argv itself
+            sys.argv[1:] = argv
     for path in _config_paths(argv):
         if problem := yaml_error(path):
             _fail(problem)
@@ -393,6 +397,23 @@ def _config_paths(argv: list[str]) -> list[str]:
         elif arg.startswith("--config="):
             paths.append(arg.split("=", 1)[1])
     return [p for p in paths if not p.lstrip().startswith(("{", "["))]
+
+
+def _shipped_configs(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--config configs/...`` missing from the cwd pointed at the copy the package ships.
+
+    So the commands in the docs and the sweep files (written from the repository root)
+    also run from a non-editable install in any directory; a file that exists here wins.
+    """
+    from bnlightning.experiments.configs import config_path
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = config_path(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + config_path(arg.split("=", 1)[1])
+    return out
 
 
 def _fail(message: str) -> NoReturn:

@@ -1,4 +1,4 @@
-"""W&B sweep YAMLs: loaded with wandb's own loader, schema-checked, expanded like the agent does."""
+"""W&B sweep YAMLs: generated from the registry, loaded with wandb's own loader, schema-checked, expanded like the agent does."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO
 
 from bnlightning.cli import main
-from bnlightning.experiments import expand_sweep, load_sweep, sweep_problems
+from bnlightning.experiments import EXPERIMENTS, expand, expand_sweep, load_sweep, sweep_config, sweep_problems, sweep_text, write_sweep
 from bnlightning.report.runs import _get, read_metrics
 
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
@@ -31,6 +31,39 @@ def _lookup(tree: Any, dotted: str) -> bool:
 
 def test_there_are_sweeps() -> None:
     assert {p.stem for p in SWEEPS} >= {"vgg-lr", "vgg-noisy", "vgg-lp", "dln", "mlp-sigmoid"}
+
+
+@pytest.mark.parametrize("name", sorted(set(EXPERIMENTS) | {p.stem for p in SWEEPS}))
+def test_sweep_file_is_generated_from_the_registry(name: str, tmp_path: Path) -> None:
+    """One source of truth: every registry entry has its sweep file, every sweep file its entry, and they agree."""
+    path = REPO / "configs" / "sweeps" / f"{name}.yaml"
+    assert name in EXPERIMENTS, f"{path} has no registry entry: add one to bnlightning/experiments/registry.py (the sweep files are generated)"
+    assert path.is_file(), f"{name} has no sweep file: write it with write_sweep({name!r}) from the repository root"
+    assert path.read_text() == sweep_text(name), f"{path} drifted from the registry: regenerate it with write_sweep({name!r})"
+    assert write_sweep(name, tmp_path).read_text() == path.read_text()
+    config = load_sweep(path)  # wandb's own loader + schema checks
+    expected = sweep_config(EXPERIMENTS[name])
+    assert {k: config[k] for k in expected} == expected
+    # The agent's runs and the registry's runs are the same fit commands (logger aside), value for value.
+    from_sweep = {s.name: _normalise(s.args) for s in expand_sweep(config, runs_dir="r")}
+    from_registry = {s.name: _normalise(s.args) for s in expand(EXPERIMENTS[name], [0, 1, 2], runs_dir="r")}
+    assert from_sweep == from_registry
+
+
+def _normalise(args: tuple[str, ...]) -> list[tuple[str, object]]:
+    """``--config X`` and ``--config=X`` alike, config paths as the registry writes them, values as YAML reads them
+    (the agent writes ``True``/``2.0``, the registry ``true``/``2``)."""
+    out: list[tuple[str, object]] = []
+    items = list(args)
+    while items:
+        a = items.pop(0)
+        key, value = (a, items.pop(0)) if a == "--config" else a.split("=", 1)
+        if key in ("--trainer.logger", "--trainer.default_root_dir"):
+            continue
+        if key == "--config":  # resolved against the cwd, the package or the checkout: compare the name under configs/
+            value = "configs/" + Path(value).resolve().relative_to((REPO / "configs").resolve()).as_posix()
+        out.append((key, yaml.safe_load(value)))
+    return out
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)

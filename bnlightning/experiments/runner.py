@@ -1,0 +1,97 @@
+"""Run an experiment's ``fit`` processes here, one after another: skip, resume, stop on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bnlightning.experiments.runs import RunSpec
+
+
+def run_state(spec: RunSpec, cwd: Path | None = None) -> tuple[str, bool]:
+    """``(status from run.json or "new", whether it has a checkpoint)`` of ``spec``'s folder.
+
+    Args:
+        spec: the run.
+        cwd: the folder a relative ``spec.log_dir`` is under (default: the current directory).
+    """
+    from bnlightning.runstate import read_status
+
+    folder = spec.log_dir if spec.log_dir.is_absolute() else (cwd or Path.cwd()) / spec.log_dir
+    ckpts = folder / "checkpoints"
+    has_ckpt = ckpts.is_dir() and any(ckpts.glob("*.ckpt"))
+    return str(read_status(folder).get("status", "new")), has_ckpt
+
+
+def run_all(specs: Sequence[RunSpec], cwd: Path | None = None, quiet: bool = False) -> list[tuple[RunSpec, str]]:
+    """Run ``specs`` one after another; returns each run's outcome.
+
+    Outcomes: ``ok`` (completed), ``diverged`` (a result, not a failure: its
+    ``diverged_at_step`` is in metrics.csv), ``skipped`` (finished by an earlier
+    invocation), ``interrupted`` (SIGTERM/SIGUSR1: checkpoint saved; the next invocation
+    resumes it with ``--ckpt_path last``) or ``failed``. A SIGTERM to this runner is passed
+    on to the running ``fit`` (which saves and stops) and no further run starts.
+
+    Args:
+        specs: the runs, in order.
+        cwd: where the ``fit`` processes run and their relative ``runs/`` folders go
+            (default: the current directory, never the installed package).
+        quiet: send each run's output to ``<runs-dir>/<experiment>/<run>.out`` instead of the terminal.
+    """
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    results: list[tuple[RunSpec, str]] = []
+    stop: list[int] = []
+    child: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        stop.append(signum)
+        if child and child[0].poll() is None:
+            child[0].send_signal(signum)
+
+    old = signal.signal(signal.SIGTERM, forward) if threading.current_thread() is threading.main_thread() else None
+    try:
+        for i, spec in enumerate(specs, 1):
+            tag = f"[{i}/{len(specs)}] {spec.experiment}/{spec.name}"
+            status, has_ckpt = run_state(spec, cwd)
+            if status in ("completed", "diverged") or stop:
+                outcome = "skipped" if not stop else "not started"
+                print(f"{tag}: {outcome}" + (f" (already {status})" if not stop else " (runner stopped by a signal)"), flush=True)
+                results.append((spec, outcome))
+                continue
+            command = spec.command() + (["--ckpt_path=last"] if has_ckpt else [])
+            print(f"{tag} ..." + (f" (resuming the {status} run)" if has_ckpt else ""), flush=True)
+            start = time.monotonic()
+            log = spec.log_dir.parent / f"{spec.name}.out"
+            log_path = (cwd / log) if not log.is_absolute() else log
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("a" if has_ckpt else "w") as out:
+                proc = subprocess.Popen(command, cwd=cwd, stdout=out if quiet else None, stderr=subprocess.STDOUT if quiet else None)
+                child[:] = [proc]
+                returncode = proc.wait()
+                child.clear()
+            outcome = _outcome(returncode, run_state(spec, cwd)[0])
+            text = {
+                "ok": "ok",
+                "diverged": "ok (diverged: a result)",
+                "interrupted": "INTERRUPTED (checkpoint saved; run the same command again to resume)",
+            }.get(outcome, f"FAILED (exit {returncode}; output in {log_path})")
+            print(f"{tag}: {text} in {time.monotonic() - start:.0f}s", flush=True)
+            results.append((spec, outcome))
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+    return results
+
+
+def _outcome(returncode: int, status: str) -> str:
+    """A run's outcome from its exit status and the status it recorded."""
+    if returncode == 0 and status in ("completed", "diverged"):
+        return "ok" if status == "completed" else "diverged"
+    if status == "interrupted" or returncode in (-signal.SIGTERM, 128 + signal.SIGTERM, 128 + signal.SIGUSR1):
+        return "interrupted"
+    return "failed"
