@@ -7,9 +7,9 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from bnlightning.experiments import EXPERIMENTS, LR, NORM, expand, main, run_name
+from tests.helpers import REPO
 
 
 @pytest.mark.parametrize(("name", "cpu"), [(n, False) for n in EXPERIMENTS] + [(n, True) for n, e in EXPERIMENTS.items() if e.cpu])

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
 
 from bnlightning.cli import main
 from bnlightning.experiments import (
@@ -17,6 +16,7 @@ from bnlightning.experiments import (
     load_sweep,
     sweep_config,
 )
+from tests.helpers import REPO
 
 
 @pytest.mark.parametrize("name", GENERATED_SWEEPS)
