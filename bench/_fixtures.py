@@ -22,14 +22,14 @@ def synthetic_cifar(n: int, device: torch.device, seed: int = 0) -> tuple[torch.
 
 
 def tensor_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0) -> Any:
-    """The on-device training loader of ``bnlightning.data.CIFAR10`` (``augment: false``), over ``x, y``.
+    """The on-device training loader of ``bnlightning.data.CIFAR10DataModule`` (``augment: false``), over ``x, y``.
 
     Built by the data module itself (its ``train_dataloader`` on tensors already in
     place), so the benchmark draws batches exactly as training does.
     """
-    from bnlightning.data import CIFAR10
+    from bnlightning.data import CIFAR10DataModule
 
-    dm = CIFAR10(batch_size=batch_size, seed=seed, on_device=True, download=False)
+    dm = CIFAR10DataModule(batch_size=batch_size, seed=seed, on_device=True, download=False)
     dm.train_x, dm.train_y, dm.on_device = x, y, True
     return dm.train_dataloader()
 

@@ -13,7 +13,7 @@ reads its loss every 50 steps.
 Each repeat runs both sides back to back, in alternating order; a run first trains
 ``--warmup`` untimed steps, then ``--steps`` timed ones (clocks read after a device
 sync). The table gives median images/s of each side and the median of the per-repeat
-ratios. A second table compares the two CIFAR-10 data paths of ``bnlightning.data.CIFAR10``
+ratios. A second table compares the two CIFAR-10 data paths of ``bnlightning.data.CIFAR10DataModule``
 (``on_device: false`` = torchvision ``DataLoader`` with workers; ``on_device: true`` =
 ``TensorLoader``) on a CIFAR-format folder of random images: the loader alone and a
 Lightning training run fed by it.
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
     p.add_argument("--channels-last", action="store_true", help="VGG(channels_last=True): NHWC convs (faster on recent GPUs)")
     p.add_argument("--compile", action="store_true", help="VGG(compile=True): torch.compile the network for both sides")
     p.add_argument("--no-data-path", action="store_true", help="skip the DataLoader vs on-device comparison")
-    p.add_argument("--num-workers", type=_cli.nonnegative_int, default=2, help="DataLoader workers of the DataLoader path (CIFAR10's default: 2)")
+    p.add_argument("--num-workers", type=_cli.nonnegative_int, default=2, help="DataLoader workers of the DataLoader path (CIFAR10DataModule's default: 2)")
     args = p.parse_args(argv)
     base = QUICK if args.quick else FULL
     for key, value in base.items():
@@ -185,8 +185,8 @@ def loader_only(loader: Any, clock: _timing.Clock, warmup: int, batches: int) ->
 
 
 def bench_data_paths(args: Any, model: Any, init: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    """``CIFAR10(on_device=False)`` (DataLoader) vs ``CIFAR10(on_device=True)`` (TensorLoader)."""
-    from bnlightning.data import CIFAR10
+    """``CIFAR10DataModule(on_device=False)`` (DataLoader) vs ``CIFAR10DataModule(on_device=True)`` (TensorLoader)."""
+    from bnlightning.data import CIFAR10DataModule
 
     bs, precision = args.batch_sizes[0], args.precisions[0]
     n_batches = args.warmup + args.steps + 1  # one more than trained, so the epoch (and validation) never ends
@@ -196,7 +196,7 @@ def bench_data_paths(args: Any, model: Any, init: dict[str, torch.Tensor]) -> li
         make_fake_cifar10(root, n_train=max(n_batches, loader_batches + 6) * bs, n_test=bs, seed=args.seed)
 
         def module(on_device: bool) -> Any:
-            return CIFAR10(root=root, download=False, batch_size=bs, eval_batch_size=bs, on_device=on_device,
+            return CIFAR10DataModule(root=root, download=False, batch_size=bs, eval_batch_size=bs, on_device=on_device,
                            num_workers=args.num_workers, seed=args.seed, verify_checksums=False)
 
         paths = {"DataLoader": False, "on-device": True}
@@ -226,7 +226,7 @@ def _standalone_loader(dm: Any, device: torch.device) -> Any:
     """The data module's training loader outside a Trainer, on ``device`` (as ``setup`` would place it)."""
     from bnlightning.data.cifar10 import CIFAR10Dataset, _to_tensors
 
-    if dm.hparams.on_device:  # what CIFAR10.setup + train_dataloader build, with the data on `device`
+    if dm.hparams.on_device:  # what CIFAR10DataModule.setup + train_dataloader build, with the data on `device`
         x, y = _to_tensors(CIFAR10Dataset(dm.root, train=True, verify_checksums=False), device)
         return dm.tensor_loader(x, y, batch_size=dm.hparams.batch_size, train=True, transform=dm.device_transform(train=True))
     dm.setup("fit")

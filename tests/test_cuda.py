@@ -23,7 +23,6 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import lightning.pytorch as pl  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from callback_helpers import Recorder, batch_for, mlp, vgg  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
@@ -38,6 +37,7 @@ from bnlightning.callbacks import (  # noqa: E402
     sgd_update,
 )
 from bnlightning.callbacks.functional.hessian import hessian_spectrum  # noqa: E402
+from tests.helpers.callbacks import Recorder, batch_for, mlp, vgg  # noqa: E402
 
 pytestmark = [
     pytest.mark.cuda,

@@ -10,7 +10,8 @@ import doctest
 import importlib
 
 import pytest
-from conftest import REPO
+
+from tests.helpers import REPO
 
 # Package folder -> import name (``callbacks/`` installs as ``bnlightning.callbacks``).
 ROOTS = {REPO / "bnlightning": "bnlightning", REPO / "callbacks": "bnlightning.callbacks"}

@@ -18,9 +18,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from bnlightning.experiments import EXPERIMENTS
+from tests.helpers import REPO
 
 SOURCES = ("pyproject.toml", "README.md", "bnlightning", "callbacks", "configs")
 

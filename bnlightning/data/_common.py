@@ -1,13 +1,21 @@
-"""What every bnlightning data module shares: argument checks, device and rank lookup."""
+"""What every bnlightning data module shares: argument checks, device and rank lookup, and the
+one loader factory (on-device :class:`TensorLoader` or ``DataLoader``) behind every split."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from bnlightning.data.loader import TensorLoader
+
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+# The Lightning stage whose setup() a split needs when a loader is asked for before setup ran.
+_STAGE = {"train": "fit", "val": "validate", "test": "test"}
 
 
 def check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
@@ -61,11 +69,64 @@ class DataModuleBase(pl.LightningDataModule):
         kwargs.setdefault("drop_last", train)
         return TensorLoader(*tensors, batch_size=batch_size, seed=self.hparams.seed, rank=rank, world_size=world, **kwargs)
 
-    def _eval_loader(self) -> Any:
+    # ---- the loader factory: each data module only says what a split holds -------------------
+    on_device: bool | None = None  # set by the module's setup(): which of the two paths is in use
+
+    def _split_data(self, split: Split) -> Sequence[torch.Tensor] | Dataset:
+        """What ``split`` holds: its tensors (on the device on the on-device path), or on the
+        ``DataLoader`` path a ``Dataset`` (tensors are wrapped in a ``TensorDataset``)."""
         raise NotImplementedError
 
-    def val_dataloader(self) -> Any:
-        return self._eval_loader()
+    def _batch_size(self, split: Split) -> int:
+        """Samples per batch: ``batch_size`` for training, ``eval_batch_size`` otherwise."""
+        return self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
 
-    def test_dataloader(self) -> Any:
-        return self._eval_loader()
+    def _shuffle(self, split: Split) -> bool:
+        """Shuffle (and drop the last partial batch): the training split only."""
+        return split == "train"
+
+    def _loader_options(self, split: Split) -> dict[str, Any]:
+        """Extra keyword arguments of this split's loader on the path in use (a transform for
+        :class:`TensorLoader`, worker settings for ``DataLoader``)."""
+        return {}
+
+    def _dataloader(self, split: Split) -> TensorLoader | DataLoader:
+        """The loader of ``split`` on the path ``setup`` chose.
+
+        On-device: a :class:`TensorLoader` over the split's tensors, seeded by ``seed`` and sharded
+        by rank. Otherwise a ``DataLoader``; the training split gets a generator seeded by ``seed``
+        (so its order never draws from torch's global RNG), the others none, as before.
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+
+        Raises:
+            ValueError: an unknown split (a bug in the caller, not user input).
+
+        Example:
+            >>> from bnlightning.data import LinearRegressionDataModule
+            >>> dm = LinearRegressionDataModule(num_samples=8, dim=2, batch_size=4)
+            >>> [tuple(x.shape) for x, _ in dm._dataloader("train")]
+            [(4, 2), (4, 2)]
+        """
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; accepted: {', '.join(SPLITS)}")
+        if self.on_device is None:
+            self.setup(_STAGE[split])
+        data, batch_size, shuffle = self._split_data(split), self._batch_size(split), self._shuffle(split)
+        options = self._loader_options(split)
+        if self.on_device:
+            return self.tensor_loader(*data, batch_size=batch_size, train=shuffle, **options)
+        dataset = data if isinstance(data, Dataset) else TensorDataset(*data)
+        if split == "train":
+            options["generator"] = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, **options)
+
+    def train_dataloader(self) -> TensorLoader | DataLoader:
+        return self._dataloader("train")
+
+    def val_dataloader(self) -> TensorLoader | DataLoader:
+        return self._dataloader("val")
+
+    def test_dataloader(self) -> TensorLoader | DataLoader:
+        return self._dataloader("test")

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 import torchvision
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 
-from bnlightning.data._common import DataModuleBase, check_nonnegative_int, check_positive_int
-from bnlightning.data.loader import DeviceImageTransform, TensorLoader
+from bnlightning.data._common import DataModuleBase, Split, check_nonnegative_int, check_positive_int
+from bnlightning.data._renamed import renamed_attribute
+from bnlightning.data.loader import DeviceImageTransform
 from bnlightning.errors import BadFileError, MissingFileError, RunError
 
-__all__ = ["CIFAR10", "CIFAR10Dataset", "CIFAR10_MEAN", "CIFAR10_STD"]
+__all__ = ["CIFAR10DataModule", "CIFAR10Dataset", "CIFAR10_MEAN", "CIFAR10_STD"]
 
 #: Per-channel mean and standard deviation of the CIFAR-10 training images, in [0, 1] units.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -181,7 +181,7 @@ class CIFAR10Dataset(torchvision.datasets.CIFAR10):
         torchvision.datasets.utils.download_and_extract_archive(cls.url, os.fspath(root), filename=cls.filename, md5=cls.tgz_md5)
 
 
-class CIFAR10(DataModuleBase):
+class CIFAR10DataModule(DataModuleBase):
     """CIFAR-10 (Krizhevsky 2009): 50,000 training and 10,000 test images, 32x32 RGB, 10 classes.
 
     Two interchangeable data paths, giving the same tensors for the same image:
@@ -224,7 +224,7 @@ class CIFAR10(DataModuleBase):
     Example (YAML)::
 
         data:
-          class_path: bnlightning.data.CIFAR10
+          class_path: bnlightning.data.CIFAR10DataModule
           init_args: {root: data/cifar10, batch_size: 128, augment: false}
     """
 
@@ -334,29 +334,24 @@ class CIFAR10(DataModuleBase):
             "pin_memory": self.device.type == "cuda",
         }
 
-    def train_dataloader(self) -> TensorLoader | DataLoader:
-        if self.on_device is None:
-            self.setup("fit")
+    def _split_data(self, split: Split) -> tuple[torch.Tensor, torch.Tensor] | CIFAR10Dataset:
+        train = split == "train"
         if self.on_device:
-            return self.tensor_loader(
-                self.train_x, self.train_y, batch_size=self.hparams.batch_size, train=True, transform=self.device_transform(train=True)
-            )
-        return DataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-            generator=torch.Generator().manual_seed(self.hparams.seed), **self._loader_kwargs(),
-        )
+            return (self.train_x, self.train_y) if train else (self.test_x, self.test_y)
+        return self.train_set if train else self.test_set
 
-    def _eval_loader(self) -> TensorLoader | DataLoader:
-        if self.on_device is None:
-            self.setup("test")
+    def _loader_options(self, split: Split) -> dict[str, Any]:
         if self.on_device:
-            return self.tensor_loader(
-                self.test_x, self.test_y, batch_size=self.hparams.eval_batch_size, train=False, transform=self.device_transform(train=False)
-            )
-        return DataLoader(self.test_set, batch_size=self.hparams.eval_batch_size, shuffle=False, **self._loader_kwargs())
+            return {"transform": self.device_transform(train=split == "train")}
+        return self._loader_kwargs()
 
 
 def _to_tensors(ds: CIFAR10Dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
     y = torch.as_tensor(ds.targets, dtype=torch.int64)
     return x.to(device), y.to(device)
+
+
+def __getattr__(name: str) -> Any:
+    """``CIFAR10``: deprecated alias of the renamed class (old configs and checkpoints name it here)."""
+    return renamed_attribute(__name__, name, names=("CIFAR10",))

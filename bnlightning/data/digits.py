@@ -13,15 +13,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
-from bnlightning.data._common import DataModuleBase, check_positive_int
-from bnlightning.data.loader import TensorLoader
+from bnlightning.data._common import DataModuleBase, Split, check_positive_int
+from bnlightning.data._renamed import renamed_attribute
 
-__all__ = ["Digits"]
+__all__ = ["DigitsDataModule"]
 
 
-class Digits(DataModuleBase):
+class DigitsDataModule(DataModuleBase):
     """The 8x8 digits, as flat standardised vectors (MLP) or as resized images (VGG).
 
     * ``image_size=None``: ``(N, 64)`` float vectors, each feature standardised with the
@@ -129,19 +128,10 @@ class Digits(DataModuleBase):
             dev = self.device if self.on_device else torch.device("cpu")
             self.train_x, self.train_y, self.val_x, self.val_y = (t.to(dev) for t in self.load_tensors())
 
-    def train_dataloader(self) -> TensorLoader | DataLoader:
-        if self.on_device is None:
-            self.setup("fit")
-        if self.on_device:
-            return self.tensor_loader(self.train_x, self.train_y, batch_size=self.hparams.batch_size, train=True)
-        return DataLoader(
-            TensorDataset(self.train_x, self.train_y), batch_size=self.hparams.batch_size, shuffle=True,
-            drop_last=True, generator=torch.Generator().manual_seed(self.hparams.seed),
-        )
+    def _split_data(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.train_x, self.train_y) if split == "train" else (self.val_x, self.val_y)
 
-    def _eval_loader(self) -> Any:
-        if self.on_device is None:
-            self.setup("validate")
-        if self.on_device:
-            return self.tensor_loader(self.val_x, self.val_y, batch_size=self.hparams.eval_batch_size, train=False)
-        return DataLoader(TensorDataset(self.val_x, self.val_y), batch_size=self.hparams.eval_batch_size)
+
+def __getattr__(name: str) -> Any:
+    """``Digits``: deprecated alias of the renamed class (old configs and checkpoints name it here)."""
+    return renamed_attribute(__name__, name, names=("Digits",))

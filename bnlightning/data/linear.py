@@ -10,15 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from bnlightning.data._common import DataModuleBase, check_positive_int
+from bnlightning.data._common import DataModuleBase, Split, check_positive_int
+from bnlightning.data._renamed import renamed_attribute
 from bnlightning.data.loader import mix_seed
 
-__all__ = ["LinearRegression"]
+__all__ = ["LinearRegressionDataModule"]
 
 
-class LinearRegression(DataModuleBase):
+class LinearRegressionDataModule(DataModuleBase):
     """Synthetic linear regression: ``(x, y)`` float32 batches of shape ``(B, dim)``.
 
     The validation (and test) set is a fresh 1,000 samples from the same A (no noise
@@ -97,25 +97,26 @@ class LinearRegression(DataModuleBase):
             self.A, self.train_x, self.train_y, self.val_x, self.val_y = (
                 t["A"], t["train_x"], t["train_y"], t["val_x"], t["val_y"])
 
-    def train_dataloader(self) -> Any:
-        if self.on_device is None:
-            self.setup("fit")
-        h = self.hparams
-        full = h.batch_size is None
-        rank, world = self.rank_and_world_size
-        bs = -(-h.num_samples // world) if full else h.batch_size  # full batch: this rank's whole share
-        if self.on_device:
-            return self.tensor_loader(
-                self.train_x, self.train_y, batch_size=bs, train=not full, repeat=h.steps_per_epoch if full else 1
-            )
-        return DataLoader(
-            TensorDataset(self.train_x, self.train_y), batch_size=bs, shuffle=not full, drop_last=not full,
-            generator=torch.Generator().manual_seed(h.seed),
-        )
+    def _split_data(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.train_x, self.train_y) if split == "train" else (self.val_x, self.val_y)
 
-    def _eval_loader(self) -> Any:
-        if self.on_device is None:
-            self.setup("validate")
-        if self.on_device:
-            return self.tensor_loader(self.val_x, self.val_y, batch_size=self.num_val_samples, train=False)
-        return DataLoader(TensorDataset(self.val_x, self.val_y), batch_size=self.num_val_samples)
+    def _batch_size(self, split: Split) -> int:
+        if split != "train":
+            return self.num_val_samples
+        if self.hparams.batch_size is None:  # full batch: this rank's whole share
+            return -(-self.hparams.num_samples // self.rank_and_world_size[1])
+        return self.hparams.batch_size
+
+    def _shuffle(self, split: Split) -> bool:
+        return split == "train" and self.hparams.batch_size is not None
+
+    def _loader_options(self, split: Split) -> dict[str, Any]:
+        # One Lightning epoch of full-batch training = steps_per_epoch passes (on-device path only).
+        if split == "train" and self.on_device and self.hparams.batch_size is None:
+            return {"repeat": self.hparams.steps_per_epoch}
+        return {}
+
+
+def __getattr__(name: str) -> Any:
+    """``LinearRegression``: deprecated alias of the renamed class (old configs and checkpoints name it here)."""
+    return renamed_attribute(__name__, name, names=("LinearRegression",))

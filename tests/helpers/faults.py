@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from bnlightning.data import Digits
+from bnlightning.data import DigitsDataModule
 
 
 class KillAtStep(pl.Callback):
@@ -56,7 +56,7 @@ class SignalAtStep(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-class PoisonedDigits(Digits):
+class PoisonedDigits(DigitsDataModule):
     """The digits with NaN in every training row's first feature, as a broken preprocessing step would leave them."""
 
     def load_tensors(self) -> Any:

@@ -26,7 +26,7 @@ def _run(root: Path, name: str, norm: str, batch: int, seed: int, rows: list[dic
         "seed_everything": seed,
         "trainer": {"default_root_dir": str(d), "logger": [{"class_path": "x"}], "callbacks": [{"class_path": "bnlightning.batchsize.TrainModeAccuracy"}]},
         "model": {"class_path": "bnlightning.models.MLP", "init_args": {"depth": 3, "width": 100, "activation": "relu", "norm": norm, **(extra or {})}},
-        "data": {"class_path": "bnlightning.data.Digits", "init_args": {"batch_size": batch, "seed": 0}},
+        "data": {"class_path": "bnlightning.data.DigitsDataModule", "init_args": {"batch_size": batch, "seed": 0}},
     }
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     keys = sorted({k for r in rows for k in r})

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONFIGS
 
 from bnlightning.cli import main
 from bnlightning.experiments import logger_override
 from bnlightning.report.commands import report_main
 from bnlightning.report.runs import aggregate, load_runs, read_metrics
+from tests.helpers import CONFIGS
 
 CALLBACKS = [
     {"class_path": "bnlightning.callbacks.InternalCovariateShift", "init_args": {"layers": ["net.fc1", "net.fc3"], "every_n_steps": 2}},

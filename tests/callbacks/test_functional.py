@@ -8,7 +8,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from callback_helpers import assert_same, batch_for, dln, mlp, naive_ics, naive_landscape, snapshot, vgg
 from torch import nn
 
 from bnlightning.callbacks import (
@@ -19,6 +18,7 @@ from bnlightning.callbacks import (
     optimizer_update,
     sgd_update,
 )
+from tests.helpers.callbacks import assert_same, batch_for, dln, mlp, naive_ics, naive_landscape, snapshot, vgg
 
 CASES = {
     "mlp_bn": (lambda: mlp("batch"), 0.1),

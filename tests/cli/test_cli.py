@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, REPO
 
 from bnlightning.cli import main
+from tests.helpers import CONFIGS, QUICK, REPO
 
-QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 ALL_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 
 
@@ -66,8 +65,8 @@ def test_bf16_mixed_training_runs_on_cpu(in_tmp: Path) -> None:
 
 
 def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
-    # keep an existing PYTHONPATH (site folders of an environment installed there) after tests/
-    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    # keep an existing PYTHONPATH (site folders of an environment installed there) after the repository root (tests.helpers is imported by path)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "PYTHONPATH": path}
     cmd = [
         sys.executable, "-m", "bnlightning", "fit", "--config", str(CONFIGS / "quickstart.yaml"),

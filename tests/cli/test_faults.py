@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, REPO
 
 from bnlightning.checkpointing import AtomicCheckpointIO
 from bnlightning.cli import main
 from bnlightning.loggers import WandbLogger
-
-QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+from tests.helpers import CONFIGS, QUICK, REPO
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -28,7 +26,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def _fit_subprocess(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "offline", "WANDB_DIR": str(cwd)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_DIR": str(cwd)}
     cmd = [sys.executable, "-m", "bnlightning", "fit", *args, *QUICK]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
@@ -44,7 +42,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pa
     kill = tmp_path / "kill.yaml"
     callbacks = measure.read_text().strip()
     kill.write_text(
-        "trainer:\n  callbacks:\n    - class_path: fault_helpers.KillAtStep\n      init_args: {step: 33}\n"
+        "trainer:\n  callbacks:\n    - class_path: tests.helpers.faults.KillAtStep\n      init_args: {step: 33}\n"
         + "".join(f"    {line}\n" for line in _callback_items(callbacks))
     )
     common = [
@@ -269,7 +267,7 @@ def test_logging_errors_mid_run_do_not_stop_training(in_tmp: Path) -> None:
     cfg.write_text(
         "trainer:\n  logger:\n"
         "    - class_path: bnlightning.loggers.CSVLogger\n      init_args: {save_dir: runs, name: flaky}\n"
-        "    - class_path: fault_helpers.FailingLogger\n"
+        "    - class_path: tests.helpers.faults.FailingLogger\n"
     )
     with pytest.raises(ConnectionError):
         # A bare Lightning logger that raises would end the run ...
@@ -342,7 +340,7 @@ def test_ckpt_path_last_resumes_the_killed_run_not_its_neighbour(in_tmp: Path) -
     main(["fit", *common, "--model.init_args.norm", "none"])
     run_a = in_tmp / "runs/quickstart/version_0"
     before = {f: (run_a / f).read_bytes() for f in ("metrics.csv", "config.yaml", "run.json")}
-    killed = _fit_subprocess(in_tmp, *common, "--model.init_args.norm", "batch", *_callback(in_tmp, "fault_helpers.KillAtStep", step=11))
+    killed = _fit_subprocess(in_tmp, *common, "--model.init_args.norm", "batch", *_callback(in_tmp, "tests.helpers.faults.KillAtStep", step=11))
     assert killed.returncode == -9, killed.stderr[-2000:]
     cli = main(["fit", *common, "--model.init_args.norm", "batch", "--ckpt_path", "last"])
     assert cli.trainer.global_step == 12
@@ -378,7 +376,7 @@ def test_sigterm_saves_stops_nonzero_and_resumes_exactly(in_tmp: Path) -> None:
     """Issue case 3: a real SIGTERM at step 7 (between checkpoints): checkpoint at 7, one line,
     exit 143; resuming gives the weights and rows of an uninterrupted run."""
     common = _quick(in_tmp, "--trainer.max_steps", "12", "--checkpoint.every_n_train_steps", "5", *QUICK)
-    out = _fit_subprocess(in_tmp, *common, *_callback(in_tmp, "fault_helpers.SignalAtStep", step=7))
+    out = _fit_subprocess(in_tmp, *common, *_callback(in_tmp, "tests.helpers.faults.SignalAtStep", step=7))
     assert out.returncode == 128 + 15, out.stderr[-2000:]
     run = in_tmp / "runs/quickstart/version_0"
     state = _state(run)
@@ -404,11 +402,11 @@ def test_experiment_runner_reports_interrupted_then_resumes_then_skips(tmp_path:
 
     from bnlightning.experiments import RunSpec, run_all
 
-    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
     args = (
         f"--config={CONFIGS / 'quickstart.yaml'}", "--trainer.max_steps=12", "--trainer.log_every_n_steps=4", "--checkpoint.every_n_train_steps=100",
         "--trainer.logger=" + json.dumps([{"class_path": "bnlightning.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "exp", "version": "a"}}]),
-        *_callback(tmp_path, "fault_helpers.SignalAtStep", step=6, signum=int(signal.SIGUSR1)), *QUICK,
+        *_callback(tmp_path, "tests.helpers.faults.SignalAtStep", step=6, signum=int(signal.SIGUSR1)), *QUICK,
     )
     spec = RunSpec("exp", "a", Path("runs/exp/a"), tuple(args))
     assert [o for _, o in run_all([spec], tmp_path)] == ["interrupted"]
@@ -427,7 +425,7 @@ def test_kill_before_first_checkpoint_is_not_counted_as_a_seed(in_tmp: Path) -> 
     from bnlightning.report.runs import load_runs, split_runs
 
     common = _quick(in_tmp, "--trainer.max_steps", "10", "--checkpoint.every_n_train_steps", "1000", *QUICK)
-    killed = _fit_subprocess(in_tmp, *common, *_callback(in_tmp, "fault_helpers.KillAtStep", step=3))
+    killed = _fit_subprocess(in_tmp, *common, *_callback(in_tmp, "tests.helpers.faults.KillAtStep", step=3))
     assert killed.returncode == -9
     assert _state(in_tmp / "runs/quickstart/version_0")["status"] == "running"
     main(["fit", *common, "--ckpt_path", "last"])  # nothing to resume: a new run
@@ -472,7 +470,7 @@ def _in_private_mount(tmp: Path, mount_opts: str, *fit_args: str) -> subprocess.
         pytest.skip("user namespaces (unshare -rm) are not available here")
     disk = tmp / "disk"
     disk.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "offline"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     script = f'mount -t tmpfs -o {mount_opts} tmpfs "$1" || exit 77; shift; exec "$@"'
     cmd = ["unshare", "-rm", "sh", "-c", script, "sh", str(disk), sys.executable, "-m", "bnlightning", "fit", *fit_args, *QUICK]
     out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -535,7 +533,7 @@ def test_failed_cifar_download_is_one_line_with_the_fix(in_tmp: Path, capsys: py
 
 def test_nan_in_data_is_named_and_a_diverged_run_does_not_resume(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Non-finite loss at the very first step points at the data; resuming that run stops at once."""
-    common = ["fit", *_quick(in_tmp, "--trainer.max_steps", "12", "--data", "fault_helpers.PoisonedDigits", *QUICK)]
+    common = ["fit", *_quick(in_tmp, "--trainer.max_steps", "12", "--data", "tests.helpers.faults.PoisonedDigits", *QUICK)]
     with pytest.warns(UserWarning, match=r"loss is not finite at the very first step: the training data may hold NaN/inf \(the first training batch holds 60 NaN/inf values\)"):
         cli = main(common)
     assert cli.model.diverged_at_step == 0

@@ -9,13 +9,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_helpers import batch_for, mlp, vgg
 from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnlightning.callbacks import MeanShift, mean_shift
 from bnlightning.models import VGG
+from tests.helpers.callbacks import batch_for, mlp, vgg
 
 TRAINER_KW: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False, "accelerator": "cpu"}
 

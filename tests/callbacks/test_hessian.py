@@ -9,13 +9,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_helpers import Recorder
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnlightning.callbacks import HessianSpectrum
 from bnlightning.callbacks.functional.hessian import edge_of_stability, hessian_spectrum
+from tests.helpers.callbacks import Recorder
 
 
 class Tiny(pl.LightningModule):
@@ -140,9 +140,8 @@ def test_ratio_is_nan_with_a_warning_for_adam_and_arguments_are_checked() -> Non
 
 def test_paper_scale_curvature_config_parses_and_starts(in_tmp: Any, fake_cifar10: Any) -> None:
     """configs/vgg.yaml + the curvature fragment on CIFAR-format files: it builds, trains and measures."""
-    from conftest import CONFIGS
-
     from bnlightning.cli import main
+    from tests.helpers import CONFIGS
 
     cli = main([
         "fit", "--config", str(CONFIGS / "vgg_bn.yaml"), "--config", str(CONFIGS / "experiments" / "measure_curvature.yaml"),

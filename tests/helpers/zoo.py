@@ -87,7 +87,7 @@ def lstm_loss(net: nn.Module, batch: Any) -> Tensor:
 
 
 def lstm_module_loss(module: Recurrent, batch: Any) -> Tensor:
-    """The ``loss_fn`` the LSTM case names by import path: ``zoo_models:lstm_module_loss``."""
+    """The ``loss_fn`` the LSTM case names by import path: ``tests.helpers.zoo:lstm_module_loss``."""
     return lstm_loss(module.net, batch)
 
 
@@ -158,6 +158,6 @@ CASES: dict[str, Case] = {
     ),
     "lstm": Case(
         lambda opt: Recurrent(SimpleLSTM(vocab_size=50, ninp=12, nhid=12, nlayers=2, dropout=0.1), opt), lstm_loss, _tokens,
-        ["net.decoder"], loss_fn="zoo_models:lstm_module_loss",
+        ["net.decoder"], loss_fn="tests.helpers.zoo:lstm_module_loss",
     ),
 }

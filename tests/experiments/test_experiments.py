@@ -8,9 +8,9 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from bnlightning.experiments import EXPERIMENTS, LR, NORM, RunSpec, config_path, configs_root, expand, main, run_all, run_name
+from tests.helpers import REPO
 
 
 @pytest.mark.parametrize(("name", "cpu"), [(n, False) for n in EXPERIMENTS] + [(n, True) for n, e in EXPERIMENTS.items() if e.cpu_overrides])

@@ -8,12 +8,12 @@ import logging
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_helpers import batch_for, mlp
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnlightning.callbacks import InternalCovariateShift, LossLandscape, internal_covariate_shift, loss_landscape, sgd_update
 from bnlightning.callbacks.functional import _model
+from tests.helpers.callbacks import batch_for, mlp
 
 
 def _count_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -62,7 +62,7 @@ def test_bad_loss_fn_is_one_line_at_construction() -> None:
         InternalCovariateShift(loss_fn="math")
     with pytest.raises(ValueError, match=r"loss_fn 'math:pi' is a float, not a callable"):
         InternalCovariateShift(loss_fn="math:pi")
-    assert LossLandscape(loss_fn="callback_helpers:mlp").loss_fn == "callback_helpers:mlp"
+    assert LossLandscape(loss_fn="tests.helpers.callbacks:mlp").loss_fn == "tests.helpers.callbacks:mlp"
 
 
 def test_closure_optimizer_is_refused_in_one_line() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from bnlightning.cli import main
 from bnlightning.experiments import EXPERIMENTS, LR, NORM, expand
+from tests.helpers import REPO
 
 #: Issue 12's claims (docs/reproduction-cpu.md, "Other claims"); every registry entry's sweep is checked in test_sweeps.py.
 CLAIMS = (

@@ -21,12 +21,12 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_helpers import Recorder
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from zoo_models import CASES, Case
 
 from bnlightning.callbacks import ActivationStats, InternalCovariateShift, LossLandscape
+from tests.helpers.callbacks import Recorder
+from tests.helpers.zoo import CASES, Case
 
 STEPS = 2
 OPTIMIZERS: dict[str, tuple[Any, dict[str, Any]]] = {

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnlightning.data import CIFAR10, Digits, LinearRegression, TensorLoader
+from bnlightning.data import CIFAR10DataModule, DigitsDataModule, LinearRegressionDataModule, TensorLoader
 from bnlightning.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD, CIFAR10Dataset
 from bnlightning.data.fake import make_fake_cifar10
 
@@ -22,9 +22,9 @@ def fake_cifar(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _dm(root: Path, **kw) -> CIFAR10:
+def _dm(root: Path, **kw) -> CIFAR10DataModule:
     kw = {"download": False, "verify_checksums": False, "num_workers": 0, **kw}
-    return CIFAR10(root=str(root), **kw)
+    return CIFAR10DataModule(root=str(root), **kw)
 
 
 def _first(loader):
@@ -104,7 +104,7 @@ def test_on_device_train_loader_covers_every_image(fake_cifar: Path) -> None:
 
 
 def test_missing_dataset_is_one_clear_error(tmp_path: Path) -> None:
-    dm = CIFAR10(root=str(tmp_path / "nowhere"), download=False)
+    dm = CIFAR10DataModule(root=str(tmp_path / "nowhere"), download=False)
     with pytest.raises(FileNotFoundError) as e:
         dm.setup("fit")
     msg = str(e.value)
@@ -148,7 +148,7 @@ def test_pickled_code_is_refused(fake_cifar: Path) -> None:
 def test_checksums_verified_by_default(fake_cifar: Path) -> None:
     # generated files are not the official release: the default loader must say so, not load them
     with pytest.raises(ValueError, match=r"data_batch_1' fails its checksum.*verify_checksums: false"):
-        CIFAR10(root=str(fake_cifar), download=False).setup("fit")
+        CIFAR10DataModule(root=str(fake_cifar), download=False).setup("fit")
     assert CIFAR10Dataset.is_present(fake_cifar)
 
 
@@ -169,7 +169,7 @@ def test_download_is_skipped_when_files_are_present(fake_cifar: Path, monkeypatc
 )
 def test_cifar_bad_arguments(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        CIFAR10(**kw)
+        CIFAR10DataModule(**kw)
 
 
 def test_cifar_under_trainer_picks_device_and_path(fake_cifar: Path) -> None:
@@ -186,7 +186,7 @@ def test_cifar_under_trainer_picks_device_and_path(fake_cifar: Path) -> None:
 
 
 def test_digits_flat() -> None:
-    dm = Digits(seed=0)
+    dm = DigitsDataModule(seed=0)
     dm.setup("fit")
     assert dm.train_x.shape == (1437, 64) and dm.val_x.shape == (360, 64)
     assert dm.train_y.dtype == torch.int64 and set(dm.train_y.tolist()) == set(range(10))
@@ -204,7 +204,7 @@ def test_digits_flat() -> None:
 
 
 def test_digits_images_and_determinism() -> None:
-    a, b, c = Digits(image_size=32, rgb=True, seed=1), Digits(image_size=32, rgb=True, seed=1), Digits(image_size=32, seed=2)
+    a, b, c = DigitsDataModule(image_size=32, rgb=True, seed=1), DigitsDataModule(image_size=32, rgb=True, seed=1), DigitsDataModule(image_size=32, seed=2)
     for d in (a, b, c):
         d.setup("fit")
     assert a.train_x.shape == (1437, 3, 32, 32) and c.train_x.shape == (1437, 1, 32, 32)
@@ -217,7 +217,7 @@ def test_digits_images_and_determinism() -> None:
 
 
 def test_digits_dataloader_path() -> None:
-    dm = Digits(on_device=False, batch_size=100)
+    dm = DigitsDataModule(on_device=False, batch_size=100)
     dm.setup("fit")
     x, y = _first(dm.train_dataloader())
     assert x.shape == (100, 64) and not isinstance(dm.train_dataloader(), TensorLoader)
@@ -230,14 +230,14 @@ def test_digits_dataloader_path() -> None:
 )
 def test_digits_bad_arguments(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        Digits(**kw)
+        DigitsDataModule(**kw)
 
 
 # ---- linear regression --------------------------------------------------------------------------
 
 
 def test_linear_regression_full_batch() -> None:
-    dm = LinearRegression(seed=3)
+    dm = LinearRegressionDataModule(seed=3)
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert len(loader) == 1
@@ -252,17 +252,17 @@ def test_linear_regression_full_batch() -> None:
 
 
 def test_linear_regression_determinism_noise_minibatch() -> None:
-    a, b, c = LinearRegression(seed=1), LinearRegression(seed=1), LinearRegression(seed=2)
+    a, b, c = LinearRegressionDataModule(seed=1), LinearRegressionDataModule(seed=1), LinearRegressionDataModule(seed=2)
     for d in (a, b, c):
         d.setup()
     assert torch.equal(a.A, b.A) and torch.equal(a.train_x, b.train_x) and not torch.equal(a.A, c.A)
-    n = LinearRegression(seed=1, noise=0.1, batch_size=100)
+    n = LinearRegressionDataModule(seed=1, noise=0.1, batch_size=100)
     n.setup()
     assert torch.equal(n.A, a.A)
     resid = n.train_y - n.train_x @ n.A.T
     assert 0.08 < float(resid.std()) < 0.12
     assert len(n.train_dataloader()) == 10
-    r = LinearRegression(steps_per_epoch=5)
+    r = LinearRegressionDataModule(steps_per_epoch=5)
     r.setup()
     assert len(r.train_dataloader()) == 5
 
@@ -274,7 +274,7 @@ def test_linear_regression_determinism_noise_minibatch() -> None:
 )
 def test_linear_bad_arguments(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        LinearRegression(**kw)
+        LinearRegressionDataModule(**kw)
 
 
 def test_datamodules_in_a_trainer(tmp_path: Path) -> None:
@@ -294,7 +294,7 @@ def test_datamodules_in_a_trainer(tmp_path: Path) -> None:
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
-    for dm, model in ((Digits(), M(64, 10)), (LinearRegression(steps_per_epoch=3), M(10, 10))):
+    for dm, model in ((DigitsDataModule(), M(64, 10)), (LinearRegressionDataModule(steps_per_epoch=3), M(10, 10))):
         trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, max_steps=4, enable_progress_bar=False,
                              enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
         trainer.fit(model, datamodule=dm)

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO
 
 from bnlightning.cli import main
 from bnlightning.experiments import EXPERIMENTS, expand, expand_sweep, load_sweep, sweep_config, sweep_problems, sweep_text, write_sweep
 from bnlightning.report.runs import _get, read_metrics
+from tests.helpers import REPO
 
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 

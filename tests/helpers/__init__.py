@@ -1,0 +1,16 @@
+"""What the tests share besides fixtures: repository paths and quiet trainer flags.
+
+Imported as ``from tests.helpers import CONFIGS`` (``tests`` is a package, so pytest puts the
+repository root on ``sys.path`` whatever the working directory). Fixtures stay in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: The repository root (the folder holding ``bnlightning/``, ``configs/`` and ``tests/``).
+REPO = Path(__file__).resolve().parents[2]
+#: The bundled LightningCLI configs.
+CONFIGS = REPO / "configs"
+#: Command-line flags that keep a test's trainer quiet (no progress bar, no model summary).
+QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
