@@ -54,10 +54,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def machine_line(info: dict[str, Any]) -> str:
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
-    return (
-        f"{info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads){gpu}; "
-        f"torch {info['torch']}, lightning {info['lightning']}; {info['date']}"
-    )
+    return f"{info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads){gpu}; torch {info['torch']}, lightning {info['lightning']}; {info['date']}"
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -101,9 +98,13 @@ def finish(script: str, argv: list[str] | None, args: argparse.Namespace, info: 
     """Write the run's JSON (``--out`` or beside the script), print where, then the summary line."""
     elapsed = time.perf_counter() - started
     payload = {
-        "script": f"bench/{Path(script).name}", "argv": sys.argv[1:] if argv is None else argv, "machine": info,
+        "script": f"bench/{Path(script).name}",
+        "argv": sys.argv[1:] if argv is None else argv,
+        "machine": info,
         "settings": {k: (str(v) if isinstance(v, (torch.device, Path)) else v) for k, v in vars(args).items() if k != "timer"},
-        **results, "summary": summary, "elapsed_s": elapsed,
+        **results,
+        "summary": summary,
+        "elapsed_s": elapsed,
     }
     out = write_json(args.out or default_out(script), payload)
     print(f"\n(wrote {out}; {elapsed:.0f} s)")

@@ -145,8 +145,16 @@ def reference(hvp: Callable, params: dict[str, Tensor], runs: list[Any]) -> floa
 def summarize(kind: str, res: Any, ref: float, prev: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
     to_1e3 = next((h for h, theta, _ in res.history if abs(theta - ref) <= 1e-3 * abs(ref)), None)
     overlap = None if prev is None else abs(_dot(prev[0], res.eigenvectors[0]))
-    return {"kind": kind, "stop_hvps": res.iterations, "converged": res.converged, "to_1e-3_hvps": to_1e3, "overlap": overlap,
-            "lambda": float(res.eigenvalues[0]), "reference": ref, "rel_error": abs(float(res.eigenvalues[0]) - ref) / abs(ref)}
+    return {
+        "kind": kind,
+        "stop_hvps": res.iterations,
+        "converged": res.converged,
+        "to_1e-3_hvps": to_1e3,
+        "overlap": overlap,
+        "lambda": float(res.eigenvalues[0]),
+        "reference": ref,
+        "rel_error": abs(float(res.eigenvalues[0]) - ref) / abs(ref),
+    }
 
 
 # --- 1. HVPs to λmax ------------------------------------------------------------------------
@@ -223,8 +231,10 @@ def bench_cost(args: Any, name: str, model: nn.Module, batch: Any) -> dict[str, 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     info, started = _report.begin(__file__, args)
-    print(f"VGG-11-BN widths {args.widths}, batch {args.batch_size}, lrs {args.lrs}, {args.pretrain_steps} pretrain steps, "
-          f"{args.rounds} rounds of {args.sgd_steps} SGD step(s), tol {args.tol}", flush=True)
+    print(
+        f"VGG-11-BN widths {args.widths}, batch {args.batch_size}, lrs {args.lrs}, {args.pretrain_steps} pretrain steps, {args.rounds} rounds of {args.sgd_steps} SGD step(s), tol {args.tol}",
+        flush=True,
+    )
     counts: list[dict[str, Any]] = []
     costs: list[dict[str, Any]] = []
     for width in args.widths:
@@ -246,17 +256,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         costs.append(bench_cost(args, "MLP 3x100 BN, batch 128", mlp, mlp_batch))
 
     print()
-    print(_report.format_table(
-        ["width", "lr", "round", "run", "stop HVPs", "HVPs to 1e-3", "rel. error at stop", "λmax", "overlap"],
-        [[r["width"], r["lr"], r["round"], r["kind"], r["stop_hvps"], r["to_1e-3_hvps"], f"{r['rel_error']:.1e}", r["lambda"],
-          "" if r["overlap"] is None else f"{r['overlap']:.3f}"] for r in counts],
-    ))
+    print(
+        _report.format_table(
+            ["width", "lr", "round", "run", "stop HVPs", "HVPs to 1e-3", "rel. error at stop", "λmax", "overlap"],
+            [
+                [r["width"], r["lr"], r["round"], r["kind"], r["stop_hvps"], r["to_1e-3_hvps"], f"{r['rel_error']:.1e}", r["lambda"], "" if r["overlap"] is None else f"{r['overlap']:.3f}"]
+                for r in counts
+            ],
+        )
+    )
     if costs:
         print()
-        print(_report.format_table(
-        ["model", "params", "step s", "retained set-up", "retained HVP", "double_backward HVP", "jvp HVP"],
-            [[r["model"], r["params"], r["step_s"], r["retained_setup_steps"], r["retained_steps"], r["double_backward_steps"], r["jvp_steps"]] for r in costs],
-        ))
+        print(
+            _report.format_table(
+                ["model", "params", "step s", "retained set-up", "retained HVP", "double_backward HVP", "jvp HVP"],
+                [[r["model"], r["params"], r["step_s"], r["retained_setup_steps"], r["retained_steps"], r["double_backward_steps"], r["jvp_steps"]] for r in costs],
+            )
+        )
         print("(HVP columns in training steps: forward + backward on the same batch)")
 
     def med(lr: float, kind: str, key: str) -> float:

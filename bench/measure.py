@@ -123,29 +123,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # "auto-vmap" is vmap in chunks that fit the memory budget: these models fit whole
         autos = {what: resolve_mode("auto", Model(model), modes, None).replace("auto-vmap", "vmap") for what, modes in (("ics", ICS_MODES), ("landscape", MODES))}
         for what, methods in (
-            ("ics", {
-                "naive": lambda: naive_ics(model, batch, lr),
-                "loop": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="loop"),
-                "vmap": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="vmap"),
-                "prefix": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="prefix"),
-            }),
-            ("landscape", {
-                "naive": lambda: naive_landscape(model, batch, steps),
-                "loop": lambda: loss_landscape(model, batch, steps, mode="loop"),
-                "vmap": lambda: loss_landscape(model, batch, steps, mode="vmap"),
-            }),
+            (
+                "ics",
+                {
+                    "naive": lambda: naive_ics(model, batch, lr),
+                    "loop": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="loop"),
+                    "vmap": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="vmap"),
+                    "prefix": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="prefix"),
+                },
+            ),
+            (
+                "landscape",
+                {
+                    "naive": lambda: naive_landscape(model, batch, steps),
+                    "loop": lambda: loss_landscape(model, batch, steps, mode="loop"),
+                    "vmap": lambda: loss_landscape(model, batch, steps, mode="vmap"),
+                },
+            ),
         ):
             for fn in methods.values():  # warm-up
                 fn()
             times: dict[str, list[float]] = {k: [] for k in methods}
             keys = list(methods)
             for r in range(args.reps):
-                for k in keys[r % len(keys):] + keys[: r % len(keys)]:  # rotate the order: shared-CPU noise hits all alike
+                for k in keys[r % len(keys) :] + keys[: r % len(keys)]:  # rotate the order: shared-CPU noise hits all alike
                     times[k].append(timed(methods[k]))
             med = {k: statistics.median(v) for k, v in times.items()}
             auto = autos[what]
-            rows.append({"model": name, "measurement": what, "batch": args.batch_size, **{f"{k}_s": med[k] for k in med},
-                         "auto": auto, "auto_over_naive": med[auto] / med["naive"], "times": times})
+            rows.append({"model": name, "measurement": what, "batch": args.batch_size, **{f"{k}_s": med[k] for k in med}, "auto": auto, "auto_over_naive": med[auto] / med["naive"], "times": times})
 
     for name in args.models:  # ICS + landscape on one step: separate G vs one shared G
         build, lr = MODELS[name]
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fn()
         ptimes: dict[str, list[float]] = {k: [] for k in pair}
         for r in range(args.reps):
-            for k in (list(pair) if r % 2 == 0 else list(pair)[::-1]):
+            for k in list(pair) if r % 2 == 0 else list(pair)[::-1]:
                 ptimes[k].append(timed(pair[k]))
         pmed = {k: statistics.median(v) for k, v in ptimes.items()}
         shared_rows.append({"model": name, "separate_s": pmed["separate"], "shared_s": pmed["shared"], "times": ptimes})
@@ -183,8 +188,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{'model':6} {'ICS + landscape':16} {'separate s':>10} {'shared s':>9} {'shared/separate':>15}")
     for r in shared_rows:
         print(f"{r['model']:6} {'auto, one batch':16} {r['separate_s']:10.4f} {r['shared_s']:9.4f} {r['shared_s'] / r['separate_s']:15.2f}")
-    result = {"rows": rows, "shared_gradient": shared_rows, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-              "reps": args.reps, "vgg_width": args.vgg_width}
+    result = {
+        "rows": rows,
+        "shared_gradient": shared_rows,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "reps": args.reps,
+        "vgg_width": args.vgg_width,
+    }
     args.out.write_text(json.dumps(result, indent=1))
     ics = {r["model"]: r["auto_over_naive"] for r in rows if r["measurement"] == "ics"}
     print("summary: ICS auto/naive " + ", ".join(f"{k} {v:.2f}x" for k, v in ics.items()) + f" (median of {args.reps}, batch {args.batch_size}); json: {args.out}")

@@ -90,8 +90,14 @@ def _child(model_name: str, config: str, device_name: str) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     pl.Trainer(
-        max_steps=3, accelerator=device.type, devices=1, callbacks=callbacks, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_steps=3,
+        accelerator=device.type,
+        devices=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     ).fit(module, DataLoader(batches, batch_size=None))
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     measured = [cb.measurements for cb in callbacks]
@@ -121,10 +127,18 @@ def main(argv: list[str] | None = None) -> None:
         base, unit = results["none"]["peak"], results["none"]["param_bytes"]
         for config in args.configs:
             extra = results[config]["peak"] - base
-            rows.append({
-                "model": model, "config": config, "what": CONFIGS[config], "extra_bytes": extra, "units": extra / unit, "param_bytes": unit,
-                "baseline_peak": base, "measurements": results[config]["measurements"],
-            })
+            rows.append(
+                {
+                    "model": model,
+                    "config": config,
+                    "what": CONFIGS[config],
+                    "extra_bytes": extra,
+                    "units": extra / unit,
+                    "param_bytes": unit,
+                    "baseline_peak": base,
+                    "measurements": results[config]["measurements"],
+                }
+            )
     print(f"{'model':12} {'callback':58} {'extra peak':>12} {'x params':>9}")
     for r in rows:
         print(f"{r['model']:12} {r['what']:58} {r['extra_bytes'] / 2**20:10.0f} MiB {r['units']:8.2f}x")

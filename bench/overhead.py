@@ -52,10 +52,8 @@ import _timing
 
 VGG_DEPTH = {"A": 11, "B": 13, "D": 16, "E": 19}
 CALLBACKS = ("InternalCovariateShift", "LossLandscape", "ActivationStats")
-QUICK = {"width": 0.0625, "batch_size": 16, "steps": 20, "warmup": 1, "repeats": 2, "every_n_steps": 20,
-         "probe_width": 0.0625, "probe_batch_size": 16, "probe_measurements": 2}
-FULL = {"width": 0.25, "batch_size": 128, "steps": 300, "warmup": 5, "repeats": 3, "every_n_steps": 100,
-        "probe_width": 1.0, "probe_batch_size": 128, "probe_measurements": 5}
+QUICK = {"width": 0.0625, "batch_size": 16, "steps": 20, "warmup": 1, "repeats": 2, "every_n_steps": 20, "probe_width": 0.0625, "probe_batch_size": 16, "probe_measurements": 2}
+FULL = {"width": 0.25, "batch_size": 128, "steps": 300, "warmup": 5, "repeats": 3, "every_n_steps": 100, "probe_width": 1.0, "probe_batch_size": 128, "probe_measurements": 5}
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
@@ -151,7 +149,7 @@ class MemoryWindows:
             if kind == _EventType.Allocation:
                 allocs.append((node.start_time_ns, node.typed[1].alloc_size))
             elif kind == _EventType.TorchOp and node.name.startswith("bench/"):
-                windows.append((node.name[len("bench/"):], node.start_time_ns, node.end_time_ns))
+                windows.append((node.name[len("bench/") :], node.start_time_ns, node.end_time_ns))
             for child in node.children:
                 walk(child)
 
@@ -244,9 +242,15 @@ def bench_throughput(args: Any) -> dict[str, Any]:
             print(f"  throughput repeat {r + 1}/{args.repeats}, callbacks {side}: {ips[side][-1]:,.1f} images/s ({n} measurements)", flush=True)
     ratios = [a / b for a, b in zip(ips["all three"], ips["none"])]
     return {
-        "width": args.width, "batch_size": bs, "steps": args.steps, "every_n_steps": args.every_n_steps,
-        "none_images_per_s": _timing.median(ips["none"]), "callbacks_images_per_s": _timing.median(ips["all three"]),
-        "none_runs": ips["none"], "callbacks_runs": ips["all three"], "ratios": ratios,
+        "width": args.width,
+        "batch_size": bs,
+        "steps": args.steps,
+        "every_n_steps": args.every_n_steps,
+        "none_images_per_s": _timing.median(ips["none"]),
+        "callbacks_images_per_s": _timing.median(ips["all three"]),
+        "none_runs": ips["none"],
+        "callbacks_runs": ips["all three"],
+        "ratios": ratios,
         "overhead_pct": 100.0 * (1.0 - _timing.median(ratios)),
     }
 
@@ -280,37 +284,63 @@ def bench_costs(args: Any) -> list[dict[str, Any]]:
         step_peak = max(peaks.get("step", [0])[1:] or peaks.get("step", [0]))  # skip the first step (warm-up)
         measure_peak = max(peaks.get(name, [0]))
         row = {
-            "callback": name, "probe_width": args.probe_width, "batch_size": bs,
-            "step_s": _timing.median(plain), "measurement_s": _timing.median(durations),
+            "callback": name,
+            "probe_width": args.probe_width,
+            "batch_size": bs,
+            "step_s": _timing.median(plain),
+            "measurement_s": _timing.median(durations),
             "cost_in_steps": _timing.median(durations) / _timing.median(plain),
-            "measurement_runs_s": durations, "step_runs_s": plain,
-            "step_peak_bytes": step_peak, "measurement_peak_bytes": measure_peak,
+            "measurement_runs_s": durations,
+            "step_runs_s": plain,
+            "step_peak_bytes": step_peak,
+            "measurement_peak_bytes": measure_peak,
             "memory_ratio": measure_peak / step_peak if step_peak else float("nan"),
         }
         rows.append(row)
-        print(f"  {name}: one measurement = {row['cost_in_steps']:.2f} steps ({row['measurement_s'] * 1e3:.0f} ms vs "
-              f"{row['step_s'] * 1e3:.0f} ms); peak {measure_peak / 2**20:.1f} MiB vs step {step_peak / 2**20:.1f} MiB", flush=True)
+        print(
+            f"  {name}: one measurement = {row['cost_in_steps']:.2f} steps ({row['measurement_s'] * 1e3:.0f} ms vs "
+            f"{row['step_s'] * 1e3:.0f} ms); peak {measure_peak / 2**20:.1f} MiB vs step {step_peak / 2**20:.1f} MiB",
+            flush=True,
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     info, started = _report.begin(__file__, args)
-    print(f"VGG-{VGG_DEPTH[args.config]}-BN {args.precision}; throughput: width {args.width}, batch {args.batch_size}, {args.steps} steps, "
-          f"{args.repeats} repeats; cost/memory: width {args.probe_width}, batch {args.probe_batch_size}", flush=True)
+    print(
+        f"VGG-{VGG_DEPTH[args.config]}-BN {args.precision}; throughput: width {args.width}, batch {args.batch_size}, {args.steps} steps, "
+        f"{args.repeats} repeats; cost/memory: width {args.probe_width}, batch {args.probe_batch_size}",
+        flush=True,
+    )
     costs = bench_costs(args)
     thr = bench_throughput(args)
     predicted = 100.0 * sum(r["cost_in_steps"] for r in costs) / args.every_n_steps
     mem_worst = max(r["memory_ratio"] for r in costs)
 
     print()
-    print(_report.format_table(
-        ["callback", "ms/measurement", "ms/step", "cost (steps)", f"overhead @{args.every_n_steps}", "peak MiB", "step MiB", "mem ratio"],
-        [[r["callback"], r["measurement_s"] * 1e3, r["step_s"] * 1e3, r["cost_in_steps"], f"{100 * r['cost_in_steps'] / args.every_n_steps:.1f}%",
-          r["measurement_peak_bytes"] / 2**20, r["step_peak_bytes"] / 2**20, r["memory_ratio"]] for r in costs]
-        + [["all three (predicted)", "", "", sum(r["cost_in_steps"] for r in costs), f"{predicted:.1f}%", "", "", ""],
-           [f"all three (measured, width {thr['width']})", "", "", "", f"{thr['overhead_pct']:.1f}%", "", "", ""]],
-    ))
+    print(
+        _report.format_table(
+            ["callback", "ms/measurement", "ms/step", "cost (steps)", f"overhead @{args.every_n_steps}", "peak MiB", "step MiB", "mem ratio"],
+            [
+                [
+                    r["callback"],
+                    r["measurement_s"] * 1e3,
+                    r["step_s"] * 1e3,
+                    r["cost_in_steps"],
+                    f"{100 * r['cost_in_steps'] / args.every_n_steps:.1f}%",
+                    r["measurement_peak_bytes"] / 2**20,
+                    r["step_peak_bytes"] / 2**20,
+                    r["memory_ratio"],
+                ]
+                for r in costs
+            ]
+            + [
+                ["all three (predicted)", "", "", sum(r["cost_in_steps"] for r in costs), f"{predicted:.1f}%", "", "", ""],
+                [f"all three (measured, width {thr['width']})", "", "", "", f"{thr['overhead_pct']:.1f}%", "", "", ""],
+            ],
+        )
+    )
     target_t, target_m = 10.0, 3.0
     summary = (
         f"callbacks at every_n_steps={args.every_n_steps}: overhead {thr['overhead_pct']:.1f}% measured, {predicted:.1f}% predicted "
@@ -319,7 +349,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     results = {
         "memory_method": "cuda max_memory_allocated" if args.device.type == "cuda" else "torch.profiler profile_memory (tensor allocations)",
-        "costs": costs, "throughput": thr, "predicted_overhead_pct": predicted, "worst_memory_ratio": mem_worst,
+        "costs": costs,
+        "throughput": thr,
+        "predicted_overhead_pct": predicted,
+        "worst_memory_ratio": mem_worst,
     }
     return _report.finish(__file__, argv, args, info, results, summary, started)
 

@@ -157,12 +157,19 @@ def bench_parity(args: Any, model: Any, init: dict[str, torch.Tensor]) -> list[d
                     print(f"  batch {bs} {precision} repeat {r + 1}/{args.repeats} {side}: {args.steps * bs / secs[side][-1]:,.1f} images/s", flush=True)
             ips = {k: [args.steps * bs / s for s in v] for k, v in secs.items()}
             ratios = [a / b for a, b in zip(ips["bnlightning"], ips["hand"])]
-            rows.append({
-                "batch_size": bs, "precision": precision,
-                "bnlightning_images_per_s": _timing.median(ips["bnlightning"]), "hand_images_per_s": _timing.median(ips["hand"]),
-                "ratio": _timing.median(ratios), "ratios": ratios, "bnlightning_runs": ips["bnlightning"], "hand_runs": ips["hand"],
-                "noise_pct": max(_timing.spread(ips["bnlightning"]), _timing.spread(ips["hand"])),
-            })
+            rows.append(
+                {
+                    "batch_size": bs,
+                    "precision": precision,
+                    "bnlightning_images_per_s": _timing.median(ips["bnlightning"]),
+                    "hand_images_per_s": _timing.median(ips["hand"]),
+                    "ratio": _timing.median(ratios),
+                    "ratios": ratios,
+                    "bnlightning_runs": ips["bnlightning"],
+                    "hand_runs": ips["hand"],
+                    "noise_pct": max(_timing.spread(ips["bnlightning"]), _timing.spread(ips["hand"])),
+                }
+            )
         del x, y
     return rows
 
@@ -196,8 +203,7 @@ def bench_data_paths(args: Any, model: Any, init: dict[str, torch.Tensor]) -> li
         make_fake_cifar10(root, n_train=max(n_batches, loader_batches + 6) * bs, n_test=bs, seed=args.seed)
 
         def module(on_device: bool) -> Any:
-            return CIFAR10DataModule(root=root, download=False, batch_size=bs, eval_batch_size=bs, on_device=on_device,
-                           num_workers=args.num_workers, seed=args.seed, verify_checksums=False)
+            return CIFAR10DataModule(root=root, download=False, batch_size=bs, eval_batch_size=bs, on_device=on_device, num_workers=args.num_workers, seed=args.seed, verify_checksums=False)
 
         paths = {"DataLoader": False, "on-device": True}
         loader_ips: dict[str, list[float]] = {k: [] for k in paths}
@@ -210,15 +216,20 @@ def bench_data_paths(args: Any, model: Any, init: dict[str, torch.Tensor]) -> li
                 model.load_state_dict(init)
                 secs = lightning_run(model, None, args.timer, precision, args.warmup, args.steps, datamodule=module(paths[name]))
                 train_ips[name].append(args.steps * bs / secs)
-                print(f"  data path {name} repeat {r + 1}/{args.repeats}: loader {loader_ips[name][-1]:,.0f} images/s, "
-                      f"training {train_ips[name][-1]:,.1f} images/s", flush=True)
+                print(f"  data path {name} repeat {r + 1}/{args.repeats}: loader {loader_ips[name][-1]:,.0f} images/s, training {train_ips[name][-1]:,.1f} images/s", flush=True)
     for kind, ips in (("loader only", loader_ips), ("training", train_ips)):
         ratios = [a / b for a, b in zip(ips["on-device"], ips["DataLoader"])]
-        rows.append({
-            "what": kind, "batch_size": bs, "precision": precision if kind == "training" else "-",
-            "dataloader_images_per_s": _timing.median(ips["DataLoader"]), "on_device_images_per_s": _timing.median(ips["on-device"]),
-            "ratio": _timing.median(ratios), "ratios": ratios,
-        })
+        rows.append(
+            {
+                "what": kind,
+                "batch_size": bs,
+                "precision": precision if kind == "training" else "-",
+                "dataloader_images_per_s": _timing.median(ips["DataLoader"]),
+                "on_device_images_per_s": _timing.median(ips["on-device"]),
+                "ratio": _timing.median(ratios),
+                "ratios": ratios,
+            }
+        )
     return rows
 
 
@@ -236,9 +247,12 @@ def _standalone_loader(dm: Any, device: torch.device) -> Any:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     info, started = _report.begin(__file__, args)
-    print(f"VGG-11-BN width {args.width}, batch sizes {args.batch_sizes}, {args.precisions}, "
-          f"{args.steps} timed steps after {args.warmup}, {args.repeats} repeats"
-          f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}", flush=True)
+    print(
+        f"VGG-11-BN width {args.width}, batch sizes {args.batch_sizes}, {args.precisions}, "
+        f"{args.steps} timed steps after {args.warmup}, {args.repeats} repeats"
+        f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}",
+        flush=True,
+    )
     model = _fixtures.make_vgg(args.width, args.channels_last, args.compile, args.seed).to(args.device)
     if args.compile:
         model.configure_model()  # compile once, before either side runs, so both use the compiled net
@@ -248,16 +262,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = [] if args.no_data_path else bench_data_paths(args, model, init)
 
     print()
-    print(_report.format_table(
-        ["batch", "precision", "bnlightning img/s", "hand loop img/s", "ratio", "noise ±%"],
-        [[r["batch_size"], r["precision"], r["bnlightning_images_per_s"], r["hand_images_per_s"], r["ratio"], r["noise_pct"]] for r in parity],
-    ))
+    print(
+        _report.format_table(
+            ["batch", "precision", "bnlightning img/s", "hand loop img/s", "ratio", "noise ±%"],
+            [[r["batch_size"], r["precision"], r["bnlightning_images_per_s"], r["hand_images_per_s"], r["ratio"], r["noise_pct"]] for r in parity],
+        )
+    )
     if data:
         print()
-        print(_report.format_table(
-            ["data path", "batch", "precision", "DataLoader img/s", "on-device img/s", "ratio"],
-            [[r["what"], r["batch_size"], r["precision"], r["dataloader_images_per_s"], r["on_device_images_per_s"], r["ratio"]] for r in data],
-        ))
+        print(
+            _report.format_table(
+                ["data path", "batch", "precision", "DataLoader img/s", "on-device img/s", "ratio"],
+                [[r["what"], r["batch_size"], r["precision"], r["dataloader_images_per_s"], r["on_device_images_per_s"], r["ratio"]] for r in data],
+            )
+        )
     worst = min(r["ratio"] for r in parity)
     target = 0.95
     summary = f"bnlightning / hand loop images/s: worst {worst:.3f}x (target >= {target}: {'met' if worst >= target else 'MISSED'})"

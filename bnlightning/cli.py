@@ -191,10 +191,7 @@ class BNLightningCLI(LightningCLI):
             rank_zero_warn(warning)
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("diverged_at_step") is not None:
-            raise RunError(
-                f"{path}: this run diverged at step {state['diverged_at_step']} (non-finite loss); resuming would train on NaN. "
-                "Start a new run (e.g. a smaller learning rate) instead"
-            )
+            raise RunError(f"{path}: this run diverged at step {state['diverged_at_step']} (non-finite loss); resuming would train on NaN. Start a new run (e.g. a smaller learning rate) instead")
         if problem := model_mismatch(self.model, state.get("state_dict", {})):
             raise RunError(f"{path} does not match this model: {problem}; resume with the run's own settings (its config.yaml) or start a new run")
         ident = dict(state.get("bnlightning_loggers", {}))

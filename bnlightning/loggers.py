@@ -79,9 +79,7 @@ class WandbLogger(_LightningWandbLogger):
         # Absolute: wandb's service process resolves relative paths against its own
         # working directory, which is not ours after a chdir (tests, notebooks).
         save_dir = os.path.abspath(save_dir)
-        super().__init__(
-            name=name, save_dir=save_dir, project=project, version=version, offline=offline, log_model=log_model, prefix=prefix, **extra
-        )
+        super().__init__(name=name, save_dir=save_dir, project=project, version=version, offline=offline, log_model=log_model, prefix=prefix, **extra)
         _private.drop_wandb_init_kwarg(self, "anonymous")  # deprecated in wandb; Lightning always passes it
         self._warned_log_error = False
         self._resumed_id: str | None = None
@@ -123,7 +121,7 @@ class WandbLogger(_LightningWandbLogger):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         try:
             super().log_metrics(metrics, step)
-        except Exception as err:  # noqa: BLE001 - any W&B failure must not end training
+        except Exception as err:
             self._warn_log_error(err)
 
     @override
@@ -131,7 +129,7 @@ class WandbLogger(_LightningWandbLogger):
     def log_hyperparams(self, params: Any) -> None:
         try:
             super().log_hyperparams(params)
-        except Exception as err:  # noqa: BLE001 - any W&B failure must not end training
+        except Exception as err:
             self._warn_log_error(err)
 
     def _warn_log_error(self, err: Exception) -> None:

@@ -228,4 +228,3 @@ def describe_interrupt(argv: list[str]) -> str:
     info = last_interrupt
     where = f"checkpoint {info['checkpoint']}" if info.get("checkpoint") else "no checkpoint (checkpointing is off)"
     return f"interrupted by {info.get('signal', 'SIGTERM')} at step {info.get('step', '?')}; saved {where}; resume with: {resume_hint(argv)}"
-

@@ -88,8 +88,14 @@ class StepKey:
     @classmethod
     def now(cls, trainer: pl.Trainer, module: torch.nn.Module, batch: Any, loss: Any) -> StepKey:
         return cls(
-            trainer.global_step, id(batch), _versions(batch), loss, _versions(list(module.parameters())),
-            _versions(list(module.buffers())), tuple(m.training for m in module.modules()), RngState.capture(),
+            trainer.global_step,
+            id(batch),
+            _versions(batch),
+            loss,
+            _versions(list(module.parameters())),
+            _versions(list(module.buffers())),
+            tuple(m.training for m in module.modules()),
+            RngState.capture(),
         )
 
     def with_current_state(self, module: torch.nn.Module) -> StepKey:
@@ -98,7 +104,13 @@ class StepKey:
 
     def matches(self, other: StepKey) -> bool:
         return (self.step, self.batch, self.batch_versions, self.loss, self.params, self.buffers, self.modes) == (
-            other.step, other.batch, other.batch_versions, other.loss, other.params, other.buffers, other.modes
+            other.step,
+            other.batch,
+            other.batch_versions,
+            other.loss,
+            other.params,
+            other.buffers,
+            other.modes,
         ) and self.rng.equals(other.rng)
 
 
@@ -227,9 +239,7 @@ class MeasurementCallback(Callback):
             )
         strategy = trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise MisconfigurationException(
-                f"{name} supports the single-device and DDP strategies (every rank holds all parameters); got {type(strategy).__name__}."
-            )
+            raise MisconfigurationException(f"{name} supports the single-device and DDP strategies (every rank holds all parameters); got {type(strategy).__name__}.")
         resolve_loss(pl_module, self.loss_fn, self.loss_method)
         if _is_compiled(pl_module):
             warnings.warn(

@@ -108,9 +108,20 @@ class HessianSpectrum(MeasurementCallback):
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
         result = hessian_spectrum(
-            pl_module, batch, k=self.k, tol=self.tol, max_iter=self.max_iter, n_probes=self.n_probes, layers=self.layers,
-            v0=self._vectors if self.warm_start else None, seed=self.seed + trainer.global_step, max_basis=self.max_basis,
-            hvp_method=self.hvp_method, loss_fn=self.loss_fn, loss_method=self.loss_method, reduce=self.reduce(trainer),
+            pl_module,
+            batch,
+            k=self.k,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            n_probes=self.n_probes,
+            layers=self.layers,
+            v0=self._vectors if self.warm_start else None,
+            seed=self.seed + trainer.global_step,
+            max_basis=self.max_basis,
+            hvp_method=self.hvp_method,
+            loss_fn=self.loss_fn,
+            loss_method=self.loss_method,
+            reduce=self.reduce(trainer),
         )
         if self.warm_start:
             self._vectors = result.eigenvectors

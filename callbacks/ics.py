@@ -166,9 +166,17 @@ class InternalCovariateShift(MeasurementCallback):
         with observer_guard(module, [pending.optimizer]):
             pending.key.rng.restore()  # the random draws of W^t's moment (the guard rewinds afterwards)
             metrics = internal_covariate_shift(
-                module, pending.batch, layers=self._layers, next_weights=dict(module.named_parameters()), weights=pending.weights,
-                loss_fn=self.loss_fn, loss_method=self.loss_method, mode=self.mode, chunk_size=self.chunk_size,
-                memory_budget=self.memory_budget, gradient=self.gradient_exchange.get(pending.key.with_current_state(module)),
+                module,
+                pending.batch,
+                layers=self._layers,
+                next_weights=dict(module.named_parameters()),
+                weights=pending.weights,
+                loss_fn=self.loss_fn,
+                loss_method=self.loss_method,
+                mode=self.mode,
+                chunk_size=self.chunk_size,
+                memory_budget=self.memory_budget,
+                gradient=self.gradient_exchange.get(pending.key.with_current_state(module)),
                 reduce=self.reduce(trainer),
             )
         self._batch = None
@@ -189,8 +197,16 @@ class InternalCovariateShift(MeasurementCallback):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
         # update_from="measured": W^(t+1) from a one-parameter optimizer copy stepped on the measured G
         return internal_covariate_shift(
-            pl_module, batch, optimizer, self._layers, loss_fn=self.loss_fn, loss_method=self.loss_method, mode=self.mode,
-            chunk_size=self.chunk_size, memory_budget=self.memory_budget, gradient=self.shared_gradient(trainer, pl_module, batch),
+            pl_module,
+            batch,
+            optimizer,
+            self._layers,
+            loss_fn=self.loss_fn,
+            loss_method=self.loss_method,
+            mode=self.mode,
+            chunk_size=self.chunk_size,
+            memory_budget=self.memory_budget,
+            gradient=self.shared_gradient(trainer, pl_module, batch),
             reduce=self.reduce(trainer),
         )
 

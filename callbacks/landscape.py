@@ -109,8 +109,17 @@ class LossLandscape(MeasurementCallback):
             steps = [s * base for s in self.step_sizes]
         gradient = self.shared_gradient(trainer, pl_module, batch)
         return loss_landscape(
-            pl_module, batch, steps, loss_fn=self.loss_fn, loss_method=self.loss_method, param_scale=scale, mode=self.mode,
-            chunk_size=self.chunk_size, memory_budget=self.memory_budget, gradient=gradient, reduce=self.reduce(trainer),
+            pl_module,
+            batch,
+            steps,
+            loss_fn=self.loss_fn,
+            loss_method=self.loss_method,
+            param_scale=scale,
+            mode=self.mode,
+            chunk_size=self.chunk_size,
+            memory_budget=self.memory_budget,
+            gradient=gradient,
+            reduce=self.reduce(trainer),
         )
 
     @override

@@ -20,13 +20,13 @@ from typing import Any
 # "Reproducibility"). Set before any CUDA work of this process.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-import lightning.pytorch as pl  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from bnlightning.callbacks import (  # noqa: E402
+from bnlightning.callbacks import (
     ActivationStats,
     HessianSpectrum,
     InternalCovariateShift,
@@ -36,8 +36,8 @@ from bnlightning.callbacks import (  # noqa: E402
     loss_landscape,
     sgd_update,
 )
-from bnlightning.callbacks.functional.hessian import hessian_spectrum  # noqa: E402
-from tests.helpers.callbacks import Recorder, batch_for, mlp, vgg  # noqa: E402
+from bnlightning.callbacks.functional.hessian import hessian_spectrum
+from tests.helpers.callbacks import Recorder, batch_for, mlp, vgg
 
 pytestmark = [
     pytest.mark.cuda,
@@ -77,8 +77,15 @@ def every_callback(n: int) -> list[pl.Callback]:
 def fit_cuda(model: pl.LightningModule, callbacks: list[Any], steps: int, precision: str = "32-true", loggers: list[Any] | None = None) -> None:
     torch.manual_seed(0)
     trainer = pl.Trainer(
-        accelerator="gpu", devices=1, precision=precision, max_steps=steps, callbacks=callbacks,
-        logger=loggers or False, log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="gpu",
+        devices=1,
+        precision=precision,
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=loggers or False,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         enable_checkpointing=False,
     )
     trainer.fit(model, cuda_loader(model))

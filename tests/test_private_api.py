@@ -46,9 +46,7 @@ def test_private_name_still_exists(owner: str, attribute: str, tmp_path: Path) -
     if hasattr(cls, attribute):
         return
     instance = _instance(cls, tmp_path)
-    assert instance is not None and hasattr(instance, attribute), (
-        f"{owner}.{attribute} is gone in the installed version: update bnlightning/_private.py (and what calls it)"
-    )
+    assert instance is not None and hasattr(instance, attribute), f"{owner}.{attribute} is gone in the installed version: update bnlightning/_private.py (and what calls it)"
 
 
 def test_trainer_cluster_environment_route() -> None:

@@ -42,8 +42,5 @@ def renamed_attribute(module: str, name: str, names: tuple[str, ...] = tuple(REN
     where, new = RENAMED[name]
     if name not in _warned:
         _warned.add(name)
-        rank_zero_deprecation(
-            f"bnlightning.data.{name} is renamed bnlightning.data.{new}; the old name will be removed "
-            f"(in YAML: class_path: bnlightning.data.{new})"
-        )
+        rank_zero_deprecation(f"bnlightning.data.{name} is renamed bnlightning.data.{new}; the old name will be removed (in YAML: class_path: bnlightning.data.{new})")
     return getattr(importlib.import_module(where), new)

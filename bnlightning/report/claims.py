@@ -215,7 +215,10 @@ def sweep_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: i
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     return _finish(
-        fig, out, family, "sweep",
+        fig,
+        out,
+        family,
+        "sweep",
         f"{{model}} on {{dataset}}: final accuracy vs {short_key(x_key)}; mean over seeds, bar = min-max, x = a seed diverged",
         f"Accuracy vs {short_key(x_key)} — {{model}} on {{dataset}}",
         dpi,
@@ -244,7 +247,10 @@ def _bar_figure(family: tuple[str, str], runs: Sequence[Run], keys: Sequence[str
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     return _finish(
-        fig, out, family, "sweep",
+        fig,
+        out,
+        family,
+        "sweep",
         "{model} on {dataset}: final accuracy per setting; mean over seeds, bar = min-max",
         "Accuracy per setting — {model} on {dataset}",
         dpi,
@@ -275,7 +281,10 @@ def meanshift_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     return _finish(
-        fig, out, family, "meanshift",
+        fig,
+        out,
+        family,
+        "meanshift",
         "Mean shift at initialisation (PROTOCOL §10) — {model} on {dataset}; mean over seeds, band = min-max",
         "Mean shift over depth at initialisation — {model} on {dataset}",
         dpi,
@@ -304,7 +313,10 @@ def residual_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _finish(
-        fig, out, family, "residual",
+        fig,
+        out,
+        family,
+        "residual",
         "Residual branch vs skip path at initialisation — {model} on {dataset}; mean over seeds, band = min-max",
         "Residual branch / skip variance at initialisation — {model} on {dataset}",
         dpi,
@@ -351,7 +363,10 @@ def measures_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
     return _finish(
-        fig, out, family, "measures",
+        fig,
+        out,
+        family,
+        "measures",
         "ICS and loss landscape per setting — {model} on {dataset}; mean over seeds, band = min-max",
         "ICS and landscape per setting — {model} on {dataset}",
         dpi,
@@ -431,4 +446,3 @@ def _residual_table(runs: Sequence[Run]) -> str:
             + [_fmt(_stats(med))]
         )
     return markdown_table(header, rows)
-

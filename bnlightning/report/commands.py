@@ -101,8 +101,10 @@ def report_main(argv: Sequence[str]) -> int:
 
 def wandb_report_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="python -m bnlightning wandb-report", description="Build a W&B Report comparing normalizations and learning rates.",
-        epilog=WANDB_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m bnlightning wandb-report",
+        description="Build a W&B Report comparing normalizations and learning rates.",
+        epilog=WANDB_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--entity", required=True, help="W&B entity (user or team)")
     p.add_argument("--project", required=True, help="W&B project holding the runs")
@@ -141,7 +143,7 @@ def wandb_report_main(argv: Sequence[str]) -> int:
         report = build_report(args.entity, args.project, args.title, args.group, link_runsets=True)
         try:
             report.save(draft=args.draft)
-        except Exception as err:  # noqa: BLE001 - network, auth, missing project: many exception types
+        except Exception as err:
             raise ValueError(f"saving the W&B report failed ({type(err).__name__}: {err})") from None
         print(f"bnlightning wandb-report: saved {report.url}")
         return 0

@@ -26,11 +26,11 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI; must precede pyplot
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
 
-from bnlightning.report.runs import Run, aggregate, group_by, norm_order, short_layer  # noqa: E402
+from bnlightning.report.runs import Run, aggregate, group_by, norm_order, short_layer
 
 NORM_COLORS: dict[str, str] = {
     "standard": "tab:blue",
@@ -161,7 +161,10 @@ def accuracy_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
             if row == 0:
                 ax.legend(fontsize=7)
     return _finish(
-        fig, out, family, "accuracy",
+        fig,
+        out,
+        family,
+        "accuracy",
         "{model} on {dataset}: mean over seeds, min-max band; x = diverged (train curves smoothed over 5 points)",
         "Training curves — {model} on {dataset}",
         dpi,
@@ -191,7 +194,10 @@ def ics_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int
             if row == 0 and col == 0:
                 ax.legend(fontsize=7)
     return _finish(
-        fig, out, family, "ics",
+        fig,
+        out,
+        family,
+        "ics",
         "Internal covariate shift (Santurkar et al. Def. 2.1) — {model} on {dataset}",
         "Internal covariate shift per layer — {model} on {dataset}",
         dpi,
@@ -228,7 +234,10 @@ def landscape_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
         ax.tick_params(labelsize=7)
     band_ax.legend(fontsize=7)
     return _finish(
-        fig, out, family, "landscape",
+        fig,
+        out,
+        family,
+        "landscape",
         "Loss landscape along the gradient (Santurkar et al. Fig. 4) — {model} on {dataset}",
         "Loss landscape, gradient predictiveness, beta_eff — {model} on {dataset}",
         dpi,
@@ -259,7 +268,10 @@ def curvature_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
     lam_ax.legend(fontsize=7)
     ratio_ax.legend(fontsize=7)
     return _finish(
-        fig, out, family, "curvature",
+        fig,
+        out,
+        family,
+        "curvature",
         "Curvature of the training loss (Hessian, PROTOCOL §9) — {model} on {dataset}",
         "Top Hessian eigenvalue, trace and sharpness ratio — {model} on {dataset}",
         dpi,
@@ -286,7 +298,10 @@ def activations_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, 
             if row == 0 and col == 0:
                 ax.legend(fontsize=6)
     return _finish(
-        fig, out, family, "activations",
+        fig,
+        out,
+        family,
+        "activations",
         "Pre-activation quantiles 15/50/85 % (Ioffe & Szegedy Fig. 1) — {model} on {dataset}",
         "Activation quantiles — {model} on {dataset}",
         dpi,

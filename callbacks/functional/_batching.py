@@ -61,7 +61,7 @@ def vmap_or_loop(mode: str, what: str, batched: Callable[[], Any], looped: Calla
         return batched()
     try:
         return batched()
-    except Exception as err:  # noqa: BLE001 - any vmap limitation: the loop computes the same numbers
+    except Exception as err:
         if what not in _warned_fallback:
             _warned_fallback.add(what)
             warnings.warn(f"{what}: torch.func.vmap failed on this module ({type(err).__name__}: {err}); using the per-member loop instead.", stacklevel=3)

@@ -158,8 +158,7 @@ def resolve_loss(module: nn.Module, loss_fn: LossFn | str | None = None, loss_me
         return _training_step_loss, True
     missing = f"no method {loss_method!r}" + (" and no training_step to measure with" if loss_method == "loss" else "")
     raise AttributeError(
-        f"{type(module).__name__} has {missing}. Pass loss_fn=(module, batch) -> loss "
-        f"(or an import path 'package.module:function'), or give the module a `{loss_method}(batch)` method."
+        f"{type(module).__name__} has {missing}. Pass loss_fn=(module, batch) -> loss (or an import path 'package.module:function'), or give the module a `{loss_method}(batch)` method."
     )
 
 
@@ -312,9 +311,7 @@ class Model:
             with mode:
                 loss = self.loss(tensors, batch)
             order = mode.order
-            self.dropout = mode.dropout or any(
-                isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0 for m in self.module.modules()
-            )
+            self.dropout = mode.dropout or any(isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0 for m in self.module.modules())
         else:
             loss = self.loss(tensors, batch)
         if consume is None:
@@ -444,4 +441,3 @@ def tell_choice(what: str, module: nn.Module, choice: str) -> None:
     if key not in _told:
         _told.add(key)
         log.info("%s(mode='auto') on %s: %s", what, type(module).__name__, choice)
-

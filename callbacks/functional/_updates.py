@@ -19,8 +19,17 @@ UpdateFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Mapping[str, T
 #: Optimizers whose step is elementwise per parameter: stepping a one-parameter copy gives that
 #: parameter's real next value (checked bit for bit in the tests).
 ELEMENTWISE = (
-    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RAdam, torch.optim.NAdam,
-    torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adamax, torch.optim.Adadelta, torch.optim.ASGD, torch.optim.Rprop,
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.RAdam,
+    torch.optim.NAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adamax,
+    torch.optim.Adadelta,
+    torch.optim.ASGD,
+    torch.optim.Rprop,
 )
 
 
@@ -41,10 +50,7 @@ def check_optimizer(optimizer: object) -> None:
     """
     opt = getattr(optimizer, "_optimizer", optimizer)
     if isinstance(opt, torch.optim.LBFGS):
-        raise TypeError(
-            "LBFGS re-evaluates the loss inside its step (a closure optimizer); W^(t+1) cannot be computed from one gradient. "
-            f"Supported: {', '.join(c.__name__ for c in ELEMENTWISE)}"
-        )
+        raise TypeError(f"LBFGS re-evaluates the loss inside its step (a closure optimizer); W^(t+1) cannot be computed from one gradient. Supported: {', '.join(c.__name__ for c in ELEMENTWISE)}")
     if not isinstance(opt, ELEMENTWISE):
         raise TypeError(
             f"optimizer_update cannot step {type(opt).__name__} per parameter; supported: {', '.join(c.__name__ for c in ELEMENTWISE)}. "
@@ -52,9 +58,7 @@ def check_optimizer(optimizer: object) -> None:
         )
 
 
-def optimizer_update(
-    optimizer: torch.optim.Optimizer, module: nn.Module, weights: Mapping[str, Tensor], grads: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
+def optimizer_update(optimizer: torch.optim.Optimizer, module: nn.Module, weights: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The values the optimizer's next step would give the parameters named in ``weights``.
 
     Each parameter is stepped alone by a one-parameter copy of the optimizer: same class, its

@@ -110,9 +110,7 @@ def measurement_forward(module: nn.Module, batch: Any, *, loss_fn: LossFn | str 
 Tap = tuple[nn.Module, Literal["input", "output"]]
 
 
-def capture_forward(
-    module: nn.Module, batch: Any, taps: Mapping[str, Tap], *, loss_fn: LossFn | str | None = None, loss_method: str = "loss"
-) -> dict[str, Tensor]:
+def capture_forward(module: nn.Module, batch: Any, taps: Mapping[str, Tap], *, loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> dict[str, Tensor]:
     """Run ``measurement_forward`` once and return what each tap saw: name -> the (first positional)
     input or the output of its module, from the module's last call in that pass (tensors only).
 
@@ -129,10 +127,7 @@ def capture_forward(
 
         return (lambda m, args: read(m, args)) if read_input else read
 
-    handles = [
-        m.register_forward_pre_hook(hook(name, True)) if where == "input" else m.register_forward_hook(hook(name, False))
-        for name, (m, where) in taps.items()
-    ]
+    handles = [m.register_forward_pre_hook(hook(name, True)) if where == "input" else m.register_forward_hook(hook(name, False)) for name, (m, where) in taps.items()]
     try:
         measurement_forward(module, batch, loss_fn=loss_fn, loss_method=loss_method)
     finally:

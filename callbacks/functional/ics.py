@@ -179,8 +179,16 @@ def internal_covariate_shift(
             G2 = prefix_gradients(model, batch, rng, updated, pos, own, shifted, config, warn=requested == "prefix")
         else:
             G2 = run_members(
-                mode, "internal_covariate_shift", model, gradient, weight_bytes=sum(model.values[p].numel() * 4 for p in updated),
-                members=len(shifted) + 1, chunk_size=chunk_size, memory_budget=memory_budget, batched=batched, looped=looped,
+                mode,
+                "internal_covariate_shift",
+                model,
+                gradient,
+                weight_bytes=sum(model.values[p].numel() * 4 for p in updated),
+                members=len(shifted) + 1,
+                chunk_size=chunk_size,
+                memory_budget=memory_budget,
+                batched=batched,
+                looped=looped,
             )
         G2 = reduce_dict(G2, reduce)
         result: dict[str, Tensor] = {}

@@ -132,8 +132,16 @@ def loss_landscape(
             return torch.cat(losses), torch.cat(dists)
 
         losses, dists = run_members(
-            mode, "loss_landscape", model, gradient, weight_bytes=model.trainable_bytes(), members=len(steps),
-            chunk_size=chunk_size, memory_budget=memory_budget, batched=batched, looped=looped,
+            mode,
+            "loss_landscape",
+            model,
+            gradient,
+            weight_bytes=model.trainable_bytes(),
+            members=len(steps),
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            batched=batched,
+            looped=looped,
         )
         ratios = dists / (torch.tensor(steps, dtype=torch.float32, device=dists.device) * disp_norm.to(dists.device))
         return {

@@ -74,10 +74,26 @@ def test_throughput_tiny_run(tmp_path: Path) -> None:
     import throughput
 
     out = tmp_path / "t.json"
-    payload = throughput.main([
-        "--width", "0.03125", "--batch-sizes", "8", "--precisions", "bf16-mixed", "--steps", "1", "--warmup", "1",
-        "--repeats", "1", "--num-workers", "0", "--out", str(out),
-    ])
+    payload = throughput.main(
+        [
+            "--width",
+            "0.03125",
+            "--batch-sizes",
+            "8",
+            "--precisions",
+            "bf16-mixed",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--num-workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["summary"] == payload["summary"]
     assert [r["precision"] for r in saved["parity"]] == ["bf16-mixed"]
@@ -89,10 +105,30 @@ def test_overhead_tiny_run(tmp_path: Path) -> None:
     import overhead
 
     out = tmp_path / "o.json"
-    overhead.main([
-        "--width", "0.03125", "--batch-size", "8", "--steps", "4", "--every-n-steps", "2", "--warmup", "1", "--repeats", "1",
-        "--probe-width", "0.03125", "--probe-batch-size", "8", "--probe-measurements", "1", "--out", str(out),
-    ])
+    overhead.main(
+        [
+            "--width",
+            "0.03125",
+            "--batch-size",
+            "8",
+            "--steps",
+            "4",
+            "--every-n-steps",
+            "2",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--probe-width",
+            "0.03125",
+            "--probe-batch-size",
+            "8",
+            "--probe-measurements",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert [r["callback"] for r in saved["costs"]] == list(overhead.CALLBACKS)
     for row in saved["costs"]:

@@ -21,8 +21,9 @@ import curvature  # noqa: E402 - bench/ is not a package: importable only after 
 
 
 def test_tiny_run(tmp_path: Path) -> None:
-    out = curvature.main(["--widths", "0.0625", "--lrs", "0.01", "--batch-size", "4", "--pretrain-steps", "1",
-                          "--rounds", "1", "--repeats", "1", "--basis-sweep", "3", "--out", str(tmp_path / "c.json")])
+    out = curvature.main(
+        ["--widths", "0.0625", "--lrs", "0.01", "--batch-size", "4", "--pretrain-steps", "1", "--rounds", "1", "--repeats", "1", "--basis-sweep", "3", "--out", str(tmp_path / "c.json")]
+    )
     kinds = [r["kind"] for r in out["counts"]]
     assert kinds == ["cold", "cold, max_basis 3", "cold, max_basis 3", "cold", "warm, same batch", "warm, new batch"]
     for r in out["counts"]:

@@ -71,11 +71,11 @@ def test_closure_optimizer_is_refused_in_one_line() -> None:
             super().__init__()
             self.layer = torch.nn.Linear(4, 2)
 
-        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        def training_step(self, batch, batch_idx):
             x, y = batch
             return torch.nn.functional.cross_entropy(self.layer(x), y)
 
-        def configure_optimizers(self):  # noqa: ANN201
+        def configure_optimizers(self):
             return torch.optim.LBFGS(self.parameters())
 
     data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4)

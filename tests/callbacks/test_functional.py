@@ -110,7 +110,7 @@ class _Odd(nn.Module):
         self.seq = nn.Sequential(nn.Linear(6, 12), nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(12, 12), nn.Tanh(), _Peek(c), c, nn.ReLU(inplace=True))
         self.head = nn.Linear(12, 3)
 
-    def loss(self, batch):  # noqa: ANN001, ANN201
+    def loss(self, batch):
         x, y = batch
         h = self.seq(x * 2)
         return nn.functional.cross_entropy(self.head(nn.functional.dropout(h, 0.2)), y)
@@ -325,7 +325,7 @@ def test_module_defined_here_works_with_another_loss_method() -> None:
             self.bn = nn.BatchNorm1d(8)
             self.b = nn.Linear(8, 1)
 
-        def objective(self, batch):  # noqa: ANN001, ANN202
+        def objective(self, batch):
             x, y = batch
             return ((self.b(torch.tanh(self.bn(self.a(x)))) - y) ** 2).mean()
 
@@ -339,7 +339,7 @@ def test_module_defined_here_works_with_another_loss_method() -> None:
 
 
 @pytest.mark.parametrize("make,mode", [(mlp, "vmap"), (mlp, "loop"), (vgg, "prefix")])
-def test_precomputed_gradient_gives_bit_identical_results(make, mode) -> None:  # noqa: ANN001
+def test_precomputed_gradient_gives_bit_identical_results(make, mode) -> None:
     from bnlightning.callbacks import step_gradient
 
     torch.manual_seed(0)

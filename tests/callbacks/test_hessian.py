@@ -100,7 +100,6 @@ def test_edge_of_stability_limits() -> None:
     assert edge_of_stability(torch.optim.Adam(p, lr=0.1)) is None
 
 
-
 def _train(model: Tiny, callbacks: list[Any], **kw: Any) -> Recorder:
     torch.manual_seed(0)
     x, y = torch.randn(32, 3), torch.randint(0, 3, (32,))
@@ -143,11 +142,32 @@ def test_paper_scale_curvature_config_parses_and_starts(in_tmp: Any, fake_cifar1
     from bnlightning.cli import main
     from tests.helpers import CONFIGS
 
-    cli = main([
-        "fit", "--config", str(CONFIGS / "vgg_bn.yaml"), "--config", str(CONFIGS / "experiments" / "measure_curvature.yaml"),
-        "--trainer.max_steps", "2", "--trainer.callbacks.init_args.every_n_steps", "2", "--model.init_args.width", "0.125",
-        "--data.init_args.root", str(fake_cifar10), "--data.init_args.download", "false", "--data.init_args.verify_checksums", "false",
-        "--data.init_args.batch_size", "8", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-    ])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "vgg_bn.yaml"),
+            "--config",
+            str(CONFIGS / "experiments" / "measure_curvature.yaml"),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.callbacks.init_args.every_n_steps",
+            "2",
+            "--model.init_args.width",
+            "0.125",
+            "--data.init_args.root",
+            str(fake_cifar10),
+            "--data.init_args.download",
+            "false",
+            "--data.init_args.verify_checksums",
+            "false",
+            "--data.init_args.batch_size",
+            "8",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, HessianSpectrum)]
     assert cli.trainer.global_step == 2 and cb.measurements == 1 and cb.k == 2

@@ -17,9 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bnlightning.callbacks import ActivationStats, InternalCovariateShift, LossLandscape, internal_covariate_shift, sgd_update
 from tests.helpers.callbacks import Recorder, assert_same, batch_for, mlp, snapshot, vgg
 
-TRAINER_KW: dict[str, Any] = dict(
-    enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False, accelerator="cpu"
-)
+TRAINER_KW: dict[str, Any] = dict(enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False, accelerator="cpu")
 
 
 def loader(model: nn.Module, n: int = 48, batch_size: int = 8) -> DataLoader:
@@ -29,7 +27,6 @@ def loader(model: nn.Module, n: int = 48, batch_size: int = 8) -> DataLoader:
 
 def all_callbacks(n: int = 1) -> list[pl.Callback]:
     return [InternalCovariateShift(every_n_steps=n), LossLandscape(every_n_steps=n), ActivationStats(every_n_steps=n)]
-
 
 
 MEASURED = ("ics", "landscape", "act")  # what the Recorder keeps
@@ -87,7 +84,7 @@ def test_logged_values_match_the_function() -> None:
     seen: dict[str, Any] = {}
 
     class Peek(pl.Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # noqa: ANN001
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             if trainer.global_step == 1:
                 seen["batch"] = trainer_batch["b"]
                 seen["ref"] = internal_covariate_shift(pl_module, trainer_batch["b"], sgd_update(0.05), mode="loop")
@@ -95,7 +92,7 @@ def test_logged_values_match_the_function() -> None:
     trainer_batch: dict[str, Any] = {}
 
     class Stash(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             trainer_batch["b"] = batch
 
     rec = Recorder(MEASURED)
@@ -133,17 +130,17 @@ class ManualModule(pl.LightningModule):
         self.automatic_optimization = False
         self.layer = nn.Linear(16, 10)
 
-    def loss(self, batch):  # noqa: ANN001, ANN201
+    def loss(self, batch):
         x, y = batch
         return nn.functional.cross_entropy(self.layer(x), y)
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(self.loss(batch))
         opt.step()
 
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
@@ -152,7 +149,7 @@ class AutoModule(ManualModule):
         super().__init__()
         self.automatic_optimization = True
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         x, y = batch
         return nn.functional.cross_entropy(self.layer(x), y)
 
@@ -160,7 +157,7 @@ class AutoModule(ManualModule):
 class NoLossModule(AutoModule):
     loss = None  # type: ignore[assignment]
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         return None  # skips the step: no loss to measure either
 
 
@@ -194,7 +191,7 @@ def test_setup_errors() -> None:
         lambda: ActivationStats(every_n_steps=-3),
     ],
 )
-def test_constructor_validation(make) -> None:  # noqa: ANN001
+def test_constructor_validation(make) -> None:
     with pytest.raises(ValueError):
         make()
 
@@ -208,14 +205,14 @@ def test_foreign_module_defined_here() -> None:
             self.body = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU())
             self.head = nn.Linear(32, 10)
 
-        def objective(self, batch):  # noqa: ANN001, ANN201
+        def objective(self, batch):
             x, y = batch
             return nn.functional.cross_entropy(self.head(self.body(x)), y)
 
-        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        def training_step(self, batch, batch_idx):
             return self.objective(batch)
 
-        def configure_optimizers(self):  # noqa: ANN201
+        def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
     torch.manual_seed(0)
@@ -233,7 +230,7 @@ def test_foreign_module_defined_here() -> None:
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())  # hooks removed after each pass
 
 
-def test_state_dict_round_trip_and_checkpoint_resume(tmp_path) -> None:  # noqa: ANN001
+def test_state_dict_round_trip_and_checkpoint_resume(tmp_path) -> None:
     torch.manual_seed(0)
     model = mlp("batch")
     cb = LossLandscape(every_n_steps=2)
@@ -283,7 +280,7 @@ def _logged_run(model: pl.LightningModule, callbacks: list[Any], steps: int = 4)
 
 
 @pytest.mark.parametrize("make", [mlp, vgg])
-def test_shared_gradient_gives_bit_identical_values(make, monkeypatch) -> None:  # noqa: ANN001
+def test_shared_gradient_gives_bit_identical_values(make, monkeypatch) -> None:
     import bnlightning.callbacks.base as B
 
     torch.manual_seed(0)
@@ -304,7 +301,7 @@ def test_shared_gradient_gives_bit_identical_values(make, monkeypatch) -> None: 
             assert both[step][k] == v or (math.isnan(v) and math.isnan(both[step][k])), k
 
 
-def test_shared_gradient_is_dropped_each_step_and_not_computed_when_one_measures(monkeypatch) -> None:  # noqa: ANN001
+def test_shared_gradient_is_dropped_each_step_and_not_computed_when_one_measures(monkeypatch) -> None:
     import bnlightning.callbacks.base as B
     import bnlightning.callbacks.functional.ics as ics_fn
 
@@ -316,7 +313,7 @@ def test_shared_gradient_is_dropped_each_step_and_not_computed_when_one_measures
     ics, land = InternalCovariateShift(every_n_steps=2), LossLandscape(every_n_steps=3)
 
     class Check(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             assert not ics.gradient_exchange  # nothing survives into the next step
 
     monkeypatch.setattr(B, "step_gradient", lambda *a, **k: shared.append(ics._pending.step if ics._pending else -1) or original(*a, **k))
@@ -329,7 +326,7 @@ def test_shared_gradient_is_dropped_each_step_and_not_computed_when_one_measures
     assert not ics.gradient_exchange
 
 
-def test_shared_gradient_misses_when_state_changes_in_between(monkeypatch) -> None:  # noqa: ANN001
+def test_shared_gradient_misses_when_state_changes_in_between(monkeypatch) -> None:
     import bnlightning.callbacks.functional.ics as ics_fn
 
     own: list[int] = []
@@ -340,7 +337,7 @@ def test_shared_gradient_misses_when_state_changes_in_between(monkeypatch) -> No
         def __init__(self, how: str) -> None:
             self.how = how
 
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # noqa: ANN001
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             if self.how == "weight":
                 with torch.no_grad():
                     pl_module.net.fc1.weight.add_(1.0)
@@ -361,7 +358,7 @@ def test_non_measured_steps_run_without_callback_hooks() -> None:
     hooked: list[int] = []
 
     class Look(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             hooked.append(sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in pl_module.modules()))
 
     cbs = all_callbacks(2)

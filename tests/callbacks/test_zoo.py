@@ -44,8 +44,9 @@ def _with_scheduler(opt: torch.optim.Optimizer) -> dict[str, Any]:
 
 def _optimizer(made: Any) -> torch.optim.Optimizer:
     return made["optimizer"] if isinstance(made, dict) else made
-TRAINER_KW: dict[str, Any] = dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", log_every_n_steps=1)
 
+
+TRAINER_KW: dict[str, Any] = dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", log_every_n_steps=1)
 
 
 class Capture(pl.Callback):
@@ -61,8 +62,11 @@ class Capture(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self.steps[trainer.global_step] = {
-            "net": copy.deepcopy(pl_module.net), "rng": torch.get_rng_state(), "batch": self._batch,
-            "opt": copy.deepcopy(optimizer.state_dict()), "grads": {n: p.grad.clone() for n, p in pl_module.net.named_parameters() if p.grad is not None},
+            "net": copy.deepcopy(pl_module.net),
+            "rng": torch.get_rng_state(),
+            "batch": self._batch,
+            "opt": copy.deepcopy(optimizer.state_dict()),
+            "grads": {n: p.grad.clone() for n, p in pl_module.net.named_parameters() if p.grad is not None},
         }
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

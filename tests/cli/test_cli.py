@@ -18,8 +18,18 @@ ALL_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 
 def test_the_paper_configs_are_all_there() -> None:
     expected = {
-        "vgg.yaml", "vgg_bn.yaml", "vgg_noisy_bn.yaml", "vgg_l1.yaml", "vgg_l2.yaml", "vgg_linf.yaml", "vgg_a_bn4.yaml",
-        "dln.yaml", "dln_bn.yaml", "mlp_sigmoid.yaml", "mlp_sigmoid_bn.yaml", "quickstart.yaml",
+        "vgg.yaml",
+        "vgg_bn.yaml",
+        "vgg_noisy_bn.yaml",
+        "vgg_l1.yaml",
+        "vgg_l2.yaml",
+        "vgg_linf.yaml",
+        "vgg_a_bn4.yaml",
+        "dln.yaml",
+        "dln_bn.yaml",
+        "mlp_sigmoid.yaml",
+        "mlp_sigmoid_bn.yaml",
+        "quickstart.yaml",
     }
     assert expected <= set(ALL_CONFIGS)
 
@@ -49,11 +59,24 @@ def test_quickstart_trains_and_reports_accuracy(in_tmp: Path, caplog: pytest.Log
 
 
 def test_vgg_bn_config_runs_three_steps_on_cifar_format_files(in_tmp: Path, fake_cifar10: Path) -> None:
-    cli = main([
-        "fit", "--config", str(CONFIGS / "vgg_bn.yaml"), "--trainer.max_steps", "3",
-        "--data.init_args.root", str(fake_cifar10), "--data.init_args.download", "false",
-        "--data.init_args.verify_checksums", "false", "--data.init_args.batch_size", "16", *QUICK,
-    ])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "vgg_bn.yaml"),
+            "--trainer.max_steps",
+            "3",
+            "--data.init_args.root",
+            str(fake_cifar10),
+            "--data.init_args.download",
+            "false",
+            "--data.init_args.verify_checksums",
+            "false",
+            "--data.init_args.batch_size",
+            "16",
+            *QUICK,
+        ]
+    )
     assert cli.trainer.global_step == 3
     assert cli.model.hparams["config"] == "D" and cli.model.hparams["norm"] == "batch"
 
@@ -69,8 +92,21 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "PYTHONPATH": path}
     cmd = [
-        sys.executable, "-m", "bnlightning", "fit", "--config", str(CONFIGS / "quickstart.yaml"),
-        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "20", *QUICK,
+        sys.executable,
+        "-m",
+        "bnlightning",
+        "fit",
+        "--config",
+        str(CONFIGS / "quickstart.yaml"),
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_steps",
+        "20",
+        *QUICK,
     ]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -41,15 +41,16 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pa
     measure.write_text((CONFIGS / "measure.yaml").read_text().replace("every_n_steps: 100", "every_n_steps: 5"))
     kill = tmp_path / "kill.yaml"
     callbacks = measure.read_text().strip()
-    kill.write_text(
-        "trainer:\n  callbacks:\n    - class_path: tests.helpers.faults.KillAtStep\n      init_args: {step: 33}\n"
-        + "".join(f"    {line}\n" for line in _callback_items(callbacks))
-    )
+    kill.write_text("trainer:\n  callbacks:\n    - class_path: tests.helpers.faults.KillAtStep\n      init_args: {step: 33}\n" + "".join(f"    {line}\n" for line in _callback_items(callbacks)))
     common = [
-        "--config", str(CONFIGS / "quickstart.yaml"),
-        "--trainer.max_steps", "45",
-        "--trainer.log_every_n_steps", "1",
-        "--checkpoint.every_n_train_steps", "10",
+        "--config",
+        str(CONFIGS / "quickstart.yaml"),
+        "--trainer.max_steps",
+        "45",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--checkpoint.every_n_train_steps",
+        "10",
     ]
     ref_dir, crash_dir = tmp_path / "ref", tmp_path / "crash"
     ref_dir.mkdir(), crash_dir.mkdir()
@@ -177,8 +178,18 @@ def test_corrupted_cifar_batch_file_is_detected(in_tmp: Path, fake_cifar10: Path
     batch = fake_cifar10 / "cifar-10-batches-py" / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:500])  # truncated
     args = [
-        "fit", "--config", str(CONFIGS / "vgg_bn.yaml"), "--data.init_args.root", str(fake_cifar10),
-        "--data.init_args.download", "false", "--data.init_args.verify_checksums", "false", "--trainer.max_steps", "1", *QUICK,
+        "fit",
+        "--config",
+        str(CONFIGS / "vgg_bn.yaml"),
+        "--data.init_args.root",
+        str(fake_cifar10),
+        "--data.init_args.download",
+        "false",
+        "--data.init_args.verify_checksums",
+        "false",
+        "--trainer.max_steps",
+        "1",
+        *QUICK,
     ]
     _assert_one_line_error(args, r"^error: .*data_batch_3", capsys)
 
@@ -264,11 +275,7 @@ def test_failing_wandb_init_falls_back_to_offline(in_tmp: Path, monkeypatch: pyt
 
 def test_logging_errors_mid_run_do_not_stop_training(in_tmp: Path) -> None:
     cfg = in_tmp / "loggers.yaml"
-    cfg.write_text(
-        "trainer:\n  logger:\n"
-        "    - class_path: bnlightning.loggers.CSVLogger\n      init_args: {save_dir: runs, name: flaky}\n"
-        "    - class_path: tests.helpers.faults.FailingLogger\n"
-    )
+    cfg.write_text("trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n      init_args: {save_dir: runs, name: flaky}\n    - class_path: tests.helpers.faults.FailingLogger\n")
     with pytest.raises(ConnectionError):
         # A bare Lightning logger that raises would end the run ...
         main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(cfg), "--trainer.max_steps", "20", "--trainer.log_every_n_steps", "5", *QUICK])
@@ -404,9 +411,13 @@ def test_experiment_runner_reports_interrupted_then_resumes_then_skips(tmp_path:
 
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     args = (
-        f"--config={CONFIGS / 'quickstart.yaml'}", "--trainer.max_steps=12", "--trainer.log_every_n_steps=4", "--checkpoint.every_n_train_steps=100",
+        f"--config={CONFIGS / 'quickstart.yaml'}",
+        "--trainer.max_steps=12",
+        "--trainer.log_every_n_steps=4",
+        "--checkpoint.every_n_train_steps=100",
         "--trainer.logger=" + json.dumps([{"class_path": "bnlightning.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "exp", "version": "a"}}]),
-        *_callback(tmp_path, "tests.helpers.faults.SignalAtStep", step=6, signum=int(signal.SIGUSR1)), *QUICK,
+        *_callback(tmp_path, "tests.helpers.faults.SignalAtStep", step=6, signum=int(signal.SIGUSR1)),
+        *QUICK,
     )
     spec = RunSpec("exp", "a", Path("runs/exp/a"), tuple(args))
     assert [o for _, o in run_all([spec], tmp_path)] == ["interrupted"]

@@ -73,13 +73,11 @@ def test_linear_regression_loaders_are_the_old_ones(on_device: bool, batch_size:
     if on_device:
         ref = _tensor_reference(dm, dm.train_x, dm.train_y, bs, not full, repeat=3 if full else 1)
     else:  # the old full-batch DataLoader: in order, a (never used) seeded generator all the same
-        ref = DataLoader(TensorDataset(dm.train_x, dm.train_y), batch_size=bs, shuffle=not full, drop_last=not full,
-                         generator=torch.Generator().manual_seed(2))
+        ref = DataLoader(TensorDataset(dm.train_x, dm.train_y), batch_size=bs, shuffle=not full, drop_last=not full, generator=torch.Generator().manual_seed(2))
     _assert_same_batches(dm.train_dataloader(), ref)
     assert len(_batches(dm.train_dataloader(), epochs=1)) - 1 == (3 if full and on_device else 1 if full else 300 // 64)
     for split in ("val", "test"):
-        ref = (_tensor_reference(dm, dm.val_x, dm.val_y, 1000, False) if on_device
-               else _dataloader_reference(TensorDataset(dm.val_x, dm.val_y), 1000, False, 2))
+        ref = _tensor_reference(dm, dm.val_x, dm.val_y, 1000, False) if on_device else _dataloader_reference(TensorDataset(dm.val_x, dm.val_y), 1000, False, 2)
         _assert_same_batches(getattr(dm, f"{split}_dataloader")(), ref)
 
 
@@ -87,8 +85,7 @@ def test_linear_regression_loaders_are_the_old_ones(on_device: bool, batch_size:
 @pytest.mark.parametrize("augment", [False, True])
 def test_cifar_loaders_are_the_old_ones(tmp_path: Path, on_device: bool, augment: bool) -> None:
     make_fake_cifar10(tmp_path, n_train=60, n_test=25, seed=1)
-    dm = CIFAR10DataModule(root=str(tmp_path), download=False, verify_checksums=False, num_workers=0, batch_size=16,
-                           eval_batch_size=10, on_device=on_device, augment=augment, seed=5)
+    dm = CIFAR10DataModule(root=str(tmp_path), download=False, verify_checksums=False, num_workers=0, batch_size=16, eval_batch_size=10, on_device=on_device, augment=augment, seed=5)
     dm.setup("fit")
     for split in ("train", "val", "test"):
         train = split == "train"
@@ -129,8 +126,7 @@ def _deprecations(action: Callable[[], Any]) -> tuple[Any, list[str]]:
 def test_old_names_are_the_new_classes_and_warn_once(fresh_warnings: None, old: str, new: type) -> None:
     cls, messages = _deprecations(lambda: getattr(data, old))
     assert cls is new
-    assert messages == [f"bnlightning.data.{old} is renamed bnlightning.data.{new.__name__}; the old name will be removed "
-                        f"(in YAML: class_path: bnlightning.data.{new.__name__})"]
+    assert messages == [f"bnlightning.data.{old} is renamed bnlightning.data.{new.__name__}; the old name will be removed (in YAML: class_path: bnlightning.data.{new.__name__})"]
     # once per process, from the package or from the module that defined it
     module = {"CIFAR10": "cifar10", "Digits": "digits", "LinearRegression": "linear"}[old]
     again, messages = _deprecations(lambda: getattr(__import__(f"bnlightning.data.{module}", fromlist=[old]), old))
@@ -152,8 +148,7 @@ def test_a_yaml_with_an_old_class_path_still_trains(in_tmp: Path, fresh_warnings
 
     old = in_tmp / "old.yaml"
     old.write_text("data:\n  class_path: bnlightning.data.Digits\n  init_args: {batch_size: 32}\n")
-    args = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(old), "--trainer.max_steps", "3", "--trainer.logger", "false",
-            "--trainer.enable_checkpointing", "false", *QUICK]
+    args = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(old), "--trainer.max_steps", "3", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", *QUICK]
     cli, messages = _deprecations(lambda: main(args))
     assert type(cli.datamodule) is DigitsDataModule and cli.datamodule.hparams.batch_size == 32
     assert cli.trainer.global_step == 3

@@ -174,8 +174,14 @@ class _Recorder(pl.LightningModule):
 
 def _trainer(tmp_path, max_steps: int, callbacks=()) -> pl.Trainer:
     return pl.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=bool(callbacks), callbacks=list(callbacks),
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=list(callbacks),
         default_root_dir=tmp_path,
     )
 

@@ -12,8 +12,17 @@ from tests.helpers import REPO
 
 #: Issue 12's claims (docs/reproduction-cpu.md, "Other claims"); every registry entry's sweep is checked in test_sweeps.py.
 CLAIMS = (
-    "bn-batch-size", "lr-range", "mean-shift", "init-gain", "bn-placement", "bn-regularizer", "normfree", "normfree-nf",
-    "resnet-residual", "resnet", "resnet-nf",
+    "bn-batch-size",
+    "lr-range",
+    "mean-shift",
+    "init-gain",
+    "bn-placement",
+    "bn-regularizer",
+    "normfree",
+    "normfree-nf",
+    "resnet-residual",
+    "resnet",
+    "resnet-nf",
 )
 
 

@@ -92,8 +92,7 @@ def test_expansion_uses_the_agents_argument_format() -> None:
     specs = expand_sweep(load_sweep(REPO / "configs" / "sweeps" / "vgg-lr.yaml"), runs_dir="r")
     combos = {(s.args[2], s.args[3], s.args[4]) for s in specs}
     expected = {
-        (f"--model.init_args.norm={n}", f"--model.init_args.optimizer.init_args.lr={lr}", f"--seed_everything={seed}")
-        for n, lr, seed in itertools.product(["none", "batch"], [0.1, 0.5], [0, 1, 2])
+        (f"--model.init_args.norm={n}", f"--model.init_args.optimizer.init_args.lr={lr}", f"--seed_everything={seed}") for n, lr, seed in itertools.product(["none", "batch"], [0.1, 0.5], [0, 1, 2])
     }
     assert combos == expected
     # The path is relative to the repository root or absolute, depending on where pytest runs.

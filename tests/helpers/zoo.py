@@ -136,28 +136,40 @@ def _tokens(g: torch.Generator, n: int = 4, t: int = 6) -> tuple[Tensor, Tensor]
 
 CASES: dict[str, Case] = {
     "transformer_tied": Case(
-        lambda opt: LanguageModel(tied_transformer(), opt), lm_loss, _tokens,
+        lambda opt: LanguageModel(tied_transformer(), opt),
+        lm_loss,
+        _tokens,
         ["net.transformer.encoder.layers.0.linear1", "net.transformer.decoder.layers.0.self_attn.out_proj", "net.decoder"],
     ),
     "transformer": Case(
-        lambda opt: LanguageModel(Transformer(vocab_size=50, ninp=16, nhead=2, nhid=24, nlayers=1, dropout=0.1), opt), lm_loss, _tokens,
+        lambda opt: LanguageModel(Transformer(vocab_size=50, ninp=16, nhead=2, nhid=24, nlayers=1, dropout=0.1), opt),
+        lm_loss,
+        _tokens,
         ["net.transformer.encoder.layers.0.self_attn.out_proj", "net.transformer.decoder.layers.0.linear2", "net.decoder"],
     ),
     "resnet18": Case(
-        lambda opt: Classifier(torchvision.models.resnet18(num_classes=10), opt), classifier_loss, _images,
+        lambda opt: Classifier(torchvision.models.resnet18(num_classes=10), opt),
+        classifier_loss,
+        _images,
         ["net.conv1", "net.layer2.0.downsample.0", "net.fc"],
     ),
     "mobilenet_v3_small": Case(
-        lambda opt: Classifier(torchvision.models.mobilenet_v3_small(num_classes=10), opt), classifier_loss, _images,
+        lambda opt: Classifier(torchvision.models.mobilenet_v3_small(num_classes=10), opt),
+        classifier_loss,
+        _images,
         ["net.features.1.block.0.0", "net.features.1.block.1.fc1", "net.features.4.block.1.0", "net.classifier.3"],
     ),
     "shared_blocks": Case(
-        lambda opt: Classifier(SharedBlocks(), opt), classifier_loss,
+        lambda opt: Classifier(SharedBlocks(), opt),
+        classifier_loss,
         lambda g: (torch.randn(8, 12, generator=g), torch.randint(0, 10, (8,), generator=g)),
         ["net.stem", "net.blocks.0.0", "net.head"],
     ),
     "lstm": Case(
-        lambda opt: Recurrent(SimpleLSTM(vocab_size=50, ninp=12, nhid=12, nlayers=2, dropout=0.1), opt), lstm_loss, _tokens,
-        ["net.decoder"], loss_fn="tests.helpers.zoo:lstm_module_loss",
+        lambda opt: Recurrent(SimpleLSTM(vocab_size=50, ninp=12, nhid=12, nlayers=2, dropout=0.1), opt),
+        lstm_loss,
+        _tokens,
+        ["net.decoder"],
+        loss_fn="tests.helpers.zoo:lstm_module_loss",
     ),
 }
