@@ -193,10 +193,17 @@ class StepClock(Callback):
 
 
 def time_measurements(cb: Any, clock: _timing.Clock, memory: MemoryWindows | None = None) -> list[float]:
-    """Wrap ``cb``'s measuring hook: returns the list its measured calls' durations are appended to."""
+    """Wrap ``cb``'s measuring hooks: returns the list its measurements' durations are appended to.
+
+    Most callbacks measure inside ``on_before_optimizer_step``. ``InternalCovariateShift`` (with
+    ``update_from="trainer"``) only copies W^t there and measures in the optimizer's step
+    post-hook (``_after_step``), once W^(t+1) exists: both parts count, as one measurement.
+    """
     durations: list[float] = []
-    original = cb.on_before_optimizer_step
     name = type(cb).__name__
+    original = cb.on_before_optimizer_step
+    after_step = getattr(cb, "_after_step", None) if getattr(cb, "update_from", None) == "trainer" else None
+    carried = [0.0]  # the W^t copy's time, added to the post-hook's measurement
 
     def timed_hook(trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if cb._batch is None or not cb.is_measurement_step(trainer.global_step):
@@ -205,11 +212,25 @@ def time_measurements(cb: Any, clock: _timing.Clock, memory: MemoryWindows | Non
             memory.open(name)
         t0 = clock.now()
         original(trainer, pl_module, optimizer)
+        if after_step is not None:
+            carried[0] = clock.now() - t0
+            return  # the measurement itself runs after the optimizer step
         durations.append(clock.now() - t0)
         if memory is not None:
             memory.close(name)
 
+    def timed_after_step() -> None:
+        if cb._pending is None:
+            return after_step()
+        t0 = clock.now()
+        after_step()
+        durations.append(carried[0] + clock.now() - t0)
+        if memory is not None:
+            memory.close(name)
+
     cb.on_before_optimizer_step = timed_hook  # Lightning looks hooks up on the instance
+    if after_step is not None:
+        cb._after_step = timed_after_step  # the post-hook calls self._after_step at step time
     return durations
 
 
