@@ -140,7 +140,7 @@ def test_ratio_is_nan_with_a_warning_for_adam_and_arguments_are_checked() -> Non
 def test_paper_scale_curvature_config_parses_and_starts(in_tmp: Any, fake_cifar10: Any) -> None:
     """configs/vgg.yaml + the curvature fragment on CIFAR-format files: it builds, trains and measures."""
     from bnlightning.cli import main
-    from tests.helpers import CONFIGS
+    from tests.helpers import CONFIGS, fake_cifar10_args
 
     cli = main(
         [
@@ -155,12 +155,7 @@ def test_paper_scale_curvature_config_parses_and_starts(in_tmp: Any, fake_cifar1
             "2",
             "--model.init_args.width",
             "0.125",
-            "--data.init_args.root",
-            str(fake_cifar10),
-            "--data.init_args.download",
-            "false",
-            "--data.init_args.verify_checksums",
-            "false",
+            *fake_cifar10_args(fake_cifar10),
             "--data.init_args.batch_size",
             "8",
             "--trainer.accelerator",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bnlightning.cli import main
-from tests.helpers import CONFIGS, QUICK, REPO
+from tests.helpers import CONFIGS, QUICK, REPO, fake_cifar10_args
 
 ALL_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 
@@ -66,12 +66,7 @@ def test_vgg_bn_config_runs_three_steps_on_cifar_format_files(in_tmp: Path, fake
             str(CONFIGS / "vgg_bn.yaml"),
             "--trainer.max_steps",
             "3",
-            "--data.init_args.root",
-            str(fake_cifar10),
-            "--data.init_args.download",
-            "false",
-            "--data.init_args.verify_checksums",
-            "false",
+            *fake_cifar10_args(fake_cifar10),
             "--data.init_args.batch_size",
             "16",
             *QUICK,

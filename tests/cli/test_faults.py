@@ -17,7 +17,7 @@ import torch
 from bnlightning.checkpointing import AtomicCheckpointIO
 from bnlightning.cli import main
 from bnlightning.loggers import WandbLogger
-from tests.helpers import CONFIGS, QUICK, REPO
+from tests.helpers import CONFIGS, QUICK, REPO, fake_cifar10_args
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -181,12 +181,7 @@ def test_corrupted_cifar_batch_file_is_detected(in_tmp: Path, fake_cifar10: Path
         "fit",
         "--config",
         str(CONFIGS / "vgg_bn.yaml"),
-        "--data.init_args.root",
-        str(fake_cifar10),
-        "--data.init_args.download",
-        "false",
-        "--data.init_args.verify_checksums",
-        "false",
+        *fake_cifar10_args(fake_cifar10),
         "--trainer.max_steps",
         "1",
         *QUICK,

@@ -14,3 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 #: Command-line flags that keep a test's trainer quiet (no progress bar, no model summary).
 QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def fake_cifar10_args(root: Path) -> list[str]:
+    """CLI flags pointing ``CIFAR10DataModule`` at a generated CIFAR-format folder (no download, no checksums)."""
+    return ["--data.init_args.root", str(root), "--data.init_args.download", "false", "--data.init_args.verify_checksums", "false"]
