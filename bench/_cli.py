@@ -14,7 +14,20 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 
 class BenchParser(argparse.ArgumentParser):
-    """``ArgumentParser`` whose errors are one ``error: ...`` line (exit 2), like ``bnlightning``'s CLI."""
+    """``ArgumentParser`` whose errors are one ``error: ...`` line (exit 2), like ``bnlightning``'s CLI.
+
+    ``parse_args`` fills every option left at ``None`` from the quick or the full mode's settings.
+    """
+
+    quick: dict[str, Any]
+    full: dict[str, Any]
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        for key, value in (self.quick if parsed.quick else self.full).items():
+            if getattr(parsed, key) is None:
+                setattr(parsed, key, value)
+        return parsed
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {message}", file=sys.stderr)
@@ -25,6 +38,7 @@ def bench_parser(prog: str, doc: str | None, quick: dict[str, Any], full: dict[s
     """A script's parser, its description naming what ``--quick`` and the full mode run; with the common options."""
     modes = " Quick mode: " + " ".join(f"{k}={v}" for k, v in quick.items()) + "; full (default): " + " ".join(f"{k}={v}" for k, v in full.items()) + "."
     parser = BenchParser(prog=prog, description=(doc or "").split("\n\n")[0] + modes)
+    parser.quick, parser.full = quick, full
     add_common_args(parser)
     return parser
 

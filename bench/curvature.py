@@ -75,9 +75,6 @@ def parse_args(argv: list[str] | None = None) -> Any:
     p.add_argument("--basis-sweep", type=_cli.int_list, default=[], help="comma-separated max_basis values to compare cold (off by default)")
     p.add_argument("--no-cost", action="store_true", help="skip the HVP cost table (2)")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     for b in [args.max_basis or 2, *args.basis_sweep]:
         if b < 2:
             p.error(f"argument --max-basis/--basis-sweep: max_basis must be >= 2, got {b}")

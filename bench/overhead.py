@@ -72,10 +72,6 @@ def parse_args(argv: list[str] | None = None) -> Any:
     p.add_argument("--channels-last", action="store_true", help="VGG(channels_last=True)")
     p.add_argument("--config", choices=["A", "B", "D", "E"], default="A", help="VGG config of every run: A = VGG-11 (default), D = VGG-16")
     args = p.parse_args(argv)
-    base = QUICK if args.quick else FULL
-    for key, value in base.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     if len(args.precision) != 1:
         p.error("argument --precision: give one precision")
     args.precision = args.precision[0]

@@ -65,10 +65,6 @@ def parse_args(argv: list[str] | None = None) -> Any:
     p.add_argument("--no-data-path", action="store_true", help="skip the DataLoader vs on-device comparison")
     p.add_argument("--num-workers", type=_cli.nonnegative_int, default=2, help="DataLoader workers of the DataLoader path (CIFAR10DataModule's default: 2)")
     args = p.parse_args(argv)
-    base = QUICK if args.quick else FULL
-    for key, value in base.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     args.device = _cli.resolve_device(p, args.device)
     args.timer = _timing.make_clock(p, args.clock, args.device)
     _cli.check_precisions(p, args.precisions, args.device)
