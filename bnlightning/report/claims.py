@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bnlightning.report.figures import Figure, _finish, _log_y, plt
+from bnlightning.report.figures import Figure, _band, _finish, _log_y, plt
 from bnlightning.report.page import markdown_table
 from bnlightning.report.runs import Run, group_by, short_layer
 
@@ -268,11 +268,7 @@ def meanshift_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
         share = _stats([_first(r, "meanshift/majority_share") for r in rs])
         label = setting_label(rs[0], keys) + (f" (majority {share[0]:.2f})" if share else "")
         for ax, stat in zip(axes, ("cos", "channel_mean")):
-            vals = np.array([[_first(r, f"meanshift/{layer}/{stat}") or np.nan for layer in layers] for r in rs])
-            depth = np.arange(1, len(layers) + 1)
-            ax.plot(depth, np.nanmean(vals, 0), "o-", color=f"C{i % 10}", label=label, ms=3, lw=1.3)
-            if len(rs) > 1:
-                ax.fill_between(depth, np.nanmin(vals, 0), np.nanmax(vals, 0), color=f"C{i % 10}", alpha=0.2, lw=0)
+            _over_depth(ax, rs, [f"meanshift/{layer}/{stat}" for layer in layers], f"C{i % 10}", label)
     axes[0].set_ylabel("mean cos(A_a, A_b), a != b", fontsize=8)
     axes[1].set_ylabel("mean over channels of channel mean", fontsize=8)
     for ax in axes:
@@ -300,11 +296,7 @@ def residual_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
     fig, ax = plt.subplots(1, 1, figsize=(7.0, 3.4))
     for i, (_, rs) in enumerate(settings_of(runs, keys).items()):
         own = [b for b in blocks if any(r.series(f"resvar/{b}/ratio") is not None for r in rs)]
-        vals = np.array([[_first(r, f"resvar/{b}/ratio") or np.nan for b in own] for r in rs])
-        depth = np.arange(1, len(own) + 1)
-        ax.plot(depth, np.nanmean(vals, 0), "o-", color=f"C{i % 10}", label=setting_label(rs[0], keys), ms=3, lw=1.3)
-        if len(rs) > 1:
-            ax.fill_between(depth, np.nanmin(vals, 0), np.nanmax(vals, 0), color=f"C{i % 10}", alpha=0.2, lw=0)
+        _over_depth(ax, rs, [f"resvar/{b}/ratio" for b in own], f"C{i % 10}", setting_label(rs[0], keys))
     ax.set_yscale("log")
     ax.axhline(1.0, color="k", lw=0.6, ls=":")
     ax.set_xlabel("residual block (input to output)", fontsize=8)
@@ -345,16 +337,7 @@ def measures_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
     for i, (_, rs) in enumerate(settings_of(runs, keys).items()):
         for ax, (metric, _) in zip(axes[0], panels):
-            curves = [r.series(metric) for r in rs]
-            curves = [c for c in curves if c is not None and len(c[1])]
-            if not curves:
-                continue
-            n = min(len(c[1]) for c in curves)  # seeds share the schedule; cut to the shortest
-            vals = np.array([c[1][:n] for c in curves])
-            steps = curves[0][0][:n]
-            ax.plot(steps, np.nanmean(vals, 0), "-", color=f"C{i % 10}", label=setting_label(rs[0], keys), lw=1.3)
-            if len(curves) > 1:
-                ax.fill_between(steps, np.nanmin(vals, 0), np.nanmax(vals, 0), color=f"C{i % 10}", alpha=0.2, lw=0)
+            _band(ax, rs, metric, f"C{i % 10}", setting_label(rs[0], keys))  # mean over seeds, min-max band
     for ax, (_, title) in zip(axes[0], panels):
         _log_y(ax)  # ICS spans decades between settings (standard 1e-3, BN after 0.4)
         ax.set_title(title, fontsize=8)
@@ -381,6 +364,15 @@ def _block_key(name: str) -> tuple[int, ...]:
 def _first(run: Run, metric: str) -> float | None:
     s = run.series(metric)
     return float(s[1][0]) if s is not None and len(s[1]) else None
+
+
+def _over_depth(ax: Any, runs: Sequence[Run], metrics: Sequence[str], color: str, label: str) -> None:
+    """The first logged value of each metric (one per layer or block, input to output): mean over seeds, min-max band."""
+    vals = np.array([[np.nan if (v := _first(r, m)) is None else v for m in metrics] for r in runs])
+    depth = np.arange(1, len(metrics) + 1)
+    ax.plot(depth, np.nanmean(vals, 0), "o-", color=color, label=label, ms=3, lw=1.3)
+    if len(runs) > 1:
+        ax.fill_between(depth, np.nanmin(vals, 0), np.nanmax(vals, 0), color=color, alpha=0.2, lw=0)
 
 
 def draw_claims(runs: Sequence[Run], out: Path, dpi: int = 90) -> list[Figure]:
