@@ -43,7 +43,29 @@ def module_layers(module: nn.Module, layers: list[str] | None) -> list[str]:
     return list(layers)
 
 
-class ActivationStats(MeasurementCallback):
+class ModuleLayersCallback(MeasurementCallback):
+    """A measurement over named modules' activations (``ActivationStats``, ``MeanShift``).
+
+    ``layers`` (module names, or None for ``default_activation_layers``) is checked when given,
+    resolved against the module at setup into ``_layers``, and is part of the state key.
+    """
+
+    def __init__(self, layers: list[str] | None, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str) -> None:
+        super().__init__(every_n_steps, loss_fn, loss_method)
+        if layers is not None and not layers:
+            raise ValueError("layers must be None (default layers) or a non-empty list of module names")
+        self.layers = list(layers) if layers is not None else None
+        self._layers: list[str] = []
+
+    def _state_key_extra(self) -> dict[str, Any]:
+        return {"layers": self.layers}
+
+    @override
+    def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._layers = module_layers(pl_module, self.layers)
+
+
+class ActivationStats(ModuleLayersCallback):
     r"""Log the distribution of each selected layer's pre-activations (Ioffe & Szegedy Fig. 1).
 
     What is read: for an activation module (``nn.ReLU``, ``nn.Sigmoid``, ``nn.Tanh``, ...)
@@ -102,25 +124,14 @@ class ActivationStats(MeasurementCallback):
         loss_fn: LossFn | str | None = None,
         loss_method: str = "loss",
     ) -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
+        super().__init__(layers, every_n_steps, loss_fn, loss_method)
         if not (isinstance(saturation_threshold, (int, float)) and saturation_threshold > 0 and math.isfinite(saturation_threshold)):
             raise ValueError(f"saturation_threshold must be a positive number, got {saturation_threshold!r}")
         if histogram_bins < 2:
             raise ValueError(f"histogram_bins must be >= 2, got {histogram_bins}")
-        if layers is not None and not layers:
-            raise ValueError("layers must be None (default layers) or a non-empty list of module names")
-        self.layers = list(layers) if layers is not None else None
         self.saturation_threshold = float(saturation_threshold)
         self.histogram = histogram
         self.histogram_bins = histogram_bins
-        self._layers: list[str] = []
-
-    def _state_key_extra(self) -> dict[str, Any]:
-        return {"layers": self.layers}
-
-    @override
-    def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._layers = module_layers(pl_module, self.layers)
 
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:

@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from bnlightning.callbacks.activations import module_layers
-from bnlightning.callbacks.base import MeasurementCallback
+from bnlightning.callbacks.activations import ModuleLayersCallback
 from bnlightning.callbacks.functional import capture_forward
 from bnlightning.callbacks.functional._model import LossFn
 
@@ -96,7 +95,7 @@ def mean_shift(activations: Mapping[str, Tensor], logits: Tensor | None = None) 
     return out
 
 
-class MeanShift(MeasurementCallback):
+class MeanShift(ModuleLayersCallback):
     r"""Log the mean shift of chosen layers' outputs and the majority-prediction share.
 
     What is read: the *output* of each selected module (default: every activation module,
@@ -128,18 +127,7 @@ class MeanShift(MeasurementCallback):
     """
 
     def __init__(self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
-        if layers is not None and not layers:
-            raise ValueError("layers must be None (default layers) or a non-empty list of module names")
-        self.layers = list(layers) if layers is not None else None
-        self._layers: list[str] = []
-
-    def _state_key_extra(self) -> dict[str, Any]:
-        return {"layers": self.layers}
-
-    @override
-    def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._layers = module_layers(pl_module, self.layers)
+        super().__init__(layers, every_n_steps, loss_fn, loss_method)
 
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
