@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnlightning.data._common import check_positive_int
+
 __all__ = ["LinearLRScaling", "TrainModeAccuracy", "training_batch_size"]
 
 
@@ -61,8 +63,7 @@ class LinearLRScaling(Callback):
 
     def __init__(self, reference_batch_size: int = 128) -> None:
         super().__init__()
-        if isinstance(reference_batch_size, bool) or not isinstance(reference_batch_size, int) or reference_batch_size < 1:
-            raise ValueError(f"reference_batch_size must be a positive integer, got {reference_batch_size!r}")
+        check_positive_int("reference_batch_size", reference_batch_size)
         self.reference_batch_size = reference_batch_size
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -112,8 +113,7 @@ class TrainModeAccuracy(Callback):
 
     def __init__(self, batch_size: int | None = None) -> None:
         super().__init__()
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer or null, got {batch_size!r}")
+        check_positive_int("batch_size", batch_size, allow_none=True)
         self.batch_size = batch_size
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
