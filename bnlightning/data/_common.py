@@ -32,6 +32,13 @@ def check_nonnegative_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
+def filled(x: torch.Tensor | None, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of a split that ``setup()`` has filled; a loader asked for before that is a bug."""
+    if x is None or y is None:
+        raise RuntimeError("the data module's tensors are not set up yet (setup() fills them)")
+    return x, y
+
+
 class DataModuleBase(pl.LightningDataModule):
     """Device, rank and loader choice, read from the attached trainer."""
 
@@ -123,6 +130,7 @@ class DataModuleBase(pl.LightningDataModule):
         data, batch_size, shuffle = self._split_data(split), self._batch_size(split), self._shuffle(split)
         options = self._loader_options(split)
         if self.on_device:
+            assert not isinstance(data, Dataset), "the on-device path holds tensors"
             return self.tensor_loader(*data, batch_size=batch_size, train=shuffle, **options)
         dataset = data if isinstance(data, Dataset) else TensorDataset(*data)
         if split == "train":

@@ -25,7 +25,7 @@ import torch
 import torchvision
 from lightning.pytorch.utilities import rank_zero_info
 
-from bnlightning.data._common import DataModuleBase, Split, check_nonnegative_int, check_positive_int
+from bnlightning.data._common import DataModuleBase, Split, check_nonnegative_int, check_positive_int, filled
 from bnlightning.data.loader import DeviceImageTransform
 from bnlightning.errors import BadFileError, MissingFileError, RunError
 
@@ -328,8 +328,11 @@ class CIFAR10DataModule(DataModuleBase):
     def _split_data(self, split: Split) -> tuple[torch.Tensor, torch.Tensor] | CIFAR10Dataset:
         train = split == "train"
         if self.on_device:
-            return (self.train_x, self.train_y) if train else (self.test_x, self.test_y)
-        return self.train_set if train else self.test_set
+            return filled(self.train_x, self.train_y) if train else filled(self.test_x, self.test_y)
+        dataset = self.train_set if train else self.test_set
+        if dataset is None:
+            raise RuntimeError("the data module's datasets are not set up yet (setup() builds them)")
+        return dataset
 
     def _loader_options(self, split: Split) -> dict[str, Any]:
         if self.on_device:

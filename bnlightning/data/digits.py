@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bnlightning.data._common import DataModuleBase, Split, check_positive_int
+from bnlightning.data._common import DataModuleBase, Split, check_positive_int, filled
 
 __all__ = ["DigitsDataModule"]
 
@@ -78,8 +78,8 @@ class DigitsDataModule(DataModuleBase):
         self.val_y: torch.Tensor | None = None
         self.on_device: bool | None = None
 
-    @property  # type: ignore[override]  # a class attribute in the base, computed here
-    def dataset_name(self) -> str:
+    @property
+    def dataset_name(self) -> str:  # type: ignore[override]  # a class attribute in the base, computed here
         s = self.image_size
         if s is None:
             return "sklearn digits (8x8, 64 standardised features)"
@@ -128,4 +128,4 @@ class DigitsDataModule(DataModuleBase):
             self.train_x, self.train_y, self.val_x, self.val_y = (t.to(dev) for t in self.load_tensors())
 
     def _split_data(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.train_x, self.train_y) if split == "train" else (self.val_x, self.val_y)
+        return filled(self.train_x, self.train_y) if split == "train" else filled(self.val_x, self.val_y)

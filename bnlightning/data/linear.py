@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from bnlightning.data._common import DataModuleBase, Split, check_positive_int
+from bnlightning.data._common import DataModuleBase, Split, check_positive_int, filled
 from bnlightning.data.loader import mix_seed
 
 __all__ = ["LinearRegressionDataModule"]
@@ -75,8 +75,8 @@ class LinearRegressionDataModule(DataModuleBase):
         self.val_y: torch.Tensor | None = None
         self.on_device: bool | None = None
 
-    @property  # type: ignore[override]  # a class attribute in the base, computed here
-    def dataset_name(self) -> str:
+    @property
+    def dataset_name(self) -> str:  # type: ignore[override]  # a class attribute in the base, computed here
         h = self
         noise = f", noise std {h.noise:g}" if h.noise else ""
         return f"synthetic linear regression y = A x (dim {h.dim}, {h.num_samples} samples{noise}, seed {h.seed})"
@@ -102,9 +102,7 @@ class LinearRegressionDataModule(DataModuleBase):
             self.A, self.train_x, self.train_y, self.val_x, self.val_y = (t["A"], t["train_x"], t["train_y"], t["val_x"], t["val_y"])
 
     def _split_data(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = (self.train_x, self.train_y) if split == "train" else (self.val_x, self.val_y)
-        assert x is not None and y is not None, "setup() fills the tensors before a loader is built"
-        return x, y
+        return filled(self.train_x, self.train_y) if split == "train" else filled(self.val_x, self.val_y)
 
     def _batch_size(self, split: Split) -> int:
         if split != "train":
