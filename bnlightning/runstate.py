@@ -100,6 +100,8 @@ class RunState(pl.Callback):
         self._old_usr1: Any = None
         self._saved_at: int | None = None
         self._checked_first_step = False
+        self._held_handler: Any = None  # Lightning's SIGTERM handler, while validation holds signals
+        self._held: list[int] = []
 
     # --- status ---------------------------------------------------------------------
     def _dir(self, trainer: pl.Trainer) -> str:
@@ -138,6 +140,9 @@ class RunState(pl.Callback):
             handler(signal.SIGTERM, frame)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._held_handler is not None:  # validation ended by an exception
+            signal.signal(signal.SIGTERM, self._held_handler)
+            self._held_handler = None
         if self._old_usr1 is not None:
             signal.signal(signal.SIGUSR1, self._old_usr1)
             self._old_usr1 = None
@@ -178,6 +183,40 @@ class RunState(pl.Callback):
         if cb is not None and getattr(cb, "dirpath", None):
             trainer.save_checkpoint(os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION))
             self._saved_at = trainer.global_step
+
+    # --- a signal during validation waits for its end ----------------------------------
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hold SIGTERM (and SIGUSR1, routed to it) until this validation ends.
+
+        Lightning stops mid-validation otherwise, and a checkpoint taken there resumes
+        with the validation row lost or one epoch skipped (every later ``step`` off by
+        one). Held, the stop comes at ``on_validation_end``, the point where
+        ``ModelCheckpoint`` itself saves after validating, which Lightning resumes exactly.
+        """
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        handler = signal.getsignal(signal.SIGTERM)
+        if not callable(handler):
+            return
+        try:
+            signal.signal(signal.SIGTERM, lambda signum, frame: self._held.append(signum))
+        except ValueError:  # not the main thread: nothing to hold
+            return
+        self._held_handler = handler
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._held_handler is None:
+            return
+        handler, self._held_handler = self._held_handler, None
+        signal.signal(signal.SIGTERM, handler)
+        if self._held:
+            self._held.clear()
+            handler(signal.SIGTERM, None)  # Lightning's: its loop stops after this step
+        stop = trainer.received_sigterm
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(bool(stop), all=False)
+        if stop and self._saved_at != trainer.global_step:
+            self._save(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
