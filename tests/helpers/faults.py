@@ -79,3 +79,15 @@ class SignalInValidation(pl.Callback):
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not trainer.sanity_checking and trainer.global_step == self.step and batch_idx == self.batch_idx:
             os.kill(os.getpid(), self.signum)
+
+
+class SignalAfterTraining(pl.Callback):
+    """Send SIGTERM once training has ended and the run has recorded it (``on_fit_end``),
+    as a scheduler's signal landing during the loggers' final flush would, then keep
+    flushing a moment."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
