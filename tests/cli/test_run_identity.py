@@ -98,3 +98,133 @@ def test_resume_continues_only_the_same_run_and_writes_only_there(in_tmp: Path, 
     code, lines = _exit([*_args(in_tmp, lr, "0.1", "--ckpt_path", "last")], capsys)
     assert code == 0 and len(lines) == 1 and "already completed at step 12" in lines[0] and "never reopened" in lines[0], lines
     assert _files(run_a) == a_done
+
+
+# --- point 4: one process per run folder; a runner's children die with it -----------------
+HOLD_LOCK = "import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\nfcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(120)\n"
+
+
+def test_a_live_run_folder_is_locked_and_the_lock_dies_with_its_process(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """While another live process holds the run, `last` is one line and exit 2; after a SIGKILL
+    of that process (no cleanup) the same command resumes."""
+    code, _ = _exit([*_args(in_tmp), *_callback(in_tmp, "tests.helpers.faults.SignalAtStep", step=5)], capsys)
+    run = in_tmp / "runs/quickstart/version_0"
+    assert code == 143
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        before = _files(run)
+        code, lines = _exit([*_args(in_tmp, "--ckpt_path", "last")], capsys)
+        assert code == 2 and len(lines) == 1 and f"{run} is in use by process" in lines[0], lines
+        assert _files(run) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    main([*_args(in_tmp, "--ckpt_path", "last")])
+    assert _state(run)["status"] == "completed"
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+
+
+RUNNER = """
+import sys
+from pathlib import Path
+from bnlightning.experiments import RunSpec, run_all
+run_all([RunSpec("exp", "a", Path("runs/exp/a"), tuple(sys.argv[1:]))], Path.cwd())
+"""
+
+
+def test_a_runner_killed_with_sigkill_takes_its_fit_down(tmp_path: Path) -> None:
+    """The kernel sends the orphaned fit SIGTERM (PR_SET_PDEATHSIG): it saves and stops."""
+    logger = json.dumps([{"class_path": "bnlightning.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "exp", "version": "a"}}])
+    args = _args(tmp_path, steps=100000)[1:] + [f"--trainer.logger={logger}"]
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, *args], cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "runs/exp/a"
+    deadline = time.monotonic() + 120
+    while not (run / "run.json").exists() or _state(run).get("status") != "running":
+        assert time.monotonic() < deadline and runner.poll() is None, "the fit never started"
+        time.sleep(0.5)
+    child = int(_state(run)["pid"])  # type: ignore[call-overload]
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+    while _state(run).get("status") == "running":
+        assert time.monotonic() < deadline, "the orphaned fit kept training"
+        time.sleep(0.5)
+    state = _state(run)
+    assert state["status"] == "interrupted" and state["signal"] == "SIGTERM"
+    while _alive(child):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+
+
+# --- point 5: what a resume restarts from --------------------------------------------------
+def test_sigterm_during_end_of_epoch_validation_resumes_exactly(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM after the first validation batch of the end-of-epoch validation (23 steps per
+    epoch): the stop waits for validation to end; the resumed run has the weights, rows and
+    step numbers of an uninterrupted one."""
+    val = ["--data.init_args.eval_batch_size", "100"]  # 4 validation batches
+    main([*_args(in_tmp, *val, steps=26)])  # the reference, version_0
+    code, _ = _exit([*_args(in_tmp, *val, steps=26), *_callback(in_tmp, "tests.helpers.faults.SignalInValidation", step=23, batch_idx=0)], capsys)
+    run, ref = in_tmp / "runs/quickstart/version_1", in_tmp / "runs/quickstart/version_0"
+    assert code == 143 and _state(run)["step"] == 23
+    main([*_args(in_tmp, *val, "--ckpt_path", "last", steps=26)])
+    a = torch.load(ref / "checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 26
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert _rows(run / "metrics.csv") == _rows(ref / "metrics.csv")
+
+
+def test_resume_takes_the_newest_intact_checkpoint_by_its_stored_step(in_tmp: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """Pre-empted at step 1 (before the first periodic save), resumed, pre-empted at 10: one
+    last.ckpt (no last-v1). Then last.ckpt is put back to its step-1 copy (as a full disk
+    leaves it): the resume starts from the step-8 checkpoint beside it, and clears the
+    temporary files a killed save left."""
+    code, _ = _exit([*_args(in_tmp), *_callback(in_tmp, "tests.helpers.faults.SignalAtStep", step=1)], capsys)
+    ckpts = in_tmp / "runs/quickstart/version_0/checkpoints"
+    stale = (ckpts / "last.ckpt").read_bytes()
+    code, _ = _exit([*_args(in_tmp, "--ckpt_path", "last"), *_callback(in_tmp, "tests.helpers.faults.SignalAtStep", step=10)], capsys)
+    assert code == 143 and sorted(p.name for p in ckpts.iterdir()) == ["epoch=0-step=4.ckpt", "epoch=0-step=8.ckpt", "last.ckpt"]
+    (ckpts / "last.ckpt").write_bytes(stale)
+    (ckpts / "last.ckpt.tmp-999999").write_bytes(b"PK half a checkpoint")
+    caplog.clear()
+    main([*_args(in_tmp, "--ckpt_path", "last")])
+    assert "epoch=0-step=8.ckpt (step 8)" in caplog.text
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 12
+    assert not list(ckpts.glob("*.tmp-*"))
+
+
+# --- point 6: the history survives a kill during a rewrite --------------------------------
+def test_sigkill_while_metrics_csv_is_rewritten_keeps_every_row(tmp_path: Path) -> None:
+    """A resume rewrites metrics.csv (keeping the rows before its checkpoint); a SIGKILL in the
+    middle of that write leaves the whole old file, not a fragment."""
+    from bnlightning import loggers
+
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    metrics = log_dir / "metrics.csv"
+    metrics.write_text("epoch,step,train/loss\n" + "".join(f"0,{i},0.5\n" for i in range(6000)))
+    before = metrics.read_bytes()
+    pid = os.fork()
+    if pid == 0:  # the child: a resume from step 3000, killed after writing 100 rows
+        real = csv.DictWriter.writerows
+
+        def cut(self: csv.DictWriter, rows: list[dict[str, str]]) -> None:
+            real(self, rows[:100])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        csv.DictWriter.writerows = cut  # type: ignore[method-assign]
+        loggers._ResumingWriter(str(log_dir), 3000)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert metrics.read_bytes() == before, "the history is whole after the kill"
+    loggers._ResumingWriter(str(log_dir), 3000)  # the next resume
+    assert [int(r["step"]) for r in _rows(metrics)] == list(range(3000))
