@@ -293,9 +293,8 @@ def _check_logger_override(argv: list[str], config: Any) -> None:
     section = config.get(config.get("subcommand")) if config.get("subcommand") else config
     loggers = section.get("trainer", {}).get("logger") if section is not None else None
     if isinstance(loggers, list) and len(loggers) > 1:
-        names = ", ".join(str(lg.get("class_path", lg)).rsplit(".", 1)[-1] for lg in loggers)
         raise RunError(
-            f"{dotted} is ambiguous: the config has a list of {len(loggers)} loggers ({names}) and it would change only one of them; "
+            f"{dotted} is ambiguous: the config's trainer.logger is a list of {len(loggers)} loggers and a dotted option changes only the last of them; "
             'replace the list with --trainer.logger=\'[{"class_path": ..., "init_args": {...}}]\', or add one with --trainer.logger+=CLASS'
         )
 

@@ -154,6 +154,7 @@ class RunState(pl.Callback):
         self._checked_first_step = False
         self._held_handler: Any = None  # Lightning's SIGTERM handler, while validation holds signals
         self._held: list[int] = []
+        self._started = False  # on_fit_start ran: the run exists (a set-up failure leaves no record)
 
     # --- status ---------------------------------------------------------------------
     def _dir(self, trainer: pl.Trainer) -> str:
@@ -174,6 +175,7 @@ class RunState(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         last_interrupt.clear()
         phase["now"] = "training"
+        self._started = True
         wandb_id = next((lg.version for lg in trainer.loggers if isinstance(lg, WandbLogger) and _private.wandb_run(lg) is not None), None)
         self._write(trainer, replace=True, status="running", pid=os.getpid(), **({"wandb_id": wandb_id} if wandb_id else {}))
         env = _private.cluster_environment(trainer)
@@ -275,6 +277,8 @@ class RunState(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         phase["now"] = "ended"
+        if not self._started:
+            return  # failed while setting up: no run to record (the CLI removes its empty folder)
         if isinstance(exception, SIGTERMException):
             if self._saved_at != trainer.global_step:
                 self._save(trainer)  # the signal came during validation or after our check

@@ -228,3 +228,60 @@ def test_sigkill_while_metrics_csv_is_rewritten_keeps_every_row(tmp_path: Path) 
     assert metrics.read_bytes() == before, "the history is whole after the kill"
     loggers._ResumingWriter(str(log_dir), 3000)  # the next resume
     assert [int(r["step"]) for r in _rows(metrics)] == list(range(3000))
+
+
+# --- point 7: a finished run stays finished -------------------------------------------------
+def test_a_run_killed_after_its_last_checkpoint_is_recorded_completed_not_reopened(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A SIGKILL between the final checkpoint and the status write (the final W&B flush) leaves
+    run.json at "running": the requeued `last` records "completed" and trains nothing."""
+    main([*_args(in_tmp, steps=8)])
+    run = in_tmp / "runs/quickstart/version_0"
+    state = _state(run)
+    (run / "run.json").write_text(json.dumps({**state, "status": "running"}))
+    rows = _rows(run / "metrics.csv")
+    code, lines = _exit([*_args(in_tmp, "--ckpt_path", "last", steps=8)], capsys)
+    assert code == 0 and len(lines) == 1 and "already completed at step 8" in lines[0], lines
+    assert _state(run)["status"] == "completed" and _state(run)["step"] == 8
+    assert _rows(run / "metrics.csv") == rows
+
+
+def test_sigterm_right_after_training_is_a_completed_run(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM once training has ended (during the loggers' flush): exit 0 with one line, run.json
+    "completed", and the runner says ok."""
+    from bnlightning.experiments import RunSpec, run_all
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    logger = json.dumps([{"class_path": "bnlightning.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "exp", "version": "a"}}])
+    args = [*_args(tmp_path, steps=4)[1:], f"--trainer.logger={logger}", *_callback(tmp_path, "tests.helpers.faults.SignalAfterTraining")]
+    spec = RunSpec("exp", "a", Path("runs/exp/a"), tuple(args))
+    assert [o for _, o in run_all([spec], tmp_path, quiet=True)] == ["ok"]
+    assert _state(tmp_path / "runs/exp/a")["status"] == "completed"
+    out = (tmp_path / "runs/exp/a.out").read_text()
+    assert "bnlightning: SIGTERM arrived after the run had recorded its end; nothing was lost, exiting normally" in out
+
+
+# --- point 11: what a user trips over ---------------------------------------------------------
+def test_a_run_that_fails_at_start_up_leaves_no_folder(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A callback's bad layer name fails in setup, after the folder was claimed: it is removed."""
+    ics = in_tmp / "ics.yaml"
+    ics.write_text("trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.InternalCovariateShift\n      init_args: {layers: [net.fc99]}\n")
+    code, lines = _exit([*_args(in_tmp, steps=2), "--config", str(ics)], capsys)
+    assert code == 2 and len(lines) == 1 and "net.fc99" in lines[0], lines
+    assert not list((in_tmp / "runs/quickstart").glob("version_*"))
+
+
+def test_a_dotted_logger_option_on_a_logger_list_is_one_line(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.logger.class_path", "lightning.pytorch.loggers.CSVLogger", *QUICK]
+    code, lines = _exit(args, capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert "--trainer.logger.class_path is ambiguous: the config's trainer.logger is a list of 2 loggers" in lines[0]
+    assert not (in_tmp / "runs").exists()
+
+
+def test_runner_names_follow_an_override_of_a_grid_key() -> None:
+    from bnlightning.experiments.registry import EXPERIMENTS
+    from bnlightning.experiments.runs import expand
+
+    specs = expand(EXPERIMENTS["vgg-lr"], [0, 1], cpu=True, extra=["--model.init_args.optimizer.init_args.lr", "0.05", "--seed_everything=7"])
+    assert [s.name for s in specs] == ["none_lr0.05_s7", "batch_lr0.05_s7"]
+    assert all(s.args[-3:] == ("--model.init_args.optimizer.init_args.lr", "0.05", "--seed_everything=7") for s in specs)
