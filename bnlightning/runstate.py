@@ -211,6 +211,13 @@ class RunState(pl.Callback):
             self._write(trainer, status="completed")
         phase["now"] = "ended"
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning skips the whole loop (no on_train_end) when a resumed checkpoint had
+        # already reached max_steps/max_epochs: the run was complete, say so.
+        if phase["now"] == "training":
+            self._write(trainer, status="completed")
+            phase["now"] = "ended"
+
     # --- first step ------------------------------------------------------------------
     def _check_first_step(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> None:
         """A non-finite loss on the very first step is nearly always bad data: say so."""
