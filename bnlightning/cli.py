@@ -253,14 +253,16 @@ def _check_not_done(plan: resume.Resume, max_steps: int) -> None:
 def _continue_run(trainer: pl.Trainer, plan: resume.Resume, state: dict[str, Any]) -> None:
     """Point the loggers at ``plan.run_dir``: the CSV log there (whatever this command's logger
     settings say) and the W&B run it recorded."""
-    run_dir = os.path.abspath(plan.run_dir or "")
+    run_dir = plan.run_dir or ""
     ident = dict(state.get("bnlightning_loggers", {}))
     ident.pop("csv_version", None)
     if wandb_id := runstate.read_status(run_dir).get("wandb_id"):
         ident["wandb_id"] = wandb_id
     loggers = list(trainer.loggers)
     csv = csv_logger(loggers)
-    if csv is not None:
+    same_root = csv is not None and os.path.realpath(csv.root_dir) == os.path.realpath(os.path.dirname(run_dir))
+    if csv is not None and not (same_root and isinstance(csv, CSVLogger)):
+        # This command's CSV logger points elsewhere: a new one writes into the run's own folder.
         flush = getattr(csv, "flush_logs_every_n_steps", 100)
         ours = CSVLogger(save_dir=os.path.dirname(os.path.dirname(run_dir)), name=os.path.basename(os.path.dirname(run_dir)), version=os.path.basename(run_dir), flush_logs_every_n_steps=flush)
         loggers[loggers.index(csv)] = ours
