@@ -38,7 +38,7 @@ from bnlightning.checkpointing import (
     resolve_resume,
 )
 from bnlightning.errors import RunError, condense, storage_error_line, yaml_error
-from bnlightning.loggers import CSVLogger, csv_logger, discard_unused_claims, resume_loggers
+from bnlightning.loggers import CSVLogger, csv_logger, discard_unused_claims
 from bnlightning.models.base import BaseModule
 
 # Subcommands that are not LightningCLI's: name -> "module:function" taking argv.
@@ -210,10 +210,10 @@ class BNLightningCLI(LightningCLI):
         if problem := model_mismatch(self.model, state.get("state_dict", {})):
             raise RunError(f"{path} does not match this model: {problem}; resume with the run's own settings (its config.yaml) or start a new run")
         if plan.run_dir is not None:
-            _check_not_done(plan, self.trainer.max_steps)
+            resume.check_not_done(plan, self.trainer.max_steps)
             if self.trainer.is_global_zero:
                 resume.lock_run(plan.run_dir)
-            _continue_run(self.trainer, plan, state)
+            resume.continue_run(self.trainer, plan, state)
         rank_zero_info(f"bnlightning: resuming {plan.run_dir or 'a new run'} from {path} (step {plan.step})")
         return plan
 
@@ -241,33 +241,6 @@ class BNLightningCLI(LightningCLI):
         diverged = getattr(model, "diverged_at_step", None)
         status = f"DIVERGED at step {diverged}" if diverged is not None else f"{trainer.global_step} steps"
         rank_zero_info(f"bnlightning: {stage} done for {what}: {status}; {shown or 'no validation metrics'}")
-
-
-def _check_not_done(plan: resume.Resume, max_steps: int) -> None:
-    """A run whose checkpoint already reached ``max_steps`` finished (killed before it said so): record it, reopen nothing."""
-    if plan.run_dir is not None and max_steps is not None and max_steps > 0 and plan.step >= max_steps:
-        runstate.write_status(plan.run_dir, status="completed", step=plan.step, max_steps=max_steps)
-        raise resume.AlreadyFinished(f"{plan.run_dir} already completed at step {plan.step} (its checkpoint reached max_steps); a finished run is never reopened (nothing to do)")
-
-
-def _continue_run(trainer: pl.Trainer, plan: resume.Resume, state: dict[str, Any]) -> None:
-    """Point the loggers at ``plan.run_dir``: the CSV log there (whatever this command's logger
-    settings say) and the W&B run it recorded."""
-    run_dir = plan.run_dir or ""
-    ident = dict(state.get("bnlightning_loggers", {}))
-    ident.pop("csv_version", None)
-    if wandb_id := runstate.read_status(run_dir).get("wandb_id"):
-        ident["wandb_id"] = wandb_id
-    loggers = list(trainer.loggers)
-    csv = csv_logger(loggers)
-    same_root = csv is not None and os.path.realpath(csv.root_dir) == os.path.realpath(os.path.dirname(run_dir))
-    if csv is not None and not (same_root and isinstance(csv, CSVLogger)):
-        # This command's CSV logger points elsewhere: a new one writes into the run's own folder.
-        flush = getattr(csv, "flush_logs_every_n_steps", 100)
-        ours = CSVLogger(save_dir=os.path.dirname(os.path.dirname(run_dir)), name=os.path.basename(os.path.dirname(run_dir)), version=os.path.basename(run_dir), flush_logs_every_n_steps=flush)
-        loggers[loggers.index(csv)] = ours
-        trainer.loggers = loggers
-    resume_loggers(trainer.loggers, {**ident, "csv_version": os.path.basename(run_dir)}, plan.step)
 
 
 def _refuse_finished_folder(csv: CSVLogger) -> None:

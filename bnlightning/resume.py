@@ -36,10 +36,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 
 from bnlightning import runstate
 from bnlightning.errors import RunError
+from bnlightning.loggers import CSVLogger, csv_logger, resume_loggers
 
 #: Config keys that may differ between a run and the command that resumes it: where
 #: the run is resumed from, which files configured it, its loggers (the folder decides
@@ -243,6 +245,34 @@ def check_explicit(path: str, state: dict[str, Any], settings: dict[str, Any]) -
     if saved is None and (diff := hparams_difference(state, settings)):
         raise RunError(f"--ckpt_path {path} was trained with other settings ({diff}); resume with the checkpoint's own settings")
     return Resume(path, run, int(state.get("global_step", 0)))
+
+
+# --- continuing the chosen run -------------------------------------------------------------
+def check_not_done(plan: Resume, max_steps: int) -> None:
+    """A run whose checkpoint already reached ``max_steps`` finished (killed before it said so): record it, reopen nothing."""
+    if plan.run_dir is not None and max_steps is not None and max_steps > 0 and plan.step >= max_steps:
+        runstate.write_status(plan.run_dir, status="completed", step=plan.step, max_steps=max_steps)
+        raise AlreadyFinished(f"{plan.run_dir} already completed at step {plan.step} (its checkpoint reached max_steps); a finished run is never reopened (nothing to do)")
+
+
+def continue_run(trainer: pl.Trainer, plan: Resume, state: dict[str, Any]) -> None:
+    """Point the loggers at ``plan.run_dir``: the CSV log there (whatever this command's logger
+    settings say) and the W&B run it recorded."""
+    run_dir = plan.run_dir or ""
+    ident = dict(state.get("bnlightning_loggers", {}))
+    ident.pop("csv_version", None)
+    if wandb_id := runstate.read_status(run_dir).get("wandb_id"):
+        ident["wandb_id"] = wandb_id
+    loggers = list(trainer.loggers)
+    csv = csv_logger(loggers)
+    same_root = csv is not None and os.path.realpath(csv.root_dir) == os.path.realpath(os.path.dirname(run_dir))
+    if csv is not None and not (same_root and isinstance(csv, CSVLogger)):
+        # This command's CSV logger points elsewhere: a new one writes into the run's own folder.
+        flush = getattr(csv, "flush_logs_every_n_steps", 100)
+        ours = CSVLogger(save_dir=os.path.dirname(os.path.dirname(run_dir)), name=os.path.basename(os.path.dirname(run_dir)), version=os.path.basename(run_dir), flush_logs_every_n_steps=flush)
+        loggers[loggers.index(csv)] = ours
+        trainer.loggers = loggers
+    resume_loggers(trainer.loggers, {**ident, "csv_version": os.path.basename(run_dir)}, plan.step)
 
 
 # --- the run folder, held -------------------------------------------------------------
