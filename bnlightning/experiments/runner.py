@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -70,7 +72,7 @@ def run_all(specs: Sequence[RunSpec], cwd: Path | None = None, quiet: bool = Fal
             log_path = (cwd / log) if not log.is_absolute() else log
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with log_path.open("a" if has_ckpt else "w") as out:
-                proc = subprocess.Popen(command, cwd=cwd, stdout=out if quiet else None, stderr=subprocess.STDOUT if quiet else None)
+                proc = subprocess.Popen(command, cwd=cwd, stdout=out if quiet else None, stderr=subprocess.STDOUT if quiet else None, preexec_fn=_die_with_parent(os.getpid()))
                 child[:] = [proc]
                 returncode = proc.wait()
                 child.clear()
@@ -86,6 +88,27 @@ def run_all(specs: Sequence[RunSpec], cwd: Path | None = None, quiet: bool = Fal
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     return results
+
+
+def _die_with_parent(parent: int) -> Any:
+    """A ``preexec_fn`` that makes the child receive SIGTERM when this runner dies, however it dies.
+
+    Linux's ``prctl(PR_SET_PDEATHSIG)``: a runner killed with SIGKILL cannot forward
+    anything, so the kernel does it, and the ``fit`` saves a checkpoint and stops instead
+    of training on as an orphan that a re-run would then "resume" beside. Elsewhere: None.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def preexec() -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the runner died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def _outcome(returncode: int, status: str) -> str:
