@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback, wandb_loggers
 from bnlightning.callbacks.functional import activation_kind, activation_stats, capture_forward
-from bnlightning.callbacks.functional._model import LossFn
+from bnlightning.callbacks.functional._model import LossFn, metric_name
 
 __all__ = ["ActivationStats", "default_activation_layers"]
 
@@ -173,6 +173,7 @@ class ActivationStats(ModuleLayersCallback):
         tb_targets = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         step = trainer.global_step
         for name, x in values.items():
+            name = metric_name(name)
             for lg in tb_targets:
                 lg.experiment.add_histogram(f"act/{name}", x.cpu(), step)
             if wandb_targets:
