@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torchvision
 from torch import Tensor, nn
@@ -166,3 +167,29 @@ def test_torchvision_resnet18_pre_activations_are_centred() -> None:
         x = ref[name]
         assert _close(logged[f"act/net.{name}/mean"], float(x.mean()), 1e-4), name
         assert _close(logged[f"act/net.{name}/q15"], float(torch.quantile(x.flatten(), 0.15)), 1e-4), name
+
+
+class Sequence(pl.LightningModule):
+    """A per-token classifier: every module output is (N, T, C), so there are no (N, classes) logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x).flatten(0, 1), y.flatten())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_mean_shift_says_once_why_majority_share_is_absent() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 5, generator=g), torch.randint(0, 4, (8, 3), generator=g)
+    rec = Recorder()
+    trainer = pl.Trainer(max_steps=2, callbacks=[MeanShift(every_n_steps=1)], logger=rec, log_every_n_steps=1, **TRAINER_KW)
+    with pytest.warns(UserWarning, match="majority_share is not logged: no module of Sequence returned") as caught:
+        trainer.fit(Sequence(), DataLoader(TensorDataset(x, y), batch_size=4))
+    assert sum("majority_share" in str(w.message) for w in caught) == 1
+    assert sorted(rec.logged) == [0, 1] and all("meanshift/net.1/cos" in v and "meanshift/majority_share" not in v for v in rec.logged.values())
