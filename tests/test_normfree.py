@@ -18,7 +18,7 @@ from bnlightning.batchsize import (
     train_mode_accuracy,
 )
 from bnlightning.models import MLP, VGG
-from bnlightning.normfree import AdaptiveGradientClipping
+from bnlightning.normfree import AdaptiveGradientClipping, final_linear_layer
 
 TRAINER_KW: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False, "accelerator": "cpu", "logger": False}
 
@@ -125,6 +125,7 @@ def test_agc_leaves_the_last_linear_of_the_forward_pass_unclipped_and_says_so(ca
         ratio = max(float(gu.norm()) / max(float(wu.norm()), 1e-3) for wu, gu in units)
         assert (ratio > 2e-4) if name.startswith("head.") else (ratio <= 1e-4 * (1 + 1e-5)), (name, ratio)
     assert not model.head._forward_hooks and not model.body[2]._forward_hooks  # the watch ended with the first step
+    assert final_linear_layer(HeadFirst(), torch.randn(2, 12)) == "head"  # registration order would say body.2
 
 
 def test_scaled_ws_conv_standardises_each_output_unit() -> None:
