@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback, wandb_loggers
 from bnlightning.callbacks.functional import activation_kind, activation_stats, capture_forward
-from bnlightning.callbacks.functional._model import LossFn
+from bnlightning.callbacks.functional._model import LossFn, metric_name
 
 __all__ = ["ActivationStats", "default_activation_layers"]
 
@@ -41,6 +41,12 @@ def module_layers(module: nn.Module, layers: list[str] | None) -> list[str]:
     if bad:
         raise ValueError(f"unknown layer {bad[0]!r}. Valid module names: {', '.join(n for n in modules if n)}")
     return list(layers)
+
+
+def _finite_values(x: Tensor) -> Tensor:
+    """The finite entries of ``x`` as a new float32 vector (a copy, never a view of ``x``)."""
+    flat = x.detach().float().flatten()
+    return flat[torch.isfinite(flat)]
 
 
 class ModuleLayersCallback(MeasurementCallback):
@@ -136,35 +142,38 @@ class ActivationStats(ModuleLayersCallback):
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
         modules = dict(pl_module.named_modules())
-        taps = {name: (modules[name], "input" if activation_kind(modules[name]) else "output") for name in self._layers}
-        captured = capture_forward(pl_module, batch, taps, loss_fn=self.loss_fn, loss_method=self.loss_method)  # type: ignore[arg-type]
-        metrics: dict[str, Tensor] = {}
-        for name in self._layers:
-            x = captured.get(name)
-            if x is None:
-                continue
-            kind = activation_kind(modules[name]) or "other"
-            for key, value in activation_stats(x, kind, saturation_threshold=self.saturation_threshold).items():
-                metrics[f"act/{name}/{key}"] = value
-        if self.histogram:
-            self._log_histograms(trainer, captured)
+        kinds = {name: activation_kind(modules[name]) for name in self._layers}
+        taps = {name: (modules[name], "input" if kinds[name] else "output") for name in self._layers}
+        keep_values = self.histogram and bool(self._histogram_targets(trainer))
+
+        def read(name: str, x: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+            # At hook time: an in-place op later in the pass (ReLU(inplace=True)) would rewrite x.
+            stats = activation_stats(x, kinds[name] or "other", saturation_threshold=self.saturation_threshold)
+            return stats, (_finite_values(x) if keep_values else None)
+
+        captured = capture_forward(pl_module, batch, taps, read=read, loss_fn=self.loss_fn, loss_method=self.loss_method)  # type: ignore[arg-type]
+        metrics = {f"act/{name}/{key}": value for name in self._layers if name in captured for key, value in captured[name][0].items()}
+        if keep_values:
+            self._log_histograms(trainer, {name: values for name, (_, values) in captured.items() if values is not None and values.numel()})
         return metrics
 
-    def _log_histograms(self, trainer: pl.Trainer, captured: dict[str, Tensor]) -> None:
-        if not trainer.is_global_zero:  # loggers write on rank zero only; no collective here
-            return
+    @staticmethod
+    def _histogram_targets(trainer: pl.Trainer) -> list[Any]:
+        """The loggers that take a histogram (rank zero only: loggers write there; no collective here)."""
+        if not trainer.is_global_zero:
+            return []
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return [*wandb_loggers(trainer), *(lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger))]
+
+    def _log_histograms(self, trainer: pl.Trainer, values: dict[str, Tensor]) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         wandb_targets = wandb_loggers(trainer)
         tb_targets = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not wandb_targets and not tb_targets:
-            return
         step = trainer.global_step
-        for name, x in captured.items():
-            x = x.float().flatten()
-            x = x[torch.isfinite(x)]
-            if x.numel() == 0:
-                continue
+        for name, x in values.items():
+            name = metric_name(name)
             for lg in tb_targets:
                 lg.experiment.add_histogram(f"act/{name}", x.cpu(), step)
             if wandb_targets:

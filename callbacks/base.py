@@ -19,6 +19,10 @@ Ranks. Under DDP every gradient and loss behind a measurement is averaged over r
 (``trainer.strategy.reduce``) before any norm or ratio, so every rank computes the same number and
 it does not depend on the world size; only rank zero logs.
 
+Names. Metric names drop the ``_orig_mod`` segments ``torch.compile`` puts into module names
+(``act/net._orig_mod.relu1/mean`` is logged as ``act/net.relu1/mean``), so a compiled run and an
+uncompiled one log the same keys.
+
 Logging. Through the public logger API, as Lightning's ``LearningRateMonitor`` does: on rank zero,
 ``logger.log_metrics(metrics, step=t)`` for each of ``trainer.loggers``, whatever
 ``log_every_n_steps`` is. With a ``WandbLogger`` attached each callback also keeps the history of
@@ -49,7 +53,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from bnlightning.callbacks.functional import StepGradient, check_optimizer, import_loss_fn, step_gradient
-from bnlightning.callbacks.functional._model import LossFn, Reduce, resolve_loss
+from bnlightning.callbacks.functional._model import LossFn, Reduce, metric_name, resolve_loss
 from bnlightning.callbacks.guard import RngState, observer_guard
 
 __all__ = ["GradientExchange", "MeasurementCallback", "StepKey"]
@@ -136,9 +140,12 @@ class GradientExchange:
 
 
 def _is_compiled(module: torch.nn.Module) -> bool:
-    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+    """``torch.compile`` anywhere: ``trainer.fit(torch.compile(module))`` (Lightning unwraps it and keeps a
+    ``_compiler_ctx``), ``self.net = torch.compile(self.net)`` (an ``OptimizedModule`` child), ``m.compile()``."""
+    if getattr(module, "_compiler_ctx", None):
         return True
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+    optimized = torch._dynamo.eval_frame.OptimizedModule
+    return any(isinstance(m, optimized) or getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
 
 
 def wandb_loggers(trainer: pl.Trainer) -> list[Any]:
@@ -295,7 +302,7 @@ class MeasurementCallback(Callback):
     def record(self, trainer: pl.Trainer, metrics: dict[str, Tensor], step: int | None = None) -> None:
         """Count the measurement and hand its scalars to every logger (rank zero only)."""
         step = trainer.global_step if step is None else step
-        values = {k: float(v) for k, v in metrics.items()}
+        values = {metric_name(k): float(v) for k, v in metrics.items()}
         self.measurements += 1
         self.last_measured_step = step
         if self._keep_history:
@@ -342,6 +349,7 @@ class MeasurementCallback(Callback):
 
         out = {}
         for title, keys in self.charts().items():
+            keys = [metric_name(k) for k in keys]
             keys = [k for k in keys if self.history.get(k)]
             if not keys:
                 continue

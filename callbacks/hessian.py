@@ -8,14 +8,50 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional._model import LossFn, resolve_layers
-from bnlightning.callbacks.functional.hessian import HVP_METHODS, edge_of_stability, hessian_spectrum
+from bnlightning.callbacks.functional.hessian import HVP_METHODS, hessian_spectrum
 
-__all__ = ["HessianSpectrum"]
+__all__ = ["HessianSpectrum", "sharpness_limit"]
+
+
+def sharpness_limit(optimizer: Any) -> tuple[float | None, str]:
+    """The edge-of-stability limit 2(1+β)/η every parameter is updated with, or ``None`` and why not.
+
+    Defined for ``torch.optim.SGD`` with heavy-ball momentum β (β = 0: plain SGD). Several parameter
+    groups are accepted when they give one limit; groups with different η or β are refused (one λmax of
+    H has no single η to be compared with), as are Nesterov momentum, dampening and other optimizers.
+    """
+    opt = getattr(optimizer, "_optimizer", getattr(optimizer, "optimizer", optimizer))
+    name = type(opt).__name__
+    if type(opt) is not torch.optim.SGD:
+        return None, f"the ratio is defined for SGD with heavy-ball momentum, and the optimizer is {name}"
+    limits = []
+    for group in opt.param_groups:
+        limit = _group_limit(group)
+        if limit is None:
+            return None, f"the ratio is defined for SGD with heavy-ball momentum and lr > 0; this SGD has {_sgd_settings(group)}"
+        limits.append(limit)
+    if max(limits) > min(limits) * (1 + 1e-12):
+        settings = "; ".join(f"group {i}: {_sgd_settings(g)}" for i, g in enumerate(opt.param_groups))
+        return None, f"the parameter groups have different limits 2(1+momentum)/lr ({settings}), so no single eta applies to lambda_max"
+    return limits[0], ""
+
+
+def _group_limit(group: dict[str, Any]) -> float | None:
+    """2(1+β)/η of one SGD parameter group (as ``edge_of_stability`` for the first group), or None."""
+    lr, beta = float(group["lr"]), float(group.get("momentum", 0.0))
+    if group.get("nesterov", False) or (beta and float(group.get("dampening", 0.0))) or not lr > 0:
+        return None
+    return 2.0 * (1.0 + beta) / lr
+
+
+def _sgd_settings(group: dict[str, Any]) -> str:
+    return f"lr={group['lr']}, momentum={group.get('momentum', 0)}, dampening={group.get('dampening', 0)}, nesterov={group.get('nesterov', False)}"
 
 
 class HessianSpectrum(MeasurementCallback):
@@ -29,14 +65,23 @@ class HessianSpectrum(MeasurementCallback):
     trace by Hutchinson's estimator with Rademacher probes, deflated by those eigenvectors. Under DDP
     every HVP is averaged over ranks (the global-batch Hessian) and every rank draws the same vectors.
 
+    What H is, precisely: with dropout (or noisy BatchNorm), the loss with one fresh draw of the masks,
+    the same draw in every HVP, not the masks training used on that step (the RNG state is the one at
+    ``on_before_optimizer_step``, rewound afterwards). With ``accumulate_grad_batches > 1``, the Hessian
+    of the *last micro-batch's* loss, not of the step's mean over micro-batches (a smaller batch is
+    sharper: a larger λmax); ``sharpness_ratio`` is that λmax over the step's 2(1+β)/η, unscaled, and an
+    info line at setup says so.
+
     Logged metrics:
 
     - ``hessian/lambda_max``, ``hessian/eig_<j>`` (j = 1..k): the top eigenvalues, descending
     - ``hessian/iterations``: HVPs the eigen solver used; ``hessian/converged``: 1 if every pair met ``tol``
     - ``hessian/trace``, ``hessian/trace_se``: Hutchinson's estimate and its standard error (``n_probes > 0``)
     - ``hessian/sharpness_ratio`` = λmax / (2(1+β)/η): 1 is the edge of stability (Cohen et al. 2021), for
-      SGD with learning rate η and heavy-ball momentum β (β = 0 for plain SGD); NaN, with a one-time
-      warning, for other optimizers (Adam's preconditioned limit is not λmax of H) or Nesterov/dampening
+      SGD with learning rate η and heavy-ball momentum β (β = 0 for plain SGD), η and β as they are at the
+      measured step. Several parameter groups are fine when they share 2(1+β)/η; when they differ, or for
+      other optimizers (Adam's preconditioned limit is not λmax of H), Nesterov or dampening, it is NaN and
+      a one-time warning says why (``sharpness_limit``)
     - per layer in ``layers``: the same under ``hessian/<layer>/`` for the block of H of that layer's weight
 
     Args:
@@ -55,7 +100,8 @@ class HessianSpectrum(MeasurementCallback):
         loss_method: the module's method ``(batch) -> scalar loss``.
 
     Raises:
-        ValueError: a bad argument; at setup, an unknown layer.
+        ValueError: a bad argument; at setup, an unknown layer, or ``k`` larger than the network's
+            trainable parameters or than a layer's weight (its block of H has that many eigenvalues).
         MisconfigurationException: at setup, manual optimization, an unsupported strategy, LBFGS.
 
     Example::
@@ -102,8 +148,17 @@ class HessianSpectrum(MeasurementCallback):
 
     @override
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.layers:
-            resolve_layers(pl_module, self.layers)
+        blocks = {"the trainable parameters": sum(p.numel() for p in pl_module.parameters() if p.requires_grad)}
+        for layer in resolve_layers(pl_module, self.layers) if self.layers else []:
+            blocks[f"the weight of layer {layer!r}"] = pl_module.get_submodule(layer).weight.numel()
+        for what, size in blocks.items():
+            if self.k > size:
+                raise ValueError(f"HessianSpectrum: k = {self.k} is more than the {size} eigenvalues of the Hessian over {what} (one per entry); use k <= {size}")
+        if trainer.accumulate_grad_batches > 1:
+            rank_zero_info(
+                f"HessianSpectrum: with accumulate_grad_batches={trainer.accumulate_grad_batches}, H is the Hessian of the last "
+                f"micro-batch's loss, and hessian/sharpness_ratio compares its lambda_max with 2(1+beta)/eta."
+            )
 
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
@@ -126,14 +181,10 @@ class HessianSpectrum(MeasurementCallback):
         if self.warm_start:
             self._vectors = result.eigenvectors
         metrics = dict(result.metrics)
-        limit = edge_of_stability(optimizer)
+        limit, why_not = sharpness_limit(optimizer)
         if limit is None and not self._warned_ratio:
             self._warned_ratio = True
-            warnings.warn(
-                f"HessianSpectrum: hessian/sharpness_ratio is defined for SGD (with heavy-ball momentum); the optimizer is "
-                f"{type(getattr(optimizer, '_optimizer', optimizer)).__name__}, so it is logged as NaN.",
-                stacklevel=2,
-            )
+            warnings.warn(f"HessianSpectrum: hessian/sharpness_ratio is logged as NaN: {why_not}.", stacklevel=2)
         metrics["hessian/sharpness_ratio"] = metrics["hessian/lambda_max"] / limit if limit is not None and "hessian/lambda_max" in metrics else torch.tensor(float("nan"))
         return metrics
 

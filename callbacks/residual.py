@@ -54,14 +54,21 @@ def residual_variance(outputs: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str,
     """
     out: dict[str, Tensor] = {}
     for name, (branch, skip) in outputs.items():
-        if branch.shape != skip.shape:
-            raise ValueError(f"block {name!r}: branch output {tuple(branch.shape)} and shortcut output {tuple(skip.shape)} differ")
-        vb = branch.detach().double().var(unbiased=False)
-        vs = skip.detach().double().var(unbiased=False)
-        out[f"resvar/{name}/branch"] = vb.float()
-        out[f"resvar/{name}/skip"] = vs.float()
-        out[f"resvar/{name}/ratio"] = (vb / vs).float() if vs > 0 else torch.tensor(float("inf"))
+        out.update(_block_metrics(name, _read(name, branch), _read(name, skip)))
     return out
+
+
+def _read(name: str, x: Tensor) -> tuple[torch.Size, Tensor]:
+    """What a block needs of one output: its shape and its population variance (float64), at hook time."""
+    return x.shape, x.detach().double().var(unbiased=False)
+
+
+def _block_metrics(name: str, branch: tuple[torch.Size, Tensor], skip: tuple[torch.Size, Tensor]) -> dict[str, Tensor]:
+    (shape_b, vb), (shape_s, vs) = branch, skip
+    if shape_b != shape_s:
+        raise ValueError(f"block {name!r}: branch output {tuple(shape_b)} and shortcut output {tuple(shape_s)} differ")
+    ratio = (vb / vs).float() if vs > 0 else torch.tensor(float("inf"))
+    return {f"resvar/{name}/branch": vb.float(), f"resvar/{name}/skip": vs.float(), f"resvar/{name}/ratio": ratio}
 
 
 class ResidualVariance(MeasurementCallback):
@@ -69,7 +76,10 @@ class ResidualVariance(MeasurementCallback):
 
     When and how: as ``MeanShift`` -- forward hooks on each block's ``branch`` and
     ``shortcut`` only around one float32, no-grad, side-effect-free ``measurement_forward``
-    of the measured step's training batch (pre-step weights, norms in training mode).
+    of the measured step's training batch (pre-step weights, norms in training mode). Each
+    variance is taken inside the hook, when the output is produced, so a block written
+    ``out = self.branch(x); out += self.shortcut(x)`` (which rewrites the branch output in place)
+    is measured right; a block called several times in the pass is read at its last call.
     ``every_n_steps=1`` with ``max_steps=1`` measures the network at initialisation.
 
     Args:
@@ -101,9 +111,13 @@ class ResidualVariance(MeasurementCallback):
         for name in self._blocks:
             block = pl_module.get_submodule(name)
             taps[f"{name}\x00branch"], taps[f"{name}\x00skip"] = (block.branch, "output"), (block.shortcut, "output")
-        seen = capture_forward(pl_module, batch, taps, loss_fn=self.loss_fn, loss_method=self.loss_method)
-        pairs = {n: (seen[f"{n}\x00branch"], seen[f"{n}\x00skip"]) for n in self._blocks if f"{n}\x00branch" in seen and f"{n}\x00skip" in seen}
-        return residual_variance(pairs)
+        # The variances are taken in the hooks: `out = branch(x); out += shortcut(x)` rewrites the branch output.
+        seen = capture_forward(pl_module, batch, taps, read=_read, loss_fn=self.loss_fn, loss_method=self.loss_method)
+        out: dict[str, Tensor] = {}
+        for n in self._blocks:
+            if f"{n}\x00branch" in seen and f"{n}\x00skip" in seen:
+                out.update(_block_metrics(n, seen[f"{n}\x00branch"], seen[f"{n}\x00skip"]))
+        return out
 
     @override
     def charts(self) -> dict[str, list[str]]:
