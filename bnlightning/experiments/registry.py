@@ -266,5 +266,34 @@ EXPERIMENTS: dict[str, Experiment] = {
             cpu_overrides=CPU_RESNET,
             cpu_grid={LR: (0.1,)},
         ),
+        # --- beyond the paper: the stability gauges of PROTOCOL §12 (docs/reproduction-cpu.md, "Stability gauges") ---
+        Experiment(
+            "gauges-sgd",
+            "§12 (beyond the paper): gradient-direction curvature vs 2/eta, ||dL/dy|| at the norm outputs (Thm 4.1), effective lr, SLQ density; VGG standard vs BN, SGD",
+            ("configs/vgg.yaml", "configs/experiments/measure_gauges.yaml"),
+            {NORM: ("none", "batch"), LR: (0.1,)},
+            cpu_overrides=(*CPU_VGG, "--config=configs/experiments/measure_gauges_cpu.yaml"),
+        ),
+        Experiment(
+            "gauges-adamw",
+            "§12 (beyond the paper): the same gauges under AdamW; preconditioned sharpness lambda_max(P^-1 H) vs 38/eta (Cohen et al. 2022)",
+            ("configs/vgg.yaml", "configs/experiments/adamw.yaml", "configs/experiments/measure_gauges.yaml"),
+            {NORM: ("none", "batch"), LR: (0.001,)},
+            cpu_overrides=(*CPU_VGG, "--config=configs/experiments/measure_gauges_cpu.yaml"),
+        ),
+        Experiment(
+            "gauges-mlp-sgd",
+            "§12 (beyond the paper): the stability gauges on the sigmoid MLP, standard vs BN, SGD",
+            ("configs/mlp_sigmoid.yaml", "configs/experiments/measure_gauges.yaml"),
+            {NORM: ("none", "batch"), LR: (0.1,)},
+            cpu_overrides=("--trainer.accelerator=cpu", "--trainer.log_every_n_steps=10", "--config=configs/experiments/measure_gauges_mlp_cpu.yaml"),
+        ),
+        Experiment(
+            "gauges-mlp-adamw",
+            "§12 (beyond the paper): the stability gauges on the sigmoid MLP, standard vs BN, AdamW (preconditioned sharpness)",
+            ("configs/mlp_sigmoid.yaml", "configs/experiments/adamw.yaml", "configs/experiments/measure_gauges.yaml"),
+            {NORM: ("none", "batch"), LR: (0.001,)},
+            cpu_overrides=("--trainer.accelerator=cpu", "--trainer.log_every_n_steps=10", "--config=configs/experiments/measure_gauges_mlp_cpu.yaml"),
+        ),
     ]
 }
