@@ -69,6 +69,8 @@ def curvature_gauges_figure(family: tuple[str, str], runs: Sequence[Run], out: P
     axes[1].axhline(1.0, color="k", lw=0.7, ls=":")
     lims = axes[2].get_xlim()
     axes[2].plot(lims, lims, "k:", lw=0.7)
+    for set_scale in (axes[2].set_xscale, axes[2].set_yscale):  # a failed quadratic model is off by decades
+        set_scale("symlog", linthresh=1e-3)
     _style(axes[0], "step", "curvature along g (solid) and u (dashed)", log=True)
     _style(axes[1], "step", "λmax / stability threshold", log=True)
     _style(axes[2], "actual L(W+u) − L(W)", "predicted gᵀu + ½uᵀHu")
