@@ -397,3 +397,71 @@ def test_bad_arguments_are_one_line(make: Any, match: str) -> None:
 def test_unknown_layer_is_named_at_setup() -> None:
     with pytest.raises(ValueError, match="net.nope"):
         _train(Tiny(), [ActivationGradients(layers=["net.nope"])], steps=1)
+
+
+DDP_SCRIPT = """
+import json, os, sys
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import Logger
+from torch.utils.data import DataLoader, TensorDataset
+from bnlightning.callbacks import EffectiveLearningRate, GradientCurvature, HessianSpectrum, SpectralDensity
+from bnlightning.models import MLP
+
+class Recorder(Logger):
+    name, version = "memory", 0
+    def __init__(self):
+        super().__init__()
+        self.logged = {}
+    def log_hyperparams(self, *a, **k):
+        pass
+    def log_metrics(self, metrics, step=None):
+        ours = {k: float(v) for k, v in metrics.items() if k.split("/")[0] in ("hessian", "efflr", "sld")}
+        if ours:
+            self.logged.setdefault(str(step), {}).update(ours)
+
+if __name__ == "__main__":
+    out, world = sys.argv[1], int(sys.argv[2])
+    torch.manual_seed(0)
+    model = MLP(in_features=16, out_features=10, depth=2, width=16, activation="tanh", norm="none")
+    model.optimizer_factory = lambda p: torch.optim.AdamW(p, lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
+    rank, n = int(os.environ.get("LOCAL_RANK", 0)), 8 // world
+    shard = torch.cat([torch.arange(8 * k + rank * n, 8 * k + (rank + 1) * n) for k in range(2)])
+    cbs = [GradientCurvature(every_n_steps=2), EffectiveLearningRate(every_n_steps=2, layers=["net.fc1", "net.fc2"]),
+           HessianSpectrum(every_n_steps=2, n_probes=0, tol=1e-5), SpectralDensity(every_n_steps=2, lanczos_steps=4, n_starts=1, norm_modes=["train"])]
+    rec = Recorder()
+    kw = dict(strategy="ddp", devices=world) if world > 1 else dict(devices=1)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", callbacks=cbs, logger=rec, log_every_n_steps=1, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False, **kw)
+    trainer.fit(model, DataLoader(TensorDataset(x[shard], y[shard]), batch_size=n))
+    with open(os.path.join(out, f"w{world}-rank{trainer.global_rank}.json"), "w") as f:
+        json.dump(rec.logged, f)
+"""
+
+
+def test_ddp_two_processes_log_the_global_batch_gauges(tmp_path: Any) -> None:
+    """Without BN, the mean over 2 ranks of shard gradients, losses and HVPs is the full batch's: the same numbers as 1 process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_gauges.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    logged = {}
+    for world in (2, 1):
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(world)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logged[world] = json.loads((tmp_path / f"w{world}-rank0.json").read_text())
+    assert json.loads((tmp_path / "w2-rank1.json").read_text()) == {}  # only rank zero logs
+    one, two = logged[1]["1"], logged[2]["1"]
+    assert set(one) == set(two) and "hessian/precond_lambda_max" in one and "sld/train/node_3" in one
+    for k, w in one.items():
+        if math.isnan(w):
+            assert math.isnan(two[k]), k
+            continue
+        tol = 1e-3 if k.startswith(("sld/", "hessian/precond", "hessian/sharpness", "hessian/lambda", "hessian/eig")) else 1e-4
+        assert abs(two[k] - w) <= tol * abs(w) + 1e-6, f"{k}: 2 ranks {two[k]:.8g}, 1 process {w:.8g}"
