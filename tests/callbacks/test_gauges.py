@@ -465,3 +465,36 @@ def test_ddp_two_processes_log_the_global_batch_gauges(tmp_path: Any) -> None:
             continue
         tol = 1e-3 if k.startswith(("sld/", "hessian/precond", "hessian/sharpness", "hessian/lambda", "hessian/eig")) else 1e-4
         assert abs(two[k] - w) <= tol * abs(w) + 1e-6, f"{k}: 2 ranks {two[k]:.8g}, 1 process {w:.8g}"
+
+
+def test_torchvision_resnet_trains_identically_and_the_gauges_find_its_layers() -> None:
+    """A model nobody here wrote: torchvision's ResNet-18 (in-place ReLUs after BN, a downsample branch),
+    loss read from its own ``training_step`` (a logged loss and a torchmetrics accuracy), AdamW."""
+    import torchvision
+
+    from tests.helpers.zoo import Classifier
+
+    def build() -> Classifier:
+        torch.manual_seed(0)
+        return Classifier(torchvision.models.resnet18(num_classes=10), lambda p: torch.optim.AdamW(p, lr=1e-3))
+
+    def fit(model: Classifier, callbacks: list[Any]) -> Recorder:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+        rec = Recorder(("hessian", "gradact", "efflr", "sld"))
+        torch.manual_seed(0)
+        pl.Trainer(max_steps=2, callbacks=callbacks, logger=rec, **TRAINER_KW).fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
+        return rec
+
+    plain, measured = build(), build()
+    fit(plain, [])
+    gauges = [GradientCurvature(every_n_steps=2), ActivationGradients(every_n_steps=2), EffectiveLearningRate(every_n_steps=2), SpectralDensity(every_n_steps=2, lanczos_steps=2, n_starts=1)]
+    rec = fit(measured, gauges)
+    for (n, a), (_, b) in zip(plain.state_dict().items(), measured.state_dict().items()):
+        assert torch.equal(a, b), n
+    logged = rec.logged[1]
+    bns = [n for n, m in measured.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(f"gradact/{n}/bound" in logged for n in bns) and len(bns) == 20
+    assert {"efflr/net.conv1/angle", "efflr/net.layer2.0.downsample.0/angle"} <= set(logged)  # every conv feeds a BN
+    assert "efflr/net.fc/angle" not in logged
+    assert all(math.isfinite(v) for k, v in logged.items() if not k.endswith("curvature_ratio"))  # those: SGD only
