@@ -11,7 +11,6 @@ The preconditioned sharpness of adaptive optimizers is logged by ``HessianSpectr
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -370,10 +369,3 @@ class SpectralDensity(MeasurementCallback):
             out[f"sld/{mode}/lambda_min"] = live.min().to(torch.float32)
             out[f"sld/{mode}/hvps"] = torch.tensor(float(res.hvps))
         return out
-
-
-def warn_once(owner: Any, flag: str, message: str) -> None:
-    """``warnings.warn(message)`` the first time ``owner.<flag>`` is unset."""
-    if not getattr(owner, flag, False):
-        setattr(owner, flag, True)
-        warnings.warn(message, stacklevel=3)

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from bnlightning.callbacks._curvature import make_hvp, top_eigenvalues
-from bnlightning.callbacks.functional._model import LossFn, Model, Reduce, reduce_dict, to_float32
+from bnlightning.callbacks.functional._model import WEIGHT_LAYER_TYPES, LossFn, Model, Reduce, reduce_dict, to_float32, weight_layer_names
+from bnlightning.callbacks.functional.activations import measurement_forward
 
 Vec = dict[str, Tensor]
 
@@ -271,8 +272,6 @@ def preconditioned_sharpness(
 def default_gradact_layers(module: nn.Module) -> list[str]:
     """Every normalization layer; in a network without one, every Conv/Linear layer but the last
     (the positions a normalization layer would follow)."""
-    from bnlightning.callbacks.functional._model import weight_layer_names
-
     norms = [n for n, m in module.named_modules() if n and is_norm(m)]
     return norms or weight_layer_names(module)[:-1]
 
@@ -382,9 +381,6 @@ def scale_invariant_layers(module: nn.Module, batch: Any, *, loss_fn: LossFn | s
     it returns is the very tensor a normalization module (``NORM_TYPES``, or a class named ``*Norm``)
     receives. Such a weight is scale invariant when the norm is BatchNorm in training mode.
     """
-    from bnlightning.callbacks.functional._model import WEIGHT_LAYER_TYPES
-    from bnlightning.callbacks.functional.activations import measurement_forward
-
     outputs: dict[int, str] = {}
     found: list[str] = []
 
