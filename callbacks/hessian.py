@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional._model import LossFn, resolve_layers
+from bnlightning.callbacks.functional.gauges import adaptive_preconditioner, preconditioned_sharpness
 from bnlightning.callbacks.functional.hessian import HVP_METHODS, hessian_spectrum
 
 __all__ = ["HessianSpectrum", "sharpness_limit"]
@@ -79,9 +80,12 @@ class HessianSpectrum(MeasurementCallback):
     - ``hessian/trace``, ``hessian/trace_se``: Hutchinson's estimate and its standard error (``n_probes > 0``)
     - ``hessian/sharpness_ratio`` = λmax / (2(1+β)/η): 1 is the edge of stability (Cohen et al. 2021), for
       SGD with learning rate η and heavy-ball momentum β (β = 0 for plain SGD), η and β as they are at the
-      measured step. Several parameter groups are fine when they share 2(1+β)/η; when they differ, or for
-      other optimizers (Adam's preconditioned limit is not λmax of H), Nesterov or dampening, it is NaN and
-      a one-time warning says why (``sharpness_limit``)
+      measured step. Several parameter groups are fine when they share 2(1+β)/η. For Adam and AdamW it is
+      ``hessian/precond_lambda_max`` = λmax(P⁻¹H), P = diag(√v̂ + ε) of the step about to be taken
+      (``functional.gauges.adaptive_preconditioner``), over (2 + 2β₁)/(η(1 − β₁)) (38/η at β₁ = 0.9;
+      Cohen et al. 2022); for RMSprop over 2(1+β)/η. NaN, with a one-time warning saying why
+      (``sharpness_limit``), for SGD groups with different 2(1+β)/η, Nesterov or dampening, and any other
+      optimizer (LBFGS, a custom class)
     - per layer in ``layers``: the same under ``hessian/<layer>/`` for the block of H of that layer's weight
 
     Args:
@@ -142,6 +146,7 @@ class HessianSpectrum(MeasurementCallback):
         self.warm_start, self.seed, self.max_basis, self.hvp_method = warm_start, seed, max_basis, hvp_method
         self._vectors: dict[str, list[dict[str, Tensor]]] = {}
         self._warned_ratio = False
+        self._precond_vector: dict[str, Tensor] | None = None
 
     def _state_key_extra(self) -> dict[str, Any]:
         return {"k": self.k, "layers": self.layers}
@@ -182,15 +187,26 @@ class HessianSpectrum(MeasurementCallback):
             self._vectors = result.eigenvectors
         metrics = dict(result.metrics)
         limit, why_not = sharpness_limit(optimizer)
+        precond = adaptive_preconditioner(optimizer, pl_module) if limit is None else None
+        if precond is not None:  # Adam, AdamW, RMSprop: λmax(P⁻¹H) against its own threshold (Cohen et al. 2022)
+            lam, self._precond_vector, _ = preconditioned_sharpness(
+                pl_module, batch, precond.diagonal, tol=self.tol, max_iter=self.max_iter, seed=self.seed + trainer.global_step,
+                v0=self._precond_vector if self.warm_start else None, hvp_method=self.hvp_method,
+                loss_fn=self.loss_fn, loss_method=self.loss_method, reduce=self.reduce(trainer),
+            )  # fmt: skip
+            metrics["hessian/precond_lambda_max"] = lam
+            metrics["hessian/sharpness_ratio"] = lam / precond.threshold
+            return metrics
         if limit is None and not self._warned_ratio:
             self._warned_ratio = True
-            warnings.warn(f"HessianSpectrum: hessian/sharpness_ratio is logged as NaN: {why_not}.", stacklevel=2)
+            warnings.warn(f"HessianSpectrum: hessian/sharpness_ratio is logged as NaN: {why_not} (Adam, AdamW and RMSprop get the preconditioned ratio).", stacklevel=2)
         metrics["hessian/sharpness_ratio"] = metrics["hessian/lambda_max"] / limit if limit is not None and "hessian/lambda_max" in metrics else torch.tensor(float("nan"))
         return metrics
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._vectors = {}
+        self._precond_vector = None
 
     @override
     def charts(self) -> dict[str, list[str]]:
