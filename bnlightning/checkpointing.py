@@ -115,13 +115,15 @@ class RunCheckpoint(ModelCheckpoint):
         if kwargs.get("monitor") is None and not args:
             kwargs.update(monitor="step", mode="max", save_top_k=keep_last)
         # Off by default: a resumed run rewrites last.ckpt, never a last-v1.ckpt beside a stale last.ckpt.
-        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
+        kwargs["enable_version_counter"] = enable_version_counter
+        super().__init__(*args, **kwargs)
         self.keep_last = keep_last
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        if self.save_last and not trainer.fast_dev_run and _private.last_step_saved(self) != trainer.global_step:
+        fast_dev_run = trainer.fast_dev_run  # type: ignore[attr-defined]  # set by Lightning at init, not declared on Trainer
+        if self.save_last and not fast_dev_run and _private.last_step_saved(self) != trainer.global_step:
             _private.save_last_checkpoint(self, trainer)
 
 

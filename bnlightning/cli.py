@@ -63,7 +63,7 @@ class ConfigToLoggers(SaveConfigCallback):
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         config = self.config.clone().as_dict()
         config.pop("config", None)
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
         if datamodule is not None and hasattr(datamodule, "dataset_name"):
             config["dataset_name"] = datamodule.dataset_name
         for logger in trainer.loggers:
@@ -171,7 +171,7 @@ class BNLightningCLI(LightningCLI):
         ckpt_cb = trainer.checkpoint_callback
         if isinstance(ckpt_cb, RunCheckpoint) and self.config.fit.checkpoint.dirpath is None:
             ckpt_cb.dirpath = os.path.join(run_dir, "checkpoints")
-        for cb in trainer.callbacks:
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
             if isinstance(cb, runstate.RunState):
                 cb.run_dir = run_dir
         if trainer.is_global_zero:
@@ -193,6 +193,7 @@ class BNLightningCLI(LightningCLI):
             if plan.checkpoint is None:
                 rank_zero_info(f"bnlightning: no unfinished run with these settings under {csv.root_dir}; starting a new run")
                 return plan
+            assert plan.run_dir is not None, "find_last names the folder of the checkpoint it found"
             if self.trainer.is_global_zero:
                 resume.lock_run(plan.run_dir)  # before anything is read for writing
             asked = plan.checkpoint

@@ -141,8 +141,9 @@ class AdaptiveGradientClipping(Callback):
                 raise ValueError(f"exclude: unknown module {bad[0]!r}. Valid module names: {', '.join(n for n in modules if n)}")
             self._exclude(pl_module, self.exclude, "as `exclude` says")
         # First among the callbacks: later ones in the same hook (measurements) see the clipped gradient.
-        trainer.callbacks.remove(self)
-        trainer.callbacks.insert(0, self)
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
+        callbacks.remove(self)
+        callbacks.insert(0, self)
 
     def _exclude(self, pl_module: pl.LightningModule, names: list[str], why: str) -> None:
         params = [p for n in names for p in pl_module.get_submodule(n).parameters()]

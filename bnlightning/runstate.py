@@ -32,6 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -85,7 +86,7 @@ def guard_signals() -> dict[int, Any]:
     """
     phase["now"] = "startup"
     late_signal.clear()
-    old = {}
+    old: dict[int, Any] = {}
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         try:
             old[signum] = signal.signal(signum, _guard)
@@ -244,7 +245,7 @@ class RunState(pl.Callback):
 
     def _save(self, trainer: pl.Trainer) -> None:
         cb = trainer.checkpoint_callback
-        if cb is not None and getattr(cb, "dirpath", None):
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
             trainer.save_checkpoint(os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION))
             self._saved_at = trainer.global_step
 
@@ -292,7 +293,7 @@ class RunState(pl.Callback):
             for logger in trainer.loggers:
                 logger.save()
             cb = trainer.checkpoint_callback
-            checkpoint = os.path.join(cb.dirpath, "last.ckpt") if self._saved_at is not None and cb is not None else None
+            checkpoint = os.path.join(cb.dirpath, "last.ckpt") if self._saved_at is not None and isinstance(cb, ModelCheckpoint) and cb.dirpath else None
             name = "SIGUSR1" if self._usr1 else "SIGTERM"
             self._write(trainer, status="interrupted", signal=name, checkpoint=checkpoint)
             last_interrupt.update(signal=name, code=128 + int(getattr(signal, name)), step=trainer.global_step, checkpoint=checkpoint)

@@ -114,7 +114,7 @@ def sweep_problems(config: Mapping[str, Any]) -> list[str]:
     """
     problems: list[str] = []
     try:  # the exact validator `wandb sweep --controller` uses; optional extra
-        import sweeps as wandb_sweeps  # type: ignore[import-not-found]
+        import sweeps as wandb_sweeps
 
         problems += list(wandb_sweeps.schema_violations_from_proposed_config(dict(config)))
     except ImportError:
