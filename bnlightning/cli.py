@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import (
     SIGTERMException,
 )
 
-from bnlightning import runstate
+from bnlightning import console, runstate
 from bnlightning.checkpointing import (
     AtomicCheckpointIO,
     RunCheckpoint,
@@ -323,7 +323,20 @@ def main(args: Sequence[str] | None = None) -> Any:
     Bad input, and full or read-only storage, exit with code 2 and one ``error:`` line;
     set ``BNLIGHTNING_DEBUG=1`` to see the traceback instead. SIGTERM/SIGUSR1 during
     ``fit`` exit with 128 + the signal number after saving a checkpoint.
+
+    Other libraries' tips, banners and warnings are silenced (``bnlightning.console``);
+    ``--verbose`` anywhere on the command line, or ``BNLIGHTNING_VERBOSE=1``, shows them.
     """
+    if args is None:
+        sys.argv[1:], verbose = console.take_verbose_flag(sys.argv[1:])  # LightningCLI reads sys.argv itself
+    else:
+        args, verbose = console.take_verbose_flag(list(args))
+    with console.console(verbose):
+        return _run(args)
+
+
+def _run(args: Sequence[str] | None) -> Any:
+    """``main`` without the console handling."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         module, func = EXTRA_COMMANDS[argv[0]].split(":")
