@@ -38,7 +38,7 @@ from bnlightning.checkpointing import (
     resolve_resume,
 )
 from bnlightning.errors import RunError, condense, storage_error_line, yaml_error
-from bnlightning.loggers import CSVLogger, csv_logger, resume_loggers
+from bnlightning.loggers import CSVLogger, WandbLogger, csv_logger, resume_loggers
 from bnlightning.models.base import BaseModule
 
 # Subcommands that are not LightningCLI's: name -> "module:function" taking argv.
@@ -66,8 +66,35 @@ class ConfigToLoggers(SaveConfigCallback):
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "dataset_name"):
             config["dataset_name"] = datamodule.dataset_name
+        _pin_seeds(trainer, config.get("seed_everything"))
         for logger in trainer.loggers:
             logger.log_hyperparams({"cli": config})
+        _name_wandb_runs(trainer, self.config)
+
+
+def _pin_seeds(trainer: pl.Trainer, seed: Any) -> None:
+    """W&B's top-level ``seed`` is the run's ``seed_everything``; a data module's ``seed`` (its split) is ``data_seed``.
+
+    Lightning logs the data module's hyper-parameters at the top level, where its split seed
+    would read as the run's seed (0 in a ``--seed_everything 1`` run).
+    """
+    hparams = getattr(trainer.datamodule, "hparams", {})
+    renames = {"seed": "data_seed"} if "seed" in hparams else {}
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.pin_hyperparams({"seed": seed}, renames)
+
+
+def _name_wandb_runs(trainer: pl.Trainer, config: Any) -> None:
+    """Name unnamed W&B runs after the run's folder (``quickstart/version_3``), else its config files."""
+    csv = csv_logger(trainer.loggers)
+    if csv is not None:
+        name = f"{csv.name}/{csv.version if isinstance(csv.version, str) else f'version_{csv.version}'}"
+    else:
+        name = "+".join(os.path.splitext(os.path.basename(str(c)))[0] for c in config.get("config") or []) or type(trainer.lightning_module).__name__
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.name_if_unnamed(name)
 
 
 class BNLightningCLI(LightningCLI):
