@@ -15,6 +15,10 @@ Usage::
     python -m bnlightning.experiments run dln mlp-sigmoid vgg-lr --cpu --seeds 0 1   # CPU-sized
     python -m bnlightning.experiments sweep configs/sweeps/vgg-lr.yaml [--run] [-- --trainer.max_steps=100]
 
+While runs go, the terminal shows one line per run under one progress bar over the grid
+(with an ETA); each fit's own output is in ``<runs-dir>/<experiment>/<run>.out``. ``--quiet``
+drops the bar, ``--verbose`` streams every fit's output instead.
+
 ``run`` is safe to repeat: finished runs (``run.json`` says completed or diverged) are
 skipped, interrupted or killed runs with a checkpoint resume with ``--ckpt_path=last``.
 
