@@ -11,7 +11,8 @@ While :func:`quiet` is active:
   every warning of the callbacks begins, e.g. ``InternalCovariateShift: ...``), or they are
   attributed to a ``bnlightning`` module. Every other warning is ignored.
 * Lightning's and Lightning Fabric's log records below WARNING are dropped unless they start
-  with ``bnlightning`` (our ``rank_zero_info`` lines go through Lightning's logger too).
+  with ``bnlightning`` (our ``rank_zero_info`` lines go through Lightning's logger too) or are
+  the model summary table (``enable_model_summary``, on unless a config turns it off).
 * W&B is told to be silent (``WANDB_SILENT=true``) unless ``WANDB_SILENT`` or ``WANDB_QUIET``
   is already set; our W&B lines (offline mode, the ``wandb sync`` command) still show.
 
@@ -42,6 +43,10 @@ VERBOSE_ENV = "BNLIGHTNING_VERBOSE"
 #: Loggers whose handlers Lightning installs (records of their children propagate to them).
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 
+#: Lightning loggers whose info lines stay: the model summary is a table the trainer setting
+#: ``enable_model_summary`` asks for (off in the quickstart).
+SHOWN_LOGGERS = ("lightning.pytorch.callbacks.model_summary",)
+
 
 def verbose_requested() -> bool:
     """Whether ``BNLIGHTNING_VERBOSE`` is set to a true value (anything but empty, 0, false, no)."""
@@ -67,10 +72,10 @@ def own_text_pattern() -> re.Pattern[str]:
 
 
 class _OwnLinesOnly(logging.Filter):
-    """Passes warnings and errors, and info lines that are ours (``bnlightning: ...``)."""
+    """Passes warnings and errors, info lines that are ours (``bnlightning: ...``) and the model summary."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.getMessage().startswith("bnlightning")
+        return record.levelno >= logging.WARNING or record.name in SHOWN_LOGGERS or record.getMessage().startswith("bnlightning")
 
 
 @contextlib.contextmanager
