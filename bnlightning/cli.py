@@ -78,7 +78,7 @@ def _pin_seeds(trainer: pl.Trainer, seed: Any) -> None:
     Lightning logs the data module's hyper-parameters at the top level, where its split seed
     would read as the run's seed (0 in a ``--seed_everything 1`` run).
     """
-    hparams = getattr(trainer.datamodule, "hparams", {})
+    hparams = getattr(getattr(trainer, "datamodule", None), "hparams", {})
     renames = {"seed": "data_seed"} if "seed" in hparams else {}
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):

@@ -87,12 +87,13 @@ class WandbLogger(_LightningWandbLogger):
         self._pinned: dict[str, Any] = {}
         self._renamed: dict[str, str] = {}
 
+    @rank_zero_only
     def name_if_unnamed(self, name: str) -> None:
         """Name the W&B run ``name`` unless the config gave it one (W&B leaves it empty offline).
 
         Starts the run (rank zero only), then sets its name through W&B's public ``Run.name``.
         """
-        if self._given_name is None and rank_zero_only.rank == 0:
+        if self._given_name is None:
             try:
                 self.experiment.name = name
             except Exception as err:

@@ -96,3 +96,8 @@ def test_the_runner_keeps_each_fits_output_in_its_file(tmp_path: Path, monkeypat
     assert (tmp_path / "runs" / "exp" / "a.out").read_text().count("Epoch 0") == 200
     assert [line.split(": ")[-1].split(" in ")[0] for line in out.splitlines() if ": " in line] == ["ok", "ok"]
     assert "2/2" in err and "run" in err  # the one progress bar over the grid, on stderr
+    for spec in specs:
+        (spec.log_dir / RUN_FILE).unlink()
+    run_all(specs)  # stderr is not a terminal here: no bar, the lines alone
+    out, err = capfd.readouterr()
+    assert err == "" and len(out.splitlines()) == 4

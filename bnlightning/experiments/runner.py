@@ -65,7 +65,7 @@ def run_all(specs: Sequence[RunSpec], cwd: Path | None = None, quiet: bool = Fal
 
     old = signal.signal(signal.SIGTERM, forward) if threading.current_thread() is threading.main_thread() else None
     to_do = sum(run_state(spec, cwd)[0] not in ("completed", "diverged") for spec in specs)
-    bar = _progress_bar(to_do, enabled=not (quiet or verbose) if progress is None else progress)
+    bar = _progress_bar(to_do, enabled=progress if progress is not None else (False if quiet or verbose else None))
     env = {**os.environ, VERBOSE_ENV: "1"} if verbose else None
     try:
         for i, spec in enumerate(specs, 1):
@@ -133,7 +133,7 @@ def _progress_bar(total: int, enabled: bool | None) -> Any:
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True, smoothing=0)
-    bar.write = lambda line: tqdm.write(line, file=sys.stdout)  # type: ignore[method-assign]
+    bar.write = lambda line: tqdm.write(line, file=sys.stdout)
     return bar
 
 

@@ -54,7 +54,7 @@ LAYERS_PER_PANEL = 4
 LAYER_FAMILIES: dict[str, str | None] = {"ics/l2": None, "ics/cos": None, "ics/rel": None, "act": "q15", "meanshift": "cos", "resvar": "ratio"}
 
 
-def _line(title: str, y: list[str] | None = None, regex: str | None = None, log_y: bool = False, y_title: str = "") -> wr.LinePlot:
+def _line(title: str, y: list[Any] | None = None, regex: str | None = None, log_y: bool = False, y_title: str = "") -> wr.LinePlot:
     """A line plot over the trainer's step, aggregated over seeds (mean, min-max band), axes titled."""
     return wr.LinePlot(
         title=title,
@@ -208,7 +208,7 @@ def build_report(
     """
     if not entity or not project:
         raise ValueError("entity and project must both be non-empty")
-    names = groups or [None]
+    names: list[str | None] = list(groups) if groups else [None]
     blocks: list[Any] = [
         wr.P(
             "Runs grouped by normalization and learning rate; lines are means over seeds with a min-max band. "
