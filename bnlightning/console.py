@@ -11,8 +11,9 @@ While :func:`quiet` is active:
   every warning of the callbacks begins, e.g. ``InternalCovariateShift: ...``), or they are
   attributed to a ``bnlightning`` module. Every other warning is ignored.
 * Lightning's and Lightning Fabric's log records below WARNING are dropped unless they start
-  with ``bnlightning`` (our ``rank_zero_info`` lines go through Lightning's logger too) or are
-  the model summary table (``enable_model_summary``, on unless a config turns it off).
+  with ``bnlightning`` (our ``rank_zero_info`` lines go through Lightning's logger too), are
+  the model summary table (``enable_model_summary``, on unless a config turns it off) or say
+  which checkpoint was loaded ("Restored all states from the checkpoint at ...").
 * W&B is told to be silent (``WANDB_SILENT=true``) unless ``WANDB_SILENT`` or ``WANDB_QUIET``
   is already set; our W&B lines (offline mode, the ``wandb sync`` command) still show.
 
@@ -47,6 +48,10 @@ LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 #: ``enable_model_summary`` asks for (off in the quickstart).
 SHOWN_LOGGERS = ("lightning.pytorch.callbacks.model_summary",)
 
+#: Info lines that stay, by how they start: ours, and the one line saying which checkpoint a
+#: resumed ``fit`` (or a ``validate``/``test`` on a checkpoint) loaded.
+SHOWN_LINES = ("bnlightning", "Restored all states from the checkpoint", "Loaded model weights from the checkpoint")
+
 
 def verbose_requested() -> bool:
     """Whether ``BNLIGHTNING_VERBOSE`` is set to a true value (anything but empty, 0, false, no)."""
@@ -72,10 +77,10 @@ def own_text_pattern() -> re.Pattern[str]:
 
 
 class _OwnLinesOnly(logging.Filter):
-    """Passes warnings and errors, info lines that are ours (``bnlightning: ...``) and the model summary."""
+    """Passes warnings and errors, info lines that are ours (``bnlightning: ...``), the model summary and the checkpoint loaded."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.name in SHOWN_LOGGERS or record.getMessage().startswith("bnlightning")
+        return record.levelno >= logging.WARNING or record.name in SHOWN_LOGGERS or record.getMessage().startswith(SHOWN_LINES)
 
 
 @contextlib.contextmanager
