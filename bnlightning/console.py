@@ -10,8 +10,9 @@ While :func:`quiet` is active:
   or with the name of one of ``bnlightning.callbacks``' public classes or functions (how
   every warning of the callbacks begins, e.g. ``InternalCovariateShift: ...``), or they are
   attributed to a ``bnlightning`` module. Every other warning is ignored.
-* Lightning's and Lightning Fabric's log records below WARNING are dropped unless they start
-  with ``bnlightning`` (our ``rank_zero_info`` lines go through Lightning's logger too), are
+* Lightning's and Lightning Fabric's log records below WARNING are dropped unless our code
+  logged them (our ``rank_zero_info`` lines go through Lightning's logger too) or they start
+  with ``bnlightning``, are
   the model summary table (``enable_model_summary``, on unless a config turns it off) or say
   which checkpoint was loaded ("Restored all states from the checkpoint at ...").
 * W&B is told to be silent (``WANDB_SILENT=true``) unless ``WANDB_SILENT`` or ``WANDB_QUIET``
@@ -76,11 +77,29 @@ def own_text_pattern() -> re.Pattern[str]:
     return re.compile(r"(" + "|".join(map(re.escape, names)) + r")\b")
 
 
+def own_source_folders() -> tuple[str, ...]:
+    """The folders of our code (``bnlightning/`` and the callbacks' folder, which an editable install keeps apart)."""
+    import bnlightning
+    import bnlightning.callbacks
+
+    return tuple(os.path.dirname(os.path.abspath(m.__file__ or "")) + os.sep for m in (bnlightning, bnlightning.callbacks))
+
+
 class _OwnLinesOnly(logging.Filter):
-    """Passes warnings and errors, info lines that are ours (``bnlightning: ...``), the model summary and the checkpoint loaded."""
+    """Passes warnings and errors, info lines of our code, the model summary and the checkpoint loaded.
+
+    ``rank_zero_info`` records carry the caller's file (Lightning passes a ``stacklevel``), so a
+    line our code logs through Lightning's logger is recognised by where it comes from.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folders = own_source_folders()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.name in SHOWN_LOGGERS or record.getMessage().startswith(SHOWN_LINES)
+        if record.levelno >= logging.WARNING or record.name in SHOWN_LOGGERS:
+            return True
+        return os.path.abspath(record.pathname).startswith(self.folders) or record.getMessage().startswith(SHOWN_LINES)
 
 
 @contextlib.contextmanager
