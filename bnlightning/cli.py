@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import (
     SIGTERMException,
 )
 
-from bnlightning import resume, runstate
+from bnlightning import console, resume, runstate
 from bnlightning.checkpointing import (
     AtomicCheckpointIO,
     RunCheckpoint,
@@ -38,7 +38,7 @@ from bnlightning.checkpointing import (
     resolve_resume,
 )
 from bnlightning.errors import RunError, condense, storage_error_line, yaml_error
-from bnlightning.loggers import CSVLogger, csv_logger, discard_unused_claims
+from bnlightning.loggers import CSVLogger, WandbLogger, csv_logger, discard_unused_claims
 from bnlightning.models.base import BaseModule
 
 # Subcommands that are not LightningCLI's: name -> "module:function" taking argv.
@@ -66,8 +66,35 @@ class ConfigToLoggers(SaveConfigCallback):
         datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
         if datamodule is not None and hasattr(datamodule, "dataset_name"):
             config["dataset_name"] = datamodule.dataset_name
+        _pin_seeds(trainer, config.get("seed_everything"))
         for logger in trainer.loggers:
             logger.log_hyperparams({"cli": config})
+        _name_wandb_runs(trainer, self.config)
+
+
+def _pin_seeds(trainer: pl.Trainer, seed: Any) -> None:
+    """W&B's top-level ``seed`` is the run's ``seed_everything``; a data module's ``seed`` (its split) is ``data_seed``.
+
+    Lightning logs the data module's hyper-parameters at the top level, where its split seed
+    would read as the run's seed (0 in a ``--seed_everything 1`` run).
+    """
+    hparams = getattr(getattr(trainer, "datamodule", None), "hparams", {})
+    renames = {"seed": "data_seed"} if "seed" in hparams else {}
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.pin_hyperparams({"seed": seed}, renames)
+
+
+def _name_wandb_runs(trainer: pl.Trainer, config: Any) -> None:
+    """Name unnamed W&B runs after the run's folder (``quickstart/version_3``), else its config files."""
+    csv = csv_logger(trainer.loggers)
+    if csv is not None:
+        name = f"{csv.name}/{csv.version if isinstance(csv.version, str) else f'version_{csv.version}'}"
+    else:
+        name = "+".join(os.path.splitext(os.path.basename(str(c)))[0] for c in config.get("config") or []) or type(trainer.lightning_module).__name__
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.name_if_unnamed(name)
 
 
 class BNLightningCLI(LightningCLI):
@@ -314,7 +341,20 @@ def main(args: Sequence[str] | None = None) -> Any:
     Bad input, and full or read-only storage, exit with code 2 and one ``error:`` line;
     set ``BNLIGHTNING_DEBUG=1`` to see the traceback instead. SIGTERM/SIGUSR1 during
     ``fit`` exit with 128 + the signal number after saving a checkpoint.
+
+    Other libraries' tips, banners and warnings are silenced (``bnlightning.console``);
+    ``--verbose`` anywhere on the command line, or ``BNLIGHTNING_VERBOSE=1``, shows them.
     """
+    if args is None:
+        sys.argv[1:], verbose = console.take_verbose_flag(sys.argv[1:])  # LightningCLI reads sys.argv itself
+    else:
+        args, verbose = console.take_verbose_flag(list(args))
+    with console.console(verbose):
+        return _run(args)
+
+
+def _run(args: Sequence[str] | None) -> Any:
+    """``main`` without the console handling."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         module, func = EXTRA_COMMANDS[argv[0]].split(":")

@@ -83,6 +83,32 @@ class WandbLogger(_LightningWandbLogger):
         _private.drop_wandb_init_kwarg(self, "anonymous")  # deprecated in wandb; Lightning always passes it
         self._warned_log_error = False
         self._resumed_id: str | None = None
+        self._given_name = name
+        self._pinned: dict[str, Any] = {}
+        self._renamed: dict[str, str] = {}
+
+    @rank_zero_only
+    def name_if_unnamed(self, name: str) -> None:
+        """Name the W&B run ``name`` unless the config gave it one (W&B leaves it empty offline).
+
+        Starts the run (rank zero only), then sets its name through W&B's public ``Run.name``.
+        """
+        if self._given_name is None:
+            try:
+                self.experiment.name = name
+            except Exception as err:
+                self._warn_log_error(err)
+
+    def pin_hyperparams(self, values: Mapping[str, Any], renames: Mapping[str, str] | None = None) -> None:
+        """Keep ``values`` in the run config whatever is logged later under the same keys.
+
+        Lightning logs the module's and the data module's hyper-parameters at the top level of
+        the run config, where a data module's ``seed`` (its split) would read as the run's seed.
+        ``renames`` moves such keys aside (``{"seed": "data_seed"}``) in everything logged after
+        this call; ``values`` (``{"seed": <seed_everything>}``) is logged with it.
+        """
+        self._pinned = dict(values)
+        self._renamed = dict(renames or {})
 
     def resume(self, run_id: str) -> None:
         """Continue the W&B run ``run_id`` (``wandb.init(id=..., resume="allow")``)."""
@@ -127,6 +153,8 @@ class WandbLogger(_LightningWandbLogger):
     @override
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
+        if isinstance(params, Mapping) and (self._pinned or self._renamed):
+            params = {self._renamed.get(k, k): v for k, v in params.items()} | self._pinned
         try:
             super().log_hyperparams(params)
         except Exception as err:

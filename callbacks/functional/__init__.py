@@ -6,6 +6,10 @@ One file per measurement: ``ics.py`` (§1), ``landscape.py`` (§2), ``activation
 ``_batching.py`` (vmap or loop), ``_prefix.py`` (ICS's prefix engine), ``_updates.py`` (W^(t+1)
 without the real step).
 
+The Hessian-vector-product toolkit (PROTOCOL §9, torch only; docs/curvature.md) is public here
+too: ``make_hvp``, ``top_eigenvalues`` (thick-restart Lanczos, returns an ``EigenResult``) and
+``hutchinson_trace``, for curvature of any loss you write.
+
 Every function:
 
 - calls the loss with tensors of its own substituted for the module's parameters (float32;
@@ -23,6 +27,7 @@ The loss: ``loss_fn(module, batch)`` if given (a callable or an import path stri
 (a tensor or a dict with ``"loss"``; its ``self.log`` calls are silenced and torchmetrics states restored).
 """
 
+from bnlightning.callbacks._curvature import EigenResult, hutchinson_trace, make_hvp, top_eigenvalues
 from bnlightning.callbacks.functional._batching import MODES, check_chunk_size, check_memory_budget, check_mode
 from bnlightning.callbacks.functional._model import WEIGHT_LAYER_TYPES, exact_float32, import_loss_fn, resolve_layers, weight_layer_names
 from bnlightning.callbacks.functional._updates import check_optimizer, optimizer_update, sgd_update
@@ -36,6 +41,7 @@ __all__ = [
     "ICS_MODES",
     "MODES",
     "WEIGHT_LAYER_TYPES",
+    "EigenResult",
     "StepGradient",
     "activation_kind",
     "activation_stats",
@@ -46,13 +52,16 @@ __all__ = [
     "check_optimizer",
     "check_step_sizes",
     "exact_float32",
+    "hutchinson_trace",
     "import_loss_fn",
     "internal_covariate_shift",
     "loss_landscape",
+    "make_hvp",
     "measurement_forward",
     "optimizer_update",
     "resolve_layers",
     "sgd_update",
     "step_gradient",
+    "top_eigenvalues",
     "weight_layer_names",
 ]
