@@ -166,3 +166,15 @@ def test_paper_scale_curvature_config_parses_and_starts(in_tmp: Any, fake_cifar1
     )
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, HessianSpectrum)]
     assert cli.trainer.global_step == 2 and cb.measurements == 1 and cb.k == 2
+
+
+def test_jvp_hvp_trains_a_batchnorm_model_and_gives_the_retained_numbers() -> None:
+    """Forward-over-reverse used to crash on BatchNorm in training mode (its running-stat update ran on a
+    tensor captured by the transform); it must give the numbers of the default method."""
+    kw = {"k": 2, "every_n_steps": 2, "n_probes": 3, "tol": 1e-5, "max_iter": 200}
+    jvp = _train(Tiny(), [HessianSpectrum(hvp_method="jvp", **kw)])
+    retained = _train(Tiny(), [HessianSpectrum(**kw)])
+    assert sorted(jvp.logged) == sorted(retained.logged) == [1, 3]
+    for step, values in retained.logged.items():
+        for key in ("hessian/eig_1", "hessian/eig_2", "hessian/trace"):
+            assert jvp.logged[step][key] == pytest.approx(values[key], rel=1e-4, abs=1e-6), (step, key)
