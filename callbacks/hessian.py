@@ -32,7 +32,8 @@ class HessianSpectrum(MeasurementCallback):
     Logged metrics:
 
     - ``hessian/lambda_max``, ``hessian/eig_<j>`` (j = 1..k): the top eigenvalues, descending
-    - ``hessian/iterations``: HVPs the eigen solver used; ``hessian/converged``: 1 if every pair met ``tol``
+    - ``hessian/iterations``: HVPs the eigen solver used; ``hessian/converged``: 1 if every pair met ``tol``;
+      ``hessian/hvps``: HVPs of the whole measurement (eigen solver, deflation, probes)
     - ``hessian/trace``, ``hessian/trace_se``: Hutchinson's estimate and its standard error (``n_probes > 0``)
     - ``hessian/sharpness_ratio`` = λmax / (2(1+β)/η): 1 is the edge of stability (Cohen et al. 2021), for
       SGD with learning rate η and heavy-ball momentum β (β = 0 for plain SGD); NaN, with a one-time
@@ -50,7 +51,8 @@ class HessianSpectrum(MeasurementCallback):
         seed: seed of the random start vector and probes (the global RNG is never used).
         max_basis: Lanczos basis size (memory: ``max_basis + 1`` parameter-sized vectors; default 4 for k = 1).
         hvp_method: ``retained`` (one forward and backward, then one backward per HVP; the fastest
-            measured), ``double_backward`` or ``jvp`` (forward-over-reverse; no retained graph).
+            measured), ``double_backward`` or ``jvp`` (forward-over-reverse; no retained graph; works
+            with BatchNorm in training mode).
         loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
         loss_method: the module's method ``(batch) -> scalar loss``.
         max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may

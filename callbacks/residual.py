@@ -78,7 +78,7 @@ class ResidualVariance(MeasurementCallback):
         loss_method: the module's method ``(batch) -> scalar loss``.
         max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
             take: it then times them and skips scheduled steps to stay within it (shared fairly with the
-            other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``residual/cost_steps``.
+            other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``resvar/cost_steps``.
         schedule: ``"fixed"`` (every ``every_n_steps`` steps) or ``"log"`` (about 10 steps per decade:
             1, 2, 3, 4, 6, 7, 8, 10, 13, 16, 20, ..., 100, 126, ...).
 
@@ -90,7 +90,7 @@ class ResidualVariance(MeasurementCallback):
         trainer = Trainer(max_steps=1, callbacks=[ResidualVariance(every_n_steps=1)])
     """
 
-    metric_prefix = "residual"
+    metric_prefix = "resvar"
 
     def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss", max_overhead: float | None = None, schedule: str = "fixed") -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)

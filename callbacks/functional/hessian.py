@@ -28,7 +28,7 @@ class HessianResult(NamedTuple):
 
     Attributes:
         metrics: ``hessian/lambda_max``, ``hessian/eig_<j>`` (j = 1..k, descending), ``hessian/iterations``
-            (HVPs of the eigen solver), ``hessian/converged`` (1 or 0), and with ``n_probes > 0``
+            (HVPs of the eigen solver), ``hessian/converged`` (1 or 0), ``hessian/hvps`` (all HVPs of the block), and with ``n_probes > 0``
             ``hessian/trace`` and ``hessian/trace_se``; per layer block the same under ``hessian/<layer>/``.
         eigenvectors: block name (``""`` for the whole network, else the layer) -> the top-k eigenvectors.
     """
