@@ -9,10 +9,12 @@ callback that set the ledger up, ``time.perf_counter`` by default). *Training ti
 training started minus every measurement callback's time. A budgeted callback with budget b, among
 n budgeted callbacks whose largest budget is B, may spend ``a = min(b, B / n)`` of the training time:
 on a step its schedule proposes, it measures when ``spent + last_cost <= a * training_time`` (its
-measurement time so far plus what its last measurement cost). Its first measurement is on the first
-proposed step (its cost is unknown until it has measured once). Together the callbacks spend at most
-B of the training time, each an equal share unless its own budget is smaller; a callback spends its
-share on as many measurements as its cost allows. Under DDP, rank zero decides and broadcasts the
+measurement time so far plus what its last measurement cost) and the callbacks' time together plus
+that cost stays within ``B * training_time``. Its first measurement is on the first proposed step on
+which the callbacks owe no time (``total spent <= B * training_time``; its own cost is unknown until it
+has measured once, so that first one may overshoot, and the next waits until it is repaid). Together
+the callbacks spend at most B of the training time, each at most an equal share unless its own budget
+is smaller; a callback spends its share on as many measurements as its cost allows. Under DDP, rank zero decides and broadcasts the
 decision, so every rank measures on the same steps.
 """
 
@@ -104,12 +106,15 @@ class OverheadLedger:
         prev = self.last.get(key)
         self.last[key] = (step, prev[1] + seconds if prev is not None and prev[0] == step else seconds)
 
-    def allows(self, callback: object, allowance: float) -> bool:
-        """Whether ``callback`` may measure now and stay within ``allowance`` of the training time."""
+    def allows(self, callback: object, allowance: float, pool: float) -> bool:
+        """Whether ``callback`` may measure now: its own time within ``allowance`` of the training time and
+        everyone's within ``pool`` of it, counting what its last measurement cost."""
         key = id(callback)
+        train, total = self.training_time(), sum(self.spent.values())
         if key not in self.last:
-            return True  # its cost is known only once it has measured
-        return self.spent[key] + self.last[key][1] <= allowance * self.training_time()
+            return total <= pool * train  # its cost is known only once it has measured: wait until no debt is left
+        cost = self.last[key][1]
+        return self.spent[key] + cost <= allowance * train and total + cost <= pool * train
 
     def cost_steps(self, callback: object, step: int) -> float:
         """The last measurement's cost in mean training steps of this fit so far (the steps before ``step``)."""

@@ -238,7 +238,8 @@ class MeasurementCallback(Callback):
             return self._decision[1]  # gradient accumulation: one decision per optimizer step
         measure = self.is_measurement_step(step)
         if measure and self.max_overhead is not None and self.overhead_ledger is not None:
-            measure = self.overhead_ledger.allows(self, self._allowance()) if trainer.is_global_zero else False
+            pool = max(cb.max_overhead for cb in self._peers if cb.max_overhead is not None) if self._peers else self.max_overhead
+            measure = self.overhead_ledger.allows(self, self._allowance(), pool) if trainer.is_global_zero else False
             if trainer.world_size > 1:
                 measure = bool(trainer.strategy.broadcast(measure, src=0))
         self._decision = (step, measure)
