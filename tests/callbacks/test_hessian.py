@@ -178,3 +178,28 @@ def test_jvp_hvp_trains_a_batchnorm_model_and_gives_the_retained_numbers() -> No
     for step, values in retained.logged.items():
         for key in ("hessian/eig_1", "hessian/eig_2", "hessian/trace"):
             assert jvp.logged[step][key] == pytest.approx(values[key], rel=1e-4, abs=1e-6), (step, key)
+
+
+@pytest.mark.parametrize("method", ["retained", "jvp"])
+def test_hessian_operator_is_the_full_hessian_times_v_and_leaves_the_module_alone(method: str) -> None:
+    from bnlightning.callbacks.functional.hessian import hessian_operator
+
+    torch.manual_seed(0)
+    model = Tiny().train()
+    batch = _batch()
+    names = [n for n, _ in model.named_parameters()]
+    H = full_hessian(model, batch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(2)
+    with hessian_operator(model, batch, method=method) as hvp:
+        assert list(hvp.point) == names
+        for _ in range(2):
+            v = {n: torch.randn(p.shape, generator=g) for n, p in hvp.point.items()}
+            got = torch.cat([hvp(v)[n].flatten() for n in names])
+            want = H @ torch.cat([v[n].flatten() for n in names])
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+        assert hvp.calls == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running statistics and weights untouched
+    with pytest.raises(RuntimeError, match="after its `with hessian_operator"):
+        hvp(v)
