@@ -56,8 +56,8 @@ class ModuleLayersCallback(MeasurementCallback):
     resolved against the module at setup into ``_layers``, and is part of the state key.
     """
 
-    def __init__(self, layers: list[str] | None, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str) -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
+    def __init__(self, layers: list[str] | None, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str, max_overhead: float | None = None, schedule: str = "fixed") -> None:
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if layers is not None and not layers:
             raise ValueError("layers must be None (default layers) or a non-empty list of module names")
         self.layers = list(layers) if layers is not None else None
@@ -105,6 +105,11 @@ class ActivationStats(ModuleLayersCallback):
         histogram_bins: bins of that histogram (>= 2).
         loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
         loss_method: the module's method ``(batch) -> scalar loss``.
+        max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
+            take: it then times them and skips scheduled steps to stay within it (shared fairly with the
+            other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``act/cost_steps``.
+        schedule: ``"fixed"`` (every ``every_n_steps`` steps) or ``"log"`` (about 10 steps per decade:
+            1, 2, 3, 4, 6, 7, 8, 10, 13, 16, 20, ..., 100, 126, ...).
 
     Cost: activations only (the guard copies no parameter or optimizer state). Under DDP each rank
     summarises its own shard and rank zero's numbers are logged (statistics of a distribution, not a
@@ -120,6 +125,8 @@ class ActivationStats(ModuleLayersCallback):
         trainer = Trainer(callbacks=[ActivationStats(layers=["net.act1", "net.act3"], every_n_steps=100)])
     """
 
+    metric_prefix = "act"
+
     def __init__(
         self,
         layers: list[str] | None = None,
@@ -129,8 +136,10 @@ class ActivationStats(ModuleLayersCallback):
         histogram_bins: int = 64,
         loss_fn: LossFn | str | None = None,
         loss_method: str = "loss",
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
     ) -> None:
-        super().__init__(layers, every_n_steps, loss_fn, loss_method)
+        super().__init__(layers, every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if not (isinstance(saturation_threshold, (int, float)) and saturation_threshold > 0 and math.isfinite(saturation_threshold)):
             raise ValueError(f"saturation_threshold must be a positive number, got {saturation_threshold!r}")
         if histogram_bins < 2:

@@ -53,8 +53,8 @@ class _AcrossTheStep(MeasurementCallback):
     step a GradScaler skips is not measured.
     """
 
-    def __init__(self, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str) -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
+    def __init__(self, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str, max_overhead: float | None, schedule: str) -> None:
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         self._hooks: list[RemovableHandle] = []
         self._pending: _Pending | None = None
 
@@ -145,8 +145,12 @@ class GradientCurvature(_AcrossTheStep):
         trainer = Trainer(callbacks=[GradientCurvature(every_n_steps=50)])
     """
 
-    def __init__(self, every_n_steps: int = 100, hvp_method: str = "retained", loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
+    metric_prefix = "gradcurv"  # its metrics are hessian/*; the budget logs gradcurv/cost_steps beside HessianSpectrum's
+
+    def __init__(
+        self, every_n_steps: int = 100, hvp_method: str = "retained", loss_fn: LossFn | str | None = None, loss_method: str = "loss", max_overhead: float | None = None, schedule: str = "fixed"
+    ) -> None:
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         _check_hvp_method(hvp_method)
         self.hvp_method = hvp_method
 
@@ -209,8 +213,12 @@ class ActivationGradients(MeasurementCallback):
         trainer = Trainer(callbacks=[ActivationGradients(every_n_steps=50)])
     """
 
-    def __init__(self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
+    metric_prefix = "gradact"
+
+    def __init__(
+        self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss", max_overhead: float | None = None, schedule: str = "fixed"
+    ) -> None:
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if layers is not None and (not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) and n for n in layers)):
             raise ValueError(f"layers must be None (every normalization layer) or a non-empty list of module names, got {layers!r}")
         self.layers = list(layers) if layers is not None else None
@@ -260,8 +268,12 @@ class EffectiveLearningRate(_AcrossTheStep):
         trainer = Trainer(callbacks=[EffectiveLearningRate(every_n_steps=10)])
     """
 
-    def __init__(self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
+    metric_prefix = "efflr"
+
+    def __init__(
+        self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss", max_overhead: float | None = None, schedule: str = "fixed"
+    ) -> None:
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if layers is not None and (not isinstance(layers, (list, tuple)) or not layers):
             raise ValueError(f"layers must be None (the scale-invariant layers) or a non-empty list of module names, got {layers!r}")
         self.layers = list(layers) if layers is not None else None
@@ -322,6 +334,8 @@ class SpectralDensity(MeasurementCallback):
         trainer = Trainer(max_steps=1000, callbacks=[SpectralDensity(every_n_steps=1000, lanczos_steps=30)])
     """
 
+    metric_prefix = "sld"
+
     def __init__(
         self,
         lanczos_steps: int = 20,
@@ -332,8 +346,10 @@ class SpectralDensity(MeasurementCallback):
         hvp_method: str = "retained",
         loss_fn: LossFn | str | None = None,
         loss_method: str = "loss",
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
     ) -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if isinstance(lanczos_steps, bool) or not isinstance(lanczos_steps, int) or lanczos_steps < 2:
             raise ValueError(f"lanczos_steps must be an integer >= 2, got {lanczos_steps!r}")
         if isinstance(n_starts, bool) or not isinstance(n_starts, int) or n_starts < 1:

@@ -76,7 +76,8 @@ class HessianSpectrum(MeasurementCallback):
     Logged metrics:
 
     - ``hessian/lambda_max``, ``hessian/eig_<j>`` (j = 1..k): the top eigenvalues, descending
-    - ``hessian/iterations``: HVPs the eigen solver used; ``hessian/converged``: 1 if every pair met ``tol``
+    - ``hessian/iterations``: HVPs the eigen solver used; ``hessian/converged``: 1 if every pair met ``tol``;
+      ``hessian/hvps``: HVPs of the whole measurement (eigen solver, deflation, probes)
     - ``hessian/trace``, ``hessian/trace_se``: Hutchinson's estimate and its standard error (``n_probes > 0``)
     - ``hessian/sharpness_ratio`` = λmax / (2(1+β)/η): 1 is the edge of stability (Cohen et al. 2021), for
       SGD with learning rate η and heavy-ball momentum β (β = 0 for plain SGD), η and β as they are at the
@@ -99,9 +100,15 @@ class HessianSpectrum(MeasurementCallback):
         seed: seed of the random start vector and probes (the global RNG is never used).
         max_basis: Lanczos basis size (memory: ``max_basis + 1`` parameter-sized vectors; default 4 for k = 1).
         hvp_method: ``retained`` (one forward and backward, then one backward per HVP; the fastest
-            measured), ``double_backward`` or ``jvp`` (forward-over-reverse; no retained graph).
+            measured), ``double_backward`` or ``jvp`` (forward-over-reverse; no retained graph; works
+            with BatchNorm in training mode).
         loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
         loss_method: the module's method ``(batch) -> scalar loss``.
+        max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
+            take: it then times them and skips scheduled steps to stay within it (shared fairly with the
+            other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``hessian/cost_steps``.
+        schedule: ``"fixed"`` (every ``every_n_steps`` steps) or ``"log"`` (about 10 steps per decade:
+            1, 2, 3, 4, 6, 7, 8, 10, 13, 16, 20, ..., 100, 126, ...).
 
     Raises:
         ValueError: a bad argument; at setup, an unknown layer, or ``k`` larger than the network's
@@ -112,6 +119,8 @@ class HessianSpectrum(MeasurementCallback):
 
         trainer = Trainer(callbacks=[HessianSpectrum(k=3, every_n_steps=200, n_probes=20)])
     """
+
+    metric_prefix = "hessian"
 
     def __init__(
         self,
@@ -127,8 +136,10 @@ class HessianSpectrum(MeasurementCallback):
         hvp_method: str = "retained",
         loss_fn: LossFn | str | None = None,
         loss_method: str = "loss",
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
     ) -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0 and math.isfinite(tol)):

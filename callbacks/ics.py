@@ -74,6 +74,11 @@ class InternalCovariateShift(MeasurementCallback):
             on CPU twice the parameters' float32 size, at least 256 MiB).
         loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
         loss_method: the module's method ``(batch) -> scalar loss``.
+        max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
+            take: it then times them and skips scheduled steps to stay within it (shared fairly with the
+            other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``ics/cost_steps``.
+        schedule: ``"fixed"`` (every ``every_n_steps`` steps) or ``"log"`` (about 10 steps per decade:
+            1, 2, 3, 4, 6, 7, 8, 10, 13, 16, 20, ..., 100, 126, ...).
 
     Raises:
         ValueError: bad ``every_n_steps``, ``update_from``, ``mode``, ``chunk_size``; at setup an unknown layer.
@@ -85,6 +90,8 @@ class InternalCovariateShift(MeasurementCallback):
         trainer = Trainer(callbacks=[InternalCovariateShift(layers=["net.conv5", "net.conv10"], every_n_steps=100)])
     """
 
+    metric_prefix = "ics"
+
     def __init__(
         self,
         layers: list[str] | None = None,
@@ -95,8 +102,10 @@ class InternalCovariateShift(MeasurementCallback):
         memory_budget: int | None = None,
         loss_fn: LossFn | str | None = None,
         loss_method: str = "loss",
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
     ) -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if update_from not in ("trainer", "measured"):
             raise ValueError(f"unknown update_from {update_from!r}; accepted: trainer, measured")
         check_mode(mode, ICS_MODES)
@@ -154,16 +163,18 @@ class InternalCovariateShift(MeasurementCallback):
             return
         if self._batch is None or not self.is_measurement_step(trainer.global_step):
             return
-        # W^t, kept until the optimizer has stepped: the one parameter-sized copy this measurement needs.
-        weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
-        self._pending = _Pending(trainer, pl_module, optimizer, self._batch, weights, self.step_key(trainer, pl_module, self._batch), trainer.global_step)
+        with self.timed(trainer, trainer.global_step):
+            # W^t, kept until the optimizer has stepped: the one parameter-sized copy this measurement needs.
+            weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+            key = self.step_key(trainer, pl_module, self._batch)
+        self._pending = _Pending(trainer, pl_module, optimizer, self._batch, weights, key, trainer.global_step)
 
     def _after_step(self) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return
         trainer, module = pending.trainer, pending.module
-        with observer_guard(module, [pending.optimizer]):
+        with self.timed(trainer, pending.step), observer_guard(module, [pending.optimizer]):
             pending.key.rng.restore()  # the random draws of W^t's moment (the guard rewinds afterwards)
             metrics = internal_covariate_shift(
                 module,

@@ -134,6 +134,11 @@ class MeanShift(ModuleLayersCallback):
         every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
         loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
         loss_method: the module's method ``(batch) -> scalar loss``.
+        max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
+            take: it then times them and skips scheduled steps to stay within it (shared fairly with the
+            other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``meanshift/cost_steps``.
+        schedule: ``"fixed"`` (every ``every_n_steps`` steps) or ``"log"`` (about 10 steps per decade:
+            1, 2, 3, 4, 6, 7, 8, 10, 13, 16, 20, ..., 100, 126, ...).
 
     Raises:
         ValueError: bad arguments; at setup an unknown layer name (the valid ones are listed).
@@ -145,8 +150,18 @@ class MeanShift(ModuleLayersCallback):
         trainer = Trainer(max_steps=1, callbacks=[MeanShift(every_n_steps=1)])
     """
 
-    def __init__(self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> None:
-        super().__init__(layers, every_n_steps, loss_fn, loss_method)
+    metric_prefix = "meanshift"
+
+    def __init__(
+        self,
+        layers: list[str] | None = None,
+        every_n_steps: int = 100,
+        loss_fn: LossFn | str | None = None,
+        loss_method: str = "loss",
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
+    ) -> None:
+        super().__init__(layers, every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         self._said_no_logits = False
 
     @override

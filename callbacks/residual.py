@@ -86,6 +86,11 @@ class ResidualVariance(MeasurementCallback):
         every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
         loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
         loss_method: the module's method ``(batch) -> scalar loss``.
+        max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
+            take: it then times them and skips scheduled steps to stay within it (shared fairly with the
+            other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``resvar/cost_steps``.
+        schedule: ``"fixed"`` (every ``every_n_steps`` steps) or ``"log"`` (about 10 steps per decade:
+            1, 2, 3, 4, 6, 7, 8, 10, 13, 16, 20, ..., 100, 126, ...).
 
     Raises:
         ValueError: at setup, a module without residual blocks (``branch`` + ``shortcut`` children).
@@ -95,8 +100,10 @@ class ResidualVariance(MeasurementCallback):
         trainer = Trainer(max_steps=1, callbacks=[ResidualVariance(every_n_steps=1)])
     """
 
-    def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
+    metric_prefix = "resvar"
+
+    def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss", max_overhead: float | None = None, schedule: str = "fixed") -> None:
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         self._blocks: list[str] = []
 
     @override

@@ -297,6 +297,8 @@ CALLBACK_BAD_INPUT = [
         r"^error: .*'net\.fc99'.*net\.fc1",
     ),
     (["--trainer.callbacks.every_n_steps", "0"], r"^error: .*every_n_steps.*>= 1, got 0"),
+    (["--trainer.callbacks.max_overhead", "1.5"], r"^error: .*max_overhead must be None or a number in \(0, 1\).*got 1\.5"),
+    (["--trainer.callbacks.schedule", "cosine"], r"^error: .*unknown schedule 'cosine'; accepted: fixed, log"),
 ]
 
 
