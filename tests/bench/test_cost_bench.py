@@ -1,0 +1,34 @@
+"""bench/cost.py: bad arguments are one line; the parts it is built from run on a tiny budget."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+BENCH = REPO / "bench"
+sys.path.insert(0, str(BENCH))
+
+import cost  # noqa: E402 - bench/ is a folder of scripts, not a package
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--models", "alexnet"], "error: argument --models: unknown model 'alexnet'; accepted: resnet18, transformer, vgg"),
+        (["--callbacks", "Foo"], "error: argument --callbacks: unknown callback 'Foo'; accepted: " + ", ".join(cost.CALLBACKS)),
+    ],
+)
+def test_bad_arguments_are_one_line(args: list[str], line: str) -> None:
+    out = subprocess.run([sys.executable, str(BENCH / "cost.py"), *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.strip() == line
+
+
+def test_models_and_loaders_fit_each_other() -> None:
+    for name in cost.MODELS:
+        model = cost.make_model(name, 0)
+        batch = next(iter(cost.make_loader(name, 1, 0)))
+        assert model.loss(batch).ndim == 0, name
