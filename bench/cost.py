@@ -3,7 +3,8 @@
 Models: torchvision's ResNet-18 (10 classes, batch 32 of 3x32x32, SGD lr 0.1 momentum 0.9),
 Lightning's demo Transformer (``lightning.pytorch.demos.Transformer``, vocabulary 1000, batch 16x32
 tokens, AdamW lr 1e-3), and VGG-11-BN at width 0.25 (``bnlightning.models.VGG``, batch 32, SGD),
-each trained by ``Trainer.fit`` on synthetic tensors.
+each trained by ``Trainer.fit`` on synthetic tensors; on a GPU also ``vgg16`` (the paper's VGG-16-BN,
+full width, batch 128), with ``--precision bf16-mixed`` for training (measurements stay float32).
 
 1. **Cost of one measurement** of each callback alone, at its defaults, in steps of the same run:
    the callback measures every ``--probe-every`` steps; the clock is read around every step and
@@ -23,6 +24,7 @@ Example::
 
     python bench/cost.py --clock cpu --threads 1 --models resnet18,transformer,vgg --steps 1000
     python bench/cost.py --quick --clock cpu --threads 1
+    python bench/cost.py --device cuda --precision bf16-mixed --models vgg16 --steps 1000
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from overhead import StepClock, fit, time_measurements
 
 CALLBACKS = ("HessianSpectrum", "InternalCovariateShift", "LossLandscape", "ActivationStats", "MeanShift", "ResidualVariance")
 BUDGETED = ("InternalCovariateShift", "LossLandscape", "ActivationStats", "HessianSpectrum")
-MODELS = ("resnet18", "transformer", "vgg")
+MODELS = ("resnet18", "transformer", "vgg", "vgg16")
 QUICK = {"models": ["transformer"], "probe_measurements": 2, "steps": 60, "callbacks": list(CALLBACKS)}
 FULL = {"models": list(MODELS), "probe_measurements": 3, "steps": 1000, "callbacks": list(CALLBACKS)}
 
@@ -94,6 +96,8 @@ def make_model(name: str, seed: int) -> pl.LightningModule:
         from lightning.pytorch.demos import Transformer
 
         return LanguageModel(Transformer(vocab_size=1000))
+    if name == "vgg16":  # the paper's VGG-16-BN at full width (a GPU figure: batch 128)
+        return _fixtures.make_vgg(1.0, seed=seed, config="D")
     return _fixtures.make_vgg(0.25, seed=seed)
 
 
@@ -103,9 +107,10 @@ def make_loader(name: str, n_batches: int, seed: int) -> DataLoader:
         tokens = torch.randint(0, 1000, (16 * n_batches, 33), generator=g)
         data = TensorDataset(tokens[:, :-1], tokens[:, 1:])
         return DataLoader(data, batch_size=16)
-    x = torch.randn(32 * n_batches, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (32 * n_batches,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=32)
+    batch = 128 if name == "vgg16" else 32
+    x = torch.randn(batch * n_batches, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (batch * n_batches,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch)
 
 
 def make_callback(name: str, every: int, **kwargs: Any) -> Any:
@@ -221,6 +226,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
     p.add_argument("--probe-measurements", type=_cli.positive_int, default=None, help="measurements per callback in (1)")
     p.add_argument("--probe-every", type=_cli.positive_int, default=2, help="measure every this many steps in (1)")
     p.add_argument("--steps", type=_cli.nonnegative_int, default=None, help="training steps of the budget runs (2); 0 skips them")
+    p.add_argument("--precision", type=_cli.precision_list, default=["32-true"], help="one of 32-true, bf16-mixed, 16-mixed (training; measurements are float32 whatever it is)")
     args = p.parse_args(argv)
     for m in args.models:
         if m not in MODELS:
@@ -229,7 +235,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
         if c not in CALLBACKS:
             p.error(f"argument --callbacks: unknown callback {c!r}; accepted: {', '.join(CALLBACKS)}")
     args.device = _cli.resolve_device(p, args.device)
-    args.precision = "32-true"
+    _cli.check_precisions(p, args.precision, args.device)
+    args.precision = args.precision[0]
     args.timer = _timing.make_clock(p, args.clock, args.device)
     return args
 

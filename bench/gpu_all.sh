@@ -50,13 +50,11 @@ missed() {
 
 if [ "$tiny" = 1 ]; then
     width=0.0625 bs=16 steps=4 warmup=1 repeats=2 paper_steps=20 n_train=400 n_test=100 precision=32-true
-    probe="--probe-width 0.0625 --probe-batch-size 16 --probe-measurements 2" cost_steps=20 cost_every=10
+    cost_models="vgg" cost_steps=20
     paper_extra="--model.init_args.width 0.0625 --data.init_args.batch_size 16"
-    cost_models="vgg11-bn"
 else
     width=1.0 bs=128 steps=100 warmup=10 repeats=3 paper_steps=1500 n_train=50000 n_test=10000 precision=bf16-mixed
-    probe="--probe-width 1.0 --probe-batch-size 128 --probe-measurements 3" cost_steps=200 cost_every=100 paper_extra=""
-    cost_models="vgg16-bn"
+    cost_models="vgg16" cost_steps=1000 paper_extra=""
 fi
 
 # 1. the CUDA tests (skipped, not failed, on a CPU)
@@ -75,14 +73,13 @@ if missed "$results/throughput.json" "min(p['bnlightning_images_per_s'] for p in
 fi
 
 # 3. cost of one measurement of each callback (training steps) on VGG-16-BN, and the overhead under a budget
-if $py bench/cost.py --help 2>/dev/null | grep -q -- "--device"; then
-    run cost ${T_COST:-150} $py bench/cost.py --device "$device" --precision "$precision" --models $cost_models --out "$results/cost.json"
-else
-    run cost ${T_COST:-150} $py bench/overhead.py --device "$device" --precision "$precision" --config D \
-        --width "$width" --batch-size "$bs" --steps $cost_steps --every-n-steps $cost_every --repeats 1 $probe --out "$results/cost.json"
-fi
-grep -iE "cost|overhead" "$results/cost.log" | tail -12 | tee -a "$summary"
-if missed "$results/cost.json" "any(v > t for v, t in [(c.get('cost_in_steps', c.get('steps', 0)), {'InternalCovariateShift': 3, 'LossLandscape': 2}.get(c.get('callback'), 1e9)) for c in r.get('costs', [])])"; then
+#    (bench/cost.py: ICS over all layers, landscape at 4 step sizes, activations, Hessian λmax, mean shift;
+#    then --steps steps with the four main callbacks at max_overhead=0.1 against none)
+run cost ${T_COST:-150} $py bench/cost.py --device "$device" --precision "$precision" --models $cost_models \
+    --callbacks HessianSpectrum,InternalCovariateShift,LossLandscape,ActivationStats,MeanShift \
+    --probe-measurements 3 --steps $cost_steps --out "$results/cost.json"
+grep -E "steps|overhead" "$results/cost.log" | tail -12 | tee -a "$summary"
+if missed "$results/cost.json" "any(c['cost_in_steps'] > {'InternalCovariateShift': 3, 'LossLandscape': 2}.get(c['callback'], 1e9) for c in r.get('costs', []))"; then
     say "a measurement missed its cost target: profiling 3 steps with every callback measuring"
     run profile-cost ${T_PROFILE:-40} $py bench/profile_steps.py --device "$device" --precision "$precision" --config D \
         --width "$width" --batch-size "$bs" --warmup 2 --steps 3 --callbacks --trace-dir "$results/profile-cost"
