@@ -27,11 +27,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnlightning.callbacks import (
+    ActivationGradients,
     ActivationStats,
+    EffectiveLearningRate,
+    GradientCurvature,
     HessianSpectrum,
     InternalCovariateShift,
     LossLandscape,
     MeanShift,
+    SpectralDensity,
     internal_covariate_shift,
     loss_landscape,
     sgd_update,
@@ -70,7 +74,11 @@ def every_callback(n: int) -> list[pl.Callback]:
         LossLandscape(every_n_steps=n),
         ActivationStats(every_n_steps=n),
         HessianSpectrum(every_n_steps=n, max_iter=20, n_probes=2),
-        MeanShift(every_n_steps=n),
+        MeanShift(every_n_steps=n, max_overhead=0.5),
+        GradientCurvature(every_n_steps=n),
+        ActivationGradients(every_n_steps=n),
+        EffectiveLearningRate(every_n_steps=n),
+        SpectralDensity(every_n_steps=n, lanczos_steps=4, n_starts=1),
     ]
 
 
@@ -194,7 +202,7 @@ def test_zero_observer_effect_on_cuda_with_deterministic_kernels(norm: str, prec
         base = vgg(norm)
         a, b = copy.deepcopy(base), copy.deepcopy(base)
         fit_cuda(a, [], steps=4, precision=precision)
-        rec = Recorder(("ics", "landscape", "act", "hessian", "meanshift"))
+        rec = Recorder(("ics", "landscape", "act", "hessian", "meanshift", "gradact", "efflr", "sld"))
         fit_cuda(b, every_callback(1), steps=4, precision=precision, loggers=[rec])
     finally:
         torch.use_deterministic_algorithms(False)
