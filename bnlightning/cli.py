@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import (
     SIGTERMException,
 )
 
-from bnlightning import runstate
+from bnlightning import runstate, validation
 from bnlightning.checkpointing import (
     AtomicCheckpointIO,
     RunCheckpoint,
@@ -103,8 +103,14 @@ class BNLightningCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            raise RunError(condense(str(err))) from err
+            raise RunError(validation.explain(condense(str(err)))) from err
         self._check_ckpt_file()
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Values the types let through but training cannot use (a seed numpy refuses, a NaN lr): one line now."""
+        subcommand = self.config.get("subcommand")
+        validation.check_config(self.config[subcommand] if subcommand else self.config)
 
     def _check_ckpt_file(self) -> None:
         """Fail with one line naming a ``--ckpt_path`` file that cannot be loaded.
@@ -138,6 +144,7 @@ class BNLightningCLI(LightningCLI):
             if isinstance(err, RunError):
                 raise
             raise RunError(condense(str(err))) from err
+        validation.check_objects(self.model, self.trainer.callbacks)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[pl.Callback]) -> pl.Trainer:
         if config.get("enable_checkpointing") is False:

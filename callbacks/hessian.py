@@ -55,7 +55,7 @@ class HessianSpectrum(MeasurementCallback):
         loss_method: the module's method ``(batch) -> scalar loss``.
 
     Raises:
-        ValueError: a bad argument; at setup, an unknown layer.
+        ValueError: a bad argument; at setup, an unknown layer or ``k`` above the parameters measured.
         MisconfigurationException: at setup, manual optimization, an unsupported strategy, LBFGS.
 
     Example::
@@ -104,6 +104,18 @@ class HessianSpectrum(MeasurementCallback):
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.layers:
             resolve_layers(pl_module, self.layers)
+        self._check_k_fits(pl_module)
+
+    def _check_k_fits(self, pl_module: pl.LightningModule) -> None:
+        """``k`` eigenvalues need at least ``k`` parameters in every block measured: fail at setup, not at step t."""
+        size = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        blocks = {f"{type(pl_module).__name__} has {size} trainable parameters": size}
+        for layer in self.layers:
+            size = pl_module.get_submodule(layer).weight.numel()
+            blocks[f"the weight of layer {layer!r} has {size} entries"] = size
+        what, size = min(blocks.items(), key=lambda item: item[1])
+        if self.k > size:
+            raise ValueError(f"HessianSpectrum k: got {self.k}; accepted: an integer from 1 to {size} ({what})")
 
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
