@@ -34,6 +34,7 @@ from bnlightning.checkpointing import (
     AtomicCheckpointIO,
     RunCheckpoint,
     checkpoint_problem,
+    foreign_model_problem,
     model_mismatch,
     resolve_resume,
 )
@@ -130,6 +131,35 @@ class BNLightningCLI(LightningCLI):
             self.config[subcommand].ckpt_path = path
         elif problem := checkpoint_problem(asked):
             raise RunError(f"--ckpt_path {asked} is not a readable checkpoint: {problem}")
+        self._check_ckpt_model(self.config[subcommand].ckpt_path)
+
+    def _check_ckpt_model(self, path: str) -> None:
+        """Refuse a checkpoint of another model before LightningCLI copies its hyper-parameters into the config.
+
+        That copy would import the class the checkpoint names and replace the run's model
+        settings with the checkpoint's (another model's checkpoint then fails deep in a
+        forward pass with a shape error). A checkpoint is data: it is compared, not obeyed.
+        """
+        state = _load_for_reading(path)
+        model = self.config[self.config.subcommand].get("model")
+        init_args = model.get("init_args") if model is not None else None
+        settings = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+        if problem := foreign_model_problem(state.get("hyper_parameters"), model.get("class_path") if model is not None else None, settings):
+            raise RunError(f"--ckpt_path {path}: {problem}")
+
+    def before_validate(self) -> None:
+        self._check_ckpt_fits_model("validate")
+
+    def before_test(self) -> None:
+        self._check_ckpt_fits_model("test")
+
+    def _check_ckpt_fits_model(self, subcommand: str) -> None:
+        """For ``validate``/``test``: the checkpoint's tensors fit the model, or one line (not a ``load_state_dict`` traceback)."""
+        path = self.config[subcommand].get("ckpt_path")
+        if not path or not os.path.isfile(path):
+            return
+        if problem := model_mismatch(self.model, _load_for_reading(path).get("state_dict", {})):
+            raise RunError(f"--ckpt_path {path} does not match this model: {problem}; use the config that trained it")
 
     def instantiate_classes(self) -> None:
         """Build model, data and callbacks; a ``ValueError`` from their constructors is bad input.
@@ -238,6 +268,14 @@ class BNLightningCLI(LightningCLI):
         diverged = getattr(model, "diverged_at_step", None)
         status = f"DIVERGED at step {diverged}" if diverged is not None else f"{trainer.global_step} steps"
         rank_zero_info(f"bnlightning: {stage} done for {what}: {status}; {shown or 'no validation metrics'}")
+
+
+def _load_for_reading(path: str) -> dict[str, Any]:
+    """A checkpoint's contents, memory-mapped where the format allows (nothing in it runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _run_folders(root: str) -> list[str]:
