@@ -98,8 +98,9 @@ class BNLightningCLI(LightningCLI):
         """Parse, then check ``--ckpt_path`` before Lightning reads it.
 
         Raises:
-            RunError: a bad option or value (jsonargparse's report condensed to one line),
-                or a ``--ckpt_path`` file that is not a readable checkpoint.
+            RunError: a bad option or value (jsonargparse's report condensed to one line,
+                or a value ``bnlightning.validation`` refuses), or a ``--ckpt_path`` file
+                that is not a readable checkpoint of this model.
         """
         try:
             super().parse_arguments(parser, args)
@@ -140,11 +141,12 @@ class BNLightningCLI(LightningCLI):
         settings with the checkpoint's (another model's checkpoint then fails deep in a
         forward pass with a shape error). A checkpoint is data: it is compared, not obeyed.
         """
-        state = _load_for_reading(path)
-        model = self.config[self.config.subcommand].get("model")
-        init_args = model.get("init_args") if model is not None else None
+        model = self.config[self.config.subcommand].get("model") or {}
+        init_args = model.get("init_args")
         settings = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
-        if problem := foreign_model_problem(state.get("hyper_parameters"), model.get("class_path") if model is not None else None, settings):
+        settings.update(model.get("dict_kwargs") or {})  # a model taking **kwargs
+        hparams = _load_for_reading(path).get("hyper_parameters")
+        if problem := foreign_model_problem(hparams, model.get("class_path"), settings):
             raise RunError(f"--ckpt_path {path}: {problem}")
 
     def before_validate(self) -> None:
