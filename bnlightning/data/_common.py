@@ -73,7 +73,7 @@ class DataModuleBase(pl.LightningDataModule):
     on_device: bool | None = None  # set by the module's setup(): which of the two paths is in use
 
     def check_train_batch_size(self, stage: str | None) -> None:
-        """Fail at ``setup`` when ``batch_size`` exceeds this process's training samples.
+        """Fail at ``setup`` under a trainer when ``batch_size`` exceeds this process's training samples.
 
         The training loader drops the last partial batch, so such a batch size gives no step
         at all (and, on the on-device path, a traceback when the loader is built).
@@ -81,8 +81,10 @@ class DataModuleBase(pl.LightningDataModule):
         Raises:
             ValueError: ``batch_size`` above the training samples per process.
         """
-        if stage not in (None, "fit") or not self._shuffle("train"):
-            return  # no training, or a loader that keeps its last partial batch (full-batch training)
+        if stage not in (None, "fit") or not self._shuffle("train") or getattr(self, "trainer", None) is None:
+            # no training; a loader that keeps its last partial batch (full-batch training); or no
+            # trainer (the data inspected directly, no training loader built)
+            return
         data = self._split_data("train")
         n = len(data) if isinstance(data, Dataset) else int(data[0].shape[0])
         _, world = self.rank_and_world_size
