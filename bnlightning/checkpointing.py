@@ -128,8 +128,13 @@ class RunCheckpoint(ModelCheckpoint):
 
 
 # --- resuming -------------------------------------------------------------------------
-def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
-    """Why the checkpoint at ``path`` cannot be resumed (empty, truncated, unreadable), or None."""
+def checkpoint_problem(path: str | os.PathLike[str], training: bool = False) -> str | None:
+    """Why the checkpoint at ``path`` cannot be used (empty, truncated, unreadable, not Lightning's), or None.
+
+    Args:
+        path: the checkpoint file.
+        training: it is to resume training (``fit``), so it must hold the training state too.
+    """
     path = os.fspath(path)
     try:
         size = os.path.getsize(path)
@@ -143,7 +148,7 @@ def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
         return f"it cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:160]})"
     if not isinstance(state, dict) or "state_dict" not in state:
         return "it holds no state_dict (not a Lightning checkpoint)"
-    return None
+    return lightning_keys_problem(state, training)
 
 
 def _step_checkpoints(folder: str) -> list[str]:
@@ -172,12 +177,12 @@ def resolve_resume(path: str) -> tuple[str, str | None]:
     """
     from bnlightning.errors import RunError
 
-    problem = checkpoint_problem(path)
+    problem = checkpoint_problem(path, training=True)
     if problem is None:
         return path, None
     if os.path.basename(path).startswith("last"):
         for other in _step_checkpoints(os.path.dirname(path) or "."):
-            if checkpoint_problem(other) is None:
+            if checkpoint_problem(other, training=True) is None:
                 return other, f"bnlightning: {path} cannot be resumed ({problem}); resuming from the newest intact checkpoint {other}"
     raise RunError(f"cannot resume from {path}: not a readable checkpoint ({problem}); no intact checkpoint lies beside it")
 
@@ -196,3 +201,107 @@ def model_mismatch(model: torch.nn.Module, state_dict: dict[str, Any]) -> str | 
         return None
     more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
     return problems[0] + more
+
+
+# --- a checkpoint is data -------------------------------------------------------------
+# What Lightning's Trainer reads from every checkpoint it restores, and, to resume training,
+# the training state (a ``save_weights_only`` checkpoint lacks it). A bare
+# ``{"state_dict": ...}`` file ended in Lightning's ``KeyError: 'pytorch-lightning_version'``.
+_LIGHTNING_KEYS = ("pytorch-lightning_version",)
+_TRAINING_KEYS = ("global_step", "epoch", "loops", "optimizer_states")
+# Keys of ``hyper_parameters`` that LightningCLI and ``load_from_checkpoint`` resolve to a class or function by import.
+_IMPORTED_KEYS = ("_class_path", "class_path", "_instantiator")
+
+
+def lightning_keys_problem(state: dict[str, Any], training: bool) -> str | None:
+    """What a loaded checkpoint lacks for Lightning to restore it (for ``training``: to resume fit), or None.
+
+    Example:
+        >>> lightning_keys_problem({"state_dict": {}}, training=False)
+        "it holds a bare state_dict, not a checkpoint written by Lightning's Trainer (no 'pytorch-lightning_version'); load it with model.load_state_dict(torch.load(path)['state_dict']) instead"
+    """
+    if any(key not in state for key in _LIGHTNING_KEYS):
+        missing = ", ".join(repr(k) for k in _LIGHTNING_KEYS if k not in state)
+        return f"it holds a bare state_dict, not a checkpoint written by Lightning's Trainer (no {missing}); load it with model.load_state_dict(torch.load(path)['state_dict']) instead"
+    if training and (missing := [k for k in _TRAINING_KEYS if k not in state]):
+        return f"it holds weights only (no {', '.join(repr(k) for k in missing)}: saved with save_weights_only), so training cannot resume from it; start a new run, or use it with validate/test"
+    return None
+
+
+def foreign_model_problem(hparams: Any, class_path: str | None, init_args: dict[str, Any]) -> str | None:
+    """How the model a checkpoint's ``hyper_parameters`` describe differs from this run's, or None.
+
+    LightningCLI copies a ``--ckpt_path`` file's hyper-parameters into the config before it
+    builds the model: their ``_class_path`` would be imported (a checkpoint that loads with
+    ``weights_only`` could still run the code of any module on the path), and their values
+    would replace the run's own settings. Checked first, by string and against modules
+    already imported, so nothing a checkpoint names is imported.
+
+    Args:
+        hparams: the checkpoint's ``hyper_parameters`` (anything; only a dict is read).
+        class_path: the model class this run's config names.
+        init_args: this run's model arguments.
+
+    Example:
+        >>> foreign_model_problem({"_class_path": "evil.Model"}, "bnlightning.models.MLP", {})
+        "its hyper_parameters name 'evil.Model', a module this run has not imported (a checkpoint is data: it is not imported); use the config that trained it"
+    """
+    if not isinstance(hparams, dict):
+        return None
+    for name in _class_paths(hparams):
+        if "." in name and _loaded(name) is None:
+            return f"its hyper_parameters name {name!r}, a module this run has not imported (a checkpoint is data: it is not imported); use the config that trained it"
+    saved = hparams.get("_class_path")
+    if isinstance(saved, str) and class_path and not _same_class(saved, class_path):
+        return f"it was saved from model {saved!r}, but this run builds {class_path!r}; use the config that trained it"
+    for key, value in hparams.items():
+        if key in _IMPORTED_KEYS:
+            continue
+        if key not in init_args:
+            return f"its hyper_parameters hold {key!r}, which {class_path or 'this model'} does not take: it was saved from another model"
+        if _plain(value) and _plain(init_args[key]) and _normal(value) != _normal(init_args[key]):
+            return f"it was saved from another model: {key} is {value!r} in the checkpoint but {init_args[key]!r} in this run's settings; pass the run's own settings (its config.yaml)"
+    return None
+
+
+def _class_paths(value: Any) -> list[str]:
+    """Every string under an import key (``_class_path``, ``class_path``, ``_instantiator``), at any depth."""
+    found: list[str] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in _IMPORTED_KEYS and isinstance(item, str):
+                found.append(item)
+            else:
+                found += _class_paths(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            found += _class_paths(item)
+    return found
+
+
+def _loaded(path: str) -> Any:
+    """The object ``module.name`` names if its module is already imported, else None (never imports)."""
+    import sys
+
+    module, _, name = path.rpartition(".")
+    return getattr(sys.modules[module], name, None) if module in sys.modules else None
+
+
+def _same_class(saved: str, configured: str) -> bool:
+    if saved == configured:
+        return True
+    if "." not in saved:  # a bare class name, as jsonargparse accepts
+        return configured.rpartition(".")[2] == saved
+    ours = _loaded(configured)
+    return ours is not None and _loaded(saved) is ours
+
+
+def _plain(value: Any) -> bool:
+    """A YAML scalar or a list of them (nested configs are compared by their own class paths)."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _normal(value: Any) -> Any:
+    return [_normal(v) for v in value] if isinstance(value, (list, tuple)) else value

@@ -29,11 +29,12 @@ from lightning.pytorch.utilities.exceptions import (
     SIGTERMException,
 )
 
-from bnlightning import console, resume, runstate
+from bnlightning import console, resume, runstate, validation
 from bnlightning.checkpointing import (
     AtomicCheckpointIO,
     RunCheckpoint,
     checkpoint_problem,
+    foreign_model_problem,
     model_mismatch,
     resolve_resume,
 )
@@ -124,16 +125,23 @@ class BNLightningCLI(LightningCLI):
         """Parse, then check ``--ckpt_path`` before Lightning reads it.
 
         Raises:
-            RunError: a bad option or value (jsonargparse's report condensed to one line),
-                or a ``--ckpt_path`` file that is not a readable checkpoint.
+            RunError: a bad option or value (jsonargparse's report condensed to one line,
+                or a value ``bnlightning.validation`` refuses), or a ``--ckpt_path`` file
+                that is not a readable checkpoint of this model.
         """
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            raise RunError(condense(str(err))) from err
+            raise RunError(validation.explain(condense(str(err)))) from err
         _check_logger_override(list(sys.argv[1:] if args is None else args), self.config)
         self._check_ckpt_file()
+        self._check_values()
         self._record_asked_settings()
+
+    def _check_values(self) -> None:
+        """Values the types let through but training cannot use (a seed numpy refuses, a NaN lr): one line now."""
+        subcommand = self.config.get("subcommand")
+        validation.check_config(self.config[subcommand] if subcommand else self.config)
 
     def _record_asked_settings(self) -> None:
         """This command's own settings, kept before Lightning fills the model's from a ``--ckpt_path`` file."""
@@ -158,6 +166,36 @@ class BNLightningCLI(LightningCLI):
             self.config[subcommand].ckpt_path = path
         elif problem := checkpoint_problem(asked):
             raise RunError(f"--ckpt_path {asked} is not a readable checkpoint: {problem}")
+        self._check_ckpt_model(self.config[subcommand].ckpt_path)
+
+    def _check_ckpt_model(self, path: str) -> None:
+        """Refuse a checkpoint of another model before LightningCLI copies its hyper-parameters into the config.
+
+        That copy would import the class the checkpoint names and replace the run's model
+        settings with the checkpoint's (another model's checkpoint then fails deep in a
+        forward pass with a shape error). A checkpoint is data: it is compared, not obeyed.
+        """
+        model = self.config[self.config.subcommand].get("model") or {}
+        init_args = model.get("init_args")
+        settings = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+        settings.update(model.get("dict_kwargs") or {})  # a model taking **kwargs
+        hparams = _load_for_reading(path).get("hyper_parameters")
+        if problem := foreign_model_problem(hparams, model.get("class_path"), settings):
+            raise RunError(f"--ckpt_path {path}: {problem}")
+
+    def before_validate(self) -> None:
+        self._check_ckpt_fits_model("validate")
+
+    def before_test(self) -> None:
+        self._check_ckpt_fits_model("test")
+
+    def _check_ckpt_fits_model(self, subcommand: str) -> None:
+        """For ``validate``/``test``: the checkpoint's tensors fit the model, or one line (not a ``load_state_dict`` traceback)."""
+        path = self.config[subcommand].get("ckpt_path")
+        if not path or not os.path.isfile(path):
+            return
+        if problem := model_mismatch(self.model, _load_for_reading(path).get("state_dict", {})):
+            raise RunError(f"--ckpt_path {path} does not match this model: {problem}; use the config that trained it")
 
     def instantiate_classes(self) -> None:
         """Build model, data and callbacks; a ``ValueError`` from their constructors is bad input.
@@ -172,6 +210,7 @@ class BNLightningCLI(LightningCLI):
             if isinstance(err, RunError):
                 raise
             raise RunError(condense(str(err))) from err
+        validation.check_objects(self.model, self.trainer.callbacks)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[pl.Callback]) -> pl.Trainer:
         if config.get("enable_checkpointing") is False:
@@ -269,6 +308,14 @@ class BNLightningCLI(LightningCLI):
         diverged = getattr(model, "diverged_at_step", None)
         status = f"DIVERGED at step {diverged}" if diverged is not None else f"{trainer.global_step} steps"
         rank_zero_info(f"bnlightning: {stage} done for {what}: {status}; {shown or 'no validation metrics'}")
+
+
+def _load_for_reading(path: str) -> dict[str, Any]:
+    """A checkpoint's contents, memory-mapped where the format allows (nothing in it runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _refuse_finished_folder(csv: CSVLogger) -> None:

@@ -10,6 +10,7 @@ run starts or trains (an unusable checkpoint, a full or read-only disk).
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 
@@ -164,7 +165,51 @@ def storage_error_line(err: BaseException) -> str | None:
     """
     if not isinstance(err, OSError) or err.errno not in _STORAGE_ERRNOS:
         return None
-    where = err.filename if err.filename is not None else "(path unknown)"
+    where = err.filename if err.filename is not None else (file_being_written(err) or "(path unknown)")
     reason = err.strerror or os.strerror(err.errno)
     fix = "free space there" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
     return f"{reason}: {where} ({fix}, or point the run elsewhere with --trainer.default_root_dir and the loggers' save_dir)"
+
+
+def file_being_written(err: BaseException) -> str | None:
+    """The file a write was going to when ``err`` was raised, found in its traceback, or None.
+
+    A write through a file object (``f.write``, ``f.close``, ``os.fsync``) raises an
+    ``OSError`` without a file name; a full disk at start-up (Lightning writing
+    ``hparams.yaml``, our ``run.json``) then could not say where. The innermost frame that
+    holds a file opened for writing names it.
+
+    Example:
+        >>> def write(path):
+        ...     with open(path, "w") as f:
+        ...         raise OSError(errno.ENOSPC, "No space left on device")  # as f.write would
+        >>> try:
+        ...     write(os.devnull)
+        ... except OSError as e:
+        ...     print(file_being_written(e))
+        /dev/null
+    """
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):  # innermost first: the write that failed
+        for value in frame.f_locals.values():
+            if (name := _written_file_name(value)) is not None:
+                return name
+    return None
+
+
+def _written_file_name(value: object) -> str | None:
+    """The path of ``value`` if it is a file object opened for writing (fsspec's ``LocalFileOpener`` too)."""
+    if not isinstance(value, io.IOBase):
+        return None
+    mode = getattr(value, "mode", "")
+    if not isinstance(mode, str) or not set(mode) & set("wax+"):
+        return None
+    for attr in ("path", "name"):  # fsspec keeps the target in .path; open() in .name (an fd number for os.fdopen)
+        name = getattr(value, attr, None)
+        if isinstance(name, (str, os.PathLike)):
+            return os.fspath(name)
+    return None

@@ -164,17 +164,25 @@ class HessianSpectrum(MeasurementCallback):
 
     @override
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        blocks = {"the trainable parameters": sum(p.numel() for p in pl_module.parameters() if p.requires_grad)}
-        for layer in resolve_layers(pl_module, self.layers) if self.layers else []:
-            blocks[f"the weight of layer {layer!r}"] = pl_module.get_submodule(layer).weight.numel()
-        for what, size in blocks.items():
-            if self.k > size:
-                raise ValueError(f"HessianSpectrum: k = {self.k} is more than the {size} eigenvalues of the Hessian over {what} (one per entry); use k <= {size}")
+        if self.layers:
+            resolve_layers(pl_module, self.layers)
+        self._check_k_fits(pl_module)
         if trainer.accumulate_grad_batches > 1:
             rank_zero_info(
                 f"HessianSpectrum: with accumulate_grad_batches={trainer.accumulate_grad_batches}, H is the Hessian of the last "
                 f"micro-batch's loss, and hessian/sharpness_ratio compares its lambda_max with 2(1+beta)/eta."
             )
+
+    def _check_k_fits(self, pl_module: pl.LightningModule) -> None:
+        """``k`` eigenvalues need at least ``k`` parameters in every block measured: fail at setup, not at step t."""
+        size = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        blocks = {f"{type(pl_module).__name__} has {size} trainable parameters": size}
+        for layer in self.layers or []:
+            size = pl_module.get_submodule(layer).weight.numel()
+            blocks[f"the weight of layer {layer!r} has {size} entries"] = size
+        what, size = min(blocks.items(), key=lambda item: item[1])
+        if self.k > size:
+            raise ValueError(f"HessianSpectrum k: got {self.k}; accepted: an integer from 1 to {size} ({what})")
 
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:

@@ -84,6 +84,31 @@ class DataModuleBase(pl.LightningDataModule):
     # ---- the loader factory: each data module only says what a split holds -------------------
     on_device: bool | None = None  # set by the module's setup(): which of the two paths is in use
 
+    def check_train_batch_size(self, stage: str | None) -> None:
+        """Fail at ``setup`` under a trainer when ``batch_size`` exceeds this process's training samples.
+
+        The training loader drops the last partial batch, so such a batch size gives no step
+        at all (and, on the on-device path, a traceback when the loader is built).
+
+        Raises:
+            ValueError: ``batch_size`` above the training samples per process.
+        """
+        if stage not in (None, "fit") or not self._shuffle("train") or getattr(self, "trainer", None) is None:
+            # no training; a loader that keeps its last partial batch (full-batch training); or no
+            # trainer (the data inspected directly, no training loader built)
+            return
+        data = self._split_data("train")
+        n = len(data) if isinstance(data, Dataset) else int(data[0].shape[0])
+        _, world = self.rank_and_world_size
+        per_process = n // world
+        batch_size = self._batch_size("train")
+        if batch_size > per_process:
+            shared = f" over {world} processes" if world > 1 else ""
+            raise ValueError(
+                f"batch_size: got {batch_size}; accepted: at most {per_process}, the training samples per process ({n}{shared}); "
+                f"the last partial batch is dropped, so a larger batch gives no training step"
+            )
+
     def _split_data(self, split: Split) -> Sequence[torch.Tensor] | Dataset:
         """What ``split`` holds: its tensors (on the device on the on-device path), or on the
         ``DataLoader`` path a ``Dataset`` (tensors are wrapped in a ``TensorDataset``)."""

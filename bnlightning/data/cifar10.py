@@ -316,6 +316,7 @@ class CIFAR10DataModule(DataModuleBase):
                 self.train_set = self._dataset(train=True, transform=self.torchvision_transform(train=True))
             if self.test_set is None:
                 self.test_set = self._dataset(train=False, transform=self.torchvision_transform(train=False))
+        self.check_train_batch_size(stage)
 
     def _loader_kwargs(self) -> dict[str, Any]:
         w = self.num_workers

@@ -126,6 +126,7 @@ class DigitsDataModule(DataModuleBase):
         if self.train_x is None:
             dev = self.device if self.on_device else torch.device("cpu")
             self.train_x, self.train_y, self.val_x, self.val_y = (t.to(dev) for t in self.load_tensors())
+        self.check_train_batch_size(stage)
 
     def _split_data(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         return filled(self.train_x, self.train_y) if split == "train" else filled(self.val_x, self.val_y)
