@@ -4,6 +4,14 @@
 #   bash bench/gpu.sh all                                # on the GPU machine
 #   DEVICE=cpu TINY=1 RESULTS=/tmp/dry bash bench/gpu.sh all   # dry run on a CPU: same commands, tiny sizes
 #
+# On the GPU machine of this workplace (no registry there), first `bash bench/gpu_wheels.sh` here, then
+# in the one call (carry .whl):
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+#   export PYTHONPATH=/tmp/site:$PWD
+#   ln -sfn ../callbacks bnlightning/callbacks; ln -sfn ../configs bnlightning/configs   # the package-dir layout, uninstalled
+#   RESULTS=/tmp/res T_TESTS=90 T_THROUGHPUT=110 T_COST=130 T_PAPER=110 T_PROFILE=30 timeout 545 bash bench/gpu.sh all
+#   tar czf $OUT/results.tgz -C /tmp res
+#
 # Four stages, in this order, each under its own `timeout` and writing its figures to $RESULTS as it
 # goes, so a run cut short still returns what it measured:
 #   1. tests       pytest -m cuda (tests/test_cuda.py)                                     ~1 min
