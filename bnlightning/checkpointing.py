@@ -223,8 +223,8 @@ def lightning_keys_problem(state: dict[str, Any], training: bool) -> str | None:
     if any(key not in state for key in _LIGHTNING_KEYS):
         missing = ", ".join(repr(k) for k in _LIGHTNING_KEYS if k not in state)
         return f"it holds a bare state_dict, not a checkpoint written by Lightning's Trainer (no {missing}); load it with model.load_state_dict(torch.load(path)['state_dict']) instead"
-    if training and (missing := [k for k in _TRAINING_KEYS if k not in state]):
-        return f"it holds weights only (no {', '.join(repr(k) for k in missing)}: saved with save_weights_only), so training cannot resume from it; start a new run, or use it with validate/test"
+    if training and (absent := [k for k in _TRAINING_KEYS if k not in state]):
+        return f"it holds weights only (no {', '.join(repr(k) for k in absent)}: saved with save_weights_only), so training cannot resume from it; start a new run, or use it with validate/test"
     return None
 
 

@@ -177,7 +177,8 @@ class BNLightningCLI(LightningCLI):
         """
         model = self.config[self.config.subcommand].get("model") or {}
         init_args = model.get("init_args")
-        settings = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+        as_dict = getattr(init_args, "as_dict", None)  # a jsonargparse Namespace, or a plain dict
+        settings = as_dict() if callable(as_dict) else dict(init_args or {})
         settings.update(model.get("dict_kwargs") or {})  # a model taking **kwargs
         hparams = _load_for_reading(path).get("hyper_parameters")
         if problem := foreign_model_problem(hparams, model.get("class_path"), settings):
@@ -210,7 +211,7 @@ class BNLightningCLI(LightningCLI):
             if isinstance(err, RunError):
                 raise
             raise RunError(condense(str(err))) from err
-        validation.check_objects(self.model, self.trainer.callbacks)
+        validation.check_objects(self.model, self.trainer.callbacks)  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[pl.Callback]) -> pl.Trainer:
         if config.get("enable_checkpointing") is False:

@@ -75,7 +75,7 @@ class WandbLogger(_LightningWandbLogger):
             offline, self._offline_reason = True, "no W&B credentials found"
         if offline:
             log_model = False  # checkpoints cannot be uploaded offline
-        extra = {k: v for k, v in {"entity": entity, "group": group, "job_type": job_type, "tags": tags, "notes": notes}.items() if v is not None}
+        extra: dict[str, Any] = {k: v for k, v in {"entity": entity, "group": group, "job_type": job_type, "tags": tags, "notes": notes}.items() if v is not None}
         # Absolute: wandb's service process resolves relative paths against its own
         # working directory, which is not ours after a chdir (tests, notebooks).
         save_dir = os.path.abspath(save_dir)
@@ -281,8 +281,11 @@ class CSVLogger(_LightningCSVLogger):
         if _private.csv_requested_version(self) is None:
             # Only rank zero claims; other ranks never write here, and Lightning
             # broadcasts rank zero's folders (log_dir, checkpoint dir) to them.
-            _private.set_csv_version(self, claim_version(self.root_dir) if rank_zero_only.rank == 0 else _private.csv_next_version(self))
-        return _private.csv_requested_version(self)
+            rank = getattr(rank_zero_only, "rank", 0)  # set by Lightning on the decorator function
+            _private.set_csv_version(self, claim_version(self.root_dir) if rank == 0 else _private.csv_next_version(self))
+        version = _private.csv_requested_version(self)
+        assert version is not None, "set just above"
+        return version
 
     @property
     def version_given(self) -> bool:
@@ -313,8 +316,8 @@ class CSVLogger(_LightningCSVLogger):
     def experiment(self) -> Any:
         if _private.csv_writer(self) is None:
             os.makedirs(self.root_dir, exist_ok=True)
-            resuming = self._resume_step is not None
-            _private.set_csv_writer(self, _ResumingWriter(self.log_dir, self._resume_step) if resuming else _FreshWriter(self.log_dir))
+            step = self._resume_step
+            _private.set_csv_writer(self, _ResumingWriter(self.log_dir, step) if step is not None else _FreshWriter(self.log_dir))
         return super().experiment
 
 

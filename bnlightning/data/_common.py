@@ -3,7 +3,7 @@ one loader factory (on-device :class:`TensorLoader` or ``DataLoader``) behind ev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -98,7 +98,7 @@ class DataModuleBase(pl.LightningDataModule):
             # trainer (the data inspected directly, no training loader built)
             return
         data = self._split_data("train")
-        n = len(data) if isinstance(data, Dataset) else int(data[0].shape[0])
+        n = len(data) if isinstance(data, Sized) else int(data[0].shape[0])  # a map-style Dataset has a length
         _, world = self.rank_and_world_size
         per_process = n // world
         batch_size = self._batch_size("train")

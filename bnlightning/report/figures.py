@@ -102,7 +102,7 @@ def _band(ax: Axes, runs: Sequence[Run], metric: str, color: str, label: str, st
             continue
         finite = np.isfinite(s[1])
         y = s[1][finite][-1] if finite.any() else np.nanmax(hi)
-        ax.plot([r.diverged_at_step], [y], "x", color=color, ms=9, mew=2)
+        ax.plot([float(r.diverged_at_step or 0)], [y], "x", color=color, ms=9, mew=2)
     return True
 
 

@@ -211,7 +211,8 @@ def gauges_table(runs: Sequence[Run]) -> str:
 
         layers = _layers([r])
         eff = sorted({n.split("/")[1] for n in r.metrics if n.startswith("efflr/")}, key=_block_key)
-        ratio = np.nanmedian(r.series("hessian/predicted_change")[1] / r.series("hessian/actual_change")[1]) if r.series("hessian/actual_change") is not None else float("nan")
+        predicted, actual = r.series("hessian/predicted_change"), r.series("hessian/actual_change")
+        ratio = np.nanmedian(predicted[1] / actual[1]) if predicted is not None and actual is not None else float("nan")
         grads = f"{_mean_of(r, f'gradact/{layers[0]}/norm'):.3g} … {_mean_of(r, f'gradact/{layers[-1]}/norm'):.3g}" if layers else "—"
         rows.append(
             [label, ",".join(str(x.seed) for x in rs)]

@@ -365,8 +365,7 @@ def aggregate(runs: Sequence[Run], name: str) -> tuple[np.ndarray, np.ndarray, n
     last loss is shown by a marker, not by an infinite band).
     Returns ``(steps, mean, lo, hi)`` or None if no run logged ``name``.
     """
-    per_run = [r.series(name) for r in runs]
-    per_run = [s for s in per_run if s is not None and len(s[0])]
+    per_run = [s for s in (r.series(name) for r in runs) if s is not None and len(s[0])]
     if not per_run:
         return None
     steps = np.unique(np.concatenate([s[0] for s in per_run]))
