@@ -4,7 +4,7 @@ one loader factory (on-device :class:`TensorLoader` or ``DataLoader``) behind ev
 from __future__ import annotations
 
 from collections.abc import Sequence, Sized
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -98,7 +98,7 @@ class DataModuleBase(pl.LightningDataModule):
             # trainer (the data inspected directly, no training loader built)
             return
         data = self._split_data("train")
-        n = len(data) if isinstance(data, Sized) else int(data[0].shape[0])  # a map-style Dataset has a length
+        n = int(data[0].shape[0]) if isinstance(data, (tuple, list)) else len(cast(Sized, data))  # map-style datasets have a length
         _, world = self.rank_and_world_size
         per_process = n // world
         batch_size = self._batch_size("train")
