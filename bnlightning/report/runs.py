@@ -109,6 +109,10 @@ def _read_yaml(path: Path, required: bool = False) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise UnreadableRun(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if text and not text.endswith("\n"):
+        # yaml.safe_dump and LightningCLI end the file with a newline: without one the writer
+        # was killed mid-line, and what is left may still parse (``norm: bat``).
+        raise UnreadableRun(f"{path}: cut short mid-write (its last line has no newline)")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -410,11 +414,11 @@ def format_value(key: str, value: Any) -> str:
 def setting_label(run: Run, keys: Sequence[str]) -> str:
     """``BN, batch_size=8``: the run's values of ``keys`` for legends and table cells.
 
-    The norm is shown by its name; callback arguments are left out (the claims table keeps
+    The norm is shown by its name, first; callback arguments are left out (the claims table keeps
     them): they made legends too long to read.
     """
     parts = []
-    for k in keys:
+    for k in sorted(keys, key=lambda k: k != NORM_KEY):  # "BN, batch_size=8": the norm leads
         text = format_value(k, run.value(k))
         parts.append(text if k == NORM_KEY else f"{short_key(k)}={re.sub(r'[(][^)]*[)]', '', text)}")
     return ", ".join(parts) or "all runs"
@@ -495,9 +499,12 @@ def load_run(path: Path) -> Run:
     Raises:
         UnreadableRun: one of its files cannot be read (the message names it).
     """
+    config = _read_yaml(path / "config.yaml", required=True)
+    if "model" not in config:  # LightningCLI always writes it: the file ends before its section
+        raise UnreadableRun(f"{path / 'config.yaml'}: no model section; cut short mid-write?")
     return Run(
         path=path,
-        config=_read_yaml(path / "config.yaml", required=True),
+        config=config,
         hparams=_read_yaml(path / "hparams.yaml"),
         metrics=read_metrics(path / "metrics.csv"),
         state=_read_state(path),
