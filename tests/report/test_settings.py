@@ -44,7 +44,10 @@ def write_run(
             "logger": [{"class_path": "bnlightning.loggers.CSVLogger", "init_args": {"save_dir": str(folder.parent), "version": folder.name}}],
             "callbacks": [{"class_path": "bnlightning.batchsize.LinearLRScaling", "init_args": {"reference_batch_size": 128}}],
         },
-        "model": {"class_path": "bnlightning.models.MLP", "init_args": {"depth": 3, "width": 100, "activation": "relu", "norm": norm, "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": lr}}, **(model or {})}},
+        "model": {
+            "class_path": "bnlightning.models.MLP",
+            "init_args": {"depth": 3, "width": 100, "activation": "relu", "norm": norm, "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": lr}}, **(model or {})},
+        },
         "data": {"class_path": "bnlightning.data.DigitsDataModule", "init_args": {"batch_size": batch, "seed": 0}},
         "checkpoint": {"every_n_train_steps": 1000},
         "ckpt_path": None,
