@@ -21,74 +21,29 @@ from each run's ``config.yaml``; seeds are the repeats. Per family:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bnlightning.report.figures import Figure, _band, _finish, _log_y, plt
+from bnlightning.report.figures import STYLE, Figure, _band, _finish, _log_y, combo_colors, family_settings, plt, subplots, y_label
 from bnlightning.report.page import markdown_table
-from bnlightning.report.runs import Run, group_by, short_layer
+from bnlightning.report.runs import Run, format_value, group_by, group_settings, setting_label, short_key, short_layer, varying_keys
 
-#: Config keys that never define a setting (repeats, bookkeeping).
-IGNORED_KEYS = ("seed_everything", "trainer.logger", "trainer.default_root_dir", "checkpoint.", "ckpt_path", "dataset_name", "data.init_args.seed")
+__all__ = ["claim_rows", "draw_claims", "setting_label", "varying_keys", "write_claims_markdown"]
+
 #: Numeric keys that make a good x axis, in order of preference.
 X_KEYS = ("data.init_args.batch_size", "model.init_args.init_gain", "model.init_args.optimizer.init_args.lr", "model.init_args.dropout")
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; a callbacks list becomes its class names and arguments."""
-    out: dict[str, Any] = {}
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    key = prefix[:-1]
-    if key.endswith("callbacks") and isinstance(tree, list):
-        out[key] = " + ".join(_callback_label(c) for c in tree) or "none"
-    else:
-        out[key] = tree if not isinstance(tree, list) else tuple(map(str, tree))
-    return out
-
-
-def _callback_label(spec: Any) -> str:
-    if not isinstance(spec, dict):
-        return str(spec)
-    name = str(spec.get("class_path", "?")).rsplit(".", 1)[-1]
-    args = spec.get("init_args") or {}
-    return name + (f"({', '.join(f'{k}={v}' for k, v in args.items())})" if args else "")
-
-
-def varying_keys(runs: Sequence[Run]) -> list[str]:
-    """Config keys (dotted) whose values differ between ``runs``, seeds and bookkeeping left out."""
-    flats = [_flat(r.config) for r in runs]
-    keys = sorted({k for f in flats for k in f})
-    out = []
-    for k in keys:
-        if any(k == i or k.startswith(i) for i in IGNORED_KEYS):
-            continue
-        if len({repr(f.get(k)) for f in flats}) > 1:
-            out.append(k)
-    return out
-
-
-def short_key(key: str) -> str:
-    return {"model.init_args.optimizer.init_args.lr": "lr", "trainer.callbacks": "callbacks"}.get(key, key.rsplit(".", 1)[-1])
-
-
 def _value(run: Run, key: str) -> Any:
-    return _flat(run.config).get(key)
+    return run.value(key)
 
 
-def setting_label(run: Run, keys: Sequence[str]) -> str:
-    """``norm=none, lr=1.0, callbacks=AdaptiveGradientClipping`` for legends and axes.
-
-    Callback arguments are left out (the claims table keeps them): they made tick labels
-    too long to read.
-    """
-    return ", ".join(f"{short_key(k)}={re.sub(r'[(][^)]*[)]', '', str(_value(run, k)))}" for k in keys) or "all runs"
+def settings_of(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple[str, ...], list[Run]]:
+    """Runs grouped by their values of ``keys`` (seeds are the repeats), in a stable order."""
+    return group_settings(runs, keys)
 
 
 def _mean_last(run: Run, metric: str, n: int = 5) -> float | None:
@@ -137,19 +92,6 @@ def _fmt(st: tuple[float, float, float, float] | None) -> str:
     return f"{mean:.3g} ± {std:.2g} [{lo:.3g}, {hi:.3g}]"
 
 
-def settings_of(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple[str, ...], list[Run]]:
-    """Runs grouped by their values of ``keys`` (seeds are the repeats), in a stable order."""
-    groups: dict[tuple[str, ...], list[Run]] = {}
-    for r in runs:
-        groups.setdefault(tuple(repr(_value(r, k)) for k in keys), []).append(r)
-
-    def order(item: tuple[tuple[str, ...], list[Run]]) -> tuple[Any, ...]:
-        r = item[1][0]
-        return tuple((0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v)) for v in (_value(r, k) for k in keys))
-
-    return dict(sorted(groups.items(), key=order))
-
-
 def claim_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the claims table of one family: one row per setting."""
     keys = varying_keys(runs)
@@ -165,7 +107,7 @@ def claim_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
     for rs in groups.values():
         seeds = ",".join(str(r.seed) for r in sorted(rs, key=lambda r: r.seed if r.seed is not None else -1))
         diverged = sum(r.diverged_at_step is not None for r in rs)
-        rows.append([str(_value(rs[0], k)) for k in keys] + [seeds] + [_fmt(_stats([results[id(r)].get(c) for r in rs])) for c in columns] + [f"{diverged}/{len(rs)}"])
+        rows.append([format_value(k, _value(rs[0], k)) for k in keys] + [seeds] + [_fmt(_stats([results[id(r)].get(c) for r in rs])) for c in columns] + [f"{diverged}/{len(rs)}"])
     return header, rows
 
 
@@ -188,9 +130,11 @@ def sweep_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: i
         return _bar_figure(family, runs, keys, out, dpi)
     others = [k for k in keys if k != x_key]
     second = "val/acc_train_mode" if any(r.final("val/acc_train_mode") is not None for r in runs) else "train/loss"
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4))
-    for i, (_, rs) in enumerate(settings_of(runs, others).items()):
-        label = setting_label(rs[0], others)
+    fig, axes = subplots(1, 2, 5.0, 3.4)
+    axes = axes[0]
+    colors = combo_colors(runs, others)  # the norms keep their colours of the training curves
+    for key, rs in settings_of(runs, others).items():
+        label, color = setting_label(rs[0], others) if others else rs[0].norm_label, colors[key]
         for ax, metric in zip(axes, ("val/acc", second)):
             pts = []
             for group in settings_of(rs, [x_key]).values():
@@ -200,20 +144,18 @@ def sweep_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: i
             if not pts:
                 continue
             xs, means, _, los, his, div = (np.array(c) for c in zip(*pts))
-            ax.errorbar(xs, means, yerr=[means - los, his - means], fmt="o-", color=f"C{i % 10}", label=label, capsize=3, lw=1.3, ms=4)
+            ax.errorbar(xs, means, yerr=[means - los, his - means], fmt="o-", color=color, label=label, capsize=3, lw=1.3, ms=4)
             for x, m, d in zip(xs, means, div):
                 if d:
-                    ax.plot([x], [m], "x", color=f"C{i % 10}", ms=10, mew=2)
-    axes[0].set_ylabel("final val acc (eval mode)", fontsize=8)
-    axes[1].set_ylabel("final val acc, BN in train mode" if second == "val/acc_train_mode" else "final train loss", fontsize=8)
+                    ax.plot([x], [m], "x", color=color, ms=10, mew=2)
+    axes[0].set_ylabel("final val accuracy (fraction)")
+    axes[1].set_ylabel("final val accuracy, BN in\ntrain mode (fraction)" if second == "val/acc_train_mode" else f"final {y_label('train/loss', runs)}")
     if second == "train/loss":
         axes[1].set_yscale("log")
     for ax in axes:
         ax.set_xscale("log", base=2 if x_key == "data.init_args.batch_size" else 10)
-        ax.set_xlabel(short_key(x_key), fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.set_xlabel(short_key(x_key))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
     return _finish(
         fig,
         out,
@@ -230,21 +172,23 @@ def _bar_figure(family: tuple[str, str], runs: Sequence[Run], keys: Sequence[str
     labels = [setting_label(rs[0], keys).replace(", ", "\n") for rs in groups.values()]
     # Side by side up to three settings; beyond, one panel per row so the tick labels fit.
     stacked = len(groups) > 3
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.7 * len(groups)), 7.0)) if stacked else plt.subplots(1, 2, figsize=(max(8.0, 3.2 * len(groups)), 3.8))
-    for ax, (metric, title) in zip(axes, (("val acc", "final val acc"), ("train - val acc", "train acc (last 5 logs) - val acc"))):
+    fig, axes = subplots(2, 1, max(8.0, 1.7 * len(groups)), 3.5) if stacked else subplots(1, 2, max(4.0, 1.6 * len(groups)), 3.8)
+    colors = {id(s.runs[0]): s.color for s in family_settings(runs)}  # each setting's colour in the curve figures
+    panels = (("val acc", "final val accuracy", "val accuracy (fraction)"), ("train - val acc", "train acc (last 5 logs) - val acc", "accuracy gap (fraction)"))
+    for ax, (metric, title, ylabel) in zip(axes.flat, panels):
         sts = [_stats([run_results(r)[metric] for r in rs]) for rs in groups.values()]
         xs = np.arange(len(sts))
         means = np.array([s[0] if s else np.nan for s in sts])
         lo = np.array([s[0] - s[2] if s else 0 for s in sts])
         hi = np.array([s[3] - s[0] if s else 0 for s in sts])
-        ax.bar(xs, means, yerr=[lo, hi], color=[f"C{i % 10}" for i in range(len(sts))], capsize=4, alpha=0.8)
+        ax.bar(xs, means, yerr=[lo, hi], color=[colors.get(id(rs[0]), "C0") for rs in groups.values()], capsize=4, alpha=0.8)
         for x, rs in zip(xs, groups.values()):
             diverged = sum(r.diverged_at_step is not None for r in rs)
             if diverged:  # a diverged run's accuracy is chance: say why the bar is low
-                ax.annotate(f"{diverged}/{len(rs)} diverged", (x, 0), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=6, color="k")
-        ax.tick_params(labelsize=7)
-        ax.set_xticks(xs, labels, fontsize=6)
-        ax.set_title(title, fontsize=9)
+                ax.annotate(f"{diverged}/{len(rs)} diverged", (x, 0), xytext=(0, 3), textcoords="offset points", ha="center", color="k")
+        ax.set_xticks(xs, labels)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, axis="y")
     return _finish(
         fig,
@@ -262,20 +206,18 @@ def meanshift_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
     layers = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith("meanshift/") and n.endswith("/cos")}, key=_block_key)
     if not layers:
         return None
-    keys = varying_keys(runs)
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4))
-    for i, (_, rs) in enumerate(settings_of(runs, keys).items()):
-        share = _stats([_first(r, "meanshift/majority_share") for r in rs])
-        label = setting_label(rs[0], keys) + (f" (majority {share[0]:.2f})" if share else "")
+    fig, axes = subplots(1, 2, 5.0, 3.4)
+    axes = axes[0]
+    for s in family_settings(runs):
+        share = _stats([_first(r, "meanshift/majority_share") for r in s.runs])
+        label = s.full_label + (f" (majority {share[0]:.2f})" if share else "")
         for ax, stat in zip(axes, ("cos", "channel_mean")):
-            _over_depth(ax, rs, [f"meanshift/{layer}/{stat}" for layer in layers], f"C{i % 10}", label)
-    axes[0].set_ylabel("mean cos(A_a, A_b), a != b", fontsize=8)
-    axes[1].set_ylabel("mean over channels of channel mean", fontsize=8)
+            _over_depth(ax, s.runs, [f"meanshift/{layer}/{stat}" for layer in layers], s.color, label)
+    axes[0].set_ylabel("mean cos(A_a, A_b), a != b\n(-1 to 1)")
+    axes[1].set_ylabel("mean over channels of the\nchannel mean (activation value)")
     for ax in axes:
-        ax.set_xlabel(f"layer ({short_layer(layers[0])} ... {short_layer(layers[-1])})", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.set_xlabel(f"layer ({short_layer(layers[0])} ... {short_layer(layers[-1])})")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
     return _finish(
         fig,
         out,
@@ -292,18 +234,16 @@ def residual_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
     blocks = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith("resvar/") and n.endswith("/ratio")}, key=_block_key)
     if not blocks:
         return None
-    keys = varying_keys(runs)
-    fig, ax = plt.subplots(1, 1, figsize=(7.0, 3.4))
-    for i, (_, rs) in enumerate(settings_of(runs, keys).items()):
-        own = [b for b in blocks if any(r.series(f"resvar/{b}/ratio") is not None for r in rs)]
-        _over_depth(ax, rs, [f"resvar/{b}/ratio" for b in own], f"C{i % 10}", setting_label(rs[0], keys))
+    fig, axes = subplots(1, 1, 7.0, 3.4)
+    ax = axes[0][0]
+    for s in family_settings(runs):
+        own = [b for b in blocks if any(r.series(f"resvar/{b}/ratio") is not None for r in s.runs)]
+        _over_depth(ax, s.runs, [f"resvar/{b}/ratio" for b in own], s.color, s.full_label)
     ax.set_yscale("log")
     ax.axhline(1.0, color="k", lw=0.6, ls=":")
-    ax.set_xlabel("residual block (input to output)", fontsize=8)
-    ax.set_ylabel("var(branch) / var(skip)", fontsize=8)
-    ax.tick_params(labelsize=7)
+    ax.set_xlabel("residual block (input to output)")
+    ax.set_ylabel("var(branch) / var(skip) (ratio)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     return _finish(
         fig,
         out,
@@ -322,29 +262,28 @@ PAPER_KEYS = ("model.init_args.norm", "model.init_args.optimizer.init_args.lr")
 def measures_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
     """ICS and landscape over training, one line per setting (claim 4: BN position x affine).
 
-    The paper figures group runs by (norm, lr) only, so settings that differ in another key
-    (BN before / after the activation, affine on / off) would be pooled into one band there.
-    Drawn only when a family logged ``ics/rel/`` or ``landscape/`` metrics and sweeps a key
-    beyond (norm, lr).
+    The paper figures show ICS per layer and the landscape in figures of their own; this one
+    puts the relative ICS and the landscape of every setting side by side, for sweeps beyond
+    (norm, lr) (BN before / after the activation, affine on / off). Drawn only when a family
+    logged ``ics/rel/`` or ``landscape/`` metrics and sweeps such a key.
     """
     keys = varying_keys(runs)
     layers = sorted({layer for r in runs for layer in r.layers("ics/rel/")}, key=_block_key)
-    panels = [(f"ics/rel/{layer}", f"ICS ||G - G'|| / ||G|| — {short_layer(layer)}") for layer in layers]
+    panels = [(f"ics/rel/{layer}", f"ICS — {short_layer(layer)}") for layer in layers]
     landscape = (("landscape/beta_eff", "effective beta-smoothness"), ("landscape/grad_l2_max", "gradient predictiveness max ||g - g'||"))
     panels += [(m, t) for m, t in landscape if any(r.series(m) is not None for r in runs)]
     if not panels or all(k in PAPER_KEYS for k in keys):
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
-    for i, (_, rs) in enumerate(settings_of(runs, keys).items()):
+    fig, axes = subplots(1, len(panels), 3.6, 3.4)
+    for s in family_settings(runs):
         for ax, (metric, _) in zip(axes[0], panels):
-            _band(ax, rs, metric, f"C{i % 10}", setting_label(rs[0], keys))  # mean over seeds, min-max band
-    for ax, (_, title) in zip(axes[0], panels):
+            _band(ax, s.runs, metric, s.color, s.full_label, s.style)  # mean over seeds, min-max band
+    for ax, (metric, title) in zip(axes[0], panels):
         _log_y(ax)  # ICS spans decades between settings (standard 1e-3, BN after 0.4)
-        ax.set_title(title, fontsize=8)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.set_title(title)
+        ax.set_ylabel(y_label("ics/rel/" if metric.startswith("ics/rel/") else metric, runs))
+        ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6)
     return _finish(
         fig,
         out,
@@ -381,12 +320,14 @@ def draw_claims(runs: Sequence[Run], out: Path, dpi: int = 90) -> list[Figure]:
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for family, family_runs in group_by(runs, "family").items():
-        for draw in (sweep_figure, measures_figure, meanshift_figure, residual_figure):
-            fig = draw(family, family_runs, out, dpi)
-            if fig is not None:
-                written.append(fig)
-    return written + draw_gauges(runs, out, dpi)
+    with plt.rc_context(STYLE):
+        for family, family_runs in group_by(runs, "family").items():
+            for draw in (sweep_figure, measures_figure, meanshift_figure, residual_figure):
+                fig = draw(family, family_runs, out, dpi)
+                if fig is not None:
+                    written.append(fig)
+        written += draw_gauges(runs, out, dpi)
+    return written
 
 
 def write_claims_markdown(runs: Sequence[Run], out: Path) -> Path:
@@ -419,7 +360,7 @@ def _meanshift_table(runs: Sequence[Run]) -> str:
             continue
         picks = [own[0], own[len(own) // 2], own[-1]]
         rows.append(
-            [str(_value(rs[0], k)) for k in keys]
+            [format_value(k, _value(rs[0], k)) for k in keys]
             + [",".join(str(r.seed) for r in rs), f"{short_layer(own[0])} … {short_layer(own[-1])} ({len(own)})"]
             + [_fmt(_stats([_first(r, f"meanshift/{n}/cos") for r in rs])) for n in picks]
             + [_fmt(_stats([_first(r, f"meanshift/{own[-1]}/channel_mean") for r in rs])), _fmt(_stats([_first(r, "meanshift/majority_share") for r in rs]))]
@@ -438,7 +379,7 @@ def _residual_table(runs: Sequence[Run]) -> str:
             continue
         med = [float(np.nanmedian([_first(r, f"resvar/{b}/ratio") or np.nan for b in own])) for r in rs]
         rows.append(
-            [str(_value(rs[0], k)) for k in keys]
+            [format_value(k, _value(rs[0], k)) for k in keys]
             + [",".join(str(r.seed) for r in rs), str(len(own))]
             + [_fmt(_stats([_first(r, f"resvar/{b}/ratio") for r in rs])) for b in (own[0], own[-1])]
             + [_fmt(_stats(med))]

@@ -17,8 +17,11 @@ from typing import Any, NoReturn
 
 REPORT_EPILOG = """\
 Finds every run folder (metrics.csv + config.yaml, as written by the CSVLogger) under
-RUN_DIRS, groups runs by (model, data set, norm, lr) with seeds as repeats, and writes
-one PNG per figure plus report.md and a self-contained index.html into --out.
+RUN_DIRS and groups the runs of each model and data set by every config value that
+differs between them but the seed (norm, lr, batch size, init gain ...), seeds as repeats
+(a seed run twice counts once: the newest finished run). Writes one PNG per figure plus
+report.md and a self-contained index.html into --out. A run folder whose files cannot be
+read is skipped with a warning naming the file.
 
 example:
   python -m bnlightning report runs/vgg-lr runs/dln --out reports/paper
@@ -73,11 +76,12 @@ def report_main(argv: Sequence[str]) -> int:
         # Imported here so `--help` and argument errors stay fast (matplotlib is slow to load).
         from bnlightning.report.figures import draw_all
         from bnlightning.report.page import write_html, write_markdown
-        from bnlightning.report.runs import load_runs, split_runs
+        from bnlightning.report.runs import drop_repeated_seeds, load_runs, split_runs
 
         if args.dpi < 20 or args.dpi > 600:
             raise ValueError(f"--dpi must be between 20 and 600, got {args.dpi}")
         runs, incomplete = split_runs(load_runs(args.run_dirs))
+        runs, repeats = drop_repeated_seeds(runs)
         if not runs:
             raise FileNotFoundError(f"no finished run under {' '.join(args.run_dirs)} ({len(incomplete)} incomplete: resume them with --ckpt_path last)")
         out = Path(args.out)
@@ -89,10 +93,11 @@ def report_main(argv: Sequence[str]) -> int:
 
         figures += draw_claims(runs, out, args.dpi)
         write_claims_markdown(runs, out)
-        md = write_markdown(runs, figures, out, args.title, incomplete)
-        page = write_html(runs, figures, out, args.title, incomplete)
+        md = write_markdown(runs, figures, out, args.title, incomplete, repeats)
+        page = write_html(runs, figures, out, args.title, incomplete, repeats)
         diverged = [r for r in runs if r.diverged_at_step is not None]
         extra = f"; {len(incomplete)} incomplete runs listed apart, not averaged" if incomplete else ""
+        extra += f"; {len(repeats)} repeated seeds listed apart, not counted twice" if repeats else ""
         print(f"bnlightning report: {len(runs)} runs ({len(diverged)} diverged){extra}, {len(figures)} figures -> {md}, {page}")
         return 0
 

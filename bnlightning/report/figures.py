@@ -1,9 +1,16 @@
 """The paper's figures drawn with matplotlib (Agg) from runs read off disk.
 
-One set of figures per *family* (architecture on one data set). Inside a figure a
-*setting* (normalization, learning rate) is one colour; its seeds are drawn as the mean
-with a shaded min-max band. A diverged run ends early and gets a cross at its
-divergence step, and the legend says how many seeds diverged.
+One set of figures per *family* (architecture on one data set). Inside a family a
+*setting* (every config key that differs between its runs but the seed: norm, batch size,
+init gain ...; see ``runs.py``) keeps one colour in every figure (norms their paper colours);
+the learning rate gets the line style, or its own column. Seeds are drawn as the mean with a
+shaded min-max band. A diverged run ends early and gets a cross at its divergence step, and
+the legend says how many seeds diverged.
+
+Every figure has one legend (below its panels), y-axis labels with units, one y-range
+where panels compare the same quantity side by side (the learning-rate columns, the layers
+of one row), at most :data:`MAX_WIDTH_IN` inches wide, with text of at least
+:data:`MIN_FONT_PT` points: the page shows it at 96 CSS px per inch, so ticks read at 12 px.
 
 Figures (each only when the runs logged its metrics):
 
@@ -21,16 +28,19 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI; must precede pyplot
 
+import matplotlib.colors
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.text import Text
 
-from bnlightning.report.runs import Run, aggregate, group_by, norm_order, short_layer
+from bnlightning.report.runs import LR_KEY, NORM_KEY, Run, aggregate, group_by, group_settings, setting_label, short_layer, varying_keys
 
 NORM_COLORS: dict[str, str] = {
     "standard": "tab:blue",
@@ -42,16 +52,52 @@ NORM_COLORS: dict[str, str] = {
     "LayerNorm": "tab:pink",
     "GroupNorm": "tab:olive",
 }
-LR_STYLES = ["-", "--", ":", "-."]
+LR_STYLES = ["-", "--", "-.", ":"]
+
+
+#: Text sizes (points) of every figure: at the page's display size (the figure's inches at
+#: 96 CSS px per inch, see ``page.py``) tick labels are 12 px, never below ``MIN_FONT_PT``.
+STYLE = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9, "legend.fontsize": 9, "figure.titlesize": 11}
+MIN_FONT_PT = 9.0
+#: Widest figure (inches): wider ones would be shrunk on a 1280 px screen until their text is unreadable.
+MAX_WIDTH_IN = 13.0
 
 
 @dataclass(frozen=True)
 class Figure:
-    """A written figure: its file and a one-line caption for the page."""
+    """A written figure: its file, a one-line caption for the page, and what sets its text size on screen.
+
+    ``size_in`` and ``dpi`` give the PNG's pixel size; ``min_font_pt`` is the smallest text in it
+    (tick labels), so text on the page is ``min_font_pt / 72 * 96`` CSS px at the figure's
+    natural display width (``size_in[0] * 96`` px).
+    """
 
     path: Path
     caption: str
     family: tuple[str, str]
+    size_in: tuple[float, float] = (0.0, 0.0)
+    dpi: int = 0
+    min_font_pt: float = 0.0
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a family as the figures draw it: its runs (the seeds), label, colour and line style.
+
+    ``label`` names the keys that differ within the family except the learning rate, which
+    gets the line style (and its own column in the training-curve figure); ``color`` is the
+    same for this setting in every figure of the family.
+    """
+
+    runs: list[Run]
+    label: str
+    lr: float
+    color: str
+    style: str
+
+    @property
+    def full_label(self) -> str:
+        return f"{self.label}, lr={self.lr:g}" if np.isfinite(self.lr) else self.label
 
 
 def slug(text: str, limit: int = 32) -> str:
@@ -64,14 +110,61 @@ def family_slug(family: tuple[str, str]) -> str:
     return f"{slug(model)}__{slug(dataset)}"
 
 
-def _settings(runs: Sequence[Run]) -> list[tuple[str, float, list[Run]]]:
-    """(norm label, lr, runs) per setting, ordered by lr then standard/BN/noisy/..."""
-    out = [(k[2], k[3], rs) for k, rs in group_by(runs, "setting").items()]
-    return sorted(out, key=lambda t: (t[1], norm_order(t[0]), t[0]))
+def combo_colors(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple[str, ...], str]:
+    """One colour per combination of ``keys``' values: norms keep their paper colours, else a palette in setting order."""
+    groups = group_settings(runs, keys)
+    if all(k == NORM_KEY for k in keys):
+        return {k: NORM_COLORS.get(rs[0].norm_label.split(" @")[0], f"C{i % 10}") for i, (k, rs) in enumerate(groups.items())}
+    cmap = "tab10" if len(groups) <= 10 else "tab20"
+    colors = plt.get_cmap(cmap).colors
+    return {k: matplotlib.colors.to_hex(colors[i % len(colors)]) for i, k in enumerate(groups)}
 
 
-def _color(norm_label: str, i: int) -> str:
-    return NORM_COLORS.get(norm_label.split(" @")[0], f"C{i % 10}")
+def family_settings(runs: Sequence[Run]) -> list[Setting]:
+    """The settings of one family (everything but the seed differs), ordered by lr, then norm and the other keys."""
+    keys = varying_keys(runs)
+    color_keys = [k for k in keys if k != LR_KEY]
+    colors = combo_colors(runs, color_keys)
+    lrs = sorted({r.lr if r.lr is not None else np.nan for r in runs})
+    out = []
+    for rs in group_settings(runs, keys).values():
+        combo = tuple(repr(rs[0].value(k)) for k in color_keys) if color_keys else ("",)
+        lr = rs[0].lr if rs[0].lr is not None else np.nan
+        label = setting_label(rs[0], color_keys) if color_keys else rs[0].norm_label
+        style = LR_STYLES[lrs.index(lr) % len(LR_STYLES)] if lr in lrs else "-"
+        out.append(Setting(rs, label, lr, colors[combo], style))
+    order = sorted(range(len(out)), key=lambda i: (out[i].lr if np.isfinite(out[i].lr) else 0.0, i))
+    return [out[i] for i in order]
+
+
+def loss_label(runs: Sequence[Run]) -> str:
+    """The y-axis label of a loss, with its unit (from the model's ``loss`` setting)."""
+    kinds = {str(r.model_args.get("loss", "cross_entropy")) for r in runs}
+    kind = kinds.pop() if len(kinds) == 1 else "mixed"
+    return {"cross_entropy": "loss (cross-entropy, nats)", "mse": "loss (mean squared error)", "sum_squared": "loss (sum of squared errors)"}.get(kind, "loss")
+
+
+#: y-axis labels with units, by metric (``{loss}`` is filled with :func:`loss_label`).
+Y_LABELS = {
+    "train/acc": "train accuracy (fraction)",
+    "val/acc": "val accuracy (fraction)",
+    "train/loss": "train {loss}",
+    "val/loss": "val {loss}",
+    "ics/l2/": "||G - G'||_2 (gradient norm)",
+    "ics/cos/": "cos(G, G') (-1 to 1)",
+    "ics/rel/": "||G - G'|| / ||G|| (ratio)",
+    "landscape/loss": "{loss}",
+    "landscape/grad_l2_max": "max ||g - g'||_2 (gradient norm)",
+    "landscape/beta_eff": "beta_eff (loss / weight^2)",
+    "hessian/lambda_max": "lambda_max (loss / weight^2)",
+    "hessian/trace": "trace (loss / weight^2)",
+    "hessian/sharpness_ratio": "lambda_max * lr / (2(1+beta)) (ratio)",
+    "act": "pre-activation value",
+}
+
+
+def y_label(metric: str, runs: Sequence[Run]) -> str:
+    return Y_LABELS.get(metric, metric).format(loss=loss_label(runs))
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -106,17 +199,49 @@ def _band(ax: Axes, runs: Sequence[Run], metric: str, color: str, label: str, st
     return True
 
 
+def subplots(nrows: int, ncols: int, panel_w: float, panel_h: float, **kwargs: Any) -> tuple[plt.Figure, np.ndarray]:
+    """A grid of panels at most :data:`MAX_WIDTH_IN` wide (always a 2-d array of axes)."""
+    width = min(MAX_WIDTH_IN, max(6.0, panel_w * ncols + 0.4))
+    return plt.subplots(nrows, ncols, figsize=(width, panel_h * nrows), squeeze=False, **kwargs)
+
+
+def _one_legend(fig: plt.Figure) -> float:
+    """Gather every panel's legend entries into one legend below the panels; returns its height in inches."""
+    handles: dict[str, Any] = {}
+    for ax in fig.axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if not label.startswith("_"):
+                handles.setdefault(label, h)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if not handles:
+        return 0.0
+    longest = max(len(label) for label in handles)
+    ncol = max(1, min(len(handles), int(fig.get_figwidth() * 72 / (longest * 5.2 + 40))))
+    legend = fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, frameon=False)
+    fig.canvas.draw()
+    return legend.get_window_extent().height / fig.dpi + 0.1
+
+
 def _finish(fig: plt.Figure, out: Path, family: tuple[str, str], kind: str, title: str, caption: str, dpi: int) -> Figure:
-    """Title (``{model}``/``{dataset}`` filled in), save as ``<family>_<kind>.png``, close."""
+    """One legend, readable text, title (``{model}``/``{dataset}`` filled in); save as ``<family>_<kind>.png``, close."""
     model, dataset = family
     path = out / f"{family_slug(family)}_{kind}.png"
+    for ax in fig.axes:
+        ax.tick_params(labelsize=STYLE["xtick.labelsize"])
     # Wrap to the figure's width: titles carry the full data-set label, which is long.
-    width_chars = max(40, int(fig.get_figwidth() * 13))
-    fig.suptitle(textwrap.fill(title.format(model=model, dataset=dataset), width_chars), fontsize=9)
-    fig.tight_layout()
+    width_chars = max(40, int(fig.get_figwidth() * 11))
+    fig.suptitle(textwrap.fill(title.format(model=model, dataset=dataset), width_chars))
+    legend_h = _one_legend(fig)
+    fig.set_figheight(fig.get_figheight() + legend_h)
+    fig.tight_layout(rect=(0, legend_h / fig.get_figheight(), 1, 1))
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    for t in texts:
+        t.set_fontsize(max(t.get_fontsize(), MIN_FONT_PT))
+    size = (float(fig.get_figwidth()), float(fig.get_figheight()))
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
-    return Figure(path, caption.format(model=model, dataset=dataset), family)
+    return Figure(path, caption.format(model=model, dataset=dataset), family, size, dpi, min(t.get_fontsize() for t in texts))
 
 
 def _positive(ax: Axes) -> np.ndarray:
@@ -138,28 +263,30 @@ def _log_if_wide(ax: Axes) -> None:
 
 
 def accuracy_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
-    """Train/val accuracy and train loss over steps, one column per learning rate."""
+    """Train/val accuracy and train loss over steps, one column per (configured) learning rate, one y-range per row."""
     metrics = [m for m in ("train/acc", "val/acc", "train/loss", "val/loss") if any(r.series(m) is not None for r in runs)]
     if "train/acc" in metrics:
         metrics = [m for m in metrics if m != "val/loss"]  # accuracy tells the story; keep the figure small
     if not metrics:
         return None
-    settings = _settings(runs)
-    lrs = sorted({lr for _, lr, _ in settings})
-    fig, axes = plt.subplots(len(metrics), len(lrs), figsize=(max(6.0, 3.6 * len(lrs) + 0.4), 2.5 * len(metrics)), squeeze=False)
+    settings = family_settings(runs)
+    lrs = sorted({s.lr for s in settings})
+    scaled = any(r.series("lr_scaled") is not None for r in runs)
+    fig, axes = subplots(len(metrics), len(lrs), 3.6, 2.6, sharey="row")
     for col, lr in enumerate(lrs):
         for row, metric in enumerate(metrics):
             ax = axes[row][col]
-            for i, (norm, s_lr, rs) in enumerate(settings):
-                if s_lr == lr:
-                    _band(ax, rs, metric, _color(norm, i), norm, smooth=5 if metric.startswith("train/") else 1)
-            ax.set_title(f"{metric}  (lr={lr:g})", fontsize=9)
-            ax.set_xlabel("step", fontsize=8)
-            ax.tick_params(labelsize=7)
+            for s in settings:
+                if s.lr == lr or not np.isfinite(lr):
+                    _band(ax, s.runs, metric, s.color, s.label, smooth=5 if metric.startswith("train/") else 1)
+            if row == 0:
+                ax.set_title(f"configured lr={lr:g}, scaled per run" if scaled else f"lr={lr:g}")
+            if col == 0:
+                ax.set_ylabel(y_label(metric, runs))
+            if row == len(metrics) - 1:
+                ax.set_xlabel("training step")
             if metric.endswith("loss"):
                 _log_if_wide(ax)
-            if row == 0:
-                ax.legend(fontsize=7)
     return _finish(
         fig,
         out,
@@ -172,27 +299,27 @@ def accuracy_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
 
 
 def ics_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
-    """``||G - G'||_2`` (log), ``cos(G, G')`` and the relative change per layer."""
+    """``||G - G'||_2`` (log), ``cos(G, G')`` and the relative change per layer, one y-range per row."""
     layers = sorted({layer for r in runs for layer in r.layers("ics/l2/")}, key=lambda n: (len(n), n))
     if not layers:
         return None
-    rows = [("ics/l2/", "||G - G'||_2", True), ("ics/cos/", "cos(G, G')", False), ("ics/rel/", "||G - G'|| / ||G||", False)]
+    rows = [("ics/l2/", True), ("ics/cos/", False), ("ics/rel/", False)]
     rows = [r for r in rows if any(run.series(r[0] + layers[0]) is not None for run in runs)]
-    settings = _settings(runs)
-    lrs = sorted({lr for _, lr, _ in settings})
-    fig, axes = plt.subplots(len(rows), len(layers), figsize=(max(6.0, 3.6 * len(layers) + 0.4), 2.5 * len(rows)), squeeze=False)
+    settings = family_settings(runs)
+    fig, axes = subplots(len(rows), len(layers), 3.6, 2.6, sharey="row")
     for col, layer in enumerate(layers):
-        for row, (prefix, label, log) in enumerate(rows):
+        for row, (prefix, log) in enumerate(rows):
             ax = axes[row][col]
-            for i, (norm, lr, rs) in enumerate(settings):
-                _band(ax, rs, prefix + layer, _color(norm, i), f"{norm}, lr={lr:g}", LR_STYLES[lrs.index(lr) % len(LR_STYLES)])
-            ax.set_title(f"{label} — {short_layer(layer)}", fontsize=9)
-            ax.set_xlabel("step", fontsize=8)
-            ax.tick_params(labelsize=7)
+            for s in settings:
+                _band(ax, s.runs, prefix + layer, s.color, s.full_label, s.style)
+            if row == 0:
+                ax.set_title(short_layer(layer))
+            if col == 0:
+                ax.set_ylabel(y_label(prefix, runs))
+            if row == len(rows) - 1:
+                ax.set_xlabel("training step")
             if log:
                 _log_y(ax)
-            if row == 0 and col == 0:
-                ax.legend(fontsize=7)
     return _finish(
         fig,
         out,
@@ -208,31 +335,27 @@ def landscape_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
     """Loss band along the gradient, gradient predictiveness and beta_eff over steps."""
     if not any(r.series("landscape/beta_eff") is not None or r.series("landscape/loss_min") is not None for r in runs):
         return None
-    settings = _settings(runs)
-    lrs = sorted({lr for _, lr, _ in settings})
-    fig, axes = plt.subplots(1, 3, figsize=(11.5, 3.0), squeeze=False)
+    fig, axes = subplots(1, 3, 4.2, 3.2)
     band_ax, grad_ax, beta_ax = axes[0]
-    for i, (norm, lr, rs) in enumerate(settings):
-        color, style, label = _color(norm, i), LR_STYLES[lrs.index(lr) % len(LR_STYLES)], f"{norm}, lr={lr:g}"
-        lo, hi = aggregate(rs, "landscape/loss_min"), aggregate(rs, "landscape/loss_max")
+    for s in family_settings(runs):
+        lo, hi = aggregate(s.runs, "landscape/loss_min"), aggregate(s.runs, "landscape/loss_max")
         if lo is not None and hi is not None:
             steps = np.intersect1d(lo[0], hi[0])
             low = lo[1][np.isin(lo[0], steps)]
             high = hi[1][np.isin(hi[0], steps)]
-            band_ax.fill_between(steps, low, high, color=color, alpha=0.35, lw=0, label=label)
-            band_ax.plot(steps, high, style, color=color, lw=0.8)
-        _band(grad_ax, rs, "landscape/grad_l2_max", color, label, style)
-        _band(beta_ax, rs, "landscape/beta_eff", color, label, style)
-    band_ax.set_title("loss landscape (min..max over step sizes)", fontsize=9)
+            band_ax.fill_between(steps, low, high, color=s.color, alpha=0.35, lw=0)
+            band_ax.plot(steps, high, s.style, color=s.color, lw=0.8, label=s.full_label)
+        _band(grad_ax, s.runs, "landscape/grad_l2_max", s.color, s.full_label, s.style)
+        _band(beta_ax, s.runs, "landscape/beta_eff", s.color, s.full_label, s.style)
+    band_ax.set_title("loss along the gradient\n(min..max over step sizes)")
     _log_if_wide(band_ax)
-    grad_ax.set_title("gradient predictiveness max ||g - g'||", fontsize=9)
-    beta_ax.set_title("effective beta-smoothness", fontsize=9)
+    grad_ax.set_title("gradient predictiveness")
+    beta_ax.set_title("effective beta-smoothness")
+    for ax, metric in ((band_ax, "landscape/loss"), (grad_ax, "landscape/grad_l2_max"), (beta_ax, "landscape/beta_eff")):
+        ax.set_ylabel(y_label(metric, runs))
+        ax.set_xlabel("training step")
     for ax in (grad_ax, beta_ax):
         _log_y(ax)
-    for ax in axes[0]:
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    band_ax.legend(fontsize=7)
     return _finish(
         fig,
         out,
@@ -248,25 +371,20 @@ def curvature_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
     """Top Hessian eigenvalue, Hessian trace and sharpness ratio (lambda_max / stability limit) over steps."""
     if not any(r.series("hessian/lambda_max") is not None for r in runs):
         return None
-    settings = _settings(runs)
-    lrs = sorted({lr for _, lr, _ in settings})
-    fig, axes = plt.subplots(1, 3, figsize=(11.5, 3.0), squeeze=False)
+    fig, axes = subplots(1, 3, 4.2, 3.2)
     lam_ax, tr_ax, ratio_ax = axes[0]
-    for i, (norm, lr, rs) in enumerate(settings):
-        color, style, label = _color(norm, i), LR_STYLES[lrs.index(lr) % len(LR_STYLES)], f"{norm}, lr={lr:g}"
-        _band(lam_ax, rs, "hessian/lambda_max", color, label, style)
-        _band(tr_ax, rs, "hessian/trace", color, label, style)
-        _band(ratio_ax, rs, "hessian/sharpness_ratio", color, label, style)
+    for s in family_settings(runs):
+        _band(lam_ax, s.runs, "hessian/lambda_max", s.color, s.full_label, s.style)
+        _band(tr_ax, s.runs, "hessian/trace", s.color, s.full_label, s.style)
+        _band(ratio_ax, s.runs, "hessian/sharpness_ratio", s.color, s.full_label, s.style)
     ratio_ax.axhline(1.0, color="k", lw=0.8, ls=":", label="edge of stability")
-    lam_ax.set_title("top Hessian eigenvalue lambda_max", fontsize=9)
-    tr_ax.set_title("Hessian trace (Hutchinson)", fontsize=9)
-    ratio_ax.set_title("lambda_max / (2(1+beta)/lr)", fontsize=9)
-    for ax in axes[0]:
+    lam_ax.set_title("top Hessian eigenvalue")
+    tr_ax.set_title("Hessian trace (Hutchinson)")
+    ratio_ax.set_title("sharpness / stability limit")
+    for ax, metric in ((lam_ax, "hessian/lambda_max"), (tr_ax, "hessian/trace"), (ratio_ax, "hessian/sharpness_ratio")):
         _log_if_wide(ax)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    lam_ax.legend(fontsize=7)
-    ratio_ax.legend(fontsize=7)
+        ax.set_ylabel(y_label(metric, runs))
+        ax.set_xlabel("training step")
     return _finish(
         fig,
         out,
@@ -279,24 +397,22 @@ def curvature_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
 
 
 def activations_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
-    """15/50/85 % quantiles of each measured layer's pre-activations, one row per setting."""
+    """15/50/85 % quantiles of each measured layer's pre-activations, one row per setting, one y-range per layer."""
     layers = sorted({layer for r in runs for layer in r.layers("act/")}, key=lambda n: (len(n), n))
     if not layers:
         return None
-    settings = _settings(runs)
-    fig, axes = plt.subplots(len(settings), len(layers), figsize=(max(6.0, 3.3 * len(layers) + 0.4), 2.3 * len(settings)), squeeze=False, sharex=True)
-    for row, (norm, lr, rs) in enumerate(settings):
-        color = _color(norm, row)
+    settings = family_settings(runs)
+    fig, axes = subplots(len(settings), len(layers), 3.3, 2.3, sharex=True, sharey="col")
+    for row, s in enumerate(settings):
         for col, layer in enumerate(layers):
             ax = axes[row][col]
             for q, style in (("q15", ":"), ("q50", "-"), ("q85", ":")):
-                _band(ax, rs, f"act/{layer}/{q}", color, q, style)
-            ax.set_title(f"{short_layer(layer)} — {norm}, lr={lr:g}", fontsize=8)
-            ax.tick_params(labelsize=7)
+                _band(ax, s.runs, f"act/{layer}/{q}", s.color, "15 / 85 % quantile" if q != "q50" else "median", style)
+            ax.set_title(f"{short_layer(layer)} — {s.full_label}")
+            if col == 0:
+                ax.set_ylabel(y_label("act", runs))
             if row == len(settings) - 1:
-                ax.set_xlabel("step", fontsize=8)
-            if row == 0 and col == 0:
-                ax.legend(fontsize=6)
+                ax.set_xlabel("training step")
     return _finish(
         fig,
         out,
@@ -315,9 +431,10 @@ def draw_all(runs: Sequence[Run], out: Path, dpi: int = 90) -> list[Figure]:
     """Every figure the runs have data for, one set per family; returns what was written."""
     out.mkdir(parents=True, exist_ok=True)
     written: list[Figure] = []
-    for family, family_runs in group_by(runs, "family").items():
-        for draw in FIGURES:
-            fig = draw(family, family_runs, out, dpi)
-            if fig is not None:
-                written.append(fig)
+    with plt.rc_context(STYLE):
+        for family, family_runs in group_by(runs, "family").items():
+            for draw in FIGURES:
+                fig = draw(family, family_runs, out, dpi)
+                if fig is not None:
+                    written.append(fig)
     return written

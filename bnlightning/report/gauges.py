@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bnlightning.report.claims import _block_key, _flat
+from bnlightning.report.claims import _block_key
 from bnlightning.report.figures import Figure, _band, _finish, plt
 from bnlightning.report.page import markdown_table
 from bnlightning.report.runs import Run, group_by, short_layer
@@ -29,7 +29,7 @@ __all__ = ["draw_gauges", "gauges_table"]
 
 
 def optimizer_name(run: Run) -> str:
-    return str(_flat(run.config).get("model.init_args.optimizer.class_path", "?")).rsplit(".", 1)[-1]
+    return str(run.flat_config.get("model.init_args.optimizer.class_path", "?")).rsplit(".", 1)[-1]
 
 
 def gauge_label(run: Run) -> str:

@@ -6,15 +6,23 @@ read too when present: it carries ``cli.dataset_name``, the data module's own la
 (e.g. "sklearn digits resized to 32x32 RGB (substitute, not CIFAR-10)"), which every
 figure and table shows so a substitute data set is never taken for the real one.
 
-Runs are grouped into *settings* (model, data set, normalization, learning rate); the
-seeds of one setting are repeats and become the band around a curve.
+Runs are grouped into *settings*: a run's setting is its whole configuration except the
+seed and the keys that only say where it logs or how it resumes (:data:`NOT_SETTINGS`), so
+two runs are one setting exactly when they differ by seed alone. A table or legend names
+a setting by the keys that differ between the runs shown (:func:`varying_keys`): norm and
+learning rate for the paper's grids, batch size, init gain, BN placement ... for others.
+The seeds of one setting are repeats and become the band around a curve. The same seed
+run twice (a re-run in another folder) is one seed: :func:`drop_repeated_seeds` keeps the
+newest finished run of it and lists the others apart.
 
 Only finished runs are averaged: ``run.json`` (written by every ``fit``) must say
 ``completed`` or ``diverged``. A run that was interrupted, failed, or killed (still
 ``running``) is *incomplete*: :func:`split_runs` keeps it apart, and the report lists it
 on its own. Folders from before ``run.json`` existed count as finished. A ``metrics.csv``
 with no rows is not a run, and a last line cut short (a crash mid-write) is dropped,
-each with a warning.
+each with a warning. A run whose files cannot be read (a ``metrics.csv`` that is not
+UTF-8, a ``config.yaml`` cut short or not YAML) is skipped with a warning naming the file:
+one bad folder never stops the report.
 """
 
 from __future__ import annotations
@@ -24,9 +32,12 @@ import io
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +69,65 @@ def _get(tree: Any, dotted: str, default: Any = None) -> Any:
     return node
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+#: Config keys (dotted; a trailing dot is a whole section) that never make two runs different
+#: settings: the seeds (the repeats) and what only says where a run logs, how it is shown or
+#: how it resumes.
+NOT_SETTINGS = (
+    "seed_everything",
+    "data.init_args.seed",
+    "ckpt_path",
+    "weights_only",
+    "dataset_name",
+    "trainer.logger",
+    "trainer.default_root_dir",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "checkpoint.",
+)
+
+#: Short names of keys in tables and legends (others: the last part of the dotted key).
+SHORT_KEYS = {"model.init_args.optimizer.init_args.lr": "lr", "trainer.callbacks": "callbacks", "data.init_args.batch_size": "batch_size"}
+LR_KEY = "model.init_args.optimizer.init_args.lr"
+NORM_KEY = "model.init_args.norm"
+
+
+class UnreadableRun(ValueError):
+    """A run folder whose files cannot be read; the report skips it with this message."""
+
+
+def _read_yaml(path: Path, required: bool = False) -> dict[str, Any]:
+    """The mapping in a YAML file; ``{}`` when it is absent (and not ``required``).
+
+    Raises:
+        UnreadableRun: the file is not UTF-8 or not YAML (cut short mid-write), or holds no mapping.
+    """
     if not path.is_file():
+        if required:
+            raise UnreadableRun(f"{path}: missing")
         return {}
-    with path.open() as f:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UnreadableRun(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if text and not text.endswith("\n"):
+        # yaml.safe_dump and LightningCLI end the file with a newline: without one the writer
+        # was killed mid-line, and what is left may still parse (``norm: bat``).
+        raise UnreadableRun(f"{path}: cut short mid-write (its last line has no newline)")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
         # Lightning writes some hparams with python tags; the safe loader refuses them,
         # and nothing the report needs lives behind such a tag.
         try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError:
-            f.seek(0)
-            data = yaml.load(f, Loader=_TolerantLoader)
-    return data if isinstance(data, dict) else {}
+            data = yaml.load(text, Loader=_TolerantLoader)
+        except yaml.YAMLError as err:
+            where = f" (line {err.problem_mark.line + 1})" if getattr(err, "problem_mark", None) else ""
+            raise UnreadableRun(f"{path}: not valid YAML{where}; cut short mid-write?") from None
+    if data is None and not required:
+        return {}
+    if not isinstance(data, dict):
+        raise UnreadableRun(f"{path}: holds {type(data).__name__}, not a mapping of settings; cut short mid-write?")
+    return data
 
 
 class _TolerantLoader(yaml.SafeLoader):
@@ -85,10 +143,16 @@ def read_metrics(path: Path) -> dict[str, Series]:
     Lightning writes one row per logging call with empty cells for the other metrics;
     only filled cells are kept. ``nan``/``inf`` cells are kept: they are how a
     diverging run looks, and the plots decide what to do with them.
+
+    Raises:
+        UnreadableRun: the file is not UTF-8 text.
     """
     columns: dict[str, tuple[list[int], list[float]]] = {}
-    with path.open(newline="") as f:
-        text = f.read()
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise UnreadableRun(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if text and not text.endswith("\n"):
         # Lightning ends every row with a newline: a last line without one was cut short
         # (a kill or a full disk mid-write), and "0.9" of "0.9375" must not become a result.
@@ -197,14 +261,52 @@ class Run:
         """Runs of one family share a figure: same architecture on the same data."""
         return (self.model_label, self.dataset)
 
-    @property
-    def setting(self) -> tuple[str, str, str, float]:
-        """Runs of one setting differ only by seed."""
-        return (self.model_label, self.dataset, self.norm_label, self.lr if self.lr is not None else math.nan)
+    @cached_property
+    def flat_config(self) -> dict[str, Any]:
+        """The config as ``{"model.init_args.norm": "batch", ...}`` (see :func:`flatten`)."""
+        return flatten(self.config)
 
     @property
-    def setting_label(self) -> str:
-        return f"{self.norm_label}, lr={self.lr:g}" if self.lr is not None else self.norm_label
+    def setting(self) -> tuple[tuple[str, str], ...]:
+        """Every config value but the seeds and bookkeeping (:data:`NOT_SETTINGS`): runs of one setting differ only by seed."""
+        return tuple((k, repr(v)) for k, v in sorted(self.flat_config.items()) if is_setting_key(k))
+
+    def value(self, key: str) -> Any:
+        """The run's value of a dotted config key (None when it has none)."""
+        return self.flat_config.get(key)
+
+    @property
+    def repeat_id(self) -> tuple[Any, ...] | None:
+        """Setting and seeds: two finished runs with the same id are one seed run twice. None when unseeded."""
+        if self.seed is None:
+            return None
+        return (self.setting, self.seed, self.value("data.init_args.seed"))
+
+    @property
+    def lr_ran(self) -> float | None:
+        """The learning rate the run trained with: the scaled one when a rule (``LinearLRScaling``) logged it."""
+        scaled = self.final("lr_scaled")
+        return scaled if scaled is not None and math.isfinite(scaled) else self.lr
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken: ``run.json``'s step, else one past the last logged (0-based) step."""
+        step = self.state.get("step")
+        if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+            return step
+        return self.last_step + 1 if self.metrics else 0
+
+    @property
+    def finished_at(self) -> str:
+        """When the run last wrote ``run.json`` (ISO time), else its ``metrics.csv``'s modification time: newest wins a repeat."""
+        updated = self.state.get("updated")
+        if isinstance(updated, str):
+            return updated
+        try:
+            mtime = (self.path / "metrics.csv").stat().st_mtime
+        except OSError:
+            return ""
+        return datetime.fromtimestamp(mtime, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z")
 
     # --- results ------------------------------------------------------------------
     def series(self, name: str) -> Series | None:
@@ -259,6 +361,96 @@ class Run:
         return sorted(found, key=layer_sort_key)
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; a callbacks list becomes its class names and arguments."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    key = prefix[:-1]
+    if key.endswith("callbacks") and isinstance(tree, list):
+        out[key] = " + ".join(_callback_label(c) for c in tree) or "none"
+    else:
+        out[key] = tree if not isinstance(tree, list) else tuple(map(str, tree))
+    return out
+
+
+def _callback_label(spec: Any) -> str:
+    if not isinstance(spec, dict):
+        return str(spec)
+    name = str(spec.get("class_path", "?")).rsplit(".", 1)[-1]
+    args = spec.get("init_args") or {}
+    return name + (f"({', '.join(f'{k}={v}' for k, v in args.items())})" if args else "")
+
+
+def is_setting_key(key: str) -> bool:
+    return not any(key == i or (i.endswith(".") and key.startswith(i)) or key.startswith(i + ".") for i in NOT_SETTINGS)
+
+
+def varying_keys(runs: Sequence[Run]) -> list[str]:
+    """Config keys (dotted) whose values differ between ``runs``: what tells their settings apart.
+
+    Seeds and bookkeeping (:data:`NOT_SETTINGS`) are left out; so two runs that differ only by
+    seed give ``[]``.
+    """
+    keys = sorted({k for r in runs for k in r.flat_config if is_setting_key(k)})
+    return [k for k in keys if len({repr(r.value(k)) for r in runs}) > 1]
+
+
+def short_key(key: str) -> str:
+    return SHORT_KEYS.get(key, key.rsplit(".", 1)[-1])
+
+
+def format_value(key: str, value: Any) -> str:
+    """A config value as tables and legends show it: norms by their names (standard, BN ...)."""
+    if key == NORM_KEY:
+        return NORM_LABELS.get(str(value), str(value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def setting_label(run: Run, keys: Sequence[str]) -> str:
+    """``BN, batch_size=8``: the run's values of ``keys`` for legends and table cells.
+
+    The norm is shown by its name, first; callback arguments are left out (the claims table keeps
+    them): they made legends too long to read.
+    """
+    parts = []
+    for k in sorted(keys, key=lambda k: k != NORM_KEY):  # "BN, batch_size=8": the norm leads
+        text = format_value(k, run.value(k))
+        parts.append(text if k == NORM_KEY else f"{short_key(k)}={re.sub(r'[(][^)]*[)]', '', text)}")
+    return ", ".join(parts) or "all runs"
+
+
+def group_settings(runs: Iterable[Run], keys: Sequence[str] | None = None) -> dict[tuple[Any, ...], list[Run]]:
+    """Runs grouped by their values of ``keys`` (default: their whole setting), in a stable order.
+
+    Numbers sort numerically and norms as in the paper's legends (standard, BN, noisy BN ...);
+    inside a group runs are ordered by seed.
+    """
+    runs = list(runs)
+    keys = varying_keys(runs) if keys is None else list(keys)
+    groups: dict[tuple[Any, ...], list[Run]] = {}
+    for r in runs:
+        groups.setdefault(tuple(repr(r.value(k)) for k in keys) if keys else ("",), []).append(r)
+
+    def order(rs: list[Run]) -> tuple[Any, ...]:
+        out: list[Any] = []
+        for k in keys:
+            v = rs[0].value(k)
+            if k == NORM_KEY:
+                out.append((0, norm_order(format_value(k, v)), str(v)))
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                out.append((0, float(v), ""))
+            else:
+                out.append((1, 0, str(v)))
+        return tuple(out)
+
+    return {k: sorted(rs, key=lambda r: (r.seed if r.seed is not None else -1, str(r.path))) for k, rs in sorted(groups.items(), key=lambda kv: order(kv[1]))}
+
+
 def layer_sort_key(name: str) -> tuple[int, str]:
     """Order ``conv2`` before ``conv10`` and by position in the network."""
     digits = "".join(ch if ch.isdigit() else " " for ch in name).split()
@@ -290,17 +482,29 @@ def find_run_dirs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 
 def _read_state(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((path / "run.json").read_text())
-    except (OSError, ValueError):
+    """``run.json``; ``{}`` when absent (a run from before it existed), status ``unreadable`` when it cannot be read."""
+    file = path / "run.json"
+    if not file.exists():
         return {}
-    return data if isinstance(data, dict) else {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"status": "unreadable"}  # never averaged: whether it finished is unknown
+    return data if isinstance(data, dict) else {"status": "unreadable"}
 
 
 def load_run(path: Path) -> Run:
+    """The run in ``path``.
+
+    Raises:
+        UnreadableRun: one of its files cannot be read (the message names it).
+    """
+    config = _read_yaml(path / "config.yaml", required=True)
+    if "model" not in config:  # LightningCLI always writes it: the file ends before its section
+        raise UnreadableRun(f"{path / 'config.yaml'}: no model section; cut short mid-write?")
     return Run(
         path=path,
-        config=_read_yaml(path / "config.yaml"),
+        config=config,
         hparams=_read_yaml(path / "hparams.yaml"),
         metrics=read_metrics(path / "metrics.csv"),
         state=_read_state(path),
@@ -310,7 +514,8 @@ def load_run(path: Path) -> Run:
 def load_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
     """Load every run under ``paths`` (complete or not; see :func:`split_runs`).
 
-    A folder whose ``metrics.csv`` holds no rows is skipped with a warning.
+    A folder whose ``metrics.csv`` holds no rows, or whose files cannot be read (not UTF-8,
+    a cut ``config.yaml``), is skipped with a warning naming the file.
 
     Raises:
         FileNotFoundError: a path does not exist, or no run folder is found under them.
@@ -320,7 +525,11 @@ def load_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
         raise FileNotFoundError(f"no run folders (metrics.csv + config.yaml) under: {' '.join(map(str, paths))}")
     runs = []
     for d in dirs:
-        run = load_run(d)
+        try:
+            run = load_run(d)
+        except UnreadableRun as err:
+            warnings.warn(f"{err}; run skipped", stacklevel=2)
+            continue
         if not run.metrics:
             warnings.warn(f"{d}: metrics.csv holds no rows; not a run, skipped", stacklevel=2)
             continue
@@ -341,8 +550,31 @@ def split_runs(runs: Iterable[Run]) -> tuple[list[Run], list[Run]]:
     return [r for r in runs if r.complete], [r for r in runs if not r.complete]
 
 
+def drop_repeated_seeds(runs: Iterable[Run]) -> tuple[list[Run], list[Run]]:
+    """``(kept, repeats)``: of the finished runs sharing setting and seed, only the newest is kept.
+
+    The same seed run twice (a re-run in another folder) is one seed, not two: averaging both
+    would weigh it double and narrow the band. The newest (by ``run.json``'s last update,
+    else ``metrics.csv``'s time) is kept; the others are returned to be listed apart, each
+    with a warning naming it and the run kept. Unseeded runs are never repeats.
+    """
+    newest: dict[Any, Run] = {}
+    for r in runs:
+        if (rid := r.repeat_id) is None:
+            newest[id(r)] = r
+        elif rid not in newest or (r.finished_at, str(r.path)) > (newest[rid].finished_at, str(newest[rid].path)):
+            newest[rid] = r
+    kept_ids = {id(r) for r in newest.values()}
+    runs = list(runs)
+    repeats = [r for r in runs if id(r) not in kept_ids]
+    for r in repeats:
+        keep = newest[r.repeat_id]
+        warnings.warn(f"{r.path}: seed {r.seed} of this setting was run again in {keep.path}; counting only the newer run", stacklevel=2)
+    return [r for r in runs if id(r) in kept_ids], repeats
+
+
 def group_by(runs: Iterable[Run], key: str) -> dict[Any, list[Run]]:
-    """Runs grouped by the attribute ``key`` (``family`` or ``setting``), in a stable order."""
+    """Runs grouped by the attribute ``key`` (e.g. ``family``), in a stable order (settings: :func:`group_settings`)."""
     groups: dict[Any, list[Run]] = {}
     for run in runs:
         groups.setdefault(getattr(run, key), []).append(run)

@@ -54,7 +54,7 @@ def test_settings_are_every_swept_key_and_the_table_has_seeds_and_spread(batch_r
     assert varying_keys(runs) == ["data.init_args.batch_size", "model.init_args.norm"]
     header, rows = claim_rows(runs)
     assert header[:3] == ["batch_size", "norm", "seeds"]
-    row = next(r for r in rows if r[:2] == ["2", "batch"])
+    row = next(r for r in rows if r[:2] == ["2", "BN"])  # norms by their names, as in every table
     col = header.index("val acc (mean ± std [min, max])")
     assert row[2] == "0,1" and row[col] == "0.55 ± 0.05 [0.5, 0.6]"
     gap = header.index("train - val acc (mean ± std [min, max])")
