@@ -57,7 +57,7 @@ LR_STYLES = ["-", "--", "-.", ":"]
 
 #: Text sizes (points) of every figure: at the page's display size (the figure's inches at
 #: 96 CSS px per inch, see ``page.py``) tick labels are 12 px, never below ``MIN_FONT_PT``.
-STYLE = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9, "legend.fontsize": 9, "figure.titlesize": 11}
+STYLE: dict[Any, Any] = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9, "legend.fontsize": 9, "figure.titlesize": 11}
 MIN_FONT_PT = 9.0
 #: Widest figure (inches): wider ones would be shrunk on a 1280 px screen until their text is unreadable.
 MAX_WIDTH_IN = 13.0
@@ -116,7 +116,7 @@ def combo_colors(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple[str, ..
     if all(k == NORM_KEY for k in keys):
         return {k: NORM_COLORS.get(rs[0].norm_label.split(" @")[0], f"C{i % 10}") for i, (k, rs) in enumerate(groups.items())}
     cmap = "tab10" if len(groups) <= 10 else "tab20"
-    colors = plt.get_cmap(cmap).colors
+    colors = plt.get_cmap(cmap).colors  # type: ignore[attr-defined]  # tab10/tab20 are ListedColormaps
     return {k: matplotlib.colors.to_hex(colors[i % len(colors)]) for i, k in enumerate(groups)}
 
 
@@ -212,8 +212,8 @@ def _one_legend(fig: plt.Figure) -> float:
         for h, label in zip(*ax.get_legend_handles_labels()):
             if not label.startswith("_"):
                 handles.setdefault(label, h)
-        if ax.get_legend() is not None:
-            ax.get_legend().remove()
+        if (legend := ax.get_legend()) is not None:
+            legend.remove()
     if not handles:
         return 0.0
     longest = max(len(label) for label in handles)
@@ -241,7 +241,7 @@ def _finish(fig: plt.Figure, out: Path, family: tuple[str, str], kind: str, titl
     size = (float(fig.get_figwidth()), float(fig.get_figheight()))
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
-    return Figure(path, caption.format(model=model, dataset=dataset), family, size, dpi, min(t.get_fontsize() for t in texts))
+    return Figure(path, caption.format(model=model, dataset=dataset), family, size, dpi, min(float(t.get_fontsize()) for t in texts))
 
 
 def _positive(ax: Axes) -> np.ndarray:
