@@ -1,8 +1,10 @@
 """Measurement callbacks for any Lightning module: ICS, loss landscape, activation statistics.
 
 Depends on torch and lightning only. No edit to the user's module is needed: the loss is
-``loss_fn(module, batch)`` when given (a callable, or an import path from YAML), else the module's
-``loss(batch)`` method (name configurable with ``loss_method=``), else its own ``training_step``.
+``loss_fn(module, batch)`` when given (a ``LossFn``, or an import path from YAML), else
+``module.<loss_method>(batch)`` when given, else the module's ``loss`` method if it takes one batch
+(an ``nn.Module`` attribute such as ``nn.CrossEntropyLoss()`` never counts), else its own
+``training_step``; resolved once at setup (``resolve_loss``) and checked on the first batch.
 
 Callbacks: ``InternalCovariateShift`` (PROTOCOL §1), ``LossLandscape`` (§2), ``ActivationStats``
 (§3), ``HessianSpectrum`` (§9). Functional API (pure functions, ``bnlightning.callbacks.functional``): ``internal_covariate_shift``,
@@ -13,11 +15,13 @@ Callbacks: ``InternalCovariateShift`` (PROTOCOL §1), ``LossLandscape`` (§2), `
 from bnlightning.callbacks.activations import ActivationStats
 from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional import (
+    LossFn,
     activation_stats,
     internal_covariate_shift,
     loss_landscape,
     measurement_forward,
     optimizer_update,
+    resolve_loss,
     sgd_update,
     step_gradient,
     weight_layer_names,
@@ -33,6 +37,7 @@ __all__ = [
     "ActivationStats",
     "HessianSpectrum",
     "InternalCovariateShift",
+    "LossFn",
     "LossLandscape",
     "MeanShift",
     "MeasurementCallback",
@@ -47,6 +52,7 @@ __all__ = [
     "observer_guard",
     "optimizer_update",
     "residual_variance",
+    "resolve_loss",
     "sgd_update",
     "step_gradient",
     "weight_layer_names",

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback, wandb_loggers
 from bnlightning.callbacks.functional import activation_kind, activation_stats, capture_forward
-from bnlightning.callbacks.functional._model import LossFn
+from bnlightning.callbacks.functional._loss import LossFn
 
 __all__ = ["ActivationStats", "default_activation_layers"]
 
@@ -50,7 +50,7 @@ class ModuleLayersCallback(MeasurementCallback):
     resolved against the module at setup into ``_layers``, and is part of the state key.
     """
 
-    def __init__(self, layers: list[str] | None, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str) -> None:
+    def __init__(self, layers: list[str] | None, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str | None) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method)
         if layers is not None and not layers:
             raise ValueError("layers must be None (default layers) or a non-empty list of module names")
@@ -97,8 +97,9 @@ class ActivationStats(ModuleLayersCallback):
         saturation_threshold: ``|x|`` above which a tanh/sigmoid unit counts as saturated (> 0).
         histogram: also log a histogram to loggers that take one.
         histogram_bins: bins of that histogram (>= 2).
-        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
-        loss_method: the module's method ``(batch) -> scalar loss``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
 
     Cost: activations only (the guard copies no parameter or optimizer state). Under DDP each rank
     summarises its own shard and rank zero's numbers are logged (statistics of a distribution, not a
@@ -122,7 +123,7 @@ class ActivationStats(ModuleLayersCallback):
         histogram: bool = True,
         histogram_bins: int = 64,
         loss_fn: LossFn | str | None = None,
-        loss_method: str = "loss",
+        loss_method: str | None = None,
     ) -> None:
         super().__init__(layers, every_n_steps, loss_fn, loss_method)
         if not (isinstance(saturation_threshold, (int, float)) and saturation_threshold > 0 and math.isfinite(saturation_threshold)):
@@ -137,7 +138,7 @@ class ActivationStats(ModuleLayersCallback):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
         modules = dict(pl_module.named_modules())
         taps = {name: (modules[name], "input" if activation_kind(modules[name]) else "output") for name in self._layers}
-        captured = capture_forward(pl_module, batch, taps, loss_fn=self.loss_fn, loss_method=self.loss_method)  # type: ignore[arg-type]
+        captured = capture_forward(pl_module, batch, taps, loss_fn=self.measured_loss(pl_module))  # type: ignore[arg-type]
         metrics: dict[str, Tensor] = {}
         for name in self._layers:
             x = captured.get(name)

@@ -12,7 +12,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
-from bnlightning.callbacks.functional._model import LossFn, resolve_layers
+from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._model import resolve_layers
 from bnlightning.callbacks.functional.hessian import HVP_METHODS, edge_of_stability, hessian_spectrum
 
 __all__ = ["HessianSpectrum"]
@@ -51,8 +52,9 @@ class HessianSpectrum(MeasurementCallback):
         max_basis: Lanczos basis size (memory: ``max_basis + 1`` parameter-sized vectors; default 4 for k = 1).
         hvp_method: ``retained`` (one forward and backward, then one backward per HVP; the fastest
             measured), ``double_backward`` or ``jvp`` (forward-over-reverse; no retained graph).
-        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
-        loss_method: the module's method ``(batch) -> scalar loss``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
 
     Raises:
         ValueError: a bad argument; at setup, an unknown layer.
@@ -76,7 +78,7 @@ class HessianSpectrum(MeasurementCallback):
         max_basis: int | None = None,
         hvp_method: str = "retained",
         loss_fn: LossFn | str | None = None,
-        loss_method: str = "loss",
+        loss_method: str | None = None,
     ) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -119,8 +121,7 @@ class HessianSpectrum(MeasurementCallback):
             seed=self.seed + trainer.global_step,
             max_basis=self.max_basis,
             hvp_method=self.hvp_method,
-            loss_fn=self.loss_fn,
-            loss_method=self.loss_method,
+            loss_fn=self.measured_loss(pl_module),
             reduce=self.reduce(trainer),
         )
         if self.warm_start:

@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from bnlightning.callbacks.activations import ModuleLayersCallback
 from bnlightning.callbacks.functional import capture_forward
-from bnlightning.callbacks.functional._model import LossFn
+from bnlightning.callbacks.functional._loss import LossFn
 
 _LOGITS = "\x00logits"  # the tap on the whole module's output (not a module name)
 
@@ -113,8 +113,9 @@ class MeanShift(ModuleLayersCallback):
     Args:
         layers: module names relative to the LightningModule (default: see above).
         every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
-        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
-        loss_method: the module's method ``(batch) -> scalar loss``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
 
     Raises:
         ValueError: bad arguments; at setup an unknown layer name (the valid ones are listed).
@@ -126,14 +127,14 @@ class MeanShift(ModuleLayersCallback):
         trainer = Trainer(max_steps=1, callbacks=[MeanShift(every_n_steps=1)])
     """
 
-    def __init__(self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> None:
+    def __init__(self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str | None = None) -> None:
         super().__init__(layers, every_n_steps, loss_fn, loss_method)
 
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
         taps: dict[str, Any] = {name: (pl_module.get_submodule(name), "output") for name in self._layers}
         taps[_LOGITS] = (pl_module, "output")
-        seen = capture_forward(pl_module, batch, taps, loss_fn=self.loss_fn, loss_method=self.loss_method)
+        seen = capture_forward(pl_module, batch, taps, loss_fn=self.measured_loss(pl_module))
         logits = seen.pop(_LOGITS, None)
         captured = {name: seen[name] for name in self._layers if name in seen}
         return mean_shift(captured, logits if logits is not None and logits.dim() == 2 else None)

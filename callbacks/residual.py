@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional import capture_forward
-from bnlightning.callbacks.functional._model import LossFn
+from bnlightning.callbacks.functional._loss import LossFn
 
 __all__ = ["ResidualVariance", "residual_blocks", "residual_variance"]
 
@@ -74,8 +74,9 @@ class ResidualVariance(MeasurementCallback):
 
     Args:
         every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
-        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
-        loss_method: the module's method ``(batch) -> scalar loss``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
 
     Raises:
         ValueError: at setup, a module without residual blocks (``branch`` + ``shortcut`` children).
@@ -85,7 +86,7 @@ class ResidualVariance(MeasurementCallback):
         trainer = Trainer(max_steps=1, callbacks=[ResidualVariance(every_n_steps=1)])
     """
 
-    def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> None:
+    def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str | None = None) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method)
         self._blocks: list[str] = []
 
@@ -101,7 +102,7 @@ class ResidualVariance(MeasurementCallback):
         for name in self._blocks:
             block = pl_module.get_submodule(name)
             taps[f"{name}\x00branch"], taps[f"{name}\x00skip"] = (block.branch, "output"), (block.shortcut, "output")
-        seen = capture_forward(pl_module, batch, taps, loss_fn=self.loss_fn, loss_method=self.loss_method)
+        seen = capture_forward(pl_module, batch, taps, loss_fn=self.measured_loss(pl_module))
         pairs = {n: (seen[f"{n}\x00branch"], seen[f"{n}\x00skip"]) for n in self._blocks if f"{n}\x00branch" in seen and f"{n}\x00skip" in seen}
         return residual_variance(pairs)
 

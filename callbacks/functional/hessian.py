@@ -48,8 +48,7 @@ def hessian_spectrum(
     seed: int = 0,
     max_basis: int | None = None,
     hvp_method: str = "retained",
-    loss_fn: LossFn | str | None = None,
-    loss_method: str = "loss",
+    loss_fn: LossFn | None = None,
     reduce: Reduce | None = None,
 ) -> HessianResult:
     """Top-k eigenvalues (algebraic) and trace of the Hessian of the training loss on ``batch``.
@@ -58,7 +57,7 @@ def hessian_spectrum(
     layer's weight), accessed only through Hessian-vector products; the module is never written.
 
     Args:
-        module: any module; ``loss_fn``/``loss_method`` as in ``internal_covariate_shift``.
+        module: any module; ``loss_fn`` as in ``internal_covariate_shift``.
         batch: the batch.
         k: how many top eigenvalues.
         tol: the eigen solver's relative residual tolerance (see ``_curvature.top_eigenvalues``).
@@ -80,7 +79,7 @@ def hessian_spectrum(
         raise ValueError(f"unknown hvp_method {hvp_method!r}; accepted: {', '.join(HVP_METHODS)}")
     if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 0:
         raise ValueError(f"n_probes must be an integer >= 0, got {n_probes!r}")
-    model = Model(module, loss_fn, loss_method)
+    model = Model(module, loss_fn)
     blocks: dict[str, list[str]] = {"": list(model.trainable)} if whole else {}
     for layer in resolve_layers(module, list(layers)) if layers else []:
         blocks[layer] = [layer_param(module, layer, model)]
@@ -88,7 +87,7 @@ def hessian_spectrum(
     vec_reduce = (lambda v: reduce_dict(v, reduce)) if reduce is not None else None
     metrics: dict[str, Tensor] = {}
     vectors: dict[str, list[Vec]] = {}
-    with model.session() as rng:
+    with model.session(second_order=True) as rng:
         for block, names in blocks.items():
             buffers = model.fresh_buffers()
 
