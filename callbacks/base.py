@@ -292,7 +292,12 @@ class MeasurementCallback(Callback):
         return self._loss
 
     def _check_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        """On the first batch of the fit: keep the first candidate that is a loss of it, or stop in one line."""
+        """On the first batch of the fit: keep the first candidate that is a loss of it, or stop in one line.
+        A peer given the same ``loss_fn`` and ``loss_method`` has checked the same thing: its result is taken."""
+        for peer in self._peers:
+            if peer is not self and peer._loss is not None and (peer.loss_fn, peer.loss_method) == (self.loss_fn, self.loss_method):
+                self._loss = peer._loss
+                return
         with observer_guard(pl_module, trainer.optimizers):
             try:
                 self._loss, skipped = check_loss(pl_module, batch, self._losses)
