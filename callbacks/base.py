@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -305,7 +306,7 @@ class MeasurementCallback(Callback):
                 raise ValueError(f"{type(self).__name__}: {err}") from err.__cause__
         log.info("%s measures %s%s", type(self).__name__, self._loss.name, f" ({'; '.join(skipped)})" if skipped else "")
 
-    def measure_or_stop(self, trainer: pl.Trainer, step: int, measure: Any) -> dict[str, Tensor] | None:
+    def measure_or_stop(self, trainer: pl.Trainer, step: int, measure: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor] | None:
         """``measure()``, or ``None`` after a failure that turns this callback off (see Failures above)."""
         try:
             return measure()

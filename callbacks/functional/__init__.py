@@ -2,7 +2,8 @@
 
 One file per measurement: ``ics.py`` (§1), ``landscape.py`` (§2), ``activations.py`` (§3), and
 ``gradient.py`` (the first pass G they share). The private modules hold the plumbing:
-``_model.py`` (the loss, substitute tensors, float32, forward order, DDP reduction, memory),
+``_loss.py`` (which loss: resolved once), ``_model.py`` (the loss on substitute tensors, float32,
+eager and second-order frames, forward order, DDP reduction, memory),
 ``_batching.py`` (vmap or loop), ``_prefix.py`` (ICS's prefix engine), ``_updates.py`` (W^(t+1)
 without the real step).
 

@@ -124,6 +124,10 @@ def math_attention() -> contextlib.AbstractContextManager[Any]:
     return sdpa_kernel(SDPBackend.MATH)
 
 
+class NotALoss(ValueError):
+    """What the loss returned is not a scalar tensor."""
+
+
 def _described(out: Any) -> str:
     if isinstance(out, Tensor):
         return f"a tensor of shape {tuple(out.shape)}"
@@ -231,7 +235,7 @@ class Model:
         with self.substituted(tensors):
             out = self.loss_fn(self.module, batch)
         if not isinstance(out, Tensor) or out.numel() != 1:
-            raise ValueError(f"{self.loss_fn.name} returned {_described(out)}; the measurement needs a scalar loss tensor (or a dict with 'loss'). {how_to_pass_loss_fn()}")
+            raise NotALoss(f"{self.loss_fn.name} returned {_described(out)}; the measurement needs a scalar loss tensor (or a dict with 'loss'). {how_to_pass_loss_fn()}")
         return out.reshape(())
 
     def loss_problem(self, batch: Any) -> str | None:
@@ -241,7 +245,7 @@ class Model:
         tensors.update({n: tensors[n].detach().requires_grad_(True) for n in self.trainable})
         try:
             loss = self.loss(tensors, to_float32(batch))
-        except ValueError as err:
+        except NotALoss as err:
             return str(err).split(". Pass loss_fn=")[0]
         if not loss.requires_grad:
             return f"{self.loss_fn.name} does not depend on the trainable parameters"
