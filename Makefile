@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test test-fast clean
+.PHONY: quickstart test typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,20 @@ quickstart: $(STAMP)
 	$(PY) -m bnlightning fit --config configs/quickstart.yaml --model.init_args.norm none
 	$(PY) -m bnlightning fit --config configs/quickstart.yaml --model.init_args.norm batch
 
-test: $(STAMP)
+# mypy cannot follow setuptools' package-dir mapping, so it checks a tree of links in build/
+# that lays callbacks/ out as bnlightning/callbacks, the way it is installed.
+TYPECHECK_TREE := build/typecheck
+typecheck: $(STAMP)
+	rm -rf $(TYPECHECK_TREE) && mkdir -p $(TYPECHECK_TREE)/bnlightning
+	for entry in bnlightning/*; do ln -s "$(CURDIR)/$$entry" $(TYPECHECK_TREE)/bnlightning/; done
+	ln -s "$(CURDIR)/callbacks" $(TYPECHECK_TREE)/bnlightning/callbacks
+	ln -s "$(CURDIR)/configs" $(TYPECHECK_TREE)/bnlightning/configs
+	cd $(TYPECHECK_TREE) && $(CURDIR)/$(PY) -m mypy --config-file $(CURDIR)/pyproject.toml -p bnlightning
+
+test: $(STAMP) typecheck
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs wandb lightning_logs .pytest_cache
+	rm -rf $(VENV) runs wandb lightning_logs .pytest_cache build

@@ -74,6 +74,23 @@ def spread(values: Sequence[float]) -> float:
     return 100.0 * (max(values) - min(values)) / 2 / m if m else float("nan")
 
 
+def verdict(value: float, target: float, noise: float, higher_is_better: bool = True) -> str:
+    """Whether ``value`` meets ``target`` *beyond* this run's ``noise`` (same units as ``value``).
+
+    A timing whose noise band straddles the target decides nothing: it reads "within noise",
+    not "met" or "MISSED", so a busy machine never turns into a verdict.
+
+    >>> verdict(0.97, 0.95, 0.01), verdict(0.90, 0.95, 0.01), verdict(0.94, 0.95, 0.03)
+    ('met', 'missed', 'within noise (±0.03): not decided by this run')
+    >>> verdict(8.0, 10.0, 1.0, higher_is_better=False)
+    'met'
+    """
+    margin = (value - target) if higher_is_better else (target - value)
+    if abs(margin) <= noise:
+        return f"within noise (±{noise:.3g}): not decided by this run"
+    return "met" if margin > 0 else "missed"
+
+
 def alternate(names: Sequence[str], repeat: int) -> list[str]:
     """The run order of repeat ``repeat``: ``names`` forwards on even repeats, backwards on odd ones."""
     return list(names) if repeat % 2 == 0 else list(reversed(names))

@@ -5,11 +5,13 @@
 #   bash bench/gpu.sh throughput   # bench/throughput.py full mode, + channels_last, + torch.compile
 #   bash bench/gpu.sh overhead     # bench/overhead.py on VGG-11 and VGG-16, bf16-mixed
 #   bash bench/gpu.sh paper        # configs/vgg_bn.yaml (15,000 steps) + configs/measure.yaml on fake CIFAR-10
+#   bash bench/gpu.sh all          # one prepared 8-minute run: bench/gpu_all.sh (every figure of §4, each stage timed out)
 #
 # Logs and JSON go to $RESULTS (default: bench/gpu-results). Run from the repository root with the
 # package installed (pip install -e .[dev]).
 set -uo pipefail
-stage=${1:?usage: bash bench/gpu.sh tests|throughput|overhead|paper}
+stage=${1:?usage: bash bench/gpu.sh tests|throughput|overhead|paper|all}
+if [ "$stage" = all ]; then exec bash "$(dirname "$0")/gpu_all.sh"; fi
 results=${RESULTS:-bench/gpu-results}
 mkdir -p "$results"
 py=${PYTHON:-python3}
@@ -49,7 +51,7 @@ paper)
     echo "paper run ($precision): $(( $(date +%s) - start )) s wall" | tee -a "$results/paper-$precision.log"
     ;;
 *)
-    echo "unknown stage '$stage': accepted are tests, throughput, overhead, paper" >&2
+    echo "unknown stage '$stage': accepted are tests, throughput, overhead, paper, all" >&2
     exit 2
     ;;
 esac

@@ -27,6 +27,7 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("lightning.pytorch.loggers.CSVLogger", "_experiment"),  # instance: the ExperimentWriter, None until used
     ("lightning.pytorch.loggers.CSVLogger", "_get_next_version"),
     ("lightning.pytorch.loggers.csv_logs.ExperimentWriter", "_check_log_dir_exists"),  # overridden
+    ("lightning.pytorch.loggers.csv_logs.ExperimentWriter", "_rewrite_with_new_header"),  # overridden
     ("lightning.pytorch.callbacks.ModelCheckpoint", "_save_last_checkpoint"),
     ("lightning.pytorch.callbacks.ModelCheckpoint", "_monitor_candidates"),
     ("lightning.pytorch.callbacks.ModelCheckpoint", "_last_global_step_saved"),  # instance

@@ -31,7 +31,7 @@ def training_batch_size(trainer: pl.Trainer) -> int:
     Raises:
         ValueError: neither says (give the data module a ``batch_size`` hyper-parameter).
     """
-    hparams = getattr(trainer.datamodule, "hparams", None) or {}
+    hparams = getattr(trainer.datamodule, "hparams", None) or {}  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
     for value in (hparams.get("batch_size"), getattr(trainer.train_dataloader, "batch_size", None)):
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value

@@ -96,6 +96,9 @@ class RunCheckpoint(ModelCheckpoint):
     Args:
         keep_last: how many step checkpoints to keep (-1: all), besides ``last.ckpt``;
             used when ``monitor`` is not set (a monitored metric keeps ``save_top_k``).
+        enable_version_counter: ``ModelCheckpoint``'s, but off by default: a run resumed
+            from a checkpoint written outside ``ModelCheckpoint`` (on SIGTERM) overwrites
+            ``last.ckpt`` instead of writing ``last-v1.ckpt`` beside a stale one.
         **kwargs: ``ModelCheckpoint``'s arguments.
 
     Raises:
@@ -106,18 +109,21 @@ class RunCheckpoint(ModelCheckpoint):
         RunCheckpoint(every_n_train_steps=1000, save_last=True, keep_last=3)
     """
 
-    def __init__(self, *args: Any, keep_last: int = 2, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, keep_last: int = 2, enable_version_counter: bool = False, **kwargs: Any) -> None:
         if keep_last == 0 or keep_last < -1:
             raise ValueError(f"checkpoint.keep_last must be >= 1 (or -1 to keep every step checkpoint), got {keep_last}")
         if kwargs.get("monitor") is None and not args:
             kwargs.update(monitor="step", mode="max", save_top_k=keep_last)
+        # Off by default: a resumed run rewrites last.ckpt, never a last-v1.ckpt beside a stale last.ckpt.
+        kwargs["enable_version_counter"] = enable_version_counter
         super().__init__(*args, **kwargs)
         self.keep_last = keep_last
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        if self.save_last and not trainer.fast_dev_run and _private.last_step_saved(self) != trainer.global_step:
+        fast_dev_run = trainer.fast_dev_run  # type: ignore[attr-defined]  # set by Lightning at init, not declared on Trainer
+        if self.save_last and not fast_dev_run and _private.last_step_saved(self) != trainer.global_step:
             _private.save_last_checkpoint(self, trainer)
 
 

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import (
     SIGTERMException,
 )
 
-from bnlightning import runstate
+from bnlightning import console, resume, runstate
 from bnlightning.checkpointing import (
     AtomicCheckpointIO,
     RunCheckpoint,
@@ -38,7 +38,7 @@ from bnlightning.checkpointing import (
     resolve_resume,
 )
 from bnlightning.errors import RunError, condense, storage_error_line, yaml_error
-from bnlightning.loggers import CSVLogger, csv_logger, resume_loggers
+from bnlightning.loggers import CSVLogger, WandbLogger, csv_logger, discard_unused_claims
 from bnlightning.models.base import BaseModule
 
 # Subcommands that are not LightningCLI's: name -> "module:function" taking argv.
@@ -63,11 +63,38 @@ class ConfigToLoggers(SaveConfigCallback):
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         config = self.config.clone().as_dict()
         config.pop("config", None)
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
         if datamodule is not None and hasattr(datamodule, "dataset_name"):
             config["dataset_name"] = datamodule.dataset_name
+        _pin_seeds(trainer, config.get("seed_everything"))
         for logger in trainer.loggers:
             logger.log_hyperparams({"cli": config})
+        _name_wandb_runs(trainer, self.config)
+
+
+def _pin_seeds(trainer: pl.Trainer, seed: Any) -> None:
+    """W&B's top-level ``seed`` is the run's ``seed_everything``; a data module's ``seed`` (its split) is ``data_seed``.
+
+    Lightning logs the data module's hyper-parameters at the top level, where its split seed
+    would read as the run's seed (0 in a ``--seed_everything 1`` run).
+    """
+    hparams = getattr(getattr(trainer, "datamodule", None), "hparams", {})
+    renames = {"seed": "data_seed"} if "seed" in hparams else {}
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.pin_hyperparams({"seed": seed}, renames)
+
+
+def _name_wandb_runs(trainer: pl.Trainer, config: Any) -> None:
+    """Name unnamed W&B runs after the run's folder (``quickstart/version_3``), else its config files."""
+    csv = csv_logger(trainer.loggers)
+    if csv is not None:
+        name = f"{csv.name}/{csv.version if isinstance(csv.version, str) else f'version_{csv.version}'}"
+    else:
+        name = "+".join(os.path.splitext(os.path.basename(str(c)))[0] for c in config.get("config") or []) or type(trainer.lightning_module).__name__
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.name_if_unnamed(name)
 
 
 class BNLightningCLI(LightningCLI):
@@ -104,7 +131,14 @@ class BNLightningCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             raise RunError(condense(str(err))) from err
+        _check_logger_override(list(sys.argv[1:] if args is None else args), self.config)
         self._check_ckpt_file()
+        self._record_asked_settings()
+
+    def _record_asked_settings(self) -> None:
+        """This command's own settings, kept before Lightning fills the model's from a ``--ckpt_path`` file."""
+        subcommand = self.config.get("subcommand")
+        self._asked_settings = self._settings(self.config[subcommand]) if subcommand == "fit" else {}
 
     def _check_ckpt_file(self) -> None:
         """Fail with one line naming a ``--ckpt_path`` file that cannot be loaded.
@@ -153,15 +187,18 @@ class BNLightningCLI(LightningCLI):
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
         csv = csv_logger(trainer.loggers)
-        ckpt = self._resume(csv)
-        if ckpt is None and isinstance(csv, CSVLogger):
+        plan = self._resume(csv)
+        if plan.checkpoint is None and isinstance(csv, CSVLogger):
             _refuse_finished_folder(csv)
-        self.config_init.fit.ckpt_path = ckpt
+        self.config_init.fit.ckpt_path = plan.checkpoint
+        csv = csv_logger(trainer.loggers)  # a resume may have pointed it at the checkpoint's run
         run_dir = csv.log_dir if csv is not None else trainer.default_root_dir  # claims the folder (rank 0)
+        if csv is not None and trainer.is_global_zero:
+            resume.lock_run(run_dir)
         ckpt_cb = trainer.checkpoint_callback
         if isinstance(ckpt_cb, RunCheckpoint) and self.config.fit.checkpoint.dirpath is None:
             ckpt_cb.dirpath = os.path.join(run_dir, "checkpoints")
-        for cb in trainer.callbacks:
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
             if isinstance(cb, runstate.RunState):
                 cb.run_dir = run_dir
         if trainer.is_global_zero:
@@ -169,50 +206,51 @@ class BNLightningCLI(LightningCLI):
             for folder in dict.fromkeys(f for f in folders if f):
                 _check_writable(folder)
 
-    def _resume(self, csv: Any) -> str | None:
-        """The checkpoint ``fit`` resumes from (checked), with the loggers pointed at its run."""
+    def _resume(self, csv: Any) -> resume.Resume:
+        """What ``fit`` starts from (see ``bnlightning.resume``), checked, with the loggers pointed at its run."""
         asked = self.config.fit.get("ckpt_path")
         if not asked:
-            return None
+            return resume.Resume(None)
+        settings = self._asked_settings
         if asked == "last":
             if csv is None:
-                return "last"  # no run folders to choose from: Lightning's own lookup
-            found = _find_last(csv, self._settings(self.config.fit))
-            if found is None:
-                rank_zero_info(f"bnlightning: no checkpoint to resume under {csv.root_dir}; starting a new run")
-                return None
-            asked = found
-        if asked in ("best", "hpc", "registry") or asked.startswith("registry:"):
-            return asked
+                return resume.Resume("last")  # no run folders to choose from: Lightning's own lookup
+            only = csv.log_dir if getattr(csv, "version_given", False) else None
+            plan = resume.find_last(csv.root_dir, settings, only)
+            if plan.checkpoint is None:
+                rank_zero_info(f"bnlightning: no unfinished run with these settings under {csv.root_dir}; starting a new run")
+                return plan
+            assert plan.run_dir is not None, "find_last names the folder of the checkpoint it found"
+            if self.trainer.is_global_zero:
+                resume.lock_run(plan.run_dir)  # before anything is read for writing
+            asked = plan.checkpoint
+        elif asked in ("best", "hpc", "registry") or asked.startswith("registry:"):
+            return resume.Resume(asked)
         if not os.path.isfile(asked):
             raise RunError(f"--ckpt_path {asked}: no such checkpoint file")
         path, warning = resolve_resume(asked)
         if warning:
             rank_zero_warn(warning)
         state = torch.load(path, map_location="cpu", weights_only=True)
+        plan = resume.check_explicit(path, state, settings)
         if state.get("diverged_at_step") is not None:
             raise RunError(f"{path}: this run diverged at step {state['diverged_at_step']} (non-finite loss); resuming would train on NaN. Start a new run (e.g. a smaller learning rate) instead")
         if problem := model_mismatch(self.model, state.get("state_dict", {})):
             raise RunError(f"{path} does not match this model: {problem}; resume with the run's own settings (its config.yaml) or start a new run")
-        ident = dict(state.get("bnlightning_loggers", {}))
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-        if isinstance(csv, CSVLogger) and os.path.basename(os.path.dirname(path)) == "checkpoints" and os.path.dirname(run_dir) == os.path.abspath(csv.root_dir):
-            # The run is the folder the checkpoint lies in, whatever the checkpoint says.
-            name = os.path.basename(run_dir)
-            ident["csv_version"] = int(name[len("version_") :]) if name.startswith("version_") and name[len("version_") :].isdigit() else name
-        wandb_id = runstate.read_status(run_dir).get("wandb_id")
-        if wandb_id and "wandb_id" not in ident:
-            ident["wandb_id"] = wandb_id
-        resume_loggers(self.trainer.loggers, ident, int(state.get("global_step", 0)))
-        rank_zero_info(f"bnlightning: resuming {run_dir} from {path} (step {state.get('global_step', '?')})")
-        return path
+        if plan.run_dir is not None:
+            resume.check_not_done(plan, self.trainer.max_steps)
+            if self.trainer.is_global_zero:
+                resume.lock_run(plan.run_dir)
+            resume.continue_run(self.trainer, plan, state)
+        rank_zero_info(f"bnlightning: resuming {plan.run_dir or 'a new run'} from {path} (step {plan.step})")
+        return plan
 
     def _settings(self, config: Any) -> dict[str, Any]:
-        """What makes two runs the same experiment: model, data and seed (as saved in config.yaml)."""
+        """What makes two runs the same experiment: the dumped config less ``resume.RESUME_ONLY_KEYS``."""
         import yaml
 
-        dumped = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False, skip_validation=True))
-        return {k: dumped.get(k) for k in ("model", "data", "seed_everything")}
+        dumped = yaml.safe_load(self._parser("fit").dump(config, skip_none=False, skip_validation=True))
+        return resume.without_resume_only_keys(dumped)
 
     def after_fit(self) -> None:
         self._summarize("fit")
@@ -233,47 +271,6 @@ class BNLightningCLI(LightningCLI):
         rank_zero_info(f"bnlightning: {stage} done for {what}: {status}; {shown or 'no validation metrics'}")
 
 
-def _run_folders(root: str) -> list[str]:
-    try:
-        names = sorted(os.listdir(root))
-    except OSError:
-        return []
-    return [os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n, "checkpoints"))]
-
-
-def _find_last(csv: Any, settings: dict[str, Any]) -> str | None:
-    """``last.ckpt`` of the run ``--ckpt_path last`` continues, or None.
-
-    With an explicit logger version only that folder counts. Otherwise, among the
-    version folders holding checkpoints: those whose saved settings equal the current
-    ones first, then unfinished ones, then the newest.
-    """
-    import yaml
-
-    if getattr(csv, "version_given", False):
-        folders = [csv.log_dir] if os.path.isdir(os.path.join(csv.log_dir, "checkpoints")) else []
-    else:
-        folders = _run_folders(csv.root_dir)
-    ranked = []
-    for folder in folders:
-        ckpts = [os.path.join(folder, "checkpoints", f) for f in os.listdir(os.path.join(folder, "checkpoints")) if f.endswith(".ckpt")]
-        if not ckpts:
-            continue
-        try:
-            with open(os.path.join(folder, "config.yaml")) as f:
-                saved = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError):
-            saved = {}
-        same = {k: saved.get(k) for k in settings} == settings
-        unfinished = runstate.read_status(folder).get("status") not in runstate.FINISHED
-        ranked.append((same, unfinished, max(os.path.getmtime(c) for c in ckpts), folder, ckpts))
-    if not ranked:
-        return None
-    *_, folder, ckpts = max(ranked, key=lambda r: r[:3])
-    last = os.path.join(folder, "checkpoints", "last.ckpt")
-    return last if os.path.exists(last) else max(ckpts, key=os.path.getmtime)
-
-
 def _refuse_finished_folder(csv: CSVLogger) -> None:
     """A new run never writes into a folder that holds another run's checkpoints."""
     if not csv.version_given:
@@ -286,6 +283,25 @@ def _refuse_finished_folder(csv: CSVLogger) -> None:
         raise RunError(f"{folder} already holds {what}; resume it with --ckpt_path last, or give the logger another version/name")
 
 
+def _check_logger_override(argv: list[str], config: Any) -> None:
+    """Refuse ``--trainer.logger.class_path X`` (or ``.init_args.*``) when the config holds a list of loggers.
+
+    jsonargparse applies such a dotted option to one element of the list (the last), so
+    ``--trainer.logger.class_path ...`` silently swaps the W&B logger of the quickstart,
+    or adds a logger, instead of replacing the list the user meant.
+    """
+    dotted = next((a.split("=", 1)[0] for a in argv if a.startswith("--trainer.logger.")), None)
+    if dotted is None:
+        return
+    section = config.get(config.get("subcommand")) if config.get("subcommand") else config
+    loggers = section.get("trainer", {}).get("logger") if section is not None else None
+    if isinstance(loggers, list) and len(loggers) > 1:
+        raise RunError(
+            f"{dotted} is ambiguous: the config's trainer.logger is a list of {len(loggers)} loggers and a dotted option changes only the last of them; "
+            'replace the list with --trainer.logger=\'[{"class_path": ..., "init_args": {...}}]\', or add one with --trainer.logger+=CLASS'
+        )
+
+
 def _check_writable(folder: str) -> None:
     """Create ``folder`` and write a probe file, so a read-only or full disk fails now, not at step 1,000."""
     probe = os.path.join(folder, f".write-test-{os.getpid()}")
@@ -295,9 +311,11 @@ def _check_writable(folder: str) -> None:
             f.write(b"x" * 4096)
             f.flush()
             os.fsync(f.fileno())
-        os.remove(probe)
     except OSError as err:
         raise RunError(f"cannot write to the output folder {folder}: {err.strerror or err}") from None
+    finally:
+        if os.path.exists(probe):  # also when the disk filled up mid-probe
+            os.remove(probe)
 
 
 def build_cli(args: Sequence[str] | None, run: bool = True) -> BNLightningCLI:
@@ -323,7 +341,20 @@ def main(args: Sequence[str] | None = None) -> Any:
     Bad input, and full or read-only storage, exit with code 2 and one ``error:`` line;
     set ``BNLIGHTNING_DEBUG=1`` to see the traceback instead. SIGTERM/SIGUSR1 during
     ``fit`` exit with 128 + the signal number after saving a checkpoint.
+
+    Other libraries' tips, banners and warnings are silenced (``bnlightning.console``);
+    ``--verbose`` anywhere on the command line, or ``BNLIGHTNING_VERBOSE=1``, shows them.
     """
+    if args is None:
+        sys.argv[1:], verbose = console.take_verbose_flag(sys.argv[1:])  # LightningCLI reads sys.argv itself
+    else:
+        args, verbose = console.take_verbose_flag(list(args))
+    with console.console(verbose):
+        return _run(args)
+
+
+def _run(args: Sequence[str] | None) -> Any:
+    """``main`` without the console handling."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         module, func = EXTRA_COMMANDS[argv[0]].split(":")
@@ -337,15 +368,24 @@ def main(args: Sequence[str] | None = None) -> Any:
         if problem := yaml_error(path):
             _fail(problem)
     exit_code = 1
+    guarded = runstate.guard_signals() if argv[:1] == ["fit"] else {}
     try:
         # None lets LightningCLI read sys.argv itself (passing both makes it warn).
         cli = build_cli(None if args is None else argv)
         exit_code = 0
+        _say_late_signal()
         return cli
     except SIGTERMException:
         # Pre-empted: the checkpoint is saved; one line, and a non-zero status for schedulers.
         print(f"bnlightning: {runstate.describe_interrupt(argv)}", file=sys.stderr)
         raise SystemExit(runstate.last_interrupt.get("code", 128 + 15)) from None
+    except runstate.StartupInterrupted as err:
+        print(f"bnlightning: interrupted by {err.signal} before training began; nothing to save; run the same command again to start", file=sys.stderr)
+        raise SystemExit(err.code) from None
+    except resume.AlreadyFinished as err:
+        exit_code = 0
+        print(f"bnlightning: {err}", file=sys.stderr)
+        raise SystemExit(0) from None
     except USER_ERRORS as err:
         if os.environ.get("BNLIGHTNING_DEBUG"):
             raise
@@ -360,7 +400,26 @@ def main(args: Sequence[str] | None = None) -> Any:
             raise
         _fail(line)
     finally:
+        _end_command(exit_code, guarded, in_process=args is not None)
+
+
+def _say_late_signal() -> None:
+    if runstate.late_signal:
+        print(f"bnlightning: {runstate.late_signal['signal']} arrived after the run had recorded its end; nothing was lost, exiting normally", file=sys.stderr)
+
+
+def _end_command(exit_code: int, guarded: dict[int, Any], in_process: bool) -> None:
+    """Close the W&B run, drop folders of runs that never started, release the run's lock."""
+    try:
         _finish_wandb_run(exit_code)
+    finally:
+        if exit_code != 0:
+            discard_unused_claims()
+        resume.release_runs()
+        if in_process:
+            # From the command line the guard stays until the interpreter exits: a signal
+            # during W&B's final flush then ends nothing abruptly (the run is recorded).
+            runstate.restore_signals(guarded)
 
 
 def _raised_by_setup_check(err: BaseException) -> bool:

@@ -81,7 +81,7 @@ def condense(message: str) -> str:
         # A non-number for a numeric option: jsonargparse's last word is about the other
         # types it tried ("Expected a dot import path string"), which misleads.
         kind, value = number
-        detail = f"got {(value or given).strip()!r}; {_EXPECTED[kind]}"
+        detail = f"got {(value or given or '').strip()!r}; {_EXPECTED[kind]}"
     elif m := _LITERAL.search(detail):
         choices = ", ".join(c.strip().strip("'\"") for c in m.group(1).split(","))
         detail = f"got {m.group(2).strip()!r}; accepted: {choices}"

@@ -83,6 +83,32 @@ class WandbLogger(_LightningWandbLogger):
         _private.drop_wandb_init_kwarg(self, "anonymous")  # deprecated in wandb; Lightning always passes it
         self._warned_log_error = False
         self._resumed_id: str | None = None
+        self._given_name = name
+        self._pinned: dict[str, Any] = {}
+        self._renamed: dict[str, str] = {}
+
+    @rank_zero_only
+    def name_if_unnamed(self, name: str) -> None:
+        """Name the W&B run ``name`` unless the config gave it one (W&B leaves it empty offline).
+
+        Starts the run (rank zero only), then sets its name through W&B's public ``Run.name``.
+        """
+        if self._given_name is None:
+            try:
+                self.experiment.name = name
+            except Exception as err:
+                self._warn_log_error(err)
+
+    def pin_hyperparams(self, values: Mapping[str, Any], renames: Mapping[str, str] | None = None) -> None:
+        """Keep ``values`` in the run config whatever is logged later under the same keys.
+
+        Lightning logs the module's and the data module's hyper-parameters at the top level of
+        the run config, where a data module's ``seed`` (its split) would read as the run's seed.
+        ``renames`` moves such keys aside (``{"seed": "data_seed"}``) in everything logged after
+        this call; ``values`` (``{"seed": <seed_everything>}``) is logged with it.
+        """
+        self._pinned = dict(values)
+        self._renamed = dict(renames or {})
 
     def resume(self, run_id: str) -> None:
         """Continue the W&B run ``run_id`` (``wandb.init(id=..., resume="allow")``)."""
@@ -127,6 +153,8 @@ class WandbLogger(_LightningWandbLogger):
     @override
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
+        if isinstance(params, Mapping) and (self._pinned or self._renamed):
+            params = {self._renamed.get(k, k): v for k, v in params.items()} | self._pinned
         try:
             super().log_hyperparams(params)
         except Exception as err:
@@ -138,13 +166,51 @@ class WandbLogger(_LightningWandbLogger):
             self._warned_log_error = True
 
 
-class _ResumingWriter(ExperimentWriter):
-    """Lightning's CSV writer, but a resumed run keeps the rows logged before its checkpoint.
+def _write_rows_atomically(path: str, keys: list[str], rows: list[dict[str, Any]]) -> None:
+    """Write a whole ``metrics.csv`` beside ``path``, fsync, then ``os.replace``: a kill at any
+    moment leaves the old file or the new one, never a cut history."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _whole_rows(path: str) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of a ``metrics.csv``, without a last line cut mid-write (no newline)."""
+    with open(path, newline="", errors="replace") as f:
+        text = f.read()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    rows = list(reader)
+    return list(reader.fieldnames or []), rows
+
+
+class _AtomicWriter(ExperimentWriter):
+    """Lightning's CSV writer, but the whole-file rewrite it does when a new metric appears
+    (a new header) goes through a temporary file and ``os.replace``; rows are appended."""
+
+    @override
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        _, rows = _whole_rows(self.metrics_file_path)
+        _write_rows_atomically(self.metrics_file_path, fieldnames, rows)
+
+
+class _ResumingWriter(_AtomicWriter):
+    """A resumed run's CSV writer: it keeps the rows logged before its checkpoint.
 
     Lightning deletes an existing ``metrics.csv`` in the log folder. On resume from a
     checkpoint taken after ``resume_step`` optimizer steps, the rows of earlier steps are
     the run's history and stay; rows of later steps (written before the crash) are
-    dropped, because the resumed run logs them again.
+    dropped, because the resumed run logs them again. The file is replaced atomically.
     """
 
     def __init__(self, log_dir: str, resume_step: int) -> None:
@@ -155,18 +221,21 @@ class _ResumingWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:
         if not os.path.isfile(self.metrics_file_path):
             return
-        with open(self.metrics_file_path, newline="") as f:
-            reader = csv.DictReader(f)
-            keys = list(reader.fieldnames or [])
-            rows = [r for r in reader if r.get("step", "") != "" and int(float(r["step"])) < self._resume_step]
-        with open(self.metrics_file_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
+        keys, rows = _whole_rows(self.metrics_file_path)
+        kept = [r for r in rows if _step_of(r) is not None and _step_of(r) < self._resume_step]  # type: ignore[operator]
+        if len(kept) != len(rows):
+            _write_rows_atomically(self.metrics_file_path, keys, kept)
         self.metrics_keys = keys
 
 
-class _FreshWriter(ExperimentWriter):
+def _step_of(row: dict[str, str]) -> int | None:
+    try:
+        return int(float(row.get("step") or ""))
+    except ValueError:
+        return None
+
+
+class _FreshWriter(_AtomicWriter):
     """Lightning's CSV writer, warning only when an old ``metrics.csv`` is really replaced
     (the run's own ``checkpoints/`` and ``run.json`` beside it are not "previous logs")."""
 
@@ -204,6 +273,7 @@ class CSVLogger(_LightningCSVLogger):
     ) -> None:
         super().__init__(save_dir=save_dir, name=name, version=version, prefix=prefix, flush_logs_every_n_steps=flush_logs_every_n_steps)
         self._resume_step: int | None = None
+        self.flush_logs_every_n_steps = flush_logs_every_n_steps
 
     @property
     @override
@@ -268,9 +338,41 @@ def claim_version(root: str | os.PathLike[str]) -> int:
     while True:
         try:
             os.mkdir(os.path.join(root, f"version_{n}"))
+            _claimed.append(os.path.join(root, f"version_{n}"))
             return n
         except FileExistsError:
             n += 1
+
+
+#: Folders claimed by this process (for :func:`discard_unused_claims`).
+_claimed: list[str] = []
+#: What a folder may hold and still be a run that never started (nothing to keep).
+_NOT_A_RUN = {".lock", "config.yaml", "hparams.yaml", "checkpoints", "metrics.csv"}
+
+
+def discard_unused_claims() -> None:
+    """Remove the folders this process claimed for runs that failed before training began.
+
+    A run that started training has a ``run.json`` (its status says how it ended) and
+    stays; a folder holding only the lock, the config files, an empty ``checkpoints/``
+    or a ``metrics.csv`` without rows is removed, so failed start-ups leave no empty
+    ``version_N`` behind.
+    """
+    import shutil
+
+    while _claimed:
+        folder = _claimed.pop()
+        try:
+            names = set(os.listdir(folder))
+        except OSError:
+            continue
+        ckpts = os.path.join(folder, "checkpoints")
+        if not names <= _NOT_A_RUN or (os.path.isdir(ckpts) and os.listdir(ckpts)):
+            continue
+        metrics = os.path.join(folder, "metrics.csv")
+        if os.path.isfile(metrics) and _whole_rows(metrics)[1]:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def csv_logger(loggers: list[Any]) -> _LightningCSVLogger | None:

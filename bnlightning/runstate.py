@@ -32,6 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -45,6 +46,58 @@ FINISHED = ("completed", "diverged")
 
 #: Set when a run of this process was interrupted: read by the CLI for its last line.
 last_interrupt: dict[str, Any] = {}
+
+#: Where this process's ``fit`` is: "startup", "training" (Lightning's handler acts on
+#: SIGTERM) or "ended" (the run has recorded how it ended). Read by :func:`guard_signals`.
+phase: dict[str, str] = {"now": "startup"}
+#: A SIGTERM/SIGUSR1 that arrived after the run ended: ``{"signal": "SIGTERM"}``.
+late_signal: dict[str, str] = {}
+
+
+class StartupInterrupted(Exception):
+    """SIGTERM/SIGUSR1 before training began: nothing to save."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.signal = name
+        self.code = 128 + int(getattr(signal, name))
+
+
+def _guard(signum: int, frame: Any) -> None:
+    name = signal.Signals(signum).name
+    if phase["now"] == "training":
+        return  # Lightning's handler (which calls this one too) stops the loop
+    if phase["now"] == "ended":
+        late_signal["signal"] = name  # the run is recorded: finish flushing, exit normally
+        return
+    raise StartupInterrupted(name)
+
+
+_guard.bnlightning_guard = True  # type: ignore[attr-defined]
+
+
+def guard_signals() -> dict[int, Any]:
+    """Handle SIGTERM and SIGUSR1 for a whole ``fit`` command, outside Lightning's window.
+
+    Before training a signal stops the command at once (:class:`StartupInterrupted`);
+    after the run recorded its end (completed, diverged, failed) it is noted and the
+    process finishes flushing its loggers and exits as the run ended, instead of dying
+    with status 143 and no line. Returns the previous handlers (for :func:`restore_signals`).
+    """
+    phase["now"] = "startup"
+    late_signal.clear()
+    old: dict[int, Any] = {}
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            old[signum] = signal.signal(signum, _guard)
+        except ValueError:  # not the main thread
+            pass
+    return old
+
+
+def restore_signals(old: dict[int, Any]) -> None:
+    for signum, handler in old.items():
+        signal.signal(signum, handler)
 
 
 def read_status(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -100,6 +153,9 @@ class RunState(pl.Callback):
         self._old_usr1: Any = None
         self._saved_at: int | None = None
         self._checked_first_step = False
+        self._held_handler: Any = None  # Lightning's SIGTERM handler, while validation holds signals
+        self._held: list[int] = []
+        self._started = False  # on_fit_start ran: the run exists (a set-up failure leaves no record)
 
     # --- status ---------------------------------------------------------------------
     def _dir(self, trainer: pl.Trainer) -> str:
@@ -119,11 +175,14 @@ class RunState(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         last_interrupt.clear()
+        phase["now"] = "training"
+        self._started = True
         wandb_id = next((lg.version for lg in trainer.loggers if isinstance(lg, WandbLogger) and _private.wandb_run(lg) is not None), None)
         self._write(trainer, replace=True, status="running", pid=os.getpid(), **({"wandb_id": wandb_id} if wandb_id else {}))
         env = _private.cluster_environment(trainer)
         slurm_requeues = isinstance(env, SLURMEnvironment) and env.auto_requeue
-        if not slurm_requeues and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+        current = signal.getsignal(signal.SIGUSR1)
+        if not slurm_requeues and (current in (signal.SIG_DFL, None) or getattr(current, "bnlightning_guard", False)):
             try:
                 self._old_usr1 = signal.signal(signal.SIGUSR1, self._on_usr1)
             except ValueError:  # not the main thread: Lightning skips its handlers there too
@@ -138,6 +197,9 @@ class RunState(pl.Callback):
             handler(signal.SIGTERM, frame)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Validation ended by an exception: Lightning's teardown already put back the
+        # SIGTERM handler from before fit, so the one held here is just dropped.
+        self._held_handler = None
         if self._old_usr1 is not None:
             signal.signal(signal.SIGUSR1, self._old_usr1)
             self._old_usr1 = None
@@ -148,6 +210,14 @@ class RunState(pl.Callback):
             self._write(trainer, status="diverged", diverged_at_step=int(diverged))
         else:
             self._write(trainer, status="completed")
+        phase["now"] = "ended"
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning skips the whole loop (no on_train_end) when a resumed checkpoint had
+        # already reached max_steps/max_epochs: the run was complete, say so.
+        if phase["now"] == "training":
+            self._write(trainer, status="completed")
+            phase["now"] = "ended"
 
     # --- first step ------------------------------------------------------------------
     def _check_first_step(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> None:
@@ -175,18 +245,55 @@ class RunState(pl.Callback):
 
     def _save(self, trainer: pl.Trainer) -> None:
         cb = trainer.checkpoint_callback
-        if cb is not None and getattr(cb, "dirpath", None):
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
             trainer.save_checkpoint(os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION))
             self._saved_at = trainer.global_step
 
+    # --- a signal during validation waits for its end ----------------------------------
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hold SIGTERM (and SIGUSR1, routed to it) until this validation ends.
+
+        Lightning stops mid-validation otherwise, and a checkpoint taken there resumes
+        with the validation row lost or one epoch skipped (every later ``step`` off by
+        one). Held, the stop comes at ``on_validation_end``, the point where
+        ``ModelCheckpoint`` itself saves after validating, which Lightning resumes exactly.
+        """
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        handler = signal.getsignal(signal.SIGTERM)
+        if not callable(handler):
+            return
+        try:
+            signal.signal(signal.SIGTERM, lambda signum, frame: self._held.append(signum))
+        except ValueError:  # not the main thread: nothing to hold
+            return
+        self._held_handler = handler
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._held_handler is None:
+            return
+        handler, self._held_handler = self._held_handler, None
+        signal.signal(signal.SIGTERM, handler)
+        if self._held:
+            self._held.clear()
+            handler(signal.SIGTERM, None)  # Lightning's: its loop stops after this step
+        stop = trainer.received_sigterm
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(bool(stop), all=False)
+        if stop and self._saved_at != trainer.global_step:
+            self._save(trainer)
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        phase["now"] = "ended"
+        if not self._started:
+            return  # failed while setting up: no run to record (the CLI removes its empty folder)
         if isinstance(exception, SIGTERMException):
             if self._saved_at != trainer.global_step:
                 self._save(trainer)  # the signal came during validation or after our check
             for logger in trainer.loggers:
                 logger.save()
             cb = trainer.checkpoint_callback
-            checkpoint = os.path.join(cb.dirpath, "last.ckpt") if self._saved_at is not None and cb is not None else None
+            checkpoint = os.path.join(cb.dirpath, "last.ckpt") if self._saved_at is not None and isinstance(cb, ModelCheckpoint) and cb.dirpath else None
             name = "SIGUSR1" if self._usr1 else "SIGTERM"
             self._write(trainer, status="interrupted", signal=name, checkpoint=checkpoint)
             last_interrupt.update(signal=name, code=128 + int(getattr(signal, name)), step=trainer.global_step, checkpoint=checkpoint)

@@ -7,7 +7,9 @@ Depends on torch and lightning only. No edit to the user's module is needed: the
 ``training_step``; resolved once at setup (``resolve_loss``) and checked on the first batch.
 
 Callbacks: ``InternalCovariateShift`` (PROTOCOL §1), ``LossLandscape`` (§2), ``ActivationStats``
-(§3), ``HessianSpectrum`` (§9). Functional API (pure functions, ``bnlightning.callbacks.functional``): ``internal_covariate_shift``,
+(§3), ``HessianSpectrum`` (§9); the stability gauges of §12: ``GradientCurvature``, ``ActivationGradients``,
+``EffectiveLearningRate``, ``SpectralDensity`` (functions ``gradient_curvature``, ``adaptive_preconditioner``,
+``preconditioned_sharpness``, ``activation_gradients``, ``effective_lr``, ``spectral_density``). Functional API (pure functions, ``bnlightning.callbacks.functional``): ``internal_covariate_shift``,
 ``loss_landscape``, ``activation_stats``, ``measurement_forward``, ``step_gradient``,
 ``sgd_update``, ``optimizer_update``. The observer-effect guard: ``observer_guard``, ``RngState``.
 """
@@ -26,6 +28,9 @@ from bnlightning.callbacks.functional import (
     step_gradient,
     weight_layer_names,
 )
+from bnlightning.callbacks.functional.gauges import activation_gradients, adaptive_preconditioner, effective_lr, gradient_curvature, preconditioned_sharpness
+from bnlightning.callbacks.functional.sld import spectral_density
+from bnlightning.callbacks.gauges import ActivationGradients, EffectiveLearningRate, GradientCurvature, SpectralDensity
 from bnlightning.callbacks.guard import ObserverEffectError, RngState, observer_guard
 from bnlightning.callbacks.hessian import HessianSpectrum
 from bnlightning.callbacks.ics import InternalCovariateShift
@@ -34,7 +39,10 @@ from bnlightning.callbacks.meanshift import MeanShift, mean_shift
 from bnlightning.callbacks.residual import ResidualVariance, residual_variance
 
 __all__ = [
+    "ActivationGradients",
     "ActivationStats",
+    "EffectiveLearningRate",
+    "GradientCurvature",
     "HessianSpectrum",
     "InternalCovariateShift",
     "LossFn",
@@ -44,16 +52,23 @@ __all__ = [
     "ObserverEffectError",
     "ResidualVariance",
     "RngState",
+    "SpectralDensity",
+    "activation_gradients",
     "activation_stats",
+    "adaptive_preconditioner",
+    "effective_lr",
+    "gradient_curvature",
     "internal_covariate_shift",
     "loss_landscape",
     "mean_shift",
     "measurement_forward",
     "observer_guard",
     "optimizer_update",
+    "preconditioned_sharpness",
     "residual_variance",
     "resolve_loss",
     "sgd_update",
+    "spectral_density",
     "step_gradient",
     "weight_layer_names",
 ]

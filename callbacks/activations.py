@@ -13,6 +13,7 @@ from typing_extensions import override
 from bnlightning.callbacks.base import MeasurementCallback, wandb_loggers
 from bnlightning.callbacks.functional import activation_kind, activation_stats, capture_forward
 from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._model import metric_name
 
 __all__ = ["ActivationStats", "default_activation_layers"]
 
@@ -43,6 +44,12 @@ def module_layers(module: nn.Module, layers: list[str] | None) -> list[str]:
     return list(layers)
 
 
+def _finite_values(x: Tensor) -> Tensor:
+    """The finite entries of ``x`` as a new float32 vector (a copy, never a view of ``x``)."""
+    flat = x.detach().float().flatten()
+    return flat[torch.isfinite(flat)]
+
+
 class ModuleLayersCallback(MeasurementCallback):
     """A measurement over named modules' activations (``ActivationStats``, ``MeanShift``).
 
@@ -50,8 +57,8 @@ class ModuleLayersCallback(MeasurementCallback):
     resolved against the module at setup into ``_layers``, and is part of the state key.
     """
 
-    def __init__(self, layers: list[str] | None, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str | None) -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
+    def __init__(self, layers: list[str] | None, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str | None, max_overhead: float | None = None, schedule: str = "fixed") -> None:
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if layers is not None and not layers:
             raise ValueError("layers must be None (default layers) or a non-empty list of module names")
         self.layers = list(layers) if layers is not None else None
@@ -100,6 +107,11 @@ class ActivationStats(ModuleLayersCallback):
         loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
         loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
             batch, else ``training_step``; see ``MeasurementCallback``).
+        max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
+            take: it then times them and skips scheduled steps to stay within it (shared fairly with the
+            other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``act/cost_steps``.
+        schedule: ``"fixed"`` (every ``every_n_steps`` steps) or ``"log"`` (about 10 steps per decade:
+            1, 2, 3, 4, 6, 7, 8, 10, 13, 16, 20, ..., 100, 126, ...).
 
     Cost: activations only (the guard copies no parameter or optimizer state). Under DDP each rank
     summarises its own shard and rank zero's numbers are logged (statistics of a distribution, not a
@@ -115,6 +127,8 @@ class ActivationStats(ModuleLayersCallback):
         trainer = Trainer(callbacks=[ActivationStats(layers=["net.act1", "net.act3"], every_n_steps=100)])
     """
 
+    metric_prefix = "act"
+
     def __init__(
         self,
         layers: list[str] | None = None,
@@ -124,8 +138,10 @@ class ActivationStats(ModuleLayersCallback):
         histogram_bins: int = 64,
         loss_fn: LossFn | str | None = None,
         loss_method: str | None = None,
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
     ) -> None:
-        super().__init__(layers, every_n_steps, loss_fn, loss_method)
+        super().__init__(layers, every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if not (isinstance(saturation_threshold, (int, float)) and saturation_threshold > 0 and math.isfinite(saturation_threshold)):
             raise ValueError(f"saturation_threshold must be a positive number, got {saturation_threshold!r}")
         if histogram_bins < 2:
@@ -137,35 +153,38 @@ class ActivationStats(ModuleLayersCallback):
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
         modules = dict(pl_module.named_modules())
-        taps = {name: (modules[name], "input" if activation_kind(modules[name]) else "output") for name in self._layers}
-        captured = capture_forward(pl_module, batch, taps, loss_fn=self.measured_loss(pl_module))  # type: ignore[arg-type]
-        metrics: dict[str, Tensor] = {}
-        for name in self._layers:
-            x = captured.get(name)
-            if x is None:
-                continue
-            kind = activation_kind(modules[name]) or "other"
-            for key, value in activation_stats(x, kind, saturation_threshold=self.saturation_threshold).items():
-                metrics[f"act/{name}/{key}"] = value
-        if self.histogram:
-            self._log_histograms(trainer, captured)
+        kinds = {name: activation_kind(modules[name]) for name in self._layers}
+        taps = {name: (modules[name], "input" if kinds[name] else "output") for name in self._layers}
+        keep_values = self.histogram and bool(self._histogram_targets(trainer))
+
+        def read(name: str, x: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+            # At hook time: an in-place op later in the pass (ReLU(inplace=True)) would rewrite x.
+            stats = activation_stats(x, kinds[name] or "other", saturation_threshold=self.saturation_threshold)
+            return stats, (_finite_values(x) if keep_values else None)
+
+        captured = capture_forward(pl_module, batch, taps, read=read, loss_fn=self.measured_loss(pl_module))  # type: ignore[arg-type]
+        metrics = {f"act/{name}/{key}": value for name in self._layers if name in captured for key, value in captured[name][0].items()}
+        if keep_values:
+            self._log_histograms(trainer, {name: values for name, (_, values) in captured.items() if values is not None and values.numel()})
         return metrics
 
-    def _log_histograms(self, trainer: pl.Trainer, captured: dict[str, Tensor]) -> None:
-        if not trainer.is_global_zero:  # loggers write on rank zero only; no collective here
-            return
+    @staticmethod
+    def _histogram_targets(trainer: pl.Trainer) -> list[Any]:
+        """The loggers that take a histogram (rank zero only: loggers write there; no collective here)."""
+        if not trainer.is_global_zero:
+            return []
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return [*wandb_loggers(trainer), *(lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger))]
+
+    def _log_histograms(self, trainer: pl.Trainer, values: dict[str, Tensor]) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         wandb_targets = wandb_loggers(trainer)
         tb_targets = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not wandb_targets and not tb_targets:
-            return
         step = trainer.global_step
-        for name, x in captured.items():
-            x = x.float().flatten()
-            x = x[torch.isfinite(x)]
-            if x.numel() == 0:
-                continue
+        for name, x in values.items():
+            name = metric_name(name)
             for lg in tb_targets:
                 lg.experiment.add_histogram(f"act/{name}", x.cpu(), step)
             if wandb_targets:

@@ -1,8 +1,10 @@
 """What the measurement callbacks share: when to measure, on what, with which loss, how to log.
 
 Timing. A callback measures on optimizer steps ``t`` with ``(t + 1) % every_n_steps == 0``
-(``t`` = ``trainer.global_step`` before the step), the same steps on every rank, so collectives
-(the DDP mean, SyncBatchNorm) cannot hang.
+(``t`` = ``trainer.global_step`` before the step), or on log-spaced steps (``schedule="log"``), the
+same steps on every rank, so collectives (the DDP mean, SyncBatchNorm) cannot hang. With
+``max_overhead`` the callback also skips proposed steps to keep its measurement time within that
+fraction of the training time (``bnlightning.callbacks._budget``: rank zero decides, every rank follows).
 
 Batch. ``on_train_batch_start`` keeps a reference to the batch of a measured step; with gradient
 accumulation that is the *last micro-batch* of the step, not the whole effective batch. Measurements
@@ -31,6 +33,10 @@ Ranks. Under DDP every gradient and loss behind a measurement is averaged over r
 (``trainer.strategy.reduce``) before any norm or ratio, so every rank computes the same number and
 it does not depend on the world size; only rank zero logs.
 
+Names. Metric names drop the ``_orig_mod`` segments ``torch.compile`` puts into module names
+(``act/net._orig_mod.relu1/mean`` is logged as ``act/net.relu1/mean``), so a compiled run and an
+uncompiled one log the same keys.
+
 Logging. Through the public logger API, as Lightning's ``LearningRateMonitor`` does: on rank zero,
 ``logger.log_metrics(metrics, step=t)`` for each of ``trainer.loggers``, whatever
 ``log_every_n_steps`` is. With a ``WandbLogger`` attached each callback also keeps the history of
@@ -47,10 +53,12 @@ it is dropped at the end of the step. No module-level state, no other callback's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -62,9 +70,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from bnlightning.callbacks._budget import OverheadLedger, check_max_overhead, check_schedule, is_scheduled
 from bnlightning.callbacks.functional import StepGradient, check_optimizer, step_gradient
 from bnlightning.callbacks.functional._loss import LossFn, ResolvedLoss, check_loss_fn, check_loss_method, loss_candidates
-from bnlightning.callbacks.functional._model import Reduce, can_run_eager, check_loss
+from bnlightning.callbacks.functional._model import Reduce, can_run_eager, check_loss, metric_name
 from bnlightning.callbacks.guard import ObserverEffectError, RngState, observer_guard
 
 __all__ = ["GradientExchange", "MeasurementCallback", "StepKey"]
@@ -153,9 +162,12 @@ class GradientExchange:
 
 
 def _is_compiled(module: torch.nn.Module) -> bool:
-    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+    """``torch.compile`` anywhere: ``trainer.fit(torch.compile(module))`` (Lightning unwraps it and keeps a
+    ``_compiler_ctx``), ``self.net = torch.compile(self.net)`` (an ``OptimizedModule`` child), ``m.compile()``."""
+    if getattr(module, "_compiler_ctx", None):
         return True
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+    optimized = torch._dynamo.eval_frame.OptimizedModule
+    return any(isinstance(m, optimized) or getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
 
 
 def wandb_loggers(trainer: pl.Trainer) -> list[Any]:
@@ -179,14 +191,21 @@ class MeasurementCallback(Callback):
         loss_method: name of the module's ``(batch) -> loss`` method (``"training_step"`` for its
             training step), used when ``loss_fn`` is not given. Default: the module's ``loss`` method
             if it takes one batch, else its ``training_step``.
+        max_overhead: ``None`` (measure on every step the schedule proposes) or a fraction in (0, 1): the
+            callback times its measurements and skips proposed steps so that its measurement time stays
+            within this fraction of the training time so far (shared fairly with the other budgeted
+            callbacks; ``every_n_steps`` is then the densest spacing); logs ``<prefix>/cost_steps``.
+        schedule: ``"fixed"`` (every ``every_n_steps`` steps) or ``"log"`` (about 10 steps per decade:
+            1, 2, 3, 4, 6, 7, 8, 10, 13, 16, 20, ..., 100, 126, ...; ``every_n_steps`` is not used).
 
     Attributes:
         failure: why this callback stopped measuring in this fit (see Failures above), else ``None``.
 
     Raises:
         ValueError: ``every_n_steps < 1``, a ``loss_method`` that is not a name, a ``loss_fn`` that does
-            not import or is an ``nn.Module``; at setup a ``loss_method`` that takes no batch (the
-            accepted names are listed); at the first batch, no loss of that batch (one line).
+            not import or is an ``nn.Module``, ``max_overhead`` not in (0, 1), an unknown ``schedule``;
+            at setup a ``loss_method`` that takes no batch (the accepted names are listed); at the
+            first batch, no loss of that batch (one line).
         MisconfigurationException: at setup, manual optimization, a strategy other than single-device
             or DDP, or a closure optimizer (LBFGS).
         AttributeError: at setup, an unknown ``loss_method``, or no ``loss_fn``, no ``loss(batch)`` and
@@ -195,12 +214,27 @@ class MeasurementCallback(Callback):
 
     #: Subclasses whose measurement starts with G at W^t set this (they share it on a step).
     shares_gradient = False
+    #: The first part of the callback's metric names (``<prefix>/cost_steps``).
+    metric_prefix = "measurement"
+    #: The clock the overhead budget reads (seconds); tests replace it on the instance.
+    clock: Callable[[], float] = staticmethod(time.perf_counter)
 
-    def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str | None = None) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        loss_fn: LossFn | str | None = None,
+        loss_method: str | None = None,
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
+    ) -> None:
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         self.every_n_steps = every_n_steps
+        self.max_overhead = check_max_overhead(max_overhead)
+        self.schedule = check_schedule(schedule)
+        self.overhead_ledger: OverheadLedger | None = None
+        self._decision: tuple[int, bool] = (-1, False)
         self.loss_fn = loss_fn  # as given (an import path stays a string, for hyper-parameters and YAML)
         self.loss_method = check_loss_method(loss_method)
         self._loss_fn = check_loss_fn(loss_fn)  # the callable, imported once
@@ -217,7 +251,39 @@ class MeasurementCallback(Callback):
 
     # --- schedule ---------------------------------------------------------------------
     def is_measurement_step(self, step: int) -> bool:
-        return self.failure is None and (step + 1) % self.every_n_steps == 0
+        """Whether the schedule proposes ``step`` and the callback still measures (the budget may still
+        skip it: see ``decide``; a failure turns the callback off: see Failures above)."""
+        return self.failure is None and is_scheduled(step, self.every_n_steps, self.schedule)
+
+    def decide(self, trainer: pl.Trainer) -> bool:
+        """Whether to measure on this step: the schedule, then the budget; once per step, the same on every rank."""
+        step = trainer.global_step
+        if self._decision[0] == step:
+            return self._decision[1]  # gradient accumulation: one decision per optimizer step
+        measure = self.is_measurement_step(step)
+        if measure and self.max_overhead is not None and self.overhead_ledger is not None:
+            pool = max(cb.max_overhead for cb in self._peers if cb.max_overhead is not None) if self._peers else self.max_overhead
+            measure = self.overhead_ledger.allows(self, self._allowance(), pool) if trainer.is_global_zero else False
+            if trainer.world_size > 1:
+                measure = bool(trainer.strategy.broadcast(measure, src=0))
+        self._decision = (step, measure)
+        return measure
+
+    def _allowance(self) -> float:
+        """This callback's share: its own budget, at most the largest budget over the budgeted peers."""
+        budgets = [cb.max_overhead for cb in self._peers if cb.max_overhead is not None] or [self.max_overhead]
+        return min(self.max_overhead or 0.0, max(budgets) / len(budgets))  # type: ignore[type-var]
+
+    @contextlib.contextmanager
+    def timed(self, trainer: pl.Trainer, step: int) -> Iterator[None]:
+        """Charge the time of the block to this callback's measurement of ``step`` (the budget's ledger)."""
+        ledger = self.overhead_ledger
+        t0 = ledger.clock() if ledger is not None else 0.0
+        try:
+            yield
+        finally:
+            if ledger is not None:
+                ledger.charge(self, step, ledger.clock() - t0)
 
     def will_measure(self, batch: Any) -> bool:
         """Whether this callback still has ``batch`` to measure on this step."""
@@ -230,12 +296,13 @@ class MeasurementCallback(Callback):
         # rebuilt only when an argument it depends on is reassigned (see __setattr__).
         key = self.__dict__.get("_state_key_cache")
         if key is None:
-            key = self._generate_state_key(every_n_steps=self.every_n_steps, **self._state_key_extra())
+            extra = {"schedule": self.schedule} if self.schedule != "fixed" else {}  # keys of fixed-schedule checkpoints unchanged
+            key = self._generate_state_key(every_n_steps=self.every_n_steps, **extra, **self._state_key_extra())
             self.__dict__["_state_key_cache"] = key
         return key
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("every_n_steps", "layers", "step_sizes", "step_size_mode"):
+        if name in ("every_n_steps", "layers", "step_sizes", "step_size_mode", "schedule"):
             self.__dict__.pop("_state_key_cache", None)
         super().__setattr__(name, value)
 
@@ -269,6 +336,8 @@ class MeasurementCallback(Callback):
         shared = next((cb.gradient_exchange for cb in self._peers if cb is not self and cb._peers), None)
         if shared is not None:
             self.gradient_exchange = shared  # one exchange per trainer, created by the first callback set up
+        ledger = next((cb.overhead_ledger for cb in self._peers if cb is not self and cb.overhead_ledger is not None), None)
+        self.overhead_ledger = ledger if ledger is not None else OverheadLedger(self.clock)
         self._keep_history = bool(wandb_loggers(trainer))
         self.on_measurement_setup(trainer, pl_module)
 
@@ -323,11 +392,17 @@ class MeasurementCallback(Callback):
 
     # --- the measured step ----------------------------------------------------------------
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.overhead_ledger is not None:
+            self.overhead_ledger.begin(trainer.global_step)
+        self._decision = (-1, False)
+
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._loss is None and self._losses:
             self._check_loss(trainer, pl_module, batch)
         # With gradient accumulation this runs per micro-batch: the last one is kept.
-        self._batch = batch if self.is_measurement_step(trainer.global_step) else None
+        self._batch = batch if self.decide(trainer) else None
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -336,7 +411,7 @@ class MeasurementCallback(Callback):
         batch = self._batch
 
         def guarded() -> dict[str, Tensor]:
-            with observer_guard(pl_module, [optimizer]):
+            with self.timed(trainer, trainer.global_step), observer_guard(pl_module, [optimizer]):
                 return self.measure(trainer, pl_module, batch, optimizer)
 
         metrics = self.measure_or_stop(trainer, trainer.global_step, guarded)
@@ -357,7 +432,9 @@ class MeasurementCallback(Callback):
     def record(self, trainer: pl.Trainer, metrics: dict[str, Tensor], step: int | None = None) -> None:
         """Count the measurement and hand its scalars to every logger (rank zero only)."""
         step = trainer.global_step if step is None else step
-        values = {k: float(v) for k, v in metrics.items()}
+        values = {metric_name(k): float(v) for k, v in metrics.items()}
+        if self.max_overhead is not None and self.overhead_ledger is not None:
+            values[f"{self.metric_prefix}/cost_steps"] = self.overhead_ledger.cost_steps(self, step)
         self.measurements += 1
         self.last_measured_step = step
         if self._keep_history:
@@ -404,6 +481,7 @@ class MeasurementCallback(Callback):
 
         out = {}
         for title, keys in self.charts().items():
+            keys = [metric_name(k) for k in keys]
             keys = [k for k in keys if self.history.get(k)]
             if not keys:
                 continue
@@ -414,6 +492,8 @@ class MeasurementCallback(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.overhead_ledger is not None:
+            self.overhead_ledger.end()
         if not trainer.is_global_zero:
             return
         for logger in wandb_loggers(trainer):

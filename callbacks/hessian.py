@@ -8,15 +8,52 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._model import resolve_layers
-from bnlightning.callbacks.functional.hessian import HVP_METHODS, edge_of_stability, hessian_spectrum
+from bnlightning.callbacks.functional.gauges import adaptive_preconditioner, preconditioned_sharpness
+from bnlightning.callbacks.functional.hessian import HVP_METHODS, hessian_spectrum
 
-__all__ = ["HessianSpectrum"]
+__all__ = ["HessianSpectrum", "sharpness_limit"]
+
+
+def sharpness_limit(optimizer: Any) -> tuple[float | None, str]:
+    """The edge-of-stability limit 2(1+β)/η every parameter is updated with, or ``None`` and why not.
+
+    Defined for ``torch.optim.SGD`` with heavy-ball momentum β (β = 0: plain SGD). Several parameter
+    groups are accepted when they give one limit; groups with different η or β are refused (one λmax of
+    H has no single η to be compared with), as are Nesterov momentum, dampening and other optimizers.
+    """
+    opt = getattr(optimizer, "_optimizer", getattr(optimizer, "optimizer", optimizer))
+    name = type(opt).__name__
+    if type(opt) is not torch.optim.SGD:
+        return None, f"the ratio is defined for SGD with heavy-ball momentum, and the optimizer is {name}"
+    limits = []
+    for group in opt.param_groups:
+        limit = _group_limit(group)
+        if limit is None:
+            return None, f"the ratio is defined for SGD with heavy-ball momentum and lr > 0; this SGD has {_sgd_settings(group)}"
+        limits.append(limit)
+    if max(limits) > min(limits) * (1 + 1e-12):
+        settings = "; ".join(f"group {i}: {_sgd_settings(g)}" for i, g in enumerate(opt.param_groups))
+        return None, f"the parameter groups have different limits 2(1+momentum)/lr ({settings}), so no single eta applies to lambda_max"
+    return limits[0], ""
+
+
+def _group_limit(group: dict[str, Any]) -> float | None:
+    """2(1+β)/η of one SGD parameter group (as ``edge_of_stability`` for the first group), or None."""
+    lr, beta = float(group["lr"]), float(group.get("momentum", 0.0))
+    if group.get("nesterov", False) or (beta and float(group.get("dampening", 0.0))) or not lr > 0:
+        return None
+    return 2.0 * (1.0 + beta) / lr
+
+
+def _sgd_settings(group: dict[str, Any]) -> str:
+    return f"lr={group['lr']}, momentum={group.get('momentum', 0)}, dampening={group.get('dampening', 0)}, nesterov={group.get('nesterov', False)}"
 
 
 class HessianSpectrum(MeasurementCallback):
@@ -30,14 +67,27 @@ class HessianSpectrum(MeasurementCallback):
     trace by Hutchinson's estimator with Rademacher probes, deflated by those eigenvectors. Under DDP
     every HVP is averaged over ranks (the global-batch Hessian) and every rank draws the same vectors.
 
+    What H is, precisely: with dropout (or noisy BatchNorm), the loss with one fresh draw of the masks,
+    the same draw in every HVP, not the masks training used on that step (the RNG state is the one at
+    ``on_before_optimizer_step``, rewound afterwards). With ``accumulate_grad_batches > 1``, the Hessian
+    of the *last micro-batch's* loss, not of the step's mean over micro-batches (a smaller batch is
+    sharper: a larger λmax); ``sharpness_ratio`` is that λmax over the step's 2(1+β)/η, unscaled, and an
+    info line at setup says so.
+
     Logged metrics:
 
     - ``hessian/lambda_max``, ``hessian/eig_<j>`` (j = 1..k): the top eigenvalues, descending
-    - ``hessian/iterations``: HVPs the eigen solver used; ``hessian/converged``: 1 if every pair met ``tol``
+    - ``hessian/iterations``: HVPs the eigen solver used; ``hessian/converged``: 1 if every pair met ``tol``;
+      ``hessian/hvps``: HVPs of the whole measurement (eigen solver, deflation, probes)
     - ``hessian/trace``, ``hessian/trace_se``: Hutchinson's estimate and its standard error (``n_probes > 0``)
     - ``hessian/sharpness_ratio`` = λmax / (2(1+β)/η): 1 is the edge of stability (Cohen et al. 2021), for
-      SGD with learning rate η and heavy-ball momentum β (β = 0 for plain SGD); NaN, with a one-time
-      warning, for other optimizers (Adam's preconditioned limit is not λmax of H) or Nesterov/dampening
+      SGD with learning rate η and heavy-ball momentum β (β = 0 for plain SGD), η and β as they are at the
+      measured step. Several parameter groups are fine when they share 2(1+β)/η. For Adam and AdamW it is
+      ``hessian/precond_lambda_max`` = λmax(P⁻¹H), P = diag(√v̂ + ε) of the step about to be taken
+      (``functional.gauges.adaptive_preconditioner``), over (2 + 2β₁)/(η(1 − β₁)) (38/η at β₁ = 0.9;
+      Cohen et al. 2022); for RMSprop over 2(1+β)/η. NaN, with a one-time warning saying why
+      (``sharpness_limit``), for SGD groups with different 2(1+β)/η, Nesterov or dampening, and any other
+      optimizer (LBFGS, a custom class)
     - per layer in ``layers``: the same under ``hessian/<layer>/`` for the block of H of that layer's weight
 
     Args:
@@ -51,19 +101,28 @@ class HessianSpectrum(MeasurementCallback):
         seed: seed of the random start vector and probes (the global RNG is never used).
         max_basis: Lanczos basis size (memory: ``max_basis + 1`` parameter-sized vectors; default 4 for k = 1).
         hvp_method: ``retained`` (one forward and backward, then one backward per HVP; the fastest
-            measured), ``double_backward`` or ``jvp`` (forward-over-reverse; no retained graph).
+            measured), ``double_backward`` or ``jvp`` (forward-over-reverse; no retained graph; works
+            with BatchNorm in training mode).
         loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
         loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
             batch, else ``training_step``; see ``MeasurementCallback``).
+        max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
+            take: it then times them and skips scheduled steps to stay within it (shared fairly with the
+            other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``hessian/cost_steps``.
+        schedule: ``"fixed"`` (every ``every_n_steps`` steps) or ``"log"`` (about 10 steps per decade:
+            1, 2, 3, 4, 6, 7, 8, 10, 13, 16, 20, ..., 100, 126, ...).
 
     Raises:
-        ValueError: a bad argument; at setup, an unknown layer.
+        ValueError: a bad argument; at setup, an unknown layer, or ``k`` larger than the network's
+            trainable parameters or than a layer's weight (its block of H has that many eigenvalues).
         MisconfigurationException: at setup, manual optimization, an unsupported strategy, LBFGS.
 
     Example::
 
         trainer = Trainer(callbacks=[HessianSpectrum(k=3, every_n_steps=200, n_probes=20)])
     """
+
+    metric_prefix = "hessian"
 
     def __init__(
         self,
@@ -79,8 +138,10 @@ class HessianSpectrum(MeasurementCallback):
         hvp_method: str = "retained",
         loss_fn: LossFn | str | None = None,
         loss_method: str | None = None,
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
     ) -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0 and math.isfinite(tol)):
@@ -98,14 +159,24 @@ class HessianSpectrum(MeasurementCallback):
         self.warm_start, self.seed, self.max_basis, self.hvp_method = warm_start, seed, max_basis, hvp_method
         self._vectors: dict[str, list[dict[str, Tensor]]] = {}
         self._warned_ratio = False
+        self._precond_vector: dict[str, Tensor] | None = None
 
     def _state_key_extra(self) -> dict[str, Any]:
         return {"k": self.k, "layers": self.layers}
 
     @override
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.layers:
-            resolve_layers(pl_module, self.layers)
+        blocks = {"the trainable parameters": sum(p.numel() for p in pl_module.parameters() if p.requires_grad)}
+        for layer in resolve_layers(pl_module, self.layers) if self.layers else []:
+            blocks[f"the weight of layer {layer!r}"] = pl_module.get_submodule(layer).weight.numel()
+        for what, size in blocks.items():
+            if self.k > size:
+                raise ValueError(f"HessianSpectrum: k = {self.k} is more than the {size} eigenvalues of the Hessian over {what} (one per entry); use k <= {size}")
+        if trainer.accumulate_grad_batches > 1:
+            rank_zero_info(
+                f"HessianSpectrum: with accumulate_grad_batches={trainer.accumulate_grad_batches}, H is the Hessian of the last "
+                f"micro-batch's loss, and hessian/sharpness_ratio compares its lambda_max with 2(1+beta)/eta."
+            )
 
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
@@ -127,20 +198,27 @@ class HessianSpectrum(MeasurementCallback):
         if self.warm_start:
             self._vectors = result.eigenvectors
         metrics = dict(result.metrics)
-        limit = edge_of_stability(optimizer)
+        limit, why_not = sharpness_limit(optimizer)
+        precond = adaptive_preconditioner(optimizer, pl_module) if limit is None else None
+        if precond is not None:  # Adam, AdamW, RMSprop: λmax(P⁻¹H) against its own threshold (Cohen et al. 2022)
+            lam, self._precond_vector, _ = preconditioned_sharpness(
+                pl_module, batch, precond.diagonal, tol=self.tol, max_iter=self.max_iter, seed=self.seed + trainer.global_step,
+                v0=self._precond_vector if self.warm_start else None, hvp_method=self.hvp_method,
+                loss_fn=self.measured_loss(pl_module), reduce=self.reduce(trainer),
+            )  # fmt: skip
+            metrics["hessian/precond_lambda_max"] = lam
+            metrics["hessian/sharpness_ratio"] = lam / precond.threshold
+            return metrics
         if limit is None and not self._warned_ratio:
             self._warned_ratio = True
-            warnings.warn(
-                f"HessianSpectrum: hessian/sharpness_ratio is defined for SGD (with heavy-ball momentum); the optimizer is "
-                f"{type(getattr(optimizer, '_optimizer', optimizer)).__name__}, so it is logged as NaN.",
-                stacklevel=2,
-            )
+            warnings.warn(f"HessianSpectrum: hessian/sharpness_ratio is logged as NaN: {why_not} (Adam, AdamW and RMSprop get the preconditioned ratio).", stacklevel=2)
         metrics["hessian/sharpness_ratio"] = metrics["hessian/lambda_max"] / limit if limit is not None and "hessian/lambda_max" in metrics else torch.tensor(float("nan"))
         return metrics
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._vectors = {}
+        self._precond_vector = None
 
     @override
     def charts(self) -> dict[str, list[str]]:

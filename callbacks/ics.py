@@ -75,6 +75,11 @@ class InternalCovariateShift(MeasurementCallback):
         loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
         loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
             batch, else ``training_step``; see ``MeasurementCallback``).
+        max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
+            take: it then times them and skips scheduled steps to stay within it (shared fairly with the
+            other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``ics/cost_steps``.
+        schedule: ``"fixed"`` (every ``every_n_steps`` steps) or ``"log"`` (about 10 steps per decade:
+            1, 2, 3, 4, 6, 7, 8, 10, 13, 16, 20, ..., 100, 126, ...).
 
     Raises:
         ValueError: bad ``every_n_steps``, ``update_from``, ``mode``, ``chunk_size``; at setup an unknown layer.
@@ -86,6 +91,8 @@ class InternalCovariateShift(MeasurementCallback):
         trainer = Trainer(callbacks=[InternalCovariateShift(layers=["net.conv5", "net.conv10"], every_n_steps=100)])
     """
 
+    metric_prefix = "ics"
+
     def __init__(
         self,
         layers: list[str] | None = None,
@@ -96,8 +103,10 @@ class InternalCovariateShift(MeasurementCallback):
         memory_budget: int | None = None,
         loss_fn: LossFn | str | None = None,
         loss_method: str | None = None,
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
     ) -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if update_from not in ("trainer", "measured"):
             raise ValueError(f"unknown update_from {update_from!r}; accepted: trainer, measured")
         check_mode(mode, ICS_MODES)
@@ -155,9 +164,11 @@ class InternalCovariateShift(MeasurementCallback):
             return
         if self._batch is None or not self.is_measurement_step(trainer.global_step):
             return
-        # W^t, kept until the optimizer has stepped: the one parameter-sized copy this measurement needs.
-        weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
-        self._pending = _Pending(trainer, pl_module, optimizer, self._batch, weights, self.step_key(trainer, pl_module, self._batch), trainer.global_step)
+        with self.timed(trainer, trainer.global_step):
+            # W^t, kept until the optimizer has stepped: the one parameter-sized copy this measurement needs.
+            weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+            key = self.step_key(trainer, pl_module, self._batch)
+        self._pending = _Pending(trainer, pl_module, optimizer, self._batch, weights, key, trainer.global_step)
 
     def _after_step(self) -> None:
         pending, self._pending = self._pending, None
@@ -166,7 +177,7 @@ class InternalCovariateShift(MeasurementCallback):
         trainer, module = pending.trainer, pending.module
 
         def guarded() -> dict[str, Tensor]:
-            with observer_guard(module, [pending.optimizer]):
+            with self.timed(trainer, pending.step), observer_guard(module, [pending.optimizer]):
                 pending.key.rng.restore()  # the random draws of W^t's moment (the guard rewinds afterwards)
                 return internal_covariate_shift(
                     module,

@@ -51,6 +51,11 @@ class LossLandscape(MeasurementCallback):
         loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
         loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
             batch, else ``training_step``; see ``MeasurementCallback``).
+        max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
+            take: it then times them and skips scheduled steps to stay within it (shared fairly with the
+            other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``landscape/cost_steps``.
+        schedule: ``"fixed"`` (every ``every_n_steps`` steps) or ``"log"`` (about 10 steps per decade:
+            1, 2, 3, 4, 6, 7, 8, 10, 13, 16, 20, ..., 100, 126, ...).
 
     Under DDP g, every g(w - s g) and every loss are averaged over ranks first (the global batch).
 
@@ -64,6 +69,8 @@ class LossLandscape(MeasurementCallback):
         trainer = Trainer(callbacks=[LossLandscape(step_sizes=[0.5, 1, 2, 4], every_n_steps=100)])
     """
 
+    metric_prefix = "landscape"
+
     def __init__(
         self,
         step_sizes: list[float] | None = None,
@@ -74,8 +81,10 @@ class LossLandscape(MeasurementCallback):
         memory_budget: int | None = None,
         loss_fn: LossFn | str | None = None,
         loss_method: str | None = None,
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
     ) -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         steps = check_step_sizes([0.5, 1.0, 2.0, 4.0] if step_sizes is None else step_sizes)
         if step_size_mode not in ("relative", "absolute"):
             raise ValueError(f"unknown step_size_mode {step_size_mode!r}; accepted: relative, absolute")

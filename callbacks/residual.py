@@ -54,14 +54,21 @@ def residual_variance(outputs: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str,
     """
     out: dict[str, Tensor] = {}
     for name, (branch, skip) in outputs.items():
-        if branch.shape != skip.shape:
-            raise ValueError(f"block {name!r}: branch output {tuple(branch.shape)} and shortcut output {tuple(skip.shape)} differ")
-        vb = branch.detach().double().var(unbiased=False)
-        vs = skip.detach().double().var(unbiased=False)
-        out[f"resvar/{name}/branch"] = vb.float()
-        out[f"resvar/{name}/skip"] = vs.float()
-        out[f"resvar/{name}/ratio"] = (vb / vs).float() if vs > 0 else torch.tensor(float("inf"))
+        out.update(_block_metrics(name, _read(name, branch), _read(name, skip)))
     return out
+
+
+def _read(name: str, x: Tensor) -> tuple[torch.Size, Tensor]:
+    """What a block needs of one output: its shape and its population variance (float64), at hook time."""
+    return x.shape, x.detach().double().var(unbiased=False)
+
+
+def _block_metrics(name: str, branch: tuple[torch.Size, Tensor], skip: tuple[torch.Size, Tensor]) -> dict[str, Tensor]:
+    (shape_b, vb), (shape_s, vs) = branch, skip
+    if shape_b != shape_s:
+        raise ValueError(f"block {name!r}: branch output {tuple(shape_b)} and shortcut output {tuple(shape_s)} differ")
+    ratio = (vb / vs).float() if vs > 0 else torch.tensor(float("inf"))
+    return {f"resvar/{name}/branch": vb.float(), f"resvar/{name}/skip": vs.float(), f"resvar/{name}/ratio": ratio}
 
 
 class ResidualVariance(MeasurementCallback):
@@ -69,7 +76,10 @@ class ResidualVariance(MeasurementCallback):
 
     When and how: as ``MeanShift`` -- forward hooks on each block's ``branch`` and
     ``shortcut`` only around one float32, no-grad, side-effect-free ``measurement_forward``
-    of the measured step's training batch (pre-step weights, norms in training mode).
+    of the measured step's training batch (pre-step weights, norms in training mode). Each
+    variance is taken inside the hook, when the output is produced, so a block written
+    ``out = self.branch(x); out += self.shortcut(x)`` (which rewrites the branch output in place)
+    is measured right; a block called several times in the pass is read at its last call.
     ``every_n_steps=1`` with ``max_steps=1`` measures the network at initialisation.
 
     Args:
@@ -77,6 +87,11 @@ class ResidualVariance(MeasurementCallback):
         loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
         loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
             batch, else ``training_step``; see ``MeasurementCallback``).
+        max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
+            take: it then times them and skips scheduled steps to stay within it (shared fairly with the
+            other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``resvar/cost_steps``.
+        schedule: ``"fixed"`` (every ``every_n_steps`` steps) or ``"log"`` (about 10 steps per decade:
+            1, 2, 3, 4, 6, 7, 8, 10, 13, 16, 20, ..., 100, 126, ...).
 
     Raises:
         ValueError: at setup, a module without residual blocks (``branch`` + ``shortcut`` children).
@@ -86,8 +101,10 @@ class ResidualVariance(MeasurementCallback):
         trainer = Trainer(max_steps=1, callbacks=[ResidualVariance(every_n_steps=1)])
     """
 
-    def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str | None = None) -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method)
+    metric_prefix = "resvar"
+
+    def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str | None = None, max_overhead: float | None = None, schedule: str = "fixed") -> None:
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         self._blocks: list[str] = []
 
     @override
@@ -102,9 +119,13 @@ class ResidualVariance(MeasurementCallback):
         for name in self._blocks:
             block = pl_module.get_submodule(name)
             taps[f"{name}\x00branch"], taps[f"{name}\x00skip"] = (block.branch, "output"), (block.shortcut, "output")
-        seen = capture_forward(pl_module, batch, taps, loss_fn=self.measured_loss(pl_module))
-        pairs = {n: (seen[f"{n}\x00branch"], seen[f"{n}\x00skip"]) for n in self._blocks if f"{n}\x00branch" in seen and f"{n}\x00skip" in seen}
-        return residual_variance(pairs)
+        # The variances are taken in the hooks: `out = branch(x); out += shortcut(x)` rewrites the branch output.
+        seen = capture_forward(pl_module, batch, taps, read=_read, loss_fn=self.measured_loss(pl_module))
+        out: dict[str, Tensor] = {}
+        for n in self._blocks:
+            if f"{n}\x00branch" in seen and f"{n}\x00skip" in seen:
+                out.update(_block_metrics(n, seen[f"{n}\x00branch"], seen[f"{n}\x00skip"]))
+        return out
 
     @override
     def charts(self) -> dict[str, list[str]]:

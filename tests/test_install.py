@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bnlightning.experiments import EXPERIMENTS
-from tests.helpers import REPO
+from tests.helpers import REPO, require_modern_setuptools
 
 SOURCES = ("pyproject.toml", "README.md", "bnlightning", "callbacks", "configs")
 
@@ -28,6 +28,7 @@ SOURCES = ("pyproject.toml", "README.md", "bnlightning", "callbacks", "configs")
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's wheel, built from a clean copy (an in-tree build leaves build/ behind and can ship stale files)."""
+    require_modern_setuptools()
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     src.mkdir()

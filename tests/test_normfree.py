@@ -18,7 +18,7 @@ from bnlightning.batchsize import (
     train_mode_accuracy,
 )
 from bnlightning.models import MLP, VGG
-from bnlightning.normfree import AdaptiveGradientClipping
+from bnlightning.normfree import AdaptiveGradientClipping, final_linear_layer
 
 TRAINER_KW: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False, "accelerator": "cpu", "logger": False}
 
@@ -90,6 +90,42 @@ def test_agc_runs_before_the_other_callbacks_and_refuses_lightning_clipping() ->
         AdaptiveGradientClipping(clip_factor=0)
     with pytest.raises(ValueError, match="exclude: unknown module 'nope'"):
         pl.Trainer(max_steps=1, callbacks=[AdaptiveGradientClipping(exclude=["nope"])], **TRAINER_KW).fit(model, _data(model))
+
+
+class HeadFirst(pl.LightningModule):
+    """The classifier is registered before the body it follows: registration order misleads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(16, 10)
+        self.body = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_agc_leaves_the_last_linear_of_the_forward_pass_unclipped_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = HeadFirst()
+    cap, agc = Capture(), AdaptiveGradientClipping(clip_factor=1e-4)
+    with caplog.at_level("INFO"):
+        pl.Trainer(max_steps=2, callbacks=[cap, agc], **TRAINER_KW).fit(model, _data(model))
+    said = [r.getMessage() for r in caplog.records if "AdaptiveGradientClipping" in r.getMessage()]
+    assert said == ["AdaptiveGradientClipping: not clipping head.weight, head.bias (head: the last nn.Linear in the forward pass; `exclude=` to choose)."]
+    for name, w in cap.weights.items():  # cap ran after AGC: every unit but the classifier's is within lambda
+        g = cap.grads[name]
+        units = [(w.flatten(), g.flatten())] if w.dim() <= 1 else list(zip(w, g))
+        ratio = max(float(gu.norm()) / max(float(wu.norm()), 1e-3) for wu, gu in units)
+        assert (ratio > 2e-4) if name.startswith("head.") else (ratio <= 1e-4 * (1 + 1e-5)), (name, ratio)
+    assert not model.head._forward_hooks and not model.body[2]._forward_hooks  # the watch ended with the first step
+    assert final_linear_layer(HeadFirst(), torch.randn(2, 12)) == "head"  # registration order would say body.2
 
 
 def test_scaled_ws_conv_standardises_each_output_unit() -> None:

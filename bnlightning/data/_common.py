@@ -32,10 +32,22 @@ def check_nonnegative_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
+def filled(x: torch.Tensor | None, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of a split that ``setup()`` has filled; a loader asked for before that is a bug."""
+    if x is None or y is None:
+        raise RuntimeError("the data module's tensors are not set up yet (setup() fills them)")
+    return x, y
+
+
 class DataModuleBase(pl.LightningDataModule):
     """Device, rank and loader choice, read from the attached trainer."""
 
     dataset_name: str = "?"
+    # Set by every subclass's __init__ from its arguments (also saved as hyperparameters).
+    seed: int
+    batch_size: int | None
+    eval_batch_size: int
+    on_device_arg: bool | None  # the user's choice; ``on_device`` below is the path setup() took
 
     @property
     def device(self) -> torch.device:
@@ -67,7 +79,7 @@ class DataModuleBase(pl.LightningDataModule):
         rank, world = self.rank_and_world_size
         kwargs.setdefault("shuffle", train)
         kwargs.setdefault("drop_last", train)
-        return TensorLoader(*tensors, batch_size=batch_size, seed=self.hparams.seed, rank=rank, world_size=world, **kwargs)
+        return TensorLoader(*tensors, batch_size=batch_size, seed=self.seed, rank=rank, world_size=world, **kwargs)
 
     # ---- the loader factory: each data module only says what a split holds -------------------
     on_device: bool | None = None  # set by the module's setup(): which of the two paths is in use
@@ -79,7 +91,9 @@ class DataModuleBase(pl.LightningDataModule):
 
     def _batch_size(self, split: Split) -> int:
         """Samples per batch: ``batch_size`` for training, ``eval_batch_size`` otherwise."""
-        return self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
+        batch_size = self.batch_size if split == "train" else self.eval_batch_size
+        assert batch_size is not None, "a module with full-batch training overrides _batch_size"
+        return batch_size
 
     def _shuffle(self, split: Split) -> bool:
         """Shuffle (and drop the last partial batch): the training split only."""
@@ -116,10 +130,11 @@ class DataModuleBase(pl.LightningDataModule):
         data, batch_size, shuffle = self._split_data(split), self._batch_size(split), self._shuffle(split)
         options = self._loader_options(split)
         if self.on_device:
+            assert not isinstance(data, Dataset), "the on-device path holds tensors"
             return self.tensor_loader(*data, batch_size=batch_size, train=shuffle, **options)
         dataset = data if isinstance(data, Dataset) else TensorDataset(*data)
         if split == "train":
-            options["generator"] = torch.Generator().manual_seed(self.hparams.seed)
+            options["generator"] = torch.Generator().manual_seed(self.seed)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, **options)
 
     def train_dataloader(self) -> TensorLoader | DataLoader:

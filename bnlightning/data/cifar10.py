@@ -25,8 +25,7 @@ import torch
 import torchvision
 from lightning.pytorch.utilities import rank_zero_info
 
-from bnlightning.data._common import DataModuleBase, Split, check_nonnegative_int, check_positive_int
-from bnlightning.data._renamed import renamed_attribute
+from bnlightning.data._common import DataModuleBase, Split, check_nonnegative_int, check_positive_int, filled
 from bnlightning.data.loader import DeviceImageTransform
 from bnlightning.errors import BadFileError, MissingFileError, RunError
 
@@ -243,6 +242,9 @@ class CIFAR10DataModule(DataModuleBase):
             raise ValueError(f"unknown pad_mode {pad_mode!r}; accepted: reflect, zeros")
         self.save_hyperparameters()
         self.root = root
+        self.download, self.batch_size, self.eval_batch_size, self.seed = download, batch_size, eval_batch_size, seed
+        self.augment, self.normalize, self.on_device_arg, self.num_workers = augment, normalize, on_device, num_workers
+        self.crop_padding, self.pad_mode, self.verify_checksums = crop_padding, pad_mode, verify_checksums
         self.train_x: torch.Tensor | None = None  # on-device path: uint8 (N, 3, 32, 32)
         self.train_y: torch.Tensor | None = None
         self.test_x: torch.Tensor | None = None
@@ -256,22 +258,22 @@ class CIFAR10DataModule(DataModuleBase):
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-        return (CIFAR10_MEAN, CIFAR10_STD) if self.hparams.normalize else (None, None)
+        return (CIFAR10_MEAN, CIFAR10_STD) if self.normalize else (None, None)
 
     # ---- transforms, one definition per path -------------------------------------------
     def device_transform(self, train: bool) -> DeviceImageTransform:
         mean, std = self.mean_std
-        aug = train and self.hparams.augment
-        return DeviceImageTransform(mean, std, crop_padding=self.hparams.crop_padding if aug else 0, pad_mode=self.hparams.pad_mode, flip=aug)
+        aug = train and self.augment
+        return DeviceImageTransform(mean, std, crop_padding=self.crop_padding if aug else 0, pad_mode=self.pad_mode, flip=aug)
 
     def torchvision_transform(self, train: bool) -> Any:
         from torchvision import transforms as T
 
         ts: list[Any] = []
-        if train and self.hparams.augment:
-            if self.hparams.crop_padding > 0:
-                mode = "reflect" if self.hparams.pad_mode == "reflect" else "constant"
-                ts.append(T.RandomCrop(32, padding=self.hparams.crop_padding, padding_mode=mode))
+        if train and self.augment:
+            if self.crop_padding > 0:
+                mode = "reflect" if self.pad_mode == "reflect" else "constant"
+                ts.append(T.RandomCrop(32, padding=self.crop_padding, padding_mode=mode))
             ts.append(T.RandomHorizontalFlip())
         ts.append(T.ToTensor())
         mean, std = self.mean_std
@@ -282,7 +284,7 @@ class CIFAR10DataModule(DataModuleBase):
     # ---- Lightning hooks -----------------------------------------------------------------
     def prepare_data(self) -> None:
         """Download on one process per node if asked and the files are missing."""
-        if self.hparams.download and not CIFAR10Dataset.is_present(self.root):
+        if self.download and not CIFAR10Dataset.is_present(self.root):
             rank_zero_info(f"CIFAR-10: downloading to '{os.path.abspath(self.root)}'")
             try:
                 CIFAR10Dataset.fetch(self.root)
@@ -296,10 +298,10 @@ class CIFAR10DataModule(DataModuleBase):
                 ) from None
 
     def _dataset(self, train: bool, transform: Any = None) -> CIFAR10Dataset:
-        return CIFAR10Dataset(self.root, train=train, transform=transform, verify_checksums=self.hparams.verify_checksums)
+        return CIFAR10Dataset(self.root, train=train, transform=transform, verify_checksums=self.verify_checksums)
 
     def setup(self, stage: str | None = None) -> None:
-        self.on_device = self.use_on_device(self.hparams.on_device, default_on_cpu=False)
+        self.on_device = self.use_on_device(self.on_device_arg, default_on_cpu=False)
         need_train = stage in (None, "fit")
         if self.on_device:
             dev = self.device
@@ -316,7 +318,7 @@ class CIFAR10DataModule(DataModuleBase):
                 self.test_set = self._dataset(train=False, transform=self.torchvision_transform(train=False))
 
     def _loader_kwargs(self) -> dict[str, Any]:
-        w = self.hparams.num_workers
+        w = self.num_workers
         return {
             "num_workers": w,
             "persistent_workers": w > 0,
@@ -326,8 +328,11 @@ class CIFAR10DataModule(DataModuleBase):
     def _split_data(self, split: Split) -> tuple[torch.Tensor, torch.Tensor] | CIFAR10Dataset:
         train = split == "train"
         if self.on_device:
-            return (self.train_x, self.train_y) if train else (self.test_x, self.test_y)
-        return self.train_set if train else self.test_set
+            return filled(self.train_x, self.train_y) if train else filled(self.test_x, self.test_y)
+        dataset = self.train_set if train else self.test_set
+        if dataset is None:
+            raise RuntimeError("the data module's datasets are not set up yet (setup() builds them)")
+        return dataset
 
     def _loader_options(self, split: Split) -> dict[str, Any]:
         if self.on_device:
@@ -339,8 +344,3 @@ def _to_tensors(ds: CIFAR10Dataset, device: torch.device) -> tuple[torch.Tensor,
     x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
     y = torch.as_tensor(ds.targets, dtype=torch.int64)
     return x.to(device), y.to(device)
-
-
-def __getattr__(name: str) -> Any:
-    """``CIFAR10``: deprecated alias of the renamed class (old configs and checkpoints name it here)."""
-    return renamed_attribute(__name__, name, names=("CIFAR10",))

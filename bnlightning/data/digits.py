@@ -9,13 +9,10 @@ offline stand-in for MNIST in the Ioffe & Szegedy-style sigmoid MLP. It is *not*
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-from bnlightning.data._common import DataModuleBase, Split, check_positive_int
-from bnlightning.data._renamed import renamed_attribute
+from bnlightning.data._common import DataModuleBase, Split, check_positive_int, filled
 
 __all__ = ["DigitsDataModule"]
 
@@ -73,6 +70,8 @@ class DigitsDataModule(DataModuleBase):
         if rgb and image_size is None:
             raise ValueError("rgb: true needs image_size (flat 64-feature vectors have no channels)")
         self.save_hyperparameters()
+        self.batch_size, self.eval_batch_size, self.seed, self.on_device_arg = batch_size, eval_batch_size, seed, on_device
+        self.image_size, self.rgb, self.val_fraction = image_size, rgb, float(val_fraction)
         self.train_x: torch.Tensor | None = None
         self.train_y: torch.Tensor | None = None
         self.val_x: torch.Tensor | None = None
@@ -80,16 +79,16 @@ class DigitsDataModule(DataModuleBase):
         self.on_device: bool | None = None
 
     @property
-    def dataset_name(self) -> str:
-        s = self.hparams.image_size
+    def dataset_name(self) -> str:  # type: ignore[override]  # a class attribute in the base, computed here
+        s = self.image_size
         if s is None:
             return "sklearn digits (8x8, 64 standardised features)"
-        return f"sklearn digits resized to {s}x{s}{' RGB' if self.hparams.rgb else ''} (substitute, not CIFAR-10)"
+        return f"sklearn digits resized to {s}x{s}{' RGB' if self.rgb else ''} (substitute, not CIFAR-10)"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        s = self.hparams.image_size
-        return (64,) if s is None else (3 if self.hparams.rgb else 1, s, s)
+        s = self.image_size
+        return (64,) if s is None else (3 if self.rgb else 1, s, s)
 
     def load_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(train_x, train_y, val_x, val_y) on the CPU, split and standardised."""
@@ -99,13 +98,13 @@ class DigitsDataModule(DataModuleBase):
         d = load_digits()
         idx_train, idx_val = train_test_split(
             torch.arange(len(d.target)).numpy(),
-            test_size=self.hparams.val_fraction,
+            test_size=self.val_fraction,
             stratify=d.target,
-            random_state=self.hparams.seed,
+            random_state=self.seed,
         )
         x = torch.as_tensor(d.data, dtype=torch.float32)  # (N, 64), values 0..16
         y = torch.as_tensor(d.target, dtype=torch.int64)
-        s = self.hparams.image_size
+        s = self.image_size
         if s is None:
             mean = x[idx_train].mean(0)
             std = x[idx_train].std(0)
@@ -116,22 +115,17 @@ class DigitsDataModule(DataModuleBase):
                 x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
             mean = x[idx_train].mean()
             std = x[idx_train].std()
-            if self.hparams.rgb:
+            if self.rgb:
                 x = x.repeat(1, 3, 1, 1)
         x = ((x - mean) / std).contiguous()
         it, iv = torch.as_tensor(idx_train), torch.as_tensor(idx_val)
         return x[it], y[it], x[iv], y[iv]
 
     def setup(self, stage: str | None = None) -> None:
-        self.on_device = self.use_on_device(self.hparams.on_device, default_on_cpu=True)
+        self.on_device = self.use_on_device(self.on_device_arg, default_on_cpu=True)
         if self.train_x is None:
             dev = self.device if self.on_device else torch.device("cpu")
             self.train_x, self.train_y, self.val_x, self.val_y = (t.to(dev) for t in self.load_tensors())
 
     def _split_data(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.train_x, self.train_y) if split == "train" else (self.val_x, self.val_y)
-
-
-def __getattr__(name: str) -> Any:
-    """``Digits``: deprecated alias of the renamed class (old configs and checkpoints name it here)."""
-    return renamed_attribute(__name__, name, names=("Digits",))
+        return filled(self.train_x, self.train_y) if split == "train" else filled(self.val_x, self.val_y)

@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from bnlightning.data._common import DataModuleBase, Split, check_positive_int
-from bnlightning.data._renamed import renamed_attribute
+from bnlightning.data._common import DataModuleBase, Split, check_positive_int, filled
 from bnlightning.data.loader import mix_seed
 
 __all__ = ["LinearRegressionDataModule"]
@@ -66,19 +65,25 @@ class LinearRegressionDataModule(DataModuleBase):
         if batch_size is not None and batch_size > num_samples:
             raise ValueError(f"batch_size ({batch_size}) is larger than num_samples ({num_samples})")
         self.save_hyperparameters()
+        self.num_samples, self.dim, self.seed, self.noise = num_samples, dim, seed, float(noise)
+        self.batch_size, self.eval_batch_size, self.steps_per_epoch = batch_size, self.num_val_samples, steps_per_epoch
+        self.on_device_arg = on_device
         self.A: torch.Tensor | None = None
-        self.train_x = self.train_y = self.val_x = self.val_y = None
+        self.train_x: torch.Tensor | None = None
+        self.train_y: torch.Tensor | None = None
+        self.val_x: torch.Tensor | None = None
+        self.val_y: torch.Tensor | None = None
         self.on_device: bool | None = None
 
     @property
-    def dataset_name(self) -> str:
-        h = self.hparams
+    def dataset_name(self) -> str:  # type: ignore[override]  # a class attribute in the base, computed here
+        h = self
         noise = f", noise std {h.noise:g}" if h.noise else ""
         return f"synthetic linear regression y = A x (dim {h.dim}, {h.num_samples} samples{noise}, seed {h.seed})"
 
     def make_tensors(self) -> dict[str, torch.Tensor]:
         """A, train and validation tensors on the CPU; the same for the same arguments."""
-        h = self.hparams
+        h = self
         g = torch.Generator().manual_seed(mix_seed(h.seed, 0x11AEA))
         A = torch.randn(h.dim, h.dim, generator=g)
         x = torch.randn(h.num_samples, h.dim, generator=g)
@@ -90,32 +95,27 @@ class LinearRegressionDataModule(DataModuleBase):
         return {"A": A, "train_x": x, "train_y": y, "val_x": xv, "val_y": xv @ A.T}
 
     def setup(self, stage: str | None = None) -> None:
-        self.on_device = self.use_on_device(self.hparams.on_device, default_on_cpu=True)
+        self.on_device = self.use_on_device(self.on_device_arg, default_on_cpu=True)
         if self.A is None:
             dev = self.device if self.on_device else torch.device("cpu")
             t = {k: v.to(dev) for k, v in self.make_tensors().items()}
             self.A, self.train_x, self.train_y, self.val_x, self.val_y = (t["A"], t["train_x"], t["train_y"], t["val_x"], t["val_y"])
 
     def _split_data(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.train_x, self.train_y) if split == "train" else (self.val_x, self.val_y)
+        return filled(self.train_x, self.train_y) if split == "train" else filled(self.val_x, self.val_y)
 
     def _batch_size(self, split: Split) -> int:
         if split != "train":
             return self.num_val_samples
-        if self.hparams.batch_size is None:  # full batch: this rank's whole share
-            return -(-self.hparams.num_samples // self.rank_and_world_size[1])
-        return self.hparams.batch_size
+        if self.batch_size is None:  # full batch: this rank's whole share
+            return -(-self.num_samples // self.rank_and_world_size[1])
+        return self.batch_size
 
     def _shuffle(self, split: Split) -> bool:
-        return split == "train" and self.hparams.batch_size is not None
+        return split == "train" and self.batch_size is not None
 
     def _loader_options(self, split: Split) -> dict[str, Any]:
         # One Lightning epoch of full-batch training = steps_per_epoch passes (on-device path only).
-        if split == "train" and self.on_device and self.hparams.batch_size is None:
-            return {"repeat": self.hparams.steps_per_epoch}
+        if split == "train" and self.on_device and self.batch_size is None:
+            return {"repeat": self.steps_per_epoch}
         return {}
-
-
-def __getattr__(name: str) -> Any:
-    """``LinearRegression``: deprecated alias of the renamed class (old configs and checkpoints name it here)."""
-    return renamed_attribute(__name__, name, names=("LinearRegression",))

@@ -15,6 +15,10 @@ Usage::
     python -m bnlightning.experiments run dln mlp-sigmoid vgg-lr --cpu --seeds 0 1   # CPU-sized
     python -m bnlightning.experiments sweep configs/sweeps/vgg-lr.yaml [--run] [-- --trainer.max_steps=100]
 
+While runs go, the terminal shows one line per run under one progress bar over the grid
+(with an ETA); each fit's own output is in ``<runs-dir>/<experiment>/<run>.out``. ``--quiet``
+drops the bar, ``--verbose`` streams every fit's output instead.
+
 ``run`` is safe to repeat: finished runs (``run.json`` says completed or diverged) are
 skipped, interrupted or killed runs with a checkpoint resume with ``--ckpt_path=last``.
 
@@ -60,14 +64,20 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--runs-dir", default="runs", help="where runs log (default runs/)")
         q.add_argument("--project", default="bnlightning", help="W&B project")
         if action == "run":
-            q.add_argument("--quiet", action="store_true", help="send each run's output to <runs-dir>/<experiment>/<run>.out")
+            _output_flags(q)
     q = sub.add_parser("sweep", help="expand a W&B grid sweep YAML into local runs (no W&B server needed)")
     q.add_argument("file", help="sweep YAML, e.g. configs/sweeps/vgg-lr.yaml")
     q.add_argument("--run", action="store_true", help="run the commands (default: print them)")
     q.add_argument("--runs-dir", default="runs")
     q.add_argument("--project", default="bnlightning")
-    q.add_argument("--quiet", action="store_true")
+    _output_flags(q)
     return p
+
+
+def _output_flags(q: argparse.ArgumentParser) -> None:
+    """``--quiet`` / ``--verbose``: what the terminal shows while the runs go (see ``run_all``)."""
+    q.add_argument("--quiet", action="store_true", help="no progress bar: one line per run (each run's output is in <runs-dir>/<experiment>/<run>.out)")
+    q.add_argument("--verbose", action="store_true", help="stream every fit's own output (progress bars, other libraries' lines) instead of one progress bar over the runs")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,20 +98,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _print_lines(lines)
         if args.action == "sweep":
             specs = expand_sweep(load_sweep(args.file), args.runs_dir, extra, project=args.project)
-            run, quiet = args.run, args.quiet
+            run = args.run
         else:
             unknown = [n for n in args.names if n not in EXPERIMENTS]
             if unknown:
                 raise ValueError(f"unknown experiment {unknown[0]!r}; known: {', '.join(EXPERIMENTS)}")
             seeds = args.seeds if args.seeds is not None else ([0, 1] if args.cpu else [0, 1, 2])
             specs = [s for n in args.names for s in expand(EXPERIMENTS[n], seeds, args.runs_dir, args.cpu, extra, args.project)]
-            run, quiet = args.action == "run", getattr(args, "quiet", False)
+            run = args.action == "run"
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     if not run:
         return _print_lines(spec.shell() for spec in specs)
-    results = run_all(specs, Path.cwd(), quiet)
+    results = run_all(specs, Path.cwd(), quiet=args.quiet, verbose=args.verbose)
     done = [s.name for s, o in results if o in ("ok", "diverged", "skipped")]
     interrupted = [s.name for s, o in results if o in ("interrupted", "not started")]
     failed = [s.name for s, o in results if o == "failed"]

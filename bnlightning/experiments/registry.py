@@ -61,6 +61,11 @@ CPU_RESNET: tuple[str, ...] = (
 )
 
 
+#: AdamW instead of the paper's SGD (the grid sets its lr): β = (0.9, 0.999), decoupled weight decay 0.01.
+#: Its stability threshold for λmax(P⁻¹H) is (2 + 2β₁)/(η(1 − β₁)) = 38/η (Cohen et al. 2022).
+ADAMW: tuple[str, ...] = ("--model.init_args.optimizer=torch.optim.AdamW", "--model.init_args.optimizer.init_args.weight_decay=0.01")
+
+
 @dataclass(frozen=True)
 class Experiment:
     """A reproducible comparison: configs, a grid of CLI keys, a claim of the paper.
@@ -265,6 +270,37 @@ EXPERIMENTS: dict[str, Experiment] = {
             overrides=(f"--{NORM}=none", f"--{WS}=true", "--model.init_args.skipinit=true"),
             cpu_overrides=CPU_RESNET,
             cpu_grid={LR: (0.1,)},
+        ),
+        # --- beyond the paper: the stability gauges of PROTOCOL §12 (docs/reproduction-cpu.md, "Stability gauges") ---
+        Experiment(
+            "gauges-sgd",
+            "§12 (beyond the paper): gradient-direction curvature vs 2/eta, ||dL/dy|| at the norm outputs (Thm 4.1), effective lr, SLQ density; VGG standard vs BN, SGD",
+            ("configs/vgg.yaml", "configs/experiments/measure_gauges.yaml"),
+            {NORM: ("none", "batch"), LR: (0.1,)},
+            cpu_overrides=(*CPU_VGG, "--config=configs/experiments/measure_gauges_cpu.yaml"),
+        ),
+        Experiment(
+            "gauges-adamw",
+            "§12 (beyond the paper): the same gauges under AdamW; preconditioned sharpness lambda_max(P^-1 H) vs 38/eta (Cohen et al. 2022)",
+            ("configs/vgg.yaml", "configs/experiments/measure_gauges.yaml"),
+            {NORM: ("none", "batch"), LR: (0.001,)},
+            overrides=ADAMW,
+            cpu_overrides=(*CPU_VGG, "--config=configs/experiments/measure_gauges_cpu.yaml"),
+        ),
+        Experiment(
+            "gauges-mlp-sgd",
+            "§12 (beyond the paper): the stability gauges on the sigmoid MLP, standard vs BN, SGD",
+            ("configs/mlp_sigmoid.yaml", "configs/experiments/measure_gauges.yaml"),
+            {NORM: ("none", "batch"), LR: (0.1,)},
+            cpu_overrides=("--trainer.accelerator=cpu", "--trainer.log_every_n_steps=10", "--config=configs/experiments/measure_gauges_mlp_cpu.yaml"),
+        ),
+        Experiment(
+            "gauges-mlp-adamw",
+            "§12 (beyond the paper): the stability gauges on the sigmoid MLP, standard vs BN, AdamW (preconditioned sharpness)",
+            ("configs/mlp_sigmoid.yaml", "configs/experiments/measure_gauges.yaml"),
+            {NORM: ("none", "batch"), LR: (0.001,)},
+            overrides=ADAMW,
+            cpu_overrides=("--trainer.accelerator=cpu", "--trainer.log_every_n_steps=10", "--config=configs/experiments/measure_gauges_mlp_cpu.yaml"),
         ),
     ]
 }

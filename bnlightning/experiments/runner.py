@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bnlightning.console import VERBOSE_ENV
 from bnlightning.experiments.runs import RunSpec
 
 
@@ -28,7 +31,7 @@ def run_state(spec: RunSpec, cwd: Path | None = None) -> tuple[str, bool]:
     return str(read_status(folder).get("status", "new")), has_ckpt
 
 
-def run_all(specs: Sequence[RunSpec], cwd: Path | None = None, quiet: bool = False) -> list[tuple[RunSpec, str]]:
+def run_all(specs: Sequence[RunSpec], cwd: Path | None = None, quiet: bool = False, verbose: bool = False, progress: bool | None = None) -> list[tuple[RunSpec, str]]:
     """Run ``specs`` one after another; returns each run's outcome.
 
     Outcomes: ``ok`` (completed), ``diverged`` (a result, not a failure: its
@@ -41,7 +44,14 @@ def run_all(specs: Sequence[RunSpec], cwd: Path | None = None, quiet: bool = Fal
         specs: the runs, in order.
         cwd: where the ``fit`` processes run and their relative ``runs/`` folders go
             (default: the current directory, never the installed package).
-        quiet: send each run's output to ``<runs-dir>/<experiment>/<run>.out`` instead of the terminal.
+        quiet: no progress bar, only one line per run.
+        verbose: stream every ``fit``'s own output (its progress bars, other libraries' lines)
+            to the terminal instead of ``<runs-dir>/<experiment>/<run>.out``.
+        progress: show one progress bar over the runs still to do, with an ETA (default: when
+            stderr is a terminal, unless ``quiet`` or ``verbose``).
+
+    Each run's output goes to ``<runs-dir>/<experiment>/<run>.out`` (unless ``verbose``); the
+    terminal gets one line per run.
     """
     cwd = Path.cwd() if cwd is None else Path(cwd)
     results: list[tuple[RunSpec, str]] = []
@@ -54,23 +64,27 @@ def run_all(specs: Sequence[RunSpec], cwd: Path | None = None, quiet: bool = Fal
             child[0].send_signal(signum)
 
     old = signal.signal(signal.SIGTERM, forward) if threading.current_thread() is threading.main_thread() else None
+    to_do = sum(run_state(spec, cwd)[0] not in ("completed", "diverged") for spec in specs)
+    bar = _progress_bar(to_do, enabled=progress if progress is not None else (False if quiet or verbose else None))
+    env = {**os.environ, VERBOSE_ENV: "1"} if verbose else None
     try:
         for i, spec in enumerate(specs, 1):
             tag = f"[{i}/{len(specs)}] {spec.experiment}/{spec.name}"
             status, has_ckpt = run_state(spec, cwd)
             if status in ("completed", "diverged") or stop:
                 outcome = "skipped" if not stop else "not started"
-                print(f"{tag}: {outcome}" + (f" (already {status})" if not stop else " (runner stopped by a signal)"), flush=True)
+                bar.write(f"{tag}: {outcome}" + (f" (already {status})" if not stop else " (runner stopped by a signal)"))
                 results.append((spec, outcome))
                 continue
             command = spec.command() + (["--ckpt_path=last"] if has_ckpt else [])
-            print(f"{tag} ..." + (f" (resuming the {status} run)" if has_ckpt else ""), flush=True)
+            bar.write(f"{tag} ..." + (f" (resuming the {status} run)" if has_ckpt else ""))
+            bar.set_description(f"{spec.experiment}/{spec.name}")
             start = time.monotonic()
             log = spec.log_dir.parent / f"{spec.name}.out"
             log_path = (cwd / log) if not log.is_absolute() else log
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with log_path.open("a" if has_ckpt else "w") as out:
-                proc = subprocess.Popen(command, cwd=cwd, stdout=out if quiet else None, stderr=subprocess.STDOUT if quiet else None)
+                proc = subprocess.Popen(command, cwd=cwd, stdout=None if verbose else out, stderr=None if verbose else subprocess.STDOUT, env=env, preexec_fn=_die_with_parent(os.getpid()))
                 child[:] = [proc]
                 returncode = proc.wait()
                 child.clear()
@@ -80,12 +94,68 @@ def run_all(specs: Sequence[RunSpec], cwd: Path | None = None, quiet: bool = Fal
                 "diverged": "ok (diverged: a result)",
                 "interrupted": "INTERRUPTED (checkpoint saved; run the same command again to resume)",
             }.get(outcome, f"FAILED (exit {returncode}; output in {log_path})")
-            print(f"{tag}: {text} in {time.monotonic() - start:.0f}s", flush=True)
+            bar.write(f"{tag}: {text} in {time.monotonic() - start:.0f}s")
+            bar.update()
             results.append((spec, outcome))
     finally:
+        bar.close()
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     return results
+
+
+def _die_with_parent(parent: int) -> Any:
+    """A ``preexec_fn`` that makes the child receive SIGTERM when this runner dies, however it dies.
+
+    Linux's ``prctl(PR_SET_PDEATHSIG)``: a runner killed with SIGKILL cannot forward
+    anything, so the kernel does it, and the ``fit`` saves a checkpoint and stops instead
+    of training on as an orphan that a re-run would then "resume" beside. Elsewhere: None.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def preexec() -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the runner died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+class _Lines:
+    """The progress bar's interface without a bar: lines to stdout, as they happen."""
+
+    def write(self, line: str) -> None:
+        print(line, flush=True)
+
+    def set_description(self, text: str) -> None:
+        pass
+
+    def update(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool | None) -> Any:
+    """One tqdm bar over the runs to do (the ETA is the mean time per finished run), on stderr.
+
+    ``enabled=None`` shows it only when stderr is a terminal (a log file gets the lines alone).
+    The per-run lines go above the bar, to stdout.
+    """
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return _Lines()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True, smoothing=0)
+    bar.write = lambda line: tqdm.write(line, file=sys.stdout)
+    return bar
 
 
 def _outcome(returncode: int, status: str) -> str:

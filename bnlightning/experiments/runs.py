@@ -59,6 +59,44 @@ def run_name(values: Mapping[str, Any]) -> str:
     return "_".join(parts).replace("/", "-")
 
 
+def overridden_values(extra: Sequence[str], keys: Sequence[str]) -> dict[str, Any]:
+    """The values ``extra`` (arguments after ``--``) gives to any of ``keys``, as YAML reads them.
+
+    ``--key=value`` and ``--key value`` both count; the last one wins, as on the command line.
+
+    Example:
+        >>> overridden_values(["--seed_everything=5", "--trainer.max_steps", "10"], ["seed_everything"])
+        {'seed_everything': 5}
+    """
+    import yaml
+
+    found: dict[str, Any] = {}
+    for i, arg in enumerate(extra):
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in keys:
+            continue
+        if not eq:
+            if i + 1 >= len(extra):
+                continue
+            value = extra[i + 1]
+        try:
+            found[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            found[key] = value
+    return found
+
+
+def pin_overridden(grid: Mapping[str, Sequence[Any]], extra: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+    """``grid`` with each axis that ``extra`` overrides reduced to the value it gives.
+
+    An argument after ``--`` is appended to every run and wins over the grid's value;
+    pinning the axis keeps the folder and W&B names true to what each run trains (and
+    drops the runs that would have repeated one setting under different names).
+    """
+    pinned = overridden_values(extra, list(grid))
+    return {k: (pinned[k],) if k in pinned else tuple(v) for k, v in grid.items()}
+
+
 #: The CSV logger that resumes a run's folder (named, not imported: printing commands needs no torch).
 CSV_LOGGER = "bnlightning.loggers.CSVLogger"
 
@@ -111,6 +149,7 @@ def expand(
     name = experiment.name + ("-cpu" if cpu else "")
     grid = dict(experiment.cpu_grid if cpu and experiment.cpu_grid is not None else experiment.grid)
     grid[SEED] = tuple(seeds)
+    grid = pin_overridden(grid, extra)
     keys = list(grid)
     specs = []
     for combo in itertools.product(*(grid[k] for k in keys)):

@@ -10,7 +10,7 @@ from typing import Any
 
 from bnlightning.experiments.configs import config_path
 from bnlightning.experiments.registry import EXPERIMENTS, SEED, Experiment
-from bnlightning.experiments.runs import RunSpec, logger_override, run_name
+from bnlightning.experiments.runs import RunSpec, logger_override, pin_overridden, run_name
 
 
 def sweep_config(experiment: Experiment, seeds: Sequence[int] = (0, 1, 2)) -> dict[str, Any]:
@@ -114,7 +114,7 @@ def sweep_problems(config: Mapping[str, Any]) -> list[str]:
     """
     problems: list[str] = []
     try:  # the exact validator `wandb sweep --controller` uses; optional extra
-        import sweeps as wandb_sweeps  # type: ignore[import-not-found]
+        import sweeps as wandb_sweeps
 
         problems += list(wandb_sweeps.schema_violations_from_proposed_config(dict(config)))
     except ImportError:
@@ -178,7 +178,8 @@ def expand_sweep(config: Mapping[str, Any], runs_dir: str = "runs", extra: Seque
     base = _sweep_base_args(config)
     params = config["parameters"]
     keys = list(params)
-    choices = [params[k]["values"] if "values" in params[k] else [params[k]["value"]] for k in keys]
+    grid = pin_overridden({k: params[k]["values"] if "values" in params[k] else [params[k]["value"]] for k in keys}, extra)
+    choices = [grid[k] for k in keys]
     specs = []
     for combo in itertools.product(*choices):
         values = dict(zip(keys, combo))

@@ -95,6 +95,8 @@ class BaseModule(pl.LightningModule):
             the step of divergence is exact whatever the value (it is tracked on device).
     """
 
+    _first_bad_step: Tensor  # a registered buffer: the first step whose loss was not finite (-1: none)
+
     net: nn.Module
 
     def __init__(

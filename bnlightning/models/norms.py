@@ -71,9 +71,8 @@ class NoisyBatchNorm(nn.Module):
     def sample_noise(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Draw this step's multiplicative ``s`` and additive ``m`` noise, shaped like ``x``."""
         c = x.shape[1]
-        kw = {"device": x.device, "dtype": x.dtype}
-        mu = (torch.rand(c, **kw) * 2 - 1) * self.n_mu
-        sigma = 1 + torch.rand(c, **kw) * (self.n_sigma - 1)
+        mu = (torch.rand(c, device=x.device, dtype=x.dtype) * 2 - 1) * self.n_mu
+        sigma = 1 + torch.rand(c, device=x.device, dtype=x.dtype) * (self.n_sigma - 1)
         m = _per_channel(mu, x) + (torch.rand_like(x) * 2 - 1) * self.r_mu
         s = _per_channel(sigma, x) + torch.randn_like(x) * self.r_sigma
         return s, m
@@ -111,6 +110,14 @@ class LpNorm(nn.Module):
         center_scale: take ``s_p`` of the centred (True) or uncentred (False) input.
         eps, momentum: as in BatchNorm.
     """
+
+    # registered buffers and parameters, typed for the checker (nn.Module.__getattr__ is untyped)
+    running_mean: Tensor
+    running_var: Tensor
+    running_scale: Tensor
+    num_batches_tracked: Tensor
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
 
     def __init__(
         self,
@@ -162,7 +169,7 @@ class LpNorm(nn.Module):
         else:
             mean, scale = self.running_mean, self.running_scale
         out = (y - _per_channel(mean, y)) / _per_channel(scale, y)
-        if self.weight is not None:
+        if self.weight is not None and self.bias is not None:
             out = out * _per_channel(self.weight, y) + _per_channel(self.bias, y)
         return out
 

@@ -377,6 +377,8 @@ def _over_depth(ax: Any, runs: Sequence[Run], metrics: Sequence[str], color: str
 
 def draw_claims(runs: Sequence[Run], out: Path, dpi: int = 90) -> list[Figure]:
     """The claims figures every family has data for."""
+    from bnlightning.report.gauges import draw_gauges  # it reads this module's helpers
+
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for family, family_runs in group_by(runs, "family").items():
@@ -384,7 +386,7 @@ def draw_claims(runs: Sequence[Run], out: Path, dpi: int = 90) -> list[Figure]:
             fig = draw(family, family_runs, out, dpi)
             if fig is not None:
                 written.append(fig)
-    return written
+    return written + draw_gauges(runs, out, dpi)
 
 
 def write_claims_markdown(runs: Sequence[Run], out: Path) -> Path:
@@ -397,6 +399,10 @@ def write_claims_markdown(runs: Sequence[Run], out: Path) -> Path:
             parts += [_meanshift_table(rs), ""]
         if any(n.startswith("resvar/") for r in rs for n in r.metrics):
             parts += [_residual_table(rs), ""]
+        if any(n.startswith(("gradact/", "efflr/")) for r in rs for n in r.metrics):
+            from bnlightning.report.gauges import gauges_table
+
+            parts += ["Stability gauges (PROTOCOL §12): medians over the measurements", "", gauges_table(rs), ""]
     path = out / "claims.md"
     path.write_text("\n".join(parts))
     return path

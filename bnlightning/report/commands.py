@@ -113,7 +113,19 @@ def wandb_report_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="build the spec offline and print it instead of saving")
     p.add_argument("--spec-out", default=None, help="with --dry-run: write the spec JSON to this file instead of stdout")
     p.add_argument("--draft", action="store_true", help="save as a draft")
+    p.add_argument("--runs", nargs="+", default=None, metavar="DIR", help="local run folders whose metrics.csv names the measured layers: one panel per group of layers (default: runs/ if present)")
     return p
+
+
+def _report_layers(runs: list[str] | None) -> dict[str, list[str]]:
+    """The measured layers named in local runs' logs (``--runs``, default ``runs/`` when it exists)."""
+    from bnlightning.report.wandb_report import layers_of_runs
+
+    folders = runs if runs is not None else [d for d in ("runs",) if Path(d).is_dir()]
+    missing = [d for d in folders if not Path(d).is_dir()]
+    if missing:
+        raise ValueError(f"--runs {missing[0]}: no such folder")
+    return layers_of_runs(folders)
 
 
 def wandb_report_main(argv: Sequence[str]) -> int:
@@ -127,8 +139,9 @@ def wandb_report_main(argv: Sequence[str]) -> int:
             raise ValueError(f"--title is {len(args.title)} characters; W&B allows at most 128")
         if args.spec_out and not args.dry_run:
             raise ValueError("--spec-out only goes with --dry-run")
+        layers = _report_layers(args.runs)
         if args.dry_run:
-            spec: dict[str, Any] = report_spec(args.entity, args.project, args.title, args.group)
+            spec: dict[str, Any] = report_spec(args.entity, args.project, args.title, args.group, layers)
             text = json.dumps(spec, indent=1)
             if args.spec_out:
                 Path(args.spec_out).write_text(text)
@@ -140,7 +153,7 @@ def wandb_report_main(argv: Sequence[str]) -> int:
 
         if not wandb_credentials_found():
             raise ValueError("saving a W&B report needs a W&B account: run `wandb login` (or set WANDB_API_KEY), or use --dry-run")
-        report = build_report(args.entity, args.project, args.title, args.group, link_runsets=True)
+        report = build_report(args.entity, args.project, args.title, args.group, link_runsets=True, layers=layers)
         try:
             report.save(draft=args.draft)
         except Exception as err:

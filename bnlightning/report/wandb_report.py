@@ -13,6 +13,10 @@ unlinked runsets and returns its JSON spec, so tests and ``--dry-run`` need no n
 
 from __future__ import annotations
 
+import csv
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import wandb_workspaces.reports.v2 as wr
@@ -38,58 +42,145 @@ def _runset(entity: str, project: str, name: str, group: str | None, link: bool)
     )
 
 
-def _line(title: str, y: list[str] | None = None, regex: str | None = None, log_y: bool = False) -> wr.LinePlot:
-    """A line plot over the trainer's step, aggregated over seeds (mean, min-max band)."""
+#: The x axis of every curve, and its title.
+STEP = "trainer/global_step"
+STEP_TITLE = "optimizer step"
+
+#: Layers per panel when a per-layer metric is split by layer (a panel per group of layers).
+LAYERS_PER_PANEL = 4
+
+#: Per-layer metric families: key prefix -> the part of the key after ``<prefix>/<layer>/`` (None:
+#: the key is ``<prefix>/<layer>``). Used to find layer names in logged keys and to build panels.
+LAYER_FAMILIES: dict[str, str | None] = {"ics/l2": None, "ics/cos": None, "ics/rel": None, "act": "q15", "meanshift": "cos", "resvar": "ratio"}
+
+
+def _line(title: str, y: list[Any] | None = None, regex: str | None = None, log_y: bool = False, y_title: str = "") -> wr.LinePlot:
+    """A line plot over the trainer's step, aggregated over seeds (mean, min-max band), axes titled."""
     return wr.LinePlot(
         title=title,
-        x="trainer/global_step",
+        x=STEP,
         y=y or [],
         metric_regex=regex,
         log_y=log_y or None,
+        title_x=STEP_TITLE,
+        title_y=y_title or title,
         groupby_aggfunc="mean",
         groupby_rangefunc="minmax",
         layout=wr.Layout(w=8, h=6),
     )
 
 
-def panel_sections() -> list[tuple[str, str, list[Any]]]:
-    """(heading, explanation, panels) for each section of the report."""
+def layer_groups(layers: Sequence[str], size: int = LAYERS_PER_PANEL) -> list[list[str]]:
+    """``layers`` in forward order, cut into groups of at most ``size`` (one panel each).
+
+    >>> layer_groups(["net.fc1", "net.fc2", "net.fc3"], size=2)
+    [['net.fc1', 'net.fc2'], ['net.fc3']]
+    """
+    if size < 1:
+        raise ValueError(f"layers per panel: got {size}; expected a positive integer")
+    return [list(layers[i : i + size]) for i in range(0, len(layers), size)]
+
+
+def layers_in(keys: Iterable[str]) -> dict[str, list[str]]:
+    """The layer names found in logged metric keys, per family of :data:`LAYER_FAMILIES`, in first-seen order.
+
+    >>> layers_in(["ics/l2/net.fc9", "ics/l2/net.fc17", "act/net.fc2/q15", "act/net.fc2/q50", "train/loss"])["ics/l2"]
+    ['net.fc9', 'net.fc17']
+    """
+    found: dict[str, list[str]] = {family: [] for family in LAYER_FAMILIES}
+    for key in keys:
+        for family, leaf in LAYER_FAMILIES.items():
+            rest = key[len(family) + 1 :] if key.startswith(family + "/") else None
+            if rest is None:
+                continue
+            layer = rest if leaf is None else (rest[: -len(leaf) - 1] if rest.endswith("/" + leaf) else None)
+            if layer and layer not in found[family]:
+                found[family].append(layer)
+    return found
+
+
+def _per_layer(title: str, family: str, pattern: str, layers: Sequence[str] | None, log_y: bool, y_title: str) -> list[wr.LinePlot]:
+    """One panel per group of layers (``<family>/<layer>`` keys), or one regex panel over all layers when none are known.
+
+    ``pattern`` is the key after ``<family>/<layer>``: ``""`` or e.g. ``"/q(15|50|85)"``.
+    """
+    if not layers:
+        return [_line(title, regex=f"{re.escape(family)}/.*{pattern}", log_y=log_y, y_title=y_title)]
+    panels = []
+    for group in layer_groups(layers):
+        names = "|".join(re.escape(layer) for layer in group)
+        span = group[0] if len(group) == 1 else f"{group[0]} … {group[-1]}"
+        panels.append(_line(f"{title}: {span}", regex=f"{re.escape(family)}/({names}){pattern}$", log_y=log_y, y_title=y_title))
+    return panels
+
+
+def panel_sections(layers: Mapping[str, Sequence[str]] | None = None) -> list[tuple[str, str, list[Any]]]:
+    """(heading, explanation, panels) for each section of the report.
+
+    Args:
+        layers: layer names per family of :data:`LAYER_FAMILIES` (see :func:`layers_in`); a family
+            with layers gets one panel per group of :data:`LAYERS_PER_PANEL` layers, one without a
+            single panel matching every layer.
+    """
+    known = dict(layers or {})
     return [
         (
             "Training curves",
             "Train/validation accuracy and loss per normalization and learning rate (Santurkar et al. Fig. 1-2).",
             [
-                _line("train accuracy", ["train/acc"]),
-                _line("validation accuracy", ["val/acc"]),
-                _line("train loss", ["train/loss"], log_y=True),
-                wr.BarPlot(title="diverged at step (runs that diverged)", metrics=["diverged_at_step"], layout=wr.Layout(w=8, h=6)),
+                _line("train accuracy", ["train/acc"], y_title="accuracy (fraction)"),
+                _line("validation accuracy", ["val/acc"], y_title="accuracy (fraction)"),
+                _line("train loss", ["train/loss"], log_y=True, y_title="training loss (log)"),
+                wr.BarPlot(title="diverged at step (runs that diverged)", metrics=["diverged_at_step"], title_x="optimizer step of the first non-finite loss", layout=wr.Layout(w=8, h=6)),
             ],
         ),
         (
             "Internal covariate shift",
-            "||G - G'||_2, cos(G, G') and the relative change per layer (Def. 2.1, Fig. 3 and 5).",
+            "||G - G'||_2, cos(G, G') and the relative change per layer (Def. 2.1, Fig. 3 and 5), one panel per group of layers.",
             [
-                _line("ICS ||G - G'||_2", regex="ics/l2/.*", log_y=True),
-                _line("ICS cos(G, G')", regex="ics/cos/.*"),
-                _line("ICS ||G - G'|| / ||G||", regex="ics/rel/.*", log_y=True),
+                *_per_layer("ICS ||G - G'||_2", "ics/l2", "", known.get("ics/l2"), True, "||G - G'||_2 (log)"),
+                *_per_layer("ICS cos(G, G')", "ics/cos", "", known.get("ics/cos"), False, "cos(G, G') (1 = no shift)"),
+                *_per_layer("ICS ||G - G'|| / ||G||", "ics/rel", "", known.get("ics/rel"), True, "||G - G'|| / ||G|| (log)"),
             ],
         ),
         (
             "Loss landscape",
             "Loss along the gradient (min and max over step sizes), gradient predictiveness and effective beta-smoothness (Fig. 4).",
             [
-                _line("loss landscape (min, max)", ["landscape/loss_min", "landscape/loss_max"], log_y=True),
-                _line("gradient predictiveness", ["landscape/grad_l2_max"], log_y=True),
-                _line("effective beta-smoothness", ["landscape/beta_eff"], log_y=True),
+                _line("loss landscape (min, max)", ["landscape/loss_min", "landscape/loss_max"], log_y=True, y_title="loss along -g (log)"),
+                _line("gradient predictiveness", ["landscape/grad_l2_max"], log_y=True, y_title="max_s ||g - g(w - s g)||_2 (log)"),
+                _line("effective beta-smoothness", ["landscape/beta_eff"], log_y=True, y_title="beta_eff (log)"),
             ],
         ),
         (
             "Activations",
-            "Quantiles 15/50/85 % of pre-activations per layer (Ioffe & Szegedy Fig. 1) and the saturated share.",
+            "Quantiles 15/50/85 % of pre-activations per layer (Ioffe & Szegedy Fig. 1), one panel per group of layers, and the saturated share.",
             [
-                _line("activation quantiles", regex="act/.*/q(15|50|85)"),
-                _line("saturated / dead units", regex="act/.*/(saturated|dead)"),
+                *_per_layer("activation quantiles", "act", "/q(15|50|85)", known.get("act"), False, "pre-activation quantile"),
+                _line("saturated / dead units", regex="act/.*/(saturated|dead)", y_title="share of units"),
             ],
+        ),
+        (
+            "Curvature (Hessian)",
+            "Top eigenvalues and trace of the training-loss Hessian on the measured batch, and lambda_max / (2(1+beta)/eta): 1 is the edge of stability (Cohen et al. 2021).",
+            [
+                _line("Hessian top eigenvalues", regex=r"hessian/(lambda_max|eig_\d+)", y_title="eigenvalue of H"),
+                _line("Hessian trace", ["hessian/trace"], y_title="tr(H) (Hutchinson)"),
+                _line("sharpness ratio", ["hessian/sharpness_ratio"], y_title="lambda_max / (2(1+beta)/eta)"),
+            ],
+        ),
+        (
+            "Mean shift",
+            "Mean pairwise cosine of examples' activations per layer (1 = every example looks alike) and the share of examples given the majority class.",
+            [
+                *_per_layer("mean shift cos", "meanshift", "/cos", known.get("meanshift"), False, "mean cos(A_a, A_b)"),
+                _line("majority-class share", ["meanshift/majority_share"], y_title="share of examples"),
+            ],
+        ),
+        (
+            "Residual branches",
+            "var(branch) / var(skip) per residual block (De & Smith 2020): below 1 the block is close to the identity.",
+            [*_per_layer("residual branch / skip variance", "resvar", "/ratio", known.get("resvar"), True, "var(branch) / var(skip) (log)")],
         ),
     ]
 
@@ -100,6 +191,7 @@ def build_report(
     title: str = "bnlightning: how does BatchNorm help optimization?",
     groups: list[str] | None = None,
     link_runsets: bool = True,
+    layers: Mapping[str, Sequence[str]] | None = None,
 ) -> wr.Report:
     """The report object; nothing is sent until ``.save()``.
 
@@ -111,25 +203,43 @@ def build_report(
             runsets; None shows every run of the project in one runset.
         link_runsets: give runsets the entity/project (required to save; triggers a
             server lookup when the spec is built).
+        layers: layer names per per-layer metric family (:func:`layers_in` of the logged keys,
+            e.g. from local runs with :func:`layers_of_runs`): one panel per group of layers.
     """
     if not entity or not project:
         raise ValueError("entity and project must both be non-empty")
-    names = groups or [None]
+    names: list[str | None] = list(groups) if groups else [None]
     blocks: list[Any] = [
         wr.P(
             "Runs grouped by normalization and learning rate; lines are means over seeds with a min-max band. "
             f"Group keys: {', '.join(GROUP_KEYS)}; data set: config {DATASET_KEY} (substitute data sets are labelled as such)."
         )
     ]
-    for heading, text, panels in panel_sections():
+    for heading, text, panels in panel_sections(layers):
         blocks += [wr.H2(heading), wr.P(text)]
         runsets = [_runset(entity, project, name or "all runs", name, link_runsets) for name in names]
         blocks.append(wr.PanelGrid(runsets=runsets, panels=panels))
     return wr.Report(entity=entity, project=project, title=title[:128], description="Generated by `python -m bnlightning wandb-report`.", blocks=blocks)
 
 
-def report_spec(entity: str, project: str, title: str = "bnlightning: how does BatchNorm help optimization?", groups: list[str] | None = None) -> dict[str, Any]:
+def report_spec(
+    entity: str,
+    project: str,
+    title: str = "bnlightning: how does BatchNorm help optimization?",
+    groups: list[str] | None = None,
+    layers: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, Any]:
     """The report's JSON spec built entirely offline (runsets left unlinked)."""
-    report = build_report(entity, project, title, groups, link_runsets=False)
+    report = build_report(entity, project, title, groups, link_runsets=False, layers=layers)
     spec = _private.report_viewspec(report)  # wandb-workspaces' own serialisation
     return {"entity": entity, "project": project, "title": report.title, "runsets_project": f"{entity}/{project}", "viewspec": spec}
+
+
+def layers_of_runs(folders: Sequence[str | Path]) -> dict[str, list[str]]:
+    """:func:`layers_in` of the metric names in every ``metrics.csv`` header under ``folders`` (local CSV logs)."""
+    keys: list[str] = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("metrics.csv")):
+            with path.open(newline="") as f:
+                keys += next(csv.reader(f), [])
+    return layers_in(keys)

@@ -7,6 +7,10 @@ eager and second-order frames, forward order, DDP reduction, memory),
 ``_batching.py`` (vmap or loop), ``_prefix.py`` (ICS's prefix engine), ``_updates.py`` (W^(t+1)
 without the real step).
 
+The Hessian-vector-product toolkit (PROTOCOL §9, torch only; docs/curvature.md) is public here
+too: ``make_hvp``, ``top_eigenvalues`` (thick-restart Lanczos, returns an ``EigenResult``) and
+``hutchinson_trace``, for curvature of any loss you write.
+
 Every function:
 
 - calls the loss with tensors of its own substituted for the module's parameters (float32;
@@ -28,6 +32,7 @@ and torchmetrics states restored). ``resolve_loss(module, loss_fn=..., loss_meth
 once; pass its result as ``loss_fn`` to any number of calls.
 """
 
+from bnlightning.callbacks._curvature import EigenResult, hutchinson_trace, make_hvp, top_eigenvalues
 from bnlightning.callbacks.functional._batching import MODES, check_chunk_size, check_memory_budget, check_mode
 from bnlightning.callbacks.functional._loss import LossFn, import_loss_fn, resolve_loss
 from bnlightning.callbacks.functional._model import WEIGHT_LAYER_TYPES, exact_float32, resolve_layers, weight_layer_names
@@ -43,6 +48,7 @@ __all__ = [
     "MODES",
     "WEIGHT_LAYER_TYPES",
     "LossFn",
+    "EigenResult",
     "StepGradient",
     "activation_kind",
     "activation_stats",
@@ -53,14 +59,17 @@ __all__ = [
     "check_optimizer",
     "check_step_sizes",
     "exact_float32",
+    "hutchinson_trace",
     "import_loss_fn",
     "internal_covariate_shift",
     "loss_landscape",
+    "make_hvp",
     "measurement_forward",
     "optimizer_update",
     "resolve_layers",
     "resolve_loss",
     "sgd_update",
     "step_gradient",
+    "top_eigenvalues",
     "weight_layer_names",
 ]

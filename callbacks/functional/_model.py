@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -78,6 +79,15 @@ def exact_float32(device_type: str = "cpu") -> Iterator[None]:
         torch.set_float32_matmul_precision(prev[2])
         torch.backends.cuda.matmul.allow_tf32 = prev[0]
         torch.backends.cudnn.allow_tf32 = prev[1]
+
+
+_ORIG_MOD = re.compile(r"(?<![^./])_orig_mod\.")
+
+
+def metric_name(name: str) -> str:
+    """``name`` without the ``_orig_mod.`` segments that ``torch.compile`` inserts into module names
+    (``act/net._orig_mod.fc1/mean`` -> ``act/net.fc1/mean``)."""
+    return _ORIG_MOD.sub("", name)
 
 
 def to_float32(batch: Any) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -108,24 +108,42 @@ def measurement_forward(module: nn.Module, batch: Any, *, loss_fn: LossFn | None
 
 
 Tap = tuple[nn.Module, Literal["input", "output"]]
+Read = Callable[[str, Tensor], Any]
 
 
-def capture_forward(module: nn.Module, batch: Any, taps: Mapping[str, Tap], *, loss_fn: LossFn | None = None) -> dict[str, Tensor]:
-    """Run ``measurement_forward`` once and return what each tap saw: name -> the (first positional)
-    input or the output of its module, from the module's last call in that pass (tensors only).
+def _clone(name: str, x: Tensor) -> Tensor:
+    return x.detach().clone()
 
-    The hooks exist only for this one pass, so training's own forwards never run through them.
-    This is how ``ActivationStats``, ``MeanShift`` and ``ResidualVariance`` read their tensors.
+
+def capture_forward(
+    module: nn.Module,
+    batch: Any,
+    taps: Mapping[str, Tap],
+    *,
+    read: Read = _clone,
+    loss_fn: LossFn | None = None,
+) -> dict[str, Any]:
+    """Run ``measurement_forward`` once and return what each tap saw: name -> ``read(name, x)`` of the
+    (first positional) input or the output ``x`` of its module, from the module's last call in that
+    pass (tensors only).
+
+    ``read`` runs *inside* the hook, at the moment the tensor is produced: what it keeps must not be a
+    view of ``x``, because a later in-place operation (``nn.ReLU(inplace=True)`` after a norm,
+    ``out += identity`` after a residual branch) rewrites ``x`` before the pass ends. The default
+    keeps a copy; a callback that needs only a few statistics computes them in ``read`` and keeps
+    no activation at all. The hooks exist only for this one pass, so training's own forwards never
+    run through them. This is how ``ActivationStats``, ``MeanShift`` and ``ResidualVariance`` read
+    their tensors.
     """
-    captured: dict[str, Tensor] = {}
+    captured: dict[str, Any] = {}
 
     def hook(name: str, read_input: bool) -> Any:
-        def read(_m: nn.Module, args: tuple[Any, ...], output: Any = None) -> None:
+        def take(_m: nn.Module, args: tuple[Any, ...], output: Any = None) -> None:
             x = (args[0] if args else None) if read_input else output
             if isinstance(x, Tensor):
-                captured[name] = x.detach()
+                captured[name] = read(name, x.detach())
 
-        return (lambda m, args: read(m, args)) if read_input else read
+        return (lambda m, args: take(m, args)) if read_input else take
 
     handles = [m.register_forward_pre_hook(hook(name, True)) if where == "input" else m.register_forward_hook(hook(name, False)) for name, (m, where) in taps.items()]
     try:

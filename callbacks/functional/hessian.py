@@ -8,14 +8,18 @@ mode, running statistics untouched), the same random draws in every pass, DDP me
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from bnlightning.callbacks._curvature import HVP_METHODS, hutchinson_trace, make_hvp, top_eigenvalues
-from bnlightning.callbacks.functional._model import LossFn, Model, Reduce, layer_param, reduce_dict, resolve_layers, to_float32
+from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._model import Model, Reduce, layer_param, reduce_dict, resolve_layers, to_float32
+
+__all__ = ["HessianOperator", "HessianResult", "edge_of_stability", "hessian_operator", "hessian_spectrum"]
 
 Vec = dict[str, Tensor]
 
@@ -25,13 +29,89 @@ class HessianResult(NamedTuple):
 
     Attributes:
         metrics: ``hessian/lambda_max``, ``hessian/eig_<j>`` (j = 1..k, descending), ``hessian/iterations``
-            (HVPs of the eigen solver), ``hessian/converged`` (1 or 0), and with ``n_probes > 0``
+            (HVPs of the eigen solver), ``hessian/converged`` (1 or 0), ``hessian/hvps`` (all HVPs of the block), and with ``n_probes > 0``
             ``hessian/trace`` and ``hessian/trace_se``; per layer block the same under ``hessian/<layer>/``.
         eigenvectors: block name (``""`` for the whole network, else the layer) -> the top-k eigenvectors.
     """
 
     metrics: dict[str, Tensor]
     eigenvectors: dict[str, list[Vec]]
+
+
+class HessianOperator:
+    """``v -> H v`` for H the Hessian of a module's training loss on one batch (see :func:`hessian_operator`).
+
+    Attributes:
+        point: parameter name -> its float32 value (the point at which H is taken; never written).
+        calls: the HVPs computed so far.
+    """
+
+    def __init__(self, hvp: Callable[[Vec], Vec], point: Vec, reduce: Reduce | None) -> None:
+        self._hvp, self.point, self._reduce, self.calls = hvp, point, reduce, 0
+
+    def __call__(self, v: Mapping[str, Tensor]) -> Vec:
+        """H v for ``v`` shaped like ``point`` (float32 tensors); under DDP the mean over ranks."""
+        self.calls += 1
+        hv = self._hvp({k: v[k] for k in self.point})
+        return reduce_dict(hv, self._reduce) if self._reduce is not None else hv
+
+
+@contextlib.contextmanager
+def hessian_operator(
+    module: nn.Module,
+    batch: Any,
+    names: Sequence[str] | None = None,
+    *,
+    method: str = "retained",
+    loss_fn: LossFn | None = None,
+    reduce: Reduce | None = None,
+    _model: Model | None = None,
+) -> Iterator[HessianOperator]:
+    """The Hessian of the training loss on ``batch`` as an operator ``v -> H v``, for the block of ``with``.
+
+    The loss is taken as every measurement takes it: float32 outside autocast, BatchNorm in training
+    mode on the batch's statistics with its running statistics untouched (each pass gets fresh clones
+    of the buffers, made inside the pass so that ``torch.func`` transforms may update them), the same
+    random draws in every pass (the RNG replayed), and nothing of the module written. Use the
+    operator only inside the ``with`` block (the retained graph and the RNG frame live there).
+
+    Args:
+        module: any module; ``loss_fn`` as in ``internal_covariate_shift``.
+        batch: the batch.
+        names: the parameters H is taken over (default: every trainable one): the block of H for them.
+        method: ``retained`` (default; one forward and backward here, then one backward per HVP),
+            ``double_backward`` or ``jvp`` (forward-over-reverse, no retained graph), see ``make_hvp``.
+        reduce: mean over ranks (DDP), applied to every product: H of the global-batch loss.
+
+    Example::
+
+        with hessian_operator(model, batch) as hvp:
+            v = {n: torch.randn_like(p) for n, p in hvp.point.items()}
+            curvature = sum((v[n] * hv).sum() for n, hv in hvp(v).items())  # vᵀ H v
+    """
+    if method not in HVP_METHODS:
+        raise ValueError(f"unknown hvp_method {method!r}; accepted: {', '.join(HVP_METHODS)}")
+    model = _model if _model is not None else Model(module, loss_fn)
+    names = list(model.trainable) if names is None else list(names)
+    batch = to_float32(batch)
+    with model.session(second_order=True) as rng:
+        buffers = model.fresh_buffers()
+
+        def loss_of(p: Vec) -> Tensor:
+            rng.restore()  # the same random draws in every pass
+            fresh = {n: b.clone() for n, b in buffers.items()}  # made inside the pass: a transform may update it
+            return model.loss({**model.values, **fresh, **p}, batch)
+
+        point = {n: model.values[n] for n in names}
+        op = HessianOperator(make_hvp(loss_of, point, method), point, reduce)  # type: ignore[arg-type]
+        try:
+            yield op
+        finally:
+            op._hvp = _released
+
+
+def _released(v: Vec) -> Vec:
+    raise RuntimeError("this HessianOperator was used after its `with hessian_operator(...)` block ended")
 
 
 def hessian_spectrum(
@@ -83,26 +163,17 @@ def hessian_spectrum(
     blocks: dict[str, list[str]] = {"": list(model.trainable)} if whole else {}
     for layer in resolve_layers(module, list(layers)) if layers else []:
         blocks[layer] = [layer_param(module, layer, model)]
-    batch = to_float32(batch)
-    vec_reduce = (lambda v: reduce_dict(v, reduce)) if reduce is not None else None
     metrics: dict[str, Tensor] = {}
     vectors: dict[str, list[Vec]] = {}
-    with model.session(second_order=True) as rng:
-        for block, names in blocks.items():
-            buffers = model.fresh_buffers()
-
-            def loss_of(p: Vec, _buffers: dict[str, Tensor] = buffers) -> Tensor:
-                rng.restore()  # the same random draws in every pass
-                return model.loss({**model.values, **_buffers, **p}, batch)
-
-            point = {n: model.values[n] for n in names}
-            hvp = make_hvp(loss_of, point, hvp_method)  # type: ignore[arg-type]
+    for block, names in blocks.items():
+        with hessian_operator(module, batch, names, method=hvp_method, loss_fn=loss_fn, reduce=reduce, _model=model) as hvp:
+            point = hvp.point
             # a CPU generator: the same seed gives the same start and probes on every device (CPU, any GPU)
             gen = torch.Generator().manual_seed(seed)
             start = (v0 or {}).get(block)
             if start and not all(set(v) == set(point) and all(v[n].shape == point[n].shape for n in point) for v in start):
                 start = None  # the parameters changed shape or set: start cold
-            eig = top_eigenvalues(hvp, point, k, tol=tol, max_iter=max_iter, v0=start, generator=gen, reduce=vec_reduce, max_basis=max_basis)
+            eig = top_eigenvalues(hvp, point, k, tol=tol, max_iter=max_iter, v0=start, generator=gen, max_basis=max_basis)
             prefix = "hessian/" if not block else f"hessian/{block}/"
             values = eig.eigenvalues.to(torch.float32)
             metrics[f"{prefix}lambda_max"] = values[0]
@@ -111,11 +182,11 @@ def hessian_spectrum(
             metrics[f"{prefix}iterations"] = torch.tensor(float(eig.iterations))
             metrics[f"{prefix}converged"] = torch.tensor(float(eig.converged))
             if n_probes:
-                trace, se = hutchinson_trace(hvp, point, n_probes, generator=gen, reduce=vec_reduce, deflate=eig.eigenvectors)
+                trace, se = hutchinson_trace(hvp, point, n_probes, generator=gen, deflate=eig.eigenvectors)
                 metrics[f"{prefix}trace"] = torch.tensor(trace, dtype=torch.float32)
                 metrics[f"{prefix}trace_se"] = torch.tensor(se, dtype=torch.float32)
+            metrics[f"{prefix}hvps"] = torch.tensor(float(hvp.calls))
             vectors[block] = eig.eigenvectors
-            del hvp
     return HessianResult(metrics, vectors)
 
 

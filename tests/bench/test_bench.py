@@ -175,3 +175,14 @@ def test_clocks_are_objects_passed_around_wall_vs_cpu() -> None:
     assert wall_s >= 0.2 and cpu_s < 0.1
     parser = _cli.bench_parser("x", None, {}, {})
     assert _timing.make_clock(parser, "cpu", cpu) == _timing.Clock(cpu, "cpu")
+
+
+def test_a_verdict_is_given_only_beyond_the_runs_noise() -> None:
+    """A timing within its noise of the target decides nothing (no "MISSED" from a busy machine)."""
+    import doctest
+
+    assert doctest.testmod(_timing, verbose=False).failed == 0
+    assert _timing.verdict(0.949, 0.95, 0.02).startswith("within noise")
+    assert _timing.verdict(0.90, 0.95, 0.02) == "missed" and _timing.verdict(1.0, 0.95, 0.02) == "met"
+    assert _timing.verdict(10.4, 10.0, 1.0, higher_is_better=False).startswith("within noise")
+    assert _timing.verdict(12.0, 10.0, 1.0, higher_is_better=False) == "missed"

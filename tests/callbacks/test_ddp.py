@@ -52,10 +52,14 @@ SCRIPT = textwrap.dedent(
         data = DataLoader(TensorDataset(x[shard], y[shard]), batch_size=n)
         cbs = [InternalCovariateShift(every_n_steps=2), LossLandscape(every_n_steps=2), ActivationStats(every_n_steps=2),
                HessianSpectrum(k=2, every_n_steps=2, n_probes=4, tol=1e-4)]
+        if len(sys.argv) > 4:  # budgeted: rank 1's clock stands still, so alone it would never measure a second time
+            cbs = [cls(every_n_steps=1, max_overhead=0.9) for cls in (InternalCovariateShift, LossLandscape, ActivationStats)]
+            for cb in cbs:
+                cb.clock = (lambda: 0.0) if rank == 1 else time.process_time
         steps, rec = Steps(cbs), Recorder()
         kw = dict(strategy="ddp", devices=world) if world > 1 else dict(devices=1)
         trainer = pl.Trainer(
-            max_steps=4, accelerator="cpu", callbacks=[*cbs, steps], logger=rec, log_every_n_steps=1,
+            max_steps=4 if len(sys.argv) <= 4 else 8, accelerator="cpu", callbacks=[*cbs, steps], logger=rec, log_every_n_steps=1,
             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False, **kw,
         )
         reduce_s, calls = [0.0], [0]
@@ -77,11 +81,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(tmp_path: Path, world: int, norm: str) -> list[dict]:
+def _run(tmp_path: Path, world: int, norm: str, *extra: str) -> list[dict]:
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(world), norm], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(world), norm, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((tmp_path / f"w{world}-{norm}-rank{r}.json").read_text()) for r in range(world)]
 
@@ -108,3 +112,12 @@ def test_ddp_two_processes_log_the_global_batch_numbers(tmp_path: Path, norm: st
         # numbers are those of the averaged per-shard losses, not of one batch of 8: they differ
         diffs = [abs(two[0]["logged"][s][k] - w) / (abs(w) + 1e-12) for s, m in one["logged"].items() for k, w in m.items()]
         assert max(diffs) > 1e-4
+
+
+def test_ddp_budgeted_callbacks_measure_on_the_same_steps_on_every_rank(tmp_path: Path) -> None:
+    """max_overhead: rank zero decides and every rank follows, whatever its own clock says."""
+    two = _run(tmp_path, 2, "batch", "budget")
+    assert two[0]["seen"] == two[1]["seen"]  # the same decisions on both ranks (a differing one would hang)
+    assert two[0]["last"] == two[1]["last"]
+    counts = two[0]["seen"][-1][1]
+    assert min(counts) >= 1 and max(counts) >= 2  # rank 1, whose clock stands still, followed rank 0 past the first

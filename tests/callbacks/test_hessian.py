@@ -34,6 +34,8 @@ class Tiny(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer == "adam":
             return torch.optim.Adam(self.parameters(), lr=1e-2)
+        if self.optimizer == "adagrad":  # no preconditioned stability limit defined: sharpness_ratio is NaN
+            return torch.optim.Adagrad(self.parameters(), lr=1e-2)
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.5 if self.optimizer == "momentum" else 0.0)
 
 
@@ -128,9 +130,9 @@ def test_callback_is_side_effect_free_and_logs_the_sharpness_ratio(optimizer: st
         assert math.isfinite(values["hessian/trace"]) and values["hessian/trace_se"] >= 0
 
 
-def test_ratio_is_nan_with_a_warning_for_adam_and_arguments_are_checked() -> None:
-    with pytest.warns(UserWarning, match="sharpness_ratio is defined for SGD"):
-        rec = _train(Tiny("adam"), [HessianSpectrum(every_n_steps=4, n_probes=0)])
+def test_ratio_is_nan_with_a_warning_for_adagrad_and_arguments_are_checked() -> None:
+    with pytest.warns(UserWarning, match="sharpness_ratio is logged as NaN: the ratio is defined for SGD .* the optimizer is Adagrad"):
+        rec = _train(Tiny("adagrad"), [HessianSpectrum(every_n_steps=4, n_probes=0)])
     assert math.isnan(rec.logged[3]["hessian/sharpness_ratio"]) and "hessian/trace" not in rec.logged[3]
     for bad in ({"k": 0}, {"tol": -1.0}, {"max_iter": 0}, {"n_probes": -2}, {"hvp_method": "fast"}, {"max_basis": 1}):
         with pytest.raises(ValueError):
@@ -166,3 +168,43 @@ def test_paper_scale_curvature_config_parses_and_starts(in_tmp: Any, fake_cifar1
     )
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, HessianSpectrum)]
     assert cli.trainer.global_step == 2 and cb.measurements == 1 and cb.k == 2
+
+
+def test_jvp_hvp_trains_a_batchnorm_model_and_gives_the_retained_numbers() -> None:
+    """Forward-over-reverse used to crash on BatchNorm in training mode (its running-stat update ran on a
+    tensor captured by the transform); it must give the numbers of the default method."""
+    kw = {"k": 2, "every_n_steps": 2, "n_probes": 3, "tol": 1e-5, "max_iter": 200}
+    torch.manual_seed(0)
+    base = Tiny()
+    jvp = _train(copy.deepcopy(base), [HessianSpectrum(hvp_method="jvp", **kw)])
+    retained = _train(copy.deepcopy(base), [HessianSpectrum(**kw)])
+    assert sorted(jvp.logged) == sorted(retained.logged) == [1, 3]
+    for step, values in retained.logged.items():
+        for key in ("hessian/eig_1", "hessian/eig_2", "hessian/trace"):
+            assert jvp.logged[step][key] == pytest.approx(values[key], rel=1e-4, abs=1e-6), (step, key)
+
+
+@pytest.mark.parametrize("method", ["retained", "jvp"])
+def test_hessian_operator_is_the_full_hessian_times_v_and_leaves_the_module_alone(method: str) -> None:
+    from bnlightning.callbacks.functional.hessian import hessian_operator
+
+    torch.manual_seed(0)
+    model = Tiny().train()
+    batch = _batch()
+    names = [n for n, _ in model.named_parameters()]
+    H = full_hessian(model, batch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(2)
+    with hessian_operator(model, batch, method=method) as hvp:
+        assert list(hvp.point) == names
+        for _ in range(2):
+            v = {n: torch.randn(p.shape, generator=g) for n, p in hvp.point.items()}
+            hv = hvp(v)
+            got = torch.cat([hv[n].flatten() for n in names])
+            want = H @ torch.cat([v[n].flatten() for n in names])
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+        assert hvp.calls == 2
+    for k, t in model.state_dict().items():
+        assert torch.equal(t, before[k]), k  # running statistics and weights untouched
+    with pytest.raises(RuntimeError, match="after its `with hessian_operator"):
+        hvp(v)

@@ -297,6 +297,8 @@ CALLBACK_BAD_INPUT = [
         r"^error: .*'net\.fc99'.*net\.fc1",
     ),
     (["--trainer.callbacks.every_n_steps", "0"], r"^error: .*every_n_steps.*>= 1, got 0"),
+    (["--trainer.callbacks.max_overhead", "1.5"], r"^error: .*max_overhead must be None or a number in \(0, 1\).*got 1\.5"),
+    (["--trainer.callbacks.schedule", "cosine"], r"^error: .*unknown schedule 'cosine'; accepted: fixed, log"),
 ]
 
 
@@ -444,27 +446,29 @@ def test_kill_before_first_checkpoint_is_not_counted_as_a_seed(in_tmp: Path) -> 
 
 
 def test_failed_resume_touches_nothing(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Issue case 5: a resume that cannot work fails in one line before writing; a corrupt last
-    falls back to the newest intact checkpoint; old step checkpoints are pruned (keep_last)."""
+    """Issue case 5: a resume that cannot work fails in one line before writing; an unreadable
+    last.ckpt is passed over for the newest intact checkpoint; old step checkpoints are pruned (keep_last)."""
     common = ["fit", *_quick(in_tmp, "--trainer.max_steps", "12", "--checkpoint.every_n_train_steps", "3", *QUICK)]
-    main(common)
+    with pytest.raises(SystemExit):
+        main([*common, *_callback(in_tmp, "tests.helpers.faults.SignalAtStep", step=10)])
     run = in_tmp / "runs/quickstart/version_0"
     ckpts = run / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=0-step=12.ckpt", "epoch=0-step=9.ckpt", "last.ckpt"], "keep_last=2 by default"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=0-step=6.ckpt", "epoch=0-step=9.ckpt", "last.ckpt"], "keep_last=2 by default"
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     _assert_one_line_error(
-        [*common, "--model.init_args.width", "50", "--ckpt_path", "last"],
-        r"^error: .*last\.ckpt does not match this model: net\.[\w.]+ is \(100, 64\) in the checkpoint but \(50, 64\) in this model",
+        [*common, "--model.init_args.width", "50", "--ckpt_path", str(ckpts / "last.ckpt")],
+        r"^error: --ckpt_path .*last\.ckpt belongs to a run with other settings \(model\.init_args\.width: 100 there, 50 here\)",
         capsys,
     )
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before, "nothing written before the check"
     (ckpts / "last.ckpt").write_bytes(b"")
-    with pytest.warns(UserWarning, match=r"last\.ckpt cannot be resumed \(the file is empty \(0 bytes\)\); resuming from the newest intact checkpoint .*epoch=0-step=12\.ckpt"):
-        cli = main([*common, "--trainer.max_steps", "14", "--ckpt_path", "last"])
-    assert cli.trainer.global_step == 14
+    with pytest.warns(UserWarning, match=r"last\.ckpt cannot be resumed \(the file is empty \(0 bytes\)\); resuming from the newest intact checkpoint .*epoch=0-step=9\.ckpt"):
+        with pytest.raises(SystemExit):
+            main([*common, "--ckpt_path", str(ckpts / "last.ckpt"), *_callback(in_tmp, "tests.helpers.faults.SignalAtStep", step=11)])
+    assert _state(run)["step"] == 11
     for p in ckpts.iterdir():
         p.write_bytes(p.read_bytes()[:1000])  # truncated, every one of them
-    _assert_one_line_error([*common, "--ckpt_path", "last"], r"^error: cannot resume from .*last\.ckpt: not a readable checkpoint \(it cannot be read .*no intact checkpoint", capsys)
+    _assert_one_line_error([*common, "--ckpt_path", "last"], r"^error: cannot resume .*version_0: none of its checkpoints is readable", capsys)
     _assert_one_line_error([*common, "--checkpoint.keep_last", "0"], r"^error: .*keep_last must be >= 1 \(or -1 .*\), got 0", capsys)
 
 
@@ -545,4 +549,8 @@ def test_nan_in_data_is_named_and_a_diverged_run_does_not_resume(in_tmp: Path, c
     assert cli.model.diverged_at_step == 0
     run = in_tmp / "runs/quickstart/version_0"
     assert _state(run)["status"] == "diverged"
-    _assert_one_line_error([*common, "--ckpt_path", "last"], r"^error: .*last\.ckpt: this run diverged at step 0 \(non-finite loss\); resuming would train on NaN", capsys)
+    finished = r"^error: --ckpt_path .*last\.ckpt: its run .*version_0 already diverged; a finished run is never reopened"
+    _assert_one_line_error([*common, "--ckpt_path", str(run / "checkpoints/last.ckpt")], finished, capsys)
+    loose = in_tmp / "diverged.ckpt"
+    loose.write_bytes((run / "checkpoints/last.ckpt").read_bytes())
+    _assert_one_line_error([*common, "--ckpt_path", str(loose)], r"^error: .*diverged\.ckpt: this run diverged at step 0 \(non-finite loss\); resuming would train on NaN", capsys)

@@ -7,20 +7,16 @@ global RNG), on both paths, for every split.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch.utilities.rank_zero import LightningDeprecationWarning
 from torch.utils.data import DataLoader, TensorDataset
 
-import bnlightning.data as data
-from bnlightning.data import CIFAR10DataModule, DigitsDataModule, LinearRegressionDataModule, TensorLoader, _renamed
+from bnlightning.data import CIFAR10DataModule, DigitsDataModule, LinearRegressionDataModule, TensorLoader
 from bnlightning.data.fake import make_fake_cifar10
-from tests.helpers import CONFIGS, QUICK
 
 
 def _batches(loader: Iterable, epochs: int = 2) -> list[list[torch.Tensor]]:
@@ -104,52 +100,3 @@ def test_factory_sets_up_on_first_use_and_refuses_an_unknown_split() -> None:
     assert len(dm.val_dataloader()) == 1 and dm.on_device is True  # setup ran on demand
     with pytest.raises(ValueError, match="unknown split 'training'; accepted: train, val, test"):
         dm._dataloader("training")
-
-
-# ---- the old names -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Forget which old names already warned in this process (they warn once per process)."""
-    monkeypatch.setattr(_renamed, "_warned", set())
-
-
-def _deprecations(action: Callable[[], Any]) -> tuple[Any, list[str]]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = action()
-    return result, [str(w.message) for w in caught if issubclass(w.category, LightningDeprecationWarning)]
-
-
-@pytest.mark.parametrize(("old", "new"), [("CIFAR10", CIFAR10DataModule), ("Digits", DigitsDataModule), ("LinearRegression", LinearRegressionDataModule)])
-def test_old_names_are_the_new_classes_and_warn_once(fresh_warnings: None, old: str, new: type) -> None:
-    cls, messages = _deprecations(lambda: getattr(data, old))
-    assert cls is new
-    assert messages == [f"bnlightning.data.{old} is renamed bnlightning.data.{new.__name__}; the old name will be removed (in YAML: class_path: bnlightning.data.{new.__name__})"]
-    # once per process, from the package or from the module that defined it
-    module = {"CIFAR10": "cifar10", "Digits": "digits", "LinearRegression": "linear"}[old]
-    again, messages = _deprecations(lambda: getattr(__import__(f"bnlightning.data.{module}", fromlist=[old]), old))
-    assert again is new and messages == []
-
-
-def test_other_missing_names_still_raise_attribute_error() -> None:
-    with pytest.raises(AttributeError, match="module 'bnlightning.data' has no attribute 'Cifar10'"):
-        data.Cifar10  # noqa: B018
-    with pytest.raises(AttributeError, match="has no attribute 'Digits'"):
-        from bnlightning.data import linear
-
-        linear.Digits  # noqa: B018  # a submodule answers only its own old name
-    assert "CIFAR10" not in data.__all__
-
-
-def test_a_yaml_with_an_old_class_path_still_trains(in_tmp: Path, fresh_warnings: None) -> None:
-    from bnlightning.cli import main
-
-    old = in_tmp / "old.yaml"
-    old.write_text("data:\n  class_path: bnlightning.data.Digits\n  init_args: {batch_size: 32}\n")
-    args = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(old), "--trainer.max_steps", "3", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", *QUICK]
-    cli, messages = _deprecations(lambda: main(args))
-    assert type(cli.datamodule) is DigitsDataModule and cli.datamodule.hparams.batch_size == 32
-    assert cli.trainer.global_step == 3
-    assert len(messages) == 1 and "bnlightning.data.DigitsDataModule" in messages[0]

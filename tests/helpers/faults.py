@@ -64,3 +64,30 @@ class PoisonedDigits(DigitsDataModule):
         train_x = train_x.clone()
         train_x[:, 0] = float("nan")
         return train_x, train_y, val_x, val_y
+
+
+class SignalInValidation(pl.Callback):
+    """Send ``signum`` (default SIGTERM) during the validation that runs after optimizer step
+    ``step``, at the end of its validation batch ``batch_idx`` (the end-of-epoch validation
+    when ``step`` is a multiple of the epoch length)."""
+
+    def __init__(self, step: int, batch_idx: int = 0, signum: int = int(signal.SIGTERM)) -> None:
+        self.step = step
+        self.batch_idx = batch_idx
+        self.signum = signum
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking and trainer.global_step == self.step and batch_idx == self.batch_idx:
+            os.kill(os.getpid(), self.signum)
+
+
+class SignalAfterTraining(pl.Callback):
+    """Send SIGTERM once training has ended and the run has recorded it (``on_fit_end``),
+    as a scheduler's signal landing during the loggers' final flush would, then keep
+    flushing a moment."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)

@@ -1,0 +1,403 @@
+"""Stability gauges during training (PROTOCOL §12): thin callbacks over ``functional/gauges.py`` and ``functional/sld.py``.
+
+- ``GradientCurvature``: gᵀHg/‖g‖², uᵀHu/‖u‖² along the real step, predicted vs actual loss change.
+- ``ActivationGradients``: ‖∂L/∂y‖ per normalization layer output, with Thm 4.1's γ, σ and bound.
+- ``EffectiveLearningRate``: ‖W‖, η/‖W‖², ∠(W^t, W^{t+1}) of the scale-invariant weights.
+- ``SpectralDensity``: the Hessian's eigenvalue density by stochastic Lanczos quadrature, BN in
+  training mode and on its running statistics.
+
+The preconditioned sharpness of adaptive optimizers is logged by ``HessianSpectrum``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from bnlightning.callbacks._curvature import HVP_METHODS
+from bnlightning.callbacks.activations import module_layers
+from bnlightning.callbacks.base import MeasurementCallback, StepKey
+from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._model import resolve_layers, weight_layer_names
+from bnlightning.callbacks.functional.gauges import activation_gradients, default_gradact_layers, effective_lr, gradient_curvature, group_lrs, scale_invariant_layers
+from bnlightning.callbacks.functional.hessian import edge_of_stability
+from bnlightning.callbacks.functional.sld import NORM_MODES, spectral_density
+from bnlightning.callbacks.guard import observer_guard
+
+__all__ = ["ActivationGradients", "EffectiveLearningRate", "GradientCurvature", "SpectralDensity"]
+
+
+@dataclass
+class _Pending:
+    """A measurement started before the optimizer step, finished right after it."""
+
+    trainer: pl.Trainer
+    module: pl.LightningModule
+    optimizer: Any
+    batch: Any
+    weights: dict[str, Tensor]
+    key: StepKey
+    step: int
+
+
+class _AcrossTheStep(MeasurementCallback):
+    """A measurement that needs W^t and the W^{t+1} the trainer really applied (as ``InternalCovariateShift``).
+
+    ``on_before_optimizer_step`` keeps a copy of the weights ``kept_weights`` names; an optimizer
+    step post-hook then calls ``finish`` inside the observer guard, with the RNG at W^t's moment. A
+    step a GradScaler skips is not measured.
+    """
+
+    def __init__(self, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str | None, max_overhead: float | None, schedule: str) -> None:
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
+        self._hooks: list[RemovableHandle] = []
+        self._pending: _Pending | None = None
+
+    def kept_weights(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def finish(self, pending: _Pending) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._remove_hooks()
+        for opt in trainer.optimizers:
+            self._hooks.append(opt.register_step_post_hook(lambda *_: self._after_step()))
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+        self._pending = None
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._batch is None or not self.is_measurement_step(trainer.global_step):
+            return
+
+        def keep() -> dict[str, Tensor]:
+            with self.timed(trainer, trainer.global_step), observer_guard(pl_module, [optimizer]):
+                return self.kept_weights(pl_module)
+
+        weights = self.measure_or_stop(trainer, trainer.global_step, keep)
+        if weights is None:
+            self._batch = None
+            return
+        self._pending = _Pending(trainer, pl_module, optimizer, self._batch, weights, self.step_key(trainer, pl_module, self._batch), trainer.global_step)
+
+    def _after_step(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+
+        def guarded() -> dict[str, Tensor]:
+            with self.timed(pending.trainer, pending.step), observer_guard(pending.module, [pending.optimizer]):
+                pending.key.rng.restore()  # the random draws of W^t's moment (the guard rewinds afterwards)
+                return self.finish(pending)
+
+        metrics = self.measure_or_stop(pending.trainer, pending.step, guarded)
+        self._batch = None
+        if metrics is not None:
+            self.record(pending.trainer, metrics, step=pending.step)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._pending is not None and self._pending.step == trainer.global_step:
+            return  # accumulating: the optimizer steps after a later micro-batch
+        self._pending = None  # a step the GradScaler skipped (inf/NaN gradients): not measured
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def _check_hvp_method(hvp_method: str) -> None:
+    if hvp_method not in HVP_METHODS:
+        raise ValueError(f"unknown hvp_method {hvp_method!r}; accepted: {', '.join(HVP_METHODS)}")
+
+
+class GradientCurvature(_AcrossTheStep):
+    r"""Log the curvature along the gradient and along the real update, and the quadratic model's accuracy.
+
+    On the measured step's batch (the training loss, BN in training mode, the same random draws, float32,
+    DDP mean), with g and H at W^t and u = W^{t+1} − W^t the step the trainer really applied (any
+    optimizer, after accumulation, clipping and the all-reduce; read in an optimizer step post-hook):
+
+    Logged metrics:
+
+    - ``hessian/grad_curvature`` = gᵀHg/‖g‖² (Santurkar et al. Thm 4.2; "batch sharpness", Andreyev &
+      Beneventano 2024)
+    - ``hessian/update_curvature`` = uᵀHu/‖u‖²
+    - ``hessian/predicted_change`` = gᵀu + ½uᵀHu and ``hessian/actual_change`` = L(W^{t+1}) − L(W^t)
+    - ``hessian/grad_curvature_ratio``, ``hessian/update_curvature_ratio``: each curvature over 2(1+β)/η
+      for SGD with heavy-ball momentum β (1 = edge of stability); NaN for other optimizers
+
+    Cost per measurement: a copy of the parameters, one gradient pass, one HVP set-up, two HVPs, one forward.
+
+    Args:
+        every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
+        hvp_method: ``retained``, ``double_backward`` or ``jvp`` (see ``HessianSpectrum``).
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
+
+    Raises:
+        ValueError: a bad argument.
+        MisconfigurationException: at setup, manual optimization, an unsupported strategy, LBFGS.
+
+    Example::
+
+        trainer = Trainer(callbacks=[GradientCurvature(every_n_steps=50)])
+    """
+
+    metric_prefix = "gradcurv"  # its metrics are hessian/*; the budget logs gradcurv/cost_steps beside HessianSpectrum's
+
+    def __init__(
+        self, every_n_steps: int = 100, hvp_method: str = "retained", loss_fn: LossFn | str | None = None, loss_method: str | None = None, max_overhead: float | None = None, schedule: str = "fixed"
+    ) -> None:
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
+        _check_hvp_method(hvp_method)
+        self.hvp_method = hvp_method
+
+    @override
+    def kept_weights(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        return {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    @override
+    def finish(self, pending: _Pending) -> dict[str, Tensor]:
+        module = pending.module
+        out = gradient_curvature(
+            module,
+            pending.batch,
+            weights=pending.weights,
+            next_weights=dict(module.named_parameters()),
+            hvp_method=self.hvp_method,
+            loss_fn=self.measured_loss(module),
+            reduce=self.reduce(pending.trainer),
+        )
+        limit = edge_of_stability(pending.optimizer)
+        for kind in ("grad", "update"):
+            out[f"hessian/{kind}_curvature_ratio"] = out[f"hessian/{kind}_curvature"] / limit if limit else torch.tensor(float("nan"))
+        return out
+
+    @override
+    def charts(self) -> dict[str, list[str]]:
+        return {
+            "gradient_curvature": ["hessian/grad_curvature", "hessian/update_curvature"],
+            "loss_change": ["hessian/predicted_change", "hessian/actual_change"],
+        }
+
+
+class ActivationGradients(MeasurementCallback):
+    r"""Log ‖∂L/∂y‖ at each normalization layer's output (Santurkar et al. Thm 4.1), BN's γ and σ, and the bound.
+
+    One float32 forward and backward of the training loss on the measured step's batch at W^t (BN in
+    training mode, running statistics untouched, same random draws), with hooks on the chosen modules
+    for that pass only.
+
+    Logged metrics (``<layer>`` the module name relative to the LightningModule):
+
+    - ``gradact/<layer>/norm`` = ‖∂L/∂y‖₂ over the batch, y the layer's output
+    - BatchNorm layers also: ``gradact/<layer>/input_norm`` (‖∂L/∂x‖, x its input), ``gradact/<layer>/gamma``
+      (mean |γ_j|), ``gradact/<layer>/sigma`` (mean batch σ_j) and ``gradact/<layer>/bound`` (the
+      theorem's right-hand side for ‖∂L/∂x‖; see ``functional.gauges.activation_gradients``)
+
+    Args:
+        layers: module names (default: every normalization layer; in a network without one, every
+            Conv/Linear layer but the last, the positions a normalization layer would follow).
+        every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
+
+    Raises:
+        ValueError: bad arguments; at setup an unknown layer name (the valid ones are listed).
+
+    Example::
+
+        trainer = Trainer(callbacks=[ActivationGradients(every_n_steps=50)])
+    """
+
+    metric_prefix = "gradact"
+
+    def __init__(
+        self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str | None = None, max_overhead: float | None = None, schedule: str = "fixed"
+    ) -> None:
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
+        if layers is not None and (not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) and n for n in layers)):
+            raise ValueError(f"layers must be None (every normalization layer) or a non-empty list of module names, got {layers!r}")
+        self.layers = list(layers) if layers is not None else None
+        self._layers: list[str] = []
+
+    def _state_key_extra(self) -> dict[str, Any]:
+        return {"layers": self.layers}
+
+    @override
+    def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._layers = module_layers(pl_module, self.layers) if self.layers is not None else default_gradact_layers(pl_module)
+        if not self._layers:
+            raise ValueError(f"{type(pl_module).__name__} has no normalization, Conv or Linear layer; pass layers=")
+
+    @override
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
+        return activation_gradients(pl_module, batch, self._layers, loss_fn=self.measured_loss(pl_module), reduce=self.reduce(trainer))
+
+    @override
+    def charts(self) -> dict[str, list[str]]:
+        return {"activation_gradient_norm": [f"gradact/{n}/norm" for n in self._layers]}
+
+
+class EffectiveLearningRate(_AcrossTheStep):
+    r"""Log the norm, the effective learning rate and the angular step of scale-invariant weights.
+
+    A weight followed by BatchNorm is scale invariant: the loss depends on its direction only, so its
+    direction moves by an angle that grows like η/‖W‖² (van Laarhoven 2017; Hoffer et al. 2018; Arora et
+    al. 2019). Per layer, with W^t kept before the real optimizer step and W^{t+1} read right after it:
+
+    Logged metrics: ``efflr/<layer>/norm`` = ‖W^t‖₂, ``efflr/<layer>/lr`` = η/‖W^t‖² (η of the
+    weight's parameter group), ``efflr/<layer>/angle`` = ∠(W^t, W^{t+1}) in radians.
+
+    Args:
+        layers: Conv/Linear module names (default: the layers whose output feeds a normalization layer,
+            found on the first measured batch; in a network without one, every Conv/Linear layer but
+            the last, so that the same positions can be compared).
+        every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path, for the one forward that finds the
+            layers (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
+
+    Raises:
+        ValueError: bad arguments; at setup an unknown layer name (the valid ones are listed).
+
+    Example::
+
+        trainer = Trainer(callbacks=[EffectiveLearningRate(every_n_steps=10)])
+    """
+
+    metric_prefix = "efflr"
+
+    def __init__(
+        self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str | None = None, max_overhead: float | None = None, schedule: str = "fixed"
+    ) -> None:
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
+        if layers is not None and (not isinstance(layers, (list, tuple)) or not layers):
+            raise ValueError(f"layers must be None (the scale-invariant layers) or a non-empty list of module names, got {layers!r}")
+        self.layers = list(layers) if layers is not None else None
+        self._layers: list[str] = []
+
+    def _state_key_extra(self) -> dict[str, Any]:
+        return {"layers": self.layers}
+
+    @override
+    def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._layers = resolve_layers(pl_module, self.layers) if self.layers is not None else []
+
+    @override
+    def kept_weights(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        if not self._layers:
+            assert self._batch is not None
+            self._layers = scale_invariant_layers(pl_module, self._batch, loss_fn=self.measured_loss(pl_module)) or weight_layer_names(pl_module)[:-1]
+        return {n: pl_module.get_submodule(n).weight.detach().clone() for n in self._layers}
+
+    @override
+    def finish(self, pending: _Pending) -> dict[str, Tensor]:
+        after = {n: pending.module.get_submodule(n).weight for n in self._layers}
+        return effective_lr(pending.weights, after, group_lrs(pending.optimizer, pending.module, self._layers))
+
+    @override
+    def charts(self) -> dict[str, list[str]]:
+        return {f"efflr_{kind}": [f"efflr/{n}/{kind}" for n in self._layers] for kind in ("lr", "angle")}
+
+
+class SpectralDensity(MeasurementCallback):
+    r"""Log the Hessian's eigenvalue density by stochastic Lanczos quadrature (Ghorbani et al. 2019).
+
+    On the measured step's batch at W^t, over every trainable parameter, for each mode in ``norm_modes``:
+    ``train`` (BatchNorm on the batch's statistics, as training runs) and ``running`` (BatchNorm on its
+    running statistics, every other module as it is) -- Ghorbani et al. find large outlier eigenvalues
+    with population statistics that batch statistics remove.
+
+    Logged metrics, per mode ``<mode>``: ``sld/<mode>/node_<i>`` and ``sld/<mode>/weight_<i>``
+    (i = 0 .. n_starts·lanczos_steps − 1: every start's Ritz values and quadrature weights; the report
+    draws the smoothed density from them), ``sld/<mode>/lambda_max``, ``sld/<mode>/lambda_min`` (the
+    extreme Ritz values) and ``sld/<mode>/hvps`` (the cost: lanczos_steps · n_starts HVPs per mode).
+
+    Args:
+        lanczos_steps: m, Lanczos steps per start (>= 2).
+        n_starts: random starts (>= 1).
+        norm_modes: a non-empty subset of ``("train", "running")``.
+        every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
+        seed: seed of the start vectors (plus the step; the global RNG is never used).
+        hvp_method: ``retained``, ``double_backward`` or ``jvp``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
+
+    Raises:
+        ValueError: a bad argument.
+
+    Example::
+
+        trainer = Trainer(max_steps=1000, callbacks=[SpectralDensity(every_n_steps=1000, lanczos_steps=30)])
+    """
+
+    metric_prefix = "sld"
+
+    def __init__(
+        self,
+        lanczos_steps: int = 20,
+        n_starts: int = 2,
+        norm_modes: tuple[str, ...] | list[str] = NORM_MODES,
+        every_n_steps: int = 1000,
+        seed: int = 0,
+        hvp_method: str = "retained",
+        loss_fn: LossFn | str | None = None,
+        loss_method: str | None = None,
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
+    ) -> None:
+        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
+        if isinstance(lanczos_steps, bool) or not isinstance(lanczos_steps, int) or lanczos_steps < 2:
+            raise ValueError(f"lanczos_steps must be an integer >= 2, got {lanczos_steps!r}")
+        if isinstance(n_starts, bool) or not isinstance(n_starts, int) or n_starts < 1:
+            raise ValueError(f"n_starts must be an integer >= 1, got {n_starts!r}")
+        modes = list(norm_modes) if isinstance(norm_modes, (list, tuple)) else [norm_modes]
+        if not modes or any(m not in NORM_MODES for m in modes):
+            raise ValueError(f"norm_modes must be a non-empty list of {', '.join(NORM_MODES)}, got {norm_modes!r}")
+        _check_hvp_method(hvp_method)
+        self.lanczos_steps, self.n_starts, self.norm_modes = lanczos_steps, n_starts, tuple(dict.fromkeys(modes))
+        self.seed, self.hvp_method = seed, hvp_method
+
+    @override
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for mode in self.norm_modes:
+            res = spectral_density(
+                pl_module,
+                batch,
+                lanczos_steps=self.lanczos_steps,
+                n_starts=self.n_starts,
+                norm_mode=mode,
+                seed=self.seed + trainer.global_step,
+                hvp_method=self.hvp_method,
+                loss_fn=self.measured_loss(pl_module),
+                reduce=self.reduce(trainer),
+            )
+            for i, (node, weight) in enumerate(zip(res.nodes.flatten().tolist(), res.weights.flatten().tolist())):
+                out[f"sld/{mode}/node_{i}"] = torch.tensor(node, dtype=torch.float32)
+                out[f"sld/{mode}/weight_{i}"] = torch.tensor(weight, dtype=torch.float32)
+            live = res.nodes[res.weights > 0]
+            out[f"sld/{mode}/lambda_max"] = live.max().to(torch.float32)
+            out[f"sld/{mode}/lambda_min"] = live.min().to(torch.float32)
+            out[f"sld/{mode}/hvps"] = torch.tensor(float(res.hvps))
+        return out
