@@ -368,11 +368,16 @@ class MeasurementCallback(Callback):
             if peer is not self and peer._loss is not None and (peer.loss_fn, peer.loss_method) == (self.loss_fn, self.loss_method):
                 self._loss = peer._loss
                 return
-        with observer_guard(pl_module, trainer.optimizers):
-            try:
+        ledger = self.overhead_ledger
+        t0 = ledger.clock() if ledger is not None else 0.0
+        try:
+            with observer_guard(pl_module, trainer.optimizers):
                 self._loss, skipped = check_loss(pl_module, batch, self._losses)
-            except ValueError as err:
-                raise ValueError(f"{type(self).__name__}: {err}") from err.__cause__
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}: {err}") from err.__cause__
+        finally:
+            if ledger is not None:
+                ledger.exclude(ledger.clock() - t0)  # setup work: not training time for the budget
         log.info("%s measures %s%s", type(self).__name__, self._loss.name, f" ({'; '.join(skipped)})" if skipped else "")
 
     def measure_or_stop(self, trainer: pl.Trainer, step: int, measure: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor] | None:
