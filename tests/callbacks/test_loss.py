@@ -34,11 +34,13 @@ from torch.utils.data import DataLoader
 
 from bnlightning.callbacks import (
     ActivationStats,
+    GradientCurvature,
     HessianSpectrum,
     InternalCovariateShift,
     LossLandscape,
     MeanShift,
     ResidualVariance,
+    SpectralDensity,
     resolve_loss,
 )
 from bnlightning.callbacks.functional._loss import loss_candidates
@@ -230,6 +232,16 @@ def test_litgpt_style_training_step_with_attention() -> None:
         assert rec.logged[step]["hessian/lambda_max"] == pytest.approx(full_hessian_top_eigenvalue(net, batch), rel=1e-3)
 
 
+def test_gauges_differentiate_attention_twice_through_the_math_kernel() -> None:
+    g = torch.Generator().manual_seed(4)
+    tokens = [torch.randint(0, 7, (3, 6), generator=g) for _ in range(2)]
+    batches = [{"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()} for t in tokens]
+    curvature, density = GradientCurvature(every_n_steps=1), SpectralDensity(every_n_steps=1, lanczos_steps=3, n_starts=1, norm_modes=["train"])
+    _, rec = fit(LitLLM, batches, [curvature, density], steps=2)
+    assert curvature.failure is None and density.failure is None and curvature.measurements == density.measurements == 2
+    assert all(math.isfinite(rec.logged[s]["hessian/grad_curvature"]) and math.isfinite(rec.logged[s]["sld/train/lambda_max"]) for s in (0, 1))
+
+
 # --- Lightning's demo Transformer ----------------------------------------------------------------
 class DemoTransformer(LightningTransformer):
     """Lightning's demo module, its Transformer made small (as tests/helpers/zoo.py does) for CPU time."""
@@ -371,11 +383,14 @@ def test_a_failing_measurement_turns_its_callback_off_and_training_goes_on(monke
     batches = [{"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()} for t in tokens]
     plain, _ = fit(LitLLM, batches, [], steps=3)
     hessian, landscape = HessianSpectrum(every_n_steps=1, max_iter=5, n_probes=0), LossLandscape(every_n_steps=1)
+    curvature = GradientCurvature(every_n_steps=1)  # a gauge measured across the optimizer step
     with caplog.at_level(logging.WARNING, logger="bnlightning.callbacks"):
-        measured, rec = fit(LitLLM, batches, [hessian, landscape], steps=3)
-    assert hessian.failure is not None and hessian.failure.startswith("step 0: RuntimeError: derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward")
-    assert caplog.text.count("HessianSpectrum stopped measuring in this fit (training goes on)") == 1
-    assert hessian.measurements == 0 and landscape.measurements == 3
+        measured, rec = fit(LitLLM, batches, [hessian, landscape, curvature], steps=3)
+    for cb in (hessian, curvature):
+        assert cb.failure is not None and cb.failure.startswith("step 0: RuntimeError: derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+        assert caplog.text.count(f"{type(cb).__name__} stopped measuring in this fit (training goes on)") == 1
+        assert cb.measurements == 0
+    assert landscape.measurements == 3
     assert sorted(rec.logged) == [0, 1, 2] and not any(k.startswith("hessian/") for m in rec.logged.values() for k in m)
     for (n, a), (_, b) in zip(plain.state_dict().items(), measured.state_dict().items()):
         assert torch.equal(a, b), n
