@@ -1,8 +1,10 @@
 """Measurement callbacks for any Lightning module: ICS, loss landscape, activation statistics.
 
 Depends on torch and lightning only. No edit to the user's module is needed: the loss is
-``loss_fn(module, batch)`` when given (a callable, or an import path from YAML), else the module's
-``loss(batch)`` method (name configurable with ``loss_method=``), else its own ``training_step``.
+``loss_fn(module, batch)`` when given (a ``LossFn``, or an import path from YAML), else
+``module.<loss_method>(batch)`` when given, else the module's ``loss`` method if it takes one batch
+(an ``nn.Module`` attribute such as ``nn.CrossEntropyLoss()`` never counts), else its own
+``training_step``; resolved once at setup (``resolve_loss``) and checked on the first batch.
 
 Callbacks: ``InternalCovariateShift`` (PROTOCOL §1), ``LossLandscape`` (§2), ``ActivationStats``
 (§3), ``HessianSpectrum`` (§9); the stability gauges of §12: ``GradientCurvature``, ``ActivationGradients``,
@@ -15,11 +17,13 @@ Callbacks: ``InternalCovariateShift`` (PROTOCOL §1), ``LossLandscape`` (§2), `
 from bnlightning.callbacks.activations import ActivationStats
 from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional import (
+    LossFn,
     activation_stats,
     internal_covariate_shift,
     loss_landscape,
     measurement_forward,
     optimizer_update,
+    resolve_loss,
     sgd_update,
     step_gradient,
     weight_layer_names,
@@ -41,6 +45,7 @@ __all__ = [
     "GradientCurvature",
     "HessianSpectrum",
     "InternalCovariateShift",
+    "LossFn",
     "LossLandscape",
     "MeanShift",
     "MeasurementCallback",
@@ -61,6 +66,7 @@ __all__ = [
     "optimizer_update",
     "preconditioned_sharpness",
     "residual_variance",
+    "resolve_loss",
     "sgd_update",
     "spectral_density",
     "step_gradient",

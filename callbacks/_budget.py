@@ -94,6 +94,12 @@ class OverheadLedger:
     def end(self) -> None:
         self.start = None
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` out of the training time without charging anyone: setup work done on the
+        first batch (the measured loss's check), which is neither training nor a measurement."""
+        if self.start is not None:
+            self.start += seconds
+
     def training_time(self) -> float:
         if self.start is None:
             return 0.0

@@ -12,7 +12,8 @@ from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback, wandb_loggers
 from bnlightning.callbacks.functional import activation_kind, activation_stats, capture_forward
-from bnlightning.callbacks.functional._model import LossFn, metric_name
+from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._model import metric_name
 
 __all__ = ["ActivationStats", "default_activation_layers"]
 
@@ -56,7 +57,7 @@ class ModuleLayersCallback(MeasurementCallback):
     resolved against the module at setup into ``_layers``, and is part of the state key.
     """
 
-    def __init__(self, layers: list[str] | None, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str, max_overhead: float | None = None, schedule: str = "fixed") -> None:
+    def __init__(self, layers: list[str] | None, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str | None, max_overhead: float | None = None, schedule: str = "fixed") -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if layers is not None and not layers:
             raise ValueError("layers must be None (default layers) or a non-empty list of module names")
@@ -103,8 +104,9 @@ class ActivationStats(ModuleLayersCallback):
         saturation_threshold: ``|x|`` above which a tanh/sigmoid unit counts as saturated (> 0).
         histogram: also log a histogram to loggers that take one.
         histogram_bins: bins of that histogram (>= 2).
-        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
-        loss_method: the module's method ``(batch) -> scalar loss``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
         max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
             take: it then times them and skips scheduled steps to stay within it (shared fairly with the
             other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``act/cost_steps``.
@@ -135,7 +137,7 @@ class ActivationStats(ModuleLayersCallback):
         histogram: bool = True,
         histogram_bins: int = 64,
         loss_fn: LossFn | str | None = None,
-        loss_method: str = "loss",
+        loss_method: str | None = None,
         max_overhead: float | None = None,
         schedule: str = "fixed",
     ) -> None:
@@ -160,7 +162,7 @@ class ActivationStats(ModuleLayersCallback):
             stats = activation_stats(x, kinds[name] or "other", saturation_threshold=self.saturation_threshold)
             return stats, (_finite_values(x) if keep_values else None)
 
-        captured = capture_forward(pl_module, batch, taps, read=read, loss_fn=self.loss_fn, loss_method=self.loss_method)  # type: ignore[arg-type]
+        captured = capture_forward(pl_module, batch, taps, read=read, loss_fn=self.measured_loss(pl_module))  # type: ignore[arg-type]
         metrics = {f"act/{name}/{key}": value for name in self._layers if name in captured for key, value in captured[name][0].items()}
         if keep_values:
             self._log_histograms(trainer, {name: values for name, (_, values) in captured.items() if values is not None and values.numel()})

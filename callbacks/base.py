@@ -12,10 +12,22 @@ of the weights at step t run in ``on_before_optimizer_step`` (weights still W^t,
 ``InternalCovariateShift`` finishes right after the real optimizer step (see there). Everything runs
 inside ``observer_guard``.
 
-Loss. ``loss_fn(module, batch)`` if given (a callable, or an import path such as
-``"my_pkg.losses:lm_loss"`` from YAML), else ``module.<loss_method>(batch)`` (default ``loss``), else
-the module's own ``training_step(batch, batch_idx)`` with its ``self.log`` calls silenced and its
-torchmetrics states restored: no edit to the user's module is needed.
+Loss. Resolved once, at setup, from what the module's signatures say (``functional._loss``):
+``loss_fn(module, batch)`` if given (a callable, or an import path such as
+``"my_pkg.losses:lm_loss"`` from YAML), else ``module.<loss_method>(batch)`` if given, else the
+module's ``loss`` method when it takes one batch (an ``nn.Module`` attribute never counts), else its
+own ``training_step`` called with the arguments it accepts, with its ``self.log`` calls silenced and
+its torchmetrics states restored: no edit to the user's module is needed. On the first training
+batch the callback checks, inside the guard, that the loss gives a scalar depending on the trainable
+parameters (falling back from ``loss`` to ``training_step`` when only the latter does), so a wrong
+loss stops the fit before training goes on, in one line that says how to pass ``loss_fn``.
+
+Failures. A measurement that raises a ``RuntimeError`` (torch's error for what a kernel, the
+compiler or the device cannot do: no double backward, out of memory, ...) does not end the run:
+the callback logs one warning, keeps the reason in ``failure``, measures no more in this fit, and
+training goes on. Any other exception (a bad argument, a bug, ``ObserverEffectError``) propagates
+with its traceback, and so does every error under DDP with more than one process (a rank that
+carried on would wait forever in the measurement's collectives).
 
 Ranks. Under DDP every gradient and loss behind a measurement is averaged over ranks
 (``trainer.strategy.reduce``) before any norm or ratio, so every rank computes the same number and
@@ -42,6 +54,7 @@ it is dropped at the end of the step. No module-level state, no other callback's
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 import warnings
@@ -58,11 +71,14 @@ from torch import Tensor
 from typing_extensions import override
 
 from bnlightning.callbacks._budget import OverheadLedger, check_max_overhead, check_schedule, is_scheduled
-from bnlightning.callbacks.functional import StepGradient, check_optimizer, import_loss_fn, step_gradient
-from bnlightning.callbacks.functional._model import LossFn, Reduce, metric_name, resolve_loss
-from bnlightning.callbacks.guard import RngState, observer_guard
+from bnlightning.callbacks.functional import StepGradient, check_optimizer, step_gradient
+from bnlightning.callbacks.functional._loss import LossFn, ResolvedLoss, check_loss_fn, check_loss_method, loss_candidates
+from bnlightning.callbacks.functional._model import Reduce, can_run_eager, check_loss, metric_name
+from bnlightning.callbacks.guard import ObserverEffectError, RngState, observer_guard
 
 __all__ = ["GradientExchange", "MeasurementCallback", "StepKey"]
+
+log = logging.getLogger("bnlightning.callbacks")
 
 
 def _versions(tensors: Any) -> tuple[tuple[int, int], ...]:
@@ -163,15 +179,6 @@ def wandb_loggers(trainer: pl.Trainer) -> list[Any]:
     return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 
 
-def check_loss_fn(loss_fn: LossFn | str | None) -> LossFn | str | None:
-    """Validate early: a path must import (one clear line otherwise), anything else must be callable."""
-    if isinstance(loss_fn, str):
-        import_loss_fn(loss_fn)
-    elif loss_fn is not None and not callable(loss_fn):
-        raise ValueError(f"loss_fn must be a callable (module, batch) -> loss or an import path 'package.module:function', got {loss_fn!r}")
-    return loss_fn
-
-
 class MeasurementCallback(Callback):
     """Base class: schedule, batch stash, loss, guard, DDP mean, logging, counters and W&B charts.
 
@@ -181,8 +188,9 @@ class MeasurementCallback(Callback):
     Args:
         every_n_steps: measure every this many optimizer steps (>= 1).
         loss_fn: ``(module, batch) -> scalar loss``, or its import path ``"package.module:function"``.
-        loss_method: name of the module's ``(batch) -> loss`` method, used when ``loss_fn`` is not given;
-            without such a method the module's ``training_step`` is used.
+        loss_method: name of the module's ``(batch) -> loss`` method (``"training_step"`` for its
+            training step), used when ``loss_fn`` is not given. Default: the module's ``loss`` method
+            if it takes one batch, else its ``training_step``.
         max_overhead: ``None`` (measure on every step the schedule proposes) or a fraction in (0, 1): the
             callback times its measurements and skips proposed steps so that its measurement time stays
             within this fraction of the training time so far (shared fairly with the other budgeted
@@ -190,12 +198,18 @@ class MeasurementCallback(Callback):
         schedule: ``"fixed"`` (every ``every_n_steps`` steps) or ``"log"`` (about 10 steps per decade:
             1, 2, 3, 4, 6, 7, 8, 10, 13, 16, 20, ..., 100, 126, ...; ``every_n_steps`` is not used).
 
+    Attributes:
+        failure: why this callback stopped measuring in this fit (see Failures above), else ``None``.
+
     Raises:
-        ValueError: ``every_n_steps < 1``, an empty ``loss_method``, a ``loss_fn`` that does not import,
-            ``max_overhead`` not in (0, 1), an unknown ``schedule``.
+        ValueError: ``every_n_steps < 1``, a ``loss_method`` that is not a name, a ``loss_fn`` that does
+            not import or is an ``nn.Module``, ``max_overhead`` not in (0, 1), an unknown ``schedule``;
+            at setup a ``loss_method`` that takes no batch (the accepted names are listed); at the
+            first batch, no loss of that batch (one line).
         MisconfigurationException: at setup, manual optimization, a strategy other than single-device
             or DDP, or a closure optimizer (LBFGS).
-        AttributeError: at setup, no ``loss_fn``, no ``loss_method`` and no ``training_step``.
+        AttributeError: at setup, an unknown ``loss_method``, or no ``loss_fn``, no ``loss(batch)`` and
+            no ``training_step``.
     """
 
     #: Subclasses whose measurement starts with G at W^t set this (they share it on a step).
@@ -209,22 +223,24 @@ class MeasurementCallback(Callback):
         self,
         every_n_steps: int = 100,
         loss_fn: LossFn | str | None = None,
-        loss_method: str = "loss",
+        loss_method: str | None = None,
         max_overhead: float | None = None,
         schedule: str = "fixed",
     ) -> None:
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
-        if not isinstance(loss_method, str) or not loss_method:
-            raise ValueError(f"loss_method must be the name of a method of the LightningModule, got {loss_method!r}")
         self.every_n_steps = every_n_steps
         self.max_overhead = check_max_overhead(max_overhead)
         self.schedule = check_schedule(schedule)
         self.overhead_ledger: OverheadLedger | None = None
         self._decision: tuple[int, bool] = (-1, False)
-        self.loss_fn = check_loss_fn(loss_fn)
-        self.loss_method = loss_method
+        self.loss_fn = loss_fn  # as given (an import path stays a string, for hyper-parameters and YAML)
+        self.loss_method = check_loss_method(loss_method)
+        self._loss_fn = check_loss_fn(loss_fn)  # the callable, imported once
+        self._losses: list[ResolvedLoss] = []  # what the rule allows, resolved at setup
+        self._loss: ResolvedLoss | None = None  # the one measured, checked on the first batch
+        self.failure: str | None = None
         self.measurements = 0
         self.last_measured_step = -1
         self.history: dict[str, list[tuple[int, float]]] = {}
@@ -235,8 +251,9 @@ class MeasurementCallback(Callback):
 
     # --- schedule ---------------------------------------------------------------------
     def is_measurement_step(self, step: int) -> bool:
-        """Whether the schedule proposes ``step`` (the budget may still skip it: see ``decide``)."""
-        return is_scheduled(step, self.every_n_steps, self.schedule)
+        """Whether the schedule proposes ``step`` and the callback still measures (the budget may still
+        skip it: see ``decide``; a failure turns the callback off: see Failures above)."""
+        return self.failure is None and is_scheduled(step, self.every_n_steps, self.schedule)
 
     def decide(self, trainer: pl.Trainer) -> bool:
         """Whether to measure on this step: the schedule, then the budget; once per step, the same on every rank."""
@@ -307,11 +324,12 @@ class MeasurementCallback(Callback):
         strategy = trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise MisconfigurationException(f"{name} supports the single-device and DDP strategies (every rank holds all parameters); got {type(strategy).__name__}.")
-        resolve_loss(pl_module, self.loss_fn, self.loss_method)
-        if _is_compiled(pl_module):
+        self._losses = loss_candidates(pl_module, self._loss_fn, self.loss_method)
+        self._loss, self.failure = None, None
+        if _is_compiled(pl_module) and not can_run_eager():  # pragma: no cover - torch < 2.6
             warnings.warn(
-                f"{name}: the module (or a submodule) is torch.compile'd; measurement passes run compiled and may "
-                f"recompile (train-mode norms, hooks, vmap). Measure an uncompiled module for speed and exactness.",
+                f"{name}: the module (or a submodule) is torch.compile'd and this torch has no torch.compiler.set_stance; "
+                f"measurement passes run compiled and may recompile, and HessianSpectrum fails (no double backward).",
                 stacklevel=2,
             )
         self._peers = [cb for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)]
@@ -335,6 +353,48 @@ class MeasurementCallback(Callback):
                 except TypeError as err:
                     raise MisconfigurationException(f"{type(self).__name__}: {err}") from None
 
+    # --- the loss ---------------------------------------------------------------------------
+    def measured_loss(self, pl_module: pl.LightningModule) -> ResolvedLoss:
+        """The loss this callback measures: resolved at setup and checked on the first batch (called
+        outside a Trainer, the rule's first candidate for ``pl_module``)."""
+        if self._loss is None:
+            self._loss = (self._losses or loss_candidates(pl_module, self._loss_fn, self.loss_method))[0]
+        return self._loss
+
+    def _check_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """On the first batch of the fit: keep the first candidate that is a loss of it, or stop in one line.
+        A peer given the same ``loss_fn`` and ``loss_method`` has checked the same thing: its result is taken."""
+        for peer in self._peers:
+            if peer is not self and peer._loss is not None and (peer.loss_fn, peer.loss_method) == (self.loss_fn, self.loss_method):
+                self._loss = peer._loss
+                return
+        ledger = self.overhead_ledger
+        t0 = ledger.clock() if ledger is not None else 0.0
+        try:
+            with observer_guard(pl_module, trainer.optimizers):
+                self._loss, skipped = check_loss(pl_module, batch, self._losses)
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}: {err}") from err.__cause__
+        finally:
+            if ledger is not None:
+                ledger.exclude(ledger.clock() - t0)  # setup work: not training time for the budget
+        log.info("%s measures %s%s", type(self).__name__, self._loss.name, f" ({'; '.join(skipped)})" if skipped else "")
+
+    def measure_or_stop(self, trainer: pl.Trainer, step: int, measure: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor] | None:
+        """``measure()``, or ``None`` after a failure that turns this callback off (see Failures above)."""
+        try:
+            return measure()
+        except ObserverEffectError:
+            raise
+        except RuntimeError as err:
+            if trainer.world_size > 1:
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            self.failure = f"step {step}: {type(err).__name__}: {first}"
+            log.warning("%s stopped measuring in this fit (training goes on): %s", type(self).__name__, self.failure)
+            log.debug("%s failure", type(self).__name__, exc_info=err)
+            return None
+
     # --- the measured step ----------------------------------------------------------------
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -344,6 +404,8 @@ class MeasurementCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._loss is None and self._losses:
+            self._check_loss(trainer, pl_module, batch)
         # With gradient accumulation this runs per micro-batch: the last one is kept.
         self._batch = batch if self.decide(trainer) else None
 
@@ -352,10 +414,15 @@ class MeasurementCallback(Callback):
         if self._batch is None or not self.is_measurement_step(trainer.global_step):
             return
         batch = self._batch
-        with self.timed(trainer, trainer.global_step), observer_guard(pl_module, [optimizer]):
-            metrics = self.measure(trainer, pl_module, batch, optimizer)
+
+        def guarded() -> dict[str, Tensor]:
+            with self.timed(trainer, trainer.global_step), observer_guard(pl_module, [optimizer]):
+                return self.measure(trainer, pl_module, batch, optimizer)
+
+        metrics = self.measure_or_stop(trainer, trainer.global_step, guarded)
         self._batch = None
-        self.record(trainer, metrics)
+        if metrics is not None:
+            self.record(trainer, metrics)
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -400,7 +467,7 @@ class MeasurementCallback(Callback):
             return hit
         if not any(cb is not self and cb.shares_gradient and cb.will_measure(batch) for cb in self._peers):
             return None
-        gradient = step_gradient(pl_module, batch, loss_fn=self.loss_fn, loss_method=self.loss_method, reduce=self.reduce(trainer))
+        gradient = step_gradient(pl_module, batch, loss_fn=self.measured_loss(pl_module), reduce=self.reduce(trainer))
         self.gradient_exchange.put(key, gradient)
         return gradient
 

@@ -23,7 +23,8 @@ from typing_extensions import override
 from bnlightning.callbacks._curvature import HVP_METHODS
 from bnlightning.callbacks.activations import module_layers
 from bnlightning.callbacks.base import MeasurementCallback, StepKey
-from bnlightning.callbacks.functional._model import LossFn, resolve_layers, weight_layer_names
+from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._model import resolve_layers, weight_layer_names
 from bnlightning.callbacks.functional.gauges import activation_gradients, default_gradact_layers, effective_lr, gradient_curvature, group_lrs, scale_invariant_layers
 from bnlightning.callbacks.functional.hessian import edge_of_stability
 from bnlightning.callbacks.functional.sld import NORM_MODES, spectral_density
@@ -53,7 +54,7 @@ class _AcrossTheStep(MeasurementCallback):
     step a GradScaler skips is not measured.
     """
 
-    def __init__(self, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str, max_overhead: float | None, schedule: str) -> None:
+    def __init__(self, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str | None, max_overhead: float | None, schedule: str) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         self._hooks: list[RemovableHandle] = []
         self._pending: _Pending | None = None
@@ -85,19 +86,31 @@ class _AcrossTheStep(MeasurementCallback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._batch is None or not self.is_measurement_step(trainer.global_step):
             return
-        with observer_guard(pl_module, [optimizer]):
-            weights = self.kept_weights(pl_module)
+
+        def keep() -> dict[str, Tensor]:
+            with self.timed(trainer, trainer.global_step), observer_guard(pl_module, [optimizer]):
+                return self.kept_weights(pl_module)
+
+        weights = self.measure_or_stop(trainer, trainer.global_step, keep)
+        if weights is None:
+            self._batch = None
+            return
         self._pending = _Pending(trainer, pl_module, optimizer, self._batch, weights, self.step_key(trainer, pl_module, self._batch), trainer.global_step)
 
     def _after_step(self) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        with observer_guard(pending.module, [pending.optimizer]):
-            pending.key.rng.restore()  # the random draws of W^t's moment (the guard rewinds afterwards)
-            metrics = self.finish(pending)
+
+        def guarded() -> dict[str, Tensor]:
+            with self.timed(pending.trainer, pending.step), observer_guard(pending.module, [pending.optimizer]):
+                pending.key.rng.restore()  # the random draws of W^t's moment (the guard rewinds afterwards)
+                return self.finish(pending)
+
+        metrics = self.measure_or_stop(pending.trainer, pending.step, guarded)
         self._batch = None
-        self.record(pending.trainer, metrics, step=pending.step)
+        if metrics is not None:
+            self.record(pending.trainer, metrics, step=pending.step)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -133,8 +146,9 @@ class GradientCurvature(_AcrossTheStep):
     Args:
         every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
         hvp_method: ``retained``, ``double_backward`` or ``jvp`` (see ``HessianSpectrum``).
-        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
-        loss_method: the module's method ``(batch) -> scalar loss``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
 
     Raises:
         ValueError: a bad argument.
@@ -148,7 +162,7 @@ class GradientCurvature(_AcrossTheStep):
     metric_prefix = "gradcurv"  # its metrics are hessian/*; the budget logs gradcurv/cost_steps beside HessianSpectrum's
 
     def __init__(
-        self, every_n_steps: int = 100, hvp_method: str = "retained", loss_fn: LossFn | str | None = None, loss_method: str = "loss", max_overhead: float | None = None, schedule: str = "fixed"
+        self, every_n_steps: int = 100, hvp_method: str = "retained", loss_fn: LossFn | str | None = None, loss_method: str | None = None, max_overhead: float | None = None, schedule: str = "fixed"
     ) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         _check_hvp_method(hvp_method)
@@ -167,8 +181,7 @@ class GradientCurvature(_AcrossTheStep):
             weights=pending.weights,
             next_weights=dict(module.named_parameters()),
             hvp_method=self.hvp_method,
-            loss_fn=self.loss_fn,
-            loss_method=self.loss_method,
+            loss_fn=self.measured_loss(module),
             reduce=self.reduce(pending.trainer),
         )
         limit = edge_of_stability(pending.optimizer)
@@ -202,8 +215,9 @@ class ActivationGradients(MeasurementCallback):
         layers: module names (default: every normalization layer; in a network without one, every
             Conv/Linear layer but the last, the positions a normalization layer would follow).
         every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
-        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
-        loss_method: the module's method ``(batch) -> scalar loss``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
 
     Raises:
         ValueError: bad arguments; at setup an unknown layer name (the valid ones are listed).
@@ -216,7 +230,7 @@ class ActivationGradients(MeasurementCallback):
     metric_prefix = "gradact"
 
     def __init__(
-        self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss", max_overhead: float | None = None, schedule: str = "fixed"
+        self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str | None = None, max_overhead: float | None = None, schedule: str = "fixed"
     ) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if layers is not None and (not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) and n for n in layers)):
@@ -235,7 +249,7 @@ class ActivationGradients(MeasurementCallback):
 
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
-        return activation_gradients(pl_module, batch, self._layers, loss_fn=self.loss_fn, loss_method=self.loss_method, reduce=self.reduce(trainer))
+        return activation_gradients(pl_module, batch, self._layers, loss_fn=self.measured_loss(pl_module), reduce=self.reduce(trainer))
 
     @override
     def charts(self) -> dict[str, list[str]]:
@@ -257,8 +271,10 @@ class EffectiveLearningRate(_AcrossTheStep):
             found on the first measured batch; in a network without one, every Conv/Linear layer but
             the last, so that the same positions can be compared).
         every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
-        loss_fn: ``(module, batch) -> loss`` or its import path, for the one forward that finds the layers.
-        loss_method: the module's method ``(batch) -> scalar loss``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path, for the one forward that finds the
+            layers (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
 
     Raises:
         ValueError: bad arguments; at setup an unknown layer name (the valid ones are listed).
@@ -271,7 +287,7 @@ class EffectiveLearningRate(_AcrossTheStep):
     metric_prefix = "efflr"
 
     def __init__(
-        self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss", max_overhead: float | None = None, schedule: str = "fixed"
+        self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str | None = None, max_overhead: float | None = None, schedule: str = "fixed"
     ) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if layers is not None and (not isinstance(layers, (list, tuple)) or not layers):
@@ -290,7 +306,7 @@ class EffectiveLearningRate(_AcrossTheStep):
     def kept_weights(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         if not self._layers:
             assert self._batch is not None
-            self._layers = scale_invariant_layers(pl_module, self._batch, loss_fn=self.loss_fn, loss_method=self.loss_method) or weight_layer_names(pl_module)[:-1]
+            self._layers = scale_invariant_layers(pl_module, self._batch, loss_fn=self.measured_loss(pl_module)) or weight_layer_names(pl_module)[:-1]
         return {n: pl_module.get_submodule(n).weight.detach().clone() for n in self._layers}
 
     @override
@@ -323,8 +339,9 @@ class SpectralDensity(MeasurementCallback):
         every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
         seed: seed of the start vectors (plus the step; the global RNG is never used).
         hvp_method: ``retained``, ``double_backward`` or ``jvp``.
-        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
-        loss_method: the module's method ``(batch) -> scalar loss``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
 
     Raises:
         ValueError: a bad argument.
@@ -345,7 +362,7 @@ class SpectralDensity(MeasurementCallback):
         seed: int = 0,
         hvp_method: str = "retained",
         loss_fn: LossFn | str | None = None,
-        loss_method: str = "loss",
+        loss_method: str | None = None,
         max_overhead: float | None = None,
         schedule: str = "fixed",
     ) -> None:
@@ -373,8 +390,7 @@ class SpectralDensity(MeasurementCallback):
                 norm_mode=mode,
                 seed=self.seed + trainer.global_step,
                 hvp_method=self.hvp_method,
-                loss_fn=self.loss_fn,
-                loss_method=self.loss_method,
+                loss_fn=self.measured_loss(pl_module),
                 reduce=self.reduce(trainer),
             )
             for i, (node, weight) in enumerate(zip(res.nodes.flatten().tolist(), res.weights.flatten().tolist())):

@@ -13,7 +13,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
-from bnlightning.callbacks.functional._model import LossFn, resolve_layers
+from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._model import resolve_layers
 from bnlightning.callbacks.functional.gauges import adaptive_preconditioner, preconditioned_sharpness
 from bnlightning.callbacks.functional.hessian import HVP_METHODS, hessian_spectrum
 
@@ -102,8 +103,9 @@ class HessianSpectrum(MeasurementCallback):
         hvp_method: ``retained`` (one forward and backward, then one backward per HVP; the fastest
             measured), ``double_backward`` or ``jvp`` (forward-over-reverse; no retained graph; works
             with BatchNorm in training mode).
-        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
-        loss_method: the module's method ``(batch) -> scalar loss``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
         max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
             take: it then times them and skips scheduled steps to stay within it (shared fairly with the
             other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``hessian/cost_steps``.
@@ -135,7 +137,7 @@ class HessianSpectrum(MeasurementCallback):
         max_basis: int | None = None,
         hvp_method: str = "retained",
         loss_fn: LossFn | str | None = None,
-        loss_method: str = "loss",
+        loss_method: str | None = None,
         max_overhead: float | None = None,
         schedule: str = "fixed",
     ) -> None:
@@ -198,8 +200,7 @@ class HessianSpectrum(MeasurementCallback):
             seed=self.seed + trainer.global_step,
             max_basis=self.max_basis,
             hvp_method=self.hvp_method,
-            loss_fn=self.loss_fn,
-            loss_method=self.loss_method,
+            loss_fn=self.measured_loss(pl_module),
             reduce=self.reduce(trainer),
         )
         if self.warm_start:
@@ -211,7 +212,7 @@ class HessianSpectrum(MeasurementCallback):
             lam, self._precond_vector, _ = preconditioned_sharpness(
                 pl_module, batch, precond.diagonal, tol=self.tol, max_iter=self.max_iter, seed=self.seed + trainer.global_step,
                 v0=self._precond_vector if self.warm_start else None, hvp_method=self.hvp_method,
-                loss_fn=self.loss_fn, loss_method=self.loss_method, reduce=self.reduce(trainer),
+                loss_fn=self.measured_loss(pl_module), reduce=self.reduce(trainer),
             )  # fmt: skip
             metrics["hessian/precond_lambda_max"] = lam
             metrics["hessian/sharpness_ratio"] = lam / precond.threshold

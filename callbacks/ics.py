@@ -22,7 +22,7 @@ from bnlightning.callbacks.functional import (
     internal_covariate_shift,
     resolve_layers,
 )
-from bnlightning.callbacks.functional._model import LossFn
+from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.guard import observer_guard
 
 __all__ = ["InternalCovariateShift"]
@@ -72,8 +72,9 @@ class InternalCovariateShift(MeasurementCallback):
         chunk_size: at most this many layers per vmap call.
         memory_budget: bytes ``auto`` may spend on batched members (default: half the free CUDA memory;
             on CPU twice the parameters' float32 size, at least 256 MiB).
-        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
-        loss_method: the module's method ``(batch) -> scalar loss``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
         max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
             take: it then times them and skips scheduled steps to stay within it (shared fairly with the
             other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``ics/cost_steps``.
@@ -101,7 +102,7 @@ class InternalCovariateShift(MeasurementCallback):
         chunk_size: int | None = None,
         memory_budget: int | None = None,
         loss_fn: LossFn | str | None = None,
-        loss_method: str = "loss",
+        loss_method: str | None = None,
         max_overhead: float | None = None,
         schedule: str = "fixed",
     ) -> None:
@@ -174,24 +175,28 @@ class InternalCovariateShift(MeasurementCallback):
         if pending is None:
             return
         trainer, module = pending.trainer, pending.module
-        with self.timed(trainer, pending.step), observer_guard(module, [pending.optimizer]):
-            pending.key.rng.restore()  # the random draws of W^t's moment (the guard rewinds afterwards)
-            metrics = internal_covariate_shift(
-                module,
-                pending.batch,
-                layers=self._layers,
-                next_weights=dict(module.named_parameters()),
-                weights=pending.weights,
-                loss_fn=self.loss_fn,
-                loss_method=self.loss_method,
-                mode=self.mode,
-                chunk_size=self.chunk_size,
-                memory_budget=self.memory_budget,
-                gradient=self.gradient_exchange.get(pending.key.with_current_state(module)),
-                reduce=self.reduce(trainer),
-            )
+
+        def guarded() -> dict[str, Tensor]:
+            with self.timed(trainer, pending.step), observer_guard(module, [pending.optimizer]):
+                pending.key.rng.restore()  # the random draws of W^t's moment (the guard rewinds afterwards)
+                return internal_covariate_shift(
+                    module,
+                    pending.batch,
+                    layers=self._layers,
+                    next_weights=dict(module.named_parameters()),
+                    weights=pending.weights,
+                    loss_fn=self.measured_loss(module),
+                    mode=self.mode,
+                    chunk_size=self.chunk_size,
+                    memory_budget=self.memory_budget,
+                    gradient=self.gradient_exchange.get(pending.key.with_current_state(module)),
+                    reduce=self.reduce(trainer),
+                )
+
+        metrics = self.measure_or_stop(trainer, pending.step, guarded)
         self._batch = None
-        self.record(trainer, metrics, step=pending.step)
+        if metrics is not None:
+            self.record(trainer, metrics, step=pending.step)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -212,8 +217,7 @@ class InternalCovariateShift(MeasurementCallback):
             batch,
             optimizer,
             self._layers,
-            loss_fn=self.loss_fn,
-            loss_method=self.loss_method,
+            loss_fn=self.measured_loss(pl_module),
             mode=self.mode,
             chunk_size=self.chunk_size,
             memory_budget=self.memory_budget,

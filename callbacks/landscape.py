@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional import MODES, check_chunk_size, check_memory_budget, check_mode, check_step_sizes, loss_landscape
-from bnlightning.callbacks.functional._model import LossFn
+from bnlightning.callbacks.functional._loss import LossFn
 
 __all__ = ["LossLandscape"]
 
@@ -48,8 +48,9 @@ class LossLandscape(MeasurementCallback):
             ``memory_budget``, else the loop; the choice is logged once), ``vmap`` or ``loop``.
         chunk_size: at most this many step sizes per vmap call.
         memory_budget: bytes ``auto`` may spend on batched step sizes (see ``InternalCovariateShift``).
-        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
-        loss_method: the module's method ``(batch) -> scalar loss``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
         max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
             take: it then times them and skips scheduled steps to stay within it (shared fairly with the
             other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``landscape/cost_steps``.
@@ -79,7 +80,7 @@ class LossLandscape(MeasurementCallback):
         chunk_size: int | None = None,
         memory_budget: int | None = None,
         loss_fn: LossFn | str | None = None,
-        loss_method: str = "loss",
+        loss_method: str | None = None,
         max_overhead: float | None = None,
         schedule: str = "fixed",
     ) -> None:
@@ -121,8 +122,7 @@ class LossLandscape(MeasurementCallback):
             pl_module,
             batch,
             steps,
-            loss_fn=self.loss_fn,
-            loss_method=self.loss_method,
+            loss_fn=self.measured_loss(pl_module),
             param_scale=scale,
             mode=self.mode,
             chunk_size=self.chunk_size,

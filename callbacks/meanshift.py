@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from bnlightning.callbacks.activations import ModuleLayersCallback
 from bnlightning.callbacks.functional import capture_forward
-from bnlightning.callbacks.functional._model import LossFn
+from bnlightning.callbacks.functional._loss import LossFn
 
 __all__ = ["MeanShift", "majority_share", "mean_shift", "pairwise_cosine_mean"]
 
@@ -132,8 +132,9 @@ class MeanShift(ModuleLayersCallback):
     Args:
         layers: module names relative to the LightningModule (default: see above).
         every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
-        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
-        loss_method: the module's method ``(batch) -> scalar loss``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
         max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
             take: it then times them and skips scheduled steps to stay within it (shared fairly with the
             other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``meanshift/cost_steps``.
@@ -157,7 +158,7 @@ class MeanShift(ModuleLayersCallback):
         layers: list[str] | None = None,
         every_n_steps: int = 100,
         loss_fn: LossFn | str | None = None,
-        loss_method: str = "loss",
+        loss_method: str | None = None,
         max_overhead: float | None = None,
         schedule: str = "fixed",
     ) -> None:
@@ -182,7 +183,7 @@ class MeanShift(ModuleLayersCallback):
                 shares[name] = majority_share(x)  # re-inserted: the last key is the last call to finish
             return None
 
-        seen = capture_forward(pl_module, batch, taps, read=read, loss_fn=self.loss_fn, loss_method=self.loss_method)
+        seen = capture_forward(pl_module, batch, taps, read=read, loss_fn=self.measured_loss(pl_module))
         metrics = {key: value for name in self._layers if seen.get(name) for key, value in seen[name].items()}
         share = self._logits(shares, pl_module)
         if share is not None:

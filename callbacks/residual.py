@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional import capture_forward
-from bnlightning.callbacks.functional._model import LossFn
+from bnlightning.callbacks.functional._loss import LossFn
 
 __all__ = ["ResidualVariance", "residual_blocks", "residual_variance"]
 
@@ -84,8 +84,9 @@ class ResidualVariance(MeasurementCallback):
 
     Args:
         every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
-        loss_fn: ``(module, batch) -> loss`` or its import path (default: ``loss_method``, else ``training_step``).
-        loss_method: the module's method ``(batch) -> scalar loss``.
+        loss_fn: ``(module, batch) -> scalar loss`` or its import path (default: see ``loss_method``).
+        loss_method: the module's method ``(batch) -> scalar loss`` (default: ``loss`` if it takes one
+            batch, else ``training_step``; see ``MeasurementCallback``).
         max_overhead: ``None``, or the fraction in (0, 1) of training time this callback's measurements may
             take: it then times them and skips scheduled steps to stay within it (shared fairly with the
             other budgeted callbacks; ``every_n_steps`` is the densest spacing) and logs ``resvar/cost_steps``.
@@ -102,7 +103,7 @@ class ResidualVariance(MeasurementCallback):
 
     metric_prefix = "resvar"
 
-    def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str = "loss", max_overhead: float | None = None, schedule: str = "fixed") -> None:
+    def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str | None = None, max_overhead: float | None = None, schedule: str = "fixed") -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         self._blocks: list[str] = []
 
@@ -119,7 +120,7 @@ class ResidualVariance(MeasurementCallback):
             block = pl_module.get_submodule(name)
             taps[f"{name}\x00branch"], taps[f"{name}\x00skip"] = (block.branch, "output"), (block.shortcut, "output")
         # The variances are taken in the hooks: `out = branch(x); out += shortcut(x)` rewrites the branch output.
-        seen = capture_forward(pl_module, batch, taps, read=_read, loss_fn=self.loss_fn, loss_method=self.loss_method)
+        seen = capture_forward(pl_module, batch, taps, read=_read, loss_fn=self.measured_loss(pl_module))
         out: dict[str, Tensor] = {}
         for n in self._blocks:
             if f"{n}\x00branch" in seen and f"{n}\x00skip" in seen:

@@ -2,7 +2,8 @@
 
 One file per measurement: ``ics.py`` (§1), ``landscape.py`` (§2), ``activations.py`` (§3), and
 ``gradient.py`` (the first pass G they share). The private modules hold the plumbing:
-``_model.py`` (the loss, substitute tensors, float32, forward order, DDP reduction, memory),
+``_loss.py`` (which loss: resolved once), ``_model.py`` (the loss on substitute tensors, float32,
+eager and second-order frames, forward order, DDP reduction, memory),
 ``_batching.py`` (vmap or loop), ``_prefix.py`` (ICS's prefix engine), ``_updates.py`` (W^(t+1)
 without the real step).
 
@@ -22,14 +23,19 @@ Every function:
 - leaves normalization layers in whatever mode the module is in;
 - with ``reduce=`` (a mean over ranks) averages every gradient and loss before any norm.
 
-The loss: ``loss_fn(module, batch)`` if given (a callable or an import path string), else
-``module.<loss_method>(batch)`` (default ``loss``), else a LightningModule's ``training_step(batch, 0)``
-(a tensor or a dict with ``"loss"``; its ``self.log`` calls are silenced and torchmetrics states restored).
+The loss: every function takes ``loss_fn``, one callable ``(module, batch) -> scalar loss``
+(``LossFn``). ``None`` resolves it from the module by the rule of ``resolve_loss``: its ``loss``
+method when that takes one batch (an ``nn.Module`` attribute such as ``self.loss =
+nn.CrossEntropyLoss()`` never counts), else a LightningModule's own ``training_step``, called with
+the arguments it accepts (a tensor or a dict with ``"loss"``; its ``self.log`` calls are silenced
+and torchmetrics states restored). ``resolve_loss(module, loss_fn=..., loss_method=...)`` resolves
+once; pass its result as ``loss_fn`` to any number of calls.
 """
 
 from bnlightning.callbacks._curvature import EigenResult, hutchinson_trace, make_hvp, top_eigenvalues
 from bnlightning.callbacks.functional._batching import MODES, check_chunk_size, check_memory_budget, check_mode
-from bnlightning.callbacks.functional._model import WEIGHT_LAYER_TYPES, exact_float32, import_loss_fn, resolve_layers, weight_layer_names
+from bnlightning.callbacks.functional._loss import LossFn, import_loss_fn, resolve_loss
+from bnlightning.callbacks.functional._model import WEIGHT_LAYER_TYPES, exact_float32, resolve_layers, weight_layer_names
 from bnlightning.callbacks.functional._updates import check_optimizer, optimizer_update, sgd_update
 from bnlightning.callbacks.functional.activations import ACTIVATION_KINDS, activation_kind, activation_stats, capture_forward, measurement_forward
 from bnlightning.callbacks.functional.gradient import StepGradient, step_gradient
@@ -41,6 +47,7 @@ __all__ = [
     "ICS_MODES",
     "MODES",
     "WEIGHT_LAYER_TYPES",
+    "LossFn",
     "EigenResult",
     "StepGradient",
     "activation_kind",
@@ -60,6 +67,7 @@ __all__ = [
     "measurement_forward",
     "optimizer_update",
     "resolve_layers",
+    "resolve_loss",
     "sgd_update",
     "step_gradient",
     "top_eigenvalues",

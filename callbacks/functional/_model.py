@@ -2,10 +2,14 @@
 
 ``Model`` wraps any ``nn.Module`` for the pure measurement functions:
 
-- **The loss.** ``loss_fn(module, batch)`` when given (a callable or an import path), else the
-  module's ``loss_method`` (default ``loss``), else, for a LightningModule, its
-  ``training_step(batch, 0)`` (a tensor or a dict with ``"loss"``) with ``self.log`` silenced and
-  every torchmetrics state it updates restored (``Model.session``).
+- **The loss.** One ``ResolvedLoss`` (``_loss.py``: ``loss_fn``, else the module's ``loss(batch)``
+  method, else its ``training_step``), called on substitutes; with ``training_step`` its ``self.log``
+  is silenced and every torchmetrics state it updates restored (``Model.session``).
+- **Eager, and second order where needed.** Measurements run the module's own Python code:
+  ``torch.compile`` regions run eagerly (``torch.compiler.set_stance("force_eager")``, the same
+  function without the compiled kernels, whose backward has no double backward); passes that
+  differentiate twice (Hessian-vector products) run attention through the math kernel of
+  ``F.scaled_dot_product_attention`` (the CPU flash kernel has no double backward).
 - **Substitutes.** Parameters and buffers are replaced, for one call, by tensors of our own in
   every module slot that holds them (``Model.substituted``). The unit is the Parameter object:
   a Parameter registered under several names (weight tying, ``nn.ModuleList([block] * 3)``) is
@@ -25,7 +29,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,9 +40,9 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from bnlightning.callbacks.functional._loss import LossFn, ResolvedLoss, as_loss, how_to_pass_loss_fn
 from bnlightning.callbacks.guard import RngState, metric_states, module_attributes, restore_metric_states, restore_module_attributes
 
-LossFn = Callable[[nn.Module, Any], Tensor]
 Reduce = Callable[[Tensor], Tensor]
 
 log = logging.getLogger("bnlightning.callbacks")
@@ -110,68 +113,40 @@ def reduce_dict(tensors: Mapping[str, Tensor], reduce: Reduce | None) -> dict[st
     return out
 
 
-# --- the loss ------------------------------------------------------------------------
-def import_loss_fn(path: str) -> LossFn:
-    """``"package.module:function"`` (or ``"package.module.function"``) imported as a loss function.
-
-    Raises:
-        ValueError: the path does not import or does not name a callable.
-    """
-    module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"loss_fn {path!r} is not an import path; expected 'package.module:function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"loss_fn {path!r} does not import ({type(err).__name__}: {err}); expected 'package.module:function'") from None
-    if not callable(fn):
-        raise ValueError(f"loss_fn {path!r} is a {type(fn).__name__}, not a callable (module, batch) -> loss")
-    return fn
+def eager() -> contextlib.AbstractContextManager[Any]:
+    """``torch.compile`` regions (``torch.compile(m)``, ``m.compile()``) run as plain eager code in the
+    block: the same function, none of the compiled backward's limits (no double backward, donated
+    buffers), no recompilation for the measurement's substitutes and vmap. Needs torch >= 2.6
+    (``torch.compiler.set_stance``); older versions run the compiled code (the callbacks warn)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
-def _has_own_training_step(module: nn.Module) -> bool:
-    try:
-        import lightning.pytorch as pl
-    except ImportError:  # pragma: no cover - lightning is a dependency
-        return False
-    return isinstance(module, pl.LightningModule) and type(module).training_step is not pl.LightningModule.training_step
+def can_run_eager() -> bool:
+    return hasattr(torch.compiler, "set_stance")
 
 
-def _training_step_loss(module: nn.Module, batch: Any) -> Tensor:
-    out = module.training_step(batch, 0)  # type: ignore[operator]
+def math_attention() -> contextlib.AbstractContextManager[Any]:
+    """``F.scaled_dot_product_attention`` through its math kernel, the one with a double backward (CPU's
+    flash kernel has none); the same function, as plain matrix products."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+class NotALoss(ValueError):
+    """What the loss returned is not a scalar tensor."""
+
+
+def _described(out: Any) -> str:
+    if isinstance(out, Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
     if isinstance(out, Mapping):
-        out = out.get("loss")
-    if not isinstance(out, Tensor):
-        raise ValueError(
-            f"{type(module).__name__}.training_step returned {type(out).__name__}; the measurement needs the loss tensor "
-            f"(or a dict with 'loss'). Pass loss_fn=(module, batch) -> loss, or give the module a `loss(batch)` method."
-        )
-    return out
+        return "a dict without 'loss'"
+    return type(out).__name__
 
 
-def resolve_loss(module: nn.Module, loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> tuple[LossFn, bool]:
-    """The loss callable ``(module, batch) -> Tensor`` and whether it is the module's ``training_step``.
-
-    Raises:
-        ValueError: ``loss_fn`` is a path that does not import.
-        AttributeError: none of ``loss_fn``, ``loss_method`` and ``training_step`` is available.
-    """
-    if isinstance(loss_fn, str):
-        return import_loss_fn(loss_fn), False
-    if loss_fn is not None:
-        if not callable(loss_fn):
-            raise ValueError(f"loss_fn must be a callable (module, batch) -> loss or an import path, got {type(loss_fn).__name__}")
-        return loss_fn, False
-    if callable(getattr(module, loss_method, None)):
-        return (lambda m, b: getattr(m, loss_method)(b)), False
-    if loss_method == "loss" and _has_own_training_step(module):
-        return _training_step_loss, True
-    missing = f"no method {loss_method!r}" + (" and no training_step to measure with" if loss_method == "loss" else "")
-    raise AttributeError(
-        f"{type(module).__name__} has {missing}. Pass loss_fn=(module, batch) -> loss (or an import path 'package.module:function'), or give the module a `{loss_method}(batch)` method."
-    )
-
-
+# --- the loss's frame -----------------------------------------------------------------
 class _NoLog:
     """Stands in for ``LightningModule.log``/``log_dict`` while a measurement calls ``training_step``."""
 
@@ -209,9 +184,10 @@ class _FirstUse(TorchFunctionMode):
 class Model:
     """A module as seen by a measurement: canonical names, float32 values, the loss on substitutes."""
 
-    def __init__(self, module: nn.Module, loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> None:
+    def __init__(self, module: nn.Module, loss_fn: LossFn | None = None) -> None:
         self.module = module
-        self.loss_fn, self.uses_training_step = resolve_loss(module, loss_fn, loss_method)
+        self.loss_fn: ResolvedLoss = as_loss(module, loss_fn)
+        self.uses_training_step = self.loss_fn.uses_training_step
         self.params = dict(module.named_parameters())  # canonical names: one per Parameter object
         self.buffers = dict(module.named_buffers())
         self.values = {n: float32(p) for n, p in self.params.items()}
@@ -269,16 +245,29 @@ class Model:
         with self.substituted(tensors):
             out = self.loss_fn(self.module, batch)
         if not isinstance(out, Tensor) or out.numel() != 1:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"the measured loss must be a scalar tensor, got {shape}")
+            raise NotALoss(f"{self.loss_fn.name} returned {_described(out)}; the measurement needs a scalar loss tensor (or a dict with 'loss'). {how_to_pass_loss_fn()}")
         return out.reshape(())
+
+    def loss_problem(self, batch: Any) -> str | None:
+        """Why ``self.loss_fn`` is no loss of ``batch`` (``None`` when it is one): it must give a
+        scalar tensor that depends on a trainable parameter. One forward pass, inside ``session``."""
+        tensors = {**self.values, **self.fresh_buffers()}
+        tensors.update({n: tensors[n].detach().requires_grad_(True) for n in self.trainable})
+        try:
+            loss = self.loss(tensors, to_float32(batch))
+        except NotALoss as err:
+            return str(err).split(". Pass loss_fn=")[0]
+        if not loss.requires_grad:
+            return f"{self.loss_fn.name} does not depend on the trainable parameters"
+        return None
 
     # --- a measurement's frame ---
     @contextlib.contextmanager
-    def session(self) -> Iterator[RngState]:
-        """float32 outside autocast; the RNG captured (and rewound after); every module attribute a
-        pass sets put back after; with ``training_step`` as the loss, ``self.log`` silenced and
-        torchmetrics states restored afterwards."""
+    def session(self, second_order: bool = False) -> Iterator[RngState]:
+        """float32 outside autocast, compiled regions run eagerly; the RNG captured (and rewound after);
+        every module attribute a pass sets put back after; with ``training_step`` as the loss,
+        ``self.log`` silenced and torchmetrics states restored afterwards. ``second_order``: attention
+        through the math kernel, which has a double backward."""
         rng = RngState.capture()
         metrics = metric_states(self.module) if self.uses_training_step else []
         attributes = module_attributes(self.module)
@@ -286,7 +275,7 @@ class Model:
         if silenced:
             vars(self.module)["log"] = vars(self.module)["log_dict"] = _NoLog()
         try:
-            with exact_float32(self.device.type):
+            with exact_float32(self.device.type), eager(), math_attention() if second_order else contextlib.nullcontext():
                 yield rng
         finally:
             if silenced:
@@ -351,6 +340,30 @@ class Model:
 
     def trainable_bytes(self) -> int:
         return sum(self.params[n].numel() * 4 for n in self.trainable)
+
+
+def check_loss(module: nn.Module, batch: Any, candidates: Sequence[ResolvedLoss]) -> tuple[ResolvedLoss, list[str]]:
+    """The first of ``candidates`` that is a loss of ``batch`` (a scalar tensor depending on a trainable
+    parameter), and why each one before it is not. One forward pass per candidate tried, each inside
+    ``Model.session`` (nothing of the module changes; run it inside ``observer_guard`` too).
+
+    Raises:
+        ValueError: none is; one line saying why each is not and how to pass ``loss_fn``, chained to
+            the exception the last one raised, if any (its traceback is kept).
+    """
+    reasons: list[str] = []
+    error: BaseException | None = None
+    for loss in candidates:
+        model = Model(module, loss)
+        try:
+            with model.session():
+                why = model.loss_problem(batch)
+        except Exception as err:  # the user's loss failed on this batch: say so, keep its traceback
+            why, error = f"{loss.name} raised {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}", err
+        if why is None:
+            return loss, reasons
+        reasons.append(why)
+    raise ValueError(f"no loss to measure on {type(module).__name__}: {'; '.join(reasons)}. {how_to_pass_loss_fn()}") from error
 
 
 # --- layer selection -----------------------------------------------------------------

@@ -95,14 +95,14 @@ def activation_kind(module: nn.Module) -> str:
     return ""
 
 
-def measurement_forward(module: nn.Module, batch: Any, *, loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> Tensor:
+def measurement_forward(module: nn.Module, batch: Any, *, loss_fn: LossFn | None = None) -> Tensor:
     """One float32, no-grad pass of the loss that changes nothing.
 
     Parameters are float32 substitutes, buffers clones, the RNG is rewound afterwards, and it runs
     outside autocast with TF32 off. Forward hooks on the module's submodules fire, which is how
     ``ActivationStats`` reads pre-activations. Returns the loss.
     """
-    model = Model(module, loss_fn, loss_method)
+    model = Model(module, loss_fn)
     with model.session(), torch.no_grad():
         return model.loss({**model.values, **model.fresh_buffers()}, to_float32(batch))
 
@@ -121,8 +121,7 @@ def capture_forward(
     taps: Mapping[str, Tap],
     *,
     read: Read = _clone,
-    loss_fn: LossFn | str | None = None,
-    loss_method: str = "loss",
+    loss_fn: LossFn | None = None,
 ) -> dict[str, Any]:
     """Run ``measurement_forward`` once and return what each tap saw: name -> ``read(name, x)`` of the
     (first positional) input or the output ``x`` of its module, from the module's last call in that
@@ -148,7 +147,7 @@ def capture_forward(
 
     handles = [m.register_forward_pre_hook(hook(name, True)) if where == "input" else m.register_forward_hook(hook(name, False)) for name, (m, where) in taps.items()]
     try:
-        measurement_forward(module, batch, loss_fn=loss_fn, loss_method=loss_method)
+        measurement_forward(module, batch, loss_fn=loss_fn)
     finally:
         for h in handles:
             h.remove()

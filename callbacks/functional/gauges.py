@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from bnlightning.callbacks._curvature import make_hvp, top_eigenvalues
-from bnlightning.callbacks.functional._model import WEIGHT_LAYER_TYPES, LossFn, Model, Reduce, reduce_dict, to_float32, weight_layer_names
+from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._model import WEIGHT_LAYER_TYPES, Model, Reduce, reduce_dict, to_float32, weight_layer_names
 from bnlightning.callbacks.functional.activations import measurement_forward
 
 Vec = dict[str, Tensor]
@@ -63,8 +64,7 @@ def gradient_curvature(
     weights: Mapping[str, Tensor] | None = None,
     next_weights: Mapping[str, Tensor] | None = None,
     hvp_method: str = "retained",
-    loss_fn: LossFn | str | None = None,
-    loss_method: str = "loss",
+    loss_fn: LossFn | None = None,
     reduce: Reduce | None = None,
 ) -> dict[str, Tensor]:
     """Curvature of the training loss along the gradient and along the real update (PROTOCOL §12).
@@ -82,17 +82,17 @@ def gradient_curvature(
     (``make_hvp``), one or two HVPs, one forward.
 
     Args:
-        module, batch, loss_fn, loss_method: as in ``internal_covariate_shift``.
+        module, batch, loss_fn: as in ``internal_covariate_shift``.
         weights: canonical parameter name -> W^t (others keep the module's value).
         next_weights: canonical parameter name -> W^{t+1}; a trainable parameter missing here did not move.
         hvp_method: ``retained``, ``double_backward`` or ``jvp`` (see ``_curvature.make_hvp``).
         reduce: mean over ranks (DDP), applied to g, every HVP and both losses.
     """
-    model = Model(module, loss_fn, loss_method)
+    model = Model(module, loss_fn)
     names = model.trainable
     batch = to_float32(batch)
     at = {**model.values, **{n: w.detach().to(torch.float32) for n, w in (weights or {}).items()}}
-    with model.session() as rng:
+    with model.session(second_order=True) as rng:
         loss0, g, _ = model.gradient(names, batch, rng, overrides=at)
         g = reduce_dict(g, reduce)
         buffers = model.fresh_buffers()
@@ -230,8 +230,7 @@ def preconditioned_sharpness(
     seed: int = 0,
     v0: Vec | None = None,
     hvp_method: str = "retained",
-    loss_fn: LossFn | str | None = None,
-    loss_method: str = "loss",
+    loss_fn: LossFn | None = None,
     reduce: Reduce | None = None,
 ) -> tuple[Tensor, Vec, int]:
     """λmax(P⁻¹H) of the training loss on ``batch``, as λmax of the symmetric P^{-1/2} H P^{-1/2}.
@@ -241,13 +240,13 @@ def preconditioned_sharpness(
     Lanczos, algebraic order). Returns (λmax as float32, its eigenvector in the P^{-1/2}-scaled
     coordinates for a warm start, HVPs used).
     """
-    model = Model(module, loss_fn, loss_method)
+    model = Model(module, loss_fn)
     names = [n for n in model.trainable if n in preconditioner]
     if not names:
         raise ValueError("preconditioner names none of the module's trainable parameters")
     scale = {n: preconditioner[n].detach().to(torch.float32).rsqrt() for n in names}
     batch = to_float32(batch)
-    with model.session() as rng:
+    with model.session(second_order=True) as rng:
         buffers = model.fresh_buffers()
 
         def loss_of(p: Vec) -> Tensor:
@@ -281,8 +280,7 @@ def activation_gradients(
     batch: Any,
     layers: Sequence[str],
     *,
-    loss_fn: LossFn | str | None = None,
-    loss_method: str = "loss",
+    loss_fn: LossFn | None = None,
     reduce: Reduce | None = None,
 ) -> dict[str, Tensor]:
     """‖∂L/∂y‖₂ over the batch at each layer's output y, with Thm 4.1's terms for BatchNorm.
@@ -303,7 +301,7 @@ def activation_gradients(
     The module's outputs are read through hooks that live for this one pass; each output is handed
     on as a clone, so an in-place op after it (``ReLU(inplace=True)``) cannot rewrite what is read.
     """
-    model = Model(module, loss_fn, loss_method)
+    model = Model(module, loss_fn)
     mods = {name: module.get_submodule(name) for name in layers}
     taps: dict[str, dict[str, Tensor]] = {name: {} for name in layers}
 
@@ -374,7 +372,7 @@ def _bn_terms(name: str, bn: nn.Module, x: Tensor, gy: Tensor, gx: Tensor) -> di
 
 
 # --- effective learning rate ----------------------------------------------------------------
-def scale_invariant_layers(module: nn.Module, batch: Any, *, loss_fn: LossFn | str | None = None, loss_method: str = "loss") -> list[str]:
+def scale_invariant_layers(module: nn.Module, batch: Any, *, loss_fn: LossFn | None = None) -> list[str]:
     """Conv/Linear layers (module names) whose output is the input of a normalization layer.
 
     Read off one side-effect-free forward (``measurement_forward``): a layer counts when the tensor
@@ -399,7 +397,7 @@ def scale_invariant_layers(module: nn.Module, batch: Any, *, loss_fn: LossFn | s
         elif name and is_norm(m):
             handles.append(m.register_forward_pre_hook(norm_hook))
     try:
-        measurement_forward(module, batch, loss_fn=loss_fn, loss_method=loss_method)
+        measurement_forward(module, batch, loss_fn=loss_fn)
     finally:
         for h in handles:
             h.remove()

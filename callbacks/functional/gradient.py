@@ -38,8 +38,7 @@ def step_gradient(
     module: nn.Module,
     batch: Any,
     *,
-    loss_fn: LossFn | str | None = None,
-    loss_method: str = "loss",
+    loss_fn: LossFn | None = None,
     weights: dict[str, Tensor] | None = None,
     reduce: Reduce | None = None,
 ) -> StepGradient:
@@ -49,11 +48,11 @@ def step_gradient(
     same module, batch, weights and RNG state, to skip that pass: the same numbers, one pass fewer.
 
     Args:
-        module, batch, loss_fn, loss_method: as in ``internal_covariate_shift``.
+        module, batch, loss_fn: as in ``internal_covariate_shift``.
         weights: canonical name -> value to use instead of the module's current one.
         reduce: mean over ranks (DDP), applied to the gradient.
     """
-    model = Model(module, loss_fn, loss_method)
+    model = Model(module, loss_fn)
     with model.session() as rng:
         return gradient_pass(model, model.trainable, to_float32(batch), rng, reduce, weights)
 

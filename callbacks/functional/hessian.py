@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from bnlightning.callbacks._curvature import HVP_METHODS, hutchinson_trace, make_hvp, top_eigenvalues
-from bnlightning.callbacks.functional._model import LossFn, Model, Reduce, layer_param, reduce_dict, resolve_layers, to_float32
+from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._model import Model, Reduce, layer_param, reduce_dict, resolve_layers, to_float32
 
 __all__ = ["HessianOperator", "HessianResult", "edge_of_stability", "hessian_operator", "hessian_spectrum"]
 
@@ -62,8 +63,7 @@ def hessian_operator(
     names: Sequence[str] | None = None,
     *,
     method: str = "retained",
-    loss_fn: LossFn | str | None = None,
-    loss_method: str = "loss",
+    loss_fn: LossFn | None = None,
     reduce: Reduce | None = None,
     _model: Model | None = None,
 ) -> Iterator[HessianOperator]:
@@ -76,7 +76,7 @@ def hessian_operator(
     operator only inside the ``with`` block (the retained graph and the RNG frame live there).
 
     Args:
-        module: any module; ``loss_fn``/``loss_method`` as in ``internal_covariate_shift``.
+        module: any module; ``loss_fn`` as in ``internal_covariate_shift``.
         batch: the batch.
         names: the parameters H is taken over (default: every trainable one): the block of H for them.
         method: ``retained`` (default; one forward and backward here, then one backward per HVP),
@@ -91,10 +91,10 @@ def hessian_operator(
     """
     if method not in HVP_METHODS:
         raise ValueError(f"unknown hvp_method {method!r}; accepted: {', '.join(HVP_METHODS)}")
-    model = _model if _model is not None else Model(module, loss_fn, loss_method)
+    model = _model if _model is not None else Model(module, loss_fn)
     names = list(model.trainable) if names is None else list(names)
     batch = to_float32(batch)
-    with model.session() as rng:
+    with model.session(second_order=True) as rng:
         buffers = model.fresh_buffers()
 
         def loss_of(p: Vec) -> Tensor:
@@ -128,8 +128,7 @@ def hessian_spectrum(
     seed: int = 0,
     max_basis: int | None = None,
     hvp_method: str = "retained",
-    loss_fn: LossFn | str | None = None,
-    loss_method: str = "loss",
+    loss_fn: LossFn | None = None,
     reduce: Reduce | None = None,
 ) -> HessianResult:
     """Top-k eigenvalues (algebraic) and trace of the Hessian of the training loss on ``batch``.
@@ -138,7 +137,7 @@ def hessian_spectrum(
     layer's weight), accessed only through Hessian-vector products; the module is never written.
 
     Args:
-        module: any module; ``loss_fn``/``loss_method`` as in ``internal_covariate_shift``.
+        module: any module; ``loss_fn`` as in ``internal_covariate_shift``.
         batch: the batch.
         k: how many top eigenvalues.
         tol: the eigen solver's relative residual tolerance (see ``_curvature.top_eigenvalues``).
@@ -160,14 +159,14 @@ def hessian_spectrum(
         raise ValueError(f"unknown hvp_method {hvp_method!r}; accepted: {', '.join(HVP_METHODS)}")
     if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 0:
         raise ValueError(f"n_probes must be an integer >= 0, got {n_probes!r}")
-    model = Model(module, loss_fn, loss_method)
+    model = Model(module, loss_fn)
     blocks: dict[str, list[str]] = {"": list(model.trainable)} if whole else {}
     for layer in resolve_layers(module, list(layers)) if layers else []:
         blocks[layer] = [layer_param(module, layer, model)]
     metrics: dict[str, Tensor] = {}
     vectors: dict[str, list[Vec]] = {}
     for block, names in blocks.items():
-        with hessian_operator(module, batch, names, method=hvp_method, loss_fn=loss_fn, loss_method=loss_method, reduce=reduce, _model=model) as hvp:
+        with hessian_operator(module, batch, names, method=hvp_method, loss_fn=loss_fn, reduce=reduce, _model=model) as hvp:
             point = hvp.point
             # a CPU generator: the same seed gives the same start and probes on every device (CPU, any GPU)
             gen = torch.Generator().manual_seed(seed)

@@ -46,8 +46,7 @@ def internal_covariate_shift(
     *,
     next_weights: Mapping[str, Tensor] | None = None,
     weights: Mapping[str, Tensor] | None = None,
-    loss_fn: LossFn | str | None = None,
-    loss_method: str = "loss",
+    loss_fn: LossFn | None = None,
     step_grads: Mapping[str, Tensor] | None = None,
     mode: IcsMode = "auto",
     chunk_size: int | None = None,
@@ -76,9 +75,9 @@ def internal_covariate_shift(
         next_weights: canonical parameter name -> W^(t+1), e.g. the weights right after the real
             optimizer step (what the callback passes: exact for any optimizer, clipping, precision).
         weights: canonical name -> W^t when the module does not hold it any more (after the step).
-        loss_fn: ``(module, batch) -> loss`` or an import path; default ``module.<loss_method>(batch)``,
-            else a LightningModule's ``training_step(batch, 0)``.
-        loss_method: the module's loss method name.
+        loss_fn: ``(module, batch) -> scalar loss``, or ``resolve_loss(module, ...)``'s result; default
+            (``None``): the module's ``loss(batch)`` method, else a LightningModule's ``training_step``
+            (see ``resolve_loss``).
         step_grads: name -> gradient ``update`` uses (default: the measured float32 ``G``).
         mode: ``loop`` (one pass per layer), ``vmap`` (configurations batched with ``torch.func.vmap``),
             ``prefix`` (one pass through the updated prefix, then each layer's suffix; a full pass where
@@ -100,7 +99,7 @@ def internal_covariate_shift(
     if update is None and next_weights is None:
         raise ValueError("internal_covariate_shift needs update= (an optimizer or update function) or next_weights= (W^(t+1))")
     measured = resolve_layers(module, layers)
-    model = Model(module, loss_fn, loss_method)
+    model = Model(module, loss_fn)
     if weights is not None:
         model.values.update({n: float32(w) for n, w in weights.items()})
     requested = mode

@@ -40,8 +40,7 @@ def loss_landscape(
     batch: Any,
     step_sizes: Sequence[float],
     *,
-    loss_fn: LossFn | str | None = None,
-    loss_method: str = "loss",
+    loss_fn: LossFn | None = None,
     param_scale: Mapping[str, float] | None = None,
     mode: Mode = "auto",
     chunk_size: int | None = None,
@@ -58,10 +57,10 @@ def loss_landscape(
     over ranks first, so the direction and the numbers are those of the global batch.
 
     Args:
-        module: any module; ``loss_fn``/``loss_method`` as in ``internal_covariate_shift``.
+        module: any module; ``loss_fn`` as in ``internal_covariate_shift``.
         batch: the batch.
         step_sizes: positive step sizes ``s`` (absolute).
-        loss_fn, loss_method: the loss (see ``internal_covariate_shift``).
+        loss_fn: the loss (see ``internal_covariate_shift``).
         param_scale: optional canonical name -> multiplier of ``s`` for that parameter (per-group
             learning rates); the displacement is then ``s * scale_p * g_p``.
         mode: ``loop`` (one pass per step size; each gradient is reduced to its distance from g as it
@@ -80,7 +79,7 @@ def loss_landscape(
         as 0-dim float32 tensors; a NaN anywhere shows as NaN (``Tensor.max`` propagates it).
     """
     steps = check_step_sizes(step_sizes)
-    model = Model(module, loss_fn, loss_method)
+    model = Model(module, loss_fn)
     if weights is not None:
         model.values.update({n: float32(w) for n, w in weights.items()})
     mode = resolve_mode(mode, model, MODES, chunk_size)

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from bnlightning.callbacks._curvature import make_hvp
-from bnlightning.callbacks.functional._model import LossFn, Model, Reduce, reduce_dict, to_float32
+from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._model import Model, Reduce, reduce_dict, to_float32
 from bnlightning.callbacks.functional.gauges import is_norm
 
 Vec = dict[str, Tensor]
@@ -100,14 +101,13 @@ def spectral_density(
     norm_mode: str = "train",
     seed: int = 0,
     hvp_method: str = "retained",
-    loss_fn: LossFn | str | None = None,
-    loss_method: str = "loss",
+    loss_fn: LossFn | None = None,
     reduce: Reduce | None = None,
 ) -> SLQResult:
     """Stochastic Lanczos quadrature of the training loss's Hessian on ``batch`` (every trainable parameter).
 
     Args:
-        module, batch, loss_fn, loss_method: as in ``internal_covariate_shift``.
+        module, batch, loss_fn: as in ``internal_covariate_shift``.
         lanczos_steps: m, the Lanczos steps (HVPs) per start (>= 1).
         n_starts: n_v, the random starts (>= 1); every rank must use the same ``seed`` under DDP.
         norm_mode: ``train`` (BatchNorm on batch statistics, as training) or ``running`` (BatchNorm
@@ -124,12 +124,12 @@ def spectral_density(
             raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
     if norm_mode not in NORM_MODES:
         raise ValueError(f"unknown norm_mode {norm_mode!r}; accepted: {', '.join(NORM_MODES)}")
-    model = Model(module, loss_fn, loss_method)
+    model = Model(module, loss_fn)
     batch = to_float32(batch)
     point = {n: model.values[n] for n in model.trainable}
     gen = torch.Generator().manual_seed(seed)
     nodes, weights = [], []
-    with model.session() as rng, _norms_on_running_stats(module) if norm_mode == "running" else _nothing():
+    with model.session(second_order=True) as rng, _norms_on_running_stats(module) if norm_mode == "running" else _nothing():
         buffers = model.fresh_buffers()
 
         def loss_of(p: Vec) -> Tensor:

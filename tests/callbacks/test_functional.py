@@ -16,6 +16,7 @@ from bnlightning.callbacks import (
     loss_landscape,
     observer_guard,
     optimizer_update,
+    resolve_loss,
     sgd_update,
 )
 from tests.helpers.callbacks import assert_same, batch_for, dln, mlp, naive_ics, naive_landscape, snapshot, vgg
@@ -332,7 +333,7 @@ def test_module_defined_here_works_with_another_loss_method() -> None:
     torch.manual_seed(0)
     model = Tiny()
     batch = (torch.randn(16, 4), torch.randn(16, 1))
-    out = internal_covariate_shift(model, batch, sgd_update(0.5), loss_method="objective")
+    out = internal_covariate_shift(model, batch, sgd_update(0.5), loss_fn=resolve_loss(model, loss_method="objective"))
     assert set(out) == {f"ics/{k}/{n}" for k in ("l2", "cos", "rel") for n in ("a", "b")}
     with pytest.raises(AttributeError, match="loss"):
         internal_covariate_shift(model, batch, sgd_update(0.5))
