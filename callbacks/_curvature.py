@@ -184,7 +184,7 @@ def make_hvp(loss_of: Callable[[Vec], Tensor], params: Mapping[str, Tensor], met
         if not terms:
             return {k: torch.zeros_like(t) for k, t in point.items()}
         with torch.enable_grad():
-            hv = torch.autograd.grad(sum(terms), leaves, retain_graph=retain, allow_unused=True)
+            hv = torch.autograd.grad(torch.stack(terms).sum(), leaves, retain_graph=retain, allow_unused=True)
         return {k: torch.zeros_like(t) if h is None else h for (k, t), h in zip(point.items(), hv)}
 
     if method == "double_backward":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -159,7 +159,8 @@ class ActivationStats(ModuleLayersCallback):
 
         def read(name: str, x: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
             # At hook time: an in-place op later in the pass (ReLU(inplace=True)) would rewrite x.
-            stats = activation_stats(x, kinds[name] or "other", saturation_threshold=self.saturation_threshold)
+            kind = cast(Literal["saturating", "relu", "other"], kinds[name] or "other")  # activation_kind's values
+            stats = activation_stats(x, kind, saturation_threshold=self.saturation_threshold)
             return stats, (_finite_values(x) if keep_values else None)
 
         captured = capture_forward(pl_module, batch, taps, read=read, loss_fn=self.measured_loss(pl_module))  # type: ignore[arg-type]

@@ -271,8 +271,8 @@ class MeasurementCallback(Callback):
 
     def _allowance(self) -> float:
         """This callback's share: its own budget, at most the largest budget over the budgeted peers."""
-        budgets = [cb.max_overhead for cb in self._peers if cb.max_overhead is not None] or [self.max_overhead]
-        return min(self.max_overhead or 0.0, max(budgets) / len(budgets))  # type: ignore[type-var]
+        budgets = [cb.max_overhead for cb in self._peers if cb.max_overhead is not None] or [self.max_overhead or 0.0]
+        return min(self.max_overhead or 0.0, max(budgets) / len(budgets))
 
     @contextlib.contextmanager
     def timed(self, trainer: pl.Trainer, step: int) -> Iterator[None]:
@@ -332,7 +332,8 @@ class MeasurementCallback(Callback):
                 f"measurement passes run compiled and may recompile, and HessianSpectrum fails (no double backward).",
                 stacklevel=2,
             )
-        self._peers = [cb for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)]
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
+        self._peers = [cb for cb in callbacks if isinstance(cb, MeasurementCallback)]
         shared = next((cb.gradient_exchange for cb in self._peers if cb is not self and cb._peers), None)
         if shared is not None:
             self.gradient_exchange = shared  # one exchange per trainer, created by the first callback set up

@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
@@ -31,6 +31,13 @@ from bnlightning.callbacks.functional.sld import NORM_MODES, spectral_density
 from bnlightning.callbacks.guard import observer_guard
 
 __all__ = ["ActivationGradients", "EffectiveLearningRate", "GradientCurvature", "SpectralDensity"]
+
+
+def _weight(module: nn.Module, name: str) -> Tensor:
+    """The ``weight`` of the submodule ``name`` (the layers measured are chosen for having one)."""
+    weight = module.get_submodule(name).weight
+    assert isinstance(weight, Tensor), f"{name} has no weight tensor"
+    return weight
 
 
 @dataclass
@@ -307,11 +314,11 @@ class EffectiveLearningRate(_AcrossTheStep):
         if not self._layers:
             assert self._batch is not None
             self._layers = scale_invariant_layers(pl_module, self._batch, loss_fn=self.measured_loss(pl_module)) or weight_layer_names(pl_module)[:-1]
-        return {n: pl_module.get_submodule(n).weight.detach().clone() for n in self._layers}
+        return {n: _weight(pl_module, n).detach().clone() for n in self._layers}
 
     @override
     def finish(self, pending: _Pending) -> dict[str, Tensor]:
-        after = {n: pending.module.get_submodule(n).weight for n in self._layers}
+        after = {n: _weight(pending.module, n) for n in self._layers}
         return effective_lr(pending.weights, after, group_lrs(pending.optimizer, pending.module, self._layers))
 
     @override

@@ -76,7 +76,10 @@ class RngState:
         """Whether ``other`` holds exactly the same generator states."""
         if not torch.equal(self.torch_cpu, other.torch_cpu) or self.python != other.python:
             return False
-        if (self.cuda is None) != (other.cuda is None) or (self.cuda is not None and (len(self.cuda) != len(other.cuda) or not all(torch.equal(a, b) for a, b in zip(self.cuda, other.cuda)))):
+        if self.cuda is None or other.cuda is None:
+            if (self.cuda is None) != (other.cuda is None):
+                return False
+        elif len(self.cuda) != len(other.cuda) or not all(torch.equal(a, b) for a, b in zip(self.cuda, other.cuda)):
             return False
         if (self.numpy is None) != (other.numpy is None):
             return False

@@ -180,7 +180,9 @@ class HessianSpectrum(MeasurementCallback):
         size = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         blocks = {f"{type(pl_module).__name__} has {size} trainable parameters": size}
         for layer in self.layers or []:
-            size = pl_module.get_submodule(layer).weight.numel()
+            weight = pl_module.get_submodule(layer).weight
+            assert isinstance(weight, Tensor), "resolve_layers checked the layer has a weight"
+            size = weight.numel()
             blocks[f"the weight of layer {layer!r} has {size} entries"] = size
         what, size = min(blocks.items(), key=lambda item: item[1])
         if self.k > size:

@@ -160,7 +160,9 @@ class _FirstUse(TorchFunctionMode):
 
     def __init__(self, watched: Mapping[int, str]) -> None:
         super().__init__()
-        self.watched, self.order, self._seen = watched, [], set()
+        self.watched = watched
+        self.order: list[str] = []
+        self._seen: set[str] = set()
         self.dropout = False
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
@@ -320,6 +322,7 @@ class Model:
 
         def hook(leaf: Tensor, n: str) -> None:
             done.add(n)
+            assert leaf.grad is not None, "a post-accumulate-grad hook runs after the gradient is set"
             consume(n, leaf.grad)
             leaf.grad = None
 

@@ -194,6 +194,6 @@ def prefix_gradients(
             loss = model.loss(tensors, batch)
         finally:
             del seq.forward  # type: ignore[union-attr]
-        (g,) = torch.autograd.grad(loss, [leaf], allow_unused=True)
-        out[layer] = torch.zeros_like(leaf) if g is None else g
+        (g_leaf,) = torch.autograd.grad(loss, [leaf], allow_unused=True)
+        out[layer] = torch.zeros_like(leaf) if g_leaf is None else g_leaf
     return out

@@ -86,7 +86,7 @@ def optimizer_update(optimizer: torch.optim.Optimizer, module: nn.Module, weight
         hyper = {k: v for k, v in group.items() if k != "params"}
         for p in group["params"]:
             n = name_of.get(id(p))
-            if n not in weights:
+            if n is None or n not in weights:
                 continue
             g = grads.get(n, p.grad)
             if g is None:

@@ -198,7 +198,7 @@ def _second_moment(opt: torch.optim.Optimizer, group: Mapping[str, Any], p: Tens
     v = state[key].detach().double() if key in state else torch.zeros_like(p, dtype=torch.float64)
     rms = isinstance(opt, torch.optim.RMSprop)
     beta2 = float(group["alpha"]) if rms else float(group["betas"][1])
-    if with_grad:
+    if with_grad and p.grad is not None:
         g = p.grad.detach().double()
         g = -g if group.get("maximize", False) else g
         decoupled = isinstance(opt, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
@@ -358,10 +358,11 @@ def _bn_terms(name: str, bn: nn.Module, x: Tensor, gy: Tensor, gx: Tensor) -> di
     dims = [0, *range(2, x.dim())]
     x, gy = x.double(), gy.double()
     m = x.numel() // x.shape[1]
-    sigma = (x.var(dims, correction=0) + bn.eps).sqrt()
+    sigma = (x.var(dims, correction=0) + float(bn.eps)).sqrt()  # type: ignore[arg-type]  # BatchNorm's eps is a float
     shape = [1, -1] + [1] * (x.dim() - 2)
     yhat = (x - x.mean(dims, keepdim=True)) / sigma.view(shape)
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(sigma)
+    weight = bn.weight
+    gamma = weight.detach().double() if isinstance(weight, Tensor) else torch.ones_like(sigma)
     inner = gy.pow(2).sum(dims) - gy.sum(dims).pow(2) / m - (gy * yhat).sum(dims).pow(2) / m
     return {
         f"gradact/{name}/input_norm": gx.double().pow(2).sum(),

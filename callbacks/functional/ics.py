@@ -103,7 +103,7 @@ def internal_covariate_shift(
     if weights is not None:
         model.values.update({n: float32(w) for n, w in weights.items()})
     requested = mode
-    mode = resolve_mode(mode, model, ICS_MODES, chunk_size)
+    engine = resolve_mode(mode, model, ICS_MODES, chunk_size)
     own = {layer: layer_param(module, layer, model) for layer in measured}
     updated = list(dict.fromkeys([layer_param(module, m, model) for m in weight_layer_names(module)] + [own[m] for m in measured]))
     batch = to_float32(batch)
@@ -125,7 +125,8 @@ def internal_covariate_shift(
             if isinstance(update, torch.optim.Optimizer) or hasattr(update, "_optimizer"):
                 new = optimizer_update(update, module, current, grads_for_step)  # type: ignore[arg-type]
             else:
-                new = update(current, {p: grads_for_step[p] for p in current})  # type: ignore[operator]
+                assert update is not None, "checked above: update or next_weights is given"
+                new = dict(update(current, {p: grads_for_step[p] for p in current}))
             new = {p: float32(new[p]) for p in updated}
 
         def before(p: str, layer: str) -> bool:
@@ -174,11 +175,11 @@ def internal_covariate_shift(
                         out[m] = gs[own[m]][j]
             return out
 
-        if mode == "prefix":
+        if engine == "prefix":
             G2 = prefix_gradients(model, batch, rng, updated, pos, own, shifted, config, warn=requested == "prefix")
         else:
             G2 = run_members(
-                mode,
+                engine,
                 "internal_covariate_shift",
                 model,
                 gradient,

@@ -82,7 +82,7 @@ def loss_landscape(
     model = Model(module, loss_fn)
     if weights is not None:
         model.values.update({n: float32(w) for n, w in weights.items()})
-    mode = resolve_mode(mode, model, MODES, chunk_size)
+    engine = resolve_mode(mode, model, MODES, chunk_size)
     batch = to_float32(batch)
     scale = dict(param_scale or {})
     names = model.trainable
@@ -131,7 +131,7 @@ def loss_landscape(
             return torch.cat(losses), torch.cat(dists)
 
         losses, dists = run_members(
-            mode,
+            engine,
             "loss_landscape",
             model,
             gradient,
