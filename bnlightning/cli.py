@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -289,7 +290,10 @@ class BNLightningCLI(LightningCLI):
         """What makes two runs the same experiment: the dumped config less ``resume.RESUME_ONLY_KEYS``."""
         import yaml
 
-        dumped = yaml.safe_load(self._parser("fit").dump(config, skip_none=False, skip_validation=True))
+        with warnings.catch_warnings():
+            # skip_none is deprecated in jsonargparse >= 4.49 for skip_unset, which the oldest version we support lacks
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dumped = yaml.safe_load(self._parser("fit").dump(config, skip_none=False, skip_validation=True))
         return resume.without_resume_only_keys(dumped)
 
     def after_fit(self) -> None:

@@ -457,7 +457,7 @@ def test_failed_resume_touches_nothing(in_tmp: Path, capsys: pytest.CaptureFixtu
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     _assert_one_line_error(
         [*common, "--model.init_args.width", "50", "--ckpt_path", str(ckpts / "last.ckpt")],
-        r"^error: --ckpt_path .*last\.ckpt belongs to a run with other settings \(model\.init_args\.width: 100 there, 50 here\)",
+        r"^error: --ckpt_path .*last\.ckpt: it was saved from another model: width is 100 in the checkpoint but 50 in this run's settings",
         capsys,
     )
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before, "nothing written before the check"

@@ -81,11 +81,12 @@ def test_resume_continues_only_the_same_run_and_writes_only_there(in_tmp: Path, 
 
     last_a = str(run_a / "checkpoints/last.ckpt")
     code, lines = _exit([*_args(in_tmp, lr, "0.1", "--model.init_args.width", "50", "--ckpt_path", last_a)], capsys)
-    assert code == 2 and len(lines) == 1 and "model.init_args.width: 100 there, 50 here" in lines[0], lines
+    # refused at parse time, before Lightning copies the checkpoint's settings over the command line's
+    assert code == 2 and len(lines) == 1 and "width is 100 in the checkpoint but 50 in this run's settings" in lines[0], lines
     loose = in_tmp / "loose.ckpt"
     shutil.copy(last_a, loose)
     code, lines = _exit([*_args(in_tmp, lr, "0.1", "--model.init_args.width", "50", "--ckpt_path", str(loose))], capsys)
-    assert code == 2 and len(lines) == 1 and "model.init_args.width: 100 there, 50 here" in lines[0], lines
+    assert code == 2 and len(lines) == 1 and "width is 100 in the checkpoint but 50 in this run's settings" in lines[0], lines
     assert sorted(p.name for p in run_a.parent.iterdir()) == ["version_0", "version_1"], "no folder left by a refused start"
 
     b_before = _files(run_b)
