@@ -1,4 +1,4 @@
-"""Normalizer-free training pieces (PROTOCOL §11; Brock et al. 2021, seed 003).
+"""Normalizer-free training pieces (PROTOCOL §11; Brock et al. 2021; the article "Batch Normalization… or not?").
 
 Scaled weight standardisation is a model option (``VGG(weight_standardization=True)``,
 ``ResNet(weight_standardization=True)``, built on timm's ``ScaledStdConv2d``). Adaptive

@@ -1,6 +1,6 @@
 """``MeanShift``: how alike different examples look inside the network (PROTOCOL §10).
 
-Brock et al. (2021) and seed 003: without normalization, ReLU outputs have a positive mean
+Brock et al. (2021) and the article "Batch Normalization… or not?": without normalization, ReLU outputs have a positive mean
 per channel, the shift grows with depth, and every example's hidden representation points
 the same way, until the network predicts one label for every input at initialisation.
 BatchNorm removes the per-channel mean at every layer; scaled weight standardisation
@@ -125,7 +125,7 @@ class MeanShift(ModuleLayersCallback):
     float32, no-grad ``measurement_forward`` of ``loss_method(batch)`` on the measured step's
     training batch (pre-step weights, training mode, buffers cloned, RNG rewound), so
     training is untouched. ``every_n_steps=1`` with ``max_steps=1`` measures the network at
-    initialisation, which is where seed 003's claim lives.
+    initialisation, which is where that article's claim lives.
 
     Logged metrics: see ``mean_shift``.
 

@@ -1,4 +1,4 @@
-"""``ResidualVariance``: residual branch vs skip path, per block (seed 003; De & Smith 2020).
+"""``ResidualVariance``: residual branch vs skip path, per block (the article "Batch Normalization… or not?"; De & Smith 2020).
 
 The claim: in a residual network, BatchNorm on the residual branch downscales it relative
 to the skip path at initialisation (the skip path's variance grows with depth while BN

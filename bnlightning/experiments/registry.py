@@ -42,7 +42,7 @@ CPU_VGG: tuple[str, ...] = (
 )
 
 
-#: CPU-sized MLP for the claims of issue 12: Ioffe & Szegedy's 3x100 MLP on the 8x8 digits.
+#: CPU-sized MLP for the other claims about BatchNorm: Ioffe & Szegedy's 3x100 MLP on the 8x8 digits.
 CPU_MLP: tuple[str, ...] = (
     "--config=configs/mlp_sigmoid.yaml",
     "--trainer.accelerator=cpu",
@@ -180,7 +180,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             cpu_overrides=("--trainer.max_steps=1000", "--trainer.accelerator=cpu"),
             sweep_metric=TRAIN_LOSS,
         ),
-        # --- issue 12: the other claims about BatchNorm (docs/reproduction-cpu.md, "Other claims") ---
+        # --- the other claims about BatchNorm (docs/reproduction-cpu.md, "Other claims") ---
         Experiment(
             "bn-batch-size",
             "Claim 1 [seeds 000, 003]: BN degrades at small batches, LayerNorm/GroupNorm do not (lr = lr_128 * B/128, same epochs; BN train- vs eval-mode accuracy)",
@@ -201,7 +201,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "mean-shift",
-            "Claim 6 [seed 003]: at initialisation, without BN, examples' activations align with depth and one label wins; BN and scaled WS prevent it",
+            "Claim 6 [the article Batch Normalization… or not?]: at initialisation, without BN, examples' activations align with depth and one label wins; BN and scaled WS prevent it",
             ("configs/vgg.yaml", "configs/experiments/meanshift.yaml"),
             {NORM: ("none", "batch"), WS: (False, True)},
             cpu_overrides=(*CPU_VGG, "--model.init_args.config=D", "--trainer.max_steps=1", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0"),
@@ -232,7 +232,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "normfree",
-            "Claim 7 [seed 003]: plain and BN VGG across learning rates, the baselines of the normalizer-free VGG (run with normfree-nf)",
+            "Claim 7 [the article Batch Normalization… or not?]: plain and BN VGG across learning rates, the baselines of the normalizer-free VGG (run with normfree-nf)",
             ("configs/vgg.yaml",),
             {NORM: ("none", "batch"), LR: (0.03, 0.1, 0.3, 1.0)},
             # No CPU variant: at CPU size these baselines are lr-range's runs at eta 0.1 and 1 (the
@@ -240,7 +240,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "normfree-nf",
-            "Claim 7 [seed 003]: VGG without BN but with scaled weight standardisation + AGC trains like BN across learning rates",
+            "Claim 7 [the article Batch Normalization… or not?]: VGG without BN but with scaled weight standardisation + AGC trains like BN across learning rates",
             ("configs/vgg.yaml", "configs/experiments/normfree.yaml"),
             {LR: (0.03, 0.1, 0.3, 1.0)},
             overrides=(f"--{NORM}=none", f"--{WS}=true"),
@@ -249,14 +249,14 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "resnet-residual",
-            "Claim 8 [seed 003]: at initialisation BN downscales each residual branch relative to the skip path (ResNet-20 and -110)",
+            "Claim 8 [the article Batch Normalization… or not?]: at initialisation BN downscales each residual branch relative to the skip path (ResNet-20 and -110)",
             ("configs/resnet20.yaml", "configs/experiments/measure_residual.yaml"),
             {NORM: ("none", "batch"), DEPTH: (20, 110)},
             cpu_overrides=(*CPU_RESNET, "--trainer.max_steps=1", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0"),
         ),
         Experiment(
             "resnet",
-            "Claim 8 [seed 003]: ResNet-20 with and without BN across learning rates (the baselines of resnet-nf)",
+            "Claim 8 [the article Batch Normalization… or not?]: ResNet-20 with and without BN across learning rates (the baselines of resnet-nf)",
             ("configs/resnet20.yaml",),
             {NORM: ("none", "batch"), LR: (0.03, 0.1, 0.3, 1.0)},
             cpu_overrides=CPU_RESNET,
@@ -264,7 +264,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "resnet-nf",
-            "Claims 7 + 8 [seed 003]: normalizer-free ResNet-20 (scaled WS + SkipInit + AGC) trains like the BN ResNet",
+            "Claims 7 + 8 [the article Batch Normalization… or not?]: normalizer-free ResNet-20 (scaled WS + SkipInit + AGC) trains like the BN ResNet",
             ("configs/resnet20.yaml", "configs/experiments/normfree.yaml"),
             {LR: (0.03, 0.1, 0.3, 1.0)},
             overrides=(f"--{NORM}=none", f"--{WS}=true", "--model.init_args.skipinit=true"),

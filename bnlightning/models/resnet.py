@@ -4,7 +4,7 @@ Each basic block is ``relu(branch(x) + shortcut(x))`` with the residual branch
 ``conv1, norm1, relu1, conv2, norm2`` (norm before the ReLU, as in the paper) and the
 shortcut the identity, or a 1x1 conv (+ norm) where the shape changes (option B). The
 submodules are named ``branch`` and ``shortcut`` so that ``ResidualVariance`` can compare
-them (seed 003: "BN downscales the residual branch at initialisation").
+them (the article "Batch Normalization… or not?": "BN downscales the residual branch at initialisation").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Figures and tables for sweeps beyond (norm, lr): issue 12's claims.
+"""Figures and tables for sweeps beyond (norm, lr): the other claims about BatchNorm.
 
 The paper figures (``figures.py``) group runs by (norm, lr). The claims sweep other keys too
 (batch size, init gain, BN position and affine, dropout, weight standardisation, callbacks),

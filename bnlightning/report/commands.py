@@ -88,7 +88,7 @@ def report_main(argv: Sequence[str]) -> int:
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"--out {out} exists and is not a folder")
         figures = draw_all(runs, out, args.dpi)
-        # Sweeps over keys beyond (norm, lr) -- issue 12's claims: their own figures and claims.md.
+        # Sweeps over keys beyond (norm, lr) -- the other claims about BatchNorm: their own figures and claims.md.
         from bnlightning.report.claims import draw_claims, write_claims_markdown
 
         figures += draw_claims(runs, out, args.dpi)

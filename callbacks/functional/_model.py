@@ -16,7 +16,7 @@
   one key, its canonical name being the first one ``named_parameters()`` gives, and the same
   substitute goes into each of its slots, so its gradient is the sum over its uses. Each slot is
   visited once and put back as it was (``torch.func.functional_call`` can leave a substitute in
-  the slot of a module registered under several names; see PITFALLS).
+  the slot of a module registered under several names; a known torch.func pitfall).
 - **Float32** outside autocast with TF32 off (``exact_float32``), whatever precision trains.
 - **Forward order** (``Model.gradient(..., record_order=True)``): the order in which each
   parameter is first *used* by a torch operation, recorded with a ``TorchFunctionMode``; this

@@ -317,7 +317,7 @@ def test_non_positive_landscape_step_size_is_one_clear_line(in_tmp: Path, capsys
     _assert_one_line_error(args, r"^error: .*step.*-1\.0", capsys)
 
 
-# --- issue 14: runs never mix, survive pre-emption, fail early ------------------------
+# --- runs never mix, survive pre-emption, fail early ------------------------
 CSV_ONLY = "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n      init_args: {save_dir: runs, name: quickstart}\n"
 
 
