@@ -16,44 +16,9 @@ from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._model import resolve_layers
 from bnlightning.callbacks.functional.gauges import adaptive_preconditioner, preconditioned_sharpness
-from bnlightning.callbacks.functional.hessian import HVP_METHODS, hessian_spectrum
+from bnlightning.callbacks.functional.hessian import HVP_METHODS, hessian_spectrum, sharpness_limit
 
 __all__ = ["HessianSpectrum", "sharpness_limit"]
-
-
-def sharpness_limit(optimizer: Any) -> tuple[float | None, str]:
-    """The edge-of-stability limit 2(1+β)/η every parameter is updated with, or ``None`` and why not.
-
-    Defined for ``torch.optim.SGD`` with heavy-ball momentum β (β = 0: plain SGD). Several parameter
-    groups are accepted when they give one limit; groups with different η or β are refused (one λmax of
-    H has no single η to be compared with), as are Nesterov momentum, dampening and other optimizers.
-    """
-    opt = getattr(optimizer, "_optimizer", getattr(optimizer, "optimizer", optimizer))
-    name = type(opt).__name__
-    if type(opt) is not torch.optim.SGD:
-        return None, f"the ratio is defined for SGD with heavy-ball momentum, and the optimizer is {name}"
-    limits = []
-    for group in opt.param_groups:
-        limit = _group_limit(group)
-        if limit is None:
-            return None, f"the ratio is defined for SGD with heavy-ball momentum and lr > 0; this SGD has {_sgd_settings(group)}"
-        limits.append(limit)
-    if max(limits) > min(limits) * (1 + 1e-12):
-        settings = "; ".join(f"group {i}: {_sgd_settings(g)}" for i, g in enumerate(opt.param_groups))
-        return None, f"the parameter groups have different limits 2(1+momentum)/lr ({settings}), so no single eta applies to lambda_max"
-    return limits[0], ""
-
-
-def _group_limit(group: dict[str, Any]) -> float | None:
-    """2(1+β)/η of one SGD parameter group (as ``edge_of_stability`` for the first group), or None."""
-    lr, beta = float(group["lr"]), float(group.get("momentum", 0.0))
-    if group.get("nesterov", False) or (beta and float(group.get("dampening", 0.0))) or not lr > 0:
-        return None
-    return 2.0 * (1.0 + beta) / lr
-
-
-def _sgd_settings(group: dict[str, Any]) -> str:
-    return f"lr={group['lr']}, momentum={group.get('momentum', 0)}, dampening={group.get('dampening', 0)}, nesterov={group.get('nesterov', False)}"
 
 
 class HessianSpectrum(MeasurementCallback):
