@@ -128,6 +128,15 @@ class RunCheckpoint(ModelCheckpoint):
 
 
 # --- resuming -------------------------------------------------------------------------
+def read_checkpoint(path: str | os.PathLike[str]) -> Any:
+    """A checkpoint's contents as data (``weights_only``: nothing in it runs), memory-mapped where the
+    format allows, so reading its small pickle does not copy its tensors."""
+    try:
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+
+
 def checkpoint_problem(path: str | os.PathLike[str], training: bool = False) -> str | None:
     """Why the checkpoint at ``path`` cannot be used (empty, truncated, unreadable, not Lightning's), or None.
 
@@ -143,7 +152,7 @@ def checkpoint_problem(path: str | os.PathLike[str], training: bool = False) -> 
     if size == 0:
         return "the file is empty (0 bytes)"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path)
     except Exception as err:  # zip, pickle and EOF errors all mean "not a whole checkpoint"
         return f"it cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:160]})"
     if not isinstance(state, dict) or "state_dict" not in state:

@@ -37,6 +37,7 @@ from bnlightning.checkpointing import (
     checkpoint_problem,
     foreign_model_problem,
     model_mismatch,
+    read_checkpoint,
     resolve_resume,
 )
 from bnlightning.errors import RunError, condense, storage_error_line, yaml_error
@@ -181,7 +182,7 @@ class BNLightningCLI(LightningCLI):
         as_dict = getattr(init_args, "as_dict", None)  # a jsonargparse Namespace, or a plain dict
         settings = as_dict() if callable(as_dict) else dict(init_args or {})
         settings.update(model.get("dict_kwargs") or {})  # a model taking **kwargs
-        hparams = _load_for_reading(path).get("hyper_parameters")
+        hparams = read_checkpoint(path).get("hyper_parameters")
         if problem := foreign_model_problem(hparams, model.get("class_path"), settings):
             raise RunError(f"--ckpt_path {path}: {problem}")
 
@@ -196,7 +197,7 @@ class BNLightningCLI(LightningCLI):
         path = self.config[subcommand].get("ckpt_path")
         if not path or not os.path.isfile(path):
             return
-        if problem := model_mismatch(self.model, _load_for_reading(path).get("state_dict", {})):
+        if problem := model_mismatch(self.model, read_checkpoint(path).get("state_dict", {})):
             raise RunError(f"--ckpt_path {path} does not match this model: {problem}; use the config that trained it")
 
     def instantiate_classes(self) -> None:
@@ -313,14 +314,6 @@ class BNLightningCLI(LightningCLI):
         diverged = getattr(model, "diverged_at_step", None)
         status = f"DIVERGED at step {diverged}" if diverged is not None else f"{trainer.global_step} steps"
         rank_zero_info(f"bnlightning: {stage} done for {what}: {status}; {shown or 'no validation metrics'}")
-
-
-def _load_for_reading(path: str) -> dict[str, Any]:
-    """A checkpoint's contents, memory-mapped where the format allows (nothing in it runs)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _refuse_finished_folder(csv: CSVLogger) -> None:

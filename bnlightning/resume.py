@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
 from bnlightning import runstate
+from bnlightning.checkpointing import read_checkpoint
 from bnlightning.errors import RunError
 from bnlightning.loggers import CSVLogger, csv_logger, resume_loggers
 
@@ -138,7 +138,7 @@ def stored_step(path: str) -> int | None:
     Memory-mapped: only the small pickle is read, not the tensors.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = read_checkpoint(path)
     except Exception:  # zip, pickle, EOF errors: not a whole checkpoint
         return None
     if not isinstance(state, dict) or "state_dict" not in state:
