@@ -47,7 +47,18 @@ import _report
 import _timing
 from overhead import StepClock, fit, time_measurements
 
-CALLBACKS = ("HessianSpectrum", "InternalCovariateShift", "LossLandscape", "ActivationStats", "MeanShift", "ResidualVariance")
+CALLBACKS = (
+    "HessianSpectrum",
+    "InternalCovariateShift",
+    "LossLandscape",
+    "ActivationStats",
+    "MeanShift",
+    "ResidualVariance",
+    "GradientCurvature",
+    "ActivationGradients",
+    "EffectiveLearningRate",
+    "SpectralDensity",
+)
 BUDGETED = ("InternalCovariateShift", "LossLandscape", "ActivationStats", "HessianSpectrum")
 MODELS = ("resnet18", "transformer", "vgg", "vgg16")
 QUICK = {"models": ["transformer"], "probe_measurements": 2, "steps": 60, "callbacks": list(CALLBACKS)}
@@ -125,7 +136,10 @@ def floor(name: str, cb: Any, module: nn.Module) -> str:
     ICS: G (1 step) + per measured layer half a step (its G' reuses the shared prefix's forward);
     landscape: G + one forward/backward per step size; activations: one forward (~1/3 step);
     Hessian: its HVPs (read from the logged iterations and probes) at about two steps each
-    (an HVP is a forward-over-reverse or double backward: about twice a gradient).
+    (an HVP is a forward-over-reverse or double backward: about twice a gradient). The stability
+    gauges: gradient curvature = G + two HVPs (along g and along the step) + one forward for the
+    actual change; activation gradients = one forward and backward; effective learning rate = two
+    weight copies (no pass); spectral density = lanczos_steps x n_starts HVPs per norm mode.
     """
     if name == "InternalCovariateShift":
         return f"{1 + 0.5 * len(cb._layers):.1f}"
@@ -136,6 +150,15 @@ def floor(name: str, cb: Any, module: nn.Module) -> str:
     if name == "HessianSpectrum":
         hvps = getattr(cb, "_bench_hvps", None)
         return f"{2 * hvps:.0f} ({hvps} HVPs)" if hvps else "2 x HVPs"
+    if name == "GradientCurvature":
+        return "5.3"
+    if name == "ActivationGradients":
+        return "1.0"
+    if name == "EffectiveLearningRate":
+        return "0"
+    if name == "SpectralDensity":
+        hvps = cb.lanczos_steps * cb.n_starts * len(cb.norm_modes)
+        return f"{2 * hvps} ({hvps} HVPs)"
     return ""
 
 

@@ -191,14 +191,16 @@ class StepClock(Callback):
 def time_measurements(cb: Any, clock: _timing.Clock, memory: MemoryWindows | None = None) -> list[float]:
     """Wrap ``cb``'s measuring hooks: returns the list its measurements' durations are appended to.
 
-    Most callbacks measure inside ``on_before_optimizer_step``. ``InternalCovariateShift`` (with
-    ``update_from="trainer"``) only copies W^t there and measures in the optimizer's step
-    post-hook (``_after_step``), once W^(t+1) exists: both parts count, as one measurement.
+    Most callbacks measure inside ``on_before_optimizer_step``. The two-phase ones (any callback with an
+    ``_after_step``: ``InternalCovariateShift`` with ``update_from="trainer"``, ``GradientCurvature``,
+    ``EffectiveLearningRate``) only copy W^t there and measure in the optimizer's step post-hook, once
+    W^(t+1) exists: both parts count, as one measurement.
     """
     durations: list[float] = []
     name = type(cb).__name__
     original = cb.on_before_optimizer_step
-    after_step = getattr(cb, "_after_step", None) if getattr(cb, "update_from", None) == "trainer" else None
+    # ICS's update_from="measured" has the post-hook method but measures in one phase
+    after_step = getattr(cb, "_after_step", None) if getattr(cb, "update_from", "trainer") == "trainer" else None
     carried = [0.0]  # the W^t copy's time, added to the post-hook's measurement
 
     def timed_hook(trainer: Any, pl_module: Any, optimizer: Any) -> None:
