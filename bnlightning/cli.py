@@ -461,10 +461,22 @@ def _end_command(exit_code: int, guarded: dict[int, Any], in_process: bool) -> N
         if exit_code != 0:
             discard_unused_claims()
         resume.release_runs()
+        _close_process_group()
         if in_process:
             # From the command line the guard stays until the interpreter exits: a signal
             # during W&B's final flush then ends nothing abruptly (the run is recorded).
             runstate.restore_signals(guarded)
+
+
+def _close_process_group() -> None:
+    """Destroy the process group a DDP run opened before the interpreter exits.
+
+    Lightning does this only for NCCL. A gloo group left to interpreter finalization can
+    abort the process (``terminate called without an active exception``, exit status -6)
+    after a run that finished well: gloo's worker threads outlive the Python objects they hold.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _raised_by_setup_check(err: BaseException) -> bool:

@@ -77,6 +77,8 @@ SCRIPT = textwrap.dedent(
         with open(os.path.join(out, f"w{world}-{norm}-rank{trainer.global_rank}.json"), "w") as f:
             json.dump({"seen": steps.seen, "last": [cb.last_measured_step for cb in cbs], "logged": rec.logged,
                        "reduce_s": reduce_s[0], "reduce_calls": calls[0], "fit_s": time.perf_counter() - t0}, f)
+        if torch.distributed.is_initialized():  # Lightning destroys only NCCL groups; gloo's can abort the exit
+            torch.distributed.destroy_process_group()
     """
 )
 

@@ -438,6 +438,8 @@ if __name__ == "__main__":
     trainer.fit(model, DataLoader(TensorDataset(x[shard], y[shard]), batch_size=n))
     with open(os.path.join(out, f"w{world}-rank{trainer.global_rank}.json"), "w") as f:
         json.dump(rec.logged, f)
+    if torch.distributed.is_initialized():  # Lightning destroys only NCCL groups; gloo's can abort the exit
+        torch.distributed.destroy_process_group()
 """
 
 
