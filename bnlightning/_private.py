@@ -33,6 +33,8 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("lightning.pytorch.callbacks.ModelCheckpoint", "_last_global_step_saved"),  # instance
     ("lightning.pytorch.cli.LightningCLI", "_instantiate_trainer"),  # overridden
     ("lightning.pytorch.Trainer", "_accelerator_connector"),  # instance, .cluster_environment
+    ("lightning.pytorch.Trainer", "_logger_connector"),  # instance
+    ("lightning.pytorch.trainer.connectors.logger_connector.logger_connector._LoggerConnector", "should_update_logs"),
     ("wandb_workspaces.reports.v2.Report", "_to_model"),
 )
 
@@ -122,6 +124,20 @@ def cluster_environment(trainer: Any) -> Any:
     a single-device SLURM job has the environment only here.
     """
     return trainer._accelerator_connector.cluster_environment
+
+
+def logs_this_step(trainer: Any) -> bool:
+    """Whether Lightning hands this step's ``self.log`` values to the loggers.
+
+    No public API answers it, and re-deriving it from public ``trainer.log_every_n_steps`` and
+    ``global_step`` would drift from the decision Lightning actually takes
+    (``_LoggerConnector.should_update_logs``): that counts batches which stepped an optimizer
+    (once per batch, however many optimizers stepped; ``global_step`` counts every optimizer
+    step), a step ahead before the step runs, the evaluation batch index outside ``fit``, and
+    ``trainer.should_stop``. True for Fabric's trainer stand-in, which has no logger connector.
+    """
+    connector = getattr(trainer, "_logger_connector", None)  # None: Fabric's trainer stand-in
+    return bool(getattr(connector, "should_update_logs", True))
 
 
 # --- wandb-workspaces -----------------------------------------------------------------------

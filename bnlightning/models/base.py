@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from bnlightning._private import logs_this_step
 from bnlightning.models.norms import NORM_KINDS
 
 LossKind = Literal["cross_entropy", "mse", "sum_squared"]
@@ -77,22 +78,45 @@ def check_norm_options(norm: str, norm_layers: list[int] | None, num_layers: int
 
 
 class BaseModule(pl.LightningModule):
-    """Shared training logic. Subclasses set ``self.net`` and call ``super().__init__``.
+    """The training system every bnlightning network shares; the network itself is handed in.
+
+    A network class (``VGG``, ``MLP``, ``ResNet``) declares only its architecture arguments,
+    builds its ``nn.Sequential`` and passes it here as ``net``, with every other keyword
+    argument (``**kwargs``) passed on unchanged. The training options below are therefore
+    declared once, here: LightningCLI follows ``**kwargs`` into this signature, so
+    ``model.init_args.loss`` or ``model.init_args.optimizer`` in a YAML file, ``--print_config``
+    and ``--model.help`` list them for every network class, with the help text below.
 
     The one thing the measurement callbacks need from a module is ``loss(batch)``: the
     scalar training objective on a batch, computed with the module's current parameters.
 
     Args:
+        net: the network (handed in by the network class; any ``nn.Module`` works).
+        num_outputs: the network's output width: the classes accuracy counts under
+            ``cross_entropy`` (handed in by the network class, which records it under its
+            own name: ``num_classes`` for VGG and ResNet, ``out_features`` for MLP).
         loss: ``cross_entropy`` (classification, logs accuracy), ``mse`` (mean squared
             error) or ``sum_squared`` (squared error summed over samples and outputs, the
             deep linear network's loss).
-        num_classes: classes for accuracy (classification only).
+        init: initialisation of every Conv/Linear weight: xavier_uniform (the paper's),
+            kaiming or default (PyTorch's own); biases start at zero except with default.
+        init_gain: multiplies every initial weight (see ``init_weights``; > 0).
         optimizer: a callable from parameters to an optimizer; in YAML a ``class_path``
             such as ``torch.optim.SGD`` with ``init_args``. Default: SGD, lr 0.1.
         lr_scheduler: optional callable from optimizer to scheduler (stepped every step).
-        compile: compile ``self.net`` with ``torch.compile`` (names are kept).
+        compile: compile the network with ``torch.compile`` (parameter names are kept).
         divergence_check_every_n_steps: how often the host reads the non-finite-loss flag;
             the step of divergence is exact whatever the value (it is tracked on device).
+
+    Raises:
+        ValueError: an unknown loss or init, a gain that is not a positive number, a
+            divergence check interval below 1 (one line naming the value).
+
+    Example::
+
+        from torchvision.models import resnet18
+
+        model = BaseModule(net=resnet18(num_classes=10), num_outputs=10, init="default")
     """
 
     _first_bad_step: Tensor  # a registered buffer: the first step whose loss was not finite (-1: none)
@@ -101,8 +125,12 @@ class BaseModule(pl.LightningModule):
 
     def __init__(
         self,
+        net: nn.Module,
+        num_outputs: int,
+        *,
         loss: LossKind = "cross_entropy",
-        num_classes: int = 10,
+        init: InitKind = "xavier_uniform",
+        init_gain: float = 1.0,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
@@ -113,19 +141,26 @@ class BaseModule(pl.LightningModule):
             raise ValueError(f"unknown loss {loss!r}; accepted: {', '.join(LossKind.__args__)}")  # type: ignore[attr-defined]
         if divergence_check_every_n_steps < 1:
             raise ValueError(f"divergence_check_every_n_steps must be >= 1, got {divergence_check_every_n_steps}")
+        # Lightning collects this frame's arguments and the network class's (whose **kwargs
+        # hold the options above that the caller set). net and num_outputs are left out: the
+        # network class records the user's own setting under its own name; the optimizer and
+        # scheduler are callables (the CLI config records their class_path and init_args).
+        self.save_hyperparameters(ignore=["net", "num_outputs", "optimizer", "lr_scheduler"])
         self.loss_kind = loss
-        self.num_classes = num_classes
+        self.num_classes = num_outputs
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.compile_net = compile
         self.divergence_check_every_n_steps = divergence_check_every_n_steps
         self.diverged_at_step: int | None = None
         if loss == "cross_entropy":
-            self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-            self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-            self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+            self.train_acc = MulticlassAccuracy(num_outputs, average="micro")
+            self.val_acc = MulticlassAccuracy(num_outputs, average="micro")
+            self.test_acc = MulticlassAccuracy(num_outputs, average="micro")
         # First step whose loss was non-finite, kept on device so no step waits on the host.
         self.register_buffer("_first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+        init_weights(net, init, init_gain)
+        self.net = net
 
     # --- the measurement contract -------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -170,11 +205,11 @@ class BaseModule(pl.LightningModule):
         value of its own batch), so computing and logging them on the other steps is
         pure overhead: skipping them changes no logged number.
         """
-        trainer = self._trainer
-        if trainer is None:
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # not attached to a Trainer (a plain forward in a test or notebook)
             return True
-        connector = getattr(trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True))
+        return logs_this_step(trainer)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self._shared_step(batch, "train")

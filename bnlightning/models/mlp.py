@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Literal
+from typing import Any, Literal
 
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from bnlightning.models.base import BaseModule, InitKind, LossKind, NormPosition, check_dropout, check_norm_options, default_optimizer, init_weights
+from bnlightning.models.base import BaseModule, NormPosition, check_dropout, check_norm_options
 from bnlightning.models.norms import NormKind, make_norm
 
 ActivationKind = Literal["relu", "tanh", "sigmoid", "identity"]
@@ -66,19 +65,23 @@ class MLP(BaseModule):
     The paper's deep linear network is ``MLP(in_features=10, out_features=10, depth=24,
     width=10, activation="identity", bias=False, loss="sum_squared")``: 25 layers of
     10x10. Ioffe & Szegedy's MNIST-style net is 3 hidden layers of 100 sigmoid units.
+    The architecture arguments are below; the training options (``loss``, ``init``,
+    ``init_gain``, ``optimizer``, ``lr_scheduler``, ``compile``,
+    ``divergence_check_every_n_steps``) are keyword arguments of ``BaseModule``.
 
     Args:
-        in_features, out_features: input size and outputs (classes or targets).
+        in_features: input size.
+        out_features: outputs (classes, or regression targets).
         depth: number of hidden layers.
         width: units per hidden layer.
         activation: relu, tanh, sigmoid or identity.
-        norm, norm_position, norm_affine: as in ``VGG``.
+        norm: none, batch, noisy_batch, l1, l2, linf, layer or group.
+        norm_position: the norm ``before`` (as Ioffe & Szegedy) or ``after`` the activation.
+        norm_affine: learnable gamma/beta in the norm.
         norm_layers: 0-based hidden-layer indices that get a norm (default: all).
-        init: xavier_uniform (paper), kaiming or default.
         bias: biases in the Linear layers.
-        init_gain: multiplies every initial weight (see ``init_weights``; > 0).
         dropout: dropout probability after every hidden block, in [0, 1) (0: none).
-        loss, optimizer, lr_scheduler, compile, divergence_check_every_n_steps: see ``BaseModule``.
+        **kwargs: the training options of ``BaseModule``.
 
     Example::
 
@@ -96,17 +99,21 @@ class MLP(BaseModule):
         norm_position: NormPosition = "before",
         norm_affine: bool = True,
         norm_layers: list[int] | None = None,
-        init: InitKind = "xavier_uniform",
         bias: bool = True,
-        loss: LossKind = "cross_entropy",
-        optimizer: OptimizerCallable = default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        compile: bool = False,
-        divergence_check_every_n_steps: int = 10,
-        init_gain: float = 1.0,
         dropout: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(loss, out_features, optimizer, lr_scheduler, compile, divergence_check_every_n_steps)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.net = build_mlp(in_features, out_features, depth, width, activation, norm, norm_position, norm_affine, norm_layers, bias, dropout)
-        init_weights(self.net, init, init_gain)
+        net = build_mlp(
+            in_features=in_features,
+            out_features=out_features,
+            depth=depth,
+            width=width,
+            activation=activation,
+            norm=norm,
+            norm_position=norm_position,
+            norm_affine=norm_affine,
+            norm_layers=norm_layers,
+            bias=bias,
+            dropout=dropout,
+        )
+        super().__init__(net=net, num_outputs=out_features, **kwargs)

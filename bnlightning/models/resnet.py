@@ -13,17 +13,9 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from bnlightning.models.base import (
-    BaseModule,
-    InitKind,
-    LossKind,
-    check_dropout,
-    default_optimizer,
-    init_weights,
-)
+from bnlightning.models.base import BaseModule, InitKind, check_dropout
 from bnlightning.models.norms import NORM_KINDS, NormKind, make_norm
 from bnlightning.models.vgg import conv_layer
 
@@ -104,19 +96,24 @@ def build_resnet(
 class ResNet(BaseModule):
     """CIFAR ResNet (default ResNet-20: 3 stages of 3 basic blocks, 16/32/64 channels).
 
+    The architecture arguments are below; the training options (``loss``, ``init_gain``,
+    ``optimizer``, ``lr_scheduler``, ``compile``, ``divergence_check_every_n_steps``) are
+    keyword arguments of ``BaseModule``. ``init`` is declared again here only because its
+    default differs (kaiming, He et al.'s choice for ResNets, instead of xavier_uniform).
+
     Args:
         depth: 6n + 2 (20, 32, 44, 56, 110).
         norm: none, batch, noisy_batch, l1, l2, linf, layer or group (as the VGG).
         norm_affine: learnable gamma/beta in the norm.
         init: xavier_uniform, kaiming (He et al.'s choice for ResNets) or default.
-        init_gain: multiplies every initial weight (> 0).
         width: channel multiplier (1.0 is the real ResNet-20; CPU runs use 0.25).
         weight_standardization: scaled WS convs (timm ``ScaledStdConv2d``): the normalizer-free
             variant, to train with ``bnlightning.normfree.AdaptiveGradientClipping``.
         skipinit: multiply each residual branch by a learnable scalar initialised to 0.
         dropout: dropout before the classifier, in [0, 1).
-        in_channels, num_classes: input channels and classes.
-        loss, optimizer, lr_scheduler, compile, divergence_check_every_n_steps: see ``BaseModule``.
+        in_channels: input channels.
+        num_classes: classes (outputs of the last layer).
+        **kwargs: the training options of ``BaseModule``.
 
     Raises:
         ValueError: bad depth, norm, width, dropout, init or gain (one line naming the value).
@@ -132,23 +129,23 @@ class ResNet(BaseModule):
         norm: NormKind = "batch",
         norm_affine: bool = True,
         init: InitKind = "kaiming",
-        init_gain: float = 1.0,
         width: float = 1.0,
         weight_standardization: bool = False,
         skipinit: bool = False,
         dropout: float = 0.0,
         in_channels: int = 3,
         num_classes: int = 10,
-        loss: LossKind = "cross_entropy",
-        optimizer: OptimizerCallable = default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        compile: bool = False,
-        divergence_check_every_n_steps: int = 10,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(loss, num_classes, optimizer, lr_scheduler, compile, divergence_check_every_n_steps)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.net = build_resnet(depth, norm, norm_affine, width, in_channels, num_classes, weight_standardization, skipinit, dropout)
-        init_weights(self.net, init, init_gain)
-
-    def forward(self, x: Any) -> Any:
-        return self.net(x)
+        net = build_resnet(
+            depth=depth,
+            norm=norm,
+            norm_affine=norm_affine,
+            width=width,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            weight_standardization=weight_standardization,
+            skipinit=skipinit,
+            dropout=dropout,
+        )
+        super().__init__(net=net, num_outputs=num_classes, init=init, **kwargs)

@@ -7,10 +7,9 @@ from collections import OrderedDict
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from bnlightning.models.base import BaseModule, InitKind, LossKind, NormPosition, check_dropout, check_norm_options, default_optimizer, init_weights
+from bnlightning.models.base import BaseModule, NormPosition, check_dropout, check_norm_options
 from bnlightning.models.norms import NormKind, make_norm
 
 # Channels per conv layer, "M" for a 2x2 max-pool (Simonyan & Zisserman, Table 1).
@@ -98,25 +97,28 @@ def build_vgg(
 class VGG(BaseModule):
     """VGG for 32x32 images with a 512 -> 10 head (PROTOCOL §6).
 
+    The architecture arguments are below; the training options (``loss``, ``init``,
+    ``init_gain``, ``optimizer``, ``lr_scheduler``, ``compile``,
+    ``divergence_check_every_n_steps``) are keyword arguments of ``BaseModule``.
+
     Args:
         config: A, B, D or E (VGG-11/13/16/19).
         norm: none, batch, noisy_batch, l1, l2, linf, layer or group.
         norm_position: the norm ``before`` (paper) or ``after`` the ReLU.
         norm_affine: learnable gamma/beta in the norm.
         norm_layers: 0-based conv indices that get a norm (default: all).
-        init: xavier_uniform (paper), kaiming or default (PyTorch's).
-        in_channels, num_classes: input channels and classes.
+        in_channels: input channels.
+        num_classes: classes (outputs of the last layer).
         width: channel multiplier (1.0 is the real VGG; tests use small values).
         channels_last: keep conv weights and inputs in channels-last memory format.
-        init_gain: multiplies every initial weight (see ``init_weights``; > 0).
         weight_standardization: scaled weight standardisation in every conv (normalizer-free
             VGG, Brock et al. 2021; pair it with ``bnlightning.normfree.AdaptiveGradientClipping``).
         dropout: dropout probability before the classifier, in [0, 1) (0: none).
-        loss, optimizer, lr_scheduler, compile, divergence_check_every_n_steps: see ``BaseModule``.
+        **kwargs: the training options of ``BaseModule``.
 
     Example::
 
-        model = VGG(config="A", norm="batch")
+        model = VGG(config="A", norm="batch", optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
     """
 
     def __init__(
@@ -126,24 +128,27 @@ class VGG(BaseModule):
         norm_position: NormPosition = "before",
         norm_affine: bool = True,
         norm_layers: list[int] | None = None,
-        init: InitKind = "xavier_uniform",
         in_channels: int = 3,
         num_classes: int = 10,
         width: float = 1.0,
         channels_last: bool = False,
-        loss: LossKind = "cross_entropy",
-        optimizer: OptimizerCallable = default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        compile: bool = False,
-        divergence_check_every_n_steps: int = 10,
-        init_gain: float = 1.0,
         weight_standardization: bool = False,
         dropout: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(loss, num_classes, optimizer, lr_scheduler, compile, divergence_check_every_n_steps)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.net = build_vgg(config, norm, norm_position, norm_affine, norm_layers, in_channels, num_classes, width, weight_standardization, dropout)
-        init_weights(self.net, init, init_gain)
+        net = build_vgg(
+            config=config,
+            norm=norm,
+            norm_position=norm_position,
+            norm_affine=norm_affine,
+            norm_layers=norm_layers,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            width=width,
+            weight_standardization=weight_standardization,
+            dropout=dropout,
+        )
+        super().__init__(net=net, num_outputs=num_classes, **kwargs)
         self.channels_last = channels_last
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
