@@ -95,7 +95,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the model and the synthetic data")
-    parser.add_argument("--out", type=Path, default=None, help="JSON output path (default: bench/<script>.json)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output path (default: runs/bench/<script>.json)")
     parser.add_argument("--quick", action="store_true", help="a small run (see the description) to check the ratios fast")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time (default) or this process's CPU time (steadier on a shared CPU; use with --threads 1)")
 

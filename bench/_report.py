@@ -1,4 +1,4 @@
-"""What the benchmark scripts print and write: the machine line, tables, the JSON beside the script."""
+"""What the benchmark scripts print and write: the machine line, tables, the JSON under ``runs/bench/``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ from typing import Any
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
+
+#: Where a script writes its JSON unless ``--out`` says otherwise: beside the training runs
+#: (``runs/``, git-ignored, relative to the working directory), never into the sources.
+RESULTS_DIR = Path("runs", "bench")
 
 
 def cpu_model() -> str:
@@ -80,7 +84,8 @@ def write_json(path: Path, payload: dict[str, Any]) -> Path:
 
 
 def default_out(script: str) -> Path:
-    return BENCH_DIR / f"{Path(script).stem}.json"
+    """``runs/bench/<script>.json``; the folder is created when the file is written."""
+    return RESULTS_DIR / f"{Path(script).stem}.json"
 
 
 def begin(script: str, args: argparse.Namespace) -> tuple[dict[str, Any], float]:
@@ -95,7 +100,7 @@ def begin(script: str, args: argparse.Namespace) -> tuple[dict[str, Any], float]
 
 
 def finish(script: str, argv: list[str] | None, args: argparse.Namespace, info: dict[str, Any], results: dict[str, Any], summary: str, started: float) -> dict[str, Any]:
-    """Write the run's JSON (``--out`` or beside the script), print where, then the summary line."""
+    """Write the run's JSON (``--out`` or :func:`default_out`), print where, then the summary line."""
     elapsed = time.perf_counter() - started
     payload = {
         "script": f"bench/{Path(script).name}",

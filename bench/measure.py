@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per method (medians are reported)")
     parser.add_argument("--vgg-width", type=float, default=1.0, help="VGG channel multiplier (1.0 = VGG-11)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("measure.json"))
+    parser.add_argument("--out", type=Path, default=Path("runs", "bench", "measure.json"), help="JSON output path (default: %(default)s)")
     args = parser.parse_args(argv)
 
     rows: list[dict[str, Any]] = []
@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "reps": args.reps,
         "vgg_width": args.vgg_width,
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     ics = {r["model"]: r["auto_over_naive"] for r in rows if r["measurement"] == "ics"}
     print("summary: ICS auto/naive " + ", ".join(f"{k} {v:.2f}x" for k, v in ics.items()) + f" (median of {args.reps}, batch {args.batch_size}); json: {args.out}")

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--configs", nargs="+", choices=[c for c in CONFIGS if c != "none"], default=[c for c in CONFIGS if c != "none"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("memory.json"))
+    parser.add_argument("--out", type=Path, default=Path("runs", "bench", "memory.json"), help="JSON output path (default: %(default)s)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'model':12} {'callback':58} {'extra peak':>12} {'x params':>9}")
     for r in rows:
         print(f"{r['model']:12} {r['what']:58} {r['extra_bytes'] / 2**20:10.0f} MiB {r['units']:8.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": args.device, "rows": rows}, indent=1))
     worst = max((r["units"] for r in rows if r["model"] == "transformer" and r["config"] in ("ics", "landscape", "activations")), default=float("nan"))
     print(f"largest extra peak of a callback at its defaults on the 50 M Transformer: {worst:.2f}x parameter memory (budget 3x)")

@@ -11,7 +11,9 @@ old checkpoint or the new one, and a full disk raises ``OSError(ENOSPC)`` naming
 
 Resuming is checked before anything is written: :func:`resolve_resume` picks the
 checkpoint (``last.ckpt``, or the newest intact step checkpoint beside a corrupt one),
-and :func:`model_mismatch` compares it with the model.
+and :func:`model_mismatch` compares it with the model. Every check reads the file through
+:func:`read_checkpoint`, which the command line holds (:func:`hold_reads`) so that a file is
+read once however many checks look at it.
 """
 
 from __future__ import annotations
@@ -128,13 +130,53 @@ class RunCheckpoint(ModelCheckpoint):
 
 
 # --- resuming -------------------------------------------------------------------------
+#: What :func:`read_checkpoint` read while reads are held (:func:`hold_reads`), by file identity;
+#: None when they are not held.
+_held: dict[tuple[str, int, int, int], Any] | None = None
+
+
+def hold_reads() -> None:
+    """From now until :func:`drop_reads`, :func:`read_checkpoint` reads each file once.
+
+    The command line checks a ``--ckpt_path`` file in several places before training (readable,
+    of this model, of this run's settings, the step it stores); holding the reads makes those
+    checks read it once. A file is known by its path, inode, size and modification time, so one
+    rewritten meanwhile is read again.
+    """
+    global _held
+    if _held is None:
+        _held = {}
+
+
+def drop_reads() -> None:
+    """Forget what was read since :func:`hold_reads` (the command line does this before training)."""
+    global _held
+    _held = None
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     """A checkpoint's contents as data (``weights_only``: nothing in it runs), memory-mapped where the
     format allows, so reading its small pickle does not copy its tensors."""
+    held = _held
+    key = _identity(path) if held is not None else None
+    if held is not None and key in held:
+        return held[key]
     try:
-        return torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
-        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    if held is not None and key is not None:
+        held[key] = state
+    return state
+
+
+def _identity(path: str | os.PathLike[str]) -> tuple[str, int, int, int] | None:
+    """``(real path, inode, size, mtime)``: what tells one file's contents from another's; None when it cannot be read."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None  # the load below raises the error a caller expects
+    return os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def checkpoint_problem(path: str | os.PathLike[str], training: bool = False) -> str | None:

@@ -4,7 +4,8 @@ The rules (``docs/reliability.md`` states them for users):
 
 * ``--ckpt_path last`` continues the newest *unfinished* run, under the CSV logger's
   ``save_dir/name``, whose settings equal this command's: the whole config except the
-  keys in :data:`RESUME_ONLY_KEYS`, which say how a run is watched, not what it trains.
+  keys in :data:`~bnlightning.settings.RESUME_ONLY_KEYS`, which say how a run is
+  watched, not what it trains (``bnlightning.settings`` defines them, for the report too).
   None: a new run in a new folder. A matching run that already completed (or diverged)
   is never reopened: :class:`AlreadyFinished` (one line, exit status 0, so a requeued
   job that finds its work done ends cleanly).
@@ -37,25 +38,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from bnlightning import runstate
-from bnlightning.checkpointing import read_checkpoint
+from bnlightning.checkpointing import model_mismatch, read_checkpoint, resolve_resume
 from bnlightning.errors import RunError
 from bnlightning.loggers import CSVLogger, csv_logger, resume_loggers
-
-#: Config keys that may differ between a run and the command that resumes it: where
-#: the run is resumed from, which files configured it, its loggers (the folder decides
-#: which run they continue), its callbacks (measurements observe, they do not train),
-#: how often it checkpoints, and console output.
-RESUME_ONLY_KEYS: tuple[str, ...] = (
-    "ckpt_path",
-    "config",
-    "checkpoint",
-    "trainer.logger",
-    "trainer.callbacks",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-)
+from bnlightning.settings import RESUME_ONLY_KEYS, without_keys
 
 LOCK_FILE = ".lock"
 _TMP_MARK = ".tmp-"
@@ -79,18 +68,6 @@ class Resume:
 
 
 # --- settings -----------------------------------------------------------------------
-def without_resume_only_keys(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` (a dumped LightningCLI config) without :data:`RESUME_ONLY_KEYS`."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
-    for key in RESUME_ONLY_KEYS:
-        head, _, tail = key.partition(".")
-        if not tail:
-            out.pop(head, None)
-        elif isinstance(out.get(head), dict):
-            out[head].pop(tail, None)
-    return out
-
-
 def first_difference(saved: Any, current: Any, prefix: str = "") -> str | None:
     """``"model.init_args.width: 100 there, 50 here"`` for the first differing key, or None."""
     if isinstance(saved, dict) and isinstance(current, dict):
@@ -112,7 +89,7 @@ def saved_settings(run_dir: str) -> dict[str, Any] | None:
             saved = yaml.safe_load(f)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    return without_resume_only_keys(saved) if isinstance(saved, dict) else None
+    return without_keys(saved, RESUME_ONLY_KEYS) if isinstance(saved, dict) else None
 
 
 def hparams_difference(state: dict[str, Any], settings: dict[str, Any]) -> str | None:
@@ -190,7 +167,7 @@ def find_last(root: str, settings: dict[str, Any], only: str | None = None) -> R
 
     Args:
         root: the CSV logger's ``save_dir/name``.
-        settings: this command's settings (:func:`without_resume_only_keys` of its config).
+        settings: this command's settings (its config less :data:`RESUME_ONLY_KEYS`).
         only: the one folder to consider (a logger ``version`` was given).
 
     Raises:
@@ -245,6 +222,73 @@ def check_explicit(path: str, state: dict[str, Any], settings: dict[str, Any]) -
     if saved is None and (diff := hparams_difference(state, settings)):
         raise RunError(f"--ckpt_path {path} was trained with other settings ({diff}); resume with the checkpoint's own settings")
     return Resume(path, run, int(state.get("global_step", 0)))
+
+
+# --- the plan of a fit -------------------------------------------------------------------
+#: ``--ckpt_path`` values that Lightning resolves itself (no file of ours to check).
+LIGHTNING_CKPT_PATHS = ("best", "hpc", "registry")
+
+
+def plan_fit(trainer: pl.Trainer, model: pl.LightningModule, csv: Any, asked: str | None, settings: dict[str, Any]) -> Resume:
+    """What ``fit --ckpt_path asked`` starts from, checked, with the loggers pointed at its run.
+
+    Args:
+        trainer: the command's trainer (its loggers are pointed at the resumed run).
+        model: the command's model, which the checkpoint's tensors must fit.
+        csv: the command's CSV logger (None: Lightning's own ``last`` lookup).
+        asked: ``--ckpt_path`` (None: a new run).
+        settings: this command's settings (its config less :data:`RESUME_ONLY_KEYS`).
+
+    Raises:
+        AlreadyFinished: the run to continue has finished.
+        RunError: the checkpoint cannot be resumed by this command (see :func:`continue_from`).
+    """
+    if not asked:
+        return Resume(None)
+    if asked in LIGHTNING_CKPT_PATHS or asked.startswith("registry:"):
+        return Resume(asked)
+    if asked != "last":
+        return continue_from(trainer, model, asked, settings)
+    if csv is None:
+        return Resume("last")  # no run folders to choose from: Lightning's own lookup
+    plan = find_last(csv.root_dir, settings, csv.log_dir if getattr(csv, "version_given", False) else None)
+    if plan.checkpoint is None:
+        rank_zero_info(f"bnlightning: no unfinished run with these settings under {csv.root_dir}; starting a new run")
+        return plan
+    assert plan.run_dir is not None, "find_last names the folder of the checkpoint it found"
+    if trainer.is_global_zero:
+        lock_run(plan.run_dir)  # before anything is read for writing
+    return continue_from(trainer, model, plan.checkpoint, settings, chosen=True)
+
+
+def continue_from(trainer: pl.Trainer, model: pl.LightningModule, asked: str, settings: dict[str, Any], chosen: bool = False) -> Resume:
+    """Resume from the checkpoint file ``asked``: its run (locked, loggers pointed at it), or a new run from its weights.
+
+    Args:
+        chosen: :func:`find_last` chose the file, so its run's status and settings are checked already.
+
+    Raises:
+        AlreadyFinished: its run already reached ``max_steps``.
+        RunError: no such file; it diverged; it does not fit ``model``; its run finished or has other settings.
+    """
+    if not os.path.isfile(asked):
+        raise RunError(f"--ckpt_path {asked}: no such checkpoint file")
+    path, warning = resolve_resume(asked)
+    if warning:
+        rank_zero_warn(warning)
+    state = read_checkpoint(path)
+    plan = Resume(path, run_folder_of(path), int(state.get("global_step", 0))) if chosen else check_explicit(path, state, settings)
+    if state.get("diverged_at_step") is not None:
+        raise RunError(f"{path}: this run diverged at step {state['diverged_at_step']} (non-finite loss); resuming would train on NaN. Start a new run (e.g. a smaller learning rate) instead")
+    if problem := model_mismatch(model, state.get("state_dict", {})):
+        raise RunError(f"{path} does not match this model: {problem}; resume with the run's own settings (its config.yaml) or start a new run")
+    if plan.run_dir is not None:
+        check_not_done(plan, trainer.max_steps)
+        if trainer.is_global_zero:
+            lock_run(plan.run_dir)
+        continue_run(trainer, plan, state)
+    rank_zero_info(f"bnlightning: resuming {plan.run_dir or 'a new run'} from {path} (step {plan.step})")
+    return plan
 
 
 # --- continuing the chosen run -------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 The paper figures (``figures.py``) group runs by (norm, lr). The claims sweep other keys too
 (batch size, init gain, BN position and affine, dropout, weight standardisation, callbacks),
-so here a *setting* is every config value that differs between the runs of a family, read
-from each run's ``config.yaml``; seeds are the repeats. Per family:
+so here runs are grouped by their whole *setting* (``Run.setting``, defined in
+``bnlightning.settings``) and named by the keys that differ between the runs of a family
+(:func:`~bnlightning.report.runs.varying_keys`); seeds are the repeats. Per family:
 
 - ``sweep``: final validation accuracy (mean over seeds, min-max bar) against the first
   numeric swept key with at least three values (batch size, init gain, lr), one line per
@@ -35,15 +36,6 @@ __all__ = ["claim_rows", "draw_claims", "setting_label", "varying_keys", "write_
 
 #: Numeric keys that make a good x axis, in order of preference.
 X_KEYS = ("data.init_args.batch_size", "model.init_args.init_gain", "model.init_args.optimizer.init_args.lr", "model.init_args.dropout")
-
-
-def _value(run: Run, key: str) -> Any:
-    return run.value(key)
-
-
-def settings_of(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple[str, ...], list[Run]]:
-    """Runs grouped by their values of ``keys`` (seeds are the repeats), in a stable order."""
-    return group_settings(runs, keys)
 
 
 def _mean_last(run: Run, metric: str, n: int = 5) -> float | None:
@@ -95,7 +87,7 @@ def _fmt(st: tuple[float, float, float, float] | None) -> str:
 def claim_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the claims table of one family: one row per setting."""
     keys = varying_keys(runs)
-    groups = settings_of(runs, keys)
+    groups = group_settings(runs, keys)
     results = {id(r): run_results(r) for r in runs}
     columns: list[str] = []
     for r in runs:
@@ -107,14 +99,14 @@ def claim_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
     for rs in groups.values():
         seeds = ",".join(str(r.seed) for r in sorted(rs, key=lambda r: r.seed if r.seed is not None else -1))
         diverged = sum(r.diverged_at_step is not None for r in rs)
-        rows.append([format_value(k, _value(rs[0], k)) for k in keys] + [seeds] + [_fmt(_stats([results[id(r)].get(c) for r in rs])) for c in columns] + [f"{diverged}/{len(rs)}"])
+        rows.append([format_value(k, rs[0].value(k)) for k in keys] + [seeds] + [_fmt(_stats([results[id(r)].get(c) for r in rs])) for c in columns] + [f"{diverged}/{len(rs)}"])
     return header, rows
 
 
 def _x_key(runs: Sequence[Run], keys: Sequence[str]) -> str | None:
     for k in X_KEYS:
         if k in keys:
-            values = {_value(r, k) for r in runs}
+            values = {r.value(k) for r in runs}
             if len(values) >= 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
                 return k
     return None
@@ -133,14 +125,14 @@ def sweep_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: i
     fig, axes = subplots(1, 2, 5.0, 3.4)
     axes = axes[0]
     colors = combo_colors(runs, others)  # the norms keep their colours of the training curves
-    for key, rs in settings_of(runs, others).items():
+    for key, rs in group_settings(runs, others).items():
         label, color = setting_label(rs[0], others) if others else rs[0].norm_label, colors[key]
         for ax, metric in zip(axes, ("val/acc", second)):
             pts = []
-            for group in settings_of(rs, [x_key]).values():
+            for group in group_settings(rs, [x_key]).values():
                 st = _stats([r.final(metric) if metric != "train/loss" else _mean_last(r, metric, 1) for r in group])
                 if st is not None:
-                    pts.append((float(_value(group[0], x_key)), *st, sum(r.diverged_at_step is not None for r in group)))
+                    pts.append((float(group[0].value(x_key)), *st, sum(r.diverged_at_step is not None for r in group)))
             if not pts:
                 continue
             xs, means, _, los, his, div = (np.array(c) for c in zip(*pts))
@@ -168,7 +160,7 @@ def sweep_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: i
 
 
 def _bar_figure(family: tuple[str, str], runs: Sequence[Run], keys: Sequence[str], out: Path, dpi: int) -> Figure | None:
-    groups = settings_of(runs, keys)
+    groups = group_settings(runs, keys)
     labels = [setting_label(rs[0], keys).replace(", ", "\n") for rs in groups.values()]
     # Side by side up to three settings; beyond, one panel per row so the tick labels fit.
     stacked = len(groups) > 3
@@ -354,13 +346,13 @@ def _meanshift_table(runs: Sequence[Run]) -> str:
     keys = varying_keys(runs)
     header = [short_key(k) for k in keys] + ["seeds", "layers", "cos first", "cos middle", "cos last", "channel mean last", "majority share"]
     rows = []
-    for rs in settings_of(runs, keys).values():
+    for rs in group_settings(runs, keys).values():
         own = sorted({n.split("/")[1] for r in rs for n in r.metrics if n.startswith("meanshift/") and n.endswith("/cos")}, key=_block_key)
         if not own:
             continue
         picks = [own[0], own[len(own) // 2], own[-1]]
         rows.append(
-            [format_value(k, _value(rs[0], k)) for k in keys]
+            [format_value(k, rs[0].value(k)) for k in keys]
             + [",".join(str(r.seed) for r in rs), f"{short_layer(own[0])} … {short_layer(own[-1])} ({len(own)})"]
             + [_fmt(_stats([_first(r, f"meanshift/{n}/cos") for r in rs])) for n in picks]
             + [_fmt(_stats([_first(r, f"meanshift/{own[-1]}/channel_mean") for r in rs])), _fmt(_stats([_first(r, "meanshift/majority_share") for r in rs]))]
@@ -373,13 +365,13 @@ def _residual_table(runs: Sequence[Run]) -> str:
     keys = varying_keys(runs)
     header = [short_key(k) for k in keys] + ["seeds", "blocks", "ratio first block", "ratio last block", "median ratio"]
     rows = []
-    for rs in settings_of(runs, keys).values():
+    for rs in group_settings(runs, keys).values():
         own = [b for b in blocks if any(r.series(f"resvar/{b}/ratio") is not None for r in rs)]
         if not own:
             continue
         med = [float(np.nanmedian([_first(r, f"resvar/{b}/ratio") or np.nan for b in own])) for r in rs]
         rows.append(
-            [format_value(k, _value(rs[0], k)) for k in keys]
+            [format_value(k, rs[0].value(k)) for k in keys]
             + [",".join(str(r.seed) for r in rs), str(len(own))]
             + [_fmt(_stats([_first(r, f"resvar/{b}/ratio") for r in rs])) for b in (own[0], own[-1])]
             + [_fmt(_stats(med))]

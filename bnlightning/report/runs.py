@@ -6,9 +6,10 @@ read too when present: it carries ``cli.dataset_name``, the data module's own la
 (e.g. "sklearn digits resized to 32x32 RGB (substitute, not CIFAR-10)"), which every
 figure and table shows so a substitute data set is never taken for the real one.
 
-Runs are grouped into *settings*: a run's setting is its whole configuration except the
-seed and the keys that only say where it logs or how it resumes (:data:`NOT_SETTINGS`), so
-two runs are one setting exactly when they differ by seed alone. A table or legend names
+Runs are grouped into *settings* (``bnlightning.settings``, the definition the resume policy
+uses too): a run's setting is its whole configuration except the seed and the keys that only
+say where it logs or how it resumes (:data:`~bnlightning.settings.NOT_SETTINGS`), so two runs
+are one setting exactly when they differ by seed alone. A table or legend names
 a setting by the keys that differ between the runs shown (:func:`varying_keys`): norm and
 learning rate for the paper's grids, batch size, init gain, BN placement ... for others.
 The seeds of one setting are repeats and become the band around a curve. The same seed
@@ -44,6 +45,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from bnlightning.settings import is_setting_key
+
 #: A metric's history: the steps it was logged at and its values there (NaN/inf kept).
 Series = tuple[np.ndarray, np.ndarray]
 
@@ -68,22 +71,6 @@ def _get(tree: Any, dotted: str, default: Any = None) -> Any:
         node = node[part]
     return node
 
-
-#: Config keys (dotted; a trailing dot is a whole section) that never make two runs different
-#: settings: the seeds (the repeats) and what only says where a run logs, how it is shown or
-#: how it resumes.
-NOT_SETTINGS = (
-    "seed_everything",
-    "data.init_args.seed",
-    "ckpt_path",
-    "weights_only",
-    "dataset_name",
-    "trainer.logger",
-    "trainer.default_root_dir",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "checkpoint.",
-)
 
 #: Short names of keys in tables and legends (others: the last part of the dotted key).
 SHORT_KEYS = {"model.init_args.optimizer.init_args.lr": "lr", "trainer.callbacks": "callbacks", "data.init_args.batch_size": "batch_size"}
@@ -268,7 +255,7 @@ class Run:
 
     @property
     def setting(self) -> tuple[tuple[str, str], ...]:
-        """Every config value but the seeds and bookkeeping (:data:`NOT_SETTINGS`): runs of one setting differ only by seed."""
+        """Every config value but the seeds and bookkeeping (:data:`bnlightning.settings.NOT_SETTINGS`): runs of one setting differ only by seed."""
         return tuple((k, repr(v)) for k, v in sorted(self.flat_config.items()) if is_setting_key(k))
 
     def value(self, key: str) -> Any:
@@ -384,14 +371,10 @@ def _callback_label(spec: Any) -> str:
     return name + (f"({', '.join(f'{k}={v}' for k, v in args.items())})" if args else "")
 
 
-def is_setting_key(key: str) -> bool:
-    return not any(key == i or (i.endswith(".") and key.startswith(i)) or key.startswith(i + ".") for i in NOT_SETTINGS)
-
-
 def varying_keys(runs: Sequence[Run]) -> list[str]:
     """Config keys (dotted) whose values differ between ``runs``: what tells their settings apart.
 
-    Seeds and bookkeeping (:data:`NOT_SETTINGS`) are left out; so two runs that differ only by
+    Seeds and bookkeeping (:data:`bnlightning.settings.NOT_SETTINGS`) are left out; so two runs that differ only by
     seed give ``[]``.
     """
     keys = sorted({k for r in runs for k in r.flat_config if is_setting_key(k)})

@@ -112,12 +112,12 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
 
 def test_the_command_destroys_the_process_group_it_leaves(tmp_path: Path) -> None:
     """Lightning destroys only NCCL groups; a gloo group left to interpreter shutdown can abort a finished run (-6)."""
-    from bnlightning import cli
+    from bnlightning import teardown
 
     store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        cli._end_command(0, {}, in_process=True)
+        teardown.end_command(0, {}, in_process=True)
         assert not torch.distributed.is_initialized()
     finally:
         if torch.distributed.is_initialized():
