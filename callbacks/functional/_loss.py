@@ -14,11 +14,11 @@ The rule, first that applies:
 4. a LightningModule's own ``training_step``, called with the arguments it accepts (as Lightning
    calls it): ``(batch, 0)``, or ``(batch)`` for ``training_step(self, batch)``; it may return the
    loss or a dict with ``"loss"``. Its ``self.log`` calls are silenced and its torchmetrics states
-   restored while a measurement runs it (``Model.session``).
+   restored while a measurement runs it (``LossHarness.session``).
 
 Under rules 3 and 4 both can apply; ``loss_candidates`` returns them in that order and the
 callbacks keep the first that gives, on the first training batch, a scalar that depends on the
-trainable parameters (``check_loss`` in ``_model.py``): Lightning's ``BoringModel.loss(preds,
+trainable parameters (``check_loss`` in ``_harness.py``): Lightning's ``BoringModel.loss(preds,
 labels=None)`` takes one argument but is no loss of a batch, so its ``training_step`` is measured.
 """
 

@@ -116,7 +116,7 @@ def internal_covariate_shift(
             grads_for_step = {**{n: G[n] for n in updated if n in G}, **(step_grads or {})}
             current = {p: model.values[p] for p in updated}
             if isinstance(update, torch.optim.Optimizer):  # a LightningOptimizer is one too
-                new = optimizer_update(update, module, current, grads_for_step)  # type: ignore[arg-type]
+                new = optimizer_update(update, module, current, grads_for_step)
             else:
                 assert update is not None, "checked above: update or next_weights is given"
                 new = dict(update(current, {p: grads_for_step[p] for p in current}))
