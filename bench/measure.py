@@ -39,7 +39,7 @@ from torch import nn
 from bnlightning.callbacks import internal_covariate_shift, loss_landscape, sgd_update, step_gradient
 from bnlightning.callbacks.functional import ICS_MODES, MODES
 from bnlightning.callbacks.functional._batching import resolve_mode
-from bnlightning.callbacks.functional._model import Model
+from bnlightning.callbacks.functional._harness import LossHarness
 from bnlightning.models import MLP, VGG
 
 MODELS: dict[str, tuple[Callable[[float], nn.Module], float]] = {
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch = make_batch(name, model, args.batch_size)
         steps = [0.5 * lr, lr, 2 * lr, 4 * lr]
         # "auto-vmap" is vmap in chunks that fit the memory budget: these models fit whole
-        autos = {what: resolve_mode("auto", Model(model), modes, None).replace("auto-vmap", "vmap") for what, modes in (("ics", ICS_MODES), ("landscape", MODES))}
+        autos = {what: resolve_mode("auto", LossHarness(model), modes, None).replace("auto-vmap", "vmap") for what, modes in (("ics", ICS_MODES), ("landscape", MODES))}
         for what, methods in (
             (
                 "ics",

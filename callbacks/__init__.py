@@ -21,8 +21,10 @@ from bnlightning.callbacks.functional import (
     activation_stats,
     internal_covariate_shift,
     loss_landscape,
+    mean_shift,
     measurement_forward,
     optimizer_update,
+    residual_variance,
     resolve_loss,
     sgd_update,
     step_gradient,
@@ -35,8 +37,8 @@ from bnlightning.callbacks.guard import ObserverEffectError, RngState, observer_
 from bnlightning.callbacks.hessian import HessianSpectrum
 from bnlightning.callbacks.ics import InternalCovariateShift
 from bnlightning.callbacks.landscape import LossLandscape
-from bnlightning.callbacks.meanshift import MeanShift, mean_shift
-from bnlightning.callbacks.residual import ResidualVariance, residual_variance
+from bnlightning.callbacks.meanshift import MeanShift
+from bnlightning.callbacks.residual import ResidualVariance
 
 __all__ = [
     "ActivationGradients",

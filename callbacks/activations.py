@@ -7,69 +7,22 @@ from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
-from bnlightning.callbacks.base import MeasurementCallback, wandb_loggers
+from bnlightning.callbacks._layers import ModuleLayersCallback, default_activation_layers
+from bnlightning.callbacks.base import wandb_loggers
 from bnlightning.callbacks.functional import activation_kind, activation_stats, capture_forward
 from bnlightning.callbacks.functional._loss import LossFn
-from bnlightning.callbacks.functional._model import metric_name
+from bnlightning.callbacks.functional.names import metric_name
 
 __all__ = ["ActivationStats", "default_activation_layers"]
-
-
-def default_activation_layers(module: nn.Module) -> list[str]:
-    """Every activation module (its input is read) or, if there is none, every Conv/Linear (output)."""
-    acts = [n for n, m in module.named_modules() if n and activation_kind(m)]
-    if acts:
-        return acts
-    return [n for n, m in module.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-
-
-def module_layers(module: nn.Module, layers: list[str] | None) -> list[str]:
-    """``layers`` checked against ``module``'s submodule names, or ``default_activation_layers`` when None.
-
-    Raises:
-        ValueError: an unknown name (the valid ones are listed), or no default layer in the module.
-    """
-    modules = dict(module.named_modules())
-    if layers is None:
-        found = default_activation_layers(module)
-        if not found:
-            raise ValueError(f"{type(module).__name__} has no activation, Conv or Linear module; pass layers=")
-        return found
-    bad = [n for n in layers if n not in modules or not n]
-    if bad:
-        raise ValueError(f"unknown layer {bad[0]!r}. Valid module names: {', '.join(n for n in modules if n)}")
-    return list(layers)
 
 
 def _finite_values(x: Tensor) -> Tensor:
     """The finite entries of ``x`` as a new float32 vector (a copy, never a view of ``x``)."""
     flat = x.detach().float().flatten()
     return flat[torch.isfinite(flat)]
-
-
-class ModuleLayersCallback(MeasurementCallback):
-    """A measurement over named modules' activations (``ActivationStats``, ``MeanShift``).
-
-    ``layers`` (module names, or None for ``default_activation_layers``) is checked when given,
-    resolved against the module at setup into ``_layers``, and is part of the state key.
-    """
-
-    def __init__(self, layers: list[str] | None, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str | None, max_overhead: float | None = None, schedule: str = "fixed") -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
-        if layers is not None and not layers:
-            raise ValueError("layers must be None (default layers) or a non-empty list of module names")
-        self.layers = list(layers) if layers is not None else None
-        self._layers: list[str] = []
-
-    def _state_key_extra(self) -> dict[str, Any]:
-        return {"layers": self.layers}
-
-    @override
-    def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._layers = module_layers(pl_module, self.layers)
 
 
 class ActivationStats(ModuleLayersCallback):

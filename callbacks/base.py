@@ -71,9 +71,12 @@ from torch import Tensor
 from typing_extensions import override
 
 from bnlightning.callbacks._budget import OverheadLedger, check_max_overhead, check_schedule, is_scheduled
-from bnlightning.callbacks.functional import StepGradient, check_optimizer, step_gradient
+from bnlightning.callbacks.functional import StepGradient, step_gradient
+from bnlightning.callbacks.functional._harness import check_loss
 from bnlightning.callbacks.functional._loss import LossFn, ResolvedLoss, check_loss_fn, check_loss_method, loss_candidates
-from bnlightning.callbacks.functional._model import Reduce, can_run_eager, check_loss, metric_name
+from bnlightning.callbacks.functional._numerics import Reduce, can_run_eager
+from bnlightning.callbacks.functional._updates import check_optimizer
+from bnlightning.callbacks.functional.names import metric_name
 from bnlightning.callbacks.guard import ObserverEffectError, RngState, observer_guard
 
 __all__ = ["GradientExchange", "MeasurementCallback", "StepKey"]

@@ -13,8 +13,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
+from bnlightning.callbacks.functional._layers import resolve_layers
 from bnlightning.callbacks.functional._loss import LossFn
-from bnlightning.callbacks.functional._model import resolve_layers
 from bnlightning.callbacks.functional.gauges import adaptive_preconditioner, preconditioned_sharpness
 from bnlightning.callbacks.functional.hessian import HVP_METHODS, hessian_spectrum, sharpness_limit
 

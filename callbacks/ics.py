@@ -13,16 +13,11 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback, StepKey
-from bnlightning.callbacks.functional import (
-    ICS_MODES,
-    check_chunk_size,
-    check_memory_budget,
-    check_mode,
-    check_optimizer,
-    internal_covariate_shift,
-    resolve_layers,
-)
+from bnlightning.callbacks.functional import ICS_MODES, internal_covariate_shift
+from bnlightning.callbacks.functional._batching import check_chunk_size, check_memory_budget, check_mode
+from bnlightning.callbacks.functional._layers import resolve_layers
 from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._updates import check_optimizer
 from bnlightning.callbacks.guard import observer_guard
 
 __all__ = ["InternalCovariateShift"]

@@ -11,8 +11,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
-from bnlightning.callbacks.functional import MODES, check_chunk_size, check_memory_budget, check_mode, check_step_sizes, loss_landscape
+from bnlightning.callbacks.functional import MODES, loss_landscape
+from bnlightning.callbacks.functional._batching import check_chunk_size, check_memory_budget, check_mode
 from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._optimizer import torch_optimizer
+from bnlightning.callbacks.functional.landscape import check_step_sizes
 
 __all__ = ["LossLandscape"]
 
@@ -107,7 +110,7 @@ class LossLandscape(MeasurementCallback):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
         steps, scale = self.step_sizes, None
         if self.step_size_mode == "relative":
-            opt = getattr(optimizer, "_optimizer", optimizer)
+            opt = torch_optimizer(optimizer)
             base = float(opt.param_groups[0]["lr"])
             if not base > 0:
                 if not self._warned_zero_lr:

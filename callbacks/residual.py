@@ -10,65 +10,18 @@ A *block* is any module with two children named ``branch`` and ``shortcut`` (as 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional import capture_forward
 from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional.residual import block_metrics, read_variance, residual_blocks, residual_variance
 
 __all__ = ["ResidualVariance", "residual_blocks", "residual_variance"]
-
-
-def residual_blocks(module: nn.Module) -> list[str]:
-    """Names of the submodules that have both a ``branch`` and a ``shortcut`` child."""
-    out = []
-    for name, m in module.named_modules():
-        children = dict(m.named_children())
-        if name and "branch" in children and "shortcut" in children:
-            out.append(name)
-    return out
-
-
-def residual_variance(outputs: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-    """Per block, the variance of the branch's and the skip path's outputs over the batch.
-
-    Variance: of all entries of the output (examples, channels, pixels pooled; population
-    variance). ``resvar/<block>/ratio`` = var(branch) / var(skip): below 1, the block is
-    close to the identity.
-
-    Args:
-        outputs: block name -> (branch output, shortcut output) on one batch.
-
-    Raises:
-        ValueError: the two outputs of a block differ in shape.
-
-    Example::
-
-        residual_variance({"stage1.block1": (torch.randn(8, 4), 3 * torch.randn(8, 4))})
-    """
-    out: dict[str, Tensor] = {}
-    for name, (branch, skip) in outputs.items():
-        out.update(_block_metrics(name, _read(name, branch), _read(name, skip)))
-    return out
-
-
-def _read(name: str, x: Tensor) -> tuple[torch.Size, Tensor]:
-    """What a block needs of one output: its shape and its population variance (float64), at hook time."""
-    return x.shape, x.detach().double().var(unbiased=False)
-
-
-def _block_metrics(name: str, branch: tuple[torch.Size, Tensor], skip: tuple[torch.Size, Tensor]) -> dict[str, Tensor]:
-    (shape_b, vb), (shape_s, vs) = branch, skip
-    if shape_b != shape_s:
-        raise ValueError(f"block {name!r}: branch output {tuple(shape_b)} and shortcut output {tuple(shape_s)} differ")
-    ratio = (vb / vs).float() if vs > 0 else torch.tensor(float("inf"))
-    return {f"resvar/{name}/branch": vb.float(), f"resvar/{name}/skip": vs.float(), f"resvar/{name}/ratio": ratio}
 
 
 class ResidualVariance(MeasurementCallback):
@@ -120,11 +73,11 @@ class ResidualVariance(MeasurementCallback):
             block = pl_module.get_submodule(name)
             taps[f"{name}\x00branch"], taps[f"{name}\x00skip"] = (block.branch, "output"), (block.shortcut, "output")
         # The variances are taken in the hooks: `out = branch(x); out += shortcut(x)` rewrites the branch output.
-        seen = capture_forward(pl_module, batch, taps, read=_read, loss_fn=self.measured_loss(pl_module))
+        seen = capture_forward(pl_module, batch, taps, read=read_variance, loss_fn=self.measured_loss(pl_module))
         out: dict[str, Tensor] = {}
         for n in self._blocks:
             if f"{n}\x00branch" in seen and f"{n}\x00skip" in seen:
-                out.update(_block_metrics(n, seen[f"{n}\x00branch"], seen[f"{n}\x00skip"]))
+                out.update(block_metrics(n, seen[f"{n}\x00branch"], seen[f"{n}\x00skip"]))
         return out
 
     @override

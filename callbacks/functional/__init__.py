@@ -1,11 +1,19 @@
 """Pure measurement functions (PROTOCOL §1–3); the Callback classes are thin shells over them.
 
-One file per measurement: ``ics.py`` (§1), ``landscape.py`` (§2), ``activations.py`` (§3), and
-``gradient.py`` (the first pass G they share). The private modules hold the plumbing:
-``_loss.py`` (which loss: resolved once), ``_model.py`` (the loss on substitute tensors, float32,
-eager and second-order frames, forward order, DDP reduction, memory),
-``_batching.py`` (vmap or loop), ``_prefix.py`` (ICS's prefix engine), ``_updates.py`` (W^(t+1)
-without the real step).
+One file per measurement: ``ics.py`` (§1), ``landscape.py`` (§2), ``activations.py`` (§3),
+``meanshift.py`` (§10), ``residual.py`` (residual branch vs skip path), ``gauges.py`` and ``sld.py``
+(§12), ``hessian.py`` (§9), and ``gradient.py`` (the first pass G they share). The private modules
+hold the plumbing, each named for what it holds: ``_loss.py`` (which loss: resolved once),
+``_harness.py`` (``LossHarness``: the loss on substitute tensors, in the measurement's frame),
+``_numerics.py`` (float32, eager, DDP reduction), ``_order.py`` (forward order), ``_layers.py``
+(which modules are layers), ``_memory.py`` (the vmap memory budget), ``_batching.py`` (vmap or
+loop), ``_prefix.py`` (ICS's prefix engine), ``_updates.py`` (W^(t+1) without the real step),
+``_state.py`` (RNG, torchmetrics and module-attribute snapshots), ``_optimizer.py`` (the torch
+optimizer inside Lightning's wrapper); ``names.py`` builds logged metric names.
+
+The layering rule: this package is pure torch. It imports nothing from the callback level above it
+(``bnlightning.callbacks.*`` outside ``functional``), nothing of Lightning and nothing of the rest of
+``bnlightning``; ``tests/callbacks/test_layering.py`` enforces it.
 
 The Hessian-vector-product toolkit (PROTOCOL §9, torch only; docs/curvature.md) is public here
 too: ``make_hvp``, ``top_eigenvalues`` (thick-restart Lanczos, returns an ``EigenResult``) and
@@ -33,14 +41,17 @@ once; pass its result as ``loss_fn`` to any number of calls.
 """
 
 from bnlightning.callbacks._curvature import EigenResult, hutchinson_trace, make_hvp, top_eigenvalues
-from bnlightning.callbacks.functional._batching import MODES, check_chunk_size, check_memory_budget, check_mode
-from bnlightning.callbacks.functional._loss import LossFn, import_loss_fn, resolve_loss
-from bnlightning.callbacks.functional._model import WEIGHT_LAYER_TYPES, exact_float32, resolve_layers, weight_layer_names
-from bnlightning.callbacks.functional._updates import check_optimizer, optimizer_update, sgd_update
+from bnlightning.callbacks.functional._batching import MODES
+from bnlightning.callbacks.functional._layers import WEIGHT_LAYER_TYPES, weight_layer_names
+from bnlightning.callbacks.functional._loss import LossFn, resolve_loss
+from bnlightning.callbacks.functional._numerics import exact_float32
+from bnlightning.callbacks.functional._updates import optimizer_update, sgd_update
 from bnlightning.callbacks.functional.activations import ACTIVATION_KINDS, activation_kind, activation_stats, capture_forward, measurement_forward
 from bnlightning.callbacks.functional.gradient import StepGradient, step_gradient
 from bnlightning.callbacks.functional.ics import ICS_MODES, internal_covariate_shift
-from bnlightning.callbacks.functional.landscape import check_step_sizes, loss_landscape
+from bnlightning.callbacks.functional.landscape import loss_landscape
+from bnlightning.callbacks.functional.meanshift import mean_shift
+from bnlightning.callbacks.functional.residual import residual_blocks, residual_variance
 
 __all__ = [
     "ACTIVATION_KINDS",
@@ -53,20 +64,16 @@ __all__ = [
     "activation_kind",
     "activation_stats",
     "capture_forward",
-    "check_chunk_size",
-    "check_memory_budget",
-    "check_mode",
-    "check_optimizer",
-    "check_step_sizes",
     "exact_float32",
     "hutchinson_trace",
-    "import_loss_fn",
     "internal_covariate_shift",
     "loss_landscape",
+    "mean_shift",
     "make_hvp",
     "measurement_forward",
     "optimizer_update",
-    "resolve_layers",
+    "residual_blocks",
+    "residual_variance",
     "resolve_loss",
     "sgd_update",
     "step_gradient",

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from bnlightning.callbacks.functional._model import Model, auto_choice, default_budget, members_that_fit, tell_choice
+from torch import nn
+
+from bnlightning.callbacks.functional._harness import LossHarness
+from bnlightning.callbacks.functional._memory import default_budget, members_that_fit
 
 if TYPE_CHECKING:
     from bnlightning.callbacks.functional.gradient import StepGradient
 
 MODES: tuple[str, ...] = ("auto", "vmap", "loop")
+
+log = logging.getLogger("bnlightning.callbacks")
 
 
 def check_mode(mode: str, modes: Sequence[str] = MODES) -> None:
@@ -32,7 +38,7 @@ def check_memory_budget(memory_budget: int | None) -> None:
         raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
 
 
-def resolve_mode(mode: str, model: Model, modes: Sequence[str], chunk_size: int | None) -> str:
+def resolve_mode(mode: str, model: LossHarness, modes: Sequence[str], chunk_size: int | None) -> str:
     """``auto`` becomes ``prefix`` (or ``loop``) for networks with convolutions, where vmap is a grouped
     convolution measured slower (bench/measure.py), else ``auto-vmap``: vmap in chunks sized from the
     memory budget, the loop when two members do not fit."""
@@ -71,7 +77,7 @@ def vmap_or_loop(mode: str, what: str, batched: Callable[[], Any], looped: Calla
 def run_members(
     mode: str,
     what: str,
-    model: Model,
+    model: LossHarness,
     gradient: StepGradient,
     *,
     weight_bytes: int,
@@ -96,3 +102,22 @@ def run_members(
     size = 0 if gradient.dropout or model.uses_training_step else size
     tell_choice(what, model.module, auto_choice(size, gradient.dropout, model.uses_training_step))
     return vmap_or_loop("auto", what, lambda: batched(size), looped) if size else looped()
+
+
+_told: set[tuple[str, str, str]] = set()  # what tell_choice said already, once per process
+
+
+def auto_choice(size: int, dropout: bool, training_step: bool) -> str:
+    """What ``mode="auto"`` chose, in words, for ``tell_choice``."""
+    if size:
+        return f"vmap in chunks of {size}"
+    why = "the loss runs a dropout" if dropout else "the loss is training_step, which may update state" if training_step else "vmap members do not fit the memory budget"
+    return f"loop ({why})"
+
+
+def tell_choice(what: str, module: nn.Module, choice: str) -> None:
+    """Say once per function, model class and choice which batching ``mode="auto"`` chose."""
+    key = (what, type(module).__name__, choice)
+    if key not in _told:
+        _told.add(key)
+        log.info("%s(mode='auto') on %s: %s", what, type(module).__name__, choice)

@@ -14,11 +14,11 @@ The rule, first that applies:
 4. a LightningModule's own ``training_step``, called with the arguments it accepts (as Lightning
    calls it): ``(batch, 0)``, or ``(batch)`` for ``training_step(self, batch)``; it may return the
    loss or a dict with ``"loss"``. Its ``self.log`` calls are silenced and its torchmetrics states
-   restored while a measurement runs it (``Model.session``).
+   restored while a measurement runs it (``LossHarness.session``).
 
 Under rules 3 and 4 both can apply; ``loss_candidates`` returns them in that order and the
 callbacks keep the first that gives, on the first training batch, a scalar that depends on the
-trainable parameters (``check_loss`` in ``_model.py``): Lightning's ``BoringModel.loss(preds,
+trainable parameters (``check_loss`` in ``_harness.py``): Lightning's ``BoringModel.loss(preds,
 labels=None)`` takes one argument but is no loss of a batch, so its ``training_step`` is measured.
 """
 
@@ -116,14 +116,17 @@ def accepts(fn: Callable[..., Any], n: int) -> bool:
     return required <= n <= len(positional)
 
 
+def _lightning_module_class(module: nn.Module) -> type | None:
+    """Lightning's ``LightningModule`` class when ``module`` is one, found in its class's MRO (this layer is
+    pure torch and does not import Lightning), else ``None``."""
+    return next((c for c in type(module).__mro__ if c.__name__ == "LightningModule" and c.__module__ == "lightning.pytorch.core.module"), None)
+
+
 def _own_training_step(module: nn.Module) -> Callable[..., Any] | None:
     """The module's ``training_step`` when it is a LightningModule that defines one."""
-    try:
-        import lightning.pytorch as pl
-    except ImportError:  # pragma: no cover - lightning is a dependency
-        return None
-    if isinstance(module, pl.LightningModule) and type(module).training_step is not pl.LightningModule.training_step:
-        return module.training_step
+    base = _lightning_module_class(module)
+    if base is not None and type(module).training_step is not base.training_step:  # type: ignore[attr-defined]
+        return module.training_step  # type: ignore[return-value]
     return None
 
 
@@ -177,12 +180,7 @@ def _signature(fn: Callable[..., Any]) -> str:
 def one_batch_methods(module: nn.Module) -> list[str]:
     """The module's own public methods that take one batch, and ``training_step`` if it defines one:
     the values ``loss_method`` accepts for this module."""
-    try:
-        import lightning.pytorch as pl
-
-        framework = set(dir(pl.LightningModule))
-    except ImportError:  # pragma: no cover
-        framework = set(dir(nn.Module))
+    framework = set(dir(_lightning_module_class(module) or nn.Module))
     names: list[str] = []
     for cls in type(module).__mro__:
         for name, value in vars(cls).items():

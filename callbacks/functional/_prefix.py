@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnlightning.callbacks.functional._model import Model
-from bnlightning.callbacks.guard import RngState
+from bnlightning.callbacks.functional._harness import LossHarness
+from bnlightning.callbacks.functional._state import RngState
 
 
 def sequential_cut(module: nn.Module, layers: Sequence[str]) -> tuple[nn.Sequential, dict[str, int]] | None:
@@ -77,7 +77,7 @@ _warned: set[str] = set()
 
 
 def prefix_gradients(
-    model: Model,
+    model: LossHarness,
     batch: Any,
     rng: RngState,
     updated: Sequence[str],

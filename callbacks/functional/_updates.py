@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from bnlightning.callbacks.functional._optimizer import torch_optimizer
+
 UpdateFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Mapping[str, Tensor]]
 
 #: Optimizers whose step is elementwise per parameter: stepping a one-parameter copy gives that
@@ -48,7 +50,7 @@ def check_optimizer(optimizer: object) -> None:
     Raises:
         TypeError: a closure optimizer (LBFGS) or one that couples parameters.
     """
-    opt = getattr(optimizer, "_optimizer", optimizer)
+    opt = torch_optimizer(optimizer)
     if isinstance(opt, torch.optim.LBFGS):
         raise TypeError(f"LBFGS re-evaluates the loss inside its step (a closure optimizer); W^(t+1) cannot be computed from one gradient. Supported: {', '.join(c.__name__ for c in ELEMENTWISE)}")
     if not isinstance(opt, ELEMENTWISE):
@@ -77,7 +79,7 @@ def optimizer_update(optimizer: torch.optim.Optimizer, module: nn.Module, weight
         TypeError: an optimizer ``check_optimizer`` refuses.
     """
     check_optimizer(optimizer)
-    opt = getattr(optimizer, "_optimizer", optimizer)
+    opt = torch_optimizer(optimizer)
     accepted = set(inspect.signature(type(opt).__init__).parameters) - {"self", "params"}
     defaults = {k: v for k, v in opt.defaults.items() if k in accepted}
     name_of = {id(p): n for n, p in module.named_parameters()}

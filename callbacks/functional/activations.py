@@ -8,7 +8,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from bnlightning.callbacks.functional._model import LossFn, Model, to_float32
+from bnlightning.callbacks.functional._harness import LossHarness
+from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._numerics import to_float32
 
 #: How ``activation_stats`` reads an activation module's input: ``saturating`` units
 #: (tanh/sigmoid family) get a saturated share, ``relu`` units a dead share, ``other`` activations neither.
@@ -102,7 +104,7 @@ def measurement_forward(module: nn.Module, batch: Any, *, loss_fn: LossFn | None
     outside autocast with TF32 off. Forward hooks on the module's submodules fire, which is how
     ``ActivationStats`` reads pre-activations. Returns the loss.
     """
-    model = Model(module, loss_fn)
+    model = LossHarness(module, loss_fn)
     with model.session(), torch.no_grad():
         return model.loss({**model.values, **model.fresh_buffers()}, to_float32(batch))
 

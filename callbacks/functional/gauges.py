@@ -25,8 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from bnlightning.callbacks._curvature import make_hvp, top_eigenvalues
+from bnlightning.callbacks.functional._harness import LossHarness
+from bnlightning.callbacks.functional._layers import WEIGHT_LAYER_TYPES, weight_layer_names
 from bnlightning.callbacks.functional._loss import LossFn
-from bnlightning.callbacks.functional._model import WEIGHT_LAYER_TYPES, Model, Reduce, reduce_dict, to_float32, weight_layer_names
+from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_float32
+from bnlightning.callbacks.functional._optimizer import torch_optimizer
 from bnlightning.callbacks.functional.activations import measurement_forward
 
 Vec = dict[str, Tensor]
@@ -88,7 +91,7 @@ def gradient_curvature(
         hvp_method: ``retained``, ``double_backward`` or ``jvp`` (see ``_curvature.make_hvp``).
         reduce: mean over ranks (DDP), applied to g, every HVP and both losses.
     """
-    model = Model(module, loss_fn)
+    model = LossHarness(module, loss_fn)
     names = model.trainable
     batch = to_float32(batch)
     at = {**model.values, **{n: w.detach().to(torch.float32) for n, w in (weights or {}).items()}}
@@ -164,7 +167,7 @@ def adaptive_preconditioner(optimizer: Any, module: nn.Module, *, include_curren
     for parameter groups that disagree on the threshold's hyper-parameters, or before the state
     exists when ``include_current_gradient`` is False.
     """
-    opt = getattr(optimizer, "_optimizer", optimizer)
+    opt = torch_optimizer(optimizer)
     key = next((k for cls, k in ADAPTIVE.items() if type(opt) is cls), None)
     if key is None:
         return None
@@ -240,7 +243,7 @@ def preconditioned_sharpness(
     Lanczos, algebraic order). Returns (λmax as float32, its eigenvector in the P^{-1/2}-scaled
     coordinates for a warm start, HVPs used).
     """
-    model = Model(module, loss_fn)
+    model = LossHarness(module, loss_fn)
     names = [n for n in model.trainable if n in preconditioner]
     if not names:
         raise ValueError("preconditioner names none of the module's trainable parameters")
@@ -301,7 +304,7 @@ def activation_gradients(
     The module's outputs are read through hooks that live for this one pass; each output is handed
     on as a clone, so an in-place op after it (``ReLU(inplace=True)``) cannot rewrite what is read.
     """
-    model = Model(module, loss_fn)
+    model = LossHarness(module, loss_fn)
     mods = {name: module.get_submodule(name) for name in layers}
     taps: dict[str, dict[str, Tensor]] = {name: {} for name in layers}
 
@@ -432,6 +435,6 @@ def effective_lr(before: Mapping[str, Tensor], after: Mapping[str, Tensor], lrs:
 
 def group_lrs(optimizer: Any, module: nn.Module, layers: Sequence[str]) -> dict[str, float]:
     """η of the parameter group holding each layer's weight (NaN when no group holds it)."""
-    opt = getattr(optimizer, "_optimizer", optimizer)
+    opt = torch_optimizer(optimizer)
     lr_of = {id(p): float(g["lr"]) for g in opt.param_groups for p in g["params"]}
     return {name: lr_of.get(id(module.get_submodule(name).weight), math.nan) for name in layers}

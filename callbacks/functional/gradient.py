@@ -6,7 +6,10 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from bnlightning.callbacks.functional._model import LossFn, Model, Reduce, reduce_dict, saved_bytes, to_float32
+from bnlightning.callbacks.functional._harness import LossHarness
+from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._memory import saved_bytes
+from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_float32
 
 
 class StepGradient(NamedTuple):
@@ -28,7 +31,7 @@ class StepGradient(NamedTuple):
     dropout: bool = False
 
 
-def gradient_pass(model: Model, names: list[str], batch: Any, rng: Any, reduce: Reduce | None, weights: dict[str, Tensor] | None = None) -> StepGradient:
+def gradient_pass(model: LossHarness, names: list[str], batch: Any, rng: Any, reduce: Reduce | None, weights: dict[str, Tensor] | None = None) -> StepGradient:
     """``model``'s gradient over ``names`` with the forward order and activation size recorded."""
     (loss, grads, order), act = saved_bytes(lambda: model.gradient(names, batch, rng, overrides=weights, record_order=True))
     return StepGradient(reduce_dict(grads, reduce), order, act, model.dropout)
@@ -52,12 +55,12 @@ def step_gradient(
         weights: canonical name -> value to use instead of the module's current one.
         reduce: mean over ranks (DDP), applied to the gradient.
     """
-    model = Model(module, loss_fn)
+    model = LossHarness(module, loss_fn)
     with model.session() as rng:
         return gradient_pass(model, model.trainable, to_float32(batch), rng, reduce, weights)
 
 
-def check_gradient(model: Model, gradient: StepGradient, names: list[str]) -> None:
+def check_gradient(model: LossHarness, gradient: StepGradient, names: list[str]) -> None:
     missing = [n for n in names if n not in gradient.grads]
     if missing:
         raise ValueError(f"gradient= lacks trainable parameter {missing[0]!r}; pass step_gradient(module, batch) of this module")

@@ -16,8 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from bnlightning.callbacks._curvature import HVP_METHODS, hutchinson_trace, make_hvp, top_eigenvalues
+from bnlightning.callbacks.functional._harness import LossHarness
+from bnlightning.callbacks.functional._layers import layer_param, resolve_layers
 from bnlightning.callbacks.functional._loss import LossFn
-from bnlightning.callbacks.functional._model import Model, Reduce, layer_param, reduce_dict, resolve_layers, to_float32
+from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_float32
+from bnlightning.callbacks.functional._optimizer import torch_optimizer
 
 __all__ = ["HessianOperator", "HessianResult", "edge_of_stability", "hessian_operator", "hessian_spectrum", "sharpness_limit"]
 
@@ -65,7 +68,7 @@ def hessian_operator(
     method: str = "retained",
     loss_fn: LossFn | None = None,
     reduce: Reduce | None = None,
-    _model: Model | None = None,
+    _model: LossHarness | None = None,
 ) -> Iterator[HessianOperator]:
     """The Hessian of the training loss on ``batch`` as an operator ``v -> H v``, for the block of ``with``.
 
@@ -91,7 +94,7 @@ def hessian_operator(
     """
     if method not in HVP_METHODS:
         raise ValueError(f"unknown hvp_method {method!r}; accepted: {', '.join(HVP_METHODS)}")
-    model = _model if _model is not None else Model(module, loss_fn)
+    model = _model if _model is not None else LossHarness(module, loss_fn)
     names = list(model.trainable) if names is None else list(names)
     batch = to_float32(batch)
     with model.session(second_order=True) as rng:
@@ -159,7 +162,7 @@ def hessian_spectrum(
         raise ValueError(f"unknown hvp_method {hvp_method!r}; accepted: {', '.join(HVP_METHODS)}")
     if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 0:
         raise ValueError(f"n_probes must be an integer >= 0, got {n_probes!r}")
-    model = Model(module, loss_fn)
+    model = LossHarness(module, loss_fn)
     blocks: dict[str, list[str]] = {"": list(model.trainable)} if whole else {}
     for layer in resolve_layers(module, list(layers)) if layers else []:
         blocks[layer] = [layer_param(module, layer, model)]
@@ -203,7 +206,7 @@ def sharpness_limit(optimizer: Any) -> tuple[float | None, str]:
     groups are accepted when they give one limit; groups with different η or β are refused (one λmax of
     H has no single η to be compared with), as are Nesterov momentum, dampening and other optimizers.
     """
-    opt = getattr(optimizer, "_optimizer", getattr(optimizer, "optimizer", optimizer))
+    opt = torch_optimizer(optimizer)
     name = type(opt).__name__
     if type(opt) is not torch.optim.SGD:
         return None, f"the ratio is defined for SGD with heavy-ball momentum, and the optimizer is {name}"

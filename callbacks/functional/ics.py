@@ -11,17 +11,10 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from bnlightning.callbacks.functional._batching import chunks, resolve_mode, run_members
-from bnlightning.callbacks.functional._model import (
-    LossFn,
-    Model,
-    Reduce,
-    float32,
-    layer_param,
-    reduce_dict,
-    resolve_layers,
-    to_float32,
-    weight_layer_names,
-)
+from bnlightning.callbacks.functional._harness import LossHarness
+from bnlightning.callbacks.functional._layers import layer_param, resolve_layers, weight_layer_names
+from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._numerics import Reduce, float32, reduce_dict, to_float32
 from bnlightning.callbacks.functional._prefix import prefix_gradients
 from bnlightning.callbacks.functional._updates import UpdateFn, optimizer_update
 from bnlightning.callbacks.functional.gradient import StepGradient, check_gradient, gradient_pass
@@ -99,7 +92,7 @@ def internal_covariate_shift(
     if update is None and next_weights is None:
         raise ValueError("internal_covariate_shift needs update= (an optimizer or update function) or next_weights= (W^(t+1))")
     measured = resolve_layers(module, layers)
-    model = Model(module, loss_fn)
+    model = LossHarness(module, loss_fn)
     if weights is not None:
         model.values.update({n: float32(w) for n, w in weights.items()})
     requested = mode
@@ -122,8 +115,8 @@ def internal_covariate_shift(
         else:
             grads_for_step = {**{n: G[n] for n in updated if n in G}, **(step_grads or {})}
             current = {p: model.values[p] for p in updated}
-            if isinstance(update, torch.optim.Optimizer) or hasattr(update, "_optimizer"):
-                new = optimizer_update(update, module, current, grads_for_step)  # type: ignore[arg-type]
+            if isinstance(update, torch.optim.Optimizer):  # a LightningOptimizer is one too
+                new = optimizer_update(update, module, current, grads_for_step)
             else:
                 assert update is not None, "checked above: update or next_weights is given"
                 new = dict(update(current, {p: grads_for_step[p] for p in current}))

@@ -11,14 +11,9 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
 from bnlightning.callbacks.functional._batching import MODES, chunks, resolve_mode, run_members
-from bnlightning.callbacks.functional._model import (
-    LossFn,
-    Model,
-    Reduce,
-    float32,
-    reduce_dict,
-    to_float32,
-)
+from bnlightning.callbacks.functional._harness import LossHarness
+from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional._numerics import Reduce, float32, reduce_dict, to_float32
 from bnlightning.callbacks.functional.gradient import StepGradient, check_gradient, gradient_pass
 
 Mode = Literal["auto", "vmap", "loop"]
@@ -79,7 +74,7 @@ def loss_landscape(
         as 0-dim float32 tensors; a NaN anywhere shows as NaN (``Tensor.max`` propagates it).
     """
     steps = check_step_sizes(step_sizes)
-    model = Model(module, loss_fn)
+    model = LossHarness(module, loss_fn)
     if weights is not None:
         model.values.update({n: float32(w) for n, w in weights.items()})
     engine = resolve_mode(mode, model, MODES, chunk_size)

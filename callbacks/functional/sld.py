@@ -20,8 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from bnlightning.callbacks._curvature import make_hvp
+from bnlightning.callbacks.functional._harness import LossHarness
 from bnlightning.callbacks.functional._loss import LossFn
-from bnlightning.callbacks.functional._model import Model, Reduce, reduce_dict, to_float32
+from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_float32
 from bnlightning.callbacks.functional.gauges import is_norm
 
 Vec = dict[str, Tensor]
@@ -124,7 +125,7 @@ def spectral_density(
             raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
     if norm_mode not in NORM_MODES:
         raise ValueError(f"unknown norm_mode {norm_mode!r}; accepted: {', '.join(NORM_MODES)}")
-    model = Model(module, loss_fn)
+    model = LossHarness(module, loss_fn)
     batch = to_float32(batch)
     point = {n: model.values[n] for n in model.trainable}
     gen = torch.Generator().manual_seed(seed)

@@ -12,14 +12,15 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnlightning.callbacks import InternalCovariateShift, LossLandscape, internal_covariate_shift, loss_landscape, sgd_update
-from bnlightning.callbacks.functional import _model
+from bnlightning.callbacks.functional import _batching
+from bnlightning.callbacks.functional._harness import LossHarness
 from tests.helpers.callbacks import batch_for, mlp
 
 
 def _count_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    original = _model.Model.gradient
-    monkeypatch.setattr(_model.Model, "gradient", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original = LossHarness.gradient
+    monkeypatch.setattr(LossHarness, "gradient", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     return calls
 
 
@@ -28,7 +29,7 @@ def test_auto_uses_vmap_when_it_fits_and_the_loop_when_not(monkeypatch: pytest.M
     model = mlp("batch").train()
     batch = batch_for(model, n=16)
     calls = _count_passes(monkeypatch)
-    _model._told.clear()
+    _batching._told.clear()
     with caplog.at_level(logging.INFO, logger="bnlightning.callbacks"):
         roomy = internal_covariate_shift(model, batch, sgd_update(0.1), memory_budget=1 << 30)
         assert len(calls) == 1  # G's pass; every G' in one vmap call

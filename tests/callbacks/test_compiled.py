@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnlightning.callbacks import ActivationStats, InternalCovariateShift, MeanShift
-from bnlightning.callbacks.functional._model import can_run_eager
+from bnlightning.callbacks.functional._numerics import can_run_eager
 from tests.helpers.callbacks import Recorder, batch_for, mlp
 
 TRAINER_KW: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False, "accelerator": "cpu"}

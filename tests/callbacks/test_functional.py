@@ -72,7 +72,7 @@ def test_ics_vmap_on_vgg() -> None:
 @pytest.mark.parametrize("case", ["vgg_bn", "vgg_noisy_bn", "mlp_noisy_bn", "dln_bn"])
 def test_ics_prefix_reuses_the_updated_prefix_and_equals_the_loop(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """mode="prefix" runs one full pass for G (+ one for the last layer) and suffixes only; same numbers as the loop."""
-    from bnlightning.callbacks.functional._model import Model
+    from bnlightning.callbacks.functional._harness import LossHarness
 
     torch.manual_seed(0)
     build, lr = CASES[case]
@@ -80,8 +80,8 @@ def test_ics_prefix_reuses_the_updated_prefix_and_equals_the_loop(case: str, mon
     batch = batch_for(model, n=8)
     loop = internal_covariate_shift(model, batch, sgd_update(lr), mode="loop")
     full_passes = []
-    original = Model.gradient
-    monkeypatch.setattr(Model, "gradient", lambda self, names, *a, **k: full_passes.append(names) or original(self, names, *a, **k))
+    original = LossHarness.gradient
+    monkeypatch.setattr(LossHarness, "gradient", lambda self, names, *a, **k: full_passes.append(names) or original(self, names, *a, **k))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the prefix applies everywhere here: no fallback warning
         got = internal_covariate_shift(model, batch, sgd_update(lr), mode="prefix")

@@ -375,7 +375,7 @@ def test_resolution_rule_on_plain_modules() -> None:
 # --- a measurement that fails does not end the run -------------------------------------------------
 def test_a_failing_measurement_turns_its_callback_off_and_training_goes_on(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The real failure the math kernel avoids (CPU's flash attention has no double backward), let through."""
-    import bnlightning.callbacks.functional._model as harness
+    import bnlightning.callbacks.functional._harness as harness
 
     monkeypatch.setattr(harness, "math_attention", contextlib.nullcontext)
     g = torch.Generator().manual_seed(5)
