@@ -86,9 +86,8 @@ def internal_covariate_shift(
         next_weights: canonical parameter name -> W^(t+1), e.g. the weights right after the real
             optimizer step (what the callback passes: exact for any optimizer, clipping, precision).
         weights: canonical name -> W^t when the module does not hold it any more (after the step).
-        loss_fn: ``(module, batch) -> scalar loss``, or ``resolve_loss(module, ...)``'s result; default
-            (``None``): the module's ``loss(batch)`` method, else a LightningModule's ``training_step``
-            (see ``resolve_loss``).
+        loss_fn: ``(module, batch) -> scalar loss`` or ``resolve_loss(module, ...)``'s result; ``None``:
+            the module's ``loss(batch)`` method, else a LightningModule's ``training_step`` (``resolve_loss``).
         step_grads: name -> gradient ``update`` uses (default: the measured float32 ``G``).
         mode: ``loop`` (one pass per layer), ``vmap`` (configurations batched with ``torch.func.vmap``),
             ``prefix`` (one pass through the updated prefix, then each layer's suffix; a full pass where
@@ -125,10 +124,7 @@ def internal_covariate_shift(
         check_gradient(model, gradient, names)
         new = _next_weights(model, updated, gradient.grads, update, next_weights, step_grads)
         configs = Configurations(model, batch, rng, updated, own, _first_uses(model, gradient.order), new)
-        if engine == "prefix":
-            found = ShiftedGradients(prefix_gradients(configs, warn=mode == "prefix"), {})
-        else:
-            found = _members(configs, engine, gradient, chunk_size, memory_budget)
+        found = _shifted_gradients(configs, engine, gradient, chunk_size, memory_budget, warn=mode == "prefix")
         return _metrics_of(configs, gradient.grads, found, reduce)
 
 
@@ -227,8 +223,11 @@ def _next_weights(
     return {p: float32(new[p]) for p in updated}
 
 
-def _members(configs: Configurations, engine: Engine, gradient: StepGradient, chunk_size: int | None, memory_budget: int | None) -> ShiftedGradients:
-    """G' of every shifted layer by the loop or vmap; the members are W^t (for G) and each shifted layer."""
+def _shifted_gradients(configs: Configurations, engine: Engine, gradient: StepGradient, chunk_size: int | None, memory_budget: int | None, *, warn: bool) -> ShiftedGradients:
+    """G' of every shifted layer by the prefix engine, the loop or vmap; the loop's and vmap's members
+    are W^t (for G) and each shifted layer's configuration."""
+    if engine == "prefix":
+        return ShiftedGradients(prefix_gradients(configs, warn=warn), {})
     return run_members(
         engine,
         "internal_covariate_shift",

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
-from bnlightning.callbacks.functional._batching import MODES, chunks, reduce_together, resolve_mode, run_members
+from bnlightning.callbacks.functional._batching import MODES, Engine, chunks, reduce_together, resolve_mode, run_members
 from bnlightning.callbacks.functional._model import (
     LossFn,
     Model,
@@ -61,10 +61,8 @@ def loss_landscape(
     over ranks first, so the direction and the numbers are those of the global batch.
 
     Args:
-        module: any module; ``loss_fn`` as in ``internal_covariate_shift``.
-        batch: the batch.
+        module, batch, loss_fn: as in ``internal_covariate_shift``.
         step_sizes: positive step sizes ``s`` (absolute).
-        loss_fn: the loss (see ``internal_covariate_shift``).
         param_scale: optional canonical name -> multiplier of ``s`` for that parameter (per-group
             learning rates); the displacement is then ``s * scale_p * g_p``.
         mode: ``loop`` (one pass per step size; each gradient is reduced to its distance from g as it
@@ -93,18 +91,7 @@ def loss_landscape(
             gradient = gradient_pass(model, model.trainable, batch, rng, reduce)
         check_gradient(model, gradient, model.trainable)
         line = _Line(model, batch, rng, gradient.grads, dict(param_scale or {}), reduce)
-        losses, dists = run_members(
-            engine,
-            "loss_landscape",
-            model,
-            gradient,
-            weight_bytes=model.trainable_bytes(),
-            members=len(steps),
-            chunk_size=chunk_size,
-            memory_budget=memory_budget,
-            batched=partial(_batched, line, steps),
-            looped=partial(_looped, line, steps),
-        )
+        losses, dists = _evaluate(line, steps, engine, gradient, chunk_size, memory_budget)
         ratios = dists / (torch.tensor(steps, dtype=torch.float32, device=dists.device) * line.displacement_norm().to(dists.device))
         return {
             "landscape/loss_min": losses.min(),
@@ -149,6 +136,22 @@ class _Line:
     def loss(self, ws: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
         """The loss with the trainable parameters ``ws`` and ``buffers``: vmap's member function."""
         return self.model.loss({**self.model.values, **ws, **buffers}, self.batch)
+
+
+def _evaluate(line: _Line, steps: list[float], engine: Engine, gradient: StepGradient, chunk_size: int | None, memory_budget: int | None) -> tuple[Tensor, Tensor]:
+    """The loss and ||g - g_s||_2 at every step size, by the loop or vmap (``engine``)."""
+    return run_members(
+        engine,
+        "loss_landscape",
+        line.model,
+        gradient,
+        weight_bytes=line.model.trainable_bytes(),
+        members=len(steps),
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        batched=partial(_batched, line, steps),
+        looped=partial(_looped, line, steps),
+    )
 
 
 def _looped(line: _Line, steps: list[float]) -> tuple[Tensor, Tensor]:
