@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, cast
 
-from torch import nn
+from torch import Tensor, cat, nn
 
 from bnlightning.callbacks.functional._harness import LossHarness
 from bnlightning.callbacks.functional._memory import default_budget, members_that_fit
+from bnlightning.callbacks.functional._numerics import Reduce
 
 if TYPE_CHECKING:
     from bnlightning.callbacks.functional.gradient import StepGradient
 
 MODES: tuple[str, ...] = ("auto", "vmap", "loop")
+
+#: What ``resolve_mode`` makes of a requested mode: the requested engine, or for ``auto`` either
+#: ``prefix``/``loop`` (convolutions) or ``auto-vmap``: vmap in chunks sized from the memory budget,
+#: which ``run_members`` may still turn into the loop (two members do not fit, dropout, training_step).
+Engine = Literal["vmap", "loop", "prefix", "auto-vmap"]
 
 log = logging.getLogger("bnlightning.callbacks")
 
@@ -38,14 +44,14 @@ def check_memory_budget(memory_budget: int | None) -> None:
         raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
 
 
-def resolve_mode(mode: str, model: LossHarness, modes: Sequence[str], chunk_size: int | None) -> str:
+def resolve_mode(mode: str, model: LossHarness, modes: Sequence[str], chunk_size: int | None) -> Engine:
     """``auto`` becomes ``prefix`` (or ``loop``) for networks with convolutions, where vmap is a grouped
     convolution measured slower (bench/measure.py), else ``auto-vmap``: vmap in chunks sized from the
     memory budget, the loop when two members do not fit."""
     check_mode(mode, modes)
     check_chunk_size(chunk_size)
     if mode != "auto":
-        return mode
+        return cast(Engine, mode)  # checked above: one of ``modes``, each an Engine but "auto"
     if model.has_conv():
         return "prefix" if "prefix" in modes else "loop"
     return "auto-vmap"
@@ -54,6 +60,24 @@ def resolve_mode(mode: str, model: LossHarness, modes: Sequence[str], chunk_size
 def chunks(n: int, size: int | None) -> list[range]:
     size = n if size is None else size
     return [range(i, min(i + size, n)) for i in range(0, n, max(size, 1))]
+
+
+def reduce_together(reduce: Reduce | None, *groups: Mapping[str, Tensor]) -> list[dict[str, Tensor]]:
+    """Every tensor of every group through ``reduce`` (a mean over ranks) in one call (one
+    collective under DDP, none when every group is empty), as ``reduce_dict`` does for one mapping.
+    Each group keeps its own keys: results of different kinds need no marker keys to share a call."""
+    if reduce is None:
+        return [dict(g) for g in groups]
+    entries = [(i, n, t) for i, g in enumerate(groups) for n, t in g.items()]
+    out: list[dict[str, Tensor]] = [{} for _ in groups]
+    if not entries:
+        return out
+    flat = reduce(cat([t.reshape(-1) for _, _, t in entries]))
+    start = 0
+    for i, n, t in entries:
+        out[i][n] = flat[start : start + t.numel()].view_as(t)
+        start += t.numel()
+    return out
 
 
 _warned_fallback: set[str] = set()
@@ -75,7 +99,7 @@ def vmap_or_loop(mode: str, what: str, batched: Callable[[], Any], looped: Calla
 
 
 def run_members(
-    mode: str,
+    mode: Engine,
     what: str,
     model: LossHarness,
     gradient: StepGradient,

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from functools import partial
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from bnlightning.callbacks._curvature import make_hvp, top_eigenvalues
 from bnlightning.callbacks.functional._harness import LossHarness
@@ -31,6 +33,9 @@ from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_float32
 from bnlightning.callbacks.functional._optimizer import torch_optimizer
 from bnlightning.callbacks.functional.activations import measurement_forward
+
+if TYPE_CHECKING:
+    from bnlightning.callbacks.functional._state import RngState
 
 Vec = dict[str, Tensor]
 
@@ -98,30 +103,51 @@ def gradient_curvature(
     with model.session(second_order=True) as rng:
         loss0, g, _ = model.gradient(names, batch, rng, overrides=at)
         g = reduce_dict(g, reduce)
-        buffers = model.fresh_buffers()
-
-        def loss_of(p: Vec) -> Tensor:
-            rng.restore()  # the same random draws in every pass
-            return model.loss({**at, **buffers, **p}, batch)
-
-        hvp = make_hvp(loss_of, {n: at[n] for n in names}, hvp_method)  # type: ignore[arg-type]
-
-        def quad(v: Vec) -> Tensor:
-            return _dot(v, reduce_dict(hvp(v), reduce))
-
-        out = {"hessian/grad_curvature": _ratio(quad(g), _dot(g, g))}
+        hessian = _Quadratic(model, batch, rng, at, hvp_method, reduce)
+        out = {"hessian/grad_curvature": _ratio(hessian.form(g), _dot(g, g))}
         if next_weights is not None:
-            u = {n: next_weights[n].detach().to(torch.float32) - at[n] if n in next_weights else torch.zeros_like(at[n]) for n in names}
-            uhu = quad(u)
-            out["hessian/update_curvature"] = _ratio(uhu, _dot(u, u))
-            out["hessian/predicted_change"] = (_dot(g, u) + 0.5 * uhu).to(torch.float32)
-            with torch.no_grad():
-                rng.restore()
-                moved = {**at, **{n: at[n] + u[n] for n in names}, **model.fresh_buffers()}
-                loss1 = model.loss(moved, batch).detach()
-            losses = torch.stack([loss0.to(torch.float32), loss1.to(torch.float32)])
-            losses = reduce(losses) if reduce is not None else losses
-            out["hessian/actual_change"] = losses[1] - losses[0]
+            out.update(_update_terms(hessian, g, loss0, next_weights))
+    return out
+
+
+class _Quadratic:
+    """vᵀHv at W^t (``at``) on one batch: one HVP set-up (``make_hvp``), then one HVP per vector.
+
+    Every pass replays the same random draws and runs on the same buffer clones; under DDP (``reduce``)
+    each HVP is averaged over ranks before the product with v.
+    """
+
+    def __init__(self, model: LossHarness, batch: Any, rng: RngState, at: Vec, hvp_method: str, reduce: Reduce | None) -> None:
+        self.model, self.batch, self.rng, self.at, self.reduce = model, batch, rng, at, reduce
+        self.buffers = model.fresh_buffers()
+        self.hvp = make_hvp(self.loss_of, {n: at[n] for n in model.trainable}, hvp_method)  # type: ignore[arg-type]
+
+    def loss_of(self, p: Vec) -> Tensor:
+        """The loss with the trainable parameters ``p`` (the rest at ``at``)."""
+        self.rng.restore()  # the same random draws in every pass
+        return self.model.loss({**self.at, **self.buffers, **p}, self.batch)
+
+    def form(self, v: Vec) -> Tensor:
+        return _dot(v, reduce_dict(self.hvp(v), self.reduce))
+
+    def loss_at(self, moved: Vec) -> Tensor:
+        """The loss (no graph) with ``moved`` substituted, on fresh buffer clones."""
+        with torch.no_grad():
+            self.rng.restore()
+            return self.model.loss({**self.at, **moved, **self.model.fresh_buffers()}, self.batch).detach()
+
+
+def _update_terms(hessian: _Quadratic, g: Vec, loss0: Tensor, next_weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The curvature along the real update u = W^{t+1} − W^t, the quadratic model's predicted loss
+    change and the loss change the step made (both losses averaged over ranks in one call)."""
+    at, names = hessian.at, hessian.model.trainable
+    u = {n: next_weights[n].detach().to(torch.float32) - at[n] if n in next_weights else torch.zeros_like(at[n]) for n in names}
+    uhu = hessian.form(u)
+    out = {"hessian/update_curvature": _ratio(uhu, _dot(u, u)), "hessian/predicted_change": (_dot(g, u) + 0.5 * uhu).to(torch.float32)}
+    loss1 = hessian.loss_at({n: at[n] + u[n] for n in names})
+    losses = torch.stack([loss0.to(torch.float32), loss1.to(torch.float32)])
+    losses = hessian.reduce(losses) if hessian.reduce is not None else losses
+    out["hessian/actual_change"] = losses[1] - losses[0]
     return out
 
 
@@ -305,47 +331,63 @@ def activation_gradients(
     on as a clone, so an in-place op after it (``ReLU(inplace=True)``) cannot rewrite what is read.
     """
     model = LossHarness(module, loss_fn)
-    mods = {name: module.get_submodule(name) for name in layers}
-    taps: dict[str, dict[str, Tensor]] = {name: {} for name in layers}
-
-    def pre_hook(name: str) -> Callable[..., Any]:
-        def hook(m: nn.Module, args: tuple[Any, ...]) -> Any:
-            if not _bn_in_training(m) or not args or not isinstance(args[0], Tensor):
-                return None
-            x = args[0].clone()  # BN's own input: ∂L/∂x is the gradient through BN only
-            taps[name]["x"] = x
-            return (x, *args[1:])
-
-        return hook
-
-    def hook(name: str) -> Callable[..., Any]:
-        def read(m: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
-            if not isinstance(out, Tensor):
-                return None
-            taps[name]["y"] = out
-            return out.clone()  # what follows may work in place; the tensor we differentiate by stays intact
-
-        return read
-
-    handles = [h for name, m in mods.items() for h in (m.register_forward_pre_hook(pre_hook(name)), m.register_forward_hook(hook(name)))]
+    taps = _Taps({name: module.get_submodule(name) for name in layers})
+    handles = taps.attach()
     try:
         with model.session() as rng:
             rng.restore()
             leaves = {n: model.values[n].detach().requires_grad_(True) for n in model.trainable}  # so activations carry a graph
             loss = model.loss({**model.values, **leaves, **model.fresh_buffers()}, to_float32(batch))
-            wanted = [(name, k, t) for name in layers for k, t in taps[name].items()]
+            wanted = [(name, k, t) for name in layers for k, t in taps.read[name].items()]
             grads = torch.autograd.grad(loss, [t for _, _, t in wanted], allow_unused=True)
     finally:
         for h in handles:
             h.remove()
     grad = {(name, k): torch.zeros_like(t) if g is None else g.detach() for (name, k, t), g in zip(wanted, grads)}
+    return _gradact_metrics(layers, taps, grad, reduce)
+
+
+class _Taps:
+    """Forward hooks, for one pass, on the layers ``activation_gradients`` reads.
+
+    ``read[layer]`` gets ``"y"``, the layer's output on its last call, and for a BatchNorm in
+    training mode ``"x"``, its input. The module receives a clone of x (so ∂L/∂x is the gradient
+    through BN only) and what follows receives a clone of y (what follows may work in place, e.g.
+    ``ReLU(inplace=True)``; the tensor we differentiate by stays intact).
+    """
+
+    def __init__(self, mods: dict[str, nn.Module]) -> None:
+        self.mods = mods
+        self.read: dict[str, dict[str, Tensor]] = {name: {} for name in mods}
+
+    def attach(self) -> list[RemovableHandle]:
+        hooks = ((m.register_forward_pre_hook(partial(self._input, name)), m.register_forward_hook(partial(self._output, name))) for name, m in self.mods.items())
+        return [h for pair in hooks for h in pair]
+
+    def _input(self, name: str, m: nn.Module, args: tuple[Any, ...]) -> Any:
+        if not _bn_in_training(m) or not args or not isinstance(args[0], Tensor):
+            return None
+        x = args[0].clone()
+        self.read[name]["x"] = x
+        return (x, *args[1:])
+
+    def _output(self, name: str, m: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+        if not isinstance(out, Tensor):
+            return None
+        self.read[name]["y"] = out
+        return out.clone()
+
+
+def _gradact_metrics(layers: Sequence[str], taps: _Taps, grad: dict[tuple[str, str], Tensor], reduce: Reduce | None) -> dict[str, Tensor]:
+    """The metrics from ∂L/∂y (and ∂L/∂x): squared norms summed per rank, averaged over ranks in one
+    call, then the square root of those that are norms."""
     sums: dict[str, Tensor] = {}
     for name in layers:
         if (name, "y") not in grad:
             raise ValueError(f"layer {name!r} returned no tensor in the loss's forward pass")
         sums[f"gradact/{name}/norm"] = grad[name, "y"].double().pow(2).sum()
         if (name, "x") in grad:
-            sums.update(_bn_terms(name, mods[name], taps[name]["x"].detach(), grad[name, "y"], grad[name, "x"]))
+            sums.update(_bn_terms(name, taps.mods[name], taps.read[name]["x"].detach(), grad[name, "y"], grad[name, "x"]))
     keys = list(sums)
     flat = torch.stack([sums[k] for k in keys]).to(torch.float32)
     flat = reduce(flat) if reduce is not None else flat

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
-from bnlightning.callbacks.functional._batching import MODES, chunks, resolve_mode, run_members
+from bnlightning.callbacks.functional._batching import MODES, Engine, chunks, reduce_together, resolve_mode, run_members
 from bnlightning.callbacks.functional._harness import LossHarness
 from bnlightning.callbacks.functional._loss import LossFn
-from bnlightning.callbacks.functional._numerics import Reduce, float32, reduce_dict, to_float32
+from bnlightning.callbacks.functional._numerics import Reduce, float32, to_float32
 from bnlightning.callbacks.functional.gradient import StepGradient, check_gradient, gradient_pass
+
+if TYPE_CHECKING:
+    from bnlightning.callbacks.functional._state import RngState
 
 Mode = Literal["auto", "vmap", "loop"]
 
@@ -52,10 +57,8 @@ def loss_landscape(
     over ranks first, so the direction and the numbers are those of the global batch.
 
     Args:
-        module: any module; ``loss_fn`` as in ``internal_covariate_shift``.
-        batch: the batch.
+        module, batch, loss_fn: as in ``internal_covariate_shift``.
         step_sizes: positive step sizes ``s`` (absolute).
-        loss_fn: the loss (see ``internal_covariate_shift``).
         param_scale: optional canonical name -> multiplier of ``s`` for that parameter (per-group
             learning rates); the displacement is then ``s * scale_p * g_p``.
         mode: ``loop`` (one pass per step size; each gradient is reduced to its distance from g as it
@@ -79,68 +82,107 @@ def loss_landscape(
         model.values.update({n: float32(w) for n, w in weights.items()})
     engine = resolve_mode(mode, model, MODES, chunk_size)
     batch = to_float32(batch)
-    scale = dict(param_scale or {})
-    names = model.trainable
     with model.session() as rng:
         if gradient is None:
-            gradient = gradient_pass(model, names, batch, rng, reduce)
-        check_gradient(model, gradient, names)
-        g = {n: gradient.grads[n] for n in names}
-        direction = {n: g[n] * scale[n] if scale.get(n, 1.0) != 1.0 else g[n] for n in names}  # no copy of g where it is g
-        disp_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction.values()]))
-
-        def point(s: float) -> dict[str, Tensor]:
-            return {n: model.values[n] - s * direction[n] for n in names}
-
-        def looped() -> tuple[Tensor, Tensor]:
-            losses, dists = [], []
-            for s in steps:
-                if reduce is None:  # stream: each gradient becomes its squared distance from g at once
-                    acc: list[Tensor] = []
-                    loss_s, _, _ = model.gradient(names, batch, rng, overrides=point(s), consume=lambda n, gs: acc.append((g[n] - gs).pow(2).sum()))
-                    dist = torch.stack(acc).sum().sqrt()
-                else:
-                    loss_s, gs, _ = model.gradient(names, batch, rng, overrides=point(s))
-                    gs = reduce_dict({**gs, "__loss__": loss_s}, reduce)
-                    loss_s = gs.pop("__loss__")
-                    dist = torch.stack([(g[n] - gs[n]).pow(2).sum() for n in names]).sum().sqrt()
-                losses.append(loss_s)
-                dists.append(dist)
-            return torch.stack(losses), torch.stack(dists)
-
-        rest = {k: v for k, v in model.values.items() if k not in names}
-
-        def batched(size: int | None) -> tuple[Tensor, Tensor]:
-            losses, dists = [], []
-            for chunk in chunks(len(steps), size):
-                stacked = {n: torch.stack([model.values[n] - steps[i] * direction[n] for i in chunk]) for n in names}
-
-                def f(ws: dict[str, Tensor], bufs: dict[str, Tensor]) -> Tensor:
-                    return model.loss({**rest, **ws, **bufs}, batch)
-
-                rng.restore()
-                gs, ls = vmap(grad_and_value(f), in_dims=(0, 0), randomness="same")(stacked, model.fresh_buffers(len(chunk)))
-                gs = reduce_dict({**gs, "__loss__": ls}, reduce)
-                losses.append(gs.pop("__loss__"))
-                dists.append(torch.stack([(g[n] - gs[n]).pow(2).flatten(1).sum(1) for n in names]).sum(0).sqrt())
-            return torch.cat(losses), torch.cat(dists)
-
-        losses, dists = run_members(
-            engine,
-            "loss_landscape",
-            model,
-            gradient,
-            weight_bytes=model.trainable_bytes(),
-            members=len(steps),
-            chunk_size=chunk_size,
-            memory_budget=memory_budget,
-            batched=batched,
-            looped=looped,
-        )
-        ratios = dists / (torch.tensor(steps, dtype=torch.float32, device=dists.device) * disp_norm.to(dists.device))
+            gradient = gradient_pass(model, model.trainable, batch, rng, reduce)
+        check_gradient(model, gradient, model.trainable)
+        line = _Line(model, batch, rng, gradient.grads, dict(param_scale or {}), reduce)
+        losses, dists = _evaluate(line, steps, engine, gradient, chunk_size, memory_budget)
+        ratios = dists / (torch.tensor(steps, dtype=torch.float32, device=dists.device) * line.displacement_norm().to(dists.device))
         return {
             "landscape/loss_min": losses.min(),
             "landscape/loss_max": losses.max(),
             "landscape/grad_l2_max": dists.max(),
             "landscape/beta_eff": ratios.max(),
         }
+
+
+@dataclass
+class _Line:
+    """The points w - s * direction along the gradient g, and what every pass needs.
+
+    Attributes:
+        model: the module as the measurement sees it (``values`` is w). batch: the float32 batch.
+        rng: the RNG state every pass replays. g: canonical name -> g, every trainable parameter.
+        scale: canonical name -> multiplier of s (per-group learning rates; 1 where absent).
+        reduce: mean over ranks (DDP) of every gradient and loss.
+    """
+
+    model: LossHarness
+    batch: Any
+    rng: RngState
+    g: dict[str, Tensor]
+    scale: dict[str, float]
+    reduce: Reduce | None
+    names: list[str] = field(init=False)  # every trainable parameter
+    direction: dict[str, Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names = self.model.trainable
+        # the displacement per unit s; no copy of g where it is g
+        self.direction = {n: self.g[n] * self.scale[n] if self.scale.get(n, 1.0) != 1.0 else self.g[n] for n in self.names}
+
+    def displacement_norm(self) -> Tensor:
+        """||direction||_2 over every trainable parameter: ||displacement_s||_2 / s."""
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in self.direction.values()]))
+
+    def point(self, s: float) -> dict[str, Tensor]:
+        return {n: self.model.values[n] - s * self.direction[n] for n in self.names}
+
+    def loss(self, ws: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
+        """The loss with the trainable parameters ``ws`` and ``buffers``: vmap's member function."""
+        return self.model.loss({**self.model.values, **ws, **buffers}, self.batch)
+
+
+def _evaluate(line: _Line, steps: list[float], engine: Engine, gradient: StepGradient, chunk_size: int | None, memory_budget: int | None) -> tuple[Tensor, Tensor]:
+    """The loss and ||g - g_s||_2 at every step size, by the loop or vmap (``engine``)."""
+    return run_members(
+        engine,
+        "loss_landscape",
+        line.model,
+        gradient,
+        weight_bytes=line.model.trainable_bytes(),
+        members=len(steps),
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        batched=partial(_batched, line, steps),
+        looped=partial(_looped, line, steps),
+    )
+
+
+def _looped(line: _Line, steps: list[float]) -> tuple[Tensor, Tensor]:
+    """One pass per step size: the losses and the distances ||g - g_s||_2."""
+    losses, dists = [], []
+    for s in steps:
+        loss_s, dist = _streamed(line, s) if line.reduce is None else _reduced(line, s)
+        losses.append(loss_s)
+        dists.append(dist)
+    return torch.stack(losses), torch.stack(dists)
+
+
+def _streamed(line: _Line, s: float) -> tuple[Tensor, Tensor]:
+    """Loss and ||g - g_s||_2 at step size s, each gradient reduced to its squared distance from g as
+    it is produced: the pass holds one gradient tensor at a time, never all of g_s."""
+    acc: list[Tensor] = []
+    loss_s, _, _ = line.model.gradient(line.names, line.batch, line.rng, overrides=line.point(s), consume=lambda n, gs: acc.append((line.g[n] - gs).pow(2).sum()))
+    return loss_s, torch.stack(acc).sum().sqrt()
+
+
+def _reduced(line: _Line, s: float) -> tuple[Tensor, Tensor]:
+    """Loss and ||g - g_s||_2 at step size s under DDP: g_s and the loss averaged over ranks (one call) first."""
+    loss_s, gs, _ = line.model.gradient(line.names, line.batch, line.rng, overrides=line.point(s))
+    gs, scalars = reduce_together(line.reduce, gs, {"loss": loss_s})
+    return scalars["loss"], torch.stack([(line.g[n] - gs[n]).pow(2).sum() for n in line.names]).sum().sqrt()
+
+
+def _batched(line: _Line, steps: list[float], size: int | None) -> tuple[Tensor, Tensor]:
+    """The step sizes through vmap, ``size`` at a time: the losses and the distances ||g - g_s||_2."""
+    losses, dists = [], []
+    for chunk in chunks(len(steps), size):
+        stacked = {n: torch.stack([line.model.values[n] - steps[i] * line.direction[n] for i in chunk]) for n in line.names}
+        line.rng.restore()
+        gs, ls = vmap(grad_and_value(line.loss), in_dims=(0, 0), randomness="same")(stacked, line.model.fresh_buffers(len(chunk)))
+        gs, scalars = reduce_together(line.reduce, gs, {"loss": ls})
+        losses.append(scalars["loss"])
+        dists.append(torch.stack([(line.g[n] - gs[n]).pow(2).flatten(1).sum(1) for n in line.names]).sum(0).sqrt())
+    return torch.cat(losses), torch.cat(dists)
