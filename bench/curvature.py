@@ -44,7 +44,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from bnlightning.callbacks._curvature import _dot, make_hvp, top_eigenvalues
+from bnlightning.callbacks.functional._hvp import make_hvp
+from bnlightning.callbacks.functional._lanczos import top_eigenvalues
+from bnlightning.callbacks.functional._vectors import dot as _dot
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cli

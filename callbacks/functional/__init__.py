@@ -32,10 +32,12 @@ and torchmetrics states restored). ``resolve_loss(module, loss_fn=..., loss_meth
 once; pass its result as ``loss_fn`` to any number of calls.
 """
 
-from bnlightning.callbacks._curvature import EigenResult, hutchinson_trace, make_hvp, top_eigenvalues
 from bnlightning.callbacks.functional._batching import MODES, check_chunk_size, check_memory_budget, check_mode
+from bnlightning.callbacks.functional._hvp import make_hvp
+from bnlightning.callbacks.functional._lanczos import EigenResult, top_eigenvalues
 from bnlightning.callbacks.functional._loss import LossFn, import_loss_fn, resolve_loss
 from bnlightning.callbacks.functional._model import WEIGHT_LAYER_TYPES, exact_float32, resolve_layers, weight_layer_names
+from bnlightning.callbacks.functional._trace import hutchinson_trace
 from bnlightning.callbacks.functional._updates import check_optimizer, optimizer_update, sgd_update
 from bnlightning.callbacks.functional.activations import ACTIVATION_KINDS, activation_kind, activation_stats, capture_forward, measurement_forward
 from bnlightning.callbacks.functional.gradient import StepGradient, step_gradient

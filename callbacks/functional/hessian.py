@@ -1,7 +1,7 @@
 """Curvature on the training batch (PROTOCOL §9): top Hessian eigenvalues and trace, as a pure function.
 
-The linear algebra (thick-restart Lanczos, Hutchinson's trace, the HVP forms) is in
-``bnlightning.callbacks._curvature``; this file applies it to a module's training loss with the
+The linear algebra is in the operator and algorithm files beside it: ``_hvp.py`` (the HVP forms),
+``_lanczos.py`` (thick-restart Lanczos), ``_trace.py`` (Hutchinson's trace); this file applies it to a module's training loss with the
 measurement rules of the other functions: float32 substitutes, cloned buffers (BatchNorm in training
 mode, running statistics untouched), the same random draws in every pass, DDP mean.
 """
@@ -15,9 +15,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from bnlightning.callbacks._curvature import HVP_METHODS, hutchinson_trace, make_hvp, top_eigenvalues
+from bnlightning.callbacks.functional._hvp import HVP_METHODS, make_hvp
+from bnlightning.callbacks.functional._lanczos import top_eigenvalues
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._model import Model, Reduce, layer_param, reduce_dict, resolve_layers, to_float32
+from bnlightning.callbacks.functional._trace import hutchinson_trace
 
 __all__ = ["HessianOperator", "HessianResult", "edge_of_stability", "hessian_operator", "hessian_spectrum", "sharpness_limit"]
 
@@ -140,7 +142,7 @@ def hessian_spectrum(
         module: any module; ``loss_fn`` as in ``internal_covariate_shift``.
         batch: the batch.
         k: how many top eigenvalues.
-        tol: the eigen solver's relative residual tolerance (see ``_curvature.top_eigenvalues``).
+        tol: the eigen solver's relative residual tolerance (see ``_lanczos.top_eigenvalues``).
         max_iter: cap on the eigen solver's HVPs per block.
         n_probes: Hutchinson probes for the trace (0: no trace), deflated by the eigenvectors found.
         layers: module names whose weight block is also measured.
@@ -163,31 +165,53 @@ def hessian_spectrum(
     blocks: dict[str, list[str]] = {"": list(model.trainable)} if whole else {}
     for layer in resolve_layers(module, list(layers)) if layers else []:
         blocks[layer] = [layer_param(module, layer, model)]
+    solver = _Solver(k, tol, max_iter, n_probes, seed, max_basis)
     metrics: dict[str, Tensor] = {}
     vectors: dict[str, list[Vec]] = {}
     for block, names in blocks.items():
         with hessian_operator(module, batch, names, method=hvp_method, loss_fn=loss_fn, reduce=reduce, _model=model) as hvp:
-            point = hvp.point
-            # a CPU generator: the same seed gives the same start and probes on every device (CPU, any GPU)
-            gen = torch.Generator().manual_seed(seed)
-            start = (v0 or {}).get(block)
-            if start and not all(set(v) == set(point) and all(v[n].shape == point[n].shape for n in point) for v in start):
-                start = None  # the parameters changed shape or set: start cold
-            eig = top_eigenvalues(hvp, point, k, tol=tol, max_iter=max_iter, v0=start, generator=gen, max_basis=max_basis)
             prefix = "hessian/" if not block else f"hessian/{block}/"
-            values = eig.eigenvalues.to(torch.float32)
-            metrics[f"{prefix}lambda_max"] = values[0]
-            for j in range(k):
-                metrics[f"{prefix}eig_{j + 1}"] = values[j]
-            metrics[f"{prefix}iterations"] = torch.tensor(float(eig.iterations))
-            metrics[f"{prefix}converged"] = torch.tensor(float(eig.converged))
-            if n_probes:
-                trace, se = hutchinson_trace(hvp, point, n_probes, generator=gen, deflate=eig.eigenvectors)
-                metrics[f"{prefix}trace"] = torch.tensor(trace, dtype=torch.float32)
-                metrics[f"{prefix}trace_se"] = torch.tensor(se, dtype=torch.float32)
-            metrics[f"{prefix}hvps"] = torch.tensor(float(hvp.calls))
-            vectors[block] = eig.eigenvectors
+            values, vectors[block] = _measure_block(hvp, solver, _warm_start(hvp.point, (v0 or {}).get(block)))
+            metrics.update({f"{prefix}{name}": value for name, value in values.items()})
     return HessianResult(metrics, vectors)
+
+
+class _Solver(NamedTuple):
+    """The eigen solver's and the trace estimator's settings (see :func:`hessian_spectrum`)."""
+
+    k: int
+    tol: float
+    max_iter: int
+    n_probes: int
+    seed: int
+    max_basis: int | None
+
+
+def _warm_start(point: Vec, start: list[Vec] | None) -> list[Vec] | None:
+    """``start`` when it has the parameters' names and shapes, else None (they changed: start cold)."""
+    if start and all(set(v) == set(point) and all(v[n].shape == point[n].shape for n in point) for v in start):
+        return start
+    return None
+
+
+def _measure_block(hvp: HessianOperator, solver: _Solver, start: list[Vec] | None) -> tuple[dict[str, Tensor], list[Vec]]:
+    """The metrics of one block of H (names without the ``hessian/<block>/`` prefix) and its eigenvectors."""
+    point = hvp.point
+    # a CPU generator: the same seed gives the same start and probes on every device (CPU, any GPU)
+    gen = torch.Generator().manual_seed(solver.seed)
+    eig = top_eigenvalues(hvp, point, solver.k, tol=solver.tol, max_iter=solver.max_iter, v0=start, generator=gen, max_basis=solver.max_basis)
+    values = eig.eigenvalues.to(torch.float32)
+    metrics = {"lambda_max": values[0]}
+    for j in range(solver.k):
+        metrics[f"eig_{j + 1}"] = values[j]
+    metrics["iterations"] = torch.tensor(float(eig.iterations))
+    metrics["converged"] = torch.tensor(float(eig.converged))
+    if solver.n_probes:
+        trace, se = hutchinson_trace(hvp, point, solver.n_probes, generator=gen, deflate=eig.eigenvectors)
+        metrics["trace"] = torch.tensor(trace, dtype=torch.float32)
+        metrics["trace_se"] = torch.tensor(se, dtype=torch.float32)
+    metrics["hvps"] = torch.tensor(float(hvp.calls))
+    return metrics, eig.eigenvectors
 
 
 def edge_of_stability(optimizer: Any) -> float | None:

@@ -1,4 +1,4 @@
-"""Curvature mathematics (callbacks/_curvature.py) against plain references.
+"""Curvature mathematics (callbacks/functional/_hvp.py, _lanczos.py, _trace.py) against plain references.
 
 References: the full Hessian of a tiny network built with ``torch.autograd.functional.hessian``
 on a flat float64 parameter vector and diagonalized with ``torch.linalg.eigvalsh``; explicit
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from bnlightning.callbacks._curvature import (
+from bnlightning.callbacks.functional import (
     EigenResult,
     hutchinson_trace,
     make_hvp,
