@@ -163,14 +163,21 @@ def floor(name: str, cb: Any, module: nn.Module) -> str:
 
 
 def count_hvps(cb: Any) -> None:
-    """Record the HVPs of each Hessian measurement (eigen solver + trace probes) on ``cb._bench_hvps``."""
+    """Record the HVPs of each Hessian measurement on ``cb._bench_hvps`` (the last one) and ``cb._bench_hvp_log``
+    (every one: Lanczos iterations, trace probes, all HVPs of H, and λmax(P⁻¹H)'s Lanczos iterations for Adam)."""
     original = cb.record
+    cb._bench_hvp_log = []
 
     def record(trainer: Any, metrics: dict[str, Tensor], step: int | None = None) -> None:
+        def get(name: str) -> int:
+            return int(float(metrics.get(f"hessian/{name}", torch.tensor(0.0))))
+
         if "hessian/hvps" in metrics:
-            cb._bench_hvps = int(float(metrics["hessian/hvps"]))
+            cb._bench_hvps = get("hvps") + get("precond_iterations")
         else:  # before the HVP count was logged: the eigen solver's, plus the probes and the deflation
-            cb._bench_hvps = int(float(metrics.get("hessian/iterations", torch.tensor(0.0)))) + cb.n_probes + cb.k
+            cb._bench_hvps = get("iterations") + cb.n_probes + cb.k
+        entry = {"lanczos": get("iterations"), "probes": get("trace_probes"), "hvps": get("hvps"), "precond_lanczos": get("precond_iterations")}
+        cb._bench_hvp_log.append(entry)
         original(trainer, metrics, step)
 
     cb.record = record
@@ -206,6 +213,9 @@ def bench_costs(args: Any, model_name: str) -> list[dict[str, Any]]:
             "measurement_runs_s": durations,
             "floor": floor(name, cb, model),
         }
+        if name == "HessianSpectrum":
+            row["hvps_per_measurement"] = cb._bench_hvp_log
+            print(f"  {model_name} {name} HVPs per measurement: {cb._bench_hvp_log}", flush=True)
         rows.append(row)
         print(f"  {model_name} {name}: {row['cost_in_steps']:.2f} steps (first {row['first_in_steps']:.2f}); floor {row['floor']}; step {step_s * 1e3:.0f} ms", flush=True)
     return rows

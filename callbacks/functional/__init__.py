@@ -8,8 +8,9 @@ eager and second-order frames, forward order, DDP reduction, memory),
 without the real step).
 
 The Hessian-vector-product toolkit (PROTOCOL §9, torch only; docs/curvature.md) is public here
-too: ``make_hvp``, ``top_eigenvalues`` (thick-restart Lanczos, returns an ``EigenResult``) and
-``hutchinson_trace``, for curvature of any loss you write.
+too: ``make_hvp``, ``top_eigenvalues`` (thick-restart Lanczos, returns an ``EigenResult``, with
+``keep_basis=True`` its whole basis as a ``RitzBasis``), ``hutchinson_trace`` and ``krylov_trace`` (the
+trace deflated by that basis, a ``TraceResult``), for curvature of any loss you write.
 
 Every function:
 
@@ -34,10 +35,10 @@ once; pass its result as ``loss_fn`` to any number of calls.
 
 from bnlightning.callbacks.functional._batching import MODES, check_chunk_size, check_memory_budget, check_mode
 from bnlightning.callbacks.functional._hvp import make_hvp
-from bnlightning.callbacks.functional._lanczos import EigenResult, top_eigenvalues
+from bnlightning.callbacks.functional._lanczos import EigenResult, RitzBasis, top_eigenvalues
 from bnlightning.callbacks.functional._loss import LossFn, import_loss_fn, resolve_loss
 from bnlightning.callbacks.functional._model import WEIGHT_LAYER_TYPES, exact_float32, resolve_layers, weight_layer_names
-from bnlightning.callbacks.functional._trace import hutchinson_trace
+from bnlightning.callbacks.functional._trace import TraceResult, hutchinson_trace, krylov_trace
 from bnlightning.callbacks.functional._updates import check_optimizer, optimizer_update, sgd_update
 from bnlightning.callbacks.functional.activations import ACTIVATION_KINDS, activation_kind, activation_stats, capture_forward, measurement_forward
 from bnlightning.callbacks.functional.gradient import StepGradient, step_gradient
@@ -51,6 +52,8 @@ __all__ = [
     "WEIGHT_LAYER_TYPES",
     "LossFn",
     "EigenResult",
+    "RitzBasis",
+    "TraceResult",
     "StepGradient",
     "activation_kind",
     "activation_stats",
@@ -64,6 +67,7 @@ __all__ = [
     "hutchinson_trace",
     "import_loss_fn",
     "internal_covariate_shift",
+    "krylov_trace",
     "loss_landscape",
     "make_hvp",
     "measurement_forward",

@@ -28,7 +28,23 @@ from torch import Tensor
 
 from bnlightning.callbacks.functional._vectors import Hvp, Vec, apply, check_like, combine, norm, orthogonalize_, random_like, scale_
 
-__all__ = ["EigenResult", "top_eigenvalues"]
+__all__ = ["EigenResult", "RitzBasis", "top_eigenvalues"]
+
+
+class RitzBasis(NamedTuple):
+    """The Krylov basis a Lanczos run built, in Ritz form: H y_i = θ_i y_i + c_i w (exact up to rounding).
+
+    Attributes:
+        vectors: the orthonormal Ritz vectors y_i (all of the final basis, the first k are the wanted ones).
+        values: float64 tensor of their Ritz values θ_i = y_iᵀ H y_i, descending.
+        next: the unit next Lanczos vector w, orthogonal to every y_i (None when the basis is invariant).
+        couplings: float64 tensor of c_i = wᵀ H y_i (zeros when ``next`` is None).
+    """
+
+    vectors: list[Vec]
+    values: Tensor
+    next: Vec | None
+    couplings: Tensor
 
 
 class EigenResult(NamedTuple):
@@ -38,9 +54,11 @@ class EigenResult(NamedTuple):
         eigenvalues: float64 tensor of the k Ritz values, algebraically descending.
         eigenvectors: k unit vectors (dicts like the parameters); pass them as ``v0`` next time.
         iterations: the number of HVPs used.
-        converged: whether every one of the k pairs met ``residual <= tol * |eigenvalue|``.
+        converged: whether every one of the k pairs met ``error_bounds <= tol * |eigenvalue|``.
         residuals: float64 tensor of the k Ritz residual norms ``||H v - θ v||`` (unit v).
         history: (HVPs so far, current largest Ritz value, its residual) after every HVP.
+        error_bounds: float64 tensor of the k eigenvalue error bounds ``min(r, r²/gap)`` (see :func:`top_eigenvalues`).
+        basis: with ``keep_basis=True``, the whole final basis (:class:`RitzBasis`), e.g. to deflate a trace.
     """
 
     eigenvalues: Tensor
@@ -49,6 +67,8 @@ class EigenResult(NamedTuple):
     converged: bool
     residuals: Tensor
     history: list[tuple[int, float, float]]
+    error_bounds: Tensor = torch.zeros(0, dtype=torch.float64)
+    basis: RitzBasis | None = None
 
 
 def top_eigenvalues(
@@ -62,6 +82,7 @@ def top_eigenvalues(
     generator: torch.Generator | None = None,
     reduce: Callable[[Vec], Vec] | None = None,
     max_basis: int | None = None,
+    keep_basis: bool = False,
 ) -> EigenResult:
     """The ``k`` algebraically largest eigenvalues of the symmetric operator ``hvp``.
 
@@ -71,12 +92,18 @@ def top_eigenvalues(
     at least k) plus the current residual direction, so no Krylov information about the wanted
     pairs is thrown away. Power iteration would find the largest eigenvalue in *magnitude*.
 
-    Convergence: pair i is converged when its Ritz residual ``||H v_i - θ_i v_i||₂ <= tol * |θ_i|``
-    (v_i of unit norm; the residual is the Lanczos estimate ``β · |s_last,i|``, which equals the
-    true residual up to rounding because the basis is reorthogonalized). So ``tol`` bounds a
-    *relative residual*: θ_i lies within ``tol · |θ_i|`` of an eigenvalue of H, and its error as
-    an estimate of that eigenvalue is typically about ``tol² · |θ_i|² / gap``. The solver stops when the k pairs are converged or after
-    ``max_iter`` HVPs (then ``converged`` is False and the best estimates are returned).
+    Convergence: ``tol`` bounds the *relative error of each eigenvalue*. With r_i the Ritz residual
+    ``||H v_i - θ_i v_i||₂`` (v_i of unit norm; the Lanczos estimate ``β · |s_last,i|``, the true residual
+    up to rounding because the basis is reorthogonalized), some eigenvalue of H lies within r_i of θ_i,
+    and when it is the only one within the gap to the others the error is at most r_i²/gap
+    (Kato–Temple; Parlett, *The Symmetric Eigenvalue Problem*, §11.7; Saad, *Numerical Methods for Large
+    Eigenvalue Problems*, §3.2). The gap of θ_i is taken to the nearest other Ritz value θ_j *widened by
+    that value's own residual* (``|θ_i − θ_j| − r_j``, the safeguard: the eigenvalue θ_j approximates may
+    lie up to r_j closer), and where that is not positive only r_i counts. Pair i is converged when
+    ``min(r_i, r_i²/gap_i) <= tol * |θ_i|``. Like every Krylov method, an eigenvalue the Krylov space has
+    not yet seen at all (a start orthogonal to its eigenvector) cannot be excluded. The solver stops when
+    the k pairs are converged or after ``max_iter`` HVPs (then ``converged`` is False and the best
+    estimates are returned).
 
     Warm start: ``v0`` (one vector or a list, e.g. the previous result's ``eigenvectors``)
     seeds the basis; with a list, the vectors are combined into the start vector (their sum),
@@ -93,6 +120,8 @@ def top_eigenvalues(
         reduce: applied to every HVP result (e.g. a DDP all-reduce mean); identity by default.
         max_basis: Lanczos basis size before a restart (default ``4`` for k = 1,
             ``max(2k + 2, 10)`` otherwise; capped at the dimension).
+        keep_basis: also return the whole final basis in Ritz form (``basis``; it holds
+            ``max_basis + 1`` parameter-sized vectors while the result is kept).
 
     Returns:
         :class:`EigenResult`.
@@ -115,15 +144,51 @@ def top_eigenvalues(
         w = apply(hvp, reduce, krylov.basis[-1])
         theta, S, res, beta = krylov.expand(w)
         history.append((len(history) + 1, float(theta[0]), float(res[0])))
-        converged = len(krylov.basis) >= k and bool((res[:k] <= tol * theta[:k].abs()).all())
+        errors = error_bounds(theta, res)
+        converged = len(krylov.basis) >= k and bool((errors[:k] <= tol * theta[:k].abs()).all())
         if converged or len(history) >= max_iter:
             break
         coupling = _next_direction(w, beta, float(theta.abs().max()), krylov.basis, like, gen)
         if coupling is None:  # pragma: no cover - basis already spans everything
             break
         krylov.append(w, coupling, theta, S, keep)
-    vectors = _rotate_(krylov.basis, S[:, : min(k, len(krylov.basis))])
-    return EigenResult(theta[:k].clone(), vectors, len(history), converged, res[:k].clone(), history)
+    if not keep_basis:
+        vectors = _rotate_(krylov.basis, S[:, : min(k, len(krylov.basis))])
+        return EigenResult(theta[:k].clone(), vectors, len(history), converged, res[:k].clone(), history, errors[:k].clone())
+    ritz = _ritz_basis(krylov.basis, w, beta, theta, S)
+    return EigenResult(theta[:k].clone(), ritz.vectors[:k], len(history), converged, res[:k].clone(), history, errors[:k].clone(), ritz)
+
+
+#: The Ritz gap of a neighbour that has not converged overestimates the true gap (the eigenvalue next to
+#: θ_i may not be represented in the basis yet): the quadratic bound takes a tenth of it.
+GAP_SAFETY = 10.0
+
+
+def error_bounds(theta: Tensor, res: Tensor) -> Tensor:
+    """``min(r_i, GAP_SAFETY · r_i² / gap_i)`` for Ritz values ``theta`` (descending) with residuals ``res``.
+
+    gap_i = min over j ≠ i of ``|θ_i − θ_j| − r_j`` (the eigenvalue near θ_j may be up to r_j closer to
+    θ_i), divided by ``GAP_SAFETY``; where no gap is positive (one Ritz value, or overlapping intervals)
+    the bound is r_i.
+    """
+    n = theta.numel()
+    if n < 2:
+        return res.clone()
+    dist = (theta[:, None] - theta[None, :]).abs() - res[None, :]
+    dist.fill_diagonal_(float("inf"))
+    gap = dist.min(dim=1).values
+    quad = torch.where(gap > 0, GAP_SAFETY * res.square() / gap.clamp_min(1e-300), torch.full_like(res, float("inf")))
+    return torch.minimum(res, quad)
+
+
+def _ritz_basis(basis: list[Vec], w: Vec, beta: float, theta: Tensor, S: Tensor) -> RitzBasis:
+    """The final basis rotated to its Ritz vectors (in place) with the next Lanczos vector and couplings."""
+    vectors = _rotate_(basis, S)
+    j = S.shape[0] - 1
+    scale = float(theta.abs().max()) if theta.numel() else 0.0
+    if beta <= 1e-12 * max(scale, 1e-30):  # an invariant subspace: nothing couples out of it
+        return RitzBasis(vectors, theta.clone(), None, torch.zeros_like(theta))
+    return RitzBasis(vectors, theta.clone(), scale_(w, 1.0 / beta), beta * S[j])
 
 
 def _check_args(like: Mapping[str, Tensor], k: int, tol: float, max_iter: int, max_basis: int | None) -> int:

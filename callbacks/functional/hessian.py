@@ -9,6 +9,7 @@ mode, running statistics untouched), the same random draws in every pass, DDP me
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -19,11 +20,15 @@ from bnlightning.callbacks.functional._hvp import HVP_METHODS, make_hvp
 from bnlightning.callbacks.functional._lanczos import top_eigenvalues
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._model import Model, Reduce, layer_param, reduce_dict, resolve_layers, to_float32
-from bnlightning.callbacks.functional._trace import hutchinson_trace
+from bnlightning.callbacks.functional._trace import krylov_trace
 
-__all__ = ["HessianOperator", "HessianResult", "edge_of_stability", "hessian_operator", "hessian_spectrum", "sharpness_limit"]
+__all__ = ["MIN_PROBES", "HessianOperator", "HessianResult", "edge_of_stability", "hessian_operator", "hessian_spectrum", "sharpness_limit"]
 
 Vec = dict[str, Tensor]
+
+#: The fewest trace probes a measurement takes when the previous one said deflation pays (the variance
+#: estimates behind that decision need a few probes to be worth anything).
+MIN_PROBES = 4
 
 
 class HessianResult(NamedTuple):
@@ -32,12 +37,16 @@ class HessianResult(NamedTuple):
     Attributes:
         metrics: ``hessian/lambda_max``, ``hessian/eig_<j>`` (j = 1..k, descending), ``hessian/iterations``
             (HVPs of the eigen solver), ``hessian/converged`` (1 or 0), ``hessian/hvps`` (all HVPs of the block), and with ``n_probes > 0``
-            ``hessian/trace`` and ``hessian/trace_se``; per layer block the same under ``hessian/<layer>/``.
+            ``hessian/trace``, ``hessian/trace_se``, ``hessian/trace_probes`` (the probes used) and
+            ``hessian/trace_variance_ratio`` (the deflated probe's variance over a plain one's, see ``krylov_trace``);
+            per layer block the same under ``hessian/<layer>/``.
         eigenvectors: block name (``""`` for the whole network, else the layer) -> the top-k eigenvectors.
+        trace_ratios: block name -> ``trace_variance_ratio`` (pass it as ``trace_ratios`` next time).
     """
 
     metrics: dict[str, Tensor]
     eigenvectors: dict[str, list[Vec]]
+    trace_ratios: dict[str, float]
 
 
 class HessianOperator:
@@ -132,6 +141,7 @@ def hessian_spectrum(
     hvp_method: str = "retained",
     loss_fn: LossFn | None = None,
     reduce: Reduce | None = None,
+    trace_ratios: Mapping[str, float] | None = None,
 ) -> HessianResult:
     """Top-k eigenvalues (algebraic) and trace of the Hessian of the training loss on ``batch``.
 
@@ -142,9 +152,13 @@ def hessian_spectrum(
         module: any module; ``loss_fn`` as in ``internal_covariate_shift``.
         batch: the batch.
         k: how many top eigenvalues.
-        tol: the eigen solver's relative residual tolerance (see ``_lanczos.top_eigenvalues``).
+        tol: the eigen solver's tolerance on each eigenvalue's relative error (see ``_lanczos.top_eigenvalues``).
         max_iter: cap on the eigen solver's HVPs per block.
-        n_probes: Hutchinson probes for the trace (0: no trace), deflated by the eigenvectors found.
+        n_probes: the trace's accuracy, as the plain Hutchinson probes whose standard error it matches
+            (0: no trace). The trace is deflated by the eigen solver's whole Lanczos basis
+            (``_trace.krylov_trace``); with ``trace_ratios[block]`` (the previous measurement's variance
+            ratio r) it takes ``ceil(n_probes · r)`` probes, at least ``MIN_PROBES`` and at most ``n_probes``,
+            else ``n_probes``. The count is fixed before probing, so the estimate stays unbiased.
         layers: module names whose weight block is also measured.
         whole: measure the whole-network Hessian (set False for blocks only).
         v0: block name -> start vectors (a previous result's ``eigenvectors``): a warm start.
@@ -153,6 +167,7 @@ def hessian_spectrum(
         max_basis: Lanczos basis size (default 4 for k = 1).
         hvp_method: ``retained`` (default, fastest measured), ``double_backward`` or ``jvp``.
         reduce: mean over ranks (DDP), applied to every HVP.
+        trace_ratios: block name -> a previous result's ``trace_ratios`` entry (see ``n_probes``).
 
     Raises:
         ValueError: a bad ``k``, ``tol``, ``max_iter``, ``n_probes``, ``hvp_method`` or layer name.
@@ -168,12 +183,23 @@ def hessian_spectrum(
     solver = _Solver(k, tol, max_iter, n_probes, seed, max_basis)
     metrics: dict[str, Tensor] = {}
     vectors: dict[str, list[Vec]] = {}
+    ratios: dict[str, float] = {}
     for block, names in blocks.items():
         with hessian_operator(module, batch, names, method=hvp_method, loss_fn=loss_fn, reduce=reduce, _model=model) as hvp:
             prefix = "hessian/" if not block else f"hessian/{block}/"
-            values, vectors[block] = _measure_block(hvp, solver, _warm_start(hvp.point, (v0 or {}).get(block)))
+            probes = _trace_probes(n_probes, (trace_ratios or {}).get(block))
+            values, vectors[block] = _measure_block(hvp, solver._replace(n_probes=probes), _warm_start(hvp.point, (v0 or {}).get(block)))
             metrics.update({f"{prefix}{name}": value for name, value in values.items()})
-    return HessianResult(metrics, vectors)
+            if probes:
+                ratios[block] = float(values["trace_variance_ratio"])
+    return HessianResult(metrics, vectors, ratios)
+
+
+def _trace_probes(n_probes: int, ratio: float | None) -> int:
+    """Probes for the standard error of ``n_probes`` plain ones, given the variance ratio last measured."""
+    if not n_probes or ratio is None or not math.isfinite(ratio):
+        return n_probes
+    return min(n_probes, max(MIN_PROBES, math.ceil(n_probes * max(ratio, 0.0))))
 
 
 class _Solver(NamedTuple):
@@ -199,17 +225,20 @@ def _measure_block(hvp: HessianOperator, solver: _Solver, start: list[Vec] | Non
     point = hvp.point
     # a CPU generator: the same seed gives the same start and probes on every device (CPU, any GPU)
     gen = torch.Generator().manual_seed(solver.seed)
-    eig = top_eigenvalues(hvp, point, solver.k, tol=solver.tol, max_iter=solver.max_iter, v0=start, generator=gen, max_basis=solver.max_basis)
+    basis = solver.n_probes > 0  # the trace is deflated by the whole Lanczos basis
+    eig = top_eigenvalues(hvp, point, solver.k, tol=solver.tol, max_iter=solver.max_iter, v0=start, generator=gen, max_basis=solver.max_basis, keep_basis=basis)
     values = eig.eigenvalues.to(torch.float32)
     metrics = {"lambda_max": values[0]}
     for j in range(solver.k):
         metrics[f"eig_{j + 1}"] = values[j]
     metrics["iterations"] = torch.tensor(float(eig.iterations))
     metrics["converged"] = torch.tensor(float(eig.converged))
-    if solver.n_probes:
-        trace, se = hutchinson_trace(hvp, point, solver.n_probes, generator=gen, deflate=eig.eigenvectors)
-        metrics["trace"] = torch.tensor(trace, dtype=torch.float32)
-        metrics["trace_se"] = torch.tensor(se, dtype=torch.float32)
+    if eig.basis is not None:
+        trace = krylov_trace(hvp, point, eig.basis, solver.n_probes, generator=gen)
+        metrics["trace"] = torch.tensor(trace.estimate, dtype=torch.float32)
+        metrics["trace_se"] = torch.tensor(trace.standard_error, dtype=torch.float32)
+        metrics["trace_probes"] = torch.tensor(float(trace.probes))
+        metrics["trace_variance_ratio"] = torch.tensor(trace.variance_ratio, dtype=torch.float32)
     metrics["hvps"] = torch.tensor(float(hvp.calls))
     return metrics, eig.eigenvectors
 
