@@ -29,7 +29,7 @@ class HessianSpectrum(MeasurementCallback):
     training mode with its running statistics untouched, the same random draws in every pass), H is
     reached only through Hessian-vector products: the top-k eigenvalues by thick-restart Lanczos
     (algebraic order: H is indefinite), warm-started from the previous measurement's eigenvectors; the
-    trace by Hutchinson's estimator with Rademacher probes, deflated by those eigenvectors. Under DDP
+    trace by Hutchinson's estimator with Rademacher probes, deflated by the whole Lanczos basis. Under DDP
     every HVP is averaged over ranks (the global-batch Hessian) and every rank draws the same vectors.
 
     What H is, precisely: with dropout (or noisy BatchNorm), the loss with one fresh draw of the masks,
@@ -61,9 +61,13 @@ class HessianSpectrum(MeasurementCallback):
     Args:
         k: how many top eigenvalues (>= 1).
         every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
-        tol: relative residual tolerance of each eigenpair (``||Hv - θv|| <= tol·|θ|``).
+        tol: tolerance on each eigenvalue's relative error: Lanczos stops when ``min(r, 10·r²/gap) <= tol·|θ|``
+            for every wanted Ritz pair (r its residual ``||Hv - θv||``; docs/curvature.md).
         max_iter: cap on the HVPs of the eigen solver per block.
-        n_probes: Hutchinson probes for the trace (0 turns the trace off).
+        n_probes: the trace's accuracy, as the number of plain Hutchinson probes whose standard error it
+            matches, and the most probes it takes (0 turns the trace off). The trace is deflated by the
+            Lanczos basis; each measurement takes ``ceil(n_probes · r)`` probes (at least 4), r the variance
+            ratio the previous measurement estimated (``hessian/trace_variance_ratio``), the first ``n_probes``.
         layers: module names whose weight block is measured too (default none).
         warm_start: start from the previous measurement's eigenvectors (kept in memory, not in checkpoints).
         seed: seed of the random start vector and probes (the global RNG is never used).

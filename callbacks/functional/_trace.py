@@ -120,6 +120,7 @@ def krylov_trace(
     basis: RitzBasis,
     n_probes: int,
     *,
+    deflate: bool = True,
     generator: torch.Generator | None = None,
     reduce: Callable[[Vec], Vec] | None = None,
 ) -> TraceResult:
@@ -136,13 +137,18 @@ def krylov_trace(
     Σ H_aa² (inner products of the diagonal estimates z ⊙ Hz of two different probes; Bekas et al.
     2007), and the same for A = PHP (A z = Hz − Y Yᵀ Hz − (cᵀYᵀz) w). ``variance_ratio`` is
     Var(deflated)/Var(plain) from them: the next measurement of a similar H needs
-    ``n · variance_ratio`` probes for the standard error of n plain ones.
+    ``n · variance_ratio`` probes for the standard error of n plain ones. Deflation can also *raise* the
+    variance (a Hessian with a heavy diagonal: plain Hutchinson is exact on a diagonal, and projecting
+    creates off-diagonal mass); with ``deflate=False`` the same probes give the plain estimate instead,
+    and ``variance_ratio`` still says what deflating would have bought. Choose before probing (e.g. from
+    a previous measurement's ratio), never from these probes, so that the estimate stays unbiased.
 
     Args:
         hvp: ``v -> H v``.
         like: a dict with the parameters' keys, shapes, devices.
         basis: the Ritz basis of the same H (:class:`RitzBasis`).
         n_probes: the number of random probes (>= 1).
+        deflate: estimate Σθ + tr(PHP) (True) or tr(H) by plain Hutchinson on the same probes (False).
         generator: source of the probes; the global RNG is never used (fresh seed 0 if None).
         reduce: applied to every HVP result (DDP all-reduce mean).
 
@@ -167,6 +173,7 @@ def krylov_trace(
         z = random_like(like, gen, rademacher=True)
         hz = apply(hvp, reduce, z)
         plain.add(z, hz)
+        plain_term = dot(z, hz)
         a = [dot(y, z) for y in basis.vectors]
         g = [dot(y, hz) for y in basis.vectors]
         # A z = P H P z = Hz − Y g − (c·a) w, by H Y = Y diag(θ) + w cᵀ; in place of Hz (one vector less)
@@ -176,7 +183,7 @@ def krylov_trace(
         if basis.next is not None:
             axpy_(az, -float(basis.couplings @ torch.tensor(a, dtype=torch.float64)), basis.next)
         deflated.add(z, az)
-        terms.append(dot(z, az))
+        terms.append(dot(z, az) if deflate else plain_term)
     t = torch.tensor(terms, dtype=torch.float64)
     se = float(t.std(unbiased=True) / math.sqrt(n_probes)) if n_probes > 1 else float("nan")
     v_plain, v_deflated = plain.variance(), max(deflated.variance(), 0.0)
@@ -184,7 +191,8 @@ def krylov_trace(
         ratio = float("nan")
     else:  # plain variance 0 (a diagonal H): deflation cannot do better
         ratio = v_deflated / v_plain if v_plain > 0 else (1.0 if v_deflated > 0 else 0.0)
-    return TraceResult(float(basis.values.sum()) + float(t.mean()), se, n_probes, ratio)
+    exact = float(basis.values.sum()) if deflate else 0.0
+    return TraceResult(exact + float(t.mean()), se, n_probes, ratio)
 
 
 class _VarianceEstimate:

@@ -158,7 +158,8 @@ def hessian_spectrum(
             (0: no trace). The trace is deflated by the eigen solver's whole Lanczos basis
             (``_trace.krylov_trace``); with ``trace_ratios[block]`` (the previous measurement's variance
             ratio r) it takes ``ceil(n_probes · r)`` probes, at least ``MIN_PROBES`` and at most ``n_probes``,
-            else ``n_probes``. The count is fixed before probing, so the estimate stays unbiased.
+            else ``n_probes``; where r >= 1 (deflation raised the variance) it takes ``n_probes`` plain
+            Hutchinson probes. Count and form are fixed before probing, so the estimate stays unbiased.
         layers: module names whose weight block is also measured.
         whole: measure the whole-network Hessian (set False for blocks only).
         v0: block name -> start vectors (a previous result's ``eigenvectors``): a warm start.
@@ -187,8 +188,10 @@ def hessian_spectrum(
     for block, names in blocks.items():
         with hessian_operator(module, batch, names, method=hvp_method, loss_fn=loss_fn, reduce=reduce, _model=model) as hvp:
             prefix = "hessian/" if not block else f"hessian/{block}/"
-            probes = _trace_probes(n_probes, (trace_ratios or {}).get(block))
-            values, vectors[block] = _measure_block(hvp, solver._replace(n_probes=probes), _warm_start(hvp.point, (v0 or {}).get(block)))
+            ratio = (trace_ratios or {}).get(block)
+            probes = _trace_probes(n_probes, ratio)
+            deflate = ratio is None or not ratio >= 1.0  # deflation raised the variance last time: plain Hutchinson
+            values, vectors[block] = _measure_block(hvp, solver._replace(n_probes=probes), _warm_start(hvp.point, (v0 or {}).get(block)), deflate)
             metrics.update({f"{prefix}{name}": value for name, value in values.items()})
             if probes:
                 ratios[block] = float(values["trace_variance_ratio"])
@@ -220,7 +223,7 @@ def _warm_start(point: Vec, start: list[Vec] | None) -> list[Vec] | None:
     return None
 
 
-def _measure_block(hvp: HessianOperator, solver: _Solver, start: list[Vec] | None) -> tuple[dict[str, Tensor], list[Vec]]:
+def _measure_block(hvp: HessianOperator, solver: _Solver, start: list[Vec] | None, deflate: bool) -> tuple[dict[str, Tensor], list[Vec]]:
     """The metrics of one block of H (names without the ``hessian/<block>/`` prefix) and its eigenvectors."""
     point = hvp.point
     # a CPU generator: the same seed gives the same start and probes on every device (CPU, any GPU)
@@ -234,7 +237,7 @@ def _measure_block(hvp: HessianOperator, solver: _Solver, start: list[Vec] | Non
     metrics["iterations"] = torch.tensor(float(eig.iterations))
     metrics["converged"] = torch.tensor(float(eig.converged))
     if eig.basis is not None:
-        trace = krylov_trace(hvp, point, eig.basis, solver.n_probes, generator=gen)
+        trace = krylov_trace(hvp, point, eig.basis, solver.n_probes, deflate=deflate, generator=gen)
         metrics["trace"] = torch.tensor(trace.estimate, dtype=torch.float32)
         metrics["trace_se"] = torch.tensor(trace.standard_error, dtype=torch.float32)
         metrics["trace_probes"] = torch.tensor(float(trace.probes))

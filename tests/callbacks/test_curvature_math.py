@@ -470,3 +470,17 @@ def test_krylov_trace_is_exact_when_the_basis_holds_the_whole_range() -> None:
     assert t.estimate == pytest.approx(3.0, abs=1e-4) and t.standard_error < 1e-4 and t.probes == 4
     with pytest.raises(ValueError, match=r"n_probes must be a positive integer, got 0"):
         krylov_trace(matrix_hvp(A), like, eig.basis, 0)
+
+
+def test_krylov_trace_without_deflation_is_plain_hutchinson_on_the_same_probes() -> None:
+    """A heavy diagonal: plain Hutchinson is exact, deflating raises the variance (ratio > 1)."""
+    A = torch.diag(torch.linspace(1.0, 3.0, 30, dtype=torch.float64)) + 0.01 * exact_spectrum_matrix([1.0] * 5 + [0.0] * 25)
+    like = {"w": torch.zeros(30)}
+    eig = top_eigenvalues(matrix_hvp(A), like, tol=1e-3, keep_basis=True)
+    assert eig.basis is not None
+    plain = krylov_trace(matrix_hvp(A), like, eig.basis, 8, deflate=False, generator=torch.Generator().manual_seed(3))
+    deflated = krylov_trace(matrix_hvp(A), like, eig.basis, 8, generator=torch.Generator().manual_seed(3))
+    reference = hutchinson_trace(matrix_hvp(A), like, 8, generator=torch.Generator().manual_seed(3))
+    assert plain.estimate == pytest.approx(reference[0], rel=1e-6) and plain.standard_error == pytest.approx(reference[1], rel=1e-5)
+    assert plain.variance_ratio == pytest.approx(deflated.variance_ratio) and plain.variance_ratio > 1
+    assert deflated.standard_error > plain.standard_error
