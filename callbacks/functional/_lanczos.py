@@ -6,7 +6,8 @@ reorthogonalization inside a bounded basis (Wu & Simon 2000) finds the algebraic
 
 Memory, in parameter-sized vectors (P = one copy of the parameters): the basis (``max_basis`` vectors,
 4 by default for k = 1) and the next Lanczos vector, so ``max_basis + 1`` P (5 P by default), plus a
-transient copy of each product; a restart rewrites the basis in place, slice by slice. Fewer vectors
+transient copy of each product; a restart rewrites the basis in place, slice by slice (with
+``keep_basis=True`` the result holds that basis until dropped). Fewer vectors
 cost products: on VGG-11-BN, cold, ``max_basis`` 2 / 3 / 4 / 6 / 8 / 20 took 148 / 80 / 26 / 21 / 20 /
 20 HVPs (docs/benchmarks.md, "Curvature").
 
