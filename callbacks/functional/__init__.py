@@ -10,7 +10,8 @@ without the real step).
 The Hessian-vector-product toolkit (PROTOCOL §9, torch only; docs/curvature.md) is public here
 too: ``make_hvp``, ``top_eigenvalues`` (thick-restart Lanczos, returns an ``EigenResult``, with
 ``keep_basis=True`` its whole basis as a ``RitzBasis``), ``hutchinson_trace`` and ``krylov_trace`` (the
-trace deflated by that basis, a ``TraceResult``), for curvature of any loss you write.
+trace deflated by that basis, a ``TraceResult``), for curvature of any loss you write; they live in
+``_hvp.py``, ``_lanczos.py`` and ``_trace.py``, on the vector algebra of ``_vectors.py``.
 
 Every function:
 
