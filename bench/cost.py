@@ -13,7 +13,9 @@ full width, batch 128), with ``--precision bf16-mixed`` for training (measuremen
    apart (``first``): it pays one-time set-up and, for ``HessianSpectrum``, a cold Lanczos start
    (later ones are warm-started from the previous measurement's eigenvector). Beside each cost,
    its algorithmic floor (see ``floor``) in the same unit.
-2. **Overhead under a budget**: ``--steps`` training steps with ``InternalCovariateShift``,
+2. **One HVP per form** (``--hvp-forms``): the ``retained`` set-up and product and one ``jvp`` product,
+   in training steps of the same model and batch (``HessianSpectrum``'s ``hvp_method``).
+3. **Overhead under a budget**: ``--steps`` training steps with ``InternalCovariateShift``,
    ``LossLandscape``, ``ActivationStats`` and ``HessianSpectrum``, all with ``max_overhead=0.1``,
    against the same run without callbacks: (time with) / (time without) - 1, and how often each
    callback measured.
@@ -163,14 +165,21 @@ def floor(name: str, cb: Any, module: nn.Module) -> str:
 
 
 def count_hvps(cb: Any) -> None:
-    """Record the HVPs of each Hessian measurement (eigen solver + trace probes) on ``cb._bench_hvps``."""
+    """Record the HVPs of each Hessian measurement on ``cb._bench_hvps`` (the last one) and ``cb._bench_hvp_log``
+    (every one: Lanczos iterations, trace probes, all HVPs of H, and λmax(P⁻¹H)'s Lanczos iterations for Adam)."""
     original = cb.record
+    cb._bench_hvp_log = []
 
     def record(trainer: Any, metrics: dict[str, Tensor], step: int | None = None) -> None:
+        def get(name: str) -> int:
+            return int(float(metrics.get(f"hessian/{name}", torch.tensor(0.0))))
+
         if "hessian/hvps" in metrics:
-            cb._bench_hvps = int(float(metrics["hessian/hvps"]))
+            cb._bench_hvps = get("hvps") + get("precond_iterations")
         else:  # before the HVP count was logged: the eigen solver's, plus the probes and the deflation
-            cb._bench_hvps = int(float(metrics.get("hessian/iterations", torch.tensor(0.0)))) + cb.n_probes + cb.k
+            cb._bench_hvps = get("iterations") + cb.n_probes + cb.k
+        entry = {"lanczos": get("iterations"), "probes": get("trace_probes"), "hvps": get("hvps"), "precond_lanczos": get("precond_iterations")}
+        cb._bench_hvp_log.append(entry)
         original(trainer, metrics, step)
 
     cb.record = record
@@ -206,6 +215,9 @@ def bench_costs(args: Any, model_name: str) -> list[dict[str, Any]]:
             "measurement_runs_s": durations,
             "floor": floor(name, cb, model),
         }
+        if name == "HessianSpectrum":
+            row["hvps_per_measurement"] = cb._bench_hvp_log
+            print(f"  {model_name} {name} HVPs per measurement: {cb._bench_hvp_log}", flush=True)
         rows.append(row)
         print(f"  {model_name} {name}: {row['cost_in_steps']:.2f} steps (first {row['first_in_steps']:.2f}); floor {row['floor']}; step {step_s * 1e3:.0f} ms", flush=True)
     return rows
@@ -242,6 +254,48 @@ def bench_budget(args: Any, model_name: str) -> dict[str, Any]:
     return out
 
 
+def bench_hvp_forms(args: Any, model_name: str, repeats: int = 3) -> dict[str, Any]:
+    """One HVP of each form in training steps of the same model and batch (medians of ``repeats``, interleaved).
+
+    A training step: forward + backward + the optimizer's step. ``retained``: its set-up (the forward and the
+    first backward with ``create_graph=True``) and one product through the retained graph; ``jvp``: one
+    forward-over-reverse product (no set-up); both through ``hessian_operator``, as ``HessianSpectrum`` uses it.
+    """
+    from bnlightning.callbacks.functional.hessian import hessian_operator
+
+    model = make_model(model_name, args.seed).train()
+    batch = next(iter(make_loader(model_name, 1, args.seed)))
+    opt = model.configure_optimizers()
+    assert isinstance(opt, torch.optim.Optimizer)
+    times: dict[str, list[float]] = {"step": [], "retained_setup": [], "retained": [], "jvp": []}
+
+    def step() -> None:
+        opt.zero_grad()
+        model.loss(batch).backward()  # type: ignore[operator]
+        opt.step()
+
+    def product(method: str) -> tuple[float, float]:
+        t0 = args.timer.now()
+        with hessian_operator(model, batch, method=method, loss_fn=lambda m, b: m.loss(b)) as hvp:
+            v = {n: torch.randn_like(p) for n, p in hvp.point.items()}
+            t1 = args.timer.now()
+            hvp(v)
+            t2 = args.timer.now()
+        return t1 - t0, t2 - t1
+
+    step()  # warm-up: first-call allocations
+    for _ in range(repeats):
+        times["step"].append(args.timer.timed(step)[0])
+        setup, prod = product("retained")
+        times["retained_setup"].append(setup)
+        times["retained"].append(prod)
+        times["jvp"].append(sum(product("jvp")))
+    step_s = _timing.median(times["step"])
+    row = {"model": model_name, "step_s": step_s, **{k: _timing.median(v) / step_s for k, v in times.items() if k != "step"}}
+    print(f"  {model_name} one HVP in steps: retained set-up {row['retained_setup']:.2f} + {row['retained']:.2f} per product; jvp {row['jvp']:.2f}; step {step_s * 1e3:.0f} ms", flush=True)
+    return row
+
+
 def parse_args(argv: list[str] | None = None) -> Any:
     p = _cli.bench_parser("bench/cost.py", __doc__, QUICK, FULL)
     p.add_argument("--models", type=lambda s: [m for m in s.split(",") if m], default=None, help=f"comma-separated, of {', '.join(MODELS)}")
@@ -249,6 +303,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
     p.add_argument("--probe-measurements", type=_cli.positive_int, default=None, help="measurements per callback in (1)")
     p.add_argument("--probe-every", type=_cli.positive_int, default=2, help="measure every this many steps in (1)")
     p.add_argument("--steps", type=_cli.nonnegative_int, default=None, help="training steps of the budget runs (2); 0 skips them")
+    p.add_argument("--hvp-forms", action="store_true", help="(3) also time one HVP per form (retained set-up and product, jvp) against a training step")
     p.add_argument("--precision", type=_cli.precision_list, default=["32-true"], help="one of 32-true, bf16-mixed, 16-mixed (training; measurements are float32 whatever it is)")
     args = p.parse_args(argv)
     for m in args.models:
@@ -269,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info, started = _report.begin(__file__, args)
     costs: list[dict[str, Any]] = []
     budgets: list[dict[str, Any]] = []
+    forms = [bench_hvp_forms(args, m) for m in args.models] if args.hvp_forms else []
     for m in args.models:
         costs += bench_costs(args, m)
         if args.steps:
@@ -287,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = f"HessianSpectrum at its defaults: {max(hess):.1f} steps per measurement at worst" if hess else "no HessianSpectrum row"
     if budgets:
         summary += "; overhead with max_overhead=0.1: " + ", ".join(f"{b['model']} {b['overhead_pct']:.1f}%" for b in budgets)
-    return _report.finish(__file__, argv, args, info, {"costs": costs, "budgets": budgets}, summary, started)
+    return _report.finish(__file__, argv, args, info, {"costs": costs, "budgets": budgets, "hvp_forms": forms}, summary, started)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ of batches:
    "warm" (``v0`` = the previous measurement's eigenvector), on the same measured batch
    ("warm, same batch") and on a fresh batch ("warm, new batch": what a callback measuring
    each time on the current training batch sees). For each run: ``stop`` = HVPs until the
-   solver's rule ``||Hv - θv|| <= tol·|θ|`` (tol ``--tol``) fired, ``to 1e-3`` = HVPs until
+   solver's rule fired (tol ``--tol``; the eigenvalue error bound ``min(r, 10 r²/gap) <= tol·|θ|``
+   since it replaced the residual rule ``r <= tol·|θ|`` of docs/benchmarks.md §5), ``to 1e-3`` = HVPs until
    the Ritz value first came within 1e-3 (relative) of a reference λmax (the largest Ritz
    value of the runs and of a tight run, basis 20, tol 1e-5, started from their vectors), ``overlap`` = |<previous eigenvector, new one>|
    (1: the top direction did not move).
@@ -44,7 +45,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from bnlightning.callbacks._curvature import _dot, make_hvp, top_eigenvalues
+from bnlightning.callbacks.functional._hvp import make_hvp
+from bnlightning.callbacks.functional._lanczos import top_eigenvalues
+from bnlightning.callbacks.functional._vectors import dot as _dot
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _cli

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from bnlightning.callbacks._curvature import HVP_METHODS
 from bnlightning.callbacks._layers import module_layers
 from bnlightning.callbacks.base import MeasurementCallback, StepKey
+from bnlightning.callbacks.functional._hvp import HVP_METHODS
 from bnlightning.callbacks.functional._layers import resolve_layers, weight_layer_names
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional.gauges import activation_gradients, default_gradact_layers, effective_lr, gradient_curvature, group_lrs, scale_invariant_layers

@@ -29,7 +29,7 @@ class HessianSpectrum(MeasurementCallback):
     training mode with its running statistics untouched, the same random draws in every pass), H is
     reached only through Hessian-vector products: the top-k eigenvalues by thick-restart Lanczos
     (algebraic order: H is indefinite), warm-started from the previous measurement's eigenvectors; the
-    trace by Hutchinson's estimator with Rademacher probes, deflated by those eigenvectors. Under DDP
+    trace by Hutchinson's estimator with Rademacher probes, deflated by the whole Lanczos basis. Under DDP
     every HVP is averaged over ranks (the global-batch Hessian) and every rank draws the same vectors.
 
     What H is, precisely: with dropout (or noisy BatchNorm), the loss with one fresh draw of the masks,
@@ -43,8 +43,11 @@ class HessianSpectrum(MeasurementCallback):
 
     - ``hessian/lambda_max``, ``hessian/eig_<j>`` (j = 1..k): the top eigenvalues, descending
     - ``hessian/iterations``: HVPs the eigen solver used; ``hessian/converged``: 1 if every pair met ``tol``;
-      ``hessian/hvps``: HVPs of the whole measurement (eigen solver, deflation, probes)
-    - ``hessian/trace``, ``hessian/trace_se``: Hutchinson's estimate and its standard error (``n_probes > 0``)
+      ``hessian/hvps``: HVPs of H's measurement (eigen solver and trace probes); ``hessian/precond_iterations``:
+      those of λmax(P⁻¹H) (Adam, AdamW, RMSprop)
+    - ``hessian/trace``, ``hessian/trace_se``: the trace estimate and its standard error (``n_probes > 0``);
+      ``hessian/trace_probes``: the probes it used; ``hessian/trace_variance_ratio``: a deflated probe's
+      variance over a plain Hutchinson probe's (what the deflation bought; it sets the next measurement's probes)
     - ``hessian/sharpness_ratio`` = λmax / (2(1+β)/η): 1 is the edge of stability (Cohen et al. 2021), for
       SGD with learning rate η and heavy-ball momentum β (β = 0 for plain SGD), η and β as they are at the
       measured step. Several parameter groups are fine when they share 2(1+β)/η. For Adam and AdamW it is
@@ -58,9 +61,13 @@ class HessianSpectrum(MeasurementCallback):
     Args:
         k: how many top eigenvalues (>= 1).
         every_n_steps: measure on steps t with ``(t + 1) % every_n_steps == 0``.
-        tol: relative residual tolerance of each eigenpair (``||Hv - θv|| <= tol·|θ|``).
+        tol: tolerance on each eigenvalue's relative error: Lanczos stops when ``min(r, 10·r²/gap) <= tol·|θ|``
+            for every wanted Ritz pair (r its residual ``||Hv - θv||``; docs/curvature.md).
         max_iter: cap on the HVPs of the eigen solver per block.
-        n_probes: Hutchinson probes for the trace (0 turns the trace off).
+        n_probes: the trace's accuracy, as the number of plain Hutchinson probes whose standard error it
+            matches, and the most probes it takes (0 turns the trace off). The trace is deflated by the
+            Lanczos basis; each measurement takes ``ceil(n_probes · r)`` probes (at least 4), r the variance
+            ratio the previous measurement estimated (``hessian/trace_variance_ratio``), the first ``n_probes``.
         layers: module names whose weight block is measured too (default none).
         warm_start: start from the previous measurement's eigenvectors (kept in memory, not in checkpoints).
         seed: seed of the random start vector and probes (the global RNG is never used).
@@ -123,6 +130,7 @@ class HessianSpectrum(MeasurementCallback):
         self.layers = list(layers) if layers else []
         self.warm_start, self.seed, self.max_basis, self.hvp_method = warm_start, seed, max_basis, hvp_method
         self._vectors: dict[str, list[dict[str, Tensor]]] = {}
+        self._trace_ratios: dict[str, float] = {}
         self._warned_ratio = False
         self._precond_vector: dict[str, Tensor] | None = None
 
@@ -169,19 +177,21 @@ class HessianSpectrum(MeasurementCallback):
             hvp_method=self.hvp_method,
             loss_fn=self.measured_loss(pl_module),
             reduce=self.reduce(trainer),
+            trace_ratios=self._trace_ratios if self.warm_start else None,
         )
         if self.warm_start:
-            self._vectors = result.eigenvectors
+            self._vectors, self._trace_ratios = result.eigenvectors, result.trace_ratios
         metrics = dict(result.metrics)
         limit, why_not = sharpness_limit(optimizer)
         precond = adaptive_preconditioner(optimizer, pl_module) if limit is None else None
         if precond is not None:  # Adam, AdamW, RMSprop: λmax(P⁻¹H) against its own threshold (Cohen et al. 2022)
-            lam, self._precond_vector, _ = preconditioned_sharpness(
+            lam, self._precond_vector, precond_hvps = preconditioned_sharpness(
                 pl_module, batch, precond.diagonal, tol=self.tol, max_iter=self.max_iter, seed=self.seed + trainer.global_step,
                 v0=self._precond_vector if self.warm_start else None, hvp_method=self.hvp_method,
                 loss_fn=self.measured_loss(pl_module), reduce=self.reduce(trainer),
             )  # fmt: skip
             metrics["hessian/precond_lambda_max"] = lam
+            metrics["hessian/precond_iterations"] = torch.tensor(float(precond_hvps))
             metrics["hessian/sharpness_ratio"] = lam / precond.threshold
             return metrics
         if limit is None and not self._warned_ratio:
@@ -192,7 +202,7 @@ class HessianSpectrum(MeasurementCallback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._vectors = {}
+        self._vectors, self._trace_ratios = {}, {}
         self._precond_vector = None
 
     @override

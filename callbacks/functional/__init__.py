@@ -16,8 +16,10 @@ The layering rule: this package is pure torch. It imports nothing from the callb
 ``bnlightning``; ``tests/callbacks/test_layering.py`` enforces it.
 
 The Hessian-vector-product toolkit (PROTOCOL §9, torch only; docs/curvature.md) is public here
-too: ``make_hvp``, ``top_eigenvalues`` (thick-restart Lanczos, returns an ``EigenResult``) and
-``hutchinson_trace``, for curvature of any loss you write.
+too: ``make_hvp``, ``top_eigenvalues`` (thick-restart Lanczos, returns an ``EigenResult``, with
+``keep_basis=True`` its whole basis as a ``RitzBasis``), ``hutchinson_trace`` and ``krylov_trace`` (the
+trace deflated by that basis, a ``TraceResult``), for curvature of any loss you write; they live in
+``_hvp.py``, ``_lanczos.py`` and ``_trace.py``, on the vector algebra of ``_vectors.py``.
 
 Every function:
 
@@ -40,11 +42,13 @@ and torchmetrics states restored). ``resolve_loss(module, loss_fn=..., loss_meth
 once; pass its result as ``loss_fn`` to any number of calls.
 """
 
-from bnlightning.callbacks._curvature import EigenResult, hutchinson_trace, make_hvp, top_eigenvalues
 from bnlightning.callbacks.functional._batching import MODES
+from bnlightning.callbacks.functional._hvp import make_hvp
+from bnlightning.callbacks.functional._lanczos import EigenResult, RitzBasis, top_eigenvalues
 from bnlightning.callbacks.functional._layers import WEIGHT_LAYER_TYPES, weight_layer_names
 from bnlightning.callbacks.functional._loss import LossFn, resolve_loss
 from bnlightning.callbacks.functional._numerics import exact_float32
+from bnlightning.callbacks.functional._trace import TraceResult, hutchinson_trace, krylov_trace
 from bnlightning.callbacks.functional._updates import optimizer_update, sgd_update
 from bnlightning.callbacks.functional.activations import ACTIVATION_KINDS, activation_kind, activation_stats, capture_forward, measurement_forward
 from bnlightning.callbacks.functional.gradient import StepGradient, step_gradient
@@ -60,6 +64,8 @@ __all__ = [
     "WEIGHT_LAYER_TYPES",
     "LossFn",
     "EigenResult",
+    "RitzBasis",
+    "TraceResult",
     "StepGradient",
     "activation_kind",
     "activation_stats",
@@ -67,6 +73,7 @@ __all__ = [
     "exact_float32",
     "hutchinson_trace",
     "internal_covariate_shift",
+    "krylov_trace",
     "loss_landscape",
     "mean_shift",
     "make_hvp",

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from bnlightning.callbacks._curvature import make_hvp, top_eigenvalues
 from bnlightning.callbacks.functional._harness import LossHarness
+from bnlightning.callbacks.functional._hvp import make_hvp
+from bnlightning.callbacks.functional._lanczos import top_eigenvalues
 from bnlightning.callbacks.functional._layers import WEIGHT_LAYER_TYPES, weight_layer_names
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_float32
@@ -93,7 +94,7 @@ def gradient_curvature(
         module, batch, loss_fn: as in ``internal_covariate_shift``.
         weights: canonical parameter name -> W^t (others keep the module's value).
         next_weights: canonical parameter name -> W^{t+1}; a trainable parameter missing here did not move.
-        hvp_method: ``retained``, ``double_backward`` or ``jvp`` (see ``_curvature.make_hvp``).
+        hvp_method: ``retained``, ``double_backward`` or ``jvp`` (see ``_hvp.make_hvp``).
         reduce: mean over ranks (DDP), applied to g, every HVP and both losses.
     """
     model = LossHarness(module, loss_fn)
@@ -265,7 +266,7 @@ def preconditioned_sharpness(
     """λmax(P⁻¹H) of the training loss on ``batch``, as λmax of the symmetric P^{-1/2} H P^{-1/2}.
 
     H is over the parameters named in ``preconditioner`` (the ones the optimizer steps; the others
-    held fixed), reached through HVPs; the eigen solver is ``_curvature.top_eigenvalues`` (thick-restart
+    held fixed), reached through HVPs; the eigen solver is ``_lanczos.top_eigenvalues`` (thick-restart
     Lanczos, algebraic order). Returns (λmax as float32, its eigenvector in the P^{-1/2}-scaled
     coordinates for a warm start, HVPs used).
     """

@@ -1,7 +1,7 @@
 """Curvature on the training batch (PROTOCOL §9): top Hessian eigenvalues and trace, as a pure function.
 
-The linear algebra (thick-restart Lanczos, Hutchinson's trace, the HVP forms) is in
-``bnlightning.callbacks._curvature``; this file applies it to a module's training loss with the
+The linear algebra is in the operator and algorithm files beside it: ``_hvp.py`` (the HVP forms),
+``_lanczos.py`` (thick-restart Lanczos), ``_trace.py`` (Hutchinson's trace); this file applies it to a module's training loss with the
 measurement rules of the other functions: float32 substitutes, cloned buffers (BatchNorm in training
 mode, running statistics untouched), the same random draws in every pass, DDP mean.
 """
@@ -9,22 +9,29 @@ mode, running statistics untouched), the same random draws in every pass, DDP me
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from bnlightning.callbacks._curvature import HVP_METHODS, hutchinson_trace, make_hvp, top_eigenvalues
 from bnlightning.callbacks.functional._harness import LossHarness
+from bnlightning.callbacks.functional._hvp import HVP_METHODS, make_hvp
+from bnlightning.callbacks.functional._lanczos import top_eigenvalues
 from bnlightning.callbacks.functional._layers import layer_param, resolve_layers
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_float32
 from bnlightning.callbacks.functional._optimizer import torch_optimizer
+from bnlightning.callbacks.functional._trace import krylov_trace
 
-__all__ = ["HessianOperator", "HessianResult", "edge_of_stability", "hessian_operator", "hessian_spectrum", "sharpness_limit"]
+__all__ = ["MIN_PROBES", "HessianOperator", "HessianResult", "edge_of_stability", "hessian_operator", "hessian_spectrum", "sharpness_limit"]
 
 Vec = dict[str, Tensor]
+
+#: The fewest trace probes a measurement takes when the previous one said deflation pays (the variance
+#: estimates behind that decision need a few probes to be worth anything).
+MIN_PROBES = 4
 
 
 class HessianResult(NamedTuple):
@@ -33,12 +40,16 @@ class HessianResult(NamedTuple):
     Attributes:
         metrics: ``hessian/lambda_max``, ``hessian/eig_<j>`` (j = 1..k, descending), ``hessian/iterations``
             (HVPs of the eigen solver), ``hessian/converged`` (1 or 0), ``hessian/hvps`` (all HVPs of the block), and with ``n_probes > 0``
-            ``hessian/trace`` and ``hessian/trace_se``; per layer block the same under ``hessian/<layer>/``.
+            ``hessian/trace``, ``hessian/trace_se``, ``hessian/trace_probes`` (the probes used) and
+            ``hessian/trace_variance_ratio`` (the deflated probe's variance over a plain one's, see ``krylov_trace``);
+            per layer block the same under ``hessian/<layer>/``.
         eigenvectors: block name (``""`` for the whole network, else the layer) -> the top-k eigenvectors.
+        trace_ratios: block name -> ``trace_variance_ratio`` (pass it as ``trace_ratios`` next time).
     """
 
     metrics: dict[str, Tensor]
     eigenvectors: dict[str, list[Vec]]
+    trace_ratios: dict[str, float]
 
 
 class HessianOperator:
@@ -133,6 +144,7 @@ def hessian_spectrum(
     hvp_method: str = "retained",
     loss_fn: LossFn | None = None,
     reduce: Reduce | None = None,
+    trace_ratios: Mapping[str, float] | None = None,
 ) -> HessianResult:
     """Top-k eigenvalues (algebraic) and trace of the Hessian of the training loss on ``batch``.
 
@@ -143,9 +155,14 @@ def hessian_spectrum(
         module: any module; ``loss_fn`` as in ``internal_covariate_shift``.
         batch: the batch.
         k: how many top eigenvalues.
-        tol: the eigen solver's relative residual tolerance (see ``_curvature.top_eigenvalues``).
+        tol: the eigen solver's tolerance on each eigenvalue's relative error (see ``_lanczos.top_eigenvalues``).
         max_iter: cap on the eigen solver's HVPs per block.
-        n_probes: Hutchinson probes for the trace (0: no trace), deflated by the eigenvectors found.
+        n_probes: the trace's accuracy, as the plain Hutchinson probes whose standard error it matches
+            (0: no trace). The trace is deflated by the eigen solver's whole Lanczos basis
+            (``_trace.krylov_trace``); with ``trace_ratios[block]`` (the previous measurement's variance
+            ratio r) it takes ``ceil(n_probes · r)`` probes, at least ``MIN_PROBES`` and at most ``n_probes``,
+            else ``n_probes``; where r >= 1 (deflation raised the variance) it takes ``n_probes`` plain
+            Hutchinson probes. Count and form are fixed before probing, so the estimate stays unbiased.
         layers: module names whose weight block is also measured.
         whole: measure the whole-network Hessian (set False for blocks only).
         v0: block name -> start vectors (a previous result's ``eigenvectors``): a warm start.
@@ -154,6 +171,7 @@ def hessian_spectrum(
         max_basis: Lanczos basis size (default 4 for k = 1).
         hvp_method: ``retained`` (default, fastest measured), ``double_backward`` or ``jvp``.
         reduce: mean over ranks (DDP), applied to every HVP.
+        trace_ratios: block name -> a previous result's ``trace_ratios`` entry (see ``n_probes``).
 
     Raises:
         ValueError: a bad ``k``, ``tol``, ``max_iter``, ``n_probes``, ``hvp_method`` or layer name.
@@ -166,31 +184,69 @@ def hessian_spectrum(
     blocks: dict[str, list[str]] = {"": list(model.trainable)} if whole else {}
     for layer in resolve_layers(module, list(layers)) if layers else []:
         blocks[layer] = [layer_param(module, layer, model)]
+    solver = _Solver(k, tol, max_iter, n_probes, seed, max_basis)
     metrics: dict[str, Tensor] = {}
     vectors: dict[str, list[Vec]] = {}
+    ratios: dict[str, float] = {}
     for block, names in blocks.items():
         with hessian_operator(module, batch, names, method=hvp_method, loss_fn=loss_fn, reduce=reduce, _model=model) as hvp:
-            point = hvp.point
-            # a CPU generator: the same seed gives the same start and probes on every device (CPU, any GPU)
-            gen = torch.Generator().manual_seed(seed)
-            start = (v0 or {}).get(block)
-            if start and not all(set(v) == set(point) and all(v[n].shape == point[n].shape for n in point) for v in start):
-                start = None  # the parameters changed shape or set: start cold
-            eig = top_eigenvalues(hvp, point, k, tol=tol, max_iter=max_iter, v0=start, generator=gen, max_basis=max_basis)
             prefix = "hessian/" if not block else f"hessian/{block}/"
-            values = eig.eigenvalues.to(torch.float32)
-            metrics[f"{prefix}lambda_max"] = values[0]
-            for j in range(k):
-                metrics[f"{prefix}eig_{j + 1}"] = values[j]
-            metrics[f"{prefix}iterations"] = torch.tensor(float(eig.iterations))
-            metrics[f"{prefix}converged"] = torch.tensor(float(eig.converged))
-            if n_probes:
-                trace, se = hutchinson_trace(hvp, point, n_probes, generator=gen, deflate=eig.eigenvectors)
-                metrics[f"{prefix}trace"] = torch.tensor(trace, dtype=torch.float32)
-                metrics[f"{prefix}trace_se"] = torch.tensor(se, dtype=torch.float32)
-            metrics[f"{prefix}hvps"] = torch.tensor(float(hvp.calls))
-            vectors[block] = eig.eigenvectors
-    return HessianResult(metrics, vectors)
+            ratio = (trace_ratios or {}).get(block)
+            probes = _trace_probes(n_probes, ratio)
+            deflate = ratio is None or not ratio >= 1.0  # deflation raised the variance last time: plain Hutchinson
+            values, vectors[block] = _measure_block(hvp, solver._replace(n_probes=probes), _warm_start(hvp.point, (v0 or {}).get(block)), deflate)
+            metrics.update({f"{prefix}{name}": value for name, value in values.items()})
+            if probes:
+                ratios[block] = float(values["trace_variance_ratio"])
+    return HessianResult(metrics, vectors, ratios)
+
+
+def _trace_probes(n_probes: int, ratio: float | None) -> int:
+    """Probes for the standard error of ``n_probes`` plain ones, given the variance ratio last measured."""
+    if not n_probes or ratio is None or not math.isfinite(ratio):
+        return n_probes
+    return min(n_probes, max(MIN_PROBES, math.ceil(n_probes * max(ratio, 0.0))))
+
+
+class _Solver(NamedTuple):
+    """The eigen solver's and the trace estimator's settings (see :func:`hessian_spectrum`)."""
+
+    k: int
+    tol: float
+    max_iter: int
+    n_probes: int
+    seed: int
+    max_basis: int | None
+
+
+def _warm_start(point: Vec, start: list[Vec] | None) -> list[Vec] | None:
+    """``start`` when it has the parameters' names and shapes, else None (they changed: start cold)."""
+    if start and all(set(v) == set(point) and all(v[n].shape == point[n].shape for n in point) for v in start):
+        return start
+    return None
+
+
+def _measure_block(hvp: HessianOperator, solver: _Solver, start: list[Vec] | None, deflate: bool) -> tuple[dict[str, Tensor], list[Vec]]:
+    """The metrics of one block of H (names without the ``hessian/<block>/`` prefix) and its eigenvectors."""
+    point = hvp.point
+    # a CPU generator: the same seed gives the same start and probes on every device (CPU, any GPU)
+    gen = torch.Generator().manual_seed(solver.seed)
+    basis = solver.n_probes > 0  # the trace is deflated by the whole Lanczos basis
+    eig = top_eigenvalues(hvp, point, solver.k, tol=solver.tol, max_iter=solver.max_iter, v0=start, generator=gen, max_basis=solver.max_basis, keep_basis=basis)
+    values = eig.eigenvalues.to(torch.float32)
+    metrics = {"lambda_max": values[0]}
+    for j in range(solver.k):
+        metrics[f"eig_{j + 1}"] = values[j]
+    metrics["iterations"] = torch.tensor(float(eig.iterations))
+    metrics["converged"] = torch.tensor(float(eig.converged))
+    if eig.basis is not None:
+        trace = krylov_trace(hvp, point, eig.basis, solver.n_probes, deflate=deflate, generator=gen)
+        metrics["trace"] = torch.tensor(trace.estimate, dtype=torch.float32)
+        metrics["trace_se"] = torch.tensor(trace.standard_error, dtype=torch.float32)
+        metrics["trace_probes"] = torch.tensor(float(trace.probes))
+        metrics["trace_variance_ratio"] = torch.tensor(trace.variance_ratio, dtype=torch.float32)
+    metrics["hvps"] = torch.tensor(float(hvp.calls))
+    return metrics, eig.eigenvectors
 
 
 def edge_of_stability(optimizer: Any) -> float | None:

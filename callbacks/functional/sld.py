@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from bnlightning.callbacks._curvature import make_hvp
 from bnlightning.callbacks.functional._harness import LossHarness
+from bnlightning.callbacks.functional._hvp import make_hvp
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_float32
 from bnlightning.callbacks.functional.gauges import is_norm
@@ -114,7 +114,7 @@ def spectral_density(
         norm_mode: ``train`` (BatchNorm on batch statistics, as training) or ``running`` (BatchNorm
             on its running statistics; other modules as they are).
         seed: seed of the start vectors (a CPU ``torch.Generator``: the global RNG is untouched).
-        hvp_method: see ``_curvature.make_hvp``.
+        hvp_method: see ``_hvp.make_hvp``.
         reduce: mean over ranks (DDP), applied to every HVP.
 
     Raises:

@@ -1,4 +1,4 @@
-"""Curvature mathematics (callbacks/_curvature.py) against plain references.
+"""Curvature mathematics (callbacks/functional/_hvp.py, _lanczos.py, _trace.py) against plain references.
 
 References: the full Hessian of a tiny network built with ``torch.autograd.functional.hessian``
 on a flat float64 parameter vector and diagonalized with ``torch.linalg.eigvalsh``; explicit
@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from bnlightning.callbacks._curvature import (
+from bnlightning.callbacks.functional import (
     EigenResult,
     hutchinson_trace,
+    krylov_trace,
     make_hvp,
     top_eigenvalues,
 )
+from bnlightning.callbacks.functional._lanczos import error_bounds
 
 
 # --- references -------------------------------------------------------------------------------
@@ -128,7 +130,7 @@ def test_lambda_max_of_bn_mlp(mlp_case, max_basis: int | None) -> None:
     v = flat(res.eigenvectors[0])
     assert abs(v.norm().item() - 1) < 1e-5
     true_res = (H @ v - res.eigenvalues[0] * v).norm().item()
-    assert true_res <= 1e-4 * abs(eigs[0].item()) * 1.5
+    assert res.error_bounds[0].item() <= 1e-4 * abs(res.eigenvalues[0].item())  # the stop rule
     assert abs(true_res - res.residuals[0].item()) <= 1e-5 * abs(eigs[0].item())
     assert len(res.history) == res.iterations
 
@@ -379,3 +381,106 @@ def test_eigen_result_fields() -> None:
     assert isinstance(res, EigenResult)
     assert res.eigenvalues.dtype == torch.float64 and res.residuals.shape == (2,)
     assert res.eigenvalues.tolist() == pytest.approx([3.0, 2.0], rel=1e-5)
+
+
+# --- the eigenvalue stop rule and the Krylov-deflated trace ----------------------------------------
+def exact_spectrum_matrix(eigs: list[float], seed: int = 0) -> Tensor:
+    """A dense symmetric float64 matrix with exactly the eigenvalues ``eigs`` (a random orthogonal basis)."""
+    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return (q * torch.tensor(eigs, dtype=torch.float64)) @ q.T
+
+
+def test_error_bounds_take_the_gap_widened_by_the_neighbours_residual() -> None:
+    theta = torch.tensor([10.0, 9.0, 1.0], dtype=torch.float64)
+    res = torch.tensor([0.01, 0.5, 2.0], dtype=torch.float64)
+    got = error_bounds(theta, res)
+    # GAP_SAFETY = 10. θ_1: gap min(10 - 9 - 0.5, 10 - 1 - 2) = 0.5 -> 10 · 0.01²/0.5 = 0.002 < r;
+    # θ_2: gap min(1 - 0.01, 8 - 2) = 0.99 -> 10 · 0.25/0.99 > r = 0.5 -> r; θ_3: the residual, 2
+    assert got.tolist() == pytest.approx([0.002, 0.5, 2.0])
+    assert error_bounds(theta[:1], res[:1]).tolist() == [0.01]  # one Ritz value: the residual alone
+    overlapping = error_bounds(torch.tensor([1.0, 0.9], dtype=torch.float64), torch.tensor([0.05, 0.2], dtype=torch.float64))
+    assert overlapping[0].item() == pytest.approx(0.05)  # gap 0.1 - 0.2 < 0: the residual alone
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-3])
+def test_lambda_max_of_the_explicit_hessian_is_within_tol(mlp_case, tol: float) -> None:
+    model, x, y, H, eigs = mlp_case
+    p = params_of(model)
+    hvp = make_hvp(loss_fn(model, x, y), p)
+    lam = eigs[0].item()
+    for seed in range(6):
+        res = top_eigenvalues(hvp, p, tol=tol, generator=torch.Generator().manual_seed(seed), max_iter=500)
+        assert res.converged and res.error_bounds[0] <= tol * abs(res.eigenvalues[0])
+        assert abs(res.eigenvalues[0].item() - lam) <= tol * abs(lam), (seed, res.eigenvalues[0].item(), lam)
+
+
+@pytest.mark.parametrize("gap", [1e-7, 1e-5, 3e-2])
+def test_lambda_max_with_a_tiny_gap_is_within_tol(gap: float) -> None:
+    """A second eigenvalue gap·λ below λmax: Ritz values that mix the two are still within tol of λmax."""
+    n = 80
+    eigs = [10.0, 10.0 * (1 - gap)] + [6.0 * math.cos(i) for i in range(n - 2)]
+    A = exact_spectrum_matrix(eigs)
+    for seed in range(5):
+        res = top_eigenvalues(matrix_hvp(A), {"w": torch.zeros(n)}, tol=1e-3, generator=torch.Generator().manual_seed(seed), max_iter=500)
+        assert res.converged and abs(res.eigenvalues[0].item() - 10.0) <= 1e-3 * 10.0, (seed, res.eigenvalues[0].item())
+
+
+def _trace_runs(A: Tensor, probes: int, runs: int) -> tuple[Tensor, Tensor, list[float]]:
+    """``runs`` independent Krylov-deflated estimates (cold Lanczos, then ``probes`` probes) and plain ones."""
+    n = A.shape[0]
+    like = {"w": torch.zeros(n)}
+    deflated, plain, ratios = [], [], []
+    for s in range(runs):
+        eig = top_eigenvalues(matrix_hvp(A), like, tol=1e-3, generator=torch.Generator().manual_seed(s), keep_basis=True)
+        assert eig.basis is not None
+        t = krylov_trace(matrix_hvp(A), like, eig.basis, probes, generator=torch.Generator().manual_seed(10_000 + s))
+        deflated.append(t.estimate)
+        ratios.append(t.variance_ratio)
+        plain.append(hutchinson_trace(matrix_hvp(A), like, 20, generator=torch.Generator().manual_seed(20_000 + s))[0])
+    return torch.tensor(deflated, dtype=torch.float64), torch.tensor(plain, dtype=torch.float64), ratios
+
+
+@pytest.mark.parametrize("spectrum", ["decaying", "flat"])
+def test_krylov_trace_is_unbiased_and_matches_twenty_plain_probes(spectrum: str) -> None:
+    n = 60
+    eigs = [50 * 0.7**i for i in range(n)] if spectrum == "decaying" else torch.linspace(-1, 1, n).tolist()
+    A = exact_spectrum_matrix(eigs, seed=1)
+    trace = float(sum(eigs))
+    # the variance ratio estimated by the probes, averaged over runs, sets the probes for 20 plain probes' SE
+    _, _, ratios = _trace_runs(A, 20, 20)
+    ratio = sum(ratios) / len(ratios)
+    probes = max(4, math.ceil(20 * ratio))
+    deflated, plain, _ = _trace_runs(A, probes, 300)
+    # unbiased: the mean of 300 independent estimates is within 4 standard errors of the exact trace
+    assert abs(deflated.mean().item() - trace) <= 4 * deflated.std().item() / math.sqrt(300) + 1e-6 * abs(trace)
+    # the standard error claim: as spread out as 20 plain probes (within the sampling error of 300 runs)
+    assert deflated.std().item() <= 1.2 * plain.std().item()
+    if spectrum == "decaying":  # the basis holds the outliers: far fewer probes, and a ratio well below 1
+        assert probes <= 10 and ratio < 0.5
+    else:  # nothing to deflate: the ratio stays near 1 and so do the probes
+        assert 0.7 < ratio < 1.3 and probes >= 14
+
+
+def test_krylov_trace_is_exact_when_the_basis_holds_the_whole_range() -> None:
+    A = exact_spectrum_matrix([5.0, -2.0] + [0.0] * 18)  # rank 2: a basis of 3 spans the range
+    like = {"w": torch.zeros(20)}
+    eig = top_eigenvalues(matrix_hvp(A), like, tol=1e-6, keep_basis=True, max_basis=3)
+    assert eig.basis is not None
+    t = krylov_trace(matrix_hvp(A), like, eig.basis, 4)
+    assert t.estimate == pytest.approx(3.0, abs=1e-4) and t.standard_error < 1e-4 and t.probes == 4
+    with pytest.raises(ValueError, match=r"n_probes must be a positive integer, got 0"):
+        krylov_trace(matrix_hvp(A), like, eig.basis, 0)
+
+
+def test_krylov_trace_without_deflation_is_plain_hutchinson_on_the_same_probes() -> None:
+    """A heavy diagonal: plain Hutchinson is exact, deflating raises the variance (ratio > 1)."""
+    A = torch.diag(torch.linspace(1.0, 3.0, 30, dtype=torch.float64)) + 0.01 * exact_spectrum_matrix([1.0] * 5 + [0.0] * 25)
+    like = {"w": torch.zeros(30)}
+    eig = top_eigenvalues(matrix_hvp(A), like, tol=1e-3, keep_basis=True)
+    assert eig.basis is not None
+    plain = krylov_trace(matrix_hvp(A), like, eig.basis, 8, deflate=False, generator=torch.Generator().manual_seed(3))
+    deflated = krylov_trace(matrix_hvp(A), like, eig.basis, 8, generator=torch.Generator().manual_seed(3))
+    reference = hutchinson_trace(matrix_hvp(A), like, 8, generator=torch.Generator().manual_seed(3))
+    assert plain.estimate == pytest.approx(reference[0], rel=1e-6) and plain.standard_error == pytest.approx(reference[1], rel=1e-5)
+    assert plain.variance_ratio == pytest.approx(deflated.variance_ratio) and plain.variance_ratio > 1
+    assert deflated.standard_error > plain.standard_error

@@ -208,3 +208,23 @@ def test_hessian_operator_is_the_full_hessian_times_v_and_leaves_the_module_alon
         assert torch.equal(t, before[k]), k  # running statistics and weights untouched
     with pytest.raises(RuntimeError, match="after its `with hessian_operator"):
         hvp(v)
+
+
+def test_trace_probes_follow_the_previous_variance_ratio() -> None:
+    """``n_probes`` plain probes' standard error: ceil(n_probes · ratio) deflated probes, from 4 to n_probes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).train()
+    batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+
+    def loss_fn(module: nn.Module, b: Any) -> Tensor:
+        return nn.functional.cross_entropy(module(b[0]), b[1])
+
+    first = hessian_spectrum(net, batch, loss_fn=loss_fn)
+    assert first.metrics["hessian/trace_probes"].item() == 20  # nothing known yet: n_probes
+    ratio = first.metrics["hessian/trace_variance_ratio"].item()
+    assert first.trace_ratios == {"": pytest.approx(ratio)} and 0 <= ratio < 1.5
+    for given, probes in ((None, 20), (0.6, 12), (0.01, 4), (3.0, 20), (float("nan"), 20)):
+        ratios = None if given is None else {"": given}
+        got = hessian_spectrum(net, batch, loss_fn=loss_fn, trace_ratios=ratios).metrics
+        assert got["hessian/trace_probes"].item() == probes, given
+        assert got["hessian/hvps"].item() == got["hessian/iterations"].item() + probes

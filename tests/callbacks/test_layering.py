@@ -20,10 +20,6 @@ import bnlightning.callbacks.functional as functional
 FUNCTIONAL = "bnlightning.callbacks.functional"
 THIRD_PARTY = {"torch", "numpy", "torchmetrics", "lightning_utilities"}
 
-#: Imports of the callback level that are on their way down into functional/, each with where it goes.
-#: The test fails when one is no longer imported: delete its entry then.
-PENDING = {"bnlightning.callbacks._curvature": "the curvature toolkit moves into functional/"}
-
 
 def imported_modules(source: str, package: str) -> list[tuple[int, str]]:
     """(line, absolute module name) of every import in ``source``, a module of ``package``."""
@@ -45,7 +41,7 @@ def broken_rules(source: str, package: str = FUNCTIONAL) -> list[str]:
     bad = []
     for line, name in imported_modules(source, package):
         top = name.split(".")[0]
-        if name == FUNCTIONAL or name.startswith(FUNCTIONAL + ".") or name in PENDING:
+        if name == FUNCTIONAL or name.startswith(FUNCTIONAL + "."):
             continue
         if top == "bnlightning":
             bad.append(f"line {line}: {name} is above functional/")
@@ -87,8 +83,3 @@ def test_the_rule_catches_every_kind_of_import_above_functional() -> None:
         "line 8: pytorch_lightning is neither torch nor the standard library",
         "line 9: bnlightning.models is above functional/",
     ]
-
-
-def test_every_pending_exception_is_still_needed() -> None:
-    used = {name for path in FILES for _, name in imported_modules(path.read_text(), _package_of(path))}
-    assert set(PENDING) <= used, f"no longer imported by functional/, remove from PENDING: {sorted(set(PENDING) - used)}"

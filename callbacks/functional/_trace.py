@@ -1,0 +1,221 @@
+"""The trace of a symmetric operator ``v -> A v`` by Hutchinson's estimator (pure torch; PROTOCOL §9).
+
+tr(A) ≈ mean_j v_jᵀ A v_j over Rademacher probes v_j (Hutchinson 1990), optionally deflated by vectors
+the caller already has (:func:`hutchinson_trace`), or deflated by a Lanczos basis with as many probes as
+it takes to match the standard error of a given number of plain probes (:func:`krylov_trace`). Probes come from a ``torch.Generator`` (a fresh one seeded 0 when none is
+given), never from the global generator; under DDP pass ``reduce`` (an all-reduce mean) and the same
+generator seed on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from bnlightning.callbacks.functional._lanczos import RitzBasis
+from bnlightning.callbacks.functional._vectors import Hvp, Vec, apply, axpy_, check_like, dot, norm, orthogonalize_, random_like, scale_
+
+__all__ = ["TraceResult", "hutchinson_trace", "krylov_trace"]
+
+
+def hutchinson_trace(
+    hvp: Hvp,
+    like: Mapping[str, Tensor],
+    n_probes: int = 100,
+    *,
+    generator: torch.Generator | None = None,
+    reduce: Callable[[Vec], Vec] | None = None,
+    deflate: list[Vec] | None = None,
+) -> tuple[float, float]:
+    """Hutchinson's estimate of tr(H) and its standard error, optionally deflated.
+
+    tr(H) ≈ (1/m) Σ_j v_jᵀ H v_j with v_j Rademacher (independent ±1 entries), m = ``n_probes``;
+    each term is unbiased, so the standard error is the sample standard deviation of the
+    terms over √m (NaN for m = 1). Its variance is 2 Σ_{a≠b} H_ab²: exact for a diagonal H.
+
+    Deflation (the idea of Hutch++, with vectors the caller already has, e.g. the
+    ``eigenvectors`` of :func:`top_eigenvalues`): with V the orthonormalized ``deflate``
+    vectors and P = I − VVᵀ, tr(H) = Σ_i v_iᵀ H v_i + tr(PHP); the first part is computed
+    exactly (one HVP per vector) and only tr(PHP) is estimated, with probes P z_j. Unbiased
+    whatever V is; the variance drops by the part of H that V captures (the outliers that
+    dominate a network Hessian's Frobenius norm). Holds len(deflate) + 2 parameter vectors.
+
+    Args:
+        hvp: ``v -> H v``.
+        like: a dict with the parameters' keys, shapes, devices.
+        n_probes: number of random probes (>= 1); HVPs = n_probes + len(deflate).
+        generator: source of the probes; the global RNG is never used (fresh seed 0 if None).
+        reduce: applied to every HVP result (DDP all-reduce mean).
+        deflate: optional vectors whose span is handled exactly (need not be orthonormal).
+
+    Returns:
+        ``(estimate, standard_error)`` as floats.
+
+    Raises:
+        ValueError: ``n_probes`` < 1, a bad ``like`` or ``deflate`` vectors without its keys.
+
+    Example::
+
+        trace, se = hutchinson_trace(make_hvp(loss_of, params), params, n_probes=50)
+        eig = top_eigenvalues(hvp, params, k=3)
+        trace, se = hutchinson_trace(hvp, params, n_probes=50, deflate=eig.eigenvectors)
+    """
+    check_like(like)
+    if not isinstance(n_probes, int) or isinstance(n_probes, bool) or n_probes < 1:
+        raise ValueError(f"n_probes must be a positive integer, got {n_probes!r}")
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    basis, exact = _deflation(hvp, like, reduce, deflate or [])
+    terms = []
+    for _ in range(n_probes):
+        v = random_like(like, gen, rademacher=True)
+        orthogonalize_(v, basis)
+        terms.append(dot(v, apply(hvp, reduce, v)))
+    t = torch.tensor(terms, dtype=torch.float64)
+    se = float(t.std(unbiased=True) / math.sqrt(n_probes)) if n_probes > 1 else float("nan")
+    return exact + float(t.mean()), se
+
+
+def _deflation(hvp: Hvp, like: Mapping[str, Tensor], reduce: Callable[[Vec], Vec] | None, deflate: list[Vec]) -> tuple[list[Vec], float]:
+    """An orthonormal basis V of the span of ``deflate`` and tr(VᵀHV) (one HVP per basis vector)."""
+    basis: list[Vec] = []
+    exact = 0.0
+    for d in deflate:
+        if not isinstance(d, Mapping) or set(d) != set(like):
+            raise ValueError("deflate must be a list of dicts with exactly the keys of `like` (the parameter names)")
+        q = {k: d[k].detach().to(like[k].device, torch.float32).clone(memory_format=torch.contiguous_format) for k in like}
+        orthogonalize_(q, basis)
+        nrm = norm(q)
+        if nrm > 1e-6:  # skip vectors (nearly) in the span of the earlier ones
+            basis.append(scale_(q, 1.0 / nrm))
+            exact += dot(q, apply(hvp, reduce, q))
+    return basis, exact
+
+
+class TraceResult(NamedTuple):
+    """What :func:`krylov_trace` found.
+
+    Attributes:
+        estimate: the estimate of tr(H).
+        standard_error: its standard error, the sample standard deviation of the probe terms over √probes
+            (NaN for one probe).
+        probes: the random probes used (one HVP each).
+        variance_ratio: the estimated per-probe variance of the deflated term over that of a plain
+            Hutchinson probe (NaN for one probe): ``n_probes · variance_ratio`` deflated probes have the
+            standard error of ``n_probes`` plain ones.
+    """
+
+    estimate: float
+    standard_error: float
+    probes: int
+    variance_ratio: float
+
+
+def krylov_trace(
+    hvp: Hvp,
+    like: Mapping[str, Tensor],
+    basis: RitzBasis,
+    n_probes: int,
+    *,
+    deflate: bool = True,
+    generator: torch.Generator | None = None,
+    reduce: Callable[[Vec], Vec] | None = None,
+) -> TraceResult:
+    """tr(H) deflated by a Lanczos basis already paid for, and what the deflation bought.
+
+    With Y the Ritz vectors of ``basis`` (``top_eigenvalues(..., keep_basis=True).basis``), P = I − YYᵀ
+    and H Y = Y diag(θ) + w cᵀ (the Lanczos relation), tr(H) = Σθ_i + tr(PHP): the first part is known
+    without an HVP, the second is estimated by Hutchinson's terms zᵀPHPz on Rademacher z, one HVP H z
+    each (Hutch++'s split, Meyer et al. 2021, on a Krylov basis already built, as in Chen & Hallman
+    2023). Unbiased for any Y; the number of probes is fixed in advance, so nothing biases the mean.
+
+    What it bought: Hutchinson's per-probe variance for a symmetric M is 2(‖M‖_F² − Σ M_aa²). Each
+    probe's H z also gives, without further products, unbiased estimates of ‖H‖_F² (‖Hz‖²) and of
+    Σ H_aa² (inner products of the diagonal estimates z ⊙ Hz of two different probes; Bekas et al.
+    2007), and the same for A = PHP (A z = Hz − Y Yᵀ Hz − (cᵀYᵀz) w). ``variance_ratio`` is
+    Var(deflated)/Var(plain) from them: the next measurement of a similar H needs
+    ``n · variance_ratio`` probes for the standard error of n plain ones. Deflation can also *raise* the
+    variance (a Hessian with a heavy diagonal: plain Hutchinson is exact on a diagonal, and projecting
+    creates off-diagonal mass); with ``deflate=False`` the same probes give the plain estimate instead,
+    and ``variance_ratio`` still says what deflating would have bought. Choose before probing (e.g. from
+    a previous measurement's ratio), never from these probes, so that the estimate stays unbiased.
+
+    Args:
+        hvp: ``v -> H v``.
+        like: a dict with the parameters' keys, shapes, devices.
+        basis: the Ritz basis of the same H (:class:`RitzBasis`).
+        n_probes: the number of random probes (>= 1).
+        deflate: estimate Σθ + tr(PHP) (True) or tr(H) by plain Hutchinson on the same probes (False).
+        generator: source of the probes; the global RNG is never used (fresh seed 0 if None).
+        reduce: applied to every HVP result (DDP all-reduce mean).
+
+    Returns:
+        :class:`TraceResult`.
+
+    Raises:
+        ValueError: a bad ``n_probes`` or ``like``.
+
+    Example::
+
+        eig = top_eigenvalues(hvp, params, keep_basis=True)
+        trace, se, probes, ratio = krylov_trace(hvp, params, eig.basis, n_probes=10)
+    """
+    check_like(like)
+    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
+        raise ValueError(f"n_probes must be a positive integer, got {n_probes!r}")
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    plain, deflated = _VarianceEstimate(like), _VarianceEstimate(like)
+    terms: list[float] = []
+    for _ in range(n_probes):
+        z = random_like(like, gen, rademacher=True)
+        hz = apply(hvp, reduce, z)
+        plain.add(z, hz)
+        plain_term = dot(z, hz)
+        a = [dot(y, z) for y in basis.vectors]
+        g = [dot(y, hz) for y in basis.vectors]
+        # A z = P H P z = Hz − Y g − (c·a) w, by H Y = Y diag(θ) + w cᵀ; in place of Hz (one vector less)
+        az = hz
+        for gi, y in zip(g, basis.vectors):
+            axpy_(az, -gi, y)
+        if basis.next is not None:
+            axpy_(az, -float(basis.couplings @ torch.tensor(a, dtype=torch.float64)), basis.next)
+        deflated.add(z, az)
+        terms.append(dot(z, az) if deflate else plain_term)
+    t = torch.tensor(terms, dtype=torch.float64)
+    se = float(t.std(unbiased=True) / math.sqrt(n_probes)) if n_probes > 1 else float("nan")
+    v_plain, v_deflated = plain.variance(), max(deflated.variance(), 0.0)
+    if math.isnan(v_plain):
+        ratio = float("nan")
+    else:  # plain variance 0 (a diagonal H): deflation cannot do better
+        ratio = v_deflated / v_plain if v_plain > 0 else (1.0 if v_deflated > 0 else 0.0)
+    exact = float(basis.values.sum()) if deflate else 0.0
+    return TraceResult(exact + float(t.mean()), se, n_probes, ratio)
+
+
+class _VarianceEstimate:
+    """Running unbiased estimate of Hutchinson's per-probe variance 2(‖M‖_F² − Σ M_aa²) from pairs (z, Mz)."""
+
+    def __init__(self, like: Mapping[str, Tensor]) -> None:
+        self.diag_sum = {k: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for k, t in like.items()}
+        self.diag_sq = 0.0  # Σ_j ‖z_j ⊙ M z_j‖²
+        self.frob = 0.0  # Σ_j ‖M z_j‖²
+        self.m = 0
+
+    def add(self, z: Vec, mz: Vec) -> None:
+        for k, t in self.diag_sum.items():
+            t.addcmul_(z[k], mz[k])  # the diagonal estimate z ⊙ Mz (Bekas et al. 2007)
+        frob = dot(mz, mz)
+        self.frob += frob
+        self.diag_sq += frob  # ‖z ⊙ Mz‖² = ‖Mz‖² for z of ±1 entries
+        self.m += 1
+
+    def variance(self) -> float:
+        """2(F̂ − D̂); D̂ = Σ_{j≠l} ⟨d_j, d_l⟩ / (m(m−1)) is unbiased for Σ M_aa² (independent probes)."""
+        m = self.m
+        if m < 2:
+            return float("nan")
+        diag = (dot(self.diag_sum, self.diag_sum) - self.diag_sq) / (m * (m - 1))
+        return 2.0 * (self.frob / m - diag)
