@@ -136,8 +136,10 @@ class _Recording:
     bad: bool = False
 
     def attach(self, seq: nn.Sequential) -> list[RemovableHandle]:
-        handles = [seq.register_forward_pre_hook(self._on_seq, with_kwargs=True)]
-        return handles + [c.register_forward_pre_hook(partial(self._on_child, k), with_kwargs=True) for k, c in enumerate(seq)]
+        # prepend: x_k is recorded before the user's own pre-hooks on child k, which run again
+        # (once) when the suffix pass calls child k on it.
+        handles = [seq.register_forward_pre_hook(self._on_seq, with_kwargs=True, prepend=True)]
+        return handles + [c.register_forward_pre_hook(partial(self._on_child, k), with_kwargs=True, prepend=True) for k, c in enumerate(seq)]
 
     def _on_seq(self, _m: nn.Module, _args: Any, _kwargs: Any) -> None:
         self.calls += 1

@@ -132,6 +132,22 @@ def test_ics_prefix_falls_back_where_it_is_not_exact() -> None:
     assert got["ics/l2/seq.6"] > 0 and got["ics/l2/seq.3"] > 0
 
 
+def test_ics_prefix_applies_a_users_input_pre_hook_once() -> None:
+    """The prefix engine resumes at a child from its cached input: cached before the user's pre-hook, which then runs once."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).train()
+    model[2].register_forward_pre_hook(lambda m, args: (args[0] * 2.0 + 0.5,))
+    batch = (torch.randn(16, 6), torch.randint(0, 3, (16,)))
+
+    def loss_fn(module: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.cross_entropy(module(batch[0]), batch[1])
+
+    loop = internal_covariate_shift(model, batch, sgd_update(0.3), mode="loop", loss_fn=loss_fn)
+    got = internal_covariate_shift(model, batch, sgd_update(0.3), mode="prefix", loss_fn=loss_fn)
+    _close(got, loop, rtol=1e-6, atol=1e-9)
+    assert got["ics/l2/2"] > 0
+
+
 def test_ics_first_layer_is_exactly_unshifted_and_layers_follow_forward_order() -> None:
     torch.manual_seed(0)
     model = mlp("batch").train()
