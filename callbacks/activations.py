@@ -64,9 +64,6 @@ class ModuleLayersCallback(MeasurementCallback):
         self.layers = list(layers) if layers is not None else None
         self._layers: list[str] = []
 
-    def _state_key_extra(self) -> dict[str, Any]:
-        return {"layers": self.layers}
-
     @override
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._layers = module_layers(pl_module, self.layers)
