@@ -56,14 +56,13 @@ arguments never collide and a resumed run finds its callbacks' counters.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -84,17 +83,24 @@ __all__ = ["MeasurementCallback"]
 
 log = logging.getLogger("bnlightning.callbacks")
 
+T = TypeVar("T")
 
-@functools.cache
+
+_SIGNATURES: dict[type, tuple[inspect.Signature, dict[str, Any]]] = {}  # per class, read once
+
+
 def _init_signature(cls: type) -> inspect.Signature:
-    return inspect.signature(cls.__init__)  # type: ignore[misc]  # a class's __init__, read, not called
+    if cls not in _SIGNATURES:
+        signature = inspect.signature(cls.__init__)  # type: ignore[misc]  # a class's __init__, read, not called
+        params = list(signature.parameters.values())[1:]  # without self
+        _SIGNATURES[cls] = signature, {p.name: p.default for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return _SIGNATURES[cls][0]
 
 
-@functools.cache
 def _init_defaults(cls: type) -> dict[str, Any]:
     """Constructor parameter name -> default (``inspect.Parameter.empty`` when it has none), of ``cls``."""
-    params = list(_init_signature(cls).parameters.values())[1:]  # without self
-    return {p.name: p.default for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    _init_signature(cls)
+    return _SIGNATURES[cls][1]
 
 
 def _key_value(value: Any) -> Any:
@@ -136,7 +142,9 @@ class MeasurementCallback(Callback):
     """Base class: schedule, batch stash, loss, guard, DDP mean, logging, counters and W&B charts.
 
     Subclasses implement ``measure(trainer, pl_module, batch, optimizer) -> dict[str, Tensor]``
-    (called inside the guard in ``on_before_optimizer_step``) and may set ``charts()``.
+    (called inside the guard in ``on_before_optimizer_step``) and may set ``charts()``; a measurement
+    that needs the weights after the optimizer step too subclasses ``TwoStepMeasurement`` instead. A
+    subclass that starts from G sets ``needs_gradient`` and asks ``shared_gradient`` for it.
 
     Args:
         every_n_steps: measure every this many optimizer steps (>= 1).
@@ -339,7 +347,7 @@ class MeasurementCallback(Callback):
             coordinator.remember_loss(self.loss_fn, self.loss_method, self._loss)
         log.info("%s measures %s%s", type(self).__name__, self._loss.name, f" ({'; '.join(skipped)})" if skipped else "")
 
-    def measure_or_stop(self, trainer: pl.Trainer, step: int, measure: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor] | None:
+    def measure_or_stop(self, trainer: pl.Trainer, step: int, measure: Callable[[], T]) -> T | None:
         """``measure()``, or ``None`` after a failure that turns this callback off (see Failures above)."""
         try:
             return measure()
