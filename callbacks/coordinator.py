@@ -6,9 +6,9 @@ it is found or created: one callback alone gets one too), and asks it for what t
 
 - **G**, the float32 gradient of the measured loss on the step's batch at the weights W^t, for the
   callbacks that start from it (``needs_gradient``: ``LossLandscape``, ``InternalCovariateShift``).
-  On a step where two or more of them measure the same batch with the same loss, the first to ask computes G once
-  (``step_gradient``, the functions' own first pass: the same numbers) and every other one gets that
-  object; a callback measuring alone computes G inside its own function, as without a coordinator.
+  On a step where two or more of them measure the same batch with the same loss, the first to ask
+  computes G once (``step_gradient``, the functions' own first pass: the same numbers) and every
+  other one gets that object; a callback measuring alone computes G inside its own function.
   G is asked for before the optimizer step (``InternalCovariateShift`` asks in its ``before_step``),
   handed out with the RNG state it was computed at (so every later pass replays the same random
   draws), and dropped at the end of the step.
