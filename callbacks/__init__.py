@@ -12,10 +12,13 @@ Callbacks: ``InternalCovariateShift`` (PROTOCOL §1), ``LossLandscape`` (§2), `
 ``preconditioned_sharpness``, ``activation_gradients``, ``effective_lr``, ``spectral_density``). Functional API (pure functions, ``bnlightning.callbacks.functional``): ``internal_covariate_shift``,
 ``loss_landscape``, ``activation_stats``, ``measurement_forward``, ``step_gradient``,
 ``sgd_update``, ``optimizer_update``. The observer-effect guard: ``observer_guard``, ``RngState``.
+Building blocks of a new measurement: ``MeasurementCallback``, ``TwoStepMeasurement`` (before/after the
+optimizer step), ``MeasurementCoordinator`` (what one trainer's callbacks share, G included).
 """
 
 from bnlightning.callbacks.activations import ActivationStats
 from bnlightning.callbacks.base import MeasurementCallback
+from bnlightning.callbacks.coordinator import MeasurementCoordinator
 from bnlightning.callbacks.functional import (
     LossFn,
     activation_stats,
@@ -39,6 +42,7 @@ from bnlightning.callbacks.ics import InternalCovariateShift
 from bnlightning.callbacks.landscape import LossLandscape
 from bnlightning.callbacks.meanshift import MeanShift
 from bnlightning.callbacks.residual import ResidualVariance
+from bnlightning.callbacks.twostep import MeasuredStep, TwoStepMeasurement
 
 __all__ = [
     "ActivationGradients",
@@ -50,11 +54,14 @@ __all__ = [
     "LossFn",
     "LossLandscape",
     "MeanShift",
+    "MeasuredStep",
     "MeasurementCallback",
+    "MeasurementCoordinator",
     "ObserverEffectError",
     "ResidualVariance",
     "RngState",
     "SpectralDensity",
+    "TwoStepMeasurement",
     "activation_gradients",
     "activation_stats",
     "adaptive_preconditioner",

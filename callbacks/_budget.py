@@ -74,8 +74,8 @@ def is_scheduled(step: int, every_n_steps: int, schedule: str) -> bool:
 class OverheadLedger:
     """The measurement time of one trainer's callbacks, and the training time it is weighed against.
 
-    One ledger per trainer: the first measurement callback set up creates it, its peers find it (as
-    with ``GradientExchange``). Times are in the units of ``clock`` (seconds by default).
+    One ledger per trainer, held by its ``MeasurementCoordinator`` (created with the clock of the first
+    callback set up). Times are in the units of ``clock`` (seconds by default).
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:

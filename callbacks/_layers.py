@@ -7,8 +7,6 @@ setup by ``module_layers``; ``None`` means ``default_activation_layers``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning.pytorch as pl
 from torch import nn
 from typing_extensions import override
@@ -59,9 +57,6 @@ class ModuleLayersCallback(MeasurementCallback):
             raise ValueError("layers must be None (default layers) or a non-empty list of module names")
         self.layers = list(layers) if layers is not None else None
         self._layers: list[str] = []
-
-    def _state_key_extra(self) -> dict[str, Any]:
-        return {"layers": self.layers}
 
     @override
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

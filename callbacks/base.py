@@ -42,25 +42,27 @@ Logging. Through the public logger API, as Lightning's ``LearningRateMonitor`` d
 ``log_every_n_steps`` is. With a ``WandbLogger`` attached each callback also keeps the history of
 its scalars and, at the end of training, logs one line chart per measurement.
 
-Sharing G. ``LossLandscape`` and ``InternalCovariateShift`` both start from the gradient G of the
-same batch at W^t. The callbacks of one trainer share a ``GradientExchange`` (the first creates it,
-the others find it as a public attribute of their peers in ``trainer.callbacks``): the first to need
-G computes it when a peer will use it too, keyed by everything that pass depends on (step, batch
-object and its tensors' versions, the parameters' and buffers' identities and version counters,
-the modules' train flags and every RNG state); a peer uses it only when its own key matches, and
-it is dropped at the end of the step. No module-level state, no other callback's private fields.
+Sharing. The callbacks of one trainer share G (the gradient behind a measured step), the
+overhead budget and the checked loss through the trainer's ``MeasurementCoordinator``
+(``bnlightning.callbacks.coordinator``), with which each registers at setup; they never look for
+each other.
+
+State key. Lightning tells callbacks of one type apart, in checkpoints and profiler names, by
+``state_key``: here the class name and every constructor argument that differs from its default (as
+given, or as reassigned later; a callable by its import path), so two instances with different
+arguments never collide and a resumed run finds its callbacks' counters.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -68,100 +70,56 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from typing_extensions import override
+from typing_extensions import Self, override
 
 from bnlightning.callbacks._budget import OverheadLedger, check_max_overhead, check_schedule, is_scheduled
-from bnlightning.callbacks.functional import StepGradient, step_gradient
+from bnlightning.callbacks.coordinator import MeasurementCoordinator, SharedGradient
 from bnlightning.callbacks.functional._harness import check_loss
 from bnlightning.callbacks.functional._loss import LossFn, ResolvedLoss, check_loss_fn, check_loss_method, loss_candidates
 from bnlightning.callbacks.functional._numerics import Reduce, can_run_eager
 from bnlightning.callbacks.functional._updates import check_optimizer
 from bnlightning.callbacks.functional.names import metric_name
-from bnlightning.callbacks.guard import ObserverEffectError, RngState, observer_guard
+from bnlightning.callbacks.guard import ObserverEffectError, observer_guard
 
-__all__ = ["GradientExchange", "MeasurementCallback", "StepKey"]
+__all__ = ["MeasurementCallback"]
 
 log = logging.getLogger("bnlightning.callbacks")
 
-
-def _versions(tensors: Any) -> tuple[tuple[int, int], ...]:
-    out: list[tuple[int, int]] = []
-
-    def walk(x: Any) -> None:
-        if isinstance(x, Tensor):
-            out.append((id(x), x._version))
-        elif isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                walk(v)
-
-    walk(tensors)
-    return tuple(out)
+T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class StepKey:
-    """Everything a gradient pass depends on, cheaply: identities and version counters, not values."""
-
-    step: int
-    batch: int
-    batch_versions: tuple[tuple[int, int], ...]
-    loss: Any
-    params: tuple[tuple[int, int], ...]
-    buffers: tuple[tuple[int, int], ...]
-    modes: tuple[bool, ...]
-    rng: RngState
-
-    @classmethod
-    def now(cls, trainer: pl.Trainer, module: torch.nn.Module, batch: Any, loss: Any) -> StepKey:
-        return cls(
-            trainer.global_step,
-            id(batch),
-            _versions(batch),
-            loss,
-            _versions(list(module.parameters())),
-            _versions(list(module.buffers())),
-            tuple(m.training for m in module.modules()),
-            RngState.capture(),
-        )
-
-    def with_current_state(self, module: torch.nn.Module) -> StepKey:
-        """This key with the buffers and modes as they are now (parameters stand for W^t as captured)."""
-        return replace(self, buffers=_versions(list(module.buffers())), modes=tuple(m.training for m in module.modules()))
-
-    def matches(self, other: StepKey) -> bool:
-        return (self.step, self.batch, self.batch_versions, self.loss, self.params, self.buffers, self.modes) == (
-            other.step,
-            other.batch,
-            other.batch_versions,
-            other.loss,
-            other.params,
-            other.buffers,
-            other.modes,
-        ) and self.rng.equals(other.rng)
+_SIGNATURES: dict[type, tuple[inspect.Signature, dict[str, Any]]] = {}  # per class, read once
 
 
-class GradientExchange:
-    """One step's G, handed between the measurement callbacks of one trainer."""
+def _init_signature(cls: type) -> inspect.Signature:
+    if cls not in _SIGNATURES:
+        signature = inspect.signature(cls.__init__)  # type: ignore[misc]  # a class's __init__, read, not called
+        params = list(signature.parameters.values())[1:]  # without self
+        _SIGNATURES[cls] = signature, {p.name: p.default for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return _SIGNATURES[cls][0]
 
-    def __init__(self) -> None:
-        self._entry: tuple[StepKey, StepGradient] | None = None
 
-    def get(self, key: StepKey) -> StepGradient | None:
-        if self._entry is not None and self._entry[0].matches(key):
-            return self._entry[1]
-        return None
+def _init_defaults(cls: type) -> dict[str, Any]:
+    """Constructor parameter name -> default (``inspect.Parameter.empty`` when it has none), of ``cls``."""
+    _init_signature(cls)
+    return _SIGNATURES[cls][1]
 
-    def put(self, key: StepKey, gradient: StepGradient) -> None:
-        self._entry = (key, gradient)
 
-    def clear(self) -> None:
-        self._entry = None
+def _key_value(value: Any) -> Any:
+    """A value as the state key shows it: the same in every process (a callable by its import path)."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_key_value(v) for v in value)
+    if callable(value):
+        named = value if hasattr(value, "__qualname__") else type(value)
+        return f"{named.__module__}:{named.__qualname__}"
+    return value
 
-    def __bool__(self) -> bool:
-        return self._entry is not None
+
+def _is_default(value: Any, default: Any) -> bool:
+    try:
+        return bool(value is default or (type(value) is type(default) and value == default))
+    except (RuntimeError, TypeError, ValueError):  # e.g. a tensor: never a default
+        return False
 
 
 def _is_compiled(module: torch.nn.Module) -> bool:
@@ -186,7 +144,9 @@ class MeasurementCallback(Callback):
     """Base class: schedule, batch stash, loss, guard, DDP mean, logging, counters and W&B charts.
 
     Subclasses implement ``measure(trainer, pl_module, batch, optimizer) -> dict[str, Tensor]``
-    (called inside the guard in ``on_before_optimizer_step``) and may set ``charts()``.
+    (called inside the guard in ``on_before_optimizer_step``) and may set ``charts()``; a measurement
+    that needs the weights after the optimizer step too subclasses ``TwoStepMeasurement`` instead. A
+    subclass that starts from G sets ``needs_gradient`` and asks ``shared_gradient`` for it.
 
     Args:
         every_n_steps: measure every this many optimizer steps (>= 1).
@@ -215,12 +175,19 @@ class MeasurementCallback(Callback):
             no ``training_step``.
     """
 
-    #: Subclasses whose measurement starts with G at W^t set this (they share it on a step).
-    shares_gradient = False
+    #: Subclasses whose measurement starts with G at W^t set this (the coordinator shares it on a step).
+    needs_gradient = False
     #: The first part of the callback's metric names (``<prefix>/cost_steps``).
     metric_prefix = "measurement"
     #: The clock the overhead budget reads (seconds); tests replace it on the instance.
     clock: Callable[[], float] = staticmethod(time.perf_counter)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        self = super().__new__(cls)
+        # The constructor's arguments as given, for state_key (a copy or an unpickled instance gets its own).
+        bound = _init_signature(cls).bind_partial(None, *args, **kwargs)
+        self.__dict__["_arguments"] = {k: v for k, v in list(bound.arguments.items())[1:] if k in _init_defaults(cls)}
+        return self
 
     def __init__(
         self,
@@ -236,7 +203,7 @@ class MeasurementCallback(Callback):
         self.every_n_steps = every_n_steps
         self.max_overhead = check_max_overhead(max_overhead)
         self.schedule = check_schedule(schedule)
-        self.overhead_ledger: OverheadLedger | None = None
+        self.coordinator: MeasurementCoordinator | None = None  # the trainer's, from setup on
         self._decision: tuple[int, bool] = (-1, False)
         self.loss_fn = loss_fn  # as given (an import path stays a string, for hyper-parameters and YAML)
         self.loss_method = check_loss_method(loss_method)
@@ -247,10 +214,13 @@ class MeasurementCallback(Callback):
         self.measurements = 0
         self.last_measured_step = -1
         self.history: dict[str, list[tuple[int, float]]] = {}
-        self.gradient_exchange = GradientExchange()
         self._batch: Any = None
         self._keep_history = False
-        self._peers: list[MeasurementCallback] = []
+
+    @property
+    def overhead_ledger(self) -> OverheadLedger | None:
+        """The budget's ledger, shared by the trainer's callbacks (``None`` before setup)."""
+        return self.coordinator.ledger if self.coordinator is not None else None
 
     # --- schedule ---------------------------------------------------------------------
     def is_measurement_step(self, step: int) -> bool:
@@ -264,18 +234,13 @@ class MeasurementCallback(Callback):
         if self._decision[0] == step:
             return self._decision[1]  # gradient accumulation: one decision per optimizer step
         measure = self.is_measurement_step(step)
-        if measure and self.max_overhead is not None and self.overhead_ledger is not None:
-            pool = max(cb.max_overhead for cb in self._peers if cb.max_overhead is not None) if self._peers else self.max_overhead
-            measure = self.overhead_ledger.allows(self, self._allowance(), pool) if trainer.is_global_zero else False
+        coordinator = self.coordinator
+        if measure and self.max_overhead is not None and coordinator is not None:
+            measure = coordinator.ledger.allows(self, coordinator.allowance(self), coordinator.pool(self)) if trainer.is_global_zero else False
             if trainer.world_size > 1:
                 measure = bool(trainer.strategy.broadcast(measure, src=0))
         self._decision = (step, measure)
         return measure
-
-    def _allowance(self) -> float:
-        """This callback's share: its own budget, at most the largest budget over the budgeted peers."""
-        budgets = [cb.max_overhead for cb in self._peers if cb.max_overhead is not None] or [self.max_overhead or 0.0]
-        return min(self.max_overhead or 0.0, max(budgets) / len(budgets))
 
     @contextlib.contextmanager
     def timed(self, trainer: pl.Trainer, step: int) -> Iterator[None]:
@@ -296,21 +261,23 @@ class MeasurementCallback(Callback):
     @override
     def state_key(self) -> str:
         # Lightning reads this for every hook call of every step (profiler names): built once,
-        # rebuilt only when an argument it depends on is reassigned (see __setattr__).
+        # rebuilt after a constructor argument is reassigned (see __setattr__).
         key = self.__dict__.get("_state_key_cache")
         if key is None:
-            extra = {"schedule": self.schedule} if self.schedule != "fixed" else {}  # keys of fixed-schedule checkpoints unchanged
-            key = self._generate_state_key(every_n_steps=self.every_n_steps, **extra, **self._state_key_extra())
+            defaults, given = _init_defaults(type(self)), self.__dict__.get("_arguments", {})
+            changed = {k: _key_value(v) for k, v in given.items() if not _is_default(v, defaults[k])}
+            key = self._generate_state_key(**changed)
             self.__dict__["_state_key_cache"] = key
         return key
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("every_n_steps", "layers", "step_sizes", "step_size_mode", "schedule"):
+        # A constructor argument reassigned after construction (the attribute exists already) is part of
+        # the key from now on; the first assignment, in __init__, stores what was given.
+        arguments = self.__dict__.get("_arguments")
+        if arguments is not None and name in self.__dict__ and name in _init_defaults(type(self)):
+            arguments[name] = value
             self.__dict__.pop("_state_key_cache", None)
         super().__setattr__(name, value)
-
-    def _state_key_extra(self) -> dict[str, Any]:
-        return {}
 
     # --- setup checks -------------------------------------------------------------------
     @override
@@ -335,13 +302,8 @@ class MeasurementCallback(Callback):
                 f"measurement passes run compiled and may recompile, and HessianSpectrum fails (no double backward).",
                 stacklevel=2,
             )
-        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
-        self._peers = [cb for cb in callbacks if isinstance(cb, MeasurementCallback)]
-        shared = next((cb.gradient_exchange for cb in self._peers if cb is not self and cb._peers), None)
-        if shared is not None:
-            self.gradient_exchange = shared  # one exchange per trainer, created by the first callback set up
-        ledger = next((cb.overhead_ledger for cb in self._peers if cb is not self and cb.overhead_ledger is not None), None)
-        self.overhead_ledger = ledger if ledger is not None else OverheadLedger(self.clock)
+        self.coordinator = MeasurementCoordinator.of(trainer, self.clock)
+        self.coordinator.register(self)
         self._keep_history = bool(wandb_loggers(trainer))
         self.on_measurement_setup(trainer, pl_module)
 
@@ -367,11 +329,12 @@ class MeasurementCallback(Callback):
 
     def _check_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """On the first batch of the fit: keep the first candidate that is a loss of it, or stop in one line.
-        A peer given the same ``loss_fn`` and ``loss_method`` has checked the same thing: its result is taken."""
-        for peer in self._peers:
-            if peer is not self and peer._loss is not None and (peer.loss_fn, peer.loss_method) == (self.loss_fn, self.loss_method):
-                self._loss = peer._loss
-                return
+        A callback given the same ``loss_fn`` and ``loss_method`` has checked the same thing: its result is taken."""
+        coordinator = self.coordinator
+        known = coordinator.checked_loss(self.loss_fn, self.loss_method) if coordinator is not None else None
+        if known is not None:
+            self._loss = known
+            return
         ledger = self.overhead_ledger
         t0 = ledger.clock() if ledger is not None else 0.0
         try:
@@ -382,9 +345,11 @@ class MeasurementCallback(Callback):
         finally:
             if ledger is not None:
                 ledger.exclude(ledger.clock() - t0)  # setup work: not training time for the budget
+        if coordinator is not None:
+            coordinator.remember_loss(self.loss_fn, self.loss_method, self._loss)
         log.info("%s measures %s%s", type(self).__name__, self._loss.name, f" ({'; '.join(skipped)})" if skipped else "")
 
-    def measure_or_stop(self, trainer: pl.Trainer, step: int, measure: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor] | None:
+    def measure_or_stop(self, trainer: pl.Trainer, step: int, measure: Callable[[], T]) -> T | None:
         """``measure()``, or ``None`` after a failure that turns this callback off (see Failures above)."""
         try:
             return measure()
@@ -454,30 +419,18 @@ class MeasurementCallback(Callback):
                 logger.log_metrics(values, step=step)
 
     # --- G shared between callbacks on one step ---------------------------------------------
-    def step_key(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> StepKey:
-        return StepKey.now(trainer, pl_module, batch, self.loss_fn if self.loss_fn is not None else self.loss_method)
-
-    def shared_gradient(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> StepGradient | None:
-        """G of this step's batch at the current weights when a peer measures on it too, else ``None``.
-
-        Call from ``measure`` (inside the guard). A matching G left by a peer is used; otherwise, if
-        another sharing callback will still measure this batch, G is computed once (``step_gradient``,
-        the function's own first pass: the same numbers) and left for it. ``None`` means: compute G
-        yourself.
-        """
-        key = self.step_key(trainer, pl_module, batch)
-        hit = self.gradient_exchange.get(key)
-        if hit is not None:
-            return hit
-        if not any(cb is not self and cb.shares_gradient and cb.will_measure(batch) for cb in self._peers):
+    def shared_gradient(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> SharedGradient | None:
+        """G of this step's batch at the current weights, with its RNG state, when another callback that
+        needs it measures this batch too (computed once, by the trainer's coordinator); else ``None``:
+        compute G yourself. Call before the optimizer step, inside the guard."""
+        if self.coordinator is None:
             return None
-        gradient = step_gradient(pl_module, batch, loss_fn=self.measured_loss(pl_module), reduce=self.reduce(trainer))
-        self.gradient_exchange.put(key, gradient)
-        return gradient
+        return self.coordinator.gradient(self, trainer, pl_module, batch)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.gradient_exchange.clear()
+        if self.coordinator is not None:
+            self.coordinator.end_step()
 
     # --- W&B charts -----------------------------------------------------------------------
     def charts(self) -> dict[str, list[str]]:

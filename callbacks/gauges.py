@@ -11,24 +11,22 @@ The preconditioned sharpness of adaptive optimizers is logged by ``HessianSpectr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from bnlightning.callbacks._layers import module_layers
-from bnlightning.callbacks.base import MeasurementCallback, StepKey
+from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional._hvp import HVP_METHODS
 from bnlightning.callbacks.functional._layers import resolve_layers, weight_layer_names
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional.gauges import activation_gradients, default_gradact_layers, effective_lr, gradient_curvature, group_lrs, scale_invariant_layers
 from bnlightning.callbacks.functional.hessian import edge_of_stability
 from bnlightning.callbacks.functional.sld import NORM_MODES, spectral_density
-from bnlightning.callbacks.guard import observer_guard
+from bnlightning.callbacks.twostep import MeasuredStep, TwoStepMeasurement
 
 __all__ = ["ActivationGradients", "EffectiveLearningRate", "GradientCurvature", "SpectralDensity"]
 
@@ -40,99 +38,12 @@ def _weight(module: nn.Module, name: str) -> Tensor:
     return weight
 
 
-@dataclass
-class _Pending:
-    """A measurement started before the optimizer step, finished right after it."""
-
-    trainer: pl.Trainer
-    module: pl.LightningModule
-    optimizer: Any
-    batch: Any
-    weights: dict[str, Tensor]
-    key: StepKey
-    step: int
-
-
-class _AcrossTheStep(MeasurementCallback):
-    """A measurement that needs W^t and the W^{t+1} the trainer really applied (as ``InternalCovariateShift``).
-
-    ``on_before_optimizer_step`` keeps a copy of the weights ``kept_weights`` names; an optimizer
-    step post-hook then calls ``finish`` inside the observer guard, with the RNG at W^t's moment. A
-    step a GradScaler skips is not measured.
-    """
-
-    def __init__(self, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str | None, max_overhead: float | None, schedule: str) -> None:
-        super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
-        self._hooks: list[RemovableHandle] = []
-        self._pending: _Pending | None = None
-
-    def kept_weights(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        raise NotImplementedError
-
-    def finish(self, pending: _Pending) -> dict[str, Tensor]:
-        raise NotImplementedError
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        self._remove_hooks()
-        for opt in trainer.optimizers:
-            self._hooks.append(opt.register_step_post_hook(lambda *_: self._after_step()))
-
-    def _remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
-        self._pending = None
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._batch is None or not self.is_measurement_step(trainer.global_step):
-            return
-
-        def keep() -> dict[str, Tensor]:
-            with self.timed(trainer, trainer.global_step), observer_guard(pl_module, [optimizer]):
-                return self.kept_weights(pl_module)
-
-        weights = self.measure_or_stop(trainer, trainer.global_step, keep)
-        if weights is None:
-            self._batch = None
-            return
-        self._pending = _Pending(trainer, pl_module, optimizer, self._batch, weights, self.step_key(trainer, pl_module, self._batch), trainer.global_step)
-
-    def _after_step(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-
-        def guarded() -> dict[str, Tensor]:
-            with self.timed(pending.trainer, pending.step), observer_guard(pending.module, [pending.optimizer]):
-                pending.key.rng.restore()  # the random draws of W^t's moment (the guard rewinds afterwards)
-                return self.finish(pending)
-
-        metrics = self.measure_or_stop(pending.trainer, pending.step, guarded)
-        self._batch = None
-        if metrics is not None:
-            self.record(pending.trainer, metrics, step=pending.step)
-
-    @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._pending is not None and self._pending.step == trainer.global_step:
-            return  # accumulating: the optimizer steps after a later micro-batch
-        self._pending = None  # a step the GradScaler skipped (inf/NaN gradients): not measured
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-
 def _check_hvp_method(hvp_method: str) -> None:
     if hvp_method not in HVP_METHODS:
         raise ValueError(f"unknown hvp_method {hvp_method!r}; accepted: {', '.join(HVP_METHODS)}")
 
 
-class GradientCurvature(_AcrossTheStep):
+class GradientCurvature(TwoStepMeasurement):
     r"""Log the curvature along the gradient and along the real update, and the quadratic model's accuracy.
 
     On the measured step's batch (the training loss, BN in training mode, the same random draws, float32,
@@ -176,22 +87,22 @@ class GradientCurvature(_AcrossTheStep):
         self.hvp_method = hvp_method
 
     @override
-    def kept_weights(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        return {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+    def before_step(self, step: MeasuredStep) -> dict[str, Tensor]:
+        return {n: p.detach().clone() for n, p in step.module.named_parameters() if p.requires_grad}
 
     @override
-    def finish(self, pending: _Pending) -> dict[str, Tensor]:
-        module = pending.module
+    def after_step(self, step: MeasuredStep) -> dict[str, Tensor]:
+        module = step.module
         out = gradient_curvature(
             module,
-            pending.batch,
-            weights=pending.weights,
+            step.batch,
+            weights=step.kept,
             next_weights=dict(module.named_parameters()),
             hvp_method=self.hvp_method,
             loss_fn=self.measured_loss(module),
-            reduce=self.reduce(pending.trainer),
+            reduce=self.reduce(step.trainer),
         )
-        limit = edge_of_stability(pending.optimizer)
+        limit = edge_of_stability(step.optimizer)
         for kind in ("grad", "update"):
             out[f"hessian/{kind}_curvature_ratio"] = out[f"hessian/{kind}_curvature"] / limit if limit else torch.tensor(float("nan"))
         return out
@@ -245,9 +156,6 @@ class ActivationGradients(MeasurementCallback):
         self.layers = list(layers) if layers is not None else None
         self._layers: list[str] = []
 
-    def _state_key_extra(self) -> dict[str, Any]:
-        return {"layers": self.layers}
-
     @override
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._layers = module_layers(pl_module, self.layers) if self.layers is not None else default_gradact_layers(pl_module)
@@ -263,7 +171,7 @@ class ActivationGradients(MeasurementCallback):
         return {"activation_gradient_norm": [f"gradact/{n}/norm" for n in self._layers]}
 
 
-class EffectiveLearningRate(_AcrossTheStep):
+class EffectiveLearningRate(TwoStepMeasurement):
     r"""Log the norm, the effective learning rate and the angular step of scale-invariant weights.
 
     A weight followed by BatchNorm is scale invariant: the loss depends on its direction only, so its
@@ -302,24 +210,21 @@ class EffectiveLearningRate(_AcrossTheStep):
         self.layers = list(layers) if layers is not None else None
         self._layers: list[str] = []
 
-    def _state_key_extra(self) -> dict[str, Any]:
-        return {"layers": self.layers}
-
     @override
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._layers = resolve_layers(pl_module, self.layers) if self.layers is not None else []
 
     @override
-    def kept_weights(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+    def before_step(self, step: MeasuredStep) -> dict[str, Tensor]:
+        module = step.module
         if not self._layers:
-            assert self._batch is not None
-            self._layers = scale_invariant_layers(pl_module, self._batch, loss_fn=self.measured_loss(pl_module)) or weight_layer_names(pl_module)[:-1]
-        return {n: _weight(pl_module, n).detach().clone() for n in self._layers}
+            self._layers = scale_invariant_layers(module, step.batch, loss_fn=self.measured_loss(module)) or weight_layer_names(module)[:-1]
+        return {n: _weight(module, n).detach().clone() for n in self._layers}
 
     @override
-    def finish(self, pending: _Pending) -> dict[str, Tensor]:
-        after = {n: _weight(pending.module, n) for n in self._layers}
-        return effective_lr(pending.weights, after, group_lrs(pending.optimizer, pending.module, self._layers))
+    def after_step(self, step: MeasuredStep) -> dict[str, Tensor]:
+        after = {n: _weight(step.module, n) for n in self._layers}
+        return effective_lr(step.kept, after, group_lrs(step.optimizer, step.module, self._layers))
 
     @override
     def charts(self) -> dict[str, list[str]]:

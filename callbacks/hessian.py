@@ -134,9 +134,6 @@ class HessianSpectrum(MeasurementCallback):
         self._warned_ratio = False
         self._precond_vector: dict[str, Tensor] | None = None
 
-    def _state_key_extra(self) -> dict[str, Any]:
-        return {"k": self.k, "layers": self.layers}
-
     @override
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.layers:

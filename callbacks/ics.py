@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from bnlightning.callbacks.base import MeasurementCallback, StepKey
 from bnlightning.callbacks.functional import ICS_MODES, internal_covariate_shift
 from bnlightning.callbacks.functional._batching import check_chunk_size, check_memory_budget, check_mode
 from bnlightning.callbacks.functional._layers import resolve_layers
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._updates import check_optimizer
-from bnlightning.callbacks.guard import observer_guard
+from bnlightning.callbacks.twostep import MeasuredStep, TwoStepMeasurement
 
 __all__ = ["InternalCovariateShift"]
 
 
-class InternalCovariateShift(MeasurementCallback):
+class InternalCovariateShift(TwoStepMeasurement):
     r"""Log how much the gradient of each layer changes when the layers before it take their step.
 
     Per measured layer i, on the current training batch: ``G_i`` = gradient w.r.t. W_i
@@ -34,9 +30,9 @@ class InternalCovariateShift(MeasurementCallback):
     masks) and the modes (norms in training mode) are the same for G and G'; running
     statistics are untouched. "Earlier" is the order of a forward pass.
 
-    W^(t+1). With ``update_from="trainer"`` (default) it is the real step: the callback keeps a
-    copy of W^t in ``on_before_optimizer_step`` (one parameter-sized copy) and measures in an
-    optimizer step post-hook, right after the optimizer has stepped, so W^(t+1) is bit for bit
+    W^(t+1). With ``update_from="trainer"`` (default) it is the real step: the callback is a
+    ``TwoStepMeasurement``: it keeps a copy of W^t before the step (one parameter-sized copy) and
+    measures right after the optimizer has stepped, so W^(t+1) is bit for bit
     what the trainer applied: any optimizer and scheduler, after gradient accumulation,
     unscaling, the DDP all-reduce *and* gradient clipping. A step the GradScaler skips (inf/NaN
     gradients) is not measured. ``"measured"`` instead steps a one-parameter copy of the
@@ -115,98 +111,60 @@ class InternalCovariateShift(MeasurementCallback):
         self.chunk_size = chunk_size
         self.memory_budget = memory_budget
         self._layers: list[str] = []
-        self._hooks: list[RemovableHandle] = []
-        self._pending: _Pending | None = None
-        self._warned_skipped = False
 
-    shares_gradient = True  # G is shared with LossLandscape on a step both measure (base.GradientExchange)
-
-    def _state_key_extra(self) -> dict[str, Any]:
-        return {"layers": self.layers}
+    needs_gradient = True  # G is shared with LossLandscape on a step both measure (the coordinator)
 
     @override
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._layers = resolve_layers(pl_module, self.layers)
 
     @override
+    def spans_step(self) -> bool:
+        return self.update_from == "trainer"  # "measured": one phase, before the step (``measure``)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        self._remove_hooks()
-        if self.update_from == "trainer":
-            for opt in trainer.optimizers:
-                self._hooks.append(opt.register_step_post_hook(lambda *_: self._after_step()))
-        else:
+        if self.update_from == "measured":
             for opt in trainer.optimizers:
                 try:
                     check_optimizer(opt)
                 except TypeError as err:
                     raise MisconfigurationException(f"InternalCovariateShift(update_from='measured'): {err}") from None
 
-    def _remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+    @override
+    def before_step(self, step: MeasuredStep) -> tuple[dict[str, Tensor], Any]:
+        # W^t, kept until the optimizer has stepped: the one parameter-sized copy this measurement
+        # needs; and G at W^t when LossLandscape measures this batch too.
+        weights = {n: p.detach().clone() for n, p in step.module.named_parameters() if p.requires_grad}
+        return weights, self.shared_gradient(step.trainer, step.module, step.batch)
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
-        self._pending = None
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self.update_from == "measured":
-            super().on_before_optimizer_step(trainer, pl_module, optimizer)
-            return
-        if self._batch is None or not self.is_measurement_step(trainer.global_step):
-            return
-        with self.timed(trainer, trainer.global_step):
-            # W^t, kept until the optimizer has stepped: the one parameter-sized copy this measurement needs.
-            weights = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
-            key = self.step_key(trainer, pl_module, self._batch)
-        self._pending = _Pending(trainer, pl_module, optimizer, self._batch, weights, key, trainer.global_step)
-
-    def _after_step(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        trainer, module = pending.trainer, pending.module
-
-        def guarded() -> dict[str, Tensor]:
-            with self.timed(trainer, pending.step), observer_guard(module, [pending.optimizer]):
-                pending.key.rng.restore()  # the random draws of W^t's moment (the guard rewinds afterwards)
-                return internal_covariate_shift(
-                    module,
-                    pending.batch,
-                    layers=self._layers,
-                    next_weights=dict(module.named_parameters()),
-                    weights=pending.weights,
-                    loss_fn=self.measured_loss(module),
-                    mode=self.mode,
-                    chunk_size=self.chunk_size,
-                    memory_budget=self.memory_budget,
-                    gradient=self.gradient_exchange.get(pending.key.with_current_state(module)),
-                    reduce=self.reduce(trainer),
-                )
-
-        metrics = self.measure_or_stop(trainer, pending.step, guarded)
-        self._batch = None
-        if metrics is not None:
-            self.record(trainer, metrics, step=pending.step)
-
-    @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._pending is not None and self._pending.step == trainer.global_step:
-            return  # accumulating: the optimizer steps after a later micro-batch
-        if self._pending is not None:  # pragma: no cover - needs a GradScaler skip (CUDA fp16)
-            if not self._warned_skipped:
-                self._warned_skipped = True
-                warnings.warn(f"InternalCovariateShift: the optimizer skipped step {self._pending.step} (inf/NaN gradients under a GradScaler); not measured.", stacklevel=2)
-            self._pending = None
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+    def after_step(self, step: MeasuredStep) -> dict[str, Tensor]:
+        weights, shared = step.kept
+        module = step.module
+        if shared is not None:
+            shared.rng.restore()  # the draws G was computed with (the same as step.rng between our callbacks)
+        return internal_covariate_shift(
+            module,
+            step.batch,
+            layers=self._layers,
+            next_weights=dict(module.named_parameters()),
+            weights=weights,
+            loss_fn=self.measured_loss(module),
+            mode=self.mode,
+            chunk_size=self.chunk_size,
+            memory_budget=self.memory_budget,
+            gradient=shared.gradient if shared is not None else None,
+            reduce=self.reduce(step.trainer),
+        )
 
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
         # update_from="measured": W^(t+1) from a one-parameter optimizer copy stepped on the measured G
+        shared = self.shared_gradient(trainer, pl_module, batch)
+        if shared is not None:
+            shared.rng.restore()
         return internal_covariate_shift(
             pl_module,
             batch,
@@ -216,23 +174,10 @@ class InternalCovariateShift(MeasurementCallback):
             mode=self.mode,
             chunk_size=self.chunk_size,
             memory_budget=self.memory_budget,
-            gradient=self.shared_gradient(trainer, pl_module, batch),
+            gradient=shared.gradient if shared is not None else None,
             reduce=self.reduce(trainer),
         )
 
     @override
     def charts(self) -> dict[str, list[str]]:
         return {f"ics_{kind}": [f"ics/{kind}/{layer}" for layer in self._layers] for kind in ("l2", "cos", "rel")}
-
-
-@dataclass
-class _Pending:
-    """A measurement started before the optimizer step, finished right after it."""
-
-    trainer: pl.Trainer
-    module: pl.LightningModule
-    optimizer: Any
-    batch: Any
-    weights: dict[str, Tensor]
-    key: StepKey
-    step: int

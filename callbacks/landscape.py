@@ -101,10 +101,7 @@ class LossLandscape(MeasurementCallback):
         self.chunk_size = chunk_size
         self._warned_zero_lr = False
 
-    shares_gradient = True  # g is shared with InternalCovariateShift on a step both measure (base.shared_gradient)
-
-    def _state_key_extra(self) -> dict[str, Any]:
-        return {"step_sizes": self.step_sizes, "step_size_mode": self.step_size_mode}
+    needs_gradient = True  # g is shared with InternalCovariateShift on a step both measure (the coordinator)
 
     @override
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
@@ -120,7 +117,9 @@ class LossLandscape(MeasurementCallback):
             lr_of = {id(p): float(g["lr"]) / base for g in opt.param_groups for p in g["params"]}
             scale = {n: lr_of.get(id(p), 0.0) for n, p in pl_module.named_parameters()}
             steps = [s * base for s in self.step_sizes]
-        gradient = self.shared_gradient(trainer, pl_module, batch)
+        shared = self.shared_gradient(trainer, pl_module, batch)
+        if shared is not None:
+            shared.rng.restore()  # the draws g was computed with (the same as now between our callbacks)
         return loss_landscape(
             pl_module,
             batch,
@@ -130,7 +129,7 @@ class LossLandscape(MeasurementCallback):
             mode=self.mode,
             chunk_size=self.chunk_size,
             memory_budget=self.memory_budget,
-            gradient=gradient,
+            gradient=shared.gradient if shared is not None else None,
             reduce=self.reduce(trainer),
         )
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bnlightning.callbacks.base as base_module
-import bnlightning.callbacks.ics as ics_module
+import bnlightning.callbacks.twostep as twostep_module
 from bnlightning.callbacks import ActivationStats, HessianSpectrum, InternalCovariateShift, LossLandscape, MeanShift, ResidualVariance
 from bnlightning.callbacks._budget import is_scheduled, log_steps
 from bnlightning.callbacks.guard import observer_guard
@@ -76,7 +76,7 @@ def _fit(callbacks: list[Any], steps: int, clock: FakeClock, monkeypatch: pytest
         clock.t += cost  # every measurement takes `cost` units of the fake clock
 
     monkeypatch.setattr(base_module, "observer_guard", costly_guard)
-    monkeypatch.setattr(ics_module, "observer_guard", costly_guard)
+    monkeypatch.setattr(twostep_module, "observer_guard", costly_guard)  # both phases of a two-step measurement
     for cb in callbacks:
         cb.clock = clock
     torch.manual_seed(0)
