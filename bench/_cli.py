@@ -36,7 +36,13 @@ class BenchParser(argparse.ArgumentParser):
 
 def bench_parser(prog: str, doc: str | None, quick: dict[str, Any], full: dict[str, Any]) -> BenchParser:
     """A script's parser, its description naming what ``--quick`` and the full mode run; with the common options."""
-    modes = " Quick mode: " + " ".join(f"{k}={v}" for k, v in quick.items()) + "; full (default): " + " ".join(f"{k}={v}" for k, v in full.items()) + "."
+    modes = (
+        " Quick mode: "
+        + " ".join(f"{k}={v}" for k, v in quick.items())
+        + "; full (default): "
+        + " ".join(f"{k}={v}" for k, v in full.items())
+        + "."
+    )
     parser = BenchParser(prog=prog, description=(doc or "").split("\n\n")[0] + modes)
     parser.quick, parser.full = quick, full
     add_common_args(parser)
@@ -86,18 +92,29 @@ def precision_list(text: str) -> list[str]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in parts if p not in PRECISIONS]
     if not parts or bad:
-        raise argparse.ArgumentTypeError(f"unknown precision {bad[0] if bad else text!r}; accepted: {', '.join(PRECISIONS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown precision {bad[0] if bad else text!r}; accepted: {', '.join(PRECISIONS)}"
+        )
     return parts
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Options every bench script has: device, threads, seed, output file, quick mode."""
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the model and the synthetic data")
     parser.add_argument("--out", type=Path, default=None, help="JSON output path (default: runs/bench/<script>.json)")
-    parser.add_argument("--quick", action="store_true", help="a small run (see the description) to check the ratios fast")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time (default) or this process's CPU time (steadier on a shared CPU; use with --threads 1)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small run (see the description) to check the ratios fast"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time (default) or this process's CPU time (steadier on a shared CPU; use with --threads 1)",
+    )
 
 
 def resolve_device(parser: argparse.ArgumentParser, name: str) -> torch.device:

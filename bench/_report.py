@@ -99,14 +99,24 @@ def begin(script: str, args: argparse.Namespace) -> tuple[dict[str, Any], float]
     return info, started
 
 
-def finish(script: str, argv: list[str] | None, args: argparse.Namespace, info: dict[str, Any], results: dict[str, Any], summary: str, started: float) -> dict[str, Any]:
+def finish(
+    script: str,
+    argv: list[str] | None,
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    results: dict[str, Any],
+    summary: str,
+    started: float,
+) -> dict[str, Any]:
     """Write the run's JSON (``--out`` or :func:`default_out`), print where, then the summary line."""
     elapsed = time.perf_counter() - started
     payload = {
         "script": f"bench/{Path(script).name}",
         "argv": sys.argv[1:] if argv is None else argv,
         "machine": info,
-        "settings": {k: (str(v) if isinstance(v, (torch.device, Path)) else v) for k, v in vars(args).items() if k != "timer"},
+        "settings": {
+            k: (str(v) if isinstance(v, (torch.device, Path)) else v) for k, v in vars(args).items() if k != "timer"
+        },
         **results,
         "summary": summary,
         "elapsed_s": elapsed,

@@ -178,7 +178,12 @@ def count_hvps(cb: Any) -> None:
             cb._bench_hvps = get("hvps") + get("precond_iterations")
         else:  # before the HVP count was logged: the eigen solver's, plus the probes and the deflation
             cb._bench_hvps = get("iterations") + cb.n_probes + cb.k
-        entry = {"lanczos": get("iterations"), "probes": get("trace_probes"), "hvps": get("hvps"), "precond_lanczos": get("precond_iterations")}
+        entry = {
+            "lanczos": get("iterations"),
+            "probes": get("trace_probes"),
+            "hvps": get("hvps"),
+            "precond_lanczos": get("precond_iterations"),
+        }
         cb._bench_hvp_log.append(entry)
         original(trainer, metrics, step)
 
@@ -201,7 +206,10 @@ def bench_costs(args: Any, model_name: str) -> list[dict[str, Any]]:
         try:
             fit(model, make_loader(model_name, steps + 1, args.seed), args, steps, [clock, cb])
         except Exception as err:  # a callback that does not apply to this model (no residual blocks)
-            print(f"  {model_name} {name}: not measured ({type(err).__name__}: {str(err).splitlines()[0][:120]})", flush=True)
+            print(
+                f"  {model_name} {name}: not measured ({type(err).__name__}: {str(err).splitlines()[0][:120]})",
+                flush=True,
+            )
             continue
         plain = [t for t, measured in clock.steps[1:] if not measured]
         step_s = _timing.median(plain)
@@ -219,7 +227,10 @@ def bench_costs(args: Any, model_name: str) -> list[dict[str, Any]]:
             row["hvps_per_measurement"] = cb._bench_hvp_log
             print(f"  {model_name} {name} HVPs per measurement: {cb._bench_hvp_log}", flush=True)
         rows.append(row)
-        print(f"  {model_name} {name}: {row['cost_in_steps']:.2f} steps (first {row['first_in_steps']:.2f}); floor {row['floor']}; step {step_s * 1e3:.0f} ms", flush=True)
+        print(
+            f"  {model_name} {name}: {row['cost_in_steps']:.2f} steps (first {row['first_in_steps']:.2f}); floor {row['floor']}; step {step_s * 1e3:.0f} ms",
+            flush=True,
+        )
     return rows
 
 
@@ -291,20 +302,50 @@ def bench_hvp_forms(args: Any, model_name: str, repeats: int = 3) -> dict[str, A
         times["retained"].append(prod)
         times["jvp"].append(sum(product("jvp")))
     step_s = _timing.median(times["step"])
-    row = {"model": model_name, "step_s": step_s, **{k: _timing.median(v) / step_s for k, v in times.items() if k != "step"}}
-    print(f"  {model_name} one HVP in steps: retained set-up {row['retained_setup']:.2f} + {row['retained']:.2f} per product; jvp {row['jvp']:.2f}; step {step_s * 1e3:.0f} ms", flush=True)
+    row = {
+        "model": model_name,
+        "step_s": step_s,
+        **{k: _timing.median(v) / step_s for k, v in times.items() if k != "step"},
+    }
+    print(
+        f"  {model_name} one HVP in steps: retained set-up {row['retained_setup']:.2f} + {row['retained']:.2f} per product; jvp {row['jvp']:.2f}; step {step_s * 1e3:.0f} ms",
+        flush=True,
+    )
     return row
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
     p = _cli.bench_parser("bench/cost.py", __doc__, QUICK, FULL)
-    p.add_argument("--models", type=lambda s: [m for m in s.split(",") if m], default=None, help=f"comma-separated, of {', '.join(MODELS)}")
-    p.add_argument("--callbacks", type=lambda s: [m for m in s.split(",") if m], default=None, help=f"comma-separated, of {', '.join(CALLBACKS)}")
-    p.add_argument("--probe-measurements", type=_cli.positive_int, default=None, help="measurements per callback in (1)")
+    p.add_argument(
+        "--models",
+        type=lambda s: [m for m in s.split(",") if m],
+        default=None,
+        help=f"comma-separated, of {', '.join(MODELS)}",
+    )
+    p.add_argument(
+        "--callbacks",
+        type=lambda s: [m for m in s.split(",") if m],
+        default=None,
+        help=f"comma-separated, of {', '.join(CALLBACKS)}",
+    )
+    p.add_argument(
+        "--probe-measurements", type=_cli.positive_int, default=None, help="measurements per callback in (1)"
+    )
     p.add_argument("--probe-every", type=_cli.positive_int, default=2, help="measure every this many steps in (1)")
-    p.add_argument("--steps", type=_cli.nonnegative_int, default=None, help="training steps of the budget runs (2); 0 skips them")
-    p.add_argument("--hvp-forms", action="store_true", help="(3) also time one HVP per form (retained set-up and product, jvp) against a training step")
-    p.add_argument("--precision", type=_cli.precision_list, default=["32-true"], help="one of 32-true, bf16-mixed, 16-mixed (training; measurements are float32 whatever it is)")
+    p.add_argument(
+        "--steps", type=_cli.nonnegative_int, default=None, help="training steps of the budget runs (2); 0 skips them"
+    )
+    p.add_argument(
+        "--hvp-forms",
+        action="store_true",
+        help="(3) also time one HVP per form (retained set-up and product, jvp) against a training step",
+    )
+    p.add_argument(
+        "--precision",
+        type=_cli.precision_list,
+        default=["32-true"],
+        help="one of 32-true, bf16-mixed, 16-mixed (training; measurements are float32 whatever it is)",
+    )
     args = p.parse_args(argv)
     for m in args.models:
         if m not in MODELS:
@@ -338,12 +379,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if budgets:
         print()
-        print(_report.format_table(["model", "steps", "overhead at max_overhead=0.1", "measurements"], [[b["model"], b["steps"], f"{b['overhead_pct']:.1f}%", b["measurements"]] for b in budgets]))
+        print(
+            _report.format_table(
+                ["model", "steps", "overhead at max_overhead=0.1", "measurements"],
+                [[b["model"], b["steps"], f"{b['overhead_pct']:.1f}%", b["measurements"]] for b in budgets],
+            )
+        )
     hess = [r["cost_in_steps"] for r in costs if r["callback"] == "HessianSpectrum"]
-    summary = f"HessianSpectrum at its defaults: {max(hess):.1f} steps per measurement at worst" if hess else "no HessianSpectrum row"
+    summary = (
+        f"HessianSpectrum at its defaults: {max(hess):.1f} steps per measurement at worst"
+        if hess
+        else "no HessianSpectrum row"
+    )
     if budgets:
-        summary += "; overhead with max_overhead=0.1: " + ", ".join(f"{b['model']} {b['overhead_pct']:.1f}%" for b in budgets)
-    return _report.finish(__file__, argv, args, info, {"costs": costs, "budgets": budgets, "hvp_forms": forms}, summary, started)
+        summary += "; overhead with max_overhead=0.1: " + ", ".join(
+            f"{b['model']} {b['overhead_pct']:.1f}%" for b in budgets
+        )
+    return _report.finish(
+        __file__, argv, args, info, {"costs": costs, "budgets": budgets, "hvp_forms": forms}, summary, started
+    )
 
 
 if __name__ == "__main__":

@@ -68,14 +68,30 @@ def parse_args(argv: list[str] | None = None) -> Any:
     p = _cli.bench_parser("bench/curvature.py", __doc__, QUICK, FULL)
     p.add_argument("--widths", type=float_list, default=None, help="comma-separated VGG channel multipliers")
     p.add_argument("--batch-size", type=_cli.positive_int, default=32, help="batch size (32)")
-    p.add_argument("--pretrain-steps", type=_cli.nonnegative_int, default=None, help="SGD steps before the first measurement")
+    p.add_argument(
+        "--pretrain-steps", type=_cli.nonnegative_int, default=None, help="SGD steps before the first measurement"
+    )
     p.add_argument("--rounds", type=_cli.positive_int, default=None, help="warm-started re-measurements")
     p.add_argument("--sgd-steps", type=_cli.positive_int, default=1, help="SGD steps between measurements (1)")
-    p.add_argument("--lrs", type=float_list, default=[0.1, 0.01], help="comma-separated SGD learning rates (0.1, the paper's, and 0.01)")
-    p.add_argument("--tol", type=_cli.positive_float, default=1e-3, help="top_eigenvalues' relative residual tolerance (1e-3)")
-    p.add_argument("--max-basis", type=_cli.positive_int, default=None, help="top_eigenvalues' max_basis (default: its own, 4)")
+    p.add_argument(
+        "--lrs",
+        type=float_list,
+        default=[0.1, 0.01],
+        help="comma-separated SGD learning rates (0.1, the paper's, and 0.01)",
+    )
+    p.add_argument(
+        "--tol", type=_cli.positive_float, default=1e-3, help="top_eigenvalues' relative residual tolerance (1e-3)"
+    )
+    p.add_argument(
+        "--max-basis", type=_cli.positive_int, default=None, help="top_eigenvalues' max_basis (default: its own, 4)"
+    )
     p.add_argument("--repeats", type=_cli.positive_int, default=None, help="timings per HVP method (medians)")
-    p.add_argument("--basis-sweep", type=_cli.int_list, default=[], help="comma-separated max_basis values to compare cold (off by default)")
+    p.add_argument(
+        "--basis-sweep",
+        type=_cli.int_list,
+        default=[],
+        help="comma-separated max_basis values to compare cold (off by default)",
+    )
     p.add_argument("--no-cost", action="store_true", help="skip the HVP cost table (2)")
     args = p.parse_args(argv)
     for b in [args.max_basis or 2, *args.basis_sweep]:
@@ -172,7 +188,14 @@ def bench_counts(args: Any, width: float, lr: float) -> list[dict[str, Any]]:
     rows.append({"round": 0, **summarize("cold", cold, ref)})
     for b in args.basis_sweep:
         for seed in range(2):
-            res = top_eigenvalues(hvp, params, tol=args.tol, max_iter=300, max_basis=b, generator=torch.Generator().manual_seed(100 + seed))
+            res = top_eigenvalues(
+                hvp,
+                params,
+                tol=args.tol,
+                max_iter=300,
+                max_basis=b,
+                generator=torch.Generator().manual_seed(100 + seed),
+            )
             rows.append({"round": 0, **summarize(f"cold, max_basis {b}", res, ref)})
     prev_same = prev_new = cold.eigenvectors
     for r in range(1, args.rounds + 1):
@@ -181,11 +204,16 @@ def bench_counts(args: Any, width: float, lr: float) -> list[dict[str, Any]]:
         cold = top_eigenvalues(hvp, params, generator=torch.Generator().manual_seed(args.seed + r), **opts)
         warm = top_eigenvalues(hvp, params, v0=prev_same, **opts)
         ref = reference(hvp, params, [cold, warm])
-        rows += [{"round": r, **summarize("cold", cold, ref)}, {"round": r, **summarize("warm, same batch", warm, ref, prev_same)}]
+        rows += [
+            {"round": r, **summarize("cold", cold, ref)},
+            {"round": r, **summarize("warm, same batch", warm, ref, prev_same)},
+        ]
         prev_same = warm.eigenvectors
         hvp, params = hvp_for(model, fresh[r - 1])
         warm_new = top_eigenvalues(hvp, params, v0=prev_new, **opts)
-        rows.append({"round": r, **summarize("warm, new batch", warm_new, reference(hvp, params, [warm_new]), prev_new)})
+        rows.append(
+            {"round": r, **summarize("warm, new batch", warm_new, reference(hvp, params, [warm_new]), prev_new)}
+        )
         prev_new = warm_new.eigenvectors
     for row in rows:
         row["width"], row["lr"] = width, lr
@@ -202,7 +230,10 @@ def bench_cost(args: Any, name: str, model: nn.Module, batch: Any) -> dict[str, 
         model.loss(batch).backward()
 
     built: dict[str, Callable] = {}
-    v = {k: torch.randn(p.shape, generator=torch.Generator().manual_seed(0)).to(args.device) for k, p in model.named_parameters()}
+    v = {
+        k: torch.randn(p.shape, generator=torch.Generator().manual_seed(0)).to(args.device)
+        for k, p in model.named_parameters()
+    }
     step()  # warm-up of every path
     for m in METHODS:
         built[m] = hvp_for(model, batch, m)[0]
@@ -244,14 +275,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.no_cost:
             print(f"width {width}: HVP cost ...", flush=True)
             model = _fixtures.make_vgg(width, seed=args.seed)
-            costs.append(bench_cost(args, f"VGG-11-BN w={width}", model, batches(1, args.batch_size, args.device, args.seed + 1)[0]))
+            costs.append(
+                bench_cost(
+                    args, f"VGG-11-BN w={width}", model, batches(1, args.batch_size, args.device, args.seed + 1)[0]
+                )
+            )
     if not args.no_cost:
         from bnlightning.models import MLP
 
         torch.manual_seed(args.seed)
         mlp = MLP(in_features=784, out_features=10, depth=3, width=100, activation="sigmoid", norm="batch")
         g = torch.Generator().manual_seed(args.seed)
-        mlp_batch = (torch.randn(128, 784, generator=g).to(args.device), torch.randint(0, 10, (128,), generator=g).to(args.device))
+        mlp_batch = (
+            torch.randn(128, 784, generator=g).to(args.device),
+            torch.randint(0, 10, (128,), generator=g).to(args.device),
+        )
         print("MLP: HVP cost ...", flush=True)
         costs.append(bench_cost(args, "MLP 3x100 BN, batch 128", mlp, mlp_batch))
 
@@ -260,7 +298,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _report.format_table(
             ["width", "lr", "round", "run", "stop HVPs", "HVPs to 1e-3", "rel. error at stop", "λmax", "overlap"],
             [
-                [r["width"], r["lr"], r["round"], r["kind"], r["stop_hvps"], r["to_1e-3_hvps"], f"{r['rel_error']:.1e}", r["lambda"], "" if r["overlap"] is None else f"{r['overlap']:.3f}"]
+                [
+                    r["width"],
+                    r["lr"],
+                    r["round"],
+                    r["kind"],
+                    r["stop_hvps"],
+                    r["to_1e-3_hvps"],
+                    f"{r['rel_error']:.1e}",
+                    r["lambda"],
+                    "" if r["overlap"] is None else f"{r['overlap']:.3f}",
+                ]
                 for r in counts
             ],
         )
@@ -270,7 +318,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             _report.format_table(
                 ["model", "params", "step s", "retained set-up", "retained HVP", "double_backward HVP", "jvp HVP"],
-                [[r["model"], r["params"], r["step_s"], r["retained_setup_steps"], r["retained_steps"], r["double_backward_steps"], r["jvp_steps"]] for r in costs],
+                [
+                    [
+                        r["model"],
+                        r["params"],
+                        r["step_s"],
+                        r["retained_setup_steps"],
+                        r["retained_steps"],
+                        r["double_backward_steps"],
+                        r["jvp_steps"],
+                    ]
+                    for r in costs
+                ],
             )
         )
         print("(HVP columns in training steps: forward + backward on the same batch)")
@@ -285,11 +344,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"warm new batch {med(lr, 'warm, new batch', 'stop_hvps'):.0f}/{med(lr, 'warm, new batch', 'to_1e-3_hvps'):.0f}"
         for lr in args.lrs
     ]
-    sweep = [f"max_basis {b}: {med(lr, f'cold, max_basis {b}', 'stop_hvps'):.0f}" for lr in args.lrs for b in args.basis_sweep]
+    sweep = [
+        f"max_basis {b}: {med(lr, f'cold, max_basis {b}', 'stop_hvps'):.0f}"
+        for lr in args.lrs
+        for b in args.basis_sweep
+    ]
     if sweep:
         parts.append("cold HVPs to stop by basis size (median over points and starts): " + ", ".join(sweep))
     if costs:
-        parts.append("one retained HVP = " + ", ".join(f"{r['retained_steps']:.2f}" for r in costs) + " training steps (" + ", ".join(r["model"] for r in costs) + ")")
+        parts.append(
+            "one retained HVP = "
+            + ", ".join(f"{r['retained_steps']:.2f}" for r in costs)
+            + " training steps ("
+            + ", ".join(r["model"] for r in costs)
+            + ")"
+        )
     summary = "; ".join(parts)
     return _report.finish(__file__, argv, args, info, {"counts": counts, "costs": costs}, summary, started)
 

@@ -43,8 +43,23 @@ from bnlightning.callbacks.functional._harness import LossHarness
 from bnlightning.models import MLP, VGG
 
 MODELS: dict[str, tuple[Callable[[float], nn.Module], float]] = {
-    "mlp": (lambda w: MLP(in_features=784, out_features=10, depth=3, width=100, activation="sigmoid", norm="batch"), 0.1),
-    "dln": (lambda w: MLP(in_features=10, out_features=10, depth=24, width=10, activation="identity", bias=False, loss="sum_squared", norm="batch"), 1e-6),
+    "mlp": (
+        lambda w: MLP(in_features=784, out_features=10, depth=3, width=100, activation="sigmoid", norm="batch"),
+        0.1,
+    ),
+    "dln": (
+        lambda w: MLP(
+            in_features=10,
+            out_features=10,
+            depth=24,
+            width=10,
+            activation="identity",
+            bias=False,
+            loss="sum_squared",
+            norm="batch",
+        ),
+        1e-6,
+    ),
     "vgg": (lambda w: VGG(config="A", norm="batch", width=w), 0.1),
 }
 
@@ -104,12 +119,19 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per method (medians are reported)")
     parser.add_argument("--vgg-width", type=float, default=1.0, help="VGG channel multiplier (1.0 = VGG-11)")
-    parser.add_argument("--out", type=Path, default=Path("runs", "bench", "measure.json"), help="JSON output path (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs", "bench", "measure.json"),
+        help="JSON output path (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     rows: list[dict[str, Any]] = []
@@ -121,7 +143,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch = make_batch(name, model, args.batch_size)
         steps = [0.5 * lr, lr, 2 * lr, 4 * lr]
         # "auto-vmap" is vmap in chunks that fit the memory budget: these models fit whole
-        autos = {what: resolve_mode("auto", LossHarness(model), modes, None).replace("auto-vmap", "vmap") for what, modes in (("ics", ICS_MODES), ("landscape", MODES))}
+        autos = {
+            what: resolve_mode("auto", LossHarness(model), modes, None).replace("auto-vmap", "vmap")
+            for what, modes in (("ics", ICS_MODES), ("landscape", MODES))
+        }
         for what, methods in (
             (
                 "ics",
@@ -146,11 +171,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             times: dict[str, list[float]] = {k: [] for k in methods}
             keys = list(methods)
             for r in range(args.reps):
-                for k in keys[r % len(keys) :] + keys[: r % len(keys)]:  # rotate the order: shared-CPU noise hits all alike
+                for k in (
+                    keys[r % len(keys) :] + keys[: r % len(keys)]
+                ):  # rotate the order: shared-CPU noise hits all alike
                     times[k].append(timed(methods[k]))
             med = {k: statistics.median(v) for k, v in times.items()}
             auto = autos[what]
-            rows.append({"model": name, "measurement": what, "batch": args.batch_size, **{f"{k}_s": med[k] for k in med}, "auto": auto, "auto_over_naive": med[auto] / med["naive"], "times": times})
+            rows.append(
+                {
+                    "model": name,
+                    "measurement": what,
+                    "batch": args.batch_size,
+                    **{f"{k}_s": med[k] for k in med},
+                    "auto": auto,
+                    "auto_over_naive": med[auto] / med["naive"],
+                    "times": times,
+                }
+            )
 
     for name in args.models:  # ICS + landscape on one step: separate G vs one shared G
         build, lr = MODELS[name]
@@ -183,11 +220,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("-" * len(header))
     for r in rows:
         prefix = f"{r['prefix_s']:9.4f}" if "prefix_s" in r else f"{'-':>9}"
-        print(f"{r['model']:6} {r['measurement']:10} {r['naive_s']:9.4f} {r['loop_s']:9.4f} {r['vmap_s']:9.4f} {prefix} {r['auto']:>6} {r['auto_over_naive']:10.2f}")
+        print(
+            f"{r['model']:6} {r['measurement']:10} {r['naive_s']:9.4f} {r['loop_s']:9.4f} {r['vmap_s']:9.4f} {prefix} {r['auto']:>6} {r['auto_over_naive']:10.2f}"
+        )
     print()
     print(f"{'model':6} {'ICS + landscape':16} {'separate s':>10} {'shared s':>9} {'shared/separate':>15}")
     for r in shared_rows:
-        print(f"{r['model']:6} {'auto, one batch':16} {r['separate_s']:10.4f} {r['shared_s']:9.4f} {r['shared_s'] / r['separate_s']:15.2f}")
+        print(
+            f"{r['model']:6} {'auto, one batch':16} {r['separate_s']:10.4f} {r['shared_s']:9.4f} {r['shared_s'] / r['separate_s']:15.2f}"
+        )
     result = {
         "rows": rows,
         "shared_gradient": shared_rows,
@@ -200,7 +241,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     ics = {r["model"]: r["auto_over_naive"] for r in rows if r["measurement"] == "ics"}
-    print("summary: ICS auto/naive " + ", ".join(f"{k} {v:.2f}x" for k, v in ics.items()) + f" (median of {args.reps}, batch {args.batch_size}); json: {args.out}")
+    print(
+        "summary: ICS auto/naive "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in ics.items())
+        + f" (median of {args.reps}, batch {args.batch_size}); json: {args.out}"
+    )
     return result
 
 

@@ -99,17 +99,32 @@ def _child(model_name: str, config: str, device_name: str) -> dict[str, Any]:
         enable_progress_bar=False,
         enable_model_summary=False,
     ).fit(module, DataLoader(batches, batch_size=None))
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     measured = [cb.measurements for cb in callbacks]
-    return {"model": model_name, "config": config, "peak": peak, "param_bytes": params, "seconds": time.perf_counter() - t0, "measurements": measured}
+    return {
+        "model": model_name,
+        "config": config,
+        "peak": peak,
+        "param_bytes": params,
+        "seconds": time.perf_counter() - t0,
+        "measurements": measured,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench/memory.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--configs", nargs="+", choices=[c for c in CONFIGS if c != "none"], default=[c for c in CONFIGS if c != "none"])
+    parser.add_argument(
+        "--configs", nargs="+", choices=[c for c in CONFIGS if c != "none"], default=[c for c in CONFIGS if c != "none"]
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--out", type=Path, default=Path("runs", "bench", "memory.json"), help="JSON output path (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs", "bench", "memory.json"), help="JSON output path (default: %(default)s)"
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -120,7 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:
         results = {}
         for config in ["none", *args.configs]:
-            proc = subprocess.run([sys.executable, __file__, "--device", args.device, "--child", model, config], capture_output=True, text=True, env=env)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--device", args.device, "--child", model, config],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             if proc.returncode != 0:
                 sys.exit(f"bench/memory.py: {model}/{config} failed:\n{proc.stderr[-2000:]}")
             results[config] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -144,8 +164,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['model']:12} {r['what']:58} {r['extra_bytes'] / 2**20:10.0f} MiB {r['units']:8.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": args.device, "rows": rows}, indent=1))
-    worst = max((r["units"] for r in rows if r["model"] == "transformer" and r["config"] in ("ics", "landscape", "activations")), default=float("nan"))
-    print(f"largest extra peak of a callback at its defaults on the 50 M Transformer: {worst:.2f}x parameter memory (budget 3x)")
+    worst = max(
+        (
+            r["units"]
+            for r in rows
+            if r["model"] == "transformer" and r["config"] in ("ics", "landscape", "activations")
+        ),
+        default=float("nan"),
+    )
+    print(
+        f"largest extra peak of a callback at its defaults on the 50 M Transformer: {worst:.2f}x parameter memory (budget 3x)"
+    )
 
 
 if __name__ == "__main__":

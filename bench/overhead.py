@@ -52,25 +52,75 @@ import _timing
 
 VGG_DEPTH = {"A": 11, "B": 13, "D": 16, "E": 19}
 CALLBACKS = ("InternalCovariateShift", "LossLandscape", "ActivationStats")
-QUICK = {"width": 0.0625, "batch_size": 16, "steps": 20, "warmup": 1, "repeats": 2, "every_n_steps": 20, "probe_width": 0.0625, "probe_batch_size": 16, "probe_measurements": 2}
-FULL = {"width": 0.25, "batch_size": 128, "steps": 300, "warmup": 5, "repeats": 3, "every_n_steps": 100, "probe_width": 1.0, "probe_batch_size": 128, "probe_measurements": 5}
+QUICK = {
+    "width": 0.0625,
+    "batch_size": 16,
+    "steps": 20,
+    "warmup": 1,
+    "repeats": 2,
+    "every_n_steps": 20,
+    "probe_width": 0.0625,
+    "probe_batch_size": 16,
+    "probe_measurements": 2,
+}
+FULL = {
+    "width": 0.25,
+    "batch_size": 128,
+    "steps": 300,
+    "warmup": 5,
+    "repeats": 3,
+    "every_n_steps": 100,
+    "probe_width": 1.0,
+    "probe_batch_size": 128,
+    "probe_measurements": 5,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
     p = _cli.bench_parser("bench/overhead.py", __doc__, QUICK, FULL)
-    p.add_argument("--precision", type=_cli.precision_list, default=["32-true"], help="one of 32-true, bf16-mixed, 16-mixed")
-    p.add_argument("--width", type=_cli.positive_float, default=None, help="VGG channel multiplier of the throughput runs (1)")
+    p.add_argument(
+        "--precision", type=_cli.precision_list, default=["32-true"], help="one of 32-true, bf16-mixed, 16-mixed"
+    )
+    p.add_argument(
+        "--width", type=_cli.positive_float, default=None, help="VGG channel multiplier of the throughput runs (1)"
+    )
     p.add_argument("--batch-size", type=_cli.positive_int, default=None, help="batch size of the throughput runs (1)")
-    p.add_argument("--steps", type=_cli.positive_int, default=None, help="timed steps per throughput run; a multiple of --every-n-steps")
+    p.add_argument(
+        "--steps",
+        type=_cli.positive_int,
+        default=None,
+        help="timed steps per throughput run; a multiple of --every-n-steps",
+    )
     p.add_argument("--warmup", type=_cli.nonnegative_int, default=None, help="untimed steps before the timed ones")
     p.add_argument("--repeats", type=_cli.positive_int, default=None, help="throughput runs of each side")
-    p.add_argument("--every-n-steps", type=_cli.positive_int, default=None, help="callback interval of the throughput runs (callbacks' default: 100)")
-    p.add_argument("--probe-width", type=_cli.positive_float, default=None, help="VGG channel multiplier of the cost/memory runs (2, 3)")
-    p.add_argument("--probe-batch-size", type=_cli.positive_int, default=None, help="batch size of the cost/memory runs")
-    p.add_argument("--probe-measurements", type=_cli.positive_int, default=None, help="timed measurements per callback (2)")
-    p.add_argument("--probe-every", type=_cli.positive_int, default=2, help="measure every this many steps in the cost runs (2)")
+    p.add_argument(
+        "--every-n-steps",
+        type=_cli.positive_int,
+        default=None,
+        help="callback interval of the throughput runs (callbacks' default: 100)",
+    )
+    p.add_argument(
+        "--probe-width",
+        type=_cli.positive_float,
+        default=None,
+        help="VGG channel multiplier of the cost/memory runs (2, 3)",
+    )
+    p.add_argument(
+        "--probe-batch-size", type=_cli.positive_int, default=None, help="batch size of the cost/memory runs"
+    )
+    p.add_argument(
+        "--probe-measurements", type=_cli.positive_int, default=None, help="timed measurements per callback (2)"
+    )
+    p.add_argument(
+        "--probe-every", type=_cli.positive_int, default=2, help="measure every this many steps in the cost runs (2)"
+    )
     p.add_argument("--channels-last", action="store_true", help="VGG(channels_last=True)")
-    p.add_argument("--config", choices=["A", "B", "D", "E"], default="A", help="VGG config of every run: A = VGG-11 (default), D = VGG-16")
+    p.add_argument(
+        "--config",
+        choices=["A", "B", "D", "E"],
+        default="A",
+        help="VGG config of every run: A = VGG-11 (default), D = VGG-16",
+    )
     args = p.parse_args(argv)
     if len(args.precision) != 1:
         p.error("argument --precision: give one precision")
@@ -236,7 +286,9 @@ def fit(model: Any, loader: Any, args: Any, max_steps: int, callbacks: list[Any]
     import lightning.pytorch as pl
 
     with tempfile.TemporaryDirectory() as root, _fixtures.quiet_lightning():
-        trainer = pl.Trainer(callbacks=callbacks, **_fixtures.trainer_kwargs(args.device, args.precision, max_steps, root))
+        trainer = pl.Trainer(
+            callbacks=callbacks, **_fixtures.trainer_kwargs(args.device, args.precision, max_steps, root)
+        )
         trainer.fit(model, train_dataloaders=loader)
 
 
@@ -258,7 +310,10 @@ def bench_throughput(args: Any) -> dict[str, Any]:
             fit(model, _fixtures.tensor_loader(x, y, bs, args.seed), args, args.warmup + args.steps, [timer, *cbs])
             ips[side].append(args.steps * bs / timer.seconds)
             n = sum(cb.measurements for cb in cbs)
-            print(f"  throughput repeat {r + 1}/{args.repeats}, callbacks {side}: {ips[side][-1]:,.1f} images/s ({n} measurements)", flush=True)
+            print(
+                f"  throughput repeat {r + 1}/{args.repeats}, callbacks {side}: {ips[side][-1]:,.1f} images/s ({n} measurements)",
+                flush=True,
+            )
     ratios = [a / b for a, b in zip(ips["all three"], ips["none"])]
     return {
         "width": args.width,
@@ -298,7 +353,13 @@ def bench_costs(args: Any) -> list[dict[str, Any]]:
         memory = MemoryWindows(args.device)
         time_measurements(cb_mem, args.timer, memory)
         with memory:
-            fit(model, _fixtures.tensor_loader(x, y, bs, args.seed), args, 2 * every, [StepClock(args.timer, [cb_mem], memory), cb_mem])
+            fit(
+                model,
+                _fixtures.tensor_loader(x, y, bs, args.seed),
+                args,
+                2 * every,
+                [StepClock(args.timer, [cb_mem], memory), cb_mem],
+            )
         peaks = memory.peaks()
         step_peak = max(peaks.get("step", [0])[1:] or peaks.get("step", [0]))  # skip the first step (warm-up)
         measure_peak = max(peaks.get(name, [0]))
@@ -340,7 +401,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(
         _report.format_table(
-            ["callback", "ms/measurement", "ms/step", "cost (steps)", f"overhead @{args.every_n_steps}", "peak MiB", "step MiB", "mem ratio"],
+            [
+                "callback",
+                "ms/measurement",
+                "ms/step",
+                "cost (steps)",
+                f"overhead @{args.every_n_steps}",
+                "peak MiB",
+                "step MiB",
+                "mem ratio",
+            ],
             [
                 [
                     r["callback"],
@@ -355,7 +425,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for r in costs
             ]
             + [
-                ["all three (predicted)", "", "", sum(r["cost_in_steps"] for r in costs), f"{predicted:.1f}%", "", "", ""],
+                [
+                    "all three (predicted)",
+                    "",
+                    "",
+                    sum(r["cost_in_steps"] for r in costs),
+                    f"{predicted:.1f}%",
+                    "",
+                    "",
+                    "",
+                ],
                 [f"all three (measured, width {thr['width']})", "", "", "", f"{thr['overhead_pct']:.1f}%", "", "", ""],
             ],
         )
@@ -368,7 +447,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"worst measurement/step peak memory {mem_worst:.2f}x (target <= {target_m:.0f}x: {'met' if mem_worst <= target_m else 'missed'})"
     )
     results = {
-        "memory_method": "cuda max_memory_allocated" if args.device.type == "cuda" else "torch.profiler profile_memory (tensor allocations)",
+        "memory_method": "cuda max_memory_allocated"
+        if args.device.type == "cuda"
+        else "torch.profiler profile_memory (tensor allocations)",
         "costs": costs,
         "throughput": thr,
         "predicted_overhead_pct": predicted,

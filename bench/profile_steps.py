@@ -45,10 +45,16 @@ class _Profile(Callback):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/profile_steps.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bench/profile_steps.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda", help="cpu, cuda or cuda:N (default: cuda)")
-    p.add_argument("--precision", type=_cli.precision_list, default=["bf16-mixed"], help="one of 32-true, bf16-mixed, 16-mixed")
-    p.add_argument("--config", choices=["A", "B", "D", "E"], default="A", help="VGG config: A = VGG-11 (default), D = VGG-16")
+    p.add_argument(
+        "--precision", type=_cli.precision_list, default=["bf16-mixed"], help="one of 32-true, bf16-mixed, 16-mixed"
+    )
+    p.add_argument(
+        "--config", choices=["A", "B", "D", "E"], default="A", help="VGG config: A = VGG-11 (default), D = VGG-16"
+    )
     p.add_argument("--width", type=_cli.positive_float, default=1.0, help="VGG channel multiplier (1.0)")
     p.add_argument("--batch-size", type=_cli.positive_int, default=128)
     p.add_argument("--steps", type=_cli.positive_int, default=5, help="profiled steps (5)")
@@ -78,7 +84,10 @@ def main(argv: list[str] | None = None) -> Path:
     if args.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     schedule = torch.profiler.schedule(wait=0, warmup=1, active=args.steps, repeat=1)
-    with tempfile.TemporaryDirectory() as root, torch.profiler.profile(activities=activities, schedule=schedule, record_shapes=False) as prof:
+    with (
+        tempfile.TemporaryDirectory() as root,
+        torch.profiler.profile(activities=activities, schedule=schedule, record_shapes=False) as prof,
+    ):
         kwargs = _fixtures.trainer_kwargs(args.device, args.precision, args.warmup + args.steps + 1, root)
         callbacks = [_Profile(prof, args.warmup), *(measurement_callbacks() if args.callbacks else [])]
         trainer = pl.Trainer(**kwargs, callbacks=callbacks, enable_checkpointing=False)
@@ -90,7 +99,10 @@ def main(argv: list[str] | None = None) -> Path:
     with raw.open("rb") as src, gzip.open(args.trace_dir / "trace.json.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
     raw.unlink()
-    print(f"profile of {args.steps} steps ({'with' if args.callbacks else 'without'} measurements): {args.trace_dir}", flush=True)
+    print(
+        f"profile of {args.steps} steps ({'with' if args.callbacks else 'without'} measurements): {args.trace_dir}",
+        flush=True,
+    )
     return args.trace_dir
 
 

@@ -49,21 +49,37 @@ import _timing
 from bnlightning.data.fake import make_fake_cifar10
 
 QUICK = {"width": 0.125, "batch_sizes": [64], "precisions": ["32-true"], "steps": 4, "warmup": 1, "repeats": 3}
-FULL = {"width": 1.0, "batch_sizes": [128, 512], "precisions": ["32-true", "bf16-mixed"], "steps": 100, "warmup": 5, "repeats": 5}
+FULL = {
+    "width": 1.0,
+    "batch_sizes": [128, 512],
+    "precisions": ["32-true", "bf16-mixed"],
+    "steps": 100,
+    "warmup": 5,
+    "repeats": 5,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
     p = _cli.bench_parser("bench/throughput.py", __doc__, QUICK, FULL)
     p.add_argument("--batch-sizes", type=_cli.int_list, default=None, help="comma-separated, e.g. 128,512")
-    p.add_argument("--precisions", type=_cli.precision_list, default=None, help="comma-separated: 32-true, bf16-mixed, 16-mixed")
+    p.add_argument(
+        "--precisions", type=_cli.precision_list, default=None, help="comma-separated: 32-true, bf16-mixed, 16-mixed"
+    )
     p.add_argument("--steps", type=_cli.positive_int, default=None, help="timed steps per run")
     p.add_argument("--warmup", type=_cli.nonnegative_int, default=None, help="untimed steps before the timed ones")
     p.add_argument("--repeats", type=_cli.positive_int, default=None, help="runs of each side per configuration")
     p.add_argument("--width", type=_cli.positive_float, default=None, help="VGG channel multiplier (1.0 = real VGG-11)")
-    p.add_argument("--channels-last", action="store_true", help="VGG(channels_last=True): NHWC convs (faster on recent GPUs)")
+    p.add_argument(
+        "--channels-last", action="store_true", help="VGG(channels_last=True): NHWC convs (faster on recent GPUs)"
+    )
     p.add_argument("--compile", action="store_true", help="VGG(compile=True): torch.compile the network for both sides")
     p.add_argument("--no-data-path", action="store_true", help="skip the DataLoader vs on-device comparison")
-    p.add_argument("--num-workers", type=_cli.nonnegative_int, default=2, help="DataLoader workers of the DataLoader path (CIFAR10DataModule's default: 2)")
+    p.add_argument(
+        "--num-workers",
+        type=_cli.nonnegative_int,
+        default=2,
+        help="DataLoader workers of the DataLoader path (CIFAR10DataModule's default: 2)",
+    )
     args = p.parse_args(argv)
     args.device = _cli.resolve_device(p, args.device)
     args.timer = _timing.make_clock(p, args.clock, args.device)
@@ -100,13 +116,17 @@ class WindowTimer(Callback):
         return self.t1 - self.t0
 
 
-def lightning_run(model: Any, train_loader: Any, clock: _timing.Clock, precision: str, warmup: int, steps: int, datamodule: Any = None) -> float:
+def lightning_run(
+    model: Any, train_loader: Any, clock: _timing.Clock, precision: str, warmup: int, steps: int, datamodule: Any = None
+) -> float:
     """Seconds of ``steps`` timed steps of ``Trainer.fit`` (after ``warmup`` untimed ones) on ``clock.device``."""
     import lightning.pytorch as pl
 
     timer = WindowTimer(clock, warmup, steps)
     with tempfile.TemporaryDirectory() as root, _fixtures.quiet_lightning():
-        trainer = pl.Trainer(callbacks=[timer], **_fixtures.trainer_kwargs(clock.device, precision, warmup + steps, root))
+        trainer = pl.Trainer(
+            callbacks=[timer], **_fixtures.trainer_kwargs(clock.device, precision, warmup + steps, root)
+        )
         if datamodule is not None:
             trainer.fit(model, datamodule=datamodule)
         else:
@@ -150,7 +170,10 @@ def bench_parity(args: Any, model: Any, init: dict[str, torch.Tensor]) -> list[d
                     loader = _fixtures.tensor_loader(x, y, bs, seed=args.seed)
                     run = lightning_run if side == "bnlightning" else hand_run
                     secs[side].append(run(model, loader, args.timer, precision, args.warmup, args.steps))
-                    print(f"  batch {bs} {precision} repeat {r + 1}/{args.repeats} {side}: {args.steps * bs / secs[side][-1]:,.1f} images/s", flush=True)
+                    print(
+                        f"  batch {bs} {precision} repeat {r + 1}/{args.repeats} {side}: {args.steps * bs / secs[side][-1]:,.1f} images/s",
+                        flush=True,
+                    )
             ips = {k: [args.steps * bs / s for s in v] for k, v in secs.items()}
             ratios = [a / b for a, b in zip(ips["bnlightning"], ips["hand"])]
             rows.append(
@@ -199,7 +222,16 @@ def bench_data_paths(args: Any, model: Any, init: dict[str, torch.Tensor]) -> li
         make_fake_cifar10(root, n_train=max(n_batches, loader_batches + 6) * bs, n_test=bs, seed=args.seed)
 
         def module(on_device: bool) -> Any:
-            return CIFAR10DataModule(root=root, download=False, batch_size=bs, eval_batch_size=bs, on_device=on_device, num_workers=args.num_workers, seed=args.seed, verify_checksums=False)
+            return CIFAR10DataModule(
+                root=root,
+                download=False,
+                batch_size=bs,
+                eval_batch_size=bs,
+                on_device=on_device,
+                num_workers=args.num_workers,
+                seed=args.seed,
+                verify_checksums=False,
+            )
 
         paths = {"DataLoader": False, "on-device": True}
         loader_ips: dict[str, list[float]] = {k: [] for k in paths}
@@ -210,9 +242,14 @@ def bench_data_paths(args: Any, model: Any, init: dict[str, torch.Tensor]) -> li
                 loader_ips[name].append(loader_only(loader, args.timer, 5, loader_batches))
                 del loader
                 model.load_state_dict(init)
-                secs = lightning_run(model, None, args.timer, precision, args.warmup, args.steps, datamodule=module(paths[name]))
+                secs = lightning_run(
+                    model, None, args.timer, precision, args.warmup, args.steps, datamodule=module(paths[name])
+                )
                 train_ips[name].append(args.steps * bs / secs)
-                print(f"  data path {name} repeat {r + 1}/{args.repeats}: loader {loader_ips[name][-1]:,.0f} images/s, training {train_ips[name][-1]:,.1f} images/s", flush=True)
+                print(
+                    f"  data path {name} repeat {r + 1}/{args.repeats}: loader {loader_ips[name][-1]:,.0f} images/s, training {train_ips[name][-1]:,.1f} images/s",
+                    flush=True,
+                )
     for kind, ips in (("loader only", loader_ips), ("training", train_ips)):
         ratios = [a / b for a, b in zip(ips["on-device"], ips["DataLoader"])]
         rows.append(
@@ -235,7 +272,9 @@ def _standalone_loader(dm: Any, device: torch.device) -> Any:
 
     if dm.hparams.on_device:  # what CIFAR10DataModule.setup + train_dataloader build, with the data on `device`
         x, y = _to_tensors(CIFAR10Dataset(dm.root, train=True, verify_checksums=False), device)
-        return dm.tensor_loader(x, y, batch_size=dm.hparams.batch_size, train=True, transform=dm.device_transform(train=True))
+        return dm.tensor_loader(
+            x, y, batch_size=dm.hparams.batch_size, train=True, transform=dm.device_transform(train=True)
+        )
     dm.setup("fit")
     return dm.train_dataloader()
 
@@ -261,7 +300,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         _report.format_table(
             ["batch", "precision", "bnlightning img/s", "hand loop img/s", "ratio", "noise ±%"],
-            [[r["batch_size"], r["precision"], r["bnlightning_images_per_s"], r["hand_images_per_s"], r["ratio"], r["noise_pct"]] for r in parity],
+            [
+                [
+                    r["batch_size"],
+                    r["precision"],
+                    r["bnlightning_images_per_s"],
+                    r["hand_images_per_s"],
+                    r["ratio"],
+                    r["noise_pct"],
+                ]
+                for r in parity
+            ],
         )
     )
     if data:
@@ -269,7 +318,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             _report.format_table(
                 ["data path", "batch", "precision", "DataLoader img/s", "on-device img/s", "ratio"],
-                [[r["what"], r["batch_size"], r["precision"], r["dataloader_images_per_s"], r["on_device_images_per_s"], r["ratio"]] for r in data],
+                [
+                    [
+                        r["what"],
+                        r["batch_size"],
+                        r["precision"],
+                        r["dataloader_images_per_s"],
+                        r["on_device_images_per_s"],
+                        r["ratio"],
+                    ]
+                    for r in data
+                ],
             )
         )
     worst_row = min(parity, key=lambda r: r["ratio"])

@@ -35,7 +35,9 @@ def training_batch_size(trainer: pl.Trainer) -> int:
     for value in (hparams.get("batch_size"), getattr(trainer.train_dataloader, "batch_size", None)):
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
-    raise ValueError("cannot tell the training batch size: the data module has no batch_size and the train loader none either")
+    raise ValueError(
+        "cannot tell the training batch size: the data module has no batch_size and the train loader none either"
+    )
 
 
 class LinearLRScaling(Callback):
@@ -127,7 +129,9 @@ class TrainModeAccuracy(Callback):
         for x, y in loader:
             xs.append(x)
             ys.append(y)
-        acc = train_mode_accuracy(pl_module, torch.cat(xs), torch.cat(ys), self.batch_size or training_batch_size(trainer))
+        acc = train_mode_accuracy(
+            pl_module, torch.cat(xs), torch.cat(ys), self.batch_size or training_batch_size(trainer)
+        )
         pl_module.log("val/acc_train_mode", acc, on_step=False, on_epoch=True)
 
 

@@ -38,7 +38,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Save with write-to-temporary + fsync + ``os.replace``; load with ``weights_only=True``."""
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         path = os.fspath(path)
@@ -67,9 +69,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync_dir(folder)
 
     @override
-    def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: str | os.PathLike[str], map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         # Untrusted pickles never run code here; say so rather than fall back silently.
-        return torch.load(os.fspath(path), map_location=map_location or "cpu", weights_only=True if weights_only is None else weights_only)
+        return torch.load(
+            os.fspath(path),
+            map_location=map_location or "cpu",
+            weights_only=True if weights_only is None else weights_only,
+        )
 
 
 def _fsync_dir(folder: str) -> None:
@@ -113,7 +121,9 @@ class RunCheckpoint(ModelCheckpoint):
 
     def __init__(self, *args: Any, keep_last: int = 2, enable_version_counter: bool = False, **kwargs: Any) -> None:
         if keep_last == 0 or keep_last < -1:
-            raise ValueError(f"checkpoint.keep_last must be >= 1 (or -1 to keep every step checkpoint), got {keep_last}")
+            raise ValueError(
+                f"checkpoint.keep_last must be >= 1 (or -1 to keep every step checkpoint), got {keep_last}"
+            )
         if kwargs.get("monitor") is None and not args:
             kwargs.update(monitor="step", mode="max", save_top_k=keep_last)
         # Off by default: a resumed run rewrites last.ckpt, never a last-v1.ckpt beside a stale last.ckpt.
@@ -204,7 +214,9 @@ def checkpoint_problem(path: str | os.PathLike[str], training: bool = False) -> 
 
 def _step_checkpoints(folder: str) -> list[str]:
     """Checkpoints in ``folder`` other than last*, newest first."""
-    paths = [p for p in glob.glob(os.path.join(glob.escape(folder), "*.ckpt")) if not os.path.basename(p).startswith("last")]
+    paths = [
+        p for p in glob.glob(os.path.join(glob.escape(folder), "*.ckpt")) if not os.path.basename(p).startswith("last")
+    ]
     return sorted(paths, key=lambda p: os.path.getmtime(p), reverse=True)
 
 
@@ -234,8 +246,13 @@ def resolve_resume(path: str) -> tuple[str, str | None]:
     if os.path.basename(path).startswith("last"):
         for other in _step_checkpoints(os.path.dirname(path) or "."):
             if checkpoint_problem(other, training=True) is None:
-                return other, f"bnlightning: {path} cannot be resumed ({problem}); resuming from the newest intact checkpoint {other}"
-    raise RunError(f"cannot resume from {path}: not a readable checkpoint ({problem}); no intact checkpoint lies beside it")
+                return (
+                    other,
+                    f"bnlightning: {path} cannot be resumed ({problem}); resuming from the newest intact checkpoint {other}",
+                )
+    raise RunError(
+        f"cannot resume from {path}: not a readable checkpoint ({problem}); no intact checkpoint lies beside it"
+    )
 
 
 def model_mismatch(model: torch.nn.Module, state_dict: dict[str, Any]) -> str | None:
@@ -245,8 +262,14 @@ def model_mismatch(model: torch.nn.Module, state_dict: dict[str, Any]) -> str | 
     for key, value in own.items():
         if key not in state_dict:
             problems.append(f"{key} is missing from the checkpoint")
-        elif hasattr(value, "shape") and hasattr(state_dict[key], "shape") and tuple(value.shape) != tuple(state_dict[key].shape):
-            problems.append(f"{key} is {tuple(state_dict[key].shape)} in the checkpoint but {tuple(value.shape)} in this model")
+        elif (
+            hasattr(value, "shape")
+            and hasattr(state_dict[key], "shape")
+            and tuple(value.shape) != tuple(state_dict[key].shape)
+        ):
+            problems.append(
+                f"{key} is {tuple(state_dict[key].shape)} in the checkpoint but {tuple(value.shape)} in this model"
+            )
     problems += [f"{key} is in the checkpoint but not in this model" for key in state_dict if key not in own]
     if not problems:
         return None

@@ -29,7 +29,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from bnlightning import argv as cmdline
 from bnlightning import checkpointing, console, exits, folders, resume, runstate, teardown, validation
-from bnlightning.checkpointing import AtomicCheckpointIO, RunCheckpoint, checkpoint_problem, foreign_model_problem, model_mismatch, read_checkpoint, resolve_resume
+from bnlightning.checkpointing import (
+    AtomicCheckpointIO,
+    RunCheckpoint,
+    checkpoint_problem,
+    foreign_model_problem,
+    model_mismatch,
+    read_checkpoint,
+    resolve_resume,
+)
 from bnlightning.errors import RunError, condense, yaml_error
 from bnlightning.loggers import CSVLogger, csv_logger
 from bnlightning.models.base import BaseModule
@@ -142,7 +150,11 @@ class BNLightningCLI(LightningCLI):
     def _check_ckpt_fits_model(self, subcommand: str) -> None:
         """For ``validate``/``test``: the checkpoint's tensors fit the model, or one line (not a ``load_state_dict`` traceback)."""
         path = self.config[subcommand].get("ckpt_path")
-        if path and os.path.isfile(path) and (problem := model_mismatch(self.model, read_checkpoint(path).get("state_dict", {}))):
+        if (
+            path
+            and os.path.isfile(path)
+            and (problem := model_mismatch(self.model, read_checkpoint(path).get("state_dict", {})))
+        ):
             raise RunError(f"--ckpt_path {path} does not match this model: {problem}; use the config that trained it")
         checkpointing.drop_reads()  # the checks are done; Lightning reads the file itself
 
@@ -207,9 +219,15 @@ class BNLightningCLI(LightningCLI):
 
     def _summarize(self, stage: str) -> None:
         trainer, model = self.trainer, self.model
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/")) and v.numel() == 1}
+        metrics = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith(("val/", "test/")) and v.numel() == 1
+        }
         shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
-        what = type(model).__name__ + (f"(norm={model.hparams['norm']})" if "norm" in getattr(model, "hparams", {}) else "")
+        what = type(model).__name__ + (
+            f"(norm={model.hparams['norm']})" if "norm" in getattr(model, "hparams", {}) else ""
+        )
         diverged = getattr(model, "diverged_at_step", None)
         status = f"DIVERGED at step {diverged}" if diverged is not None else f"{trainer.global_step} steps"
         rank_zero_info(f"bnlightning: {stage} done for {what}: {status}; {shown or 'no validation metrics'}")
@@ -227,7 +245,10 @@ def build_cli(args: Sequence[str] | None, run: bool = True) -> BNLightningCLI:
         args=list(args) if args is not None else None,
         run=run,
         # Raise instead of printing usage, so main() can print one line.
-        parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in ("fit", "validate", "test", "predict")}},
+        parser_kwargs={
+            "exit_on_error": False,
+            **{c: {"exit_on_error": False} for c in ("fit", "validate", "test", "predict")},
+        },
         auto_configure_optimizers=False,
     )
 

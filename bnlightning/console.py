@@ -82,7 +82,9 @@ def own_source_folders() -> tuple[str, ...]:
     import bnlightning
     import bnlightning.callbacks
 
-    return tuple(os.path.dirname(os.path.abspath(m.__file__ or "")) + os.sep for m in (bnlightning, bnlightning.callbacks))
+    return tuple(
+        os.path.dirname(os.path.abspath(m.__file__ or "")) + os.sep for m in (bnlightning, bnlightning.callbacks)
+    )
 
 
 class _OwnLinesOnly(logging.Filter):
@@ -120,7 +122,11 @@ def quiet(enabled: bool = True) -> Iterator[None]:
     own = _OwnLinesOnly()
     # Lightning's records propagate to its top-level handlers, or to the root logger's
     # handlers when those exist (pytest, notebooks): filter at every Lightning logger.
-    filtered = [lg for name, lg in logging.Logger.manager.loggerDict.items() if isinstance(lg, logging.Logger) and (name == "lightning" or name.startswith("lightning."))]
+    filtered = [
+        lg
+        for name, lg in logging.Logger.manager.loggerDict.items()
+        if isinstance(lg, logging.Logger) and (name == "lightning" or name.startswith("lightning."))
+    ]
     handlers = [h for name in LIGHTNING_LOGGERS for h in logging.getLogger(name).handlers]
     for target in (*filtered, *handlers):
         target.addFilter(own)

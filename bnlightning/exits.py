@@ -37,7 +37,10 @@ def exit_for(err: BaseException, argv: list[str]) -> None:
         print(f"bnlightning: {runstate.describe_interrupt(argv)}", file=sys.stderr)
         raise SystemExit(runstate.last_interrupt.get("code", 128 + 15)) from None
     if isinstance(err, runstate.StartupInterrupted):
-        print(f"bnlightning: interrupted by {err.signal} before training began; nothing to save; run the same command again to start", file=sys.stderr)
+        print(
+            f"bnlightning: interrupted by {err.signal} before training began; nothing to save; run the same command again to start",
+            file=sys.stderr,
+        )
         raise SystemExit(err.code) from None
     if (line := user_error_line(err)) is not None:
         fail(line)
@@ -65,7 +68,9 @@ def raised_by_setup_check(err: BaseException) -> bool:
     tb = err.__traceback__
     while tb is not None:
         frame = tb.tb_frame
-        if frame.f_code.co_name in ("setup", "prepare_data") and isinstance(frame.f_locals.get("self"), (pl.Callback, pl.LightningDataModule)):
+        if frame.f_code.co_name in ("setup", "prepare_data") and isinstance(
+            frame.f_locals.get("self"), (pl.Callback, pl.LightningDataModule)
+        ):
             return True
         tb = tb.tb_next
     return False

@@ -31,7 +31,9 @@ def refuse_finished_folder(csv: CSVLogger) -> None:
     has_ckpt = os.path.isdir(checkpoints) and any(f.endswith(".ckpt") for f in os.listdir(checkpoints))
     if has_ckpt:
         what = f"a {status} run" if status else "another run's checkpoints"
-        raise RunError(f"{folder} already holds {what}; resume it with --ckpt_path last, or give the logger another version/name")
+        raise RunError(
+            f"{folder} already holds {what}; resume it with --ckpt_path last, or give the logger another version/name"
+        )
 
 
 def place_outputs(trainer: pl.Trainer, run_dir: str, checkpoint_dir_given: bool) -> None:
@@ -44,7 +46,9 @@ def place_outputs(trainer: pl.Trainer, run_dir: str, checkpoint_dir_given: bool)
         if isinstance(cb, runstate.RunState):
             cb.run_dir = run_dir
     if trainer.is_global_zero:
-        folders = [run_dir, getattr(ckpt_cb, "dirpath", None)] + [getattr(lg, "save_dir", None) for lg in trainer.loggers]
+        folders = [run_dir, getattr(ckpt_cb, "dirpath", None)] + [
+            getattr(lg, "save_dir", None) for lg in trainer.loggers
+        ]
         for folder in dict.fromkeys(f for f in folders if f):
             check_writable(folder)
 

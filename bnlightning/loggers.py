@@ -75,11 +75,24 @@ class WandbLogger(_LightningWandbLogger):
             offline, self._offline_reason = True, "no W&B credentials found"
         if offline:
             log_model = False  # checkpoints cannot be uploaded offline
-        extra: dict[str, Any] = {k: v for k, v in {"entity": entity, "group": group, "job_type": job_type, "tags": tags, "notes": notes}.items() if v is not None}
+        extra: dict[str, Any] = {
+            k: v
+            for k, v in {"entity": entity, "group": group, "job_type": job_type, "tags": tags, "notes": notes}.items()
+            if v is not None
+        }
         # Absolute: wandb's service process resolves relative paths against its own
         # working directory, which is not ours after a chdir (tests, notebooks).
         save_dir = os.path.abspath(save_dir)
-        super().__init__(name=name, save_dir=save_dir, project=project, version=version, offline=offline, log_model=log_model, prefix=prefix, **extra)
+        super().__init__(
+            name=name,
+            save_dir=save_dir,
+            project=project,
+            version=version,
+            offline=offline,
+            log_model=log_model,
+            prefix=prefix,
+            **extra,
+        )
         _private.drop_wandb_init_kwarg(self, "anonymous")  # deprecated in wandb; Lightning always passes it
         self._warned_log_error = False
         self._resumed_id: str | None = None
@@ -132,13 +145,17 @@ class WandbLogger(_LightningWandbLogger):
             if self._resumed_id is not None:
                 # e.g. "run ID ... is in use": the killed process's wandb service still
                 # holds it. The CSV log continues the run; W&B gets a new one.
-                rank_zero_warn(f"bnlightning: could not continue W&B run {self._resumed_id} ({type(err).__name__}: {err}); starting a new W&B run")
+                rank_zero_warn(
+                    f"bnlightning: could not continue W&B run {self._resumed_id} ({type(err).__name__}: {err}); starting a new W&B run"
+                )
                 self._resumed_id = None
                 _private.set_wandb_run_id(self, None)
                 return self.experiment
             if _private.wandb_offline(self):
                 raise
-            rank_zero_warn(f"bnlightning: wandb.init failed ({type(err).__name__}: {err}); switching to W&B offline mode; {sync_hint(self.save_dir or '.')}")
+            rank_zero_warn(
+                f"bnlightning: wandb.init failed ({type(err).__name__}: {err}); switching to W&B offline mode; {sync_hint(self.save_dir or '.')}"
+            )
             _private.set_wandb_offline(self)
             return super().experiment
 
@@ -162,7 +179,9 @@ class WandbLogger(_LightningWandbLogger):
 
     def _warn_log_error(self, err: Exception) -> None:
         if not self._warned_log_error:
-            rank_zero_warn(f"bnlightning: W&B logging failed ({type(err).__name__}: {err}); training goes on and the local CSV log keeps every metric.")
+            rank_zero_warn(
+                f"bnlightning: W&B logging failed ({type(err).__name__}: {err}); training goes on and the local CSV log keeps every metric."
+            )
             self._warned_log_error = True
 
 
@@ -271,7 +290,13 @@ class CSVLogger(_LightningCSVLogger):
         prefix: str = "",
         flush_logs_every_n_steps: int = 100,
     ) -> None:
-        super().__init__(save_dir=save_dir, name=name, version=version, prefix=prefix, flush_logs_every_n_steps=flush_logs_every_n_steps)
+        super().__init__(
+            save_dir=save_dir,
+            name=name,
+            version=version,
+            prefix=prefix,
+            flush_logs_every_n_steps=flush_logs_every_n_steps,
+        )
         self._resume_step: int | None = None
         self.flush_logs_every_n_steps = flush_logs_every_n_steps
 
@@ -282,7 +307,9 @@ class CSVLogger(_LightningCSVLogger):
             # Only rank zero claims; other ranks never write here, and Lightning
             # broadcasts rank zero's folders (log_dir, checkpoint dir) to them.
             rank = getattr(rank_zero_only, "rank", 0)  # set by Lightning on the decorator function
-            _private.set_csv_version(self, claim_version(self.root_dir) if rank == 0 else _private.csv_next_version(self))
+            _private.set_csv_version(
+                self, claim_version(self.root_dir) if rank == 0 else _private.csv_next_version(self)
+            )
         version = _private.csv_requested_version(self)
         assert version is not None, "set just above"
         return version
@@ -317,7 +344,9 @@ class CSVLogger(_LightningCSVLogger):
         if _private.csv_writer(self) is None:
             os.makedirs(self.root_dir, exist_ok=True)
             step = self._resume_step
-            _private.set_csv_writer(self, _ResumingWriter(self.log_dir, step) if step is not None else _FreshWriter(self.log_dir))
+            _private.set_csv_writer(
+                self, _ResumingWriter(self.log_dir, step) if step is not None else _FreshWriter(self.log_dir)
+            )
         return super().experiment
 
 
@@ -336,7 +365,11 @@ def claim_version(root: str | os.PathLike[str]) -> int:
     """
     root = os.fspath(root)
     os.makedirs(root, exist_ok=True)
-    taken = [int(d[len("version_") :]) for d in os.listdir(root) if d.startswith("version_") and d[len("version_") :].isdigit()]
+    taken = [
+        int(d[len("version_") :])
+        for d in os.listdir(root)
+        if d.startswith("version_") and d[len("version_") :].isdigit()
+    ]
     n = max(taken, default=-1) + 1
     while True:
         try:

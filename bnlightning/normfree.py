@@ -127,7 +127,9 @@ class AdaptiveGradientClipping(Callback):
         if stage != "fit":
             return
         if not pl_module.automatic_optimization:
-            raise MisconfigurationException("AdaptiveGradientClipping needs automatic optimization (it clips in on_before_optimizer_step)")
+            raise MisconfigurationException(
+                "AdaptiveGradientClipping needs automatic optimization (it clips in on_before_optimizer_step)"
+            )
         if trainer.gradient_clip_val:
             raise MisconfigurationException(
                 f"AdaptiveGradientClipping with Trainer(gradient_clip_val={trainer.gradient_clip_val}): Lightning clips after "
@@ -138,7 +140,9 @@ class AdaptiveGradientClipping(Callback):
         if self.exclude is not None:
             bad = [n for n in self.exclude if n not in modules or not n]
             if bad:
-                raise ValueError(f"exclude: unknown module {bad[0]!r}. Valid module names: {', '.join(n for n in modules if n)}")
+                raise ValueError(
+                    f"exclude: unknown module {bad[0]!r}. Valid module names: {', '.join(n for n in modules if n)}"
+                )
             self._exclude(pl_module, self.exclude, "as `exclude` says")
         # First among the callbacks: later ones in the same hook (measurements) see the clipped gradient.
         callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connectors, not declared on Trainer
@@ -152,7 +156,9 @@ class AdaptiveGradientClipping(Callback):
         unclipped = ", ".join(pname[id(p)] for p in params if id(p) in pname) or "none"
         rank_zero_info(f"AdaptiveGradientClipping: not clipping {unclipped} ({why}).")
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._skip is None and self._calls is None:  # the default exclusion: watch the first forward
             self._calls = LinearCallOrder(pl_module).__enter__()
 
@@ -163,7 +169,9 @@ class AdaptiveGradientClipping(Callback):
         last = calls.last if calls is not None else None
         if last is None:
             self._skip = set()
-            rank_zero_info("AdaptiveGradientClipping: no nn.Linear ran in the first training step; clipping every parameter.")
+            rank_zero_info(
+                "AdaptiveGradientClipping: no nn.Linear ran in the first training step; clipping every parameter."
+            )
             return
         self._exclude(pl_module, [last], f"{last}: the last nn.Linear in the forward pass; `exclude=` to choose")
 

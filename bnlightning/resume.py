@@ -181,14 +181,20 @@ def find_last(root: str, settings: dict[str, Any], only: str | None = None) -> R
         if saved != settings:
             if only is not None and ckpt is not None:
                 diff = first_difference(saved, settings) if saved is not None else "its config.yaml cannot be read"
-                raise RunError(f"{folder} holds a run with other settings ({diff}); resume it with its own settings, or give the logger another version/name")
+                raise RunError(
+                    f"{folder} holds a run with other settings ({diff}); resume it with its own settings, or give the logger another version/name"
+                )
             continue
         status = runstate.read_status(folder).get("status")
         if status in runstate.FINISHED:
             finished.append((os.path.getmtime(folder), folder, status, ckpt))
-        elif ckpt is None and (files := glob.glob(os.path.join(glob.escape(os.path.join(folder, "checkpoints")), "*.ckpt"))):
+        elif ckpt is None and (
+            files := glob.glob(os.path.join(glob.escape(os.path.join(folder, "checkpoints")), "*.ckpt"))
+        ):
             names = ", ".join(sorted(os.path.basename(f) for f in files))
-            raise RunError(f"cannot resume {folder}: none of its checkpoints is readable ({names}: cut, empty or not a checkpoint); start a new run without --ckpt_path")
+            raise RunError(
+                f"cannot resume {folder}: none of its checkpoints is readable ({names}: cut, empty or not a checkpoint); start a new run without --ckpt_path"
+            )
         elif ckpt is not None:
             unfinished.append((os.path.getmtime(ckpt[0]), folder, ckpt))
     if unfinished:
@@ -197,7 +203,9 @@ def find_last(root: str, settings: dict[str, Any], only: str | None = None) -> R
     if finished:
         _, folder, status, ckpt = max(finished)
         at = f" at step {ckpt[1]}" if ckpt else ""
-        raise AlreadyFinished(f"{folder} already {status}{at} with these settings; a finished run is never reopened (nothing to do)")
+        raise AlreadyFinished(
+            f"{folder} already {status}{at} with these settings; a finished run is never reopened (nothing to do)"
+        )
     return Resume(None)
 
 
@@ -210,7 +218,9 @@ def check_explicit(path: str, state: dict[str, Any], settings: dict[str, Any]) -
     run = run_folder_of(path)
     if run is None:
         if diff := hparams_difference(state, settings):
-            raise RunError(f"--ckpt_path {path} was trained with other settings ({diff}); drop the option or resume with the checkpoint's own settings")
+            raise RunError(
+                f"--ckpt_path {path} was trained with other settings ({diff}); drop the option or resume with the checkpoint's own settings"
+            )
         return Resume(path, None, int(state.get("global_step", 0)))
     status = runstate.read_status(run).get("status")
     if status in runstate.FINISHED:
@@ -218,9 +228,13 @@ def check_explicit(path: str, state: dict[str, Any], settings: dict[str, Any]) -
         raise RunError(f"--ckpt_path {path}: its run {run} already {status}; a finished run is never reopened ({what})")
     saved = saved_settings(run)
     if saved is not None and (diff := first_difference(saved, settings)):
-        raise RunError(f"--ckpt_path {path} belongs to a run with other settings ({diff}); resume with the run's own settings (its config.yaml) or start a new run")
+        raise RunError(
+            f"--ckpt_path {path} belongs to a run with other settings ({diff}); resume with the run's own settings (its config.yaml) or start a new run"
+        )
     if saved is None and (diff := hparams_difference(state, settings)):
-        raise RunError(f"--ckpt_path {path} was trained with other settings ({diff}); resume with the checkpoint's own settings")
+        raise RunError(
+            f"--ckpt_path {path} was trained with other settings ({diff}); resume with the checkpoint's own settings"
+        )
     return Resume(path, run, int(state.get("global_step", 0)))
 
 
@@ -229,7 +243,9 @@ def check_explicit(path: str, state: dict[str, Any], settings: dict[str, Any]) -
 LIGHTNING_CKPT_PATHS = ("best", "hpc", "registry")
 
 
-def plan_fit(trainer: pl.Trainer, model: pl.LightningModule, csv: Any, asked: str | None, settings: dict[str, Any]) -> Resume:
+def plan_fit(
+    trainer: pl.Trainer, model: pl.LightningModule, csv: Any, asked: str | None, settings: dict[str, Any]
+) -> Resume:
     """What ``fit --ckpt_path asked`` starts from, checked, with the loggers pointed at its run.
 
     Args:
@@ -261,7 +277,9 @@ def plan_fit(trainer: pl.Trainer, model: pl.LightningModule, csv: Any, asked: st
     return continue_from(trainer, model, plan.checkpoint, settings, chosen=True)
 
 
-def continue_from(trainer: pl.Trainer, model: pl.LightningModule, asked: str, settings: dict[str, Any], chosen: bool = False) -> Resume:
+def continue_from(
+    trainer: pl.Trainer, model: pl.LightningModule, asked: str, settings: dict[str, Any], chosen: bool = False
+) -> Resume:
     """Resume from the checkpoint file ``asked``: its run (locked, loggers pointed at it), or a new run from its weights.
 
     Args:
@@ -277,11 +295,19 @@ def continue_from(trainer: pl.Trainer, model: pl.LightningModule, asked: str, se
     if warning:
         rank_zero_warn(warning)
     state = read_checkpoint(path)
-    plan = Resume(path, run_folder_of(path), int(state.get("global_step", 0))) if chosen else check_explicit(path, state, settings)
+    plan = (
+        Resume(path, run_folder_of(path), int(state.get("global_step", 0)))
+        if chosen
+        else check_explicit(path, state, settings)
+    )
     if state.get("diverged_at_step") is not None:
-        raise RunError(f"{path}: this run diverged at step {state['diverged_at_step']} (non-finite loss); resuming would train on NaN. Start a new run (e.g. a smaller learning rate) instead")
+        raise RunError(
+            f"{path}: this run diverged at step {state['diverged_at_step']} (non-finite loss); resuming would train on NaN. Start a new run (e.g. a smaller learning rate) instead"
+        )
     if problem := model_mismatch(model, state.get("state_dict", {})):
-        raise RunError(f"{path} does not match this model: {problem}; resume with the run's own settings (its config.yaml) or start a new run")
+        raise RunError(
+            f"{path} does not match this model: {problem}; resume with the run's own settings (its config.yaml) or start a new run"
+        )
     if plan.run_dir is not None:
         check_not_done(plan, trainer.max_steps)
         if trainer.is_global_zero:
@@ -296,7 +322,9 @@ def check_not_done(plan: Resume, max_steps: int) -> None:
     """A run whose checkpoint already reached ``max_steps`` finished (killed before it said so): record it, reopen nothing."""
     if plan.run_dir is not None and max_steps is not None and max_steps > 0 and plan.step >= max_steps:
         runstate.write_status(plan.run_dir, status="completed", step=plan.step, max_steps=max_steps)
-        raise AlreadyFinished(f"{plan.run_dir} already completed at step {plan.step} (its checkpoint reached max_steps); a finished run is never reopened (nothing to do)")
+        raise AlreadyFinished(
+            f"{plan.run_dir} already completed at step {plan.step} (its checkpoint reached max_steps); a finished run is never reopened (nothing to do)"
+        )
 
 
 def continue_run(trainer: pl.Trainer, plan: Resume, state: dict[str, Any]) -> None:
@@ -313,7 +341,12 @@ def continue_run(trainer: pl.Trainer, plan: Resume, state: dict[str, Any]) -> No
     if csv is not None and not (same_root and isinstance(csv, CSVLogger)):
         # This command's CSV logger points elsewhere: a new one writes into the run's own folder.
         flush = getattr(csv, "flush_logs_every_n_steps", 100)
-        ours = CSVLogger(save_dir=os.path.dirname(os.path.dirname(run_dir)), name=os.path.basename(os.path.dirname(run_dir)), version=os.path.basename(run_dir), flush_logs_every_n_steps=flush)
+        ours = CSVLogger(
+            save_dir=os.path.dirname(os.path.dirname(run_dir)),
+            name=os.path.basename(os.path.dirname(run_dir)),
+            version=os.path.basename(run_dir),
+            flush_logs_every_n_steps=flush,
+        )
         loggers[loggers.index(csv)] = ours
         trainer.loggers = loggers
     resume_loggers(trainer.loggers, {**ident, "csv_version": os.path.basename(run_dir)}, plan.step)
@@ -342,7 +375,9 @@ def lock_run(folder: str) -> None:
         os.close(fd)
         pid = runstate.read_status(folder).get("pid")
         who = f"process {pid}" if pid else "another process"
-        raise RunError(f"{folder} is in use by {who}, which is still running; wait for it to end, or start a new run (without --ckpt_path, or with another logger version)") from None
+        raise RunError(
+            f"{folder} is in use by {who}, which is still running; wait for it to end, or start a new run (without --ckpt_path, or with another logger version)"
+        ) from None
     _locks[folder] = fd
     remove_temporaries(folder)
 

@@ -165,7 +165,9 @@ class RunState(pl.Callback):
         if trainer.is_global_zero:
             write_status(self._dir(trainer), replace, step=trainer.global_step, max_steps=trainer.max_steps, **fields)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # Which logger runs to continue on resume; flush so the CSV holds every row
         # logged before this checkpoint (a crash loses only rows the resume re-logs).
         checkpoint["bnlightning_loggers"] = logger_identity(trainer.loggers)
@@ -177,8 +179,17 @@ class RunState(pl.Callback):
         last_interrupt.clear()
         phase["now"] = "training"
         self._started = True
-        wandb_id = next((lg.version for lg in trainer.loggers if isinstance(lg, WandbLogger) and _private.wandb_run(lg) is not None), None)
-        self._write(trainer, replace=True, status="running", pid=os.getpid(), **({"wandb_id": wandb_id} if wandb_id else {}))
+        wandb_id = next(
+            (
+                lg.version
+                for lg in trainer.loggers
+                if isinstance(lg, WandbLogger) and _private.wandb_run(lg) is not None
+            ),
+            None,
+        )
+        self._write(
+            trainer, replace=True, status="running", pid=os.getpid(), **({"wandb_id": wandb_id} if wandb_id else {})
+        )
         env = _private.cluster_environment(trainer)
         slurm_requeues = isinstance(env, SLURMEnvironment) and env.auto_requeue
         current = signal.getsignal(signal.SIGUSR1)
@@ -227,11 +238,19 @@ class RunState(pl.Callback):
         if not isinstance(loss, torch.Tensor) or math.isfinite(float(loss.detach())):
             return
         bad = _non_finite_count(batch)
-        what = f"the first training batch holds {bad} NaN/inf values" if bad else "the first batch is finite, so check the inputs' scale, the loss and the initialisation"
-        rank_zero_warn(f"bnlightning: the loss is not finite at the very first step: the training data may hold NaN/inf ({what}).")
+        what = (
+            f"the first training batch holds {bad} NaN/inf values"
+            if bad
+            else "the first batch is finite, so check the inputs' scale, the loss and the initialisation"
+        )
+        rank_zero_warn(
+            f"bnlightning: the loss is not finite at the very first step: the training data may hold NaN/inf ({what})."
+        )
 
     # --- pre-emption -----------------------------------------------------------------
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self._checked_first_step and trainer.global_step <= 1:
             self._check_first_step(trainer, outputs, batch)
         stop = trainer.received_sigterm
@@ -293,10 +312,16 @@ class RunState(pl.Callback):
             for logger in trainer.loggers:
                 logger.save()
             cb = trainer.checkpoint_callback
-            checkpoint = os.path.join(cb.dirpath, "last.ckpt") if self._saved_at is not None and isinstance(cb, ModelCheckpoint) and cb.dirpath else None
+            checkpoint = (
+                os.path.join(cb.dirpath, "last.ckpt")
+                if self._saved_at is not None and isinstance(cb, ModelCheckpoint) and cb.dirpath
+                else None
+            )
             name = "SIGUSR1" if self._usr1 else "SIGTERM"
             self._write(trainer, status="interrupted", signal=name, checkpoint=checkpoint)
-            last_interrupt.update(signal=name, code=128 + int(getattr(signal, name)), step=trainer.global_step, checkpoint=checkpoint)
+            last_interrupt.update(
+                signal=name, code=128 + int(getattr(signal, name)), step=trainer.global_step, checkpoint=checkpoint
+            )
         elif isinstance(exception, KeyboardInterrupt):
             # Ctrl-C can land inside an optimizer step: no checkpoint of a half-updated model.
             self._write_quietly(trainer, status="interrupted", signal="SIGINT")

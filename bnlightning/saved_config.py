@@ -51,7 +51,10 @@ def _name_wandb_runs(trainer: pl.Trainer, config: Any) -> None:
     if csv is not None:
         name = f"{csv.name}/{csv.version if isinstance(csv.version, str) else f'version_{csv.version}'}"
     else:
-        name = "+".join(os.path.splitext(os.path.basename(str(c)))[0] for c in config.get("config") or []) or type(trainer.lightning_module).__name__
+        name = (
+            "+".join(os.path.splitext(os.path.basename(str(c)))[0] for c in config.get("config") or [])
+            or type(trainer.lightning_module).__name__
+        )
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.name_if_unnamed(name)

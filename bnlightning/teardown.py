@@ -37,7 +37,10 @@ def end_command(exit_code: int, guarded: dict[int, Any], in_process: bool) -> No
 def say_late_signal() -> None:
     """One line when SIGTERM/SIGUSR1 arrived after the run had recorded its end (nothing was lost)."""
     if runstate.late_signal:
-        print(f"bnlightning: {runstate.late_signal['signal']} arrived after the run had recorded its end; nothing was lost, exiting normally", file=sys.stderr)
+        print(
+            f"bnlightning: {runstate.late_signal['signal']} arrived after the run had recorded its end; nothing was lost, exiting normally",
+            file=sys.stderr,
+        )
 
 
 def finish_wandb_run(exit_code: int) -> None:

@@ -24,7 +24,9 @@ from bnlightning.errors import RunError
 #: numpy's seed range, which ``lightning.seed_everything`` enforces.
 SEED_MAX = 2**32 - 1
 SEED_ACCEPTED = f"an integer from 0 to {SEED_MAX}, true (draw a seed) or false (no seeding)"
-VAL_CHECK_ACCEPTED = "a positive integer (every N training batches), a fraction of the epoch in (0.0, 1.0], or a duration 'DD:HH:MM:SS'"
+VAL_CHECK_ACCEPTED = (
+    "a positive integer (every N training batches), a fraction of the epoch in (0.0, 1.0], or a duration 'DD:HH:MM:SS'"
+)
 
 # What jsonargparse's one-line report should say is accepted, for keys whose type alone does not say it.
 _ACCEPTED = {"seed_everything": SEED_ACCEPTED}
@@ -146,7 +148,9 @@ def check_loss_methods(model: pl.LightningModule, callbacks: Iterable[pl.Callbac
             continue
         methods = batch_methods(model)
         accepted = ", ".join(methods) if methods else "none (it has no public method taking one argument)"
-        raise RunError(f"{type(callback).__name__}.loss_method: got {name!r}; accepted: a method of {type(model).__name__} taking one batch ({accepted}), or set loss_fn to 'package.module:function'")
+        raise RunError(
+            f"{type(callback).__name__}.loss_method: got {name!r}; accepted: a method of {type(model).__name__} taking one batch ({accepted}), or set loss_fn to 'package.module:function'"
+        )
 
 
 def batch_methods(model: pl.LightningModule) -> list[str]:
@@ -163,7 +167,9 @@ def batch_methods(model: pl.LightningModule) -> list[str]:
         if name.startswith("_") or name in lightning_names or not inspect.isfunction(getattr(type(model), name, None)):
             continue
         params = list(inspect.signature(getattr(type(model), name)).parameters.values())[1:]  # without self
-        required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        required = [
+            p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
         if len(required) == 1:
             names.append(name)
     return names

@@ -33,7 +33,13 @@ from bnlightning.callbacks.functional import (
     step_gradient,
     weight_layer_names,
 )
-from bnlightning.callbacks.functional.gauges import activation_gradients, adaptive_preconditioner, effective_lr, gradient_curvature, preconditioned_sharpness
+from bnlightning.callbacks.functional.gauges import (
+    activation_gradients,
+    adaptive_preconditioner,
+    effective_lr,
+    gradient_curvature,
+    preconditioned_sharpness,
+)
 from bnlightning.callbacks.functional.sld import spectral_density
 from bnlightning.callbacks.gauges import ActivationGradients, EffectiveLearningRate, GradientCurvature, SpectralDensity
 from bnlightning.callbacks.guard import ObserverEffectError, RngState, observer_guard

@@ -38,7 +38,9 @@ def check_max_overhead(value: Any) -> float | None:
         return None
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0.0 < value < 1.0
     if not ok:
-        raise ValueError(f"max_overhead must be None or a number in (0, 1) (the fraction of training time measurements may take), got {value!r}")
+        raise ValueError(
+            f"max_overhead must be None or a number in (0, 1) (the fraction of training time measurements may take), got {value!r}"
+        )
     return float(value)
 
 

@@ -51,7 +51,15 @@ class ModuleLayersCallback(MeasurementCallback):
     resolved against the module at setup into ``_layers``, and is part of the state key.
     """
 
-    def __init__(self, layers: list[str] | None, every_n_steps: int, loss_fn: LossFn | str | None, loss_method: str | None, max_overhead: float | None = None, schedule: str = "fixed") -> None:
+    def __init__(
+        self,
+        layers: list[str] | None,
+        every_n_steps: int,
+        loss_fn: LossFn | str | None,
+        loss_method: str | None,
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
+    ) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if layers is not None and not layers:
             raise ValueError("layers must be None (default layers) or a non-empty list of module names")

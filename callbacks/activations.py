@@ -95,7 +95,11 @@ class ActivationStats(ModuleLayersCallback):
         schedule: str = "fixed",
     ) -> None:
         super().__init__(layers, every_n_steps, loss_fn, loss_method, max_overhead, schedule)
-        if not (isinstance(saturation_threshold, (int, float)) and saturation_threshold > 0 and math.isfinite(saturation_threshold)):
+        if not (
+            isinstance(saturation_threshold, (int, float))
+            and saturation_threshold > 0
+            and math.isfinite(saturation_threshold)
+        ):
             raise ValueError(f"saturation_threshold must be a positive number, got {saturation_threshold!r}")
         if histogram_bins < 2:
             raise ValueError(f"histogram_bins must be >= 2, got {histogram_bins}")
@@ -104,7 +108,9 @@ class ActivationStats(ModuleLayersCallback):
         self.histogram_bins = histogram_bins
 
     @override
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any
+    ) -> dict[str, Tensor]:
         modules = dict(pl_module.named_modules())
         kinds = {name: activation_kind(modules[name]) for name in self._layers}
         taps = {name: (modules[name], "input" if kinds[name] else "output") for name in self._layers}
@@ -117,9 +123,17 @@ class ActivationStats(ModuleLayersCallback):
             return stats, (_finite_values(x) if keep_values else None)
 
         captured = capture_forward(pl_module, batch, taps, read=read, loss_fn=self.measured_loss(pl_module))  # type: ignore[arg-type]
-        metrics = {f"act/{name}/{key}": value for name in self._layers if name in captured for key, value in captured[name][0].items()}
+        metrics = {
+            f"act/{name}/{key}": value
+            for name in self._layers
+            if name in captured
+            for key, value in captured[name][0].items()
+        }
         if keep_values:
-            self._log_histograms(trainer, {name: values for name, (_, values) in captured.items() if values is not None and values.numel()})
+            self._log_histograms(
+                trainer,
+                {name: values for name, (_, values) in captured.items() if values is not None and values.numel()},
+            )
         return metrics
 
     @staticmethod
@@ -154,4 +168,6 @@ class ActivationStats(ModuleLayersCallback):
 
     @override
     def charts(self) -> dict[str, list[str]]:
-        return {f"act_{name}_quantiles": [f"act/{name}/q15", f"act/{name}/q50", f"act/{name}/q85"] for name in self._layers}
+        return {
+            f"act_{name}_quantiles": [f"act/{name}/q15", f"act/{name}/q50", f"act/{name}/q85"] for name in self._layers
+        }

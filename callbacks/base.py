@@ -75,7 +75,13 @@ from typing_extensions import Self, override
 from bnlightning.callbacks._budget import OverheadLedger, check_max_overhead, check_schedule, is_scheduled
 from bnlightning.callbacks.coordinator import MeasurementCoordinator, SharedGradient
 from bnlightning.callbacks.functional._harness import check_loss
-from bnlightning.callbacks.functional._loss import LossFn, ResolvedLoss, check_loss_fn, check_loss_method, loss_candidates
+from bnlightning.callbacks.functional._loss import (
+    LossFn,
+    ResolvedLoss,
+    check_loss_fn,
+    check_loss_method,
+    loss_candidates,
+)
 from bnlightning.callbacks.functional._numerics import Reduce, can_run_eager
 from bnlightning.callbacks.functional._updates import check_optimizer
 from bnlightning.callbacks.functional.names import metric_name
@@ -95,7 +101,10 @@ def _init_signature(cls: type) -> inspect.Signature:
     if cls not in _SIGNATURES:
         signature = inspect.signature(cls.__init__)  # type: ignore[misc]  # a class's __init__, read, not called
         params = list(signature.parameters.values())[1:]  # without self
-        _SIGNATURES[cls] = signature, {p.name: p.default for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        _SIGNATURES[cls] = (
+            signature,
+            {p.name: p.default for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)},
+        )
     return _SIGNATURES[cls][0]
 
 
@@ -128,7 +137,9 @@ def _is_compiled(module: torch.nn.Module) -> bool:
     if getattr(module, "_compiler_ctx", None):
         return True
     optimized = torch._dynamo.eval_frame.OptimizedModule
-    return any(isinstance(m, optimized) or getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+    return any(
+        isinstance(m, optimized) or getattr(m, "_compiled_call_impl", None) is not None for m in module.modules()
+    )
 
 
 def wandb_loggers(trainer: pl.Trainer) -> list[Any]:
@@ -236,7 +247,11 @@ class MeasurementCallback(Callback):
         measure = self.is_measurement_step(step)
         coordinator = self.coordinator
         if measure and self.max_overhead is not None and coordinator is not None:
-            measure = coordinator.ledger.allows(self, coordinator.allowance(self), coordinator.pool(self)) if trainer.is_global_zero else False
+            measure = (
+                coordinator.ledger.allows(self, coordinator.allowance(self), coordinator.pool(self))
+                if trainer.is_global_zero
+                else False
+            )
             if trainer.world_size > 1:
                 measure = bool(trainer.strategy.broadcast(measure, src=0))
         self._decision = (step, measure)
@@ -293,7 +308,9 @@ class MeasurementCallback(Callback):
             )
         strategy = trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise MisconfigurationException(f"{name} supports the single-device and DDP strategies (every rank holds all parameters); got {type(strategy).__name__}.")
+            raise MisconfigurationException(
+                f"{name} supports the single-device and DDP strategies (every rank holds all parameters); got {type(strategy).__name__}."
+            )
         self._losses = loss_candidates(pl_module, self._loss_fn, self.loss_method)
         self._loss, self.failure = None, None
         if _is_compiled(pl_module) and not can_run_eager():  # pragma: no cover - torch < 2.6
@@ -347,7 +364,9 @@ class MeasurementCallback(Callback):
                 ledger.exclude(ledger.clock() - t0)  # setup work: not training time for the budget
         if coordinator is not None:
             coordinator.remember_loss(self.loss_fn, self.loss_method, self._loss)
-        log.info("%s measures %s%s", type(self).__name__, self._loss.name, f" ({'; '.join(skipped)})" if skipped else "")
+        log.info(
+            "%s measures %s%s", type(self).__name__, self._loss.name, f" ({'; '.join(skipped)})" if skipped else ""
+        )
 
     def measure_or_stop(self, trainer: pl.Trainer, step: int, measure: Callable[[], T]) -> T | None:
         """``measure()``, or ``None`` after a failure that turns this callback off (see Failures above)."""
@@ -372,7 +391,9 @@ class MeasurementCallback(Callback):
         self._decision = (-1, False)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._loss is None and self._losses:
             self._check_loss(trainer, pl_module, batch)
         # With gradient accumulation this runs per micro-batch: the last one is kept.
@@ -393,7 +414,9 @@ class MeasurementCallback(Callback):
         if metrics is not None:
             self.record(trainer, metrics)
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any
+    ) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def reduce(self, trainer: pl.Trainer) -> Reduce | None:
@@ -428,7 +451,9 @@ class MeasurementCallback(Callback):
         return self.coordinator.gradient(self, trainer, pl_module, batch)
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.coordinator is not None:
             self.coordinator.end_step()
 
@@ -449,7 +474,9 @@ class MeasurementCallback(Callback):
                 continue
             steps = [s for s, _ in self.history[keys[0]]]
             ys = [[v if math.isfinite(v) else float("nan") for _, v in self.history[k]] for k in keys]
-            out[f"charts/{title}"] = wandb.plot.line_series(xs=steps, ys=ys, keys=keys, title=title, xname="trainer/global_step")
+            out[f"charts/{title}"] = wandb.plot.line_series(
+                xs=steps, ys=ys, keys=keys, title=title, xname="trainer/global_step"
+            )
         return out
 
     @override
@@ -466,7 +493,11 @@ class MeasurementCallback(Callback):
     # --- resumable counters ---------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"measurements": self.measurements, "last_measured_step": self.last_measured_step, "history": {k: list(v) for k, v in self.history.items()}}
+        return {
+            "measurements": self.measurements,
+            "last_measured_step": self.last_measured_step,
+            "history": {k: list(v) for k, v in self.history.items()},
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -128,7 +128,9 @@ class MeasurementCoordinator:
         self._losses.append((loss_fn, loss_method, loss))
 
     # --- G ------------------------------------------------------------------------------------
-    def gradient(self, callback: MeasurementCallback, trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> SharedGradient | None:
+    def gradient(
+        self, callback: MeasurementCallback, trainer: pl.Trainer, module: pl.LightningModule, batch: Any
+    ) -> SharedGradient | None:
         """G of this step's ``batch`` at the module's current weights when another registered callback
         that needs it measures this batch too, else ``None`` (compute it yourself).
 

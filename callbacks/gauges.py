@@ -23,7 +23,14 @@ from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional._hvp import HVP_METHODS
 from bnlightning.callbacks.functional._layers import resolve_layers, weight_layer_names
 from bnlightning.callbacks.functional._loss import LossFn
-from bnlightning.callbacks.functional.gauges import activation_gradients, default_gradact_layers, effective_lr, gradient_curvature, group_lrs, scale_invariant_layers
+from bnlightning.callbacks.functional.gauges import (
+    activation_gradients,
+    default_gradact_layers,
+    effective_lr,
+    gradient_curvature,
+    group_lrs,
+    scale_invariant_layers,
+)
 from bnlightning.callbacks.functional.hessian import edge_of_stability
 from bnlightning.callbacks.functional.sld import NORM_MODES, spectral_density
 from bnlightning.callbacks.twostep import MeasuredStep, TwoStepMeasurement
@@ -77,10 +84,18 @@ class GradientCurvature(TwoStepMeasurement):
         trainer = Trainer(callbacks=[GradientCurvature(every_n_steps=50)])
     """
 
-    metric_prefix = "gradcurv"  # its metrics are hessian/*; the budget logs gradcurv/cost_steps beside HessianSpectrum's
+    metric_prefix = (
+        "gradcurv"  # its metrics are hessian/*; the budget logs gradcurv/cost_steps beside HessianSpectrum's
+    )
 
     def __init__(
-        self, every_n_steps: int = 100, hvp_method: str = "retained", loss_fn: LossFn | str | None = None, loss_method: str | None = None, max_overhead: float | None = None, schedule: str = "fixed"
+        self,
+        every_n_steps: int = 100,
+        hvp_method: str = "retained",
+        loss_fn: LossFn | str | None = None,
+        loss_method: str | None = None,
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
     ) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         _check_hvp_method(hvp_method)
@@ -104,7 +119,9 @@ class GradientCurvature(TwoStepMeasurement):
         )
         limit = edge_of_stability(step.optimizer)
         for kind in ("grad", "update"):
-            out[f"hessian/{kind}_curvature_ratio"] = out[f"hessian/{kind}_curvature"] / limit if limit else torch.tensor(float("nan"))
+            out[f"hessian/{kind}_curvature_ratio"] = (
+                out[f"hessian/{kind}_curvature"] / limit if limit else torch.tensor(float("nan"))
+            )
         return out
 
     @override
@@ -148,23 +165,39 @@ class ActivationGradients(MeasurementCallback):
     metric_prefix = "gradact"
 
     def __init__(
-        self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str | None = None, max_overhead: float | None = None, schedule: str = "fixed"
+        self,
+        layers: list[str] | None = None,
+        every_n_steps: int = 100,
+        loss_fn: LossFn | str | None = None,
+        loss_method: str | None = None,
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
     ) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
-        if layers is not None and (not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) and n for n in layers)):
-            raise ValueError(f"layers must be None (every normalization layer) or a non-empty list of module names, got {layers!r}")
+        if layers is not None and (
+            not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) and n for n in layers)
+        ):
+            raise ValueError(
+                f"layers must be None (every normalization layer) or a non-empty list of module names, got {layers!r}"
+            )
         self.layers = list(layers) if layers is not None else None
         self._layers: list[str] = []
 
     @override
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._layers = module_layers(pl_module, self.layers) if self.layers is not None else default_gradact_layers(pl_module)
+        self._layers = (
+            module_layers(pl_module, self.layers) if self.layers is not None else default_gradact_layers(pl_module)
+        )
         if not self._layers:
             raise ValueError(f"{type(pl_module).__name__} has no normalization, Conv or Linear layer; pass layers=")
 
     @override
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
-        return activation_gradients(pl_module, batch, self._layers, loss_fn=self.measured_loss(pl_module), reduce=self.reduce(trainer))
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any
+    ) -> dict[str, Tensor]:
+        return activation_gradients(
+            pl_module, batch, self._layers, loss_fn=self.measured_loss(pl_module), reduce=self.reduce(trainer)
+        )
 
     @override
     def charts(self) -> dict[str, list[str]]:
@@ -202,11 +235,19 @@ class EffectiveLearningRate(TwoStepMeasurement):
     metric_prefix = "efflr"
 
     def __init__(
-        self, layers: list[str] | None = None, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str | None = None, max_overhead: float | None = None, schedule: str = "fixed"
+        self,
+        layers: list[str] | None = None,
+        every_n_steps: int = 100,
+        loss_fn: LossFn | str | None = None,
+        loss_method: str | None = None,
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
     ) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         if layers is not None and (not isinstance(layers, (list, tuple)) or not layers):
-            raise ValueError(f"layers must be None (the scale-invariant layers) or a non-empty list of module names, got {layers!r}")
+            raise ValueError(
+                f"layers must be None (the scale-invariant layers) or a non-empty list of module names, got {layers!r}"
+            )
         self.layers = list(layers) if layers is not None else None
         self._layers: list[str] = []
 
@@ -218,7 +259,10 @@ class EffectiveLearningRate(TwoStepMeasurement):
     def before_step(self, step: MeasuredStep) -> dict[str, Tensor]:
         module = step.module
         if not self._layers:
-            self._layers = scale_invariant_layers(module, step.batch, loss_fn=self.measured_loss(module)) or weight_layer_names(module)[:-1]
+            self._layers = (
+                scale_invariant_layers(module, step.batch, loss_fn=self.measured_loss(module))
+                or weight_layer_names(module)[:-1]
+            )
         return {n: _weight(module, n).detach().clone() for n in self._layers}
 
     @override
@@ -291,7 +335,9 @@ class SpectralDensity(MeasurementCallback):
         self.seed, self.hvp_method = seed, hvp_method
 
     @override
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any
+    ) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for mode in self.norm_modes:
             res = spectral_density(

@@ -34,7 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from bnlightning.callbacks.functional._optimizer import torch_optimizer
-from bnlightning.callbacks.functional._state import RngState, metric_states, module_attributes, restore_metric_states, restore_module_attributes
+from bnlightning.callbacks.functional._state import (
+    RngState,
+    metric_states,
+    module_attributes,
+    restore_metric_states,
+    restore_module_attributes,
+)
 
 __all__ = [
     "ObserverEffectError",
@@ -109,4 +115,6 @@ def observer_guard(module: nn.Module, optimizers: Iterable[Any] = ()) -> Iterato
         changed += [f"gradient of {n}" for n, p, _, _, g in params if _stamp(p.grad) != g]
         changed += [f"state of {type(o).__name__}" for o, s in zip(opts, stamps) if _optimizer_stamp(o) != s]
         if changed:
-            raise ObserverEffectError(f"a measurement changed training state it must leave alone: {', '.join(changed[:5])}")
+            raise ObserverEffectError(
+                f"a measurement changed training state it must leave alone: {', '.join(changed[:5])}"
+            )

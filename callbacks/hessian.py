@@ -124,7 +124,9 @@ class HessianSpectrum(MeasurementCallback):
             raise ValueError(f"n_probes must be an integer >= 0 (0: no trace), got {n_probes!r}")
         if hvp_method not in HVP_METHODS:
             raise ValueError(f"unknown hvp_method {hvp_method!r}; accepted: {', '.join(HVP_METHODS)}")
-        if max_basis is not None and (isinstance(max_basis, bool) or not isinstance(max_basis, int) or max_basis < k + 1):
+        if max_basis is not None and (
+            isinstance(max_basis, bool) or not isinstance(max_basis, int) or max_basis < k + 1
+        ):
             raise ValueError(f"max_basis must be None or an integer >= k + 1 = {k + 1}, got {max_basis!r}")
         self.k, self.tol, self.max_iter, self.n_probes = k, float(tol), max_iter, n_probes
         self.layers = list(layers) if layers else []
@@ -159,7 +161,9 @@ class HessianSpectrum(MeasurementCallback):
             raise ValueError(f"HessianSpectrum k: got {self.k}; accepted: an integer from 1 to {size} ({what})")
 
     @override
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any
+    ) -> dict[str, Tensor]:
         result = hessian_spectrum(
             pl_module,
             batch,
@@ -193,8 +197,15 @@ class HessianSpectrum(MeasurementCallback):
             return metrics
         if limit is None and not self._warned_ratio:
             self._warned_ratio = True
-            warnings.warn(f"HessianSpectrum: hessian/sharpness_ratio is logged as NaN: {why_not} (Adam, AdamW and RMSprop get the preconditioned ratio).", stacklevel=2)
-        metrics["hessian/sharpness_ratio"] = metrics["hessian/lambda_max"] / limit if limit is not None and "hessian/lambda_max" in metrics else torch.tensor(float("nan"))
+            warnings.warn(
+                f"HessianSpectrum: hessian/sharpness_ratio is logged as NaN: {why_not} (Adam, AdamW and RMSprop get the preconditioned ratio).",
+                stacklevel=2,
+            )
+        metrics["hessian/sharpness_ratio"] = (
+            metrics["hessian/lambda_max"] / limit
+            if limit is not None and "hessian/lambda_max" in metrics
+            else torch.tensor(float("nan"))
+        )
         return metrics
 
     @override
@@ -204,4 +215,8 @@ class HessianSpectrum(MeasurementCallback):
 
     @override
     def charts(self) -> dict[str, list[str]]:
-        return {"hessian_eigenvalues": [f"hessian/eig_{j + 1}" for j in range(self.k)], "hessian_trace": ["hessian/trace"], "hessian_sharpness_ratio": ["hessian/sharpness_ratio"]}
+        return {
+            "hessian_eigenvalues": [f"hessian/eig_{j + 1}" for j in range(self.k)],
+            "hessian_trace": ["hessian/trace"],
+            "hessian_sharpness_ratio": ["hessian/sharpness_ratio"],
+        }

@@ -160,7 +160,9 @@ class InternalCovariateShift(TwoStepMeasurement):
         )
 
     @override
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any
+    ) -> dict[str, Tensor]:
         # update_from="measured": W^(t+1) from a one-parameter optimizer copy stepped on the measured G
         shared = self.shared_gradient(trainer, pl_module, batch)
         if shared is not None:

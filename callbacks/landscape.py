@@ -104,7 +104,9 @@ class LossLandscape(MeasurementCallback):
     needs_gradient = True  # g is shared with InternalCovariateShift on a step both measure (the coordinator)
 
     @override
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any
+    ) -> dict[str, Tensor]:
         steps, scale = self.step_sizes, None
         if self.step_size_mode == "relative":
             opt = torch_optimizer(optimizer)
@@ -112,7 +114,9 @@ class LossLandscape(MeasurementCallback):
             if not base > 0:
                 if not self._warned_zero_lr:
                     self._warned_zero_lr = True
-                    warnings.warn(f"LossLandscape: learning rate is {base}; relative step sizes are 0, logging NaN.", stacklevel=2)
+                    warnings.warn(
+                        f"LossLandscape: learning rate is {base}; relative step sizes are 0, logging NaN.", stacklevel=2
+                    )
                 return {k: torch.tensor(float("nan")) for k in METRICS}
             lr_of = {id(p): float(g["lr"]) / base for g in opt.param_groups for p in g["params"]}
             scale = {n: lr_of.get(id(p), 0.0) for n, p in pl_module.named_parameters()}

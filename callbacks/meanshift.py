@@ -22,7 +22,12 @@ from typing_extensions import override
 from bnlightning.callbacks._layers import ModuleLayersCallback
 from bnlightning.callbacks.functional import capture_forward
 from bnlightning.callbacks.functional._loss import LossFn
-from bnlightning.callbacks.functional.meanshift import looks_like_logits, majority_share, mean_shift, pairwise_cosine_mean
+from bnlightning.callbacks.functional.meanshift import (
+    looks_like_logits,
+    majority_share,
+    mean_shift,
+    pairwise_cosine_mean,
+)
 
 __all__ = ["MeanShift", "majority_share", "mean_shift", "pairwise_cosine_mean"]
 
@@ -86,7 +91,9 @@ class MeanShift(ModuleLayersCallback):
         self._said_no_logits = False
 
     @override
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any
+    ) -> dict[str, Tensor]:
         layers = set(self._layers)
         taps: dict[str, Any] = {name: (pl_module.get_submodule(name), "output") for name in self._layers}
         # Logits candidates: every module's output (the LightningModule's own is "\x00"); see _logits.

@@ -56,7 +56,14 @@ class ResidualVariance(MeasurementCallback):
 
     metric_prefix = "resvar"
 
-    def __init__(self, every_n_steps: int = 100, loss_fn: LossFn | str | None = None, loss_method: str | None = None, max_overhead: float | None = None, schedule: str = "fixed") -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        loss_fn: LossFn | str | None = None,
+        loss_method: str | None = None,
+        max_overhead: float | None = None,
+        schedule: str = "fixed",
+    ) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
         self._blocks: list[str] = []
 
@@ -64,10 +71,14 @@ class ResidualVariance(MeasurementCallback):
     def on_measurement_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._blocks = residual_blocks(pl_module)
         if not self._blocks:
-            raise ValueError(f"{type(pl_module).__name__} has no residual block (a module with children named 'branch' and 'shortcut')")
+            raise ValueError(
+                f"{type(pl_module).__name__} has no residual block (a module with children named 'branch' and 'shortcut')"
+            )
 
     @override
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any) -> dict[str, Tensor]:
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any
+    ) -> dict[str, Tensor]:
         taps: dict[str, Any] = {}
         for name in self._blocks:
             block = pl_module.get_submodule(name)

@@ -132,12 +132,17 @@ class TwoStepMeasurement(MeasurementCallback):
             self.record(step.trainer, metrics, step=step.step)
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._pending is not None and self._pending.step == trainer.global_step:
             return  # accumulating: the optimizer steps after a later micro-batch
         if self._pending is not None:  # pragma: no cover - needs a GradScaler skip (CUDA fp16)
             if not self._warned_skipped:
                 self._warned_skipped = True
-                warnings.warn(f"{type(self).__name__}: the optimizer skipped step {self._pending.step} (inf/NaN gradients under a GradScaler); not measured.", stacklevel=2)
+                warnings.warn(
+                    f"{type(self).__name__}: the optimizer skipped step {self._pending.step} (inf/NaN gradients under a GradScaler); not measured.",
+                    stacklevel=2,
+                )
             self._pending = None
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

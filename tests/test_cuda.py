@@ -57,15 +57,23 @@ def rel_err(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-6)
 
 
-def assert_close_metrics(got: dict[str, Any], ref: dict[str, Any], rtol: float = RTOL, skip: tuple[str, ...] = ()) -> None:
+def assert_close_metrics(
+    got: dict[str, Any], ref: dict[str, Any], rtol: float = RTOL, skip: tuple[str, ...] = ()
+) -> None:
     assert set(got) == set(ref)
-    worst = max(((rel_err(float(got[k]), float(ref[k])), k) for k in ref if not any(s in k for s in skip)), default=(0.0, ""))
-    assert worst[0] <= rtol, f"{worst[1]}: cuda {float(got[worst[1]])} vs cpu {float(ref[worst[1]])} (rel {worst[0]:.2e})"
+    worst = max(
+        ((rel_err(float(got[k]), float(ref[k])), k) for k in ref if not any(s in k for s in skip)), default=(0.0, "")
+    )
+    assert worst[0] <= rtol, (
+        f"{worst[1]}: cuda {float(got[worst[1]])} vs cpu {float(ref[worst[1]])} (rel {worst[0]:.2e})"
+    )
 
 
 def cuda_loader(model: nn.Module, n: int = 32, batch_size: int = 8) -> DataLoader:
     x, y = batch_for(model, n=n, seed=3)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    return DataLoader(
+        TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
 
 
 def every_callback(n: int) -> list[pl.Callback]:
@@ -82,7 +90,13 @@ def every_callback(n: int) -> list[pl.Callback]:
     ]
 
 
-def fit_cuda(model: pl.LightningModule, callbacks: list[Any], steps: int, precision: str = "32-true", loggers: list[Any] | None = None) -> None:
+def fit_cuda(
+    model: pl.LightningModule,
+    callbacks: list[Any],
+    steps: int,
+    precision: str = "32-true",
+    loggers: list[Any] | None = None,
+) -> None:
     torch.manual_seed(0)
     trainer = pl.Trainer(
         accelerator="gpu",
@@ -188,7 +202,9 @@ def test_hessian_spectrum_on_cuda_matches_the_cpu_copy(make: Any) -> None:
     # differ by a restart, the values may not
     for key in ("hessian/lambda_max", "hessian/trace"):
         assert rel_err(got[key].item(), ref[key].item()) <= RTOL, (key, got[key].item(), ref[key].item())
-    assert_close_metrics({k: v.item() for k, v in got.items()}, {k: v.item() for k, v in ref.items()}, skip=("iterations", "converged"))
+    assert_close_metrics(
+        {k: v.item() for k, v in got.items()}, {k: v.item() for k, v in ref.items()}, skip=("iterations", "converged")
+    )
 
 
 # --- observer effect ------------------------------------------------------------------------

@@ -36,6 +36,10 @@ def test_the_package_has_doctests() -> None:
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name: str) -> None:
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    result = doctest.testmod(
+        importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
+    )
     assert result.attempted > 0, f"{name} has '>>> ' in its source but no doctest ran"
-    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {name} failed (run `python -m doctest -v` on it)"
+    assert result.failed == 0, (
+        f"{result.failed} of {result.attempted} examples in {name} failed (run `python -m doctest -v` on it)"
+    )

@@ -39,7 +39,18 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy2(REPO / name, src / name)
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src), "-w", str(tmp / "dist")],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(src),
+            "-w",
+            str(tmp / "dist"),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -58,10 +69,19 @@ def _shipped(source: Path) -> str:
 
 def test_the_wheel_ships_every_module_and_config(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {_shipped(p) for root in ("bnlightning", "callbacks") for p in (REPO / root).rglob("*.py") if "__pycache__" not in p.parts}
+    expected = {
+        _shipped(p)
+        for root in ("bnlightning", "callbacks")
+        for p in (REPO / root).rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
     expected |= {_shipped(p) for p in (REPO / "configs").rglob("*.yaml")}
-    assert "bnlightning/configs/sweeps/vgg-lr.yaml" in expected and "bnlightning/callbacks/functional/ics.py" in expected
-    assert not expected - names, f"missing from the wheel (pyproject's packages / package-data): {sorted(expected - names)}"
+    assert (
+        "bnlightning/configs/sweeps/vgg-lr.yaml" in expected and "bnlightning/callbacks/functional/ics.py" in expected
+    )
+    assert not expected - names, (
+        f"missing from the wheel (pyproject's packages / package-data): {sorted(expected - names)}"
+    )
 
 
 def test_experiments_run_from_a_non_editable_install_elsewhere(wheel: Path, tmp_path: Path) -> None:
@@ -71,14 +91,23 @@ def test_experiments_run_from_a_non_editable_install_elsewhere(wheel: Path, tmp_
     elsewhere.mkdir()
     third_party = Path(importlib.util.find_spec("yaml").origin).parents[1]  # type: ignore[arg-type]
     assert not (third_party / "bnlightning").exists()  # the checkout is installed editable, never copied there
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(third_party)]), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), str(third_party)]),
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+    }
 
     def child(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-S", *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-S", *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
 
-    where = child("-c", "import bnlightning, bnlightning.experiments as e; print(bnlightning.__file__); print(e.configs_root())").split()
+    where = child(
+        "-c", "import bnlightning, bnlightning.experiments as e; print(bnlightning.__file__); print(e.configs_root())"
+    ).split()
     assert where == [str(site / "bnlightning" / "__init__.py"), str(site / "bnlightning" / "configs")]
 
     listed = child("-m", "bnlightning.experiments", "list")
@@ -89,7 +118,10 @@ def test_experiments_run_from_a_non_editable_install_elsewhere(wheel: Path, tmp_
     configs = {a.split("=", 1)[1] for line in lines for a in line.split() if a.startswith("--config=")}
     assert {Path(c).name for c in configs} == {"vgg.yaml", "digits32.yaml"}
     assert all(Path(c).is_file() and Path(c).is_relative_to(site) for c in configs), configs
-    assert all(line.endswith(f"--trainer.default_root_dir=runs/vgg-lr-cpu/{name}") for line, name in zip(lines, ["none_lr0.1_s0", "none_lr0.5_s0", "batch_lr0.1_s0", "batch_lr0.5_s0"]))
+    assert all(
+        line.endswith(f"--trainer.default_root_dir=runs/vgg-lr-cpu/{name}")
+        for line, name in zip(lines, ["none_lr0.1_s0", "none_lr0.5_s0", "batch_lr0.1_s0", "batch_lr0.5_s0"])
+    )
 
     # A sweep file named as in the checkout is found in the package too.
     swept = child("-m", "bnlightning.experiments", "sweep", "configs/sweeps/dln.yaml").splitlines()

@@ -37,7 +37,18 @@ def light_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("callbacks", "bnlightning-callbacks"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src / "bnlightning-callbacks"), "-w", str(tmp / "dist")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        str(src / "bnlightning-callbacks"),
+        "-w",
+        str(tmp / "dist"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     (built,) = (tmp / "dist").glob("bnlightning_callbacks-*.whl")
@@ -71,7 +82,9 @@ def _link_only(dists: set[str], folder: Path) -> None:
     for name in dists:
         dist = md.distribution(name)
         site = Path(dist.locate_file("")).resolve()
-        for top in {f.parts[0] for f in dist.files or [] if f.parts and f.parts[0] != ".." and not f.name.endswith(".pth")}:
+        for top in {
+            f.parts[0] for f in dist.files or [] if f.parts and f.parts[0] != ".." and not f.name.endswith(".pth")
+        }:
             if (site / top).exists() and not (folder / top).exists():
                 (folder / top).symlink_to(site / top)
 
@@ -80,12 +93,22 @@ def test_the_light_wheel_needs_only_torch_and_lightning(light_wheel: Path) -> No
     with zipfile.ZipFile(light_wheel) as whl:
         names = whl.namelist()
         meta = whl.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    requires = {canonicalize_name(Requirement(line.split(":", 1)[1]).name) for line in meta.splitlines() if line.startswith("Requires-Dist:")}
+    requires = {
+        canonicalize_name(Requirement(line.split(":", 1)[1]).name)
+        for line in meta.splitlines()
+        if line.startswith("Requires-Dist:")
+    }
     assert requires == {"torch", "lightning"}
     assert "License-Expression: MIT" in meta
     shipped = {n for n in names if n.endswith(".py")}
-    expected = {"bnlightning/callbacks/" + p.relative_to(REPO / "callbacks").as_posix() for p in (REPO / "callbacks").rglob("*.py") if "__pycache__" not in p.parts}
-    assert shipped == expected, "the light wheel ships the callbacks, and nothing else (no bnlightning/__init__.py: a namespace package)"
+    expected = {
+        "bnlightning/callbacks/" + p.relative_to(REPO / "callbacks").as_posix()
+        for p in (REPO / "callbacks").rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
+    assert shipped == expected, (
+        "the light wheel ships the callbacks, and nothing else (no bnlightning/__init__.py: a namespace package)"
+    )
 
 
 def test_callbacks_measure_in_a_fresh_venv_with_only_torch_and_lightning(light_wheel: Path, tmp_path: Path) -> None:
@@ -95,10 +118,23 @@ def test_callbacks_measure_in_a_fresh_venv_with_only_torch_and_lightning(light_w
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
-    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     (site / "torch-and-lightning.pth").write_text(str(tmp_path / "deps") + "\n")
     pip_env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(light_wheel)], capture_output=True, text=True, env=pip_env, timeout=180)
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(light_wheel)],
+        capture_output=True,
+        text=True,
+        env=pip_env,
+        timeout=180,
+    )
     assert installed.returncode == 0, installed.stderr[-3000:]
 
     script = textwrap.dedent(
@@ -137,4 +173,7 @@ def test_callbacks_measure_in_a_fresh_venv_with_only_torch_and_lightning(light_w
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     done = subprocess.run([python, "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "['ics/cos/net.0', 'ics/cos/net.3', 'ics/l2/net.0', 'ics/l2/net.3', 'ics/rel/net.0', 'ics/rel/net.3']"
+    assert (
+        done.stdout.strip().splitlines()[-1]
+        == "['ics/cos/net.0', 'ics/cos/net.3', 'ics/l2/net.0', 'ics/l2/net.3', 'ics/rel/net.0', 'ics/rel/net.3']"
+    )

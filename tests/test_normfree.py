@@ -20,7 +20,13 @@ from bnlightning.batchsize import (
 from bnlightning.models import MLP, VGG
 from bnlightning.normfree import AdaptiveGradientClipping, final_linear_layer
 
-TRAINER_KW: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False, "accelerator": "cpu", "logger": False}
+TRAINER_KW: dict[str, Any] = {
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "enable_checkpointing": False,
+    "accelerator": "cpu",
+    "logger": False,
+}
 
 
 def reference_agc(w: Tensor, g: Tensor, lam: float, eps: float = 1e-3) -> Tensor:
@@ -62,9 +68,13 @@ def test_agc_clips_the_gradient_the_optimizer_applies(accumulate: int) -> None:
         m.optimizer_factory = lambda params: torch.optim.SGD(params, lr=lr)
     # Reference: the unclipped accumulated gradient of the same step, from a run without AGC.
     cap_plain = Capture()
-    pl.Trainer(max_steps=1, callbacks=[cap_plain], accumulate_grad_batches=accumulate, **TRAINER_KW).fit(plain, _data(plain))
+    pl.Trainer(max_steps=1, callbacks=[cap_plain], accumulate_grad_batches=accumulate, **TRAINER_KW).fit(
+        plain, _data(plain)
+    )
     agc = AdaptiveGradientClipping(clip_factor=lam)
-    pl.Trainer(max_steps=1, callbacks=[Capture(), agc], accumulate_grad_batches=accumulate, **TRAINER_KW).fit(model, _data(model))
+    pl.Trainer(max_steps=1, callbacks=[Capture(), agc], accumulate_grad_batches=accumulate, **TRAINER_KW).fit(
+        model, _data(model)
+    )
     assert agc.clipped_steps == 1
     clipped_any = False
     for name, p in model.named_parameters():
@@ -85,11 +95,15 @@ def test_agc_runs_before_the_other_callbacks_and_refuses_lightning_clipping() ->
     for name, _ in model.named_parameters():  # every unit clipped, classifier included (exclude=[])
         assert torch.allclose(cap.grads[name], reference_agc(cap.weights[name], cap.grads[name], 1e-4), atol=1e-8), name
     with pytest.raises(MisconfigurationException, match="gradient_clip_val=1.0"):
-        pl.Trainer(max_steps=1, callbacks=[AdaptiveGradientClipping()], gradient_clip_val=1.0, **TRAINER_KW).fit(model, _data(model))
+        pl.Trainer(max_steps=1, callbacks=[AdaptiveGradientClipping()], gradient_clip_val=1.0, **TRAINER_KW).fit(
+            model, _data(model)
+        )
     with pytest.raises(ValueError, match="clip_factor must be a positive number, got 0"):
         AdaptiveGradientClipping(clip_factor=0)
     with pytest.raises(ValueError, match="exclude: unknown module 'nope'"):
-        pl.Trainer(max_steps=1, callbacks=[AdaptiveGradientClipping(exclude=["nope"])], **TRAINER_KW).fit(model, _data(model))
+        pl.Trainer(max_steps=1, callbacks=[AdaptiveGradientClipping(exclude=["nope"])], **TRAINER_KW).fit(
+            model, _data(model)
+        )
 
 
 class HeadFirst(pl.LightningModule):
@@ -118,7 +132,9 @@ def test_agc_leaves_the_last_linear_of_the_forward_pass_unclipped_and_says_so(ca
     with caplog.at_level("INFO"):
         pl.Trainer(max_steps=2, callbacks=[cap, agc], **TRAINER_KW).fit(model, _data(model))
     said = [r.getMessage() for r in caplog.records if "AdaptiveGradientClipping" in r.getMessage()]
-    assert said == ["AdaptiveGradientClipping: not clipping head.weight, head.bias (head: the last nn.Linear in the forward pass; `exclude=` to choose)."]
+    assert said == [
+        "AdaptiveGradientClipping: not clipping head.weight, head.bias (head: the last nn.Linear in the forward pass; `exclude=` to choose)."
+    ]
     for name, w in cap.weights.items():  # cap ran after AGC: every unit but the classifier's is within lambda
         g = cap.grads[name]
         units = [(w.flatten(), g.flatten())] if w.dim() <= 1 else list(zip(w, g))
@@ -143,7 +159,9 @@ def test_linear_lr_scaling_and_train_mode_accuracy() -> None:
     torch.manual_seed(0)
     model = MLP(in_features=12, depth=2, width=16, norm="batch")
     model.optimizer_factory = lambda params: torch.optim.SGD(params, lr=0.4)
-    trainer = pl.Trainer(max_steps=2, callbacks=[LinearLRScaling(reference_batch_size=32)], accumulate_grad_batches=2, **TRAINER_KW)
+    trainer = pl.Trainer(
+        max_steps=2, callbacks=[LinearLRScaling(reference_batch_size=32)], accumulate_grad_batches=2, **TRAINER_KW
+    )
     trainer.fit(model, _data(model, n=32, batch_size=4))
     group = trainer.optimizers[0].param_groups[0]
     assert group["lr"] == pytest.approx(0.4 * 4 * 2 / 32) and group["lr_batch_scale"] == pytest.approx(0.25)

@@ -36,24 +36,42 @@ def _instance(owner: type, tmp_path: Path) -> Any:
     if name == "ModelCheckpoint":
         return owner(dirpath=str(tmp_path))
     if name == "Trainer":
-        return owner(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        return owner(
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
     return None
 
 
-@pytest.mark.parametrize(("owner", "attribute"), _private.PRIVATE_NAMES, ids=[f"{o.rsplit('.', 1)[1]}.{a}" for o, a in _private.PRIVATE_NAMES])
+@pytest.mark.parametrize(
+    ("owner", "attribute"),
+    _private.PRIVATE_NAMES,
+    ids=[f"{o.rsplit('.', 1)[1]}.{a}" for o, a in _private.PRIVATE_NAMES],
+)
 def test_private_name_still_exists(owner: str, attribute: str, tmp_path: Path) -> None:
     cls = _owner(owner)
     if hasattr(cls, attribute):
         return
     instance = _instance(cls, tmp_path)
-    assert instance is not None and hasattr(instance, attribute), f"{owner}.{attribute} is gone in the installed version: update bnlightning/_private.py (and what calls it)"
+    assert instance is not None and hasattr(instance, attribute), (
+        f"{owner}.{attribute} is gone in the installed version: update bnlightning/_private.py (and what calls it)"
+    )
 
 
 def test_trainer_cluster_environment_route() -> None:
     from lightning.fabric.plugins.environments import ClusterEnvironment
     from lightning.pytorch import Trainer
 
-    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     assert isinstance(_private.cluster_environment(trainer), ClusterEnvironment)
 
 
@@ -65,7 +83,9 @@ def test_overridden_private_methods_are_still_called(tmp_path: Path) -> None:
             calls.append("writer")
 
     Writer(str(tmp_path / "logs"))
-    assert calls == ["writer"], "ExperimentWriter.__init__ no longer calls _check_log_dir_exists: bnlightning.loggers' writers are dead code"
+    assert calls == ["writer"], (
+        "ExperimentWriter.__init__ no longer calls _check_log_dir_exists: bnlightning.loggers' writers are dead code"
+    )
     # ExperimentWriter.save() rewrites the file through _rewrite_with_new_header when a new column appears
     import lightning.fabric.loggers.csv_logs as fabric_csv
 
@@ -82,7 +102,10 @@ def test_report_viewspec_route() -> None:
 
 
 def test_no_other_module_touches_the_private_names() -> None:
-    names = sorted({a for _, a in _private.PRIVATE_NAMES} - {"_instantiate_trainer", "_check_log_dir_exists", "_rewrite_with_new_header"})
+    names = sorted(
+        {a for _, a in _private.PRIVATE_NAMES}
+        - {"_instantiate_trainer", "_check_log_dir_exists", "_rewrite_with_new_header"}
+    )
     pattern = re.compile(r"\.(" + "|".join(map(re.escape, names)) + r")\b")
     # bnlightning/ only: callbacks/ uses no private Lightning name (and torch's Tensor._version,
     # the version counter the observer guard reads, would match the pattern)

@@ -42,8 +42,14 @@ def test_the_docs_have_snippets_and_every_skip_gives_a_reason() -> None:
 
 def test_a_skip_comment_is_read_from_the_line_before_the_fence(tmp_path: Path) -> None:
     doc = tmp_path / "x.md"
-    doc.write_text("text\n<!-- skip-snippet: needs a CUDA GPU -->\n```python\nimport torch\n```\n\n```py\nx = 1\n```\n", encoding="utf-8")
-    assert snippets(doc, root=tmp_path) == [("x.md:3", "import torch\n", "needs a CUDA GPU"), ("x.md:7", "x = 1\n", None)]
+    doc.write_text(
+        "text\n<!-- skip-snippet: needs a CUDA GPU -->\n```python\nimport torch\n```\n\n```py\nx = 1\n```\n",
+        encoding="utf-8",
+    )
+    assert snippets(doc, root=tmp_path) == [
+        ("x.md:3", "import torch\n", "needs a CUDA GPU"),
+        ("x.md:7", "x = 1\n", None),
+    ]
 
 
 @pytest.mark.parametrize(("where", "code", "skip"), SNIPPETS, ids=[s[0] for s in SNIPPETS])

@@ -6,4 +6,10 @@ from bnlightning.data.digits import DigitsDataModule
 from bnlightning.data.linear import LinearRegressionDataModule
 from bnlightning.data.loader import DeviceImageTransform, TensorLoader
 
-__all__ = ["TensorLoader", "DeviceImageTransform", "CIFAR10DataModule", "DigitsDataModule", "LinearRegressionDataModule"]
+__all__ = [
+    "TensorLoader",
+    "DeviceImageTransform",
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "LinearRegressionDataModule",
+]

@@ -98,7 +98,9 @@ class DataModuleBase(pl.LightningDataModule):
             # trainer (the data inspected directly, no training loader built)
             return
         data = self._split_data("train")
-        n = int(data[0].shape[0]) if isinstance(data, (tuple, list)) else len(cast(Sized, data))  # map-style datasets have a length
+        n = (
+            int(data[0].shape[0]) if isinstance(data, (tuple, list)) else len(cast(Sized, data))
+        )  # map-style datasets have a length
         _, world = self.rank_and_world_size
         per_process = n // world
         batch_size = self._batch_size("train")

@@ -70,7 +70,9 @@ def _read_batch(path: str) -> dict[str, Any]:
             raw = f.read()
         entry = _CIFARUnpickler(io.BytesIO(raw), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
-        raise BadFileError(f"CIFAR-10 file '{path}' is corrupted or truncated ({type(e).__name__}: {e}); delete the folder and download it again") from None
+        raise BadFileError(
+            f"CIFAR-10 file '{path}' is corrupted or truncated ({type(e).__name__}: {e}); delete the folder and download it again"
+        ) from None
     if not isinstance(entry, dict):
         raise BadFileError(f"CIFAR-10 file '{path}' is corrupted: expected a dict, found {type(entry).__name__}")
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in entry.items()}
@@ -116,9 +118,13 @@ class CIFAR10Dataset(torchvision.datasets.CIFAR10):
             y = entry.get("labels", entry.get("fine_labels"))
             if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
                 desc = f"{type(x).__name__} {getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}".strip()
-                raise BadFileError(f"CIFAR-10 file '{path}' is corrupted: 'data' should be uint8 (N, 3072), found {desc}")
+                raise BadFileError(
+                    f"CIFAR-10 file '{path}' is corrupted: 'data' should be uint8 (N, 3072), found {desc}"
+                )
             if y is None or len(y) != x.shape[0]:
-                raise BadFileError(f"CIFAR-10 file '{path}' is corrupted: {x.shape[0]} images but {'no' if y is None else len(y)} labels")
+                raise BadFileError(
+                    f"CIFAR-10 file '{path}' is corrupted: {x.shape[0]} images but {'no' if y is None else len(y)} labels"
+                )
             y = np.asarray(y, dtype=np.int64)
             if y.size and (y.min() < 0 or y.max() > 9):
                 raise BadFileError(f"CIFAR-10 file '{path}' is corrupted: labels outside 0..9")
@@ -147,7 +153,9 @@ class CIFAR10Dataset(torchvision.datasets.CIFAR10):
         missing = [f for f, _ in cls.files() if not os.path.isfile(os.path.join(folder, f))]
         if missing:
             what = "not found" if len(missing) == len(cls.files()) else f"incomplete (missing {', '.join(missing)})"
-            raise MissingFileError(f"CIFAR-10 {what} under '{folder}'; set download: true, or point root at the folder that contains {cls.base_folder}/")
+            raise MissingFileError(
+                f"CIFAR-10 {what} under '{folder}'; set download: true, or point root at the folder that contains {cls.base_folder}/"
+            )
         if verify_checksums:
             for f, md5 in cls.files():
                 path = os.path.join(folder, f)
@@ -168,7 +176,9 @@ class CIFAR10Dataset(torchvision.datasets.CIFAR10):
     @classmethod
     def fetch(cls, root: str | os.PathLike) -> None:
         """Download and extract the official archive (torchvision's URL and md5)."""
-        torchvision.datasets.utils.download_and_extract_archive(cls.url, os.fspath(root), filename=cls.filename, md5=cls.tgz_md5)
+        torchvision.datasets.utils.download_and_extract_archive(
+            cls.url, os.fspath(root), filename=cls.filename, md5=cls.tgz_md5
+        )
 
 
 class CIFAR10DataModule(DataModuleBase):
@@ -264,7 +274,9 @@ class CIFAR10DataModule(DataModuleBase):
     def device_transform(self, train: bool) -> DeviceImageTransform:
         mean, std = self.mean_std
         aug = train and self.augment
-        return DeviceImageTransform(mean, std, crop_padding=self.crop_padding if aug else 0, pad_mode=self.pad_mode, flip=aug)
+        return DeviceImageTransform(
+            mean, std, crop_padding=self.crop_padding if aug else 0, pad_mode=self.pad_mode, flip=aug
+        )
 
     def torchvision_transform(self, train: bool) -> Any:
         from torchvision import transforms as T

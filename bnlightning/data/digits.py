@@ -70,7 +70,12 @@ class DigitsDataModule(DataModuleBase):
         if rgb and image_size is None:
             raise ValueError("rgb: true needs image_size (flat 64-feature vectors have no channels)")
         self.save_hyperparameters()
-        self.batch_size, self.eval_batch_size, self.seed, self.on_device_arg = batch_size, eval_batch_size, seed, on_device
+        self.batch_size, self.eval_batch_size, self.seed, self.on_device_arg = (
+            batch_size,
+            eval_batch_size,
+            seed,
+            on_device,
+        )
         self.image_size, self.rgb, self.val_fraction = image_size, rgb, float(val_fraction)
         self.train_x: torch.Tensor | None = None
         self.train_y: torch.Tensor | None = None

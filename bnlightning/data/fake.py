@@ -68,7 +68,11 @@ def make_fake_cifar10(
         offset += n
     write("test_batch", n_test, 0)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({key("num_cases_per_batch"): max(sizes), key("label_names"): LABEL_NAMES, key("num_vis"): 3072}, f, protocol=2)
+        pickle.dump(
+            {key("num_cases_per_batch"): max(sizes), key("label_names"): LABEL_NAMES, key("num_vis"): 3072},
+            f,
+            protocol=2,
+        )
     return folder
 
 

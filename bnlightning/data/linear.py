@@ -99,7 +99,13 @@ class LinearRegressionDataModule(DataModuleBase):
         if self.A is None:
             dev = self.device if self.on_device else torch.device("cpu")
             t = {k: v.to(dev) for k, v in self.make_tensors().items()}
-            self.A, self.train_x, self.train_y, self.val_x, self.val_y = (t["A"], t["train_x"], t["train_y"], t["val_x"], t["val_y"])
+            self.A, self.train_x, self.train_y, self.val_x, self.val_y = (
+                t["A"],
+                t["train_x"],
+                t["train_y"],
+                t["val_x"],
+                t["val_y"],
+            )
         self.check_train_batch_size(stage)
 
     def _split_data(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:

@@ -271,7 +271,9 @@ class TensorLoader:
             self.samples_per_rank = math.ceil(n / self.world_size)
             self.batches_per_pass = math.ceil(self.samples_per_rank / self.batch_size)
         if self.batches_per_pass == 0:
-            raise ValueError(f"no batches: {n} samples over {self.world_size} rank(s) give {self.samples_per_rank} per rank, fewer than batch_size={self.batch_size} with drop_last=True")
+            raise ValueError(
+                f"no batches: {n} samples over {self.world_size} rank(s) give {self.samples_per_rank} per rank, fewer than batch_size={self.batch_size} with drop_last=True"
+            )
         # position: the epoch being (or about to be) iterated, and batches yielded in it
         self.epoch = 0
         self.batches_yielded = 0
@@ -361,7 +363,11 @@ class TensorLoader:
         self.batches_yielded = int(state_dict["batches_yielded"])
         self._fresh = True
         mine = self.state_dict()
-        changed = [k for k in ("num_samples", "batch_size", "world_size", "repeat", "seed") if k in state_dict and state_dict[k] != mine[k]]
+        changed = [
+            k
+            for k in ("num_samples", "batch_size", "world_size", "repeat", "seed")
+            if k in state_dict and state_dict[k] != mine[k]
+        ]
         if changed:
             warnings.warn(
                 "TensorLoader: the checkpoint's data position was saved with different "

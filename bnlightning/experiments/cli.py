@@ -53,14 +53,23 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m bnlightning.experiments", description=__doc__.split("\n\n")[0], epilog="Arguments after `--` are appended to every fit command.")
+    p = _Parser(
+        prog="python -m bnlightning.experiments",
+        description=__doc__.split("\n\n")[0],
+        epilog="Arguments after `--` are appended to every fit command.",
+    )
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="the experiments and the claims they reproduce")
-    for action, text in (("show", "print the fit commands, one per line"), ("run", "run the fit commands here, one after another")):
+    for action, text in (
+        ("show", "print the fit commands, one per line"),
+        ("run", "run the fit commands here, one after another"),
+    ):
         q = sub.add_parser(action, help=text)
         q.add_argument("names", nargs="+", metavar="EXPERIMENT", help=f"one or more of: {', '.join(EXPERIMENTS)}")
         q.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; with --cpu 0 1)")
-        q.add_argument("--cpu", action="store_true", help="the CPU-sized variant (fewer steps; VGG on the digits substitute)")
+        q.add_argument(
+            "--cpu", action="store_true", help="the CPU-sized variant (fewer steps; VGG on the digits substitute)"
+        )
         q.add_argument("--runs-dir", default="runs", help="where runs log (default runs/)")
         q.add_argument("--project", default="bnlightning", help="W&B project")
         if action == "run":
@@ -76,8 +85,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _output_flags(q: argparse.ArgumentParser) -> None:
     """``--quiet`` / ``--verbose``: what the terminal shows while the runs go (see ``run_all``)."""
-    q.add_argument("--quiet", action="store_true", help="no progress bar: one line per run (each run's output is in <runs-dir>/<experiment>/<run>.out)")
-    q.add_argument("--verbose", action="store_true", help="stream every fit's own output (progress bars, other libraries' lines) instead of one progress bar over the runs")
+    q.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar: one line per run (each run's output is in <runs-dir>/<experiment>/<run>.out)",
+    )
+    q.add_argument(
+        "--verbose",
+        action="store_true",
+        help="stream every fit's own output (progress bars, other libraries' lines) instead of one progress bar over the runs",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,7 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.action == "list":
-            lines = [f"{e.name:16s} {len(list(itertools.product(*e.grid.values())))} settings x seeds   {e.claim}" for e in EXPERIMENTS.values()]
+            lines = [
+                f"{e.name:16s} {len(list(itertools.product(*e.grid.values())))} settings x seeds   {e.claim}"
+                for e in EXPERIMENTS.values()
+            ]
             return _print_lines(lines)
         if args.action == "sweep":
             specs = expand_sweep(load_sweep(args.file), args.runs_dir, extra, project=args.project)
@@ -104,7 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if unknown:
                 raise ValueError(f"unknown experiment {unknown[0]!r}; known: {', '.join(EXPERIMENTS)}")
             seeds = args.seeds if args.seeds is not None else ([0, 1] if args.cpu else [0, 1, 2])
-            specs = [s for n in args.names for s in expand(EXPERIMENTS[n], seeds, args.runs_dir, args.cpu, extra, args.project)]
+            specs = [
+                s
+                for n in args.names
+                for s in expand(EXPERIMENTS[n], seeds, args.runs_dir, args.cpu, extra, args.project)
+            ]
             run = args.action == "run"
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

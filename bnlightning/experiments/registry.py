@@ -63,7 +63,10 @@ CPU_RESNET: tuple[str, ...] = (
 
 #: AdamW instead of the paper's SGD (the grid sets its lr): β = (0.9, 0.999), decoupled weight decay 0.01.
 #: Its stability threshold for λmax(P⁻¹H) is (2 + 2β₁)/(η(1 − β₁)) = 38/η (Cohen et al. 2022).
-ADAMW: tuple[str, ...] = ("--model.init_args.optimizer=torch.optim.AdamW", "--model.init_args.optimizer.init_args.weight_decay=0.01")
+ADAMW: tuple[str, ...] = (
+    "--model.init_args.optimizer=torch.optim.AdamW",
+    "--model.init_args.optimizer.init_args.weight_decay=0.01",
+)
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,11 @@ EXPERIMENTS: dict[str, Experiment] = {
             "Fig. 5 / 4: deep linear network — with BN G and G' are almost uncorrelated (ICS layers 9 and 17), landscape far smoother",
             ("configs/dln.yaml", "configs/experiments/measure_dln.yaml"),
             {NORM: ("none", "batch"), LR: (1e-6, 1e-7)},
-            cpu_overrides=("--trainer.max_steps=1000", "--trainer.accelerator=cpu", "--config=configs/experiments/measure_dln_cpu.yaml"),
+            cpu_overrides=(
+                "--trainer.max_steps=1000",
+                "--trainer.accelerator=cpu",
+                "--config=configs/experiments/measure_dln_cpu.yaml",
+            ),
             cpu_grid={NORM: ("none", "batch"), LR: (1e-6,)},
             sweep_metric=TRAIN_LOSS,
         ),
@@ -154,7 +161,12 @@ EXPERIMENTS: dict[str, Experiment] = {
             "Ioffe & Szegedy Fig. 1: BN reaches the baseline's accuracy in far fewer steps, stable activation quantiles, larger lr tolerated",
             ("configs/mlp_sigmoid.yaml", "configs/experiments/measure_activations.yaml"),
             {NORM: ("none", "batch", "noisy_batch"), LR: (0.1, 0.5, 2.0)},
-            cpu_overrides=("--trainer.max_steps=600", "--trainer.accelerator=cpu", "--trainer.log_every_n_steps=10", "--config=configs/experiments/measure_activations_cpu.yaml"),
+            cpu_overrides=(
+                "--trainer.max_steps=600",
+                "--trainer.accelerator=cpu",
+                "--trainer.log_every_n_steps=10",
+                "--config=configs/experiments/measure_activations_cpu.yaml",
+            ),
             cpu_grid={NORM: ("none", "batch", "noisy_batch"), LR: (0.1, 1.0)},
         ),
         Experiment(
@@ -187,7 +199,13 @@ EXPERIMENTS: dict[str, Experiment] = {
             ("configs/vgg.yaml", "configs/experiments/batch_size.yaml"),
             {NORM: ("none", "batch", "group", "layer"), BATCH: (2, 4, 8, 16, 32, 128)},
             overrides=("--trainer.max_steps=-1", "--trainer.max_epochs=40"),
-            cpu_overrides=(*CPU_MLP, "--model.init_args.activation=relu", "--model.init_args.optimizer.init_args.lr=0.8", "--trainer.max_steps=-1", "--trainer.max_epochs=4"),
+            cpu_overrides=(
+                *CPU_MLP,
+                "--model.init_args.activation=relu",
+                "--model.init_args.optimizer.init_args.lr=0.8",
+                "--trainer.max_steps=-1",
+                "--trainer.max_epochs=4",
+            ),
             cpu_grid={NORM: ("none", "batch", "group", "layer"), BATCH: (2, 8, 32, 128)},
         ),
         Experiment(
@@ -204,7 +222,13 @@ EXPERIMENTS: dict[str, Experiment] = {
             "Claim 6 [the article Batch Normalization… or not?]: at initialisation, without BN, examples' activations align with depth and one label wins; BN and scaled WS prevent it",
             ("configs/vgg.yaml", "configs/experiments/meanshift.yaml"),
             {NORM: ("none", "batch"), WS: (False, True)},
-            cpu_overrides=(*CPU_VGG, "--model.init_args.config=D", "--trainer.max_steps=1", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0"),
+            cpu_overrides=(
+                *CPU_VGG,
+                "--model.init_args.config=D",
+                "--trainer.max_steps=1",
+                "--trainer.log_every_n_steps=1",
+                "--trainer.limit_val_batches=0",
+            ),
         ),
         Experiment(
             "init-gain",
@@ -252,7 +276,12 @@ EXPERIMENTS: dict[str, Experiment] = {
             "Claim 8 [the article Batch Normalization… or not?]: at initialisation BN downscales each residual branch relative to the skip path (ResNet-20 and -110)",
             ("configs/resnet20.yaml", "configs/experiments/measure_residual.yaml"),
             {NORM: ("none", "batch"), DEPTH: (20, 110)},
-            cpu_overrides=(*CPU_RESNET, "--trainer.max_steps=1", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0"),
+            cpu_overrides=(
+                *CPU_RESNET,
+                "--trainer.max_steps=1",
+                "--trainer.log_every_n_steps=1",
+                "--trainer.limit_val_batches=0",
+            ),
         ),
         Experiment(
             "resnet",
@@ -292,7 +321,11 @@ EXPERIMENTS: dict[str, Experiment] = {
             "§12 (beyond the paper): the stability gauges on the sigmoid MLP, standard vs BN, SGD",
             ("configs/mlp_sigmoid.yaml", "configs/experiments/measure_gauges.yaml"),
             {NORM: ("none", "batch"), LR: (0.1,)},
-            cpu_overrides=("--trainer.accelerator=cpu", "--trainer.log_every_n_steps=10", "--config=configs/experiments/measure_gauges_mlp_cpu.yaml"),
+            cpu_overrides=(
+                "--trainer.accelerator=cpu",
+                "--trainer.log_every_n_steps=10",
+                "--config=configs/experiments/measure_gauges_mlp_cpu.yaml",
+            ),
         ),
         Experiment(
             "gauges-mlp-adamw",
@@ -300,7 +333,11 @@ EXPERIMENTS: dict[str, Experiment] = {
             ("configs/mlp_sigmoid.yaml", "configs/experiments/measure_gauges.yaml"),
             {NORM: ("none", "batch"), LR: (0.001,)},
             overrides=ADAMW,
-            cpu_overrides=("--trainer.accelerator=cpu", "--trainer.log_every_n_steps=10", "--config=configs/experiments/measure_gauges_mlp_cpu.yaml"),
+            cpu_overrides=(
+                "--trainer.accelerator=cpu",
+                "--trainer.log_every_n_steps=10",
+                "--config=configs/experiments/measure_gauges_mlp_cpu.yaml",
+            ),
         ),
     ]
 }

@@ -31,7 +31,13 @@ def run_state(spec: RunSpec, cwd: Path | None = None) -> tuple[str, bool]:
     return str(read_status(folder).get("status", "new")), has_ckpt
 
 
-def run_all(specs: Sequence[RunSpec], cwd: Path | None = None, quiet: bool = False, verbose: bool = False, progress: bool | None = None) -> list[tuple[RunSpec, str]]:
+def run_all(
+    specs: Sequence[RunSpec],
+    cwd: Path | None = None,
+    quiet: bool = False,
+    verbose: bool = False,
+    progress: bool | None = None,
+) -> list[tuple[RunSpec, str]]:
     """Run ``specs`` one after another; returns each run's outcome.
 
     Outcomes: ``ok`` (completed), ``diverged`` (a result, not a failure: its
@@ -73,7 +79,9 @@ def run_all(specs: Sequence[RunSpec], cwd: Path | None = None, quiet: bool = Fal
             status, has_ckpt = run_state(spec, cwd)
             if status in ("completed", "diverged") or stop:
                 outcome = "skipped" if not stop else "not started"
-                bar.write(f"{tag}: {outcome}" + (f" (already {status})" if not stop else " (runner stopped by a signal)"))
+                bar.write(
+                    f"{tag}: {outcome}" + (f" (already {status})" if not stop else " (runner stopped by a signal)")
+                )
                 results.append((spec, outcome))
                 continue
             command = spec.command() + (["--ckpt_path=last"] if has_ckpt else [])
@@ -84,7 +92,14 @@ def run_all(specs: Sequence[RunSpec], cwd: Path | None = None, quiet: bool = Fal
             log_path = (cwd / log) if not log.is_absolute() else log
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with log_path.open("a" if has_ckpt else "w") as out:
-                proc = subprocess.Popen(command, cwd=cwd, stdout=None if verbose else out, stderr=None if verbose else subprocess.STDOUT, env=env, preexec_fn=_die_with_parent(os.getpid()))
+                proc = subprocess.Popen(
+                    command,
+                    cwd=cwd,
+                    stdout=None if verbose else out,
+                    stderr=None if verbose else subprocess.STDOUT,
+                    env=env,
+                    preexec_fn=_die_with_parent(os.getpid()),
+                )
                 child[:] = [proc]
                 returncode = proc.wait()
                 child.clear()

@@ -110,7 +110,16 @@ def logger_override(experiment: str, name: str, runs_dir: str, project: str, csv
     """
     loggers = [
         {"class_path": csv_class, "init_args": {"save_dir": runs_dir, "name": experiment, "version": name}},
-        {"class_path": "bnlightning.loggers.WandbLogger", "init_args": {"project": project, "save_dir": runs_dir, "group": experiment, "name": name, "tags": [experiment]}},
+        {
+            "class_path": "bnlightning.loggers.WandbLogger",
+            "init_args": {
+                "project": project,
+                "save_dir": runs_dir,
+                "group": experiment,
+                "name": name,
+                "tags": [experiment],
+            },
+        },
     ]
     return "--trainer.logger=" + json.dumps(loggers, separators=(",", ":"))
 
@@ -159,7 +168,10 @@ def expand(
         fixed = list(experiment.overrides) + (list(experiment.cpu_overrides) if cpu else [])
         args += [f"--config={config_path(a[len('--config=') :])}" if a.startswith("--config=") else a for a in fixed]
         args += [f"--{k}={_value_text(v)}" for k, v in values.items()]
-        args += [logger_override(name, rname, runs_dir, project), f"--trainer.default_root_dir={runs_dir}/{name}/{rname}"]
+        args += [
+            logger_override(name, rname, runs_dir, project),
+            f"--trainer.default_root_dir={runs_dir}/{name}/{rname}",
+        ]
         args += list(extra)
         specs.append(RunSpec(name, rname, Path(runs_dir) / name / rname, tuple(args)))
     return specs

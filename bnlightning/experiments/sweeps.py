@@ -144,7 +144,9 @@ def sweep_problems(config: Mapping[str, Any]) -> list[str]:
     if command is not None:
         if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
             problems.append("command must be a list of strings")
-        elif not any(c in ("${args}", "${args_no_hyphens}", "${args_json}", "${args_no_boolean_flags}") for c in command):
+        elif not any(
+            c in ("${args}", "${args_no_hyphens}", "${args_json}", "${args_no_boolean_flags}") for c in command
+        ):
             problems.append("command must contain ${args} so the agent can pass the parameters")
     return problems
 
@@ -159,7 +161,13 @@ def _sweep_base_args(config: Mapping[str, Any]) -> list[str]:
     return [config_path(c) if i and tail[i - 1] == "--config" else c for i, c in enumerate(tail)]
 
 
-def expand_sweep(config: Mapping[str, Any], runs_dir: str = "runs", extra: Sequence[str] = (), name: str | None = None, project: str = "bnlightning") -> list[RunSpec]:
+def expand_sweep(
+    config: Mapping[str, Any],
+    runs_dir: str = "runs",
+    extra: Sequence[str] = (),
+    name: str | None = None,
+    project: str = "bnlightning",
+) -> list[RunSpec]:
     """The grid of a sweep as local runs, with the arguments the W&B agent would pass.
 
     The agent turns each parameter into ``--key=value`` (wandb's
@@ -173,18 +181,30 @@ def expand_sweep(config: Mapping[str, Any], runs_dir: str = "runs", extra: Seque
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
     if config.get("method") != "grid":
-        raise ValueError(f"only grid sweeps expand locally; this one is {config.get('method')!r} (use `wandb sweep` + `wandb agent`)")
+        raise ValueError(
+            f"only grid sweeps expand locally; this one is {config.get('method')!r} (use `wandb sweep` + `wandb agent`)"
+        )
     sweep_name = name or str(config.get("name") or "sweep")
     base = _sweep_base_args(config)
     params = config["parameters"]
     keys = list(params)
-    grid = pin_overridden({k: params[k]["values"] if "values" in params[k] else [params[k]["value"]] for k in keys}, extra)
+    grid = pin_overridden(
+        {k: params[k]["values"] if "values" in params[k] else [params[k]["value"]] for k in keys}, extra
+    )
     choices = [grid[k] for k in keys]
     specs = []
     for combo in itertools.product(*choices):
         values = dict(zip(keys, combo))
         agent_args = create_sweep_command_args({"args": {k: {"value": v} for k, v in values.items()}})["args"]
         rname = run_name(values)
-        args = base + agent_args + [logger_override(sweep_name, rname, runs_dir, project), f"--trainer.default_root_dir={runs_dir}/{sweep_name}/{rname}"] + list(extra)
+        args = (
+            base
+            + agent_args
+            + [
+                logger_override(sweep_name, rname, runs_dir, project),
+                f"--trainer.default_root_dir={runs_dir}/{sweep_name}/{rname}",
+            ]
+            + list(extra)
+        )
         specs.append(RunSpec(sweep_name, rname, Path(runs_dir) / sweep_name / rname, tuple(args)))
     return specs

@@ -73,7 +73,9 @@ def check_norm_options(norm: str, norm_layers: list[int] | None, num_layers: int
         return list(range(num_layers))
     bad = [i for i in norm_layers if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"norm_layers index {bad[0]} out of range: this network has {num_layers} {what} layers, so indices run from 0 to {num_layers - 1}")
+        raise ValueError(
+            f"norm_layers index {bad[0]} out of range: this network has {num_layers} {what} layers, so indices run from 0 to {num_layers - 1}"
+        )
     return sorted(set(norm_layers))
 
 
@@ -234,7 +236,9 @@ class BaseModule(pl.LightningModule):
         step = self.global_step
         bad = ~torch.isfinite(loss.detach())
         unset = self._first_bad_step < 0
-        self._first_bad_step.copy_(torch.where(bad & unset, torch.full_like(self._first_bad_step, step), self._first_bad_step))
+        self._first_bad_step.copy_(
+            torch.where(bad & unset, torch.full_like(self._first_bad_step, step), self._first_bad_step)
+        )
         if (step + 1) % self.divergence_check_every_n_steps == 0:
             self._stop_if_diverged()
 
@@ -248,7 +252,11 @@ class BaseModule(pl.LightningModule):
         diverged = self.trainer.strategy.reduce_boolean_decision(first_bad >= 0, all=False)
         if not diverged or self.diverged_at_step is not None:
             return
-        step = int(self.trainer.strategy.reduce(torch.tensor(first_bad if first_bad >= 0 else 2**62, device=self.device), reduce_op="min").item())
+        step = int(
+            self.trainer.strategy.reduce(
+                torch.tensor(first_bad if first_bad >= 0 else 2**62, device=self.device), reduce_op="min"
+            ).item()
+        )
         self.diverged_at_step = step
         self.trainer.should_stop = True
         for logger in self.loggers:

@@ -11,7 +11,12 @@ from bnlightning.models.base import BaseModule, NormPosition, check_dropout, che
 from bnlightning.models.norms import NormKind, make_norm
 
 ActivationKind = Literal["relu", "tanh", "sigmoid", "identity"]
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "identity": nn.Identity}
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "identity": nn.Identity,
+}
 
 
 def build_mlp(

@@ -36,7 +36,9 @@ class BasicBlock(nn.Module):
         )
         if stride != 1 or cin != cout:
             proj = nn.Conv2d(cin, cout, 1, stride=stride, bias=norm == "none")
-            self.shortcut: nn.Module = nn.Sequential(OrderedDict(conv=proj, norm=make_norm(norm, cout, dims=2, affine=affine)))
+            self.shortcut: nn.Module = nn.Sequential(
+                OrderedDict(conv=proj, norm=make_norm(norm, cout, dims=2, affine=affine))
+            )
         else:
             self.shortcut = nn.Identity()
         # SkipInit (De & Smith 2020): the branch starts switched off, as BN's downscaling would make it.
@@ -82,7 +84,18 @@ def build_resnet(
     )
     cin = chans[0]
     for s, cout in enumerate(chans, 1):
-        blocks = [BasicBlock(cin if i == 0 else cout, cout, 2 if (i == 0 and s > 1) else 1, norm, norm_affine, weight_standardization, skipinit) for i in range(n)]
+        blocks = [
+            BasicBlock(
+                cin if i == 0 else cout,
+                cout,
+                2 if (i == 0 and s > 1) else 1,
+                norm,
+                norm_affine,
+                weight_standardization,
+                skipinit,
+            )
+            for i in range(n)
+        ]
         layers[f"stage{s}"] = nn.Sequential(OrderedDict((f"block{i + 1}", b) for i, b in enumerate(blocks)))
         cin = cout
     layers["pool"] = nn.AdaptiveAvgPool2d(1)

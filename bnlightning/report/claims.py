@@ -28,14 +28,39 @@ from typing import Any
 
 import numpy as np
 
-from bnlightning.report.figures import STYLE, Figure, _band, _finish, _log_y, combo_colors, family_settings, plt, subplots, y_label
+from bnlightning.report.figures import (
+    STYLE,
+    Figure,
+    _band,
+    _finish,
+    _log_y,
+    combo_colors,
+    family_settings,
+    plt,
+    subplots,
+    y_label,
+)
 from bnlightning.report.page import markdown_table
-from bnlightning.report.runs import Run, format_value, group_by, group_settings, setting_label, short_key, short_layer, varying_keys
+from bnlightning.report.runs import (
+    Run,
+    format_value,
+    group_by,
+    group_settings,
+    setting_label,
+    short_key,
+    short_layer,
+    varying_keys,
+)
 
 __all__ = ["claim_rows", "draw_claims", "setting_label", "varying_keys", "write_claims_markdown"]
 
 #: Numeric keys that make a good x axis, in order of preference.
-X_KEYS = ("data.init_args.batch_size", "model.init_args.init_gain", "model.init_args.optimizer.init_args.lr", "model.init_args.dropout")
+X_KEYS = (
+    "data.init_args.batch_size",
+    "model.init_args.init_gain",
+    "model.init_args.optimizer.init_args.lr",
+    "model.init_args.dropout",
+)
 
 
 def _mean_last(run: Run, metric: str, n: int = 5) -> float | None:
@@ -62,7 +87,9 @@ def run_results(run: Run) -> dict[str, float | None]:
     for prefix in ("ics/cos/", "ics/rel/"):
         for layer in run.layers(prefix):
             s = run.series(prefix + layer)
-            out[f"median {prefix}{short_layer(layer)}"] = float(np.nanmedian(s[1])) if s is not None and len(s[1]) else None
+            out[f"median {prefix}{short_layer(layer)}"] = (
+                float(np.nanmedian(s[1])) if s is not None and len(s[1]) else None
+            )
     for metric in ("landscape/beta_eff", "landscape/grad_l2_max"):
         s = run.series(metric)
         if s is not None and len(s[1]):
@@ -99,7 +126,12 @@ def claim_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
     for rs in groups.values():
         seeds = ",".join(str(r.seed) for r in sorted(rs, key=lambda r: r.seed if r.seed is not None else -1))
         diverged = sum(r.diverged_at_step is not None for r in rs)
-        rows.append([format_value(k, rs[0].value(k)) for k in keys] + [seeds] + [_fmt(_stats([results[id(r)].get(c) for r in rs])) for c in columns] + [f"{diverged}/{len(rs)}"])
+        rows.append(
+            [format_value(k, rs[0].value(k)) for k in keys]
+            + [seeds]
+            + [_fmt(_stats([results[id(r)].get(c) for r in rs])) for c in columns]
+            + [f"{diverged}/{len(rs)}"]
+        )
     return header, rows
 
 
@@ -136,12 +168,18 @@ def sweep_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: i
             if not pts:
                 continue
             xs, means, _, los, his, div = (np.array(c) for c in zip(*pts))
-            ax.errorbar(xs, means, yerr=[means - los, his - means], fmt="o-", color=color, label=label, capsize=3, lw=1.3, ms=4)
+            ax.errorbar(
+                xs, means, yerr=[means - los, his - means], fmt="o-", color=color, label=label, capsize=3, lw=1.3, ms=4
+            )
             for x, m, d in zip(xs, means, div):
                 if d:
                     ax.plot([x], [m], "x", color=color, ms=10, mew=2)
     axes[0].set_ylabel("final val accuracy (fraction)")
-    axes[1].set_ylabel("final val accuracy, BN in\ntrain mode (fraction)" if second == "val/acc_train_mode" else f"final {y_label('train/loss', runs)}")
+    axes[1].set_ylabel(
+        "final val accuracy, BN in\ntrain mode (fraction)"
+        if second == "val/acc_train_mode"
+        else f"final {y_label('train/loss', runs)}"
+    )
     if second == "train/loss":
         axes[1].set_yscale("log")
     for ax in axes:
@@ -159,25 +197,48 @@ def sweep_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: i
     )
 
 
-def _bar_figure(family: tuple[str, str], runs: Sequence[Run], keys: Sequence[str], out: Path, dpi: int) -> Figure | None:
+def _bar_figure(
+    family: tuple[str, str], runs: Sequence[Run], keys: Sequence[str], out: Path, dpi: int
+) -> Figure | None:
     groups = group_settings(runs, keys)
     labels = [setting_label(rs[0], keys).replace(", ", "\n") for rs in groups.values()]
     # Side by side up to three settings; beyond, one panel per row so the tick labels fit.
     stacked = len(groups) > 3
-    fig, axes = subplots(2, 1, max(8.0, 1.7 * len(groups)), 3.5) if stacked else subplots(1, 2, max(4.0, 1.6 * len(groups)), 3.8)
+    fig, axes = (
+        subplots(2, 1, max(8.0, 1.7 * len(groups)), 3.5)
+        if stacked
+        else subplots(1, 2, max(4.0, 1.6 * len(groups)), 3.8)
+    )
     colors = {id(s.runs[0]): s.color for s in family_settings(runs)}  # each setting's colour in the curve figures
-    panels = (("val acc", "final val accuracy", "val accuracy (fraction)"), ("train - val acc", "train acc (last 5 logs) - val acc", "accuracy gap (fraction)"))
+    panels = (
+        ("val acc", "final val accuracy", "val accuracy (fraction)"),
+        ("train - val acc", "train acc (last 5 logs) - val acc", "accuracy gap (fraction)"),
+    )
     for ax, (metric, title, ylabel) in zip(axes.flat, panels):
         sts = [_stats([run_results(r)[metric] for r in rs]) for rs in groups.values()]
         xs = np.arange(len(sts))
         means = np.array([s[0] if s else np.nan for s in sts])
         lo = np.array([s[0] - s[2] if s else 0 for s in sts])
         hi = np.array([s[3] - s[0] if s else 0 for s in sts])
-        ax.bar(xs, means, yerr=[lo, hi], color=[colors.get(id(rs[0]), "C0") for rs in groups.values()], capsize=4, alpha=0.8)
+        ax.bar(
+            xs,
+            means,
+            yerr=[lo, hi],
+            color=[colors.get(id(rs[0]), "C0") for rs in groups.values()],
+            capsize=4,
+            alpha=0.8,
+        )
         for x, rs in zip(xs, groups.values()):
             diverged = sum(r.diverged_at_step is not None for r in rs)
             if diverged:  # a diverged run's accuracy is chance: say why the bar is low
-                ax.annotate(f"{diverged}/{len(rs)} diverged", (x, 0), xytext=(0, 3), textcoords="offset points", ha="center", color="k")
+                ax.annotate(
+                    f"{diverged}/{len(rs)} diverged",
+                    (x, 0),
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                    ha="center",
+                    color="k",
+                )
         ax.set_xticks(xs, labels)
         ax.set_title(title)
         ax.set_ylabel(ylabel)
@@ -195,7 +256,10 @@ def _bar_figure(family: tuple[str, str], runs: Sequence[Run], keys: Sequence[str
 
 def meanshift_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
     """Mean cosine between examples and per-channel mean, per layer over depth, at the first measurement."""
-    layers = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith("meanshift/") and n.endswith("/cos")}, key=_block_key)
+    layers = sorted(
+        {n.split("/")[1] for r in runs for n in r.metrics if n.startswith("meanshift/") and n.endswith("/cos")},
+        key=_block_key,
+    )
     if not layers:
         return None
     fig, axes = subplots(1, 2, 5.0, 3.4)
@@ -223,7 +287,10 @@ def meanshift_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
 
 def residual_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
     """var(branch) / var(skip) per residual block over depth, at the first measurement (claim 8)."""
-    blocks = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith("resvar/") and n.endswith("/ratio")}, key=_block_key)
+    blocks = sorted(
+        {n.split("/")[1] for r in runs for n in r.metrics if n.startswith("resvar/") and n.endswith("/ratio")},
+        key=_block_key,
+    )
     if not blocks:
         return None
     fig, axes = subplots(1, 1, 7.0, 3.4)
@@ -262,7 +329,10 @@ def measures_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
     keys = varying_keys(runs)
     layers = sorted({layer for r in runs for layer in r.layers("ics/rel/")}, key=_block_key)
     panels = [(f"ics/rel/{layer}", f"ICS — {short_layer(layer)}") for layer in layers]
-    landscape = (("landscape/beta_eff", "effective beta-smoothness"), ("landscape/grad_l2_max", "gradient predictiveness max ||g - g'||"))
+    landscape = (
+        ("landscape/beta_eff", "effective beta-smoothness"),
+        ("landscape/grad_l2_max", "gradient predictiveness max ||g - g'||"),
+    )
     panels += [(m, t) for m, t in landscape if any(r.series(m) is not None for r in runs)]
     if not panels or all(k in PAPER_KEYS for k in keys):
         return None
@@ -289,7 +359,9 @@ def measures_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
 
 def _block_key(name: str) -> tuple[int, ...]:
     """Natural order by every number in the name: ``net.stage2.block10`` -> (2, 10); ``relu13`` -> (13,)."""
-    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in name.split(".") if any(c.isdigit() for c in part))
+    return tuple(
+        int("".join(c for c in part if c.isdigit()) or 0) for part in name.split(".") if any(c.isdigit() for c in part)
+    )
 
 
 def _first(run: Run, metric: str) -> float | None:
@@ -344,10 +416,21 @@ def write_claims_markdown(runs: Sequence[Run], out: Path) -> Path:
 def _meanshift_table(runs: Sequence[Run]) -> str:
     """First, middle and last measured layer of each setting (settings may differ in depth)."""
     keys = varying_keys(runs)
-    header = [short_key(k) for k in keys] + ["seeds", "layers", "cos first", "cos middle", "cos last", "channel mean last", "majority share"]
+    header = [short_key(k) for k in keys] + [
+        "seeds",
+        "layers",
+        "cos first",
+        "cos middle",
+        "cos last",
+        "channel mean last",
+        "majority share",
+    ]
     rows = []
     for rs in group_settings(runs, keys).values():
-        own = sorted({n.split("/")[1] for r in rs for n in r.metrics if n.startswith("meanshift/") and n.endswith("/cos")}, key=_block_key)
+        own = sorted(
+            {n.split("/")[1] for r in rs for n in r.metrics if n.startswith("meanshift/") and n.endswith("/cos")},
+            key=_block_key,
+        )
         if not own:
             continue
         picks = [own[0], own[len(own) // 2], own[-1]]
@@ -355,13 +438,19 @@ def _meanshift_table(runs: Sequence[Run]) -> str:
             [format_value(k, rs[0].value(k)) for k in keys]
             + [",".join(str(r.seed) for r in rs), f"{short_layer(own[0])} … {short_layer(own[-1])} ({len(own)})"]
             + [_fmt(_stats([_first(r, f"meanshift/{n}/cos") for r in rs])) for n in picks]
-            + [_fmt(_stats([_first(r, f"meanshift/{own[-1]}/channel_mean") for r in rs])), _fmt(_stats([_first(r, "meanshift/majority_share") for r in rs]))]
+            + [
+                _fmt(_stats([_first(r, f"meanshift/{own[-1]}/channel_mean") for r in rs])),
+                _fmt(_stats([_first(r, "meanshift/majority_share") for r in rs])),
+            ]
         )
     return markdown_table(header, rows)
 
 
 def _residual_table(runs: Sequence[Run]) -> str:
-    blocks = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith("resvar/") and n.endswith("/ratio")}, key=_block_key)
+    blocks = sorted(
+        {n.split("/")[1] for r in runs for n in r.metrics if n.startswith("resvar/") and n.endswith("/ratio")},
+        key=_block_key,
+    )
     keys = varying_keys(runs)
     header = [short_key(k) for k in keys] + ["seeds", "blocks", "ratio first block", "ratio last block", "median ratio"]
     rows = []

@@ -60,7 +60,12 @@ def _guard(body: Callable[[], int]) -> int:
 
 
 def report_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m bnlightning report", description="Draw the paper's figures from local run logs.", epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="python -m bnlightning report",
+        description="Draw the paper's figures from local run logs.",
+        epilog=REPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIRS", help="run folders or folders to search recursively")
     p.add_argument("--out", required=True, help="output folder for the PNGs, report.md and index.html")
     p.add_argument("--title", default="bnlightning report", help="page title")
@@ -83,7 +88,9 @@ def report_main(argv: Sequence[str]) -> int:
         runs, incomplete = split_runs(load_runs(args.run_dirs))
         runs, repeats = drop_repeated_seeds(runs)
         if not runs:
-            raise FileNotFoundError(f"no finished run under {' '.join(args.run_dirs)} ({len(incomplete)} incomplete: resume them with --ckpt_path last)")
+            raise FileNotFoundError(
+                f"no finished run under {' '.join(args.run_dirs)} ({len(incomplete)} incomplete: resume them with --ckpt_path last)"
+            )
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"--out {out} exists and is not a folder")
@@ -98,7 +105,9 @@ def report_main(argv: Sequence[str]) -> int:
         diverged = [r for r in runs if r.diverged_at_step is not None]
         extra = f"; {len(incomplete)} incomplete runs listed apart, not averaged" if incomplete else ""
         extra += f"; {len(repeats)} repeated seeds listed apart, not counted twice" if repeats else ""
-        print(f"bnlightning report: {len(runs)} runs ({len(diverged)} diverged){extra}, {len(figures)} figures -> {md}, {page}")
+        print(
+            f"bnlightning report: {len(runs)} runs ({len(diverged)} diverged){extra}, {len(figures)} figures -> {md}, {page}"
+        )
         return 0
 
     return _guard(body)
@@ -113,12 +122,29 @@ def wandb_report_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--entity", required=True, help="W&B entity (user or team)")
     p.add_argument("--project", required=True, help="W&B project holding the runs")
-    p.add_argument("--title", default="bnlightning: how does BatchNorm help optimization?", help="report title (max 128 characters)")
-    p.add_argument("--group", action="append", default=None, help="W&B run group (experiment name) to show as its own runset; repeatable; default: all runs")
+    p.add_argument(
+        "--title",
+        default="bnlightning: how does BatchNorm help optimization?",
+        help="report title (max 128 characters)",
+    )
+    p.add_argument(
+        "--group",
+        action="append",
+        default=None,
+        help="W&B run group (experiment name) to show as its own runset; repeatable; default: all runs",
+    )
     p.add_argument("--dry-run", action="store_true", help="build the spec offline and print it instead of saving")
-    p.add_argument("--spec-out", default=None, help="with --dry-run: write the spec JSON to this file instead of stdout")
+    p.add_argument(
+        "--spec-out", default=None, help="with --dry-run: write the spec JSON to this file instead of stdout"
+    )
     p.add_argument("--draft", action="store_true", help="save as a draft")
-    p.add_argument("--runs", nargs="+", default=None, metavar="DIR", help="local run folders whose metrics.csv names the measured layers: one panel per group of layers (default: runs/ if present)")
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="local run folders whose metrics.csv names the measured layers: one panel per group of layers (default: runs/ if present)",
+    )
     return p
 
 
@@ -150,14 +176,18 @@ def wandb_report_main(argv: Sequence[str]) -> int:
             text = json.dumps(spec, indent=1)
             if args.spec_out:
                 Path(args.spec_out).write_text(text)
-                print(f"bnlightning wandb-report: spec written to {args.spec_out} (not saved; run without --dry-run to save)")
+                print(
+                    f"bnlightning wandb-report: spec written to {args.spec_out} (not saved; run without --dry-run to save)"
+                )
             else:
                 print(text)
             return 0
         from bnlightning.loggers import wandb_credentials_found
 
         if not wandb_credentials_found():
-            raise ValueError("saving a W&B report needs a W&B account: run `wandb login` (or set WANDB_API_KEY), or use --dry-run")
+            raise ValueError(
+                "saving a W&B report needs a W&B account: run `wandb login` (or set WANDB_API_KEY), or use --dry-run"
+            )
         report = build_report(args.entity, args.project, args.title, args.group, link_runsets=True, layers=layers)
         try:
             report.save(draft=args.draft)

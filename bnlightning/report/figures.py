@@ -40,7 +40,17 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.text import Text
 
-from bnlightning.report.runs import LR_KEY, NORM_KEY, Run, aggregate, group_by, group_settings, setting_label, short_layer, varying_keys
+from bnlightning.report.runs import (
+    LR_KEY,
+    NORM_KEY,
+    Run,
+    aggregate,
+    group_by,
+    group_settings,
+    setting_label,
+    short_layer,
+    varying_keys,
+)
 
 NORM_COLORS: dict[str, str] = {
     "standard": "tab:blue",
@@ -57,7 +67,15 @@ LR_STYLES = ["-", "--", "-.", ":"]
 
 #: Text sizes (points) of every figure: at the page's display size (the figure's inches at
 #: 96 CSS px per inch, see ``page.py``) tick labels are 12 px, never below ``MIN_FONT_PT``.
-STYLE: dict[Any, Any] = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9, "legend.fontsize": 9, "figure.titlesize": 11}
+STYLE: dict[Any, Any] = {
+    "font.size": 10,
+    "axes.titlesize": 10,
+    "axes.labelsize": 10,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "legend.fontsize": 9,
+    "figure.titlesize": 11,
+}
 MIN_FONT_PT = 9.0
 #: Widest figure (inches): wider ones would be shrunk on a 1280 px screen until their text is unreadable.
 MAX_WIDTH_IN = 13.0
@@ -114,7 +132,10 @@ def combo_colors(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple[str, ..
     """One colour per combination of ``keys``' values: norms keep their paper colours, else a palette in setting order."""
     groups = group_settings(runs, keys)
     if all(k == NORM_KEY for k in keys):
-        return {k: NORM_COLORS.get(rs[0].norm_label.split(" @")[0], f"C{i % 10}") for i, (k, rs) in enumerate(groups.items())}
+        return {
+            k: NORM_COLORS.get(rs[0].norm_label.split(" @")[0], f"C{i % 10}")
+            for i, (k, rs) in enumerate(groups.items())
+        }
     cmap = "tab10" if len(groups) <= 10 else "tab20"
     colors = plt.get_cmap(cmap).colors  # type: ignore[attr-defined]  # tab10/tab20 are ListedColormaps
     return {k: matplotlib.colors.to_hex(colors[i % len(colors)]) for i, k in enumerate(groups)}
@@ -141,7 +162,11 @@ def loss_label(runs: Sequence[Run]) -> str:
     """The y-axis label of a loss, with its unit (from the model's ``loss`` setting)."""
     kinds = {str(r.model_args.get("loss", "cross_entropy")) for r in runs}
     kind = kinds.pop() if len(kinds) == 1 else "mixed"
-    return {"cross_entropy": "loss (cross-entropy, nats)", "mse": "loss (mean squared error)", "sum_squared": "loss (sum of squared errors)"}.get(kind, "loss")
+    return {
+        "cross_entropy": "loss (cross-entropy, nats)",
+        "mse": "loss (mean squared error)",
+        "sum_squared": "loss (sum of squared errors)",
+    }.get(kind, "loss")
 
 
 #: y-axis labels with units, by metric (``{loss}`` is filled with :func:`loss_label`).
@@ -176,7 +201,9 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.concatenate([head, np.convolve(values, kernel, mode="valid")])
 
 
-def _band(ax: Axes, runs: Sequence[Run], metric: str, color: str, label: str, style: str = "-", smooth: int = 1) -> bool:
+def _band(
+    ax: Axes, runs: Sequence[Run], metric: str, color: str, label: str, style: str = "-", smooth: int = 1
+) -> bool:
     """Mean over seeds with a min-max band; crosses where seeds diverged. False if nothing to draw."""
     agg = aggregate(runs, metric)
     if agg is None:
@@ -223,7 +250,9 @@ def _one_legend(fig: plt.Figure) -> float:
     return legend.get_window_extent().height / fig.dpi + 0.1
 
 
-def _finish(fig: plt.Figure, out: Path, family: tuple[str, str], kind: str, title: str, caption: str, dpi: int) -> Figure:
+def _finish(
+    fig: plt.Figure, out: Path, family: tuple[str, str], kind: str, title: str, caption: str, dpi: int
+) -> Figure:
     """One legend, readable text, title (``{model}``/``{dataset}`` filled in); save as ``<family>_<kind>.png``, close."""
     model, dataset = family
     path = out / f"{family_slug(family)}_{kind}.png"
@@ -241,7 +270,14 @@ def _finish(fig: plt.Figure, out: Path, family: tuple[str, str], kind: str, titl
     size = (float(fig.get_figwidth()), float(fig.get_figheight()))
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
-    return Figure(path, caption.format(model=model, dataset=dataset), family, size, dpi, min(float(t.get_fontsize()) for t in texts))
+    return Figure(
+        path,
+        caption.format(model=model, dataset=dataset),
+        family,
+        size,
+        dpi,
+        min(float(t.get_fontsize()) for t in texts),
+    )
 
 
 def _positive(ax: Axes) -> np.ndarray:
@@ -264,7 +300,9 @@ def _log_if_wide(ax: Axes) -> None:
 
 def accuracy_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
     """Train/val accuracy and train loss over steps, one column per (configured) learning rate, one y-range per row."""
-    metrics = [m for m in ("train/acc", "val/acc", "train/loss", "val/loss") if any(r.series(m) is not None for r in runs)]
+    metrics = [
+        m for m in ("train/acc", "val/acc", "train/loss", "val/loss") if any(r.series(m) is not None for r in runs)
+    ]
     if "train/acc" in metrics:
         metrics = [m for m in metrics if m != "val/loss"]  # accuracy tells the story; keep the figure small
     if not metrics:
@@ -351,7 +389,11 @@ def landscape_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
     _log_if_wide(band_ax)
     grad_ax.set_title("gradient predictiveness")
     beta_ax.set_title("effective beta-smoothness")
-    for ax, metric in ((band_ax, "landscape/loss"), (grad_ax, "landscape/grad_l2_max"), (beta_ax, "landscape/beta_eff")):
+    for ax, metric in (
+        (band_ax, "landscape/loss"),
+        (grad_ax, "landscape/grad_l2_max"),
+        (beta_ax, "landscape/beta_eff"),
+    ):
         ax.set_ylabel(y_label(metric, runs))
         ax.set_xlabel("training step")
     for ax in (grad_ax, beta_ax):

@@ -33,7 +33,11 @@ def optimizer_name(run: Run) -> str:
 
 
 def gauge_label(run: Run) -> str:
-    return f"{run.norm_label}, {optimizer_name(run)} η={run.lr:g}" if run.lr is not None else f"{run.norm_label}, {optimizer_name(run)}"
+    return (
+        f"{run.norm_label}, {optimizer_name(run)} η={run.lr:g}"
+        if run.lr is not None
+        else f"{run.norm_label}, {optimizer_name(run)}"
+    )
 
 
 def _settings(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
@@ -85,7 +89,15 @@ def curvature_gauges_figure(family: tuple[str, str], runs: Sequence[Run], out: P
 
 
 def _layers(runs: Sequence[Run]) -> list[str]:
-    return sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith("gradact/") and n.endswith("/norm") and not n.endswith("input_norm")}, key=_block_key)
+    return sorted(
+        {
+            n.split("/")[1]
+            for r in runs
+            for n in r.metrics
+            if n.startswith("gradact/") and n.endswith("/norm") and not n.endswith("input_norm")
+        },
+        key=_block_key,
+    )
 
 
 def _mean_of(run: Run, metric: str) -> float:
@@ -110,7 +122,9 @@ def gradact_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi:
             bound = np.nanmean([[_mean_of(r, f"gradact/{n}/bound") for n in own] for r in rs], 0)
             axes[1].plot(depth, inp, "o-", color=f"C{i % 10}", label=label + " ‖∂L/∂x‖", ms=3)
             axes[1].plot(depth, bound, "x--", color=f"C{i % 10}", label="Thm 4.1 bound", ms=5)
-    _style(axes[0], "normalization layer (or its position), input to output", "‖∂L/∂y‖, mean over measurements", log=True)
+    _style(
+        axes[0], "normalization layer (or its position), input to output", "‖∂L/∂y‖, mean over measurements", log=True
+    )
     _style(axes[1], "BN layer, input to output", "‖∂L/∂x‖ at BN's input and its bound", log=True)
     for ax in axes:
         ax.legend(fontsize=6)
@@ -147,7 +161,9 @@ def sld_nodes(run: Run, mode: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Ritz values and weights of the last SLQ measurement in ``mode`` (``train`` or ``running``)."""
     nodes, weights = [], []
     i = 0
-    while (n := run.series(f"sld/{mode}/node_{i}")) is not None and (w := run.series(f"sld/{mode}/weight_{i}")) is not None:
+    while (n := run.series(f"sld/{mode}/node_{i}")) is not None and (
+        w := run.series(f"sld/{mode}/weight_{i}")
+    ) is not None:
         nodes.append(n[1][-1])
         weights.append(w[1][-1])
         i += 1
@@ -173,7 +189,14 @@ def sld_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int
             n_starts = max(float(weights.sum()), 1e-12)
             dens = dens / (n_starts * sigma * np.sqrt(2 * np.pi))
             hvps = run.final(f"sld/{mode}/hvps")
-            ax.plot(grid, np.maximum(dens, 1e-12), style, label=f"norms on {'batch' if mode == 'train' else 'running'} statistics" + (f" ({hvps:.0f} HVPs)" if hvps else ""), lw=1.2)
+            ax.plot(
+                grid,
+                np.maximum(dens, 1e-12),
+                style,
+                label=f"norms on {'batch' if mode == 'train' else 'running'} statistics"
+                + (f" ({hvps:.0f} HVPs)" if hvps else ""),
+                lw=1.2,
+            )
         _style(ax, "eigenvalue λ", "density (σ = 1% of max |λ|)", log=True)
         ax.set_ylim(bottom=1e-6)
         ax.set_title(label, fontsize=8)
@@ -200,7 +223,18 @@ def draw_gauges(runs: Sequence[Run], out: Path, dpi: int = 90) -> list[Figure]:
 
 def gauges_table(runs: Sequence[Run]) -> str:
     """One row per setting: the gauges' medians over the measurements (the numbers the verdicts quote)."""
-    header = ["setting", "seeds", "gᵀHg/‖g‖²", "uᵀHu/‖u‖²", "sharpness ratio", "predicted / actual Δloss", "‖∂L/∂y‖ first … last", "η/‖W‖² last", "angle last", "λmax train / running (SLQ)"]
+    header = [
+        "setting",
+        "seeds",
+        "gᵀHg/‖g‖²",
+        "uᵀHu/‖u‖²",
+        "sharpness ratio",
+        "predicted / actual Δloss",
+        "‖∂L/∂y‖ first … last",
+        "η/‖W‖² last",
+        "angle last",
+        "λmax train / running (SLQ)",
+    ]
     rows = []
     for label, rs in _settings(runs):
         r = rs[0]
@@ -213,12 +247,21 @@ def gauges_table(runs: Sequence[Run]) -> str:
         eff = sorted({n.split("/")[1] for n in r.metrics if n.startswith("efflr/")}, key=_block_key)
         predicted, actual = r.series("hessian/predicted_change"), r.series("hessian/actual_change")
         ratio = np.nanmedian(predicted[1] / actual[1]) if predicted is not None and actual is not None else float("nan")
-        grads = f"{_mean_of(r, f'gradact/{layers[0]}/norm'):.3g} … {_mean_of(r, f'gradact/{layers[-1]}/norm'):.3g}" if layers else "—"
+        grads = (
+            f"{_mean_of(r, f'gradact/{layers[0]}/norm'):.3g} … {_mean_of(r, f'gradact/{layers[-1]}/norm'):.3g}"
+            if layers
+            else "—"
+        )
         rows.append(
             [label, ",".join(str(x.seed) for x in rs)]
-            + [f"{med(m):.3g}" for m in ("hessian/grad_curvature", "hessian/update_curvature", "hessian/sharpness_ratio")]
+            + [
+                f"{med(m):.3g}"
+                for m in ("hessian/grad_curvature", "hessian/update_curvature", "hessian/sharpness_ratio")
+            ]
             + [f"{ratio:.3g}", grads]
             + ([f"{med(f'efflr/{eff[-1]}/lr'):.3g}", f"{med(f'efflr/{eff[-1]}/angle'):.3g}"] if eff else ["—", "—"])
-            + [f"{r.final('sld/train/lambda_max') or float('nan'):.3g} / {r.final('sld/running/lambda_max') or float('nan'):.3g}"]
+            + [
+                f"{r.final('sld/train/lambda_max') or float('nan'):.3g} / {r.final('sld/running/lambda_max') or float('nan'):.3g}"
+            ]
         )
     return markdown_table(header, rows)

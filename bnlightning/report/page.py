@@ -101,7 +101,18 @@ def run_rows(runs: Sequence[Run], base: Path) -> list[list[str]]:
         for r in rs:
             d = r.diverged_at_step
             label = setting_label(r, keys[fam]) if keys[fam] else r.norm_label
-            rows.append([_name(r, base), label, str(r.seed), str(r.steps), _lr_text(r), _fmt(r.final("val/acc")), _fmt(r.final("train/loss")), f"**{d}**" if d is not None else "—"])
+            rows.append(
+                [
+                    _name(r, base),
+                    label,
+                    str(r.seed),
+                    str(r.steps),
+                    _lr_text(r),
+                    _fmt(r.final("val/acc")),
+                    _fmt(r.final("train/loss")),
+                    f"**{d}**" if d is not None else "—",
+                ]
+            )
     return rows
 
 
@@ -125,7 +136,17 @@ REPEAT_HEADER = ["run", "seed", "status", "steps", "final val acc", "counted ins
 def repeat_rows(repeats: Sequence[Run], kept: Sequence[Run], base: Path) -> list[list[str]]:
     """Runs of a seed that was run again: the newer run counts, these are listed only."""
     newest = {r.repeat_id: r for r in kept}
-    return [[_name(r, base), str(r.seed), r.status, str(r.steps), _fmt(r.final("val/acc")), _name(newest[r.repeat_id], base) if r.repeat_id in newest else "—"] for r in repeats]
+    return [
+        [
+            _name(r, base),
+            str(r.seed),
+            r.status,
+            str(r.steps),
+            _fmt(r.final("val/acc")),
+            _name(newest[r.repeat_id], base) if r.repeat_id in newest else "—",
+        ]
+        for r in repeats
+    ]
 
 
 def _name(run: Run, base: Path) -> str:
@@ -143,7 +164,14 @@ REPEATS_TITLE = "Repeated seeds (the same setting and seed run again: only the n
 INCOMPLETE_TITLE = "Incomplete runs (not in the tables or figures above)"
 
 
-def write_markdown(runs: Sequence[Run], figures: Sequence[Figure], out: Path, title: str, incomplete: Sequence[Run] = (), repeats: Sequence[Run] = ()) -> Path:
+def write_markdown(
+    runs: Sequence[Run],
+    figures: Sequence[Figure],
+    out: Path,
+    title: str,
+    incomplete: Sequence[Run] = (),
+    repeats: Sequence[Run] = (),
+) -> Path:
     """``report.md``: tables, then each figure (relative links); ``incomplete`` runs and ``repeats`` in tables of their own."""
     parts = [f"# {title}", "", INTRO.format(n=len(runs)), "", "## Final results per setting", ""]
     for family, header, rows in summary_tables(runs):
@@ -185,22 +213,39 @@ def _figure_card(fig: Figure) -> str:
     return f"<figure><img src='data:image/png;base64,{data}'{size} alt='{caption}'><figcaption>{caption}</figcaption></figure>"
 
 
-def write_html(runs: Sequence[Run], figures: Sequence[Figure], out: Path, title: str, incomplete: Sequence[Run] = (), repeats: Sequence[Run] = ()) -> Path:
+def write_html(
+    runs: Sequence[Run],
+    figures: Sequence[Figure],
+    out: Path,
+    title: str,
+    incomplete: Sequence[Run] = (),
+    repeats: Sequence[Run] = (),
+) -> Path:
     """``index.html``: the same content with the PNGs embedded, each at its physical size (96 px per inch)."""
     style = (
         "body{font-family:sans-serif;margin:1.5em;max-width:1800px}"
         "table{border-collapse:collapse;font-size:13px;margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:3px 7px}"
         ".bad{color:#b00;font-weight:bold}figure{margin:0 0 1.5em 0}img{max-width:100%;height:auto}figcaption{font-size:13px;color:#444}"
     )
-    summaries = "".join(f"<h3>{html.escape(family)}</h3>{_html_table(header, rows)}" for family, header, rows in summary_tables(runs))
+    summaries = "".join(
+        f"<h3>{html.escape(family)}</h3>{_html_table(header, rows)}" for family, header, rows in summary_tables(runs)
+    )
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>{html.escape(INTRO.format(n=len(runs)))}</p>"
         f"<h2>Final results per setting</h2>{summaries}"
         f"<h2>Figures</h2>{''.join(_figure_card(f) for f in figures)}"
         f"<h2>Runs</h2>{_html_table(RUN_HEADER, run_rows(runs, out))}"
-        + (f"<h2>{html.escape(REPEATS_TITLE)}</h2>{_html_table(REPEAT_HEADER, repeat_rows(repeats, runs, out))}" if repeats else "")
-        + (f"<h2>{html.escape(INCOMPLETE_TITLE)}</h2>{_html_table(INCOMPLETE_HEADER, incomplete_rows(incomplete, out))}" if incomplete else "")
+        + (
+            f"<h2>{html.escape(REPEATS_TITLE)}</h2>{_html_table(REPEAT_HEADER, repeat_rows(repeats, runs, out))}"
+            if repeats
+            else ""
+        )
+        + (
+            f"<h2>{html.escape(INCOMPLETE_TITLE)}</h2>{_html_table(INCOMPLETE_HEADER, incomplete_rows(incomplete, out))}"
+            if incomplete
+            else ""
+        )
         + "</body></html>"
     )
     path = out / "index.html"

@@ -73,7 +73,11 @@ def _get(tree: Any, dotted: str, default: Any = None) -> Any:
 
 
 #: Short names of keys in tables and legends (others: the last part of the dotted key).
-SHORT_KEYS = {"model.init_args.optimizer.init_args.lr": "lr", "trainer.callbacks": "callbacks", "data.init_args.batch_size": "batch_size"}
+SHORT_KEYS = {
+    "model.init_args.optimizer.init_args.lr": "lr",
+    "trainer.callbacks": "callbacks",
+    "data.init_args.batch_size": "batch_size",
+}
 LR_KEY = "model.init_args.optimizer.init_args.lr"
 NORM_KEY = "model.init_args.norm"
 
@@ -431,7 +435,10 @@ def group_settings(runs: Iterable[Run], keys: Sequence[str] | None = None) -> di
                 out.append((1, 0, str(v)))
         return tuple(out)
 
-    return {k: sorted(rs, key=lambda r: (r.seed if r.seed is not None else -1, str(r.path))) for k, rs in sorted(groups.items(), key=lambda kv: order(kv[1]))}
+    return {
+        k: sorted(rs, key=lambda r: (r.seed if r.seed is not None else -1, str(r.path)))
+        for k, rs in sorted(groups.items(), key=lambda kv: order(kv[1]))
+    }
 
 
 def layer_sort_key(name: str) -> tuple[int, str]:
@@ -552,7 +559,10 @@ def drop_repeated_seeds(runs: Iterable[Run]) -> tuple[list[Run], list[Run]]:
     repeats = [r for r in runs if id(r) not in kept_ids]
     for r in repeats:
         keep = newest[r.repeat_id]
-        warnings.warn(f"{r.path}: seed {r.seed} of this setting was run again in {keep.path}; counting only the newer run", stacklevel=2)
+        warnings.warn(
+            f"{r.path}: seed {r.seed} of this setting was run again in {keep.path}; counting only the newer run",
+            stacklevel=2,
+        )
     return [r for r in runs if id(r) in kept_ids], repeats
 
 
@@ -561,7 +571,12 @@ def group_by(runs: Iterable[Run], key: str) -> dict[Any, list[Run]]:
     groups: dict[Any, list[Run]] = {}
     for run in runs:
         groups.setdefault(getattr(run, key), []).append(run)
-    order = sorted(groups, key=lambda k: tuple((0, x) if isinstance(x, (int, float)) else (1, str(x)) for x in (k if isinstance(k, tuple) else (k,))))
+    order = sorted(
+        groups,
+        key=lambda k: tuple(
+            (0, x) if isinstance(x, (int, float)) else (1, str(x)) for x in (k if isinstance(k, tuple) else (k,))
+        ),
+    )
     return {k: sorted(groups[k], key=lambda r: (r.seed if r.seed is not None else -1, str(r.path))) for k in order}
 
 

@@ -51,10 +51,19 @@ LAYERS_PER_PANEL = 4
 
 #: Per-layer metric families: key prefix -> the part of the key after ``<prefix>/<layer>/`` (None:
 #: the key is ``<prefix>/<layer>``). Used to find layer names in logged keys and to build panels.
-LAYER_FAMILIES: dict[str, str | None] = {"ics/l2": None, "ics/cos": None, "ics/rel": None, "act": "q15", "meanshift": "cos", "resvar": "ratio"}
+LAYER_FAMILIES: dict[str, str | None] = {
+    "ics/l2": None,
+    "ics/cos": None,
+    "ics/rel": None,
+    "act": "q15",
+    "meanshift": "cos",
+    "resvar": "ratio",
+}
 
 
-def _line(title: str, y: list[Any] | None = None, regex: str | None = None, log_y: bool = False, y_title: str = "") -> wr.LinePlot:
+def _line(
+    title: str, y: list[Any] | None = None, regex: str | None = None, log_y: bool = False, y_title: str = ""
+) -> wr.LinePlot:
     """A line plot over the trainer's step, aggregated over seeds (mean, min-max band), axes titled."""
     return wr.LinePlot(
         title=title,
@@ -99,7 +108,9 @@ def layers_in(keys: Iterable[str]) -> dict[str, list[str]]:
     return found
 
 
-def _per_layer(title: str, family: str, pattern: str, layers: Sequence[str] | None, log_y: bool, y_title: str) -> list[wr.LinePlot]:
+def _per_layer(
+    title: str, family: str, pattern: str, layers: Sequence[str] | None, log_y: bool, y_title: str
+) -> list[wr.LinePlot]:
     """One panel per group of layers (``<family>/<layer>`` keys), or one regex panel over all layers when none are known.
 
     ``pattern`` is the key after ``<family>/<layer>``: ``""`` or e.g. ``"/q(15|50|85)"``.
@@ -110,7 +121,9 @@ def _per_layer(title: str, family: str, pattern: str, layers: Sequence[str] | No
     for group in layer_groups(layers):
         names = "|".join(re.escape(layer) for layer in group)
         span = group[0] if len(group) == 1 else f"{group[0]} … {group[-1]}"
-        panels.append(_line(f"{title}: {span}", regex=f"{re.escape(family)}/({names}){pattern}$", log_y=log_y, y_title=y_title))
+        panels.append(
+            _line(f"{title}: {span}", regex=f"{re.escape(family)}/({names}){pattern}$", log_y=log_y, y_title=y_title)
+        )
     return panels
 
 
@@ -131,7 +144,12 @@ def panel_sections(layers: Mapping[str, Sequence[str]] | None = None) -> list[tu
                 _line("train accuracy", ["train/acc"], y_title="accuracy (fraction)"),
                 _line("validation accuracy", ["val/acc"], y_title="accuracy (fraction)"),
                 _line("train loss", ["train/loss"], log_y=True, y_title="training loss (log)"),
-                wr.BarPlot(title="diverged at step (runs that diverged)", metrics=["diverged_at_step"], title_x="optimizer step of the first non-finite loss", layout=wr.Layout(w=8, h=6)),
+                wr.BarPlot(
+                    title="diverged at step (runs that diverged)",
+                    metrics=["diverged_at_step"],
+                    title_x="optimizer step of the first non-finite loss",
+                    layout=wr.Layout(w=8, h=6),
+                ),
             ],
         ),
         (
@@ -140,15 +158,27 @@ def panel_sections(layers: Mapping[str, Sequence[str]] | None = None) -> list[tu
             [
                 *_per_layer("ICS ||G - G'||_2", "ics/l2", "", known.get("ics/l2"), True, "||G - G'||_2 (log)"),
                 *_per_layer("ICS cos(G, G')", "ics/cos", "", known.get("ics/cos"), False, "cos(G, G') (1 = no shift)"),
-                *_per_layer("ICS ||G - G'|| / ||G||", "ics/rel", "", known.get("ics/rel"), True, "||G - G'|| / ||G|| (log)"),
+                *_per_layer(
+                    "ICS ||G - G'|| / ||G||", "ics/rel", "", known.get("ics/rel"), True, "||G - G'|| / ||G|| (log)"
+                ),
             ],
         ),
         (
             "Loss landscape",
             "Loss along the gradient (min and max over step sizes), gradient predictiveness and effective beta-smoothness (Fig. 4).",
             [
-                _line("loss landscape (min, max)", ["landscape/loss_min", "landscape/loss_max"], log_y=True, y_title="loss along -g (log)"),
-                _line("gradient predictiveness", ["landscape/grad_l2_max"], log_y=True, y_title="max_s ||g - g(w - s g)||_2 (log)"),
+                _line(
+                    "loss landscape (min, max)",
+                    ["landscape/loss_min", "landscape/loss_max"],
+                    log_y=True,
+                    y_title="loss along -g (log)",
+                ),
+                _line(
+                    "gradient predictiveness",
+                    ["landscape/grad_l2_max"],
+                    log_y=True,
+                    y_title="max_s ||g - g(w - s g)||_2 (log)",
+                ),
                 _line("effective beta-smoothness", ["landscape/beta_eff"], log_y=True, y_title="beta_eff (log)"),
             ],
         ),
@@ -156,7 +186,9 @@ def panel_sections(layers: Mapping[str, Sequence[str]] | None = None) -> list[tu
             "Activations",
             "Quantiles 15/50/85 % of pre-activations per layer (Ioffe & Szegedy Fig. 1), one panel per group of layers, and the saturated share.",
             [
-                *_per_layer("activation quantiles", "act", "/q(15|50|85)", known.get("act"), False, "pre-activation quantile"),
+                *_per_layer(
+                    "activation quantiles", "act", "/q(15|50|85)", known.get("act"), False, "pre-activation quantile"
+                ),
                 _line("saturated / dead units", regex="act/.*/(saturated|dead)", y_title="share of units"),
             ],
         ),
@@ -180,7 +212,16 @@ def panel_sections(layers: Mapping[str, Sequence[str]] | None = None) -> list[tu
         (
             "Residual branches",
             "var(branch) / var(skip) per residual block (De & Smith 2020): below 1 the block is close to the identity.",
-            [*_per_layer("residual branch / skip variance", "resvar", "/ratio", known.get("resvar"), True, "var(branch) / var(skip) (log)")],
+            [
+                *_per_layer(
+                    "residual branch / skip variance",
+                    "resvar",
+                    "/ratio",
+                    known.get("resvar"),
+                    True,
+                    "var(branch) / var(skip) (log)",
+                )
+            ],
         ),
     ]
 
@@ -219,7 +260,13 @@ def build_report(
         blocks += [wr.H2(heading), wr.P(text)]
         runsets = [_runset(entity, project, name or "all runs", name, link_runsets) for name in names]
         blocks.append(wr.PanelGrid(runsets=runsets, panels=panels))
-    return wr.Report(entity=entity, project=project, title=title[:128], description="Generated by `python -m bnlightning wandb-report`.", blocks=blocks)
+    return wr.Report(
+        entity=entity,
+        project=project,
+        title=title[:128],
+        description="Generated by `python -m bnlightning wandb-report`.",
+        blocks=blocks,
+    )
 
 
 def report_spec(
@@ -232,7 +279,13 @@ def report_spec(
     """The report's JSON spec built entirely offline (runsets left unlinked)."""
     report = build_report(entity, project, title, groups, link_runsets=False, layers=layers)
     spec = _private.report_viewspec(report)  # wandb-workspaces' own serialisation
-    return {"entity": entity, "project": project, "title": report.title, "runsets_project": f"{entity}/{project}", "viewspec": spec}
+    return {
+        "entity": entity,
+        "project": project,
+        "title": report.title,
+        "runsets_project": f"{entity}/{project}",
+        "viewspec": spec,
+    }
 
 
 def layers_of_runs(folders: Sequence[str | Path]) -> dict[str, list[str]]:

@@ -50,7 +50,13 @@ from bnlightning.callbacks.functional._loss import LossFn, resolve_loss
 from bnlightning.callbacks.functional._numerics import exact_float32
 from bnlightning.callbacks.functional._trace import TraceResult, hutchinson_trace, krylov_trace
 from bnlightning.callbacks.functional._updates import optimizer_update, sgd_update
-from bnlightning.callbacks.functional.activations import ACTIVATION_KINDS, activation_kind, activation_stats, capture_forward, measurement_forward
+from bnlightning.callbacks.functional.activations import (
+    ACTIVATION_KINDS,
+    activation_kind,
+    activation_stats,
+    capture_forward,
+    measurement_forward,
+)
 from bnlightning.callbacks.functional.gradient import StepGradient, step_gradient
 from bnlightning.callbacks.functional.ics import ICS_MODES, internal_covariate_shift
 from bnlightning.callbacks.functional.landscape import loss_landscape

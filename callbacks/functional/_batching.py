@@ -40,7 +40,9 @@ def check_chunk_size(chunk_size: int | None) -> None:
 
 def check_memory_budget(memory_budget: int | None) -> None:
     """One clear error for a memory budget that is neither None nor a positive number of bytes."""
-    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1):
+    if memory_budget is not None and (
+        isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1
+    ):
         raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
 
 
@@ -94,7 +96,10 @@ def vmap_or_loop(mode: str, what: str, batched: Callable[[], Any], looped: Calla
     except Exception as err:
         if what not in _warned_fallback:
             _warned_fallback.add(what)
-            warnings.warn(f"{what}: torch.func.vmap failed on this module ({type(err).__name__}: {err}); using the per-member loop instead.", stacklevel=3)
+            warnings.warn(
+                f"{what}: torch.func.vmap failed on this module ({type(err).__name__}: {err}); using the per-member loop instead.",
+                stacklevel=3,
+            )
         return looped()
 
 
@@ -135,7 +140,13 @@ def auto_choice(size: int, dropout: bool, training_step: bool) -> str:
     """What ``mode="auto"`` chose, in words, for ``tell_choice``."""
     if size:
         return f"vmap in chunks of {size}"
-    why = "the loss runs a dropout" if dropout else "the loss is training_step, which may update state" if training_step else "vmap members do not fit the memory budget"
+    why = (
+        "the loss runs a dropout"
+        if dropout
+        else "the loss is training_step, which may update state"
+        if training_step
+        else "vmap members do not fit the memory budget"
+    )
     return f"loop ({why})"
 
 

@@ -30,7 +30,13 @@ from bnlightning.callbacks.functional._layers import CONV_TYPES
 from bnlightning.callbacks.functional._loss import LossFn, ResolvedLoss, as_loss, how_to_pass_loss_fn
 from bnlightning.callbacks.functional._numerics import eager, exact_float32, float32, math_attention, to_float32
 from bnlightning.callbacks.functional._order import FirstUse
-from bnlightning.callbacks.functional._state import RngState, metric_states, module_attributes, restore_metric_states, restore_module_attributes
+from bnlightning.callbacks.functional._state import (
+    RngState,
+    metric_states,
+    module_attributes,
+    restore_metric_states,
+    restore_module_attributes,
+)
 
 
 class NotALoss(ValueError):
@@ -116,7 +122,9 @@ class LossHarness:
         with self.substituted(tensors):
             out = self.loss_fn(self.module, batch)
         if not isinstance(out, Tensor) or out.numel() != 1:
-            raise NotALoss(f"{self.loss_fn.name} returned {_described(out)}; the measurement needs a scalar loss tensor (or a dict with 'loss'). {how_to_pass_loss_fn()}")
+            raise NotALoss(
+                f"{self.loss_fn.name} returned {_described(out)}; the measurement needs a scalar loss tensor (or a dict with 'loss'). {how_to_pass_loss_fn()}"
+            )
         return out.reshape(())
 
     def loss_problem(self, batch: Any) -> str | None:
@@ -146,7 +154,11 @@ class LossHarness:
         if silenced:
             vars(self.module)["log"] = vars(self.module)["log_dict"] = _NoLog()
         try:
-            with exact_float32(self.device.type), eager(), math_attention() if second_order else contextlib.nullcontext():
+            with (
+                exact_float32(self.device.type),
+                eager(),
+                math_attention() if second_order else contextlib.nullcontext(),
+            ):
                 yield rng
         finally:
             if silenced:
@@ -181,12 +193,18 @@ class LossHarness:
             with mode:
                 loss = self.loss(tensors, batch)
             order = mode.order
-            self.dropout = mode.dropout or any(isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0 for m in self.module.modules())
+            self.dropout = mode.dropout or any(
+                isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0 for m in self.module.modules()
+            )
         else:
             loss = self.loss(tensors, batch)
         if consume is None:
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-            return loss.detach(), {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)}, order
+            return (
+                loss.detach(),
+                {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)},
+                order,
+            )
         _stream_gradients(loss, leaves, consume)
         return loss.detach(), {}, order
 
@@ -237,8 +255,13 @@ def check_loss(module: nn.Module, batch: Any, candidates: Sequence[ResolvedLoss]
             with harness.session():
                 why = harness.loss_problem(batch)
         except Exception as err:  # the user's loss failed on this batch: say so, keep its traceback
-            why, error = f"{loss.name} raised {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}", err
+            why, error = (
+                f"{loss.name} raised {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+                err,
+            )
         if why is None:
             return loss, reasons
         reasons.append(why)
-    raise ValueError(f"no loss to measure on {type(module).__name__}: {'; '.join(reasons)}. {how_to_pass_loss_fn()}") from error
+    raise ValueError(
+        f"no loss to measure on {type(module).__name__}: {'; '.join(reasons)}. {how_to_pass_loss_fn()}"
+    ) from error

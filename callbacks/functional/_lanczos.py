@@ -27,7 +27,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from bnlightning.callbacks.functional._vectors import Hvp, Vec, apply, check_like, combine, norm, orthogonalize_, random_like, scale_
+from bnlightning.callbacks.functional._vectors import (
+    Hvp,
+    Vec,
+    apply,
+    check_like,
+    combine,
+    norm,
+    orthogonalize_,
+    random_like,
+    scale_,
+)
 
 __all__ = ["EigenResult", "RitzBasis", "top_eigenvalues"]
 
@@ -155,9 +165,13 @@ def top_eigenvalues(
         krylov.append(w, coupling, theta, S, keep)
     if not keep_basis:
         vectors = _rotate_(krylov.basis, S[:, : min(k, len(krylov.basis))])
-        return EigenResult(theta[:k].clone(), vectors, len(history), converged, res[:k].clone(), history, errors[:k].clone())
+        return EigenResult(
+            theta[:k].clone(), vectors, len(history), converged, res[:k].clone(), history, errors[:k].clone()
+        )
     ritz = _ritz_basis(krylov.basis, w, beta, theta, S)
-    return EigenResult(theta[:k].clone(), ritz.vectors[:k], len(history), converged, res[:k].clone(), history, errors[:k].clone(), ritz)
+    return EigenResult(
+        theta[:k].clone(), ritz.vectors[:k], len(history), converged, res[:k].clone(), history, errors[:k].clone(), ritz
+    )
 
 
 #: The Ritz gap of a neighbour that has not converged overestimates the true gap (the eigenvalue next to
@@ -247,7 +261,9 @@ class _Krylov:
         self.basis.append(w)
 
 
-def _next_direction(w: Vec, beta: float, scale: float, basis: list[Vec], like: Mapping[str, Tensor], gen: torch.Generator) -> float | None:
+def _next_direction(
+    w: Vec, beta: float, scale: float, basis: list[Vec], like: Mapping[str, Tensor], gen: torch.Generator
+) -> float | None:
     """Normalize the residual ``w`` (norm ``beta``) in place into the next Lanczos vector; return its
     coupling to the basis, or None when the basis already spans everything."""
     if beta > 1e-5 * max(scale, 1e-30):

@@ -70,7 +70,9 @@ def import_loss_fn(path: str) -> LossFn:
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"loss_fn {path!r} does not import ({type(err).__name__}: {err}); expected 'package.module:function'") from None
+        raise ValueError(
+            f"loss_fn {path!r} does not import ({type(err).__name__}: {err}); expected 'package.module:function'"
+        ) from None
     if not callable(fn):
         raise ValueError(f"loss_fn {path!r} is a {type(fn).__name__}, not a callable (module, batch) -> loss")
     return fn
@@ -86,16 +88,22 @@ def check_loss_fn(loss_fn: LossFn | str | None) -> LossFn | None:
     if isinstance(loss_fn, str):
         return import_loss_fn(loss_fn)
     if isinstance(loss_fn, nn.Module):
-        raise ValueError(f"loss_fn is an nn.Module ({type(loss_fn).__name__}), a loss of (predictions, targets), not of (module, batch). {_HOW}")
+        raise ValueError(
+            f"loss_fn is an nn.Module ({type(loss_fn).__name__}), a loss of (predictions, targets), not of (module, batch). {_HOW}"
+        )
     if loss_fn is not None and not callable(loss_fn):
-        raise ValueError(f"loss_fn must be a callable (module, batch) -> loss or an import path 'package.module:function', got {loss_fn!r}")
+        raise ValueError(
+            f"loss_fn must be a callable (module, batch) -> loss or an import path 'package.module:function', got {loss_fn!r}"
+        )
     return loss_fn
 
 
 def check_loss_method(loss_method: str | None) -> str | None:
     """``None`` (the rule above) or a method name; one clear line otherwise."""
     if loss_method is not None and (not isinstance(loss_method, str) or not loss_method.isidentifier()):
-        raise ValueError(f"loss_method must be None (the module's loss(batch), else its training_step) or the name of a method of the module, got {loss_method!r}")
+        raise ValueError(
+            f"loss_method must be None (the module's loss(batch), else its training_step) or the name of a method of the module, got {loss_method!r}"
+        )
     return loss_method
 
 
@@ -119,7 +127,14 @@ def accepts(fn: Callable[..., Any], n: int) -> bool:
 def _lightning_module_class(module: nn.Module) -> type | None:
     """Lightning's ``LightningModule`` class when ``module`` is one, found in its class's MRO (this layer is
     pure torch and does not import Lightning), else ``None``."""
-    return next((c for c in type(module).__mro__ if c.__name__ == "LightningModule" and c.__module__ == "lightning.pytorch.core.module"), None)
+    return next(
+        (
+            c
+            for c in type(module).__mro__
+            if c.__name__ == "LightningModule" and c.__module__ == "lightning.pytorch.core.module"
+        ),
+        None,
+    )
 
 
 def _own_training_step(module: nn.Module) -> Callable[..., Any] | None:
@@ -162,7 +177,10 @@ def _method_loss(module: nn.Module, name: str) -> tuple[ResolvedLoss | None, str
     if attr is None:
         return None, f"{cls} has no method {name!r}"
     if isinstance(attr, nn.Module):
-        return None, f"{cls}.{name} is an nn.Module ({type(attr).__name__}), a loss of (predictions, targets), not of a batch"
+        return (
+            None,
+            f"{cls}.{name} is an nn.Module ({type(attr).__name__}), a loss of (predictions, targets), not of a batch",
+        )
     if not callable(attr):
         return None, f"{cls}.{name} is a {type(attr).__name__}, not a method"
     if not accepts(attr, 1):
@@ -193,7 +211,9 @@ def one_batch_methods(module: nn.Module) -> list[str]:
     return names
 
 
-def loss_candidates(module: nn.Module, loss_fn: LossFn | str | None = None, loss_method: str | None = None) -> list[ResolvedLoss]:
+def loss_candidates(
+    module: nn.Module, loss_fn: LossFn | str | None = None, loss_method: str | None = None
+) -> list[ResolvedLoss]:
     """The losses the rule allows for ``module``, in order (one unless both rules 3 and 4 apply).
 
     Raises:
@@ -230,7 +250,9 @@ def loss_candidates(module: nn.Module, loss_fn: LossFn | str | None = None, loss
     return out
 
 
-def resolve_loss(module: nn.Module, loss_fn: LossFn | str | None = None, loss_method: str | None = None) -> ResolvedLoss:
+def resolve_loss(
+    module: nn.Module, loss_fn: LossFn | str | None = None, loss_method: str | None = None
+) -> ResolvedLoss:
     """The loss a measurement of ``module`` differentiates, by the rule above (the first candidate).
 
     Pass the result as ``loss_fn=`` to any function of ``bnlightning.callbacks.functional``: it is

@@ -28,7 +28,11 @@ Reduce = Callable[[Tensor], Tensor]
 @contextlib.contextmanager
 def exact_float32(device_type: str = "cpu") -> Iterator[None]:
     """Autocast off (for ``device_type`` and CPU), TF32 off, gradients on; restored after."""
-    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    prev = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
     try:
         torch.set_float32_matmul_precision("highest")
         torch.backends.cuda.matmul.allow_tf32 = False

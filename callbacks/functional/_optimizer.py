@@ -16,7 +16,10 @@ def _is_lightning_optimizer(optimizer: Any) -> bool:
     """Whether ``optimizer`` is Lightning's ``LightningOptimizer`` (recognised by its class, so that
     this layer needs no import of Lightning; a torch optimizer that merely has an ``optimizer``
     attribute, such as a Lookahead-style wrapper, is not unwrapped)."""
-    return any(c.__name__ == "LightningOptimizer" and c.__module__.split(".")[0] in ("lightning", "pytorch_lightning") for c in type(optimizer).__mro__)
+    return any(
+        c.__name__ == "LightningOptimizer" and c.__module__.split(".")[0] in ("lightning", "pytorch_lightning")
+        for c in type(optimizer).__mro__
+    )
 
 
 def torch_optimizer(optimizer: Any) -> Any:

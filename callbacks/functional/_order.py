@@ -27,7 +27,9 @@ class FirstUse(TorchFunctionMode):
         self._seen: set[str] = set()
         self.dropout = False
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         name = getattr(func, "__name__", "")
         if "dropout" in name or "bernoulli" in name:
             p = (kwargs or {}).get("p", args[1] if len(args) > 1 and isinstance(args[1], float) else 0.5)

@@ -45,7 +45,11 @@ def sequential_cut(module: nn.Module, layers: Sequence[str]) -> tuple[nn.Sequent
     """
     best: tuple[int, nn.Sequential, dict[str, int]] | None = None
     for sname, seq in module.named_modules():
-        if type(seq).forward is not nn.Sequential.forward or "forward" in vars(seq) or getattr(seq, "_compiled_call_impl", None) is not None:
+        if (
+            type(seq).forward is not nn.Sequential.forward
+            or "forward" in vars(seq)
+            or getattr(seq, "_compiled_call_impl", None) is not None
+        ):
             continue
         children = list(seq._modules.items())
         if any(c is None for _, c in children) or len({id(c) for _, c in children}) != len(children):
@@ -98,7 +102,9 @@ def prefix_gradients(configs: Configurations, *, warn: bool) -> dict[str, Tensor
     seq, child_of = cut if cut is not None else (None, {})
     recording = _Recording(set(child_of.values()))
     loss, leaves = _full_pass(configs, last, seq, recording)
-    usable = _usable(configs, child_of, recording, leaves) if seq is not None and recording.faithful(len(seq)) else set()
+    usable = (
+        _usable(configs, child_of, recording, leaves) if seq is not None and recording.faithful(len(seq)) else set()
+    )
     out = {last: _gradient(loss, leaves[own[last]])}
     del loss, leaves  # the full pass's graph: freed before the suffix passes
     if warn and len(usable) < len(rest):
@@ -139,7 +145,10 @@ class _Recording:
         # prepend: x_k is recorded before the user's own pre-hooks on child k, which run again
         # (once) when the suffix pass calls child k on it.
         handles = [seq.register_forward_pre_hook(self._on_seq, with_kwargs=True, prepend=True)]
-        return handles + [c.register_forward_pre_hook(partial(self._on_child, k), with_kwargs=True, prepend=True) for k, c in enumerate(seq)]
+        return handles + [
+            c.register_forward_pre_hook(partial(self._on_child, k), with_kwargs=True, prepend=True)
+            for k, c in enumerate(seq)
+        ]
 
     def _on_seq(self, _m: nn.Module, _args: Any, _kwargs: Any) -> None:
         self.calls += 1
@@ -150,7 +159,11 @@ class _Recording:
             if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
                 self.bad = True
                 return
-            self.inputs[k] = (args[0].detach().clone(), args[0].grad_fn, RngState.capture())  # clone: in-place ops follow
+            self.inputs[k] = (
+                args[0].detach().clone(),
+                args[0].grad_fn,
+                RngState.capture(),
+            )  # clone: in-place ops follow
 
     def faithful(self, n_children: int) -> bool:
         """S was called once, each child once and in order, each wanted child with one tensor."""
@@ -166,7 +179,9 @@ class _Recording:
         return x_k.clone(), rng_k
 
 
-def _full_pass(configs: Configurations, last: str, seq: nn.Sequential | None, recording: _Recording) -> tuple[Tensor, dict[str, Tensor]]:
+def _full_pass(
+    configs: Configurations, last: str, seq: nn.Sequential | None, recording: _Recording
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss of configuration ``last`` with every updated Parameter a leaf (for the dependency
     check), S's children's inputs recorded; returns it and the leaves."""
     handles = recording.attach(seq) if seq is not None else []
@@ -181,7 +196,9 @@ def _full_pass(configs: Configurations, last: str, seq: nn.Sequential | None, re
             h.remove()
 
 
-def _usable(configs: Configurations, child_of: dict[str, int], recording: _Recording, leaves: dict[str, Tensor]) -> set[str]:
+def _usable(
+    configs: Configurations, child_of: dict[str, int], recording: _Recording, leaves: dict[str, Tensor]
+) -> set[str]:
     """The layers whose cached input is provably their configuration's: x_k depends, through the full
     pass's graph, on no updated Parameter used at or after the layer (those differ between configurations)."""
     param_of = {id(leaf): p for p, leaf in leaves.items()}

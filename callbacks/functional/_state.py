@@ -56,7 +56,9 @@ class RngState:
             return False
         if self.numpy is not None:
             a, b = self.numpy, other.numpy
-            return len(a) == len(b) and all(_np.array_equal(x, y) if isinstance(x, _np.ndarray) else x == y for x, y in zip(a, b))
+            return len(a) == len(b) and all(
+                _np.array_equal(x, y) if isinstance(x, _np.ndarray) else x == y for x, y in zip(a, b)
+            )
         return True
 
     def restore(self) -> None:
@@ -109,13 +111,17 @@ def restore_metric_states(saved: list[tuple[Any, dict[str, Any]]]) -> None:
 
 
 # --- module attributes -------------------------------------------------------------------
-def module_attributes(module: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]]:
+def module_attributes(
+    module: nn.Module,
+) -> list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]]:
     """A shallow copy of every submodule's instance attributes and of its parameter, buffer and
     submodule slots (references only: cheap), for ``restore_module_attributes``."""
     return [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in module.modules()]
 
 
-def restore_module_attributes(saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]]) -> None:
+def restore_module_attributes(
+    saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]],
+) -> None:
     """Put back every attribute a pass set or replaced on a module (a cached mask, an RNN's
     ``_flat_weights``, a ``training_step`` that keeps state on ``self``), and every slot."""
     for m, attrs, params, buffers, modules in saved:
@@ -126,6 +132,8 @@ def restore_module_attributes(saved: list[tuple[nn.Module, dict[str, Any], dict[
             if current.get(k) is not v:
                 current[k] = v
         for slots, kept in ((m._parameters, params), (m._buffers, buffers), (m._modules, modules)):
-            if len(slots) != len(kept) or any(slots.get(k) is not v for k, v in kept.items()):  # identity, never tensor ==
+            if len(slots) != len(kept) or any(
+                slots.get(k) is not v for k, v in kept.items()
+            ):  # identity, never tensor ==
                 slots.clear()
                 slots.update(kept)

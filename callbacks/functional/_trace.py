@@ -17,7 +17,18 @@ import torch
 from torch import Tensor
 
 from bnlightning.callbacks.functional._lanczos import RitzBasis
-from bnlightning.callbacks.functional._vectors import Hvp, Vec, apply, axpy_, check_like, dot, norm, orthogonalize_, random_like, scale_
+from bnlightning.callbacks.functional._vectors import (
+    Hvp,
+    Vec,
+    apply,
+    axpy_,
+    check_like,
+    dot,
+    norm,
+    orthogonalize_,
+    random_like,
+    scale_,
+)
 
 __all__ = ["TraceResult", "hutchinson_trace", "krylov_trace"]
 
@@ -79,14 +90,19 @@ def hutchinson_trace(
     return exact + float(t.mean()), se
 
 
-def _deflation(hvp: Hvp, like: Mapping[str, Tensor], reduce: Callable[[Vec], Vec] | None, deflate: list[Vec]) -> tuple[list[Vec], float]:
+def _deflation(
+    hvp: Hvp, like: Mapping[str, Tensor], reduce: Callable[[Vec], Vec] | None, deflate: list[Vec]
+) -> tuple[list[Vec], float]:
     """An orthonormal basis V of the span of ``deflate`` and tr(VᵀHV) (one HVP per basis vector)."""
     basis: list[Vec] = []
     exact = 0.0
     for d in deflate:
         if not isinstance(d, Mapping) or set(d) != set(like):
             raise ValueError("deflate must be a list of dicts with exactly the keys of `like` (the parameter names)")
-        q = {k: d[k].detach().to(like[k].device, torch.float32).clone(memory_format=torch.contiguous_format) for k in like}
+        q = {
+            k: d[k].detach().to(like[k].device, torch.float32).clone(memory_format=torch.contiguous_format)
+            for k in like
+        }
         orthogonalize_(q, basis)
         nrm = norm(q)
         if nrm > 1e-6:  # skip vectors (nearly) in the span of the earlier ones

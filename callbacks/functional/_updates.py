@@ -52,7 +52,9 @@ def check_optimizer(optimizer: object) -> None:
     """
     opt = torch_optimizer(optimizer)
     if isinstance(opt, torch.optim.LBFGS):
-        raise TypeError(f"LBFGS re-evaluates the loss inside its step (a closure optimizer); W^(t+1) cannot be computed from one gradient. Supported: {', '.join(c.__name__ for c in ELEMENTWISE)}")
+        raise TypeError(
+            f"LBFGS re-evaluates the loss inside its step (a closure optimizer); W^(t+1) cannot be computed from one gradient. Supported: {', '.join(c.__name__ for c in ELEMENTWISE)}"
+        )
     if not isinstance(opt, ELEMENTWISE):
         raise TypeError(
             f"optimizer_update cannot step {type(opt).__name__} per parameter; supported: {', '.join(c.__name__ for c in ELEMENTWISE)}. "
@@ -60,7 +62,9 @@ def check_optimizer(optimizer: object) -> None:
         )
 
 
-def optimizer_update(optimizer: torch.optim.Optimizer, module: nn.Module, weights: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def optimizer_update(
+    optimizer: torch.optim.Optimizer, module: nn.Module, weights: Mapping[str, Tensor], grads: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
     """The values the optimizer's next step would give the parameters named in ``weights``.
 
     Each parameter is stepped alone by a one-parameter copy of the optimizer: same class, its

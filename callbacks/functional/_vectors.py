@@ -13,7 +13,19 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["Hvp", "Vec", "apply", "axpy_", "check_like", "combine", "dot", "norm", "orthogonalize_", "random_like", "scale_"]
+__all__ = [
+    "Hvp",
+    "Vec",
+    "apply",
+    "axpy_",
+    "check_like",
+    "combine",
+    "dot",
+    "norm",
+    "orthogonalize_",
+    "random_like",
+    "scale_",
+]
 
 Vec = dict[str, Tensor]
 #: ``v -> A v`` for a symmetric operator A (a Hessian) on parameter dicts.

@@ -147,7 +147,12 @@ def capture_forward(
 
         return (lambda m, args: take(m, args)) if read_input else take
 
-    handles = [m.register_forward_pre_hook(hook(name, True)) if where == "input" else m.register_forward_hook(hook(name, False)) for name, (m, where) in taps.items()]
+    handles = [
+        m.register_forward_pre_hook(hook(name, True))
+        if where == "input"
+        else m.register_forward_hook(hook(name, False))
+        for name, (m, where) in taps.items()
+    ]
     try:
         measurement_forward(module, batch, loss_fn=loss_fn)
     finally:

@@ -53,7 +53,12 @@ __all__ = [
 ]
 
 #: Normalization layers (torch's own); modules of other classes whose name ends in "Norm" count too.
-NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm)
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -118,7 +123,9 @@ class _Quadratic:
     each HVP is averaged over ranks before the product with v.
     """
 
-    def __init__(self, model: LossHarness, batch: Any, rng: RngState, at: Vec, hvp_method: str, reduce: Reduce | None) -> None:
+    def __init__(
+        self, model: LossHarness, batch: Any, rng: RngState, at: Vec, hvp_method: str, reduce: Reduce | None
+    ) -> None:
         self.model, self.batch, self.rng, self.at, self.reduce = model, batch, rng, at, reduce
         self.buffers = model.fresh_buffers()
         self.hvp = make_hvp(self.loss_of, {n: at[n] for n in model.trainable}, hvp_method)  # type: ignore[arg-type]
@@ -142,9 +149,15 @@ def _update_terms(hessian: _Quadratic, g: Vec, loss0: Tensor, next_weights: Mapp
     """The curvature along the real update u = W^{t+1} − W^t, the quadratic model's predicted loss
     change and the loss change the step made (both losses averaged over ranks in one call)."""
     at, names = hessian.at, hessian.model.trainable
-    u = {n: next_weights[n].detach().to(torch.float32) - at[n] if n in next_weights else torch.zeros_like(at[n]) for n in names}
+    u = {
+        n: next_weights[n].detach().to(torch.float32) - at[n] if n in next_weights else torch.zeros_like(at[n])
+        for n in names
+    }
     uhu = hessian.form(u)
-    out = {"hessian/update_curvature": _ratio(uhu, _dot(u, u)), "hessian/predicted_change": (_dot(g, u) + 0.5 * uhu).to(torch.float32)}
+    out = {
+        "hessian/update_curvature": _ratio(uhu, _dot(u, u)),
+        "hessian/predicted_change": (_dot(g, u) + 0.5 * uhu).to(torch.float32),
+    }
     loss1 = hessian.loss_at({n: at[n] + u[n] for n in names})
     losses = torch.stack([loss0.to(torch.float32), loss1.to(torch.float32)])
     losses = hessian.reduce(losses) if hessian.reduce is not None else losses
@@ -175,10 +188,16 @@ class Preconditioner(NamedTuple):
 
 
 #: Optimizers whose update is −η · (momentum of g) / (√v̂ + ε), with where v lives in their state.
-ADAPTIVE: dict[type[torch.optim.Optimizer], str] = {torch.optim.Adam: "exp_avg_sq", torch.optim.AdamW: "exp_avg_sq", torch.optim.RMSprop: "square_avg"}
+ADAPTIVE: dict[type[torch.optim.Optimizer], str] = {
+    torch.optim.Adam: "exp_avg_sq",
+    torch.optim.AdamW: "exp_avg_sq",
+    torch.optim.RMSprop: "square_avg",
+}
 
 
-def adaptive_preconditioner(optimizer: Any, module: nn.Module, *, include_current_gradient: bool = True) -> Preconditioner | None:
+def adaptive_preconditioner(
+    optimizer: Any, module: nn.Module, *, include_current_gradient: bool = True
+) -> Preconditioner | None:
     """P = diag(√v̂ + ε) of the optimizer's step t, read from its own state (Cohen et al. 2022).
 
     Adam/AdamW: v̂ = v_t / (1 − β₂^t) with v_t = β₂ v_{t−1} + (1 − β₂) g_t² (``amsgrad``: the running
@@ -221,7 +240,9 @@ def adaptive_preconditioner(optimizer: Any, module: nn.Module, *, include_curren
     return Preconditioner(diagonal, thresholds.pop(), type(opt).__name__)
 
 
-def _second_moment(opt: torch.optim.Optimizer, group: Mapping[str, Any], p: Tensor, key: str, with_grad: bool) -> Tensor | None:
+def _second_moment(
+    opt: torch.optim.Optimizer, group: Mapping[str, Any], p: Tensor, key: str, with_grad: bool
+) -> Tensor | None:
     """v̂ of step t for one parameter (see ``adaptive_preconditioner``), float64 for exactness."""
     state = opt.state.get(p, {})
     step = float(state["step"]) if "step" in state else 0.0
@@ -290,7 +311,11 @@ def preconditioned_sharpness(
             hv = hvp({n: scale[n] * v[n] for n in names})
             return {n: scale[n] * hv[n] for n in names}
 
-        start = v0 if v0 is not None and set(v0) == set(names) and all(v0[n].shape == point[n].shape for n in names) else None
+        start = (
+            v0
+            if v0 is not None and set(v0) == set(names) and all(v0[n].shape == point[n].shape for n in names)
+            else None
+        )
         vec_reduce = (lambda v: reduce_dict(v, reduce)) if reduce is not None else None
         gen = torch.Generator().manual_seed(seed)
         eig = top_eigenvalues(scaled, point, 1, tol=tol, max_iter=max_iter, v0=start, generator=gen, reduce=vec_reduce)
@@ -337,7 +362,9 @@ def activation_gradients(
     try:
         with model.session() as rng:
             rng.restore()
-            leaves = {n: model.values[n].detach().requires_grad_(True) for n in model.trainable}  # so activations carry a graph
+            leaves = {
+                n: model.values[n].detach().requires_grad_(True) for n in model.trainable
+            }  # so activations carry a graph
             loss = model.loss({**model.values, **leaves, **model.fresh_buffers()}, to_float32(batch))
             wanted = [(name, k, t) for name in layers for k, t in taps.read[name].items()]
             grads = torch.autograd.grad(loss, [t for _, _, t in wanted], allow_unused=True)
@@ -362,7 +389,13 @@ class _Taps:
         self.read: dict[str, dict[str, Tensor]] = {name: {} for name in mods}
 
     def attach(self) -> list[RemovableHandle]:
-        hooks = ((m.register_forward_pre_hook(partial(self._input, name)), m.register_forward_hook(partial(self._output, name))) for name, m in self.mods.items())
+        hooks = (
+            (
+                m.register_forward_pre_hook(partial(self._input, name)),
+                m.register_forward_hook(partial(self._output, name)),
+            )
+            for name, m in self.mods.items()
+        )
         return [h for pair in hooks for h in pair]
 
     def _input(self, name: str, m: nn.Module, args: tuple[Any, ...]) -> Any:
@@ -379,7 +412,9 @@ class _Taps:
         return out.clone()
 
 
-def _gradact_metrics(layers: Sequence[str], taps: _Taps, grad: dict[tuple[str, str], Tensor], reduce: Reduce | None) -> dict[str, Tensor]:
+def _gradact_metrics(
+    layers: Sequence[str], taps: _Taps, grad: dict[tuple[str, str], Tensor], reduce: Reduce | None
+) -> dict[str, Tensor]:
     """The metrics from ∂L/∂y (and ∂L/∂x): squared norms summed per rank, averaged over ranks in one
     call, then the square root of those that are norms."""
     sums: dict[str, Tensor] = {}
@@ -388,7 +423,9 @@ def _gradact_metrics(layers: Sequence[str], taps: _Taps, grad: dict[tuple[str, s
             raise ValueError(f"layer {name!r} returned no tensor in the loss's forward pass")
         sums[f"gradact/{name}/norm"] = grad[name, "y"].double().pow(2).sum()
         if (name, "x") in grad:
-            sums.update(_bn_terms(name, taps.mods[name], taps.read[name]["x"].detach(), grad[name, "y"], grad[name, "x"]))
+            sums.update(
+                _bn_terms(name, taps.mods[name], taps.read[name]["x"].detach(), grad[name, "y"], grad[name, "x"])
+            )
     keys = list(sums)
     flat = torch.stack([sums[k] for k in keys]).to(torch.float32)
     flat = reduce(flat) if reduce is not None else flat
@@ -451,7 +488,9 @@ def scale_invariant_layers(module: nn.Module, batch: Any, *, loss_fn: LossFn | N
     return found
 
 
-def effective_lr(before: Mapping[str, Tensor], after: Mapping[str, Tensor], lrs: Mapping[str, float]) -> dict[str, Tensor]:
+def effective_lr(
+    before: Mapping[str, Tensor], after: Mapping[str, Tensor], lrs: Mapping[str, float]
+) -> dict[str, Tensor]:
     """‖W‖₂, η/‖W‖² and the angle ∠(W^t, W^{t+1}) per layer (PROTOCOL §12).
 
     Args:

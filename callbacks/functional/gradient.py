@@ -31,9 +31,18 @@ class StepGradient(NamedTuple):
     dropout: bool = False
 
 
-def gradient_pass(model: LossHarness, names: list[str], batch: Any, rng: Any, reduce: Reduce | None, weights: dict[str, Tensor] | None = None) -> StepGradient:
+def gradient_pass(
+    model: LossHarness,
+    names: list[str],
+    batch: Any,
+    rng: Any,
+    reduce: Reduce | None,
+    weights: dict[str, Tensor] | None = None,
+) -> StepGradient:
     """``model``'s gradient over ``names`` with the forward order and activation size recorded."""
-    (loss, grads, order), act = saved_bytes(lambda: model.gradient(names, batch, rng, overrides=weights, record_order=True))
+    (loss, grads, order), act = saved_bytes(
+        lambda: model.gradient(names, batch, rng, overrides=weights, record_order=True)
+    )
     return StepGradient(reduce_dict(grads, reduce), order, act, model.dropout)
 
 
@@ -63,4 +72,6 @@ def step_gradient(
 def check_gradient(model: LossHarness, gradient: StepGradient, names: list[str]) -> None:
     missing = [n for n in names if n not in gradient.grads]
     if missing:
-        raise ValueError(f"gradient= lacks trainable parameter {missing[0]!r}; pass step_gradient(module, batch) of this module")
+        raise ValueError(
+            f"gradient= lacks trainable parameter {missing[0]!r}; pass step_gradient(module, batch) of this module"
+        )

@@ -25,7 +25,15 @@ from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_f
 from bnlightning.callbacks.functional._optimizer import torch_optimizer
 from bnlightning.callbacks.functional._trace import krylov_trace
 
-__all__ = ["MIN_PROBES", "HessianOperator", "HessianResult", "edge_of_stability", "hessian_operator", "hessian_spectrum", "sharpness_limit"]
+__all__ = [
+    "MIN_PROBES",
+    "HessianOperator",
+    "HessianResult",
+    "edge_of_stability",
+    "hessian_operator",
+    "hessian_spectrum",
+    "sharpness_limit",
+]
 
 Vec = dict[str, Tensor]
 
@@ -189,12 +197,16 @@ def hessian_spectrum(
     vectors: dict[str, list[Vec]] = {}
     ratios: dict[str, float] = {}
     for block, names in blocks.items():
-        with hessian_operator(module, batch, names, method=hvp_method, loss_fn=loss_fn, reduce=reduce, _model=model) as hvp:
+        with hessian_operator(
+            module, batch, names, method=hvp_method, loss_fn=loss_fn, reduce=reduce, _model=model
+        ) as hvp:
             prefix = "hessian/" if not block else f"hessian/{block}/"
             ratio = (trace_ratios or {}).get(block)
             probes = _trace_probes(n_probes, ratio)
             deflate = ratio is None or not ratio >= 1.0  # deflation raised the variance last time: plain Hutchinson
-            values, vectors[block] = _measure_block(hvp, solver._replace(n_probes=probes), _warm_start(hvp.point, (v0 or {}).get(block)), deflate)
+            values, vectors[block] = _measure_block(
+                hvp, solver._replace(n_probes=probes), _warm_start(hvp.point, (v0 or {}).get(block)), deflate
+            )
             metrics.update({f"{prefix}{name}": value for name, value in values.items()})
             if probes:
                 ratios[block] = float(values["trace_variance_ratio"])
@@ -226,13 +238,25 @@ def _warm_start(point: Vec, start: list[Vec] | None) -> list[Vec] | None:
     return None
 
 
-def _measure_block(hvp: HessianOperator, solver: _Solver, start: list[Vec] | None, deflate: bool) -> tuple[dict[str, Tensor], list[Vec]]:
+def _measure_block(
+    hvp: HessianOperator, solver: _Solver, start: list[Vec] | None, deflate: bool
+) -> tuple[dict[str, Tensor], list[Vec]]:
     """The metrics of one block of H (names without the ``hessian/<block>/`` prefix) and its eigenvectors."""
     point = hvp.point
     # a CPU generator: the same seed gives the same start and probes on every device (CPU, any GPU)
     gen = torch.Generator().manual_seed(solver.seed)
     basis = solver.n_probes > 0  # the trace is deflated by the whole Lanczos basis
-    eig = top_eigenvalues(hvp, point, solver.k, tol=solver.tol, max_iter=solver.max_iter, v0=start, generator=gen, max_basis=solver.max_basis, keep_basis=basis)
+    eig = top_eigenvalues(
+        hvp,
+        point,
+        solver.k,
+        tol=solver.tol,
+        max_iter=solver.max_iter,
+        v0=start,
+        generator=gen,
+        max_basis=solver.max_basis,
+        keep_basis=basis,
+    )
     values = eig.eigenvalues.to(torch.float32)
     metrics = {"lambda_max": values[0]}
     for j in range(solver.k):
@@ -270,11 +294,17 @@ def sharpness_limit(optimizer: Any) -> tuple[float | None, str]:
     for group in opt.param_groups:
         limit = _group_limit(group)
         if limit is None:
-            return None, f"the ratio is defined for SGD with heavy-ball momentum and lr > 0; this SGD has {_sgd_settings(group)}"
+            return (
+                None,
+                f"the ratio is defined for SGD with heavy-ball momentum and lr > 0; this SGD has {_sgd_settings(group)}",
+            )
         limits.append(limit)
     if max(limits) > min(limits) * (1 + 1e-12):
         settings = "; ".join(f"group {i}: {_sgd_settings(g)}" for i, g in enumerate(opt.param_groups))
-        return None, f"the parameter groups have different limits 2(1+momentum)/lr ({settings}), so no single eta applies to lambda_max"
+        return (
+            None,
+            f"the parameter groups have different limits 2(1+momentum)/lr ({settings}), so no single eta applies to lambda_max",
+        )
     return limits[0], ""
 
 

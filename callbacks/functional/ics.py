@@ -101,18 +101,26 @@ def internal_covariate_shift(
         ValueError: an unknown layer, a bad mode or chunk size, neither ``update`` nor ``next_weights``.
     """
     if update is None and next_weights is None:
-        raise ValueError("internal_covariate_shift needs update= (an optimizer or update function) or next_weights= (W^(t+1))")
+        raise ValueError(
+            "internal_covariate_shift needs update= (an optimizer or update function) or next_weights= (W^(t+1))"
+        )
     measured = resolve_layers(module, layers)
     model = LossHarness(module, loss_fn)
     if weights is not None:
         model.values.update({n: float32(w) for n, w in weights.items()})
     engine = resolve_mode(mode, model, ICS_MODES, chunk_size)
     own = {layer: layer_param(module, layer, model) for layer in measured}
-    updated = list(dict.fromkeys([layer_param(module, m, model) for m in weight_layer_names(module)] + list(own.values())))
+    updated = list(
+        dict.fromkeys([layer_param(module, m, model) for m in weight_layer_names(module)] + list(own.values()))
+    )
     batch = to_float32(batch)
     with model.session() as rng:
         # G over every updated Parameter where the update is computed from it, else over the measured weights only
-        names = [n for n in model.trainable if n in updated] if next_weights is None and step_grads is None else list(own.values())
+        names = (
+            [n for n in model.trainable if n in updated]
+            if next_weights is None and step_grads is None
+            else list(own.values())
+        )
         if gradient is None:
             gradient = gradient_pass(model, names, batch, rng, reduce)
         check_gradient(model, gradient, names)
@@ -171,14 +179,19 @@ class Configurations:
     def config(self, layer: str | None) -> dict[str, Tensor]:
         """``layer``'s configuration: a value for every updated Parameter. ``None`` is the unshifted
         configuration W^t, which gives G on the same code path as G'."""
-        return {p: self.new[p] if layer is not None and self.before(p, layer) else self.model.values[p] for p in self.updated}
+        return {
+            p: self.new[p] if layer is not None and self.before(p, layer) else self.model.values[p]
+            for p in self.updated
+        }
 
     def loss(self, ws: dict[str, Tensor], fixed: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
         """The loss with ``ws`` (differentiated), ``fixed`` and ``buffers`` substituted: vmap's member function."""
         return self.model.loss({**self.model.values, **fixed, **ws, **buffers}, self.batch)
 
 
-def _metrics_of(configs: Configurations, G: Mapping[str, Tensor], found: ShiftedGradients, reduce: Reduce | None) -> dict[str, Tensor]:
+def _metrics_of(
+    configs: Configurations, G: Mapping[str, Tensor], found: ShiftedGradients, reduce: Reduce | None
+) -> dict[str, Tensor]:
     """Every measured layer's metrics from G and G', both averaged over ranks first (in one call)."""
     shifted, base = reduce_together(reduce, found.shifted, found.base)
     result: dict[str, Tensor] = {}
@@ -217,7 +230,15 @@ def _next_weights(
     return {p: float32(new[p]) for p in updated}
 
 
-def _shifted_gradients(configs: Configurations, engine: Engine, gradient: StepGradient, chunk_size: int | None, memory_budget: int | None, *, warn: bool) -> ShiftedGradients:
+def _shifted_gradients(
+    configs: Configurations,
+    engine: Engine,
+    gradient: StepGradient,
+    chunk_size: int | None,
+    memory_budget: int | None,
+    *,
+    warn: bool,
+) -> ShiftedGradients:
     """G' of every shifted layer by the prefix engine, the loop or vmap; the loop's and vmap's members
     are W^t (for G) and each shifted layer's configuration."""
     if engine == "prefix":
@@ -273,4 +294,6 @@ def _vmapped(configs: Configurations, members: list[str | None]) -> dict[str, Te
     diff = {p: v for p, v in stacked.items() if p in want}
     fixed = {p: v for p, v in stacked.items() if p not in want}
     configs.rng.restore()
-    return vmap(grad(configs.loss), in_dims=(0, 0, 0), randomness="same")(diff, fixed, configs.model.fresh_buffers(len(members)))
+    return vmap(grad(configs.loss), in_dims=(0, 0, 0), randomness="same")(
+        diff, fixed, configs.model.fresh_buffers(len(members))
+    )

@@ -88,7 +88,9 @@ def loss_landscape(
         check_gradient(model, gradient, model.trainable)
         line = _Line(model, batch, rng, gradient.grads, dict(param_scale or {}), reduce)
         losses, dists = _evaluate(line, steps, engine, gradient, chunk_size, memory_budget)
-        ratios = dists / (torch.tensor(steps, dtype=torch.float32, device=dists.device) * line.displacement_norm().to(dists.device))
+        ratios = dists / (
+            torch.tensor(steps, dtype=torch.float32, device=dists.device) * line.displacement_norm().to(dists.device)
+        )
         return {
             "landscape/loss_min": losses.min(),
             "landscape/loss_max": losses.max(),
@@ -120,7 +122,9 @@ class _Line:
     def __post_init__(self) -> None:
         self.names = self.model.trainable
         # the displacement per unit s; no copy of g where it is g
-        self.direction = {n: self.g[n] * self.scale[n] if self.scale.get(n, 1.0) != 1.0 else self.g[n] for n in self.names}
+        self.direction = {
+            n: self.g[n] * self.scale[n] if self.scale.get(n, 1.0) != 1.0 else self.g[n] for n in self.names
+        }
 
     def displacement_norm(self) -> Tensor:
         """||direction||_2 over every trainable parameter: ||displacement_s||_2 / s."""
@@ -134,7 +138,14 @@ class _Line:
         return self.model.loss({**self.model.values, **ws, **buffers}, self.batch)
 
 
-def _evaluate(line: _Line, steps: list[float], engine: Engine, gradient: StepGradient, chunk_size: int | None, memory_budget: int | None) -> tuple[Tensor, Tensor]:
+def _evaluate(
+    line: _Line,
+    steps: list[float],
+    engine: Engine,
+    gradient: StepGradient,
+    chunk_size: int | None,
+    memory_budget: int | None,
+) -> tuple[Tensor, Tensor]:
     """The loss and ||g - g_s||_2 at every step size, by the loop or vmap (``engine``)."""
     return run_members(
         engine,
@@ -164,7 +175,13 @@ def _streamed(line: _Line, s: float) -> tuple[Tensor, Tensor]:
     """Loss and ||g - g_s||_2 at step size s, each gradient reduced to its squared distance from g as
     it is produced: the pass holds one gradient tensor at a time, never all of g_s."""
     acc: list[Tensor] = []
-    loss_s, _, _ = line.model.gradient(line.names, line.batch, line.rng, overrides=line.point(s), consume=lambda n, gs: acc.append((line.g[n] - gs).pow(2).sum()))
+    loss_s, _, _ = line.model.gradient(
+        line.names,
+        line.batch,
+        line.rng,
+        overrides=line.point(s),
+        consume=lambda n, gs: acc.append((line.g[n] - gs).pow(2).sum()),
+    )
     return loss_s, torch.stack(acc).sum().sqrt()
 
 
@@ -179,9 +196,13 @@ def _batched(line: _Line, steps: list[float], size: int | None) -> tuple[Tensor,
     """The step sizes through vmap, ``size`` at a time: the losses and the distances ||g - g_s||_2."""
     losses, dists = [], []
     for chunk in chunks(len(steps), size):
-        stacked = {n: torch.stack([line.model.values[n] - steps[i] * line.direction[n] for i in chunk]) for n in line.names}
+        stacked = {
+            n: torch.stack([line.model.values[n] - steps[i] * line.direction[n] for i in chunk]) for n in line.names
+        }
         line.rng.restore()
-        gs, ls = vmap(grad_and_value(line.loss), in_dims=(0, 0), randomness="same")(stacked, line.model.fresh_buffers(len(chunk)))
+        gs, ls = vmap(grad_and_value(line.loss), in_dims=(0, 0), randomness="same")(
+            stacked, line.model.fresh_buffers(len(chunk))
+        )
         gs, scalars = reduce_together(line.reduce, gs, {"loss": ls})
         losses.append(scalars["loss"])
         dists.append(torch.stack([(line.g[n] - gs[n]).pow(2).flatten(1).sum(1) for n in line.names]).sum(0).sqrt())

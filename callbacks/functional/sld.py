@@ -130,7 +130,10 @@ def spectral_density(
     point = {n: model.values[n] for n in model.trainable}
     gen = torch.Generator().manual_seed(seed)
     nodes, weights = [], []
-    with model.session(second_order=True) as rng, _norms_on_running_stats(module) if norm_mode == "running" else _nothing():
+    with (
+        model.session(second_order=True) as rng,
+        _norms_on_running_stats(module) if norm_mode == "running" else _nothing(),
+    ):
         buffers = model.fresh_buffers()
 
         def loss_of(p: Vec) -> Tensor:
@@ -163,4 +166,6 @@ def density(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float) -> Tenso
         raise ValueError(f"sigma must be > 0, got {sigma!r}")
     g = grid.double().view(-1, 1)
     z = (g - nodes.double().reshape(1, -1)) / sigma
-    return (torch.exp(-0.5 * z * z) * weights.double().reshape(1, -1)).sum(1) / (nodes.shape[0] * sigma * math.sqrt(2 * math.pi))
+    return (torch.exp(-0.5 * z * z) * weights.double().reshape(1, -1)).sum(1) / (
+        nodes.shape[0] * sigma * math.sqrt(2 * math.pi)
+    )

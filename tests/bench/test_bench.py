@@ -25,7 +25,9 @@ import _timing  # noqa: E402
 
 
 def test_help_runs_as_a_script() -> None:
-    out = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "throughput.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "--quick" in out.stdout and "--device" in out.stdout
 
@@ -43,10 +45,16 @@ def test_help(script: str, capsys: pytest.CaptureFixture[str]) -> None:
     [
         ("throughput.py", ["--steps", "0"], "error: argument --steps: must be a positive integer, got '0'"),
         ("throughput.py", ["--precisions", "fp8"], "error: argument --precisions: unknown precision 'fp8'"),
-        ("overhead.py", ["--steps", "150"], "error: argument --steps: must be a multiple of --every-n-steps (100), got 150"),
+        (
+            "overhead.py",
+            ["--steps", "150"],
+            "error: argument --steps: must be a multiple of --every-n-steps (100), got 150",
+        ),
     ],
 )
-def test_bad_arguments_give_one_error_line(script: str, args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_arguments_give_one_error_line(
+    script: str, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     module = __import__(script[:-3])
     with pytest.raises(SystemExit) as exc:
         module.parse_args(args)
@@ -56,7 +64,9 @@ def test_bad_arguments_give_one_error_line(script: str, args: list[str], message
 
 
 def test_bad_argument_message_is_one_line() -> None:
-    out = subprocess.run([sys.executable, str(BENCH / "overhead.py"), "--steps", "-3"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "overhead.py"), "--steps", "-3"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["error: argument --steps: must be a positive integer, got '-3'"]
 

@@ -18,8 +18,14 @@ import cost  # noqa: E402 - bench/ is a folder of scripts, not a package
 @pytest.mark.parametrize(
     ("args", "line"),
     [
-        (["--models", "alexnet"], "error: argument --models: unknown model 'alexnet'; accepted: resnet18, transformer, vgg, vgg16"),
-        (["--callbacks", "Foo"], "error: argument --callbacks: unknown callback 'Foo'; accepted: " + ", ".join(cost.CALLBACKS)),
+        (
+            ["--models", "alexnet"],
+            "error: argument --models: unknown model 'alexnet'; accepted: resnet18, transformer, vgg, vgg16",
+        ),
+        (
+            ["--callbacks", "Foo"],
+            "error: argument --callbacks: unknown callback 'Foo'; accepted: " + ", ".join(cost.CALLBACKS),
+        ),
     ],
 )
 def test_bad_arguments_are_one_line(args: list[str], line: str) -> None:

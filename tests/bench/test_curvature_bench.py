@@ -22,7 +22,24 @@ import curvature  # noqa: E402 - bench/ is not a package: importable only after 
 
 def test_tiny_run(tmp_path: Path) -> None:
     out = curvature.main(
-        ["--widths", "0.0625", "--lrs", "0.01", "--batch-size", "4", "--pretrain-steps", "1", "--rounds", "1", "--repeats", "1", "--basis-sweep", "3", "--out", str(tmp_path / "c.json")]
+        [
+            "--widths",
+            "0.0625",
+            "--lrs",
+            "0.01",
+            "--batch-size",
+            "4",
+            "--pretrain-steps",
+            "1",
+            "--rounds",
+            "1",
+            "--repeats",
+            "1",
+            "--basis-sweep",
+            "3",
+            "--out",
+            str(tmp_path / "c.json"),
+        ]
     )
     kinds = [r["kind"] for r in out["counts"]]
     assert kinds == ["cold", "cold, max_basis 3", "cold, max_basis 3", "cold", "warm, same batch", "warm, new batch"]
@@ -39,4 +56,6 @@ def test_bad_argument_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         curvature.parse_args(["--basis-sweep", "4,1"])
     assert exc.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["error: argument --max-basis/--basis-sweep: max_basis must be >= 2, got 1"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: argument --max-basis/--basis-sweep: max_basis must be >= 2, got 1"
+    ]

@@ -11,7 +11,13 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
-from bnlightning.callbacks import InternalCovariateShift, LossLandscape, internal_covariate_shift, loss_landscape, sgd_update
+from bnlightning.callbacks import (
+    InternalCovariateShift,
+    LossLandscape,
+    internal_covariate_shift,
+    loss_landscape,
+    sgd_update,
+)
 from bnlightning.callbacks.functional import _batching
 from bnlightning.callbacks.functional._harness import LossHarness
 from tests.helpers.callbacks import batch_for, mlp
@@ -24,7 +30,9 @@ def _count_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def test_auto_uses_vmap_when_it_fits_and_the_loop_when_not(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_uses_vmap_when_it_fits_and_the_loop_when_not(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     torch.manual_seed(0)
     model = mlp("batch").train()
     batch = batch_for(model, n=16)
@@ -81,6 +89,13 @@ def test_closure_optimizer_is_refused_in_one_line() -> None:
 
     data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4)
     for cb in (InternalCovariateShift(every_n_steps=1), LossLandscape(every_n_steps=1)):
-        trainer = pl.Trainer(max_steps=1, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer = pl.Trainer(
+            max_steps=1,
+            callbacks=[cb],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         with pytest.raises(MisconfigurationException, match="LBFGS re-evaluates the loss inside its step"):
             trainer.fit(WithLBFGS(), data)

@@ -19,13 +19,22 @@ from bnlightning.callbacks import ActivationStats, InternalCovariateShift, MeanS
 from bnlightning.callbacks.functional._numerics import can_run_eager
 from tests.helpers.callbacks import Recorder, batch_for, mlp
 
-TRAINER_KW: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False, "accelerator": "cpu"}
+TRAINER_KW: dict[str, Any] = {
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "enable_checkpointing": False,
+    "accelerator": "cpu",
+}
 
 
 def _run(model: pl.LightningModule, fit_arg: Any = None) -> dict[int, dict[str, float]]:
     x, y = batch_for(model, n=16, seed=3)
     rec = Recorder()
-    callbacks = [ActivationStats(every_n_steps=1, histogram=False), MeanShift(every_n_steps=1), InternalCovariateShift(every_n_steps=1)]
+    callbacks = [
+        ActivationStats(every_n_steps=1, histogram=False),
+        MeanShift(every_n_steps=1),
+        InternalCovariateShift(every_n_steps=1),
+    ]
     torch.manual_seed(0)
     trainer = pl.Trainer(max_steps=2, callbacks=callbacks, logger=rec, log_every_n_steps=1, **TRAINER_KW)
     trainer.fit(fit_arg if fit_arg is not None else model, DataLoader(TensorDataset(x, y), batch_size=8))

@@ -56,15 +56,23 @@ def test_callbacks_of_one_type_with_different_arguments_train_together() -> None
 def gradient_passes(monkeypatch) -> list[str]:
     """Every pass that computes G: the coordinator's, and each function's own first pass."""
     passes: list[str] = []
-    for module, name in ((coordinator_module, "step_gradient"), (ics_fn, "gradient_pass"), (landscape_fn, "gradient_pass")):
+    for module, name in (
+        (coordinator_module, "step_gradient"),
+        (ics_fn, "gradient_pass"),
+        (landscape_fn, "gradient_pass"),
+    ):
         original = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _o=original, _n=module.__name__, **k: passes.append(_n) or _o(*a, **k))
+        monkeypatch.setattr(
+            module, name, lambda *a, _o=original, _n=module.__name__, **k: passes.append(_n) or _o(*a, **k)
+        )
     return passes
 
 
 @pytest.mark.parametrize("update_from", ["trainer", "measured"])
 @pytest.mark.parametrize("ics_first", [True, False])
-def test_two_callbacks_needing_g_on_one_step_compute_it_once(gradient_passes: list[str], update_from: str, ics_first: bool) -> None:
+def test_two_callbacks_needing_g_on_one_step_compute_it_once(
+    gradient_passes: list[str], update_from: str, ics_first: bool
+) -> None:
     ics, land = InternalCovariateShift(every_n_steps=2, update_from=update_from), LossLandscape(every_n_steps=2)
     trainer = train(mlp("noisy_batch"), [ics, land] if ics_first else [land, ics], steps=4)
     assert ics.measurements == land.measurements == 2  # steps 1 and 3
@@ -83,7 +91,11 @@ def test_one_callback_alone_registers_and_computes_its_own_g(gradient_passes: li
 
 
 def test_callbacks_with_different_losses_do_not_share_g(gradient_passes: list[str]) -> None:
-    trainer = train(mlp("batch"), [InternalCovariateShift(every_n_steps=2, loss_fn=some_loss), LossLandscape(every_n_steps=2)], steps=2)
+    trainer = train(
+        mlp("batch"),
+        [InternalCovariateShift(every_n_steps=2, loss_fn=some_loss), LossLandscape(every_n_steps=2)],
+        steps=2,
+    )
     assert MeasurementCoordinator.of(trainer).gradient_passes == 0
     assert sorted(gradient_passes) == [ics_fn.__name__, landscape_fn.__name__]
 
@@ -103,7 +115,11 @@ def test_a_random_draw_between_two_callbacks_does_not_change_what_they_measure()
     for extra in ([], [Draw()]):
         torch.manual_seed(0)
         rec = Recorder(MEASURED)
-        train(mlp("noisy_batch"), [LossLandscape(every_n_steps=2), *extra, InternalCovariateShift(every_n_steps=2), rec], steps=2)
+        train(
+            mlp("noisy_batch"),
+            [LossLandscape(every_n_steps=2), *extra, InternalCovariateShift(every_n_steps=2), rec],
+            steps=2,
+        )
         logged.append(rec.logged[1])
     assert logged[0] == logged[1] and any(k.startswith("ics/") for k in logged[0])
 

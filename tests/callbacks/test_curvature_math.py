@@ -47,7 +47,9 @@ def loss_fn(model: nn.Module, x: Tensor, y: Tensor):
     buffers = dict(model.named_buffers())
 
     def loss_of(params: dict[str, Tensor]) -> Tensor:
-        return F.cross_entropy(functional_call(model, {**params, **{k: b.clone() for k, b in buffers.items()}}, (x,)), y)
+        return F.cross_entropy(
+            functional_call(model, {**params, **{k: b.clone() for k, b in buffers.items()}}, (x,)), y
+        )
 
     return loss_of
 
@@ -160,7 +162,9 @@ def test_top3_of_bn_mlp(mlp_case, max_basis: int | None) -> None:
 def test_trace_of_bn_mlp_within_three_standard_errors(mlp_case) -> None:
     model, x, y, H, _ = mlp_case
     p = params_of(model)
-    est, se = hutchinson_trace(make_hvp(loss_fn(model, x, y), p), p, n_probes=200, generator=torch.Generator().manual_seed(5))
+    est, se = hutchinson_trace(
+        make_hvp(loss_fn(model, x, y), p), p, n_probes=200, generator=torch.Generator().manual_seed(5)
+    )
     true = torch.trace(H).item()
     assert se > 0
     assert abs(est - true) <= 3 * se, (est, se, true)
@@ -174,13 +178,17 @@ def test_deflated_trace_on_bn_mlp(mlp_case) -> None:
     eig = top_eigenvalues(hvp, p, k=3, tol=1e-4, max_iter=200)
     true = torch.trace(H).item()
     plain = hutchinson_trace(hvp, p, n_probes=200, generator=torch.Generator().manual_seed(5))
-    deflated = hutchinson_trace(hvp, p, n_probes=200, generator=torch.Generator().manual_seed(5), deflate=eig.eigenvectors)
+    deflated = hutchinson_trace(
+        hvp, p, n_probes=200, generator=torch.Generator().manual_seed(5), deflate=eig.eigenvectors
+    )
     assert abs(deflated[0] - true) <= 3 * deflated[1], (deflated, true)
     assert deflated[1] < 0.95 * plain[1], (deflated[1], plain[1])  # 1.19 vs 1.41 at this seed
     # This Hessian's outliers are at both ends (λmin = -9.57): deflating the 3 most negative too
     # (top eigenvectors of -H) removes most of the variance (SE 0.49 at this seed).
     bottom = top_eigenvalues(lambda v: {k: -t for k, t in hvp(v).items()}, p, k=3, tol=1e-4, max_iter=200)
-    both = hutchinson_trace(hvp, p, n_probes=200, generator=torch.Generator().manual_seed(5), deflate=eig.eigenvectors + bottom.eigenvectors)
+    both = hutchinson_trace(
+        hvp, p, n_probes=200, generator=torch.Generator().manual_seed(5), deflate=eig.eigenvectors + bottom.eigenvectors
+    )
     assert abs(both[0] - true) <= 3 * both[1], (both, true)
     assert both[1] < 0.5 * plain[1], (both[1], plain[1])
 
@@ -202,7 +210,9 @@ def test_trace_standard_error_matches_rademacher_variance() -> None:
     # Var(vᵀAv) = 2 Σ_{a≠b} A_ab² for Rademacher v: the SE must estimate sqrt(that / m).
     A = spectrum_matrix([3.0, -2.0, 1.0], n=40, bulk=0.5)
     m = 2000
-    est, se = hutchinson_trace(matrix_hvp(A), {"w": torch.zeros(40)}, n_probes=m, generator=torch.Generator().manual_seed(0))
+    est, se = hutchinson_trace(
+        matrix_hvp(A), {"w": torch.zeros(40)}, n_probes=m, generator=torch.Generator().manual_seed(0)
+    )
     off = A - torch.diag(torch.diag(A))
     want_se = math.sqrt(2 * (off**2).sum().item() / m)
     assert abs(se / want_se - 1) < 0.1, (se, want_se)
@@ -377,7 +387,9 @@ def test_agrees_with_pyhessian() -> None:
 
 
 def test_eigen_result_fields() -> None:
-    res = top_eigenvalues(matrix_hvp(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))), {"w": torch.zeros(3)}, k=2)
+    res = top_eigenvalues(
+        matrix_hvp(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))), {"w": torch.zeros(3)}, k=2
+    )
     assert isinstance(res, EigenResult)
     assert res.eigenvalues.dtype == torch.float64 and res.residuals.shape == (2,)
     assert res.eigenvalues.tolist() == pytest.approx([3.0, 2.0], rel=1e-5)
@@ -386,7 +398,9 @@ def test_eigen_result_fields() -> None:
 # --- the eigenvalue stop rule and the Krylov-deflated trace ----------------------------------------
 def exact_spectrum_matrix(eigs: list[float], seed: int = 0) -> Tensor:
     """A dense symmetric float64 matrix with exactly the eigenvalues ``eigs`` (a random orthogonal basis)."""
-    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    q, _ = torch.linalg.qr(
+        torch.randn(len(eigs), len(eigs), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )
     return (q * torch.tensor(eigs, dtype=torch.float64)) @ q.T
 
 
@@ -398,7 +412,9 @@ def test_error_bounds_take_the_gap_widened_by_the_neighbours_residual() -> None:
     # θ_2: gap min(1 - 0.01, 8 - 2) = 0.99 -> 10 · 0.25/0.99 > r = 0.5 -> r; θ_3: the residual, 2
     assert got.tolist() == pytest.approx([0.002, 0.5, 2.0])
     assert error_bounds(theta[:1], res[:1]).tolist() == [0.01]  # one Ritz value: the residual alone
-    overlapping = error_bounds(torch.tensor([1.0, 0.9], dtype=torch.float64), torch.tensor([0.05, 0.2], dtype=torch.float64))
+    overlapping = error_bounds(
+        torch.tensor([1.0, 0.9], dtype=torch.float64), torch.tensor([0.05, 0.2], dtype=torch.float64)
+    )
     assert overlapping[0].item() == pytest.approx(0.05)  # gap 0.1 - 0.2 < 0: the residual alone
 
 
@@ -421,7 +437,9 @@ def test_lambda_max_with_a_tiny_gap_is_within_tol(gap: float) -> None:
     eigs = [10.0, 10.0 * (1 - gap)] + [6.0 * math.cos(i) for i in range(n - 2)]
     A = exact_spectrum_matrix(eigs)
     for seed in range(5):
-        res = top_eigenvalues(matrix_hvp(A), {"w": torch.zeros(n)}, tol=1e-3, generator=torch.Generator().manual_seed(seed), max_iter=500)
+        res = top_eigenvalues(
+            matrix_hvp(A), {"w": torch.zeros(n)}, tol=1e-3, generator=torch.Generator().manual_seed(seed), max_iter=500
+        )
         assert res.converged and abs(res.eigenvalues[0].item() - 10.0) <= 1e-3 * 10.0, (seed, res.eigenvalues[0].item())
 
 
@@ -431,7 +449,9 @@ def _trace_runs(A: Tensor, probes: int, runs: int) -> tuple[Tensor, Tensor, list
     like = {"w": torch.zeros(n)}
     deflated, plain, ratios = [], [], []
     for s in range(runs):
-        eig = top_eigenvalues(matrix_hvp(A), like, tol=1e-3, generator=torch.Generator().manual_seed(s), keep_basis=True)
+        eig = top_eigenvalues(
+            matrix_hvp(A), like, tol=1e-3, generator=torch.Generator().manual_seed(s), keep_basis=True
+        )
         assert eig.basis is not None
         t = krylov_trace(matrix_hvp(A), like, eig.basis, probes, generator=torch.Generator().manual_seed(10_000 + s))
         deflated.append(t.estimate)
@@ -474,13 +494,17 @@ def test_krylov_trace_is_exact_when_the_basis_holds_the_whole_range() -> None:
 
 def test_krylov_trace_without_deflation_is_plain_hutchinson_on_the_same_probes() -> None:
     """A heavy diagonal: plain Hutchinson is exact, deflating raises the variance (ratio > 1)."""
-    A = torch.diag(torch.linspace(1.0, 3.0, 30, dtype=torch.float64)) + 0.01 * exact_spectrum_matrix([1.0] * 5 + [0.0] * 25)
+    A = torch.diag(torch.linspace(1.0, 3.0, 30, dtype=torch.float64)) + 0.01 * exact_spectrum_matrix(
+        [1.0] * 5 + [0.0] * 25
+    )
     like = {"w": torch.zeros(30)}
     eig = top_eigenvalues(matrix_hvp(A), like, tol=1e-3, keep_basis=True)
     assert eig.basis is not None
     plain = krylov_trace(matrix_hvp(A), like, eig.basis, 8, deflate=False, generator=torch.Generator().manual_seed(3))
     deflated = krylov_trace(matrix_hvp(A), like, eig.basis, 8, generator=torch.Generator().manual_seed(3))
     reference = hutchinson_trace(matrix_hvp(A), like, 8, generator=torch.Generator().manual_seed(3))
-    assert plain.estimate == pytest.approx(reference[0], rel=1e-6) and plain.standard_error == pytest.approx(reference[1], rel=1e-5)
+    assert plain.estimate == pytest.approx(reference[0], rel=1e-6) and plain.standard_error == pytest.approx(
+        reference[1], rel=1e-5
+    )
     assert plain.variance_ratio == pytest.approx(deflated.variance_ratio) and plain.variance_ratio > 1
     assert deflated.standard_error > plain.standard_error

@@ -87,7 +87,14 @@ def _run(tmp_path: Path, world: int, norm: str, *extra: str) -> list[dict]:
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(world), norm, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(world), norm, *extra],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((tmp_path / f"w{world}-{norm}-rank{r}.json").read_text()) for r in range(world)]
 
@@ -107,12 +114,18 @@ def test_ddp_two_processes_log_the_global_batch_numbers(tmp_path: Path, norm: st
         assert set(got) == set(want)
         for k, w in want.items():
             if norm == "none":  # the mean over ranks of shard gradients (and HVPs) is the full-batch one
-                tol = 1e-4 if k.startswith("hessian/") else 1e-5  # Lanczos stops at tol: rounding can move its last digits
-                assert abs(got[k] - w) <= tol * abs(w) + 1e-7, f"step {step} {k}: 2 ranks {got[k]:.8g}, 1 process {w:.8g}"
+                tol = (
+                    1e-4 if k.startswith("hessian/") else 1e-5
+                )  # Lanczos stops at tol: rounding can move its last digits
+                assert abs(got[k] - w) <= tol * abs(w) + 1e-7, (
+                    f"step {step} {k}: 2 ranks {got[k]:.8g}, 1 process {w:.8g}"
+                )
     if norm == "batch":
         # with BatchNorm each rank normalises with its own shard's statistics (as in training), so the
         # numbers are those of the averaged per-shard losses, not of one batch of 8: they differ
-        diffs = [abs(two[0]["logged"][s][k] - w) / (abs(w) + 1e-12) for s, m in one["logged"].items() for k, w in m.items()]
+        diffs = [
+            abs(two[0]["logged"][s][k] - w) / (abs(w) + 1e-12) for s, m in one["logged"].items() for k, w in m.items()
+        ]
         assert max(diffs) > 1e-4
 
 

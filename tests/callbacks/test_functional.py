@@ -64,8 +64,12 @@ def test_ics_vmap_on_vgg() -> None:
     torch.manual_seed(0)
     model = vgg("batch").train()
     batch = batch_for(model, n=4)
-    loop = internal_covariate_shift(model, batch, sgd_update(0.1), layers=["net.conv2", "net.conv5", "net.fc"], mode="loop")
-    batched = internal_covariate_shift(model, batch, sgd_update(0.1), layers=["net.conv2", "net.conv5", "net.fc"], mode="vmap", chunk_size=2)
+    loop = internal_covariate_shift(
+        model, batch, sgd_update(0.1), layers=["net.conv2", "net.conv5", "net.fc"], mode="loop"
+    )
+    batched = internal_covariate_shift(
+        model, batch, sgd_update(0.1), layers=["net.conv2", "net.conv5", "net.fc"], mode="vmap", chunk_size=2
+    )
     _close(batched, loop, rtol=1e-4, atol=1e-6)
 
 
@@ -81,7 +85,11 @@ def test_ics_prefix_reuses_the_updated_prefix_and_equals_the_loop(case: str, mon
     loop = internal_covariate_shift(model, batch, sgd_update(lr), mode="loop")
     full_passes = []
     original = LossHarness.gradient
-    monkeypatch.setattr(LossHarness, "gradient", lambda self, names, *a, **k: full_passes.append(names) or original(self, names, *a, **k))
+    monkeypatch.setattr(
+        LossHarness,
+        "gradient",
+        lambda self, names, *a, **k: full_passes.append(names) or original(self, names, *a, **k),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the prefix applies everywhere here: no fallback warning
         got = internal_covariate_shift(model, batch, sgd_update(lr), mode="prefix")
@@ -108,7 +116,16 @@ class _Odd(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         c = nn.Linear(12, 12)
-        self.seq = nn.Sequential(nn.Linear(6, 12), nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(12, 12), nn.Tanh(), _Peek(c), c, nn.ReLU(inplace=True))
+        self.seq = nn.Sequential(
+            nn.Linear(6, 12),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.3),
+            nn.Linear(12, 12),
+            nn.Tanh(),
+            _Peek(c),
+            c,
+            nn.ReLU(inplace=True),
+        )
         self.head = nn.Linear(12, 3)
 
     def loss(self, batch):
@@ -154,7 +171,9 @@ def test_ics_first_layer_is_exactly_unshifted_and_layers_follow_forward_order() 
     batch = batch_for(model)
     out = internal_covariate_shift(model, batch, sgd_update(0.1), layers=["net.fc3", "net.fc1"])
     assert out["ics/l2/net.fc1"].item() == 0.0
-    assert internal_covariate_shift(model, batch, sgd_update(0.1), layers=["net.fc3", "net.fc1"], mode="prefix") == out  # nothing runs before fc1
+    assert (
+        internal_covariate_shift(model, batch, sgd_update(0.1), layers=["net.fc3", "net.fc1"], mode="prefix") == out
+    )  # nothing runs before fc1
     assert out["ics/cos/net.fc1"].item() == pytest.approx(1.0, abs=1e-6)
     assert out["ics/l2/net.fc3"].item() > 0
 
@@ -168,7 +187,9 @@ def test_ics_unknown_layer_lists_valid_names() -> None:
 OPTIMIZERS = {
     "sgd_wd": lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.01),
     "momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
-    "nesterov_groups": lambda p: torch.optim.SGD([{"params": p[:3], "lr": 0.05}, {"params": p[3:]}], lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "nesterov_groups": lambda p: torch.optim.SGD(
+        [{"params": p[:3], "lr": 0.05}, {"params": p[3:]}], lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3
+    ),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
     "adam_foreach": lambda p: torch.optim.Adam(p, lr=1e-2, foreach=True, amsgrad=True),
     "adam_fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
@@ -272,7 +293,12 @@ def test_activation_kind_names_every_activation() -> None:
 
     from bnlightning.callbacks.functional import activation_kind
 
-    assert [activation_kind(m) for m in (nn.Sigmoid(), nn.ReLU(), nn.GELU(), nn.Linear(2, 2))] == ["saturating", "relu", "other", ""]
+    assert [activation_kind(m) for m in (nn.Sigmoid(), nn.ReLU(), nn.GELU(), nn.Linear(2, 2))] == [
+        "saturating",
+        "relu",
+        "other",
+        "",
+    ]
 
 
 @pytest.mark.parametrize("case", ["mlp_noisy_bn", "vgg_bn", "dln_bn"])

@@ -32,7 +32,9 @@ from bnlightning.callbacks.functional.sld import density
 from tests.callbacks.test_hessian import Tiny, _batch, full_hessian
 from tests.helpers.callbacks import Recorder, mlp
 
-TRAINER_KW: dict[str, Any] = dict(enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+TRAINER_KW: dict[str, Any] = dict(
+    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu"
+)
 
 
 def flat(tensors: dict[str, Tensor], names: list[str]) -> Tensor:
@@ -85,13 +87,17 @@ def test_callback_uses_the_real_step_and_logs_ratios_for_sgd() -> None:
         H = full_hessian(at, batch).double()
         u = flat(after, names) - flat(before, names)
         assert values["hessian/update_curvature"] == pytest.approx((u @ H @ u / (u @ u)).item(), rel=1e-3)
-        assert values["hessian/grad_curvature_ratio"] == pytest.approx(values["hessian/grad_curvature"] * 0.1 / (2 * 1.5), rel=1e-6)
+        assert values["hessian/grad_curvature_ratio"] == pytest.approx(
+            values["hessian/grad_curvature"] * 0.1 / (2 * 1.5), rel=1e-6
+        )
         loss0, g = full_gradient(at, batch)
         with torch.no_grad():
             for n, p in at.named_parameters():
                 p.copy_(after[n])
         assert values["hessian/predicted_change"] == pytest.approx((g @ u + 0.5 * u @ H @ u).item(), rel=1e-3)
-        assert values["hessian/actual_change"] == pytest.approx((at.loss(batch).detach() - loss0).item(), rel=1e-3, abs=1e-6)
+        assert values["hessian/actual_change"] == pytest.approx(
+            (at.loss(batch).detach() - loss0).item(), rel=1e-3, abs=1e-6
+        )
 
 
 # --- preconditioned sharpness -------------------------------------------------------------------
@@ -130,7 +136,9 @@ def test_preconditioner_is_the_one_the_real_step_divides_by(name: str) -> None:
     model, opt = _stepped(OPTIMIZERS[name])
     pre = adaptive_preconditioner(opt, model)
     assert pre is not None and pre.name == type(opt).__name__
-    twin_opt, twin_params = stepped_twin(opt)  # the real optimizer, stepped on a copy: the state it leaves is P's source
+    twin_opt, twin_params = stepped_twin(
+        opt
+    )  # the real optimizer, stepped on a copy: the state it leaves is P's source
     group = twin_opt.param_groups[0]
     for (n, _), p in zip(model.named_parameters(), twin_params):
         s = twin_opt.state[p]
@@ -150,7 +158,9 @@ def test_preconditioned_sharpness_matches_the_explicit_p_inverse_h() -> None:
     P = flat(adaptive_preconditioner(opt, model).diagonal, [n for n, _ in model.named_parameters()])
     H = full_hessian(model, _batch()).double()
     exact = torch.linalg.eigvals(H / P.view(-1, 1)).real.max()  # P⁻¹H, not symmetrised
-    lam, _, _ = preconditioned_sharpness(model, _batch(), adaptive_preconditioner(opt, model).diagonal, tol=1e-4, max_iter=200)
+    lam, _, _ = preconditioned_sharpness(
+        model, _batch(), adaptive_preconditioner(opt, model).diagonal, tol=1e-4, max_iter=200
+    )
     assert lam.item() == pytest.approx(exact.item(), rel=1e-3)
 
 
@@ -165,7 +175,9 @@ def test_no_preconditioner_for_other_optimizers() -> None:
 def test_hessian_spectrum_logs_the_preconditioned_ratio_for_adam_and_warns_once_otherwise() -> None:
     rec = _train(Tiny("adam"), [HessianSpectrum(every_n_steps=2, n_probes=0, tol=1e-5)], prefixes=("hessian",))
     for values in rec.logged.values():
-        assert values["hessian/sharpness_ratio"] == pytest.approx(values["hessian/precond_lambda_max"] * 1e-2 * 0.1 / 3.8, rel=1e-5)
+        assert values["hessian/sharpness_ratio"] == pytest.approx(
+            values["hessian/precond_lambda_max"] * 1e-2 * 0.1 / 3.8, rel=1e-5
+        )
     with pytest.warns(UserWarning, match="sharpness_ratio is logged as NaN: .*the optimizer is Adagrad") as record:
         rec = _train(Tiny("adagrad"), [HessianSpectrum(every_n_steps=1, n_probes=0)], prefixes=("hessian",))
     assert sum("sharpness_ratio" in str(w.message) for w in record) == 1
@@ -179,7 +191,16 @@ class ConvBN(pl.LightningModule):
     def __init__(self, norm: bool = True) -> None:
         super().__init__()
         bn = (lambda c: nn.BatchNorm2d(c)) if norm else (lambda c: nn.Identity())
-        self.net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), bn(3), nn.ReLU(inplace=True), nn.Conv2d(3, 4, 3, padding=1), bn(4), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+        self.net = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            bn(3),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(3, 4, 3, padding=1),
+            bn(4),
+            nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(4 * 5 * 5, 3),
+        )
 
     def loss(self, batch: Any) -> Tensor:
         x, y = batch
@@ -236,7 +257,9 @@ def test_activation_gradients_match_retain_grad_and_the_bound_holds() -> None:
         assert got[f"gradact/net.{i}/bound"].item() == pytest.approx(bound_by_hand(model.net[i], x, gy), rel=1e-5)
         assert got[f"gradact/net.{i}/bound"].item() >= got[f"gradact/net.{i}/input_norm"].item() * (1 - 1e-6)
         assert got[f"gradact/net.{i}/bound"].item() == pytest.approx(gx.norm().item(), rel=1e-2)  # equality up to eps
-        assert got[f"gradact/net.{i}/sigma"].item() == pytest.approx((x.var((0, 2, 3), correction=0) + 1e-5).sqrt().mean().item(), rel=1e-5)
+        assert got[f"gradact/net.{i}/sigma"].item() == pytest.approx(
+            (x.var((0, 2, 3), correction=0) + 1e-5).sqrt().mean().item(), rel=1e-5
+        )
         assert got[f"gradact/net.{i}/gamma"].item() == pytest.approx(model.net[i].weight.abs().mean().item(), rel=1e-6)
 
 
@@ -275,7 +298,10 @@ def test_effective_lr_callback_reads_the_real_step() -> None:
     rec = _train(Tiny("momentum"), [EffectiveLearningRate(every_n_steps=2), snaps], prefixes=("efflr",))
     assert sorted(rec.logged) == [1, 3] and {k.split("/")[1] for k in rec.logged[1]} == {"net.0", "net.3"}
     for step, values in rec.logged.items():
-        a, b = snaps.before[step]["net.3.weight"].double().flatten(), snaps.after[step]["net.3.weight"].double().flatten()
+        a, b = (
+            snaps.before[step]["net.3.weight"].double().flatten(),
+            snaps.after[step]["net.3.weight"].double().flatten(),
+        )
         assert values["efflr/net.3/angle"] == pytest.approx(math.acos((a @ b / (a.norm() * b.norm())).item()), rel=1e-4)
         assert values["efflr/net.3/lr"] == pytest.approx(0.1 / (a @ a).item(), rel=1e-5)
 
@@ -305,7 +331,10 @@ def test_slq_moments_are_the_gauss_quadrature_of_the_explicit_hessian(mode: str)
         for power in range(2 * steps):  # Gauss quadrature with m nodes is exact up to degree 2m - 1
             exact = v @ torch.linalg.matrix_power(H, power) @ v
             got = (res.weights[start] * res.nodes[start] ** power).sum()
-            assert got.item() == pytest.approx(exact.item(), rel=1e-3, abs=1e-6 * float(H.abs().max()) ** power), (start, power)
+            assert got.item() == pytest.approx(exact.item(), rel=1e-3, abs=1e-6 * float(H.abs().max()) ** power), (
+                start,
+                power,
+            )
     grid = torch.linspace(-20, 20, 4001)
     assert torch.trapezoid(density(res.nodes, res.weights, grid, 0.5), grid).item() == pytest.approx(1.0, rel=1e-3)
 
@@ -327,19 +356,27 @@ class Snapshots(pl.Callback):
         self.after: dict[int, dict[str, Tensor]] = {}
         self.batch: dict[int, Any] = {}
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.batch[trainer.global_step] = [t.clone() for t in batch]
         self.before[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.after[trainer.global_step - 1] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
 
-def _train(model: pl.LightningModule, callbacks: list[Any], prefixes: tuple[str, ...] | None = None, steps: int = 4, **kw: Any) -> Recorder:
+def _train(
+    model: pl.LightningModule, callbacks: list[Any], prefixes: tuple[str, ...] | None = None, steps: int = 4, **kw: Any
+) -> Recorder:
     torch.manual_seed(0)
     x, y = batch_data(model)
     rec = Recorder(prefixes)
-    pl.Trainer(max_steps=steps, callbacks=callbacks, logger=rec, **TRAINER_KW, **kw).fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
+    pl.Trainer(max_steps=steps, callbacks=callbacks, logger=rec, **TRAINER_KW, **kw).fit(
+        model, DataLoader(TensorDataset(x, y), batch_size=8)
+    )
     return rec
 
 
@@ -371,7 +408,12 @@ def test_zero_observer_effect_bit_identical(norm: str, optimizer: str) -> None:
     rec = _train(b, all_gauges(), prefixes=("hessian", "gradact", "efflr", "sld"))
     assert len(rec.logged) == 4 and any(k.startswith("sld/running/") for k in rec.logged[1])
     nan_for_adamw = ("hessian/grad_curvature_ratio", "hessian/update_curvature_ratio")  # defined for SGD only
-    assert all(math.isfinite(v) for values in rec.logged.values() for k, v in values.items() if optimizer == "sgd" or k not in nan_for_adamw)
+    assert all(
+        math.isfinite(v)
+        for values in rec.logged.values()
+        for k, v in values.items()
+        if optimizer == "sgd" or k not in nan_for_adamw
+    )
     assert optimizer == "sgd" or math.isfinite(rec.logged[1]["hessian/precond_lambda_max"])
     for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), n
@@ -455,7 +497,14 @@ def test_ddp_two_processes_log_the_global_batch_gauges(tmp_path: Any) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     logged = {}
     for world in (2, 1):
-        proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(world)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), str(world)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         logged[world] = json.loads((tmp_path / f"w{world}-rank0.json").read_text())
     assert json.loads((tmp_path / "w2-rank1.json").read_text()) == {}  # only rank zero logs
@@ -465,7 +514,11 @@ def test_ddp_two_processes_log_the_global_batch_gauges(tmp_path: Any) -> None:
         if math.isnan(w):
             assert math.isnan(two[k]), k
             continue
-        tol = 1e-3 if k.startswith(("sld/", "hessian/precond", "hessian/sharpness", "hessian/lambda", "hessian/eig")) else 1e-4
+        tol = (
+            1e-3
+            if k.startswith(("sld/", "hessian/precond", "hessian/sharpness", "hessian/lambda", "hessian/eig"))
+            else 1e-4
+        )
         assert abs(two[k] - w) <= tol * abs(w) + 1e-6, f"{k}: 2 ranks {two[k]:.8g}, 1 process {w:.8g}"
 
 
@@ -485,12 +538,19 @@ def test_torchvision_resnet_trains_identically_and_the_gauges_find_its_layers() 
         x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
         rec = Recorder(("hessian", "gradact", "efflr", "sld"))
         torch.manual_seed(0)
-        pl.Trainer(max_steps=2, callbacks=callbacks, logger=rec, **TRAINER_KW).fit(model, DataLoader(TensorDataset(x, y), batch_size=4))
+        pl.Trainer(max_steps=2, callbacks=callbacks, logger=rec, **TRAINER_KW).fit(
+            model, DataLoader(TensorDataset(x, y), batch_size=4)
+        )
         return rec
 
     plain, measured = build(), build()
     fit(plain, [])
-    gauges = [GradientCurvature(every_n_steps=2), ActivationGradients(every_n_steps=2), EffectiveLearningRate(every_n_steps=2), SpectralDensity(every_n_steps=2, lanczos_steps=2, n_starts=1)]
+    gauges = [
+        GradientCurvature(every_n_steps=2),
+        ActivationGradients(every_n_steps=2),
+        EffectiveLearningRate(every_n_steps=2),
+        SpectralDensity(every_n_steps=2, lanczos_steps=2, n_starts=1),
+    ]
     rec = fit(measured, gauges)
     for (n, a), (_, b) in zip(plain.state_dict().items(), measured.state_dict().items()):
         assert torch.equal(a, b), n

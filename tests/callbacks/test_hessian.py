@@ -21,7 +21,15 @@ from tests.helpers.callbacks import Recorder
 class Tiny(pl.LightningModule):
     def __init__(self, optimizer: str = "sgd") -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3))
+        self.net = nn.Sequential(
+            nn.Linear(3, 5),
+            nn.BatchNorm1d(5),
+            nn.Tanh(),
+            nn.Linear(5, 4),
+            nn.BatchNorm1d(4),
+            nn.Tanh(),
+            nn.Linear(4, 3),
+        )
         self.optimizer = optimizer
 
     def loss(self, batch: Any) -> Tensor:
@@ -59,7 +67,9 @@ def full_hessian(model: Tiny, batch: Any, names: list[str] | None = None) -> Ten
 
 def _loss(model: Tiny, tensors: dict[str, Tensor], batch: Any) -> Tensor:
     x, y = batch
-    return nn.functional.cross_entropy(functional_call(model.net, {k.removeprefix("net."): v for k, v in tensors.items()}, (x,)), y)
+    return nn.functional.cross_entropy(
+        functional_call(model.net, {k.removeprefix("net."): v for k, v in tensors.items()}, (x,)), y
+    )
 
 
 def _batch() -> tuple[Tensor, Tensor]:
@@ -106,9 +116,15 @@ def _train(model: Tiny, callbacks: list[Any], **kw: Any) -> Recorder:
     torch.manual_seed(0)
     x, y = torch.randn(32, 3), torch.randint(0, 3, (32,))
     rec = Recorder(("hessian",))
-    pl.Trainer(max_steps=4, callbacks=callbacks, logger=rec, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw).fit(
-        model, DataLoader(TensorDataset(x, y), batch_size=8)
-    )
+    pl.Trainer(
+        max_steps=4,
+        callbacks=callbacks,
+        logger=rec,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    ).fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
     return rec
 
 
@@ -125,13 +141,17 @@ def test_callback_is_side_effect_free_and_logs_the_sharpness_ratio(optimizer: st
     assert sorted(rec.logged) == [1, 3]
     beta = 0.5 if optimizer == "momentum" else 0.0
     for values in rec.logged.values():
-        assert values["hessian/sharpness_ratio"] == pytest.approx(values["hessian/lambda_max"] * 0.1 / (2 * (1 + beta)), rel=1e-6)
+        assert values["hessian/sharpness_ratio"] == pytest.approx(
+            values["hessian/lambda_max"] * 0.1 / (2 * (1 + beta)), rel=1e-6
+        )
         assert values["hessian/eig_1"] >= values["hessian/eig_2"]
         assert math.isfinite(values["hessian/trace"]) and values["hessian/trace_se"] >= 0
 
 
 def test_ratio_is_nan_with_a_warning_for_adagrad_and_arguments_are_checked() -> None:
-    with pytest.warns(UserWarning, match="sharpness_ratio is logged as NaN: the ratio is defined for SGD .* the optimizer is Adagrad"):
+    with pytest.warns(
+        UserWarning, match="sharpness_ratio is logged as NaN: the ratio is defined for SGD .* the optimizer is Adagrad"
+    ):
         rec = _train(Tiny("adagrad"), [HessianSpectrum(every_n_steps=4, n_probes=0)])
     assert math.isnan(rec.logged[3]["hessian/sharpness_ratio"]) and "hessian/trace" not in rec.logged[3]
     for bad in ({"k": 0}, {"tol": -1.0}, {"max_iter": 0}, {"n_probes": -2}, {"hvp_method": "fast"}, {"max_basis": 1}):

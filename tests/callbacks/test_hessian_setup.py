@@ -38,7 +38,9 @@ class TwoRates(Tiny):
 
 
 def test_ratio_with_different_rates_per_group_is_nan_with_one_clear_warning() -> None:
-    with pytest.warns(UserWarning, match=r"sharpness_ratio is logged as NaN: the parameter groups have different limits") as caught:
+    with pytest.warns(
+        UserWarning, match=r"sharpness_ratio is logged as NaN: the parameter groups have different limits"
+    ) as caught:
         rec = _train(TwoRates(), [HessianSpectrum(every_n_steps=2, n_probes=0)])
     assert sum("sharpness_ratio" in str(w.message) for w in caught) == 1  # once, not per measurement
     assert sorted(rec.logged) == [1, 3]
@@ -46,7 +48,13 @@ def test_ratio_with_different_rates_per_group_is_nan_with_one_clear_warning() ->
         assert math.isnan(values["hessian/sharpness_ratio"]) and math.isfinite(values["hessian/lambda_max"])
 
 
-@pytest.mark.parametrize(("k", "layers", "what"), [(13, ["net.6"], "1 to 12 \\(the weight of layer 'net.6' has 12 entries\\)"), (200, None, "1 to 77 \\(Tiny has 77 trainable parameters\\)")])
+@pytest.mark.parametrize(
+    ("k", "layers", "what"),
+    [
+        (13, ["net.6"], "1 to 12 \\(the weight of layer 'net.6' has 12 entries\\)"),
+        (200, None, "1 to 77 \\(Tiny has 77 trainable parameters\\)"),
+    ],
+)
 def test_k_larger_than_a_block_fails_at_setup(k: int, layers: list[str] | None, what: str) -> None:
     # every_n_steps far beyond max_steps: only a setup-time check can raise.
     cb = HessianSpectrum(k=k, max_iter=max(k, 100), layers=layers, every_n_steps=1000, n_probes=0)
@@ -57,6 +65,8 @@ def test_k_larger_than_a_block_fails_at_setup(k: int, layers: list[str] | None, 
 def test_accumulation_says_the_last_micro_batch_is_measured(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("INFO"):
         rec = _train(Tiny(), [HessianSpectrum(every_n_steps=2, n_probes=0)], accumulate_grad_batches=2)
-    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("HessianSpectrum: ")]  # not the loss line
+    said = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("HessianSpectrum: ")
+    ]  # not the loss line
     assert len(said) == 1 and "last micro-batch" in said[0] and "accumulate_grad_batches=2" in said[0]
     assert sorted(rec.logged) == [1, 3]

@@ -23,7 +23,12 @@ from bnlightning.callbacks import ActivationStats, MeanShift, ResidualVariance
 from tests.callbacks.test_meanshift import reference_cos, reference_majority
 from tests.helpers.callbacks import Recorder
 
-TRAINER_KW: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False, "accelerator": "cpu"}
+TRAINER_KW: dict[str, Any] = {
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "enable_checkpointing": False,
+    "accelerator": "cpu",
+}
 
 
 class InplaceBlock(nn.Module):
@@ -94,9 +99,13 @@ def _reference_reads(net: nn.Module, x: Tensor, taps: dict[str, str]) -> dict[st
     for name, where in taps.items():
         m = net.get_submodule(name)
         if where == "input":
-            handles.append(m.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0].detach().clone())))
+            handles.append(
+                m.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0].detach().clone()))
+            )
         else:
-            handles.append(m.register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, o.detach().clone())))
+            handles.append(
+                m.register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, o.detach().clone()))
+            )
     net = net.train()
     with torch.no_grad():
         seen["\x00out"] = net(x).detach().clone()
@@ -118,7 +127,9 @@ def test_activation_stats_read_the_pre_activation_before_an_inplace_relu() -> No
     torch.manual_seed(0)
     model = InplaceNet()
     ref = _reference_reads(copy.deepcopy(model.net), _batch()[0], {"relu": "input", "block.relu": "input"})
-    logged = _fit(model, ActivationStats(layers=["net.relu", "net.block.relu"], every_n_steps=1, histogram=False), _batch())
+    logged = _fit(
+        model, ActivationStats(layers=["net.relu", "net.block.relu"], every_n_steps=1, histogram=False), _batch()
+    )
     for name in ("relu", "block.relu"):
         x = ref[name]
         assert x.min() < 0  # a pre-activation: the ReLU has not run yet
@@ -145,7 +156,9 @@ def test_mean_shift_reads_a_norm_output_before_an_inplace_relu_and_finds_the_log
 def test_residual_variance_reads_the_branch_before_out_plus_equals() -> None:
     torch.manual_seed(0)
     model = InplaceNet()
-    ref = _reference_reads(copy.deepcopy(model.net), _batch()[0], {"block.branch": "output", "block.shortcut": "output"})
+    ref = _reference_reads(
+        copy.deepcopy(model.net), _batch()[0], {"block.branch": "output", "block.shortcut": "output"}
+    )
     logged = _fit(model, ResidualVariance(every_n_steps=1), _batch())
     vb = float(ref["block.branch"].double().var(unbiased=False))
     vs = float(ref["block.shortcut"].double().var(unbiased=False))
@@ -188,8 +201,12 @@ def test_mean_shift_says_once_why_majority_share_is_absent() -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 3, 5, generator=g), torch.randint(0, 4, (8, 3), generator=g)
     rec = Recorder()
-    trainer = pl.Trainer(max_steps=2, callbacks=[MeanShift(every_n_steps=1)], logger=rec, log_every_n_steps=1, **TRAINER_KW)
+    trainer = pl.Trainer(
+        max_steps=2, callbacks=[MeanShift(every_n_steps=1)], logger=rec, log_every_n_steps=1, **TRAINER_KW
+    )
     with pytest.warns(UserWarning, match="majority_share is not logged: no module of Sequence returned") as caught:
         trainer.fit(Sequence(), DataLoader(TensorDataset(x, y), batch_size=4))
     assert sum("majority_share" in str(w.message) for w in caught) == 1
-    assert sorted(rec.logged) == [0, 1] and all("meanshift/net.1/cos" in v and "meanshift/majority_share" not in v for v in rec.logged.values())
+    assert sorted(rec.logged) == [0, 1] and all(
+        "meanshift/net.1/cos" in v and "meanshift/majority_share" not in v for v in rec.logged.values()
+    )

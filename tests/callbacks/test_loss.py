@@ -47,7 +47,13 @@ from bnlightning.callbacks.functional._loss import loss_candidates
 from tests.helpers.callbacks import Recorder
 
 OURS = ("ics", "landscape", "act", "meanshift", "hessian", "resvar")
-TRAINER_KW: dict[str, Any] = dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", log_every_n_steps=1)
+TRAINER_KW: dict[str, Any] = dict(
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    enable_checkpointing=False,
+    accelerator="cpu",
+    log_every_n_steps=1,
+)
 
 
 def every_callback(residual: bool = False, **kw: Any) -> list[pl.Callback]:
@@ -62,16 +68,24 @@ def every_callback(residual: bool = False, **kw: Any) -> list[pl.Callback]:
     return [*cbs, ResidualVariance(every_n_steps=1, **kw)] if residual else cbs
 
 
-def fit(make: Callable[[], pl.LightningModule], batches: list[Any], callbacks: list[pl.Callback], steps: int = 2) -> tuple[pl.LightningModule, Recorder]:
+def fit(
+    make: Callable[[], pl.LightningModule], batches: list[Any], callbacks: list[pl.Callback], steps: int = 2
+) -> tuple[pl.LightningModule, Recorder]:
     torch.manual_seed(0)
     module = make()
     rec = Recorder()
-    pl.Trainer(max_steps=steps, callbacks=callbacks, logger=rec, **TRAINER_KW).fit(module, DataLoader(batches, batch_size=None))
+    pl.Trainer(max_steps=steps, callbacks=callbacks, logger=rec, **TRAINER_KW).fit(
+        module, DataLoader(batches, batch_size=None)
+    )
     return module, rec
 
 
 def check_against(
-    make: Callable[[], pl.LightningModule], batches: list[Any], reference_loss: Callable[[nn.Module, Any], Tensor], residual: bool = False, extra: tuple[pl.Callback, ...] = ()
+    make: Callable[[], pl.LightningModule],
+    batches: list[Any],
+    reference_loss: Callable[[nn.Module, Any], Tensor],
+    residual: bool = False,
+    extra: tuple[pl.Callback, ...] = (),
 ) -> tuple[list[pl.Callback], Recorder]:
     """Fit without callbacks, with every callback (the loss resolved; ``extra`` after them) and with
     every callback given ``reference_loss``: the same training, and the same numbers from both measured runs."""
@@ -87,9 +101,17 @@ def check_against(
     for step in range(2):
         got = {k: v for k, v in rec.logged[step].items() if k.split("/")[0] in OURS}
         want = {k: v for k, v in ref.logged[step].items() if k.split("/")[0] in OURS}
-        assert set(got) == set(want) and {k.split("/")[0] for k in got} >= {"ics", "landscape", "act", "meanshift", "hessian"}
+        assert set(got) == set(want) and {k.split("/")[0] for k in got} >= {
+            "ics",
+            "landscape",
+            "act",
+            "meanshift",
+            "hessian",
+        }
         for k, v in want.items():
-            assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-6) or (math.isnan(v) and math.isnan(got[k])), f"step {step} {k}"
+            assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-6) or (math.isnan(v) and math.isnan(got[k])), (
+                f"step {step} {k}"
+            )
     return cbs, rec
 
 
@@ -143,7 +165,10 @@ def test_boring_model_measures_its_training_step(caplog: pytest.LogCaptureFixtur
         cbs, _ = check_against(BoringModel, batches, boring_loss)
     assert {cb.measured_loss(None).name for cb in cbs} == {"BoringModel.training_step(batch, 0)"}
     assert "BoringModel.loss(batch) does not depend on the trainable parameters" in caplog.text
-    assert [c.name for c in loss_candidates(BoringModel())] == ["BoringModel.loss(batch)", "BoringModel.training_step(batch, 0)"]
+    assert [c.name for c in loss_candidates(BoringModel())] == [
+        "BoringModel.loss(batch)",
+        "BoringModel.training_step(batch, 0)",
+    ]
 
 
 # --- a LitGPT-style module: training_step(self, batch), attention, a dict batch ----------------
@@ -161,7 +186,9 @@ class TinyGPT(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         x = self.wte(idx)
         b, t, c = x.shape
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.attn(self.ln(x)).split(c, dim=2))
+        q, k, v = (
+            z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.attn(self.ln(x)).split(c, dim=2)
+        )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
         return self.lm_head(x + self.mlp(x))
@@ -214,7 +241,9 @@ class Capture(pl.Callback):
         self.steps: dict[int, tuple[nn.Module, Any]] = {}
         self._batch: Any = None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._batch = batch
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -229,17 +258,25 @@ def test_litgpt_style_training_step_with_attention() -> None:
     cbs, rec = check_against(LitLLM, batches, gpt_loss, extra=(capture,))
     assert {cb.measured_loss(None).name for cb in cbs} == {"LitLLM.training_step(batch)"}
     for step, (net, batch) in capture.steps.items():
-        assert rec.logged[step]["hessian/lambda_max"] == pytest.approx(full_hessian_top_eigenvalue(net, batch), rel=1e-3)
+        assert rec.logged[step]["hessian/lambda_max"] == pytest.approx(
+            full_hessian_top_eigenvalue(net, batch), rel=1e-3
+        )
 
 
 def test_gauges_differentiate_attention_twice_through_the_math_kernel() -> None:
     g = torch.Generator().manual_seed(4)
     tokens = [torch.randint(0, 7, (3, 6), generator=g) for _ in range(2)]
     batches = [{"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()} for t in tokens]
-    curvature, density = GradientCurvature(every_n_steps=1), SpectralDensity(every_n_steps=1, lanczos_steps=3, n_starts=1, norm_modes=["train"])
+    curvature, density = (
+        GradientCurvature(every_n_steps=1),
+        SpectralDensity(every_n_steps=1, lanczos_steps=3, n_starts=1, norm_modes=["train"]),
+    )
     _, rec = fit(LitLLM, batches, [curvature, density], steps=2)
     assert curvature.failure is None and density.failure is None and curvature.measurements == density.measurements == 2
-    assert all(math.isfinite(rec.logged[s]["hessian/grad_curvature"]) and math.isfinite(rec.logged[s]["sld/train/lambda_max"]) for s in (0, 1))
+    assert all(
+        math.isfinite(rec.logged[s]["hessian/grad_curvature"]) and math.isfinite(rec.logged[s]["sld/train/lambda_max"])
+        for s in (0, 1)
+    )
 
 
 # --- Lightning's demo Transformer ----------------------------------------------------------------
@@ -310,7 +347,10 @@ def test_compiled_module_is_measured_as_the_same_function_uncompiled() -> None:
 
 # --- the rule's errors, one line each ----------------------------------------------------------------
 def test_constructor_refuses_a_criterion_and_a_bad_method_name_in_one_line() -> None:
-    with pytest.raises(ValueError, match=r"^loss_fn is an nn.Module \(CrossEntropyLoss\), a loss of \(predictions, targets\), not of \(module, batch\)\. Pass loss_fn="):
+    with pytest.raises(
+        ValueError,
+        match=r"^loss_fn is an nn.Module \(CrossEntropyLoss\), a loss of \(predictions, targets\), not of \(module, batch\)\. Pass loss_fn=",
+    ):
         LossLandscape(loss_fn=nn.CrossEntropyLoss())
     with pytest.raises(ValueError, match=r"^loss_method must be None .* got 'my loss'$"):
         HessianSpectrum(loss_method="my loss")
@@ -321,8 +361,15 @@ def test_an_unknown_loss_method_lists_the_accepted_ones() -> None:
     accepted = r"loss_method accepts a method of BoringModel that takes one batch: loss, step, training_step\. Or: Pass loss_fn="
     with pytest.raises(AttributeError, match=rf"^BoringModel has no method 'objective'; {accepted}"):
         fit(BoringModel, batches, [LossLandscape(every_n_steps=1, loss_method="objective")])
-    with pytest.raises(ValueError, match=r"^CriterionModule\.loss is an nn.Module \(CrossEntropyLoss\).*accepts .*: training_step\. Or: Pass loss_fn="):
-        fit(CriterionModule, [(torch.randn(4, 8), torch.randint(0, 3, (4,)))] * 2, [LossLandscape(every_n_steps=1, loss_method="loss")])
+    with pytest.raises(
+        ValueError,
+        match=r"^CriterionModule\.loss is an nn.Module \(CrossEntropyLoss\).*accepts .*: training_step\. Or: Pass loss_fn=",
+    ):
+        fit(
+            CriterionModule,
+            [(torch.randn(4, 8), torch.randint(0, 3, (4,)))] * 2,
+            [LossLandscape(every_n_steps=1, loss_method="loss")],
+        )
 
 
 def test_no_loss_of_the_batch_stops_the_fit_at_the_first_batch_before_any_step() -> None:
@@ -333,14 +380,21 @@ def test_no_loss_of_the_batch_stops_the_fit_at_the_first_batch_before_any_step()
         raise KeyError("input_ids")
 
     batches = [(torch.randn(4, 8), torch.randint(0, 3, (4,)))] * 2
-    for loss_fn, message in ((failing, r"loss_fn .*failing returned a tensor of shape \(4,\)"), (broken, r"loss_fn .*broken raised KeyError: 'input_ids'")):
+    for loss_fn, message in (
+        (failing, r"loss_fn .*failing returned a tensor of shape \(4,\)"),
+        (broken, r"loss_fn .*broken raised KeyError: 'input_ids'"),
+    ):
         seen: list[int] = []
 
         class Step(pl.Callback):
-            def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+            def on_before_optimizer_step(
+                self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+            ) -> None:
                 seen.append(trainer.global_step)
 
-        with pytest.raises(ValueError, match=rf"^ActivationStats: no loss to measure on CriterionModule: {message}.*\. Pass loss_fn=") as err:
+        with pytest.raises(
+            ValueError, match=rf"^ActivationStats: no loss to measure on CriterionModule: {message}.*\. Pass loss_fn="
+        ) as err:
             fit(CriterionModule, batches, [ActivationStats(every_n_steps=5, loss_fn=loss_fn), Step()])
         assert not seen  # stopped before training went on
         if loss_fn is broken:
@@ -363,7 +417,10 @@ def test_resolution_rule_on_plain_modules() -> None:
             self.loss = nn.MSELoss()
 
     assert resolve_loss(WithLossMethod()).name == "WithLossMethod.loss(batch)"
-    with pytest.raises(AttributeError, match=r"^WithCriterion\.loss is an nn.Module \(MSELoss\).* and no training_step to measure with\. Pass loss_fn="):
+    with pytest.raises(
+        AttributeError,
+        match=r"^WithCriterion\.loss is an nn.Module \(MSELoss\).* and no training_step to measure with\. Pass loss_fn=",
+    ):
         resolve_loss(WithCriterion())
     assert resolve_loss(CriterionModule()).name == "CriterionModule.training_step(batch, 0)"
     assert resolve_loss(LitLLM()).name == "LitLLM.training_step(batch)"
@@ -373,7 +430,9 @@ def test_resolution_rule_on_plain_modules() -> None:
 
 
 # --- a measurement that fails does not end the run -------------------------------------------------
-def test_a_failing_measurement_turns_its_callback_off_and_training_goes_on(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failing_measurement_turns_its_callback_off_and_training_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """The real failure the math kernel avoids (CPU's flash attention has no double backward), let through."""
     import bnlightning.callbacks.functional._harness as harness
 
@@ -387,7 +446,9 @@ def test_a_failing_measurement_turns_its_callback_off_and_training_goes_on(monke
     with caplog.at_level(logging.WARNING, logger="bnlightning.callbacks"):
         measured, rec = fit(LitLLM, batches, [hessian, landscape, curvature], steps=3)
     for cb in (hessian, curvature):
-        assert cb.failure is not None and cb.failure.startswith("step 0: RuntimeError: derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+        assert cb.failure is not None and cb.failure.startswith(
+            "step 0: RuntimeError: derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward"
+        )
         assert caplog.text.count(f"{type(cb).__name__} stopped measuring in this fit (training goes on)") == 1
         assert cb.measurements == 0
     assert landscape.measurements == 3

@@ -17,7 +17,12 @@ from bnlightning.callbacks import MeanShift, mean_shift
 from bnlightning.models import VGG
 from tests.helpers.callbacks import batch_for, mlp, vgg
 
-TRAINER_KW: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False, "accelerator": "cpu"}
+TRAINER_KW: dict[str, Any] = {
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "enable_checkpointing": False,
+    "accelerator": "cpu",
+}
 
 
 def reference_cos(a: Tensor) -> float:
@@ -98,7 +103,9 @@ def _fit(model: pl.LightningModule, callbacks: list[Any], steps: int) -> None:
     loggers = [c for c in callbacks if isinstance(c, Logger)]
     callbacks = [c for c in callbacks if not isinstance(c, Logger)]
     torch.manual_seed(0)
-    pl.Trainer(max_steps=steps, callbacks=callbacks, logger=loggers or False, log_every_n_steps=1, **TRAINER_KW).fit(model, data)
+    pl.Trainer(max_steps=steps, callbacks=callbacks, logger=loggers or False, log_every_n_steps=1, **TRAINER_KW).fit(
+        model, data
+    )
 
 
 @pytest.mark.parametrize("norm", ["none", "batch"])
@@ -120,13 +127,17 @@ def test_callback_logs_the_function_of_the_initial_network_and_changes_nothing(n
     captured: dict[str, Tensor] = {}
     relus = [n for n, m in init.named_modules() if isinstance(m, nn.ReLU)]
     for name in relus:
-        init.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: captured.__setitem__(name, o.detach()))
+        init.get_submodule(name).register_forward_hook(
+            lambda m, a, o, name=name: captured.__setitem__(name, o.detach())
+        )
     init.train()
     with torch.no_grad():
         logits = init(x[:8])
     logged = rec.logged[0]
     for name in relus:
-        assert math.isclose(logged[f"meanshift/{name}/cos"], reference_cos(captured[name]), rel_tol=1e-4, abs_tol=1e-6), name
+        assert math.isclose(
+            logged[f"meanshift/{name}/cos"], reference_cos(captured[name]), rel_tol=1e-4, abs_tol=1e-6
+        ), name
     assert math.isclose(logged["meanshift/majority_share"], reference_majority(logits), rel_tol=1e-6)
     assert set(rec.logged) == {0, 1}
 

@@ -16,7 +16,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import bnlightning.callbacks.base as base_module
 import bnlightning.callbacks.twostep as twostep_module
-from bnlightning.callbacks import ActivationStats, HessianSpectrum, InternalCovariateShift, LossLandscape, MeanShift, ResidualVariance
+from bnlightning.callbacks import (
+    ActivationStats,
+    HessianSpectrum,
+    InternalCovariateShift,
+    LossLandscape,
+    MeanShift,
+    ResidualVariance,
+)
 from bnlightning.callbacks._budget import is_scheduled, log_steps
 from bnlightning.callbacks.guard import observer_guard
 from tests.helpers.callbacks import Recorder
@@ -81,9 +88,19 @@ def _fit(callbacks: list[Any], steps: int, clock: FakeClock, monkeypatch: pytest
         cb.clock = clock
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    data = DataLoader(TensorDataset(torch.randn(8 * steps, 4, generator=g), torch.randint(0, 3, (8 * steps,), generator=g)), batch_size=8)
+    data = DataLoader(
+        TensorDataset(torch.randn(8 * steps, 4, generator=g), torch.randint(0, 3, (8 * steps,), generator=g)),
+        batch_size=8,
+    )
     rec = Recorder()
-    trainer = pl.Trainer(max_steps=steps, callbacks=[Tick(clock), *callbacks], logger=rec, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        callbacks=[Tick(clock), *callbacks],
+        logger=rec,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(Tiny(), data)
     return rec
 
@@ -99,7 +116,14 @@ def test_every_callback_measures_and_the_budget_holds_on_a_fake_clock(monkeypatc
 
         def record(trainer: Any, metrics: dict, step: int | None = None, _cb: Any = cb, _orig: Any = original) -> None:
             ledger = _cb.overhead_ledger
-            seen.append((type(_cb).__name__, trainer.global_step if step is None else step, ledger.spent[id(_cb)], ledger.training_time()))
+            seen.append(
+                (
+                    type(_cb).__name__,
+                    trainer.global_step if step is None else step,
+                    ledger.spent[id(_cb)],
+                    ledger.training_time(),
+                )
+            )
             _orig(trainer, metrics, step)
 
         cb.record = record
@@ -118,7 +142,9 @@ def test_every_callback_measures_and_the_budget_holds_on_a_fake_clock(monkeypatc
     steps = sorted(s for s, v in rec.logged.items() if "hessian/cost_steps" in v)
     assert steps and steps[0] == 0
     later = [rec.logged[s]["hessian/cost_steps"] for s in steps[1:]]
-    assert later and all(v == pytest.approx(0.5) for v in later)  # a measurement of 0.5 units = half a training step of 1 unit
+    assert later and all(
+        v == pytest.approx(0.5) for v in later
+    )  # a measurement of 0.5 units = half a training step of 1 unit
 
 
 def test_without_a_budget_nothing_changes_and_no_cost_is_logged(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,15 +15,25 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bnlightning.callbacks import ActivationStats, InternalCovariateShift, LossLandscape, internal_covariate_shift, sgd_update
+from bnlightning.callbacks import (
+    ActivationStats,
+    InternalCovariateShift,
+    LossLandscape,
+    internal_covariate_shift,
+    sgd_update,
+)
 from tests.helpers.callbacks import Recorder, assert_same, batch_for, mlp, snapshot, vgg
 
-TRAINER_KW: dict[str, Any] = dict(enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False, accelerator="cpu")
+TRAINER_KW: dict[str, Any] = dict(
+    enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False, accelerator="cpu"
+)
 
 
 def loader(model: nn.Module, n: int = 48, batch_size: int = 8) -> DataLoader:
     x, y = batch_for(model, n=n, seed=3)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    return DataLoader(
+        TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
 
 
 def all_callbacks(n: int = 1) -> list[pl.Callback]:
@@ -121,7 +131,16 @@ def test_vgg_trains_with_all_callbacks() -> None:
     torch.manual_seed(0)
     model = vgg("batch")
     rec = Recorder(MEASURED)
-    train(model, [InternalCovariateShift(layers=["net.conv5", "net.conv7"], every_n_steps=2), LossLandscape(every_n_steps=2), ActivationStats(every_n_steps=2), rec], steps=2)
+    train(
+        model,
+        [
+            InternalCovariateShift(layers=["net.conv5", "net.conv7"], every_n_steps=2),
+            LossLandscape(every_n_steps=2),
+            ActivationStats(every_n_steps=2),
+            rec,
+        ],
+        steps=2,
+    )
     assert {"ics/cos/net.conv5", "ics/rel/net.conv7", "act/net.relu3/dead", "landscape/loss_max"} <= set(rec.logged[1])
 
 
@@ -167,13 +186,20 @@ def test_setup_errors() -> None:
     for make in (InternalCovariateShift, LossLandscape, ActivationStats):
         with pytest.raises(MisconfigurationException, match="automatic optimization"):
             pl.Trainer(max_steps=1, callbacks=[make(every_n_steps=1)], **TRAINER_KW).fit(ManualModule(), data)
-        with pytest.raises(AttributeError, match=r"^AutoModule has no method 'objective'; loss_method accepts a method of AutoModule that takes one batch: loss, training_step. Or: Pass loss_fn="):
-            pl.Trainer(max_steps=1, callbacks=[make(every_n_steps=1, loss_method="objective")], **TRAINER_KW).fit(AutoModule(), data)
+        with pytest.raises(
+            AttributeError,
+            match=r"^AutoModule has no method 'objective'; loss_method accepts a method of AutoModule that takes one batch: loss, training_step. Or: Pass loss_fn=",
+        ):
+            pl.Trainer(max_steps=1, callbacks=[make(every_n_steps=1, loss_method="objective")], **TRAINER_KW).fit(
+                AutoModule(), data
+            )
         none = r"NoLossModule.training_step\(batch, 0\) returned NoneType; the measurement needs a scalar loss tensor \(or a dict with 'loss'\)"
         with pytest.raises(ValueError, match=rf"^\w+: no loss to measure on NoLossModule: {none}\. Pass loss_fn="):
             pl.Trainer(max_steps=1, callbacks=[make(every_n_steps=1)], **TRAINER_KW).fit(NoLossModule(), data)
     with pytest.raises(ValueError, match=r"unknown layer 'layer9'.*layer"):
-        pl.Trainer(max_steps=1, callbacks=[InternalCovariateShift(layers=["layer9"])], **TRAINER_KW).fit(AutoModule(), data)
+        pl.Trainer(max_steps=1, callbacks=[InternalCovariateShift(layers=["layer9"])], **TRAINER_KW).fit(
+            AutoModule(), data
+        )
     with pytest.raises(ValueError, match="unknown layer"):
         pl.Trainer(max_steps=1, callbacks=[ActivationStats(layers=["nope"])], **TRAINER_KW).fit(AutoModule(), data)
 
@@ -228,8 +254,17 @@ def test_foreign_module_defined_here() -> None:
     data = DataLoader(TensorDataset(torch.randn(32, 16), torch.randint(0, 10, (32,))), batch_size=8)
     pl.Trainer(max_steps=2, callbacks=cbs, **{**TRAINER_KW, "logger": rec, "log_every_n_steps": 1}).fit(model, data)
     logged = rec.logged[1]
-    assert {"ics/l2/body.0", "ics/cos/body.3", "ics/rel/head", "act/body.2/saturated", "act/body.4/dead", "landscape/grad_l2_max"} <= set(logged)
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())  # hooks removed after each pass
+    assert {
+        "ics/l2/body.0",
+        "ics/cos/body.3",
+        "ics/rel/head",
+        "act/body.2/saturated",
+        "act/body.4/dead",
+        "landscape/grad_l2_max",
+    } <= set(logged)
+    assert all(
+        not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()
+    )  # hooks removed after each pass
 
 
 def test_state_dict_round_trip_and_checkpoint_resume(tmp_path) -> None:
@@ -244,7 +279,9 @@ def test_state_dict_round_trip_and_checkpoint_resume(tmp_path) -> None:
     clone.load_state_dict(cb.state_dict())
     assert clone.state_dict() == cb.state_dict()
     resumed = LossLandscape(every_n_steps=2)
-    pl.Trainer(max_steps=8, callbacks=[resumed], **TRAINER_KW).fit(mlp("batch"), loader(model), ckpt_path=str(tmp_path / "last.ckpt"))
+    pl.Trainer(max_steps=8, callbacks=[resumed], **TRAINER_KW).fit(
+        mlp("batch"), loader(model), ckpt_path=str(tmp_path / "last.ckpt")
+    )
     assert resumed.measurements == 4 and resumed.last_measured_step == 7
 
 
@@ -320,7 +357,9 @@ def test_shared_gradient_is_dropped_each_step_and_not_computed_when_one_measures
     class Check(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             step[0] = trainer.global_step
-            assert ics.coordinator is None or not ics.coordinator.holds_gradient()  # nothing survives into the next step
+            assert (
+                ics.coordinator is None or not ics.coordinator.holds_gradient()
+            )  # nothing survives into the next step
 
     monkeypatch.setattr(B, "step_gradient", lambda *a, **k: shared.append(step[0]) or original(*a, **k))
     monkeypatch.setattr(ics_fn, "gradient_pass", lambda *a, **k: own.append(1) or original_pass(*a, **k))
@@ -356,7 +395,11 @@ def test_shared_gradient_misses_when_state_changes_in_between(monkeypatch) -> No
     for how, expected in (("none", 0), ("weight", 1), ("rng", 0)):
         own.clear()
         torch.manual_seed(0)
-        train(mlp("batch"), [LossLandscape(every_n_steps=2), Meddle(how), InternalCovariateShift(every_n_steps=2)], steps=2)
+        train(
+            mlp("batch"),
+            [LossLandscape(every_n_steps=2), Meddle(how), InternalCovariateShift(every_n_steps=2)],
+            steps=2,
+        )
         assert len(own) == expected, how
 
 

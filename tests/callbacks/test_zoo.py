@@ -31,22 +31,40 @@ from tests.helpers.zoo import CASES, Case
 STEPS = 2
 OPTIMIZERS: dict[str, tuple[Any, dict[str, Any]]] = {
     "sgd_momentum_clip_norm": (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), {"gradient_clip_val": 0.05}),
-    "adam_clip_value": (lambda p: torch.optim.Adam(p, lr=1e-3), {"gradient_clip_val": 1e-3, "gradient_clip_algorithm": "value"}),
-    "adamw_bf16_clip_norm": (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1), {"precision": "bf16-mixed", "gradient_clip_val": 0.5}),
-    "rmsprop_steplr_accumulate": (lambda p: _with_scheduler(torch.optim.RMSprop(p, lr=1e-3, momentum=0.5)), {"accumulate_grad_batches": 2}),
+    "adam_clip_value": (
+        lambda p: torch.optim.Adam(p, lr=1e-3),
+        {"gradient_clip_val": 1e-3, "gradient_clip_algorithm": "value"},
+    ),
+    "adamw_bf16_clip_norm": (
+        lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1),
+        {"precision": "bf16-mixed", "gradient_clip_val": 0.5},
+    ),
+    "rmsprop_steplr_accumulate": (
+        lambda p: _with_scheduler(torch.optim.RMSprop(p, lr=1e-3, momentum=0.5)),
+        {"accumulate_grad_batches": 2},
+    ),
 }
 HEAVY = ("resnet18", "mobilenet_v3_small")  # the last setting runs on the light models only (CI time)
 
 
 def _with_scheduler(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5), "interval": "step"}}
+    return {
+        "optimizer": opt,
+        "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5), "interval": "step"},
+    }
 
 
 def _optimizer(made: Any) -> torch.optim.Optimizer:
     return made["optimizer"] if isinstance(made, dict) else made
 
 
-TRAINER_KW: dict[str, Any] = dict(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", log_every_n_steps=1)
+TRAINER_KW: dict[str, Any] = dict(
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    enable_checkpointing=False,
+    accelerator="cpu",
+    log_every_n_steps=1,
+)
 
 
 class Capture(pl.Callback):
@@ -57,7 +75,9 @@ class Capture(pl.Callback):
         self.steps: dict[int, dict[str, Any]] = {}
         self._batch: Any = None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._batch = batch
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -69,9 +89,13 @@ class Capture(pl.Callback):
             "grads": {n: p.grad.clone() for n, p in pl_module.net.named_parameters() if p.grad is not None},
         }
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step - 1 in self.steps:  # (accumulating: rewritten with the same weights until the next step)
-            self.steps[trainer.global_step - 1]["after"] = {n: p.detach().clone() for n, p in pl_module.net.named_parameters()}
+            self.steps[trainer.global_step - 1]["after"] = {
+                n: p.detach().clone() for n, p in pl_module.net.named_parameters()
+            }
 
 
 def run(case: Case, opt_name: str, callbacks: list[pl.Callback]) -> tuple[pl.LightningModule, Recorder]:
@@ -81,7 +105,9 @@ def run(case: Case, opt_name: str, callbacks: list[pl.Callback]) -> tuple[pl.Lig
     g = torch.Generator().manual_seed(1)
     batches = [case.batch(g) for _ in range(STEPS * settings.get("accumulate_grad_batches", 1))]
     rec = Recorder()
-    pl.Trainer(max_steps=STEPS, callbacks=callbacks, logger=rec, **TRAINER_KW, **settings).fit(module, DataLoader(batches, batch_size=None))
+    pl.Trainer(max_steps=STEPS, callbacks=callbacks, logger=rec, **TRAINER_KW, **settings).fit(
+        module, DataLoader(batches, batch_size=None)
+    )
     return module, rec
 
 
@@ -91,7 +117,9 @@ def grads_at(case: Case, net: nn.Module, batch: Any, rng: Tensor) -> tuple[Tenso
     net.zero_grad()
     loss = case.loss(net, batch)
     loss.backward()
-    return loss.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
+    return loss.detach(), {
+        n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in net.named_parameters()
+    }
 
 
 def weight_name(net: nn.Module, module_name: str) -> str:
@@ -107,7 +135,9 @@ def reference_ics(case: Case, cap: dict[str, Any], layers: list[str]) -> dict[st
     """
     net, batch, rng, after = cap["net"], cap["batch"], cap["rng"], cap["after"]
     names = [n for n, _ in net.named_parameters()]
-    updated = list(dict.fromkeys(weight_name(net, n) for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))))
+    updated = list(
+        dict.fromkeys(weight_name(net, n) for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    )
     _, G = grads_at(case, copy.deepcopy(net), batch, rng)
     out = {}
     for layer in layers:
@@ -140,7 +170,12 @@ def reference_landscape(case: Case, cap: dict[str, Any], lr: float, steps: list[
         losses.append(loss.double())
         dists.append(d)
         ratios.append(d / torch.sqrt(sum(((s * lr * g[n].double()) ** 2).sum() for n in g)))
-    return {"landscape/loss_min": min(losses), "landscape/loss_max": max(losses), "landscape/grad_l2_max": max(dists), "landscape/beta_eff": max(ratios)}
+    return {
+        "landscape/loss_min": min(losses),
+        "landscape/loss_max": max(losses),
+        "landscape/grad_l2_max": max(dists),
+        "landscape/beta_eff": max(ratios),
+    }
 
 
 def real_step_on_a_copy(case_name: str, opt_name: str, cap: dict[str, Any], clip: bool = True) -> dict[str, Tensor]:
@@ -164,14 +199,24 @@ def real_step_on_a_copy(case_name: str, opt_name: str, cap: dict[str, Any], clip
 MAX_REL_ERR: dict[str, float] = {}
 
 
-@pytest.mark.parametrize(("case_name", "opt_name"), [(c, o) for c in CASES for o in OPTIMIZERS if not (o == "rmsprop_steplr_accumulate" and c in HEAVY)])
+@pytest.mark.parametrize(
+    ("case_name", "opt_name"),
+    [(c, o) for c in CASES for o in OPTIMIZERS if not (o == "rmsprop_steplr_accumulate" and c in HEAVY)],
+)
 def test_foreign_model_matches_references_and_trains_identically(case_name: str, opt_name: str) -> None:
     if case_name == "lstm" and "bf16" in opt_name:
-        pytest.skip("torch's CPU LSTM has no bf16 autocast kernel (oneDNN 'could not create a primitive descriptor'): training fails without callbacks too")
+        pytest.skip(
+            "torch's CPU LSTM has no bf16 autocast kernel (oneDNN 'could not create a primitive descriptor'): training fails without callbacks too"
+        )
     case = CASES[case_name]
     kw = {"every_n_steps": 1, "loss_fn": case.loss_fn}
     capture = Capture()
-    cbs = [InternalCovariateShift(layers=case.layers, **kw), LossLandscape(**kw), ActivationStats(histogram=False, **kw), capture]
+    cbs = [
+        InternalCovariateShift(layers=case.layers, **kw),
+        LossLandscape(**kw),
+        ActivationStats(histogram=False, **kw),
+        capture,
+    ]
     plain, plain_rec = run(case, opt_name, [])
     measured, rec = run(case, opt_name, cbs)
 

@@ -23,7 +23,17 @@ CSV_ONLY = "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger
 
 def _fit(tmp: Path, steps: int, *extra: str) -> list[str]:
     (tmp / "csv_only.yaml").write_text(CSV_ONLY)
-    return ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(tmp / "csv_only.yaml"), "--trainer.max_steps", str(steps), *QUICK, *extra]
+    return [
+        "fit",
+        "--config",
+        str(CONFIGS / "quickstart.yaml"),
+        "--config",
+        str(tmp / "csv_only.yaml"),
+        "--trainer.max_steps",
+        str(steps),
+        *QUICK,
+        *extra,
+    ]
 
 
 def _count_check_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:

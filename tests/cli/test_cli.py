@@ -77,7 +77,18 @@ def test_vgg_bn_config_runs_three_steps_on_cifar_format_files(in_tmp: Path, fake
 
 
 def test_bf16_mixed_training_runs_on_cpu(in_tmp: Path) -> None:
-    cli = main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "30", *QUICK])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "quickstart.yaml"),
+            "--trainer.precision",
+            "bf16-mixed",
+            "--trainer.max_steps",
+            "30",
+            *QUICK,
+        ]
+    )
     assert cli.trainer.precision == "bf16-mixed" and cli.trainer.global_step == 30
     assert all(p.dtype == torch.float32 for p in cli.model.parameters()), "weights stay fp32 under autocast"
 
@@ -125,6 +136,17 @@ def test_the_command_destroys_the_process_group_it_leaves(tmp_path: Path) -> Non
 
 
 def test_checkpointing_can_be_switched_off(in_tmp: Path) -> None:
-    cli = main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.enable_checkpointing", "false", "--trainer.max_steps", "5", *QUICK])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "quickstart.yaml"),
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.max_steps",
+            "5",
+            *QUICK,
+        ]
+    )
     assert cli.trainer.checkpoint_callback is None
     assert not (in_tmp / "runs" / "quickstart" / "version_0" / "checkpoints").exists()

@@ -41,7 +41,10 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pa
     measure.write_text((CONFIGS / "measure.yaml").read_text().replace("every_n_steps: 100", "every_n_steps: 5"))
     kill = tmp_path / "kill.yaml"
     callbacks = measure.read_text().strip()
-    kill.write_text("trainer:\n  callbacks:\n    - class_path: tests.helpers.faults.KillAtStep\n      init_args: {step: 33}\n" + "".join(f"    {line}\n" for line in _callback_items(callbacks)))
+    kill.write_text(
+        "trainer:\n  callbacks:\n    - class_path: tests.helpers.faults.KillAtStep\n      init_args: {step: 33}\n"
+        + "".join(f"    {line}\n" for line in _callback_items(callbacks))
+    )
     common = [
         "--config",
         str(CONFIGS / "quickstart.yaml"),
@@ -127,12 +130,36 @@ def test_checkpoints_load_without_running_pickled_code(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "overrides"),
     [
-        ("quickstart.yaml", ["--model.init_args.norm", "none", "--model.init_args.activation", "identity", "--model.init_args.optimizer.init_args.lr", "1e6"]),
+        (
+            "quickstart.yaml",
+            [
+                "--model.init_args.norm",
+                "none",
+                "--model.init_args.activation",
+                "identity",
+                "--model.init_args.optimizer.init_args.lr",
+                "1e6",
+            ],
+        ),
         ("dln.yaml", ["--model.init_args.optimizer.init_args.lr", "1.0", "--trainer.accelerator", "cpu"]),
     ],
 )
-def test_divergence_is_recorded_and_ends_cleanly(in_tmp: Path, caplog: pytest.LogCaptureFixture, config: str, overrides: list[str]) -> None:
-    cli = main(["fit", "--config", str(CONFIGS / config), "--trainer.max_steps", "200", "--trainer.log_every_n_steps", "1", *overrides, *QUICK])
+def test_divergence_is_recorded_and_ends_cleanly(
+    in_tmp: Path, caplog: pytest.LogCaptureFixture, config: str, overrides: list[str]
+) -> None:
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / config),
+            "--trainer.max_steps",
+            "200",
+            "--trainer.log_every_n_steps",
+            "1",
+            *overrides,
+            *QUICK,
+        ]
+    )
     model = cli.model
     assert model.diverged_at_step is not None and model.diverged_at_step < 200
     assert cli.trainer.global_step < 200, "training stops at the next check after divergence"
@@ -142,16 +169,30 @@ def test_divergence_is_recorded_and_ends_cleanly(in_tmp: Path, caplog: pytest.Lo
     recorded = [float(r["diverged_at_step"]) for r in rows if r.get("diverged_at_step")]
     assert recorded == [model.diverged_at_step]
     # The step recorded is the first non-finite training loss in the log.
-    first_bad = min(int(r["step"]) for r in rows if r.get("train/loss") and not torch.isfinite(torch.tensor(float(r["train/loss"]))))
+    first_bad = min(
+        int(r["step"]) for r in rows if r.get("train/loss") and not torch.isfinite(torch.tensor(float(r["train/loss"])))
+    )
     assert first_bad == model.diverged_at_step
 
 
 # --- bad input: one line, exit code 2, no traceback ----------------------------------
 BAD_INPUT = [
-    (["--model", "bnlightning.models.Nope"], r"^error: model: cannot use class_path 'bnlightning.models.Nope': .*has no attribute 'Nope'$"),
-    (["--model.init_args.norm", "batchnorm"], r"^error: model.norm: got 'batchnorm'; accepted: none, batch, noisy_batch, l1, l2, linf, layer, group$"),
-    (["--model.init_args.activation", "gelu"], r"^error: model.activation: got 'gelu'; accepted: relu, tanh, sigmoid, identity$"),
-    (["--model.init_args.norm_layers", "[5]"], r"^error: norm_layers index 5 out of range: this network has 3 hidden layers, so indices run from 0 to 2$"),
+    (
+        ["--model", "bnlightning.models.Nope"],
+        r"^error: model: cannot use class_path 'bnlightning.models.Nope': .*has no attribute 'Nope'$",
+    ),
+    (
+        ["--model.init_args.norm", "batchnorm"],
+        r"^error: model.norm: got 'batchnorm'; accepted: none, batch, noisy_batch, l1, l2, linf, layer, group$",
+    ),
+    (
+        ["--model.init_args.activation", "gelu"],
+        r"^error: model.activation: got 'gelu'; accepted: relu, tanh, sigmoid, identity$",
+    ),
+    (
+        ["--model.init_args.norm_layers", "[5]"],
+        r"^error: norm_layers index 5 out of range: this network has 3 hidden layers, so indices run from 0 to 2$",
+    ),
     (["--data.init_args.batch_size", "0"], r"^error: .*batch_size.*0"),
     (["--trainer.max_steps", "many"], r"^error: trainer.max_steps: got 'many'; expected an integer$"),
     (["--model.init_args.optimizer.init_args.lr", "abc"], r"^error: model.optimizer.lr: got 'abc'; expected a number$"),
@@ -159,22 +200,37 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize(("args", "pattern"), BAD_INPUT)
-def test_bad_input_is_one_clear_line(in_tmp: Path, capsys: pytest.CaptureFixture[str], args: list[str], pattern: str) -> None:
+def test_bad_input_is_one_clear_line(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str], args: list[str], pattern: str
+) -> None:
     _assert_one_line_error(["fit", "--config", str(CONFIGS / "quickstart.yaml"), *args, *QUICK], pattern, capsys)
 
 
 def test_yaml_that_does_not_parse_names_line_and_column(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = in_tmp / "bad.yaml"
     bad.write_text("model:\n  class_path: bnlightning.models.MLP\n  init_args: {norm: batch\n")
-    _assert_one_line_error(["fit", "--config", str(bad)], r"^error: .*bad.yaml: invalid YAML at line 4, column 1: ", capsys)
+    _assert_one_line_error(
+        ["fit", "--config", str(bad)], r"^error: .*bad.yaml: invalid YAML at line 4, column 1: ", capsys
+    )
 
 
 def test_missing_cifar_directory(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["fit", "--config", str(CONFIGS / "vgg_bn.yaml"), "--data.init_args.root", str(in_tmp / "nowhere"), "--data.init_args.download", "false", *QUICK]
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "vgg_bn.yaml"),
+        "--data.init_args.root",
+        str(in_tmp / "nowhere"),
+        "--data.init_args.download",
+        "false",
+        *QUICK,
+    ]
     _assert_one_line_error(args, r"^error: CIFAR-10 not found.*nowhere", capsys)
 
 
-def test_corrupted_cifar_batch_file_is_detected(in_tmp: Path, fake_cifar10: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupted_cifar_batch_file_is_detected(
+    in_tmp: Path, fake_cifar10: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     batch = fake_cifar10 / "cifar-10-batches-py" / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:500])  # truncated
     args = [
@@ -190,8 +246,12 @@ def test_corrupted_cifar_batch_file_is_detected(in_tmp: Path, fake_cifar10: Path
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate"])
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", os.urandom(2048)], ids=["empty", "truncated", "garbage"])
-def test_unreadable_ckpt_path_is_one_line_naming_the_file(in_tmp: Path, capsys: pytest.CaptureFixture[str], subcommand: str, content: bytes) -> None:
+@pytest.mark.parametrize(
+    "content", [b"", b"PK\x03\x04 truncated zip", os.urandom(2048)], ids=["empty", "truncated", "garbage"]
+)
+def test_unreadable_ckpt_path_is_one_line_naming_the_file(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str], subcommand: str, content: bytes
+) -> None:
     bad = in_tmp / "model.ckpt"
     bad.write_bytes(content)
     args = [subcommand, "--config", str(CONFIGS / "quickstart.yaml"), "--ckpt_path", str(bad), *QUICK]
@@ -208,7 +268,18 @@ def test_a_bug_keeps_its_traceback(in_tmp: Path, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(MLP, "training_step", broken)
     with pytest.raises(error, match="internal bug"):
-        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.max_steps", "1", "--trainer.logger", "false", *QUICK])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "quickstart.yaml"),
+                "--trainer.max_steps",
+                "1",
+                "--trainer.logger",
+                "false",
+                *QUICK,
+            ]
+        )
 
 
 def test_a_constructor_value_error_is_bad_input_but_keeps_its_cause(in_tmp: Path) -> None:
@@ -234,7 +305,9 @@ def _assert_one_line_error(args: list[str], pattern: str, capsys: pytest.Capture
 
 
 # --- offline and flaky logging -------------------------------------------------------
-def test_no_credentials_means_offline_with_one_message(in_tmp: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_no_credentials_means_offline_with_one_message(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(in_tmp / "no-netrc"))
@@ -270,10 +343,25 @@ def test_failing_wandb_init_falls_back_to_offline(in_tmp: Path, monkeypatch: pyt
 
 def test_logging_errors_mid_run_do_not_stop_training(in_tmp: Path) -> None:
     cfg = in_tmp / "loggers.yaml"
-    cfg.write_text("trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n      init_args: {save_dir: runs, name: flaky}\n    - class_path: tests.helpers.faults.FailingLogger\n")
+    cfg.write_text(
+        "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n      init_args: {save_dir: runs, name: flaky}\n    - class_path: tests.helpers.faults.FailingLogger\n"
+    )
     with pytest.raises(ConnectionError):
         # A bare Lightning logger that raises would end the run ...
-        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(cfg), "--trainer.max_steps", "20", "--trainer.log_every_n_steps", "5", *QUICK])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "quickstart.yaml"),
+                "--config",
+                str(cfg),
+                "--trainer.max_steps",
+                "20",
+                "--trainer.log_every_n_steps",
+                "5",
+                *QUICK,
+            ]
+        )
 
 
 def test_wandb_errors_mid_run_do_not_stop_training(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,7 +373,18 @@ def test_wandb_errors_mid_run_do_not_stop_training(in_tmp: Path, monkeypatch: py
 
     monkeypatch.setattr(Run, "log", broken_log)
     with pytest.warns(UserWarning, match="W&B logging failed .*training goes on"):
-        cli = main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.max_steps", "20", "--trainer.log_every_n_steps", "5", *QUICK])
+        cli = main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "quickstart.yaml"),
+                "--trainer.max_steps",
+                "20",
+                "--trainer.log_every_n_steps",
+                "5",
+                *QUICK,
+            ]
+        )
     assert cli.trainer.global_step == 20
     rows = _rows(in_tmp / "runs" / "quickstart" / "version_0" / "metrics.csv")
     assert [int(r["step"]) for r in rows if r.get("train/loss")] == [4, 9, 14, 19]
@@ -297,23 +396,41 @@ CALLBACK_BAD_INPUT = [
         r"^error: .*'net\.fc99'.*net\.fc1",
     ),
     (["--trainer.callbacks.every_n_steps", "0"], r"^error: .*every_n_steps.*>= 1, got 0"),
-    (["--trainer.callbacks.max_overhead", "1.5"], r"^error: .*max_overhead must be None or a number in \(0, 1\).*got 1\.5"),
+    (
+        ["--trainer.callbacks.max_overhead", "1.5"],
+        r"^error: .*max_overhead must be None or a number in \(0, 1\).*got 1\.5",
+    ),
     (["--trainer.callbacks.schedule", "cosine"], r"^error: .*unknown schedule 'cosine'; accepted: fixed, log"),
 ]
 
 
 @pytest.mark.parametrize(("args", "pattern"), CALLBACK_BAD_INPUT)
-def test_bad_callback_arguments_are_one_clear_line(in_tmp: Path, capsys: pytest.CaptureFixture[str], args: list[str], pattern: str) -> None:
+def test_bad_callback_arguments_are_one_clear_line(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str], args: list[str], pattern: str
+) -> None:
     measure = in_tmp / "ics.yaml"
-    measure.write_text("trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.InternalCovariateShift\n      init_args: {every_n_steps: 10}\n")
+    measure.write_text(
+        "trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.InternalCovariateShift\n      init_args: {every_n_steps: 10}\n"
+    )
     base = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(measure), "--trainer.max_steps", "2"]
     _assert_one_line_error([*base, *args, *QUICK], pattern, capsys)
 
 
 def test_non_positive_landscape_step_size_is_one_clear_line(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     measure = in_tmp / "landscape.yaml"
-    measure.write_text("trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.LossLandscape\n      init_args: {step_sizes: [0.5, -1.0]}\n")
-    args = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(measure), "--trainer.max_steps", "2", *QUICK]
+    measure.write_text(
+        "trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.LossLandscape\n      init_args: {step_sizes: [0.5, -1.0]}\n"
+    )
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "quickstart.yaml"),
+        "--config",
+        str(measure),
+        "--trainer.max_steps",
+        "2",
+        *QUICK,
+    ]
     _assert_one_line_error(args, r"^error: .*step.*-1\.0", capsys)
 
 
@@ -325,12 +442,24 @@ def _quick(tmp: Path, *extra: str) -> list[str]:
     """Quickstart, CSV logger only (no W&B start-up cost), checkpoints every 10 steps."""
     csv_only = tmp / "csv_only.yaml"
     csv_only.write_text(CSV_ONLY)
-    return ["--config", str(CONFIGS / "quickstart.yaml"), "--config", str(csv_only), "--checkpoint.every_n_train_steps", "10", "--trainer.log_every_n_steps", "1", *extra]
+    return [
+        "--config",
+        str(CONFIGS / "quickstart.yaml"),
+        "--config",
+        str(csv_only),
+        "--checkpoint.every_n_train_steps",
+        "10",
+        "--trainer.log_every_n_steps",
+        "1",
+        *extra,
+    ]
 
 
 def _callback(tmp: Path, class_path: str, **init_args: int) -> list[str]:
     path = tmp / f"{class_path.rsplit('.', 1)[-1]}.yaml"
-    path.write_text(f"trainer:\n  callbacks:\n    - class_path: {class_path}\n      init_args: {json.dumps(init_args)}\n")
+    path.write_text(
+        f"trainer:\n  callbacks:\n    - class_path: {class_path}\n      init_args: {json.dumps(init_args)}\n"
+    )
     return ["--config", str(path)]
 
 
@@ -344,7 +473,13 @@ def test_ckpt_path_last_resumes_the_killed_run_not_its_neighbour(in_tmp: Path) -
     main(["fit", *common, "--model.init_args.norm", "none"])
     run_a = in_tmp / "runs/quickstart/version_0"
     before = {f: (run_a / f).read_bytes() for f in ("metrics.csv", "config.yaml", "run.json")}
-    killed = _fit_subprocess(in_tmp, *common, "--model.init_args.norm", "batch", *_callback(in_tmp, "tests.helpers.faults.KillAtStep", step=11))
+    killed = _fit_subprocess(
+        in_tmp,
+        *common,
+        "--model.init_args.norm",
+        "batch",
+        *_callback(in_tmp, "tests.helpers.faults.KillAtStep", step=11),
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     cli = main(["fit", *common, "--model.init_args.norm", "batch", "--ckpt_path", "last"])
     assert cli.trainer.global_step == 12
@@ -387,7 +522,9 @@ def test_sigterm_saves_stops_nonzero_and_resumes_exactly(in_tmp: Path) -> None:
     assert state["status"] == "interrupted" and state["step"] == 7 and state["signal"] == "SIGTERM"
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 7
     line = [ln for ln in out.stderr.splitlines() if ln.startswith("bnlightning: interrupted")]
-    assert len(line) == 1 and "by SIGTERM at step 7" in line[0] and line[0].endswith("--ckpt_path last"), out.stderr[-2000:]
+    assert len(line) == 1 and "by SIGTERM at step 7" in line[0] and line[0].endswith("--ckpt_path last"), out.stderr[
+        -2000:
+    ]
     assert "Traceback" not in out.stderr
     main(["fit", *common, "--ckpt_path", "last"])
     assert _state(run)["status"] == "completed"
@@ -399,7 +536,9 @@ def test_sigterm_saves_stops_nonzero_and_resumes_exactly(in_tmp: Path) -> None:
     assert _rows(run / "metrics.csv") == _rows(ref / "metrics.csv")
 
 
-def test_experiment_runner_reports_interrupted_then_resumes_then_skips(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_experiment_runner_reports_interrupted_then_resumes_then_skips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue case 3 (runner), with SLURM's warning signal SIGUSR1: "INTERRUPTED", not "ok"; the
     next invocation resumes, the one after skips."""
     import signal
@@ -412,7 +551,15 @@ def test_experiment_runner_reports_interrupted_then_resumes_then_skips(tmp_path:
         "--trainer.max_steps=12",
         "--trainer.log_every_n_steps=4",
         "--checkpoint.every_n_train_steps=100",
-        "--trainer.logger=" + json.dumps([{"class_path": "bnlightning.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "exp", "version": "a"}}]),
+        "--trainer.logger="
+        + json.dumps(
+            [
+                {
+                    "class_path": "bnlightning.loggers.CSVLogger",
+                    "init_args": {"save_dir": "runs", "name": "exp", "version": "a"},
+                }
+            ]
+        ),
         *_callback(tmp_path, "tests.helpers.faults.SignalAtStep", step=6, signum=int(signal.SIGUSR1)),
         *QUICK,
     )
@@ -439,7 +586,9 @@ def test_kill_before_first_checkpoint_is_not_counted_as_a_seed(in_tmp: Path) -> 
     main(["fit", *common, "--ckpt_path", "last"])  # nothing to resume: a new run
     done, unfinished = split_runs(load_runs([in_tmp / "runs"]))
     assert [r.path.name for r in done] == ["version_1"] and [r.path.name for r in unfinished] == ["version_0"]
-    md = write_markdown(done, [], in_tmp, "t", unfinished).read_text()  # the page `report` writes (figures left out: slow)
+    md = write_markdown(
+        done, [], in_tmp, "t", unfinished
+    ).read_text()  # the page `report` writes (figures left out: slow)
     tables, apart = md.split("## Incomplete runs")
     assert "version_1" in tables and "version_0" not in tables
     assert "| version_0 | running |" in apart.replace("runs/quickstart/", "")
@@ -453,7 +602,9 @@ def test_failed_resume_touches_nothing(in_tmp: Path, capsys: pytest.CaptureFixtu
         main([*common, *_callback(in_tmp, "tests.helpers.faults.SignalAtStep", step=10)])
     run = in_tmp / "runs/quickstart/version_0"
     ckpts = run / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=0-step=6.ckpt", "epoch=0-step=9.ckpt", "last.ckpt"], "keep_last=2 by default"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=0-step=6.ckpt", "epoch=0-step=9.ckpt", "last.ckpt"], (
+        "keep_last=2 by default"
+    )
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     _assert_one_line_error(
         [*common, "--model.init_args.width", "50", "--ckpt_path", str(ckpts / "last.ckpt")],
@@ -462,27 +613,60 @@ def test_failed_resume_touches_nothing(in_tmp: Path, capsys: pytest.CaptureFixtu
     )
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before, "nothing written before the check"
     (ckpts / "last.ckpt").write_bytes(b"")
-    with pytest.warns(UserWarning, match=r"last\.ckpt cannot be resumed \(the file is empty \(0 bytes\)\); resuming from the newest intact checkpoint .*epoch=0-step=9\.ckpt"):
+    with pytest.warns(
+        UserWarning,
+        match=r"last\.ckpt cannot be resumed \(the file is empty \(0 bytes\)\); resuming from the newest intact checkpoint .*epoch=0-step=9\.ckpt",
+    ):
         with pytest.raises(SystemExit):
-            main([*common, "--ckpt_path", str(ckpts / "last.ckpt"), *_callback(in_tmp, "tests.helpers.faults.SignalAtStep", step=11)])
+            main(
+                [
+                    *common,
+                    "--ckpt_path",
+                    str(ckpts / "last.ckpt"),
+                    *_callback(in_tmp, "tests.helpers.faults.SignalAtStep", step=11),
+                ]
+            )
     assert _state(run)["step"] == 11
     for p in ckpts.iterdir():
         p.write_bytes(p.read_bytes()[:1000])  # truncated, every one of them
-    _assert_one_line_error([*common, "--ckpt_path", "last"], r"^error: cannot resume .*version_0: none of its checkpoints is readable", capsys)
-    _assert_one_line_error([*common, "--checkpoint.keep_last", "0"], r"^error: .*keep_last must be >= 1 \(or -1 .*\), got 0", capsys)
+    _assert_one_line_error(
+        [*common, "--ckpt_path", "last"],
+        r"^error: cannot resume .*version_0: none of its checkpoints is readable",
+        capsys,
+    )
+    _assert_one_line_error(
+        [*common, "--checkpoint.keep_last", "0"], r"^error: .*keep_last must be >= 1 \(or -1 .*\), got 0", capsys
+    )
 
 
 def _in_private_mount(tmp: Path, mount_opts: str, *fit_args: str) -> subprocess.CompletedProcess[str]:
     """``fit`` in a user+mount namespace with a fresh tmpfs at ``tmp/disk`` (real ENOSPC / EROFS)."""
     import shutil
 
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False).returncode != 0:
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False).returncode != 0
+    ):
         pytest.skip("user namespaces (unshare -rm) are not available here")
     disk = tmp / "disk"
     disk.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     script = f'mount -t tmpfs -o {mount_opts} tmpfs "$1" || exit 77; shift; exec "$@"'
-    cmd = ["unshare", "-rm", "sh", "-c", script, "sh", str(disk), sys.executable, "-m", "bnlightning", "fit", *fit_args, *QUICK]
+    cmd = [
+        "unshare",
+        "-rm",
+        "sh",
+        "-c",
+        script,
+        "sh",
+        str(disk),
+        sys.executable,
+        "-m",
+        "bnlightning",
+        "fit",
+        *fit_args,
+        *QUICK,
+    ]
     out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300, check=False)
     if out.returncode == 77:
         pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
@@ -493,7 +677,10 @@ def _in_private_mount(tmp: Path, mount_opts: str, *fit_args: str) -> subprocess.
     ("opts", "pattern"),
     [
         ("ro,size=1m", r"^error: Read-only file system: .*disk/runs \(make it writable, or point the run elsewhere"),
-        ("size=48k", r"^error: No space left on device: .*disk/runs/quickstart/version_0/checkpoints/.*ckpt.* \(free space there"),
+        (
+            "size=48k",
+            r"^error: No space left on device: .*disk/runs/quickstart/version_0/checkpoints/.*ckpt.* \(free space there",
+        ),
     ],
     ids=["read-only", "full"],
 )
@@ -502,7 +689,18 @@ def test_full_or_read_only_storage_is_one_line(tmp_path: Path, opts: str, patter
     each as one line naming the path (no "unexpected pos" traceback)."""
     csv_only = tmp_path / "csv.yaml"
     csv_only.write_text(CSV_ONLY.replace("save_dir: runs", f"save_dir: {tmp_path / 'disk' / 'runs'}"))
-    out = _in_private_mount(tmp_path, opts, "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(csv_only), "--trainer.max_steps", "5", "--checkpoint.every_n_train_steps", "2")
+    out = _in_private_mount(
+        tmp_path,
+        opts,
+        "--config",
+        str(CONFIGS / "quickstart.yaml"),
+        "--config",
+        str(csv_only),
+        "--trainer.max_steps",
+        "5",
+        "--checkpoint.every_n_train_steps",
+        "2",
+    )
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert out.returncode == 2 and len(errors) == 1, out.stderr[-3000:]
     assert re.search(pattern, errors[0]), errors[0]
@@ -527,13 +725,24 @@ def test_report_ignores_cut_rows_and_empty_logs(tmp_path: Path) -> None:
     assert [r.path for r in runs] == [good] and runs[0].final("val/acc") == 0.9375 and runs[0].last_step == 19
 
 
-def test_failed_cifar_download_is_one_line_with_the_fix(in_tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_cifar_download_is_one_line_with_the_fix(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue case 8: no internet (here: a refused connection) is one line saying where the files go."""
     from bnlightning.data.cifar10 import CIFAR10Dataset
 
     monkeypatch.setattr(CIFAR10Dataset, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     root = in_tmp / "data"
-    args = ["fit", "--config", str(CONFIGS / "vgg_bn.yaml"), "--data.init_args.root", str(root), "--trainer.max_steps", "1", *QUICK]
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "vgg_bn.yaml"),
+        "--data.init_args.root",
+        str(root),
+        "--trainer.max_steps",
+        "1",
+        *QUICK,
+    ]
     _assert_one_line_error(
         args,
         rf"^error: CIFAR-10 download failed \(.*refused.*\); without internet, .* so that {re.escape(str(root))}/cifar-10-batches-py holds .* --data\.init_args\.root",
@@ -541,16 +750,30 @@ def test_failed_cifar_download_is_one_line_with_the_fix(in_tmp: Path, capsys: py
     )
 
 
-def test_nan_in_data_is_named_and_a_diverged_run_does_not_resume(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_nan_in_data_is_named_and_a_diverged_run_does_not_resume(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Non-finite loss at the very first step points at the data; resuming that run stops at once."""
-    common = ["fit", *_quick(in_tmp, "--trainer.max_steps", "12", "--data", "tests.helpers.faults.PoisonedDigits", *QUICK)]
-    with pytest.warns(UserWarning, match=r"loss is not finite at the very first step: the training data may hold NaN/inf \(the first training batch holds 60 NaN/inf values\)"):
+    common = [
+        "fit",
+        *_quick(in_tmp, "--trainer.max_steps", "12", "--data", "tests.helpers.faults.PoisonedDigits", *QUICK),
+    ]
+    with pytest.warns(
+        UserWarning,
+        match=r"loss is not finite at the very first step: the training data may hold NaN/inf \(the first training batch holds 60 NaN/inf values\)",
+    ):
         cli = main(common)
     assert cli.model.diverged_at_step == 0
     run = in_tmp / "runs/quickstart/version_0"
     assert _state(run)["status"] == "diverged"
-    finished = r"^error: --ckpt_path .*last\.ckpt: its run .*version_0 already diverged; a finished run is never reopened"
+    finished = (
+        r"^error: --ckpt_path .*last\.ckpt: its run .*version_0 already diverged; a finished run is never reopened"
+    )
     _assert_one_line_error([*common, "--ckpt_path", str(run / "checkpoints/last.ckpt")], finished, capsys)
     loose = in_tmp / "diverged.ckpt"
     loose.write_bytes((run / "checkpoints/last.ckpt").read_bytes())
-    _assert_one_line_error([*common, "--ckpt_path", str(loose)], r"^error: .*diverged\.ckpt: this run diverged at step 0 \(non-finite loss\); resuming would train on NaN", capsys)
+    _assert_one_line_error(
+        [*common, "--ckpt_path", str(loose)],
+        r"^error: .*diverged\.ckpt: this run diverged at step 0 \(non-finite loss\); resuming would train on NaN",
+        capsys,
+    )

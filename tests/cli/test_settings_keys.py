@@ -18,7 +18,12 @@ from bnlightning.settings import BOOKKEEPING_KEYS, NOT_SETTINGS, RESUME_ONLY_KEY
 CONFIG: dict[str, Any] = {
     "seed_everything": 1,
     "ckpt_path": None,
-    "trainer": {"max_steps": 100, "logger": [{"class_path": "CSVLogger"}], "callbacks": [], "enable_progress_bar": True},
+    "trainer": {
+        "max_steps": 100,
+        "logger": [{"class_path": "CSVLogger"}],
+        "callbacks": [],
+        "enable_progress_bar": True,
+    },
     "model": {"class_path": "bnlightning.models.MLP", "init_args": {"norm": "batch", "width": 100}},
     "data": {"class_path": "bnlightning.data.DigitsDataModule", "init_args": {"seed": 0, "batch_size": 128}},
     "checkpoint": {"every_n_train_steps": 1000},
@@ -59,7 +64,9 @@ def _report_same(a: dict[str, Any], b: dict[str, Any]) -> bool:
         ("trainer.max_steps", 200, False, False),
     ],
 )
-def test_resume_and_report_tell_settings_apart_from_one_definition(key: str, value: Any, resume_same: bool, report_same: bool) -> None:
+def test_resume_and_report_tell_settings_apart_from_one_definition(
+    key: str, value: Any, resume_same: bool, report_same: bool
+) -> None:
     changed = _with(key, value)
     assert _resume_same(CONFIG, changed) is resume_same
     assert _report_same(CONFIG, changed) is report_same

@@ -36,7 +36,18 @@ def handed(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 def test_a_plain_fit_names_its_run_and_logs_the_seed_it_ran_with(in_tmp: Path, handed: dict[str, Any]) -> None:
-    cli = main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--seed_everything", "1", "--trainer.max_steps", "2", *QUICK])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "quickstart.yaml"),
+            "--seed_everything",
+            "1",
+            "--trainer.max_steps",
+            "2",
+            *QUICK,
+        ]
+    )
     assert handed["names"] == ["quickstart/version_0"]
     config = handed["config"]
     assert config["seed"] == 1, "the run's seed is seed_everything"
@@ -47,6 +58,17 @@ def test_a_plain_fit_names_its_run_and_logs_the_seed_it_ran_with(in_tmp: Path, h
 
 def test_a_run_named_in_the_config_keeps_its_name(in_tmp: Path, handed: dict[str, Any]) -> None:
     logger = '[{"class_path": "bnlightning.loggers.WandbLogger", "init_args": {"save_dir": "runs", "name": "mine"}}]'
-    main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.logger", logger, "--trainer.max_steps", "1", *QUICK])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "quickstart.yaml"),
+            "--trainer.logger",
+            logger,
+            "--trainer.max_steps",
+            "1",
+            *QUICK,
+        ]
+    )
     assert handed["names"] == []
     assert handed["config"]["seed"] == 0 and handed["config"]["data_seed"] == 0

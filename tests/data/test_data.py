@@ -164,7 +164,12 @@ def test_download_is_skipped_when_files_are_present(fake_cifar: Path, monkeypatc
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"batch_size": 0}, "batch_size"), ({"eval_batch_size": -1}, "eval_batch_size"), ({"num_workers": -1}, "num_workers"), ({"pad_mode": "wrap"}, "pad_mode")],
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"eval_batch_size": -1}, "eval_batch_size"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"pad_mode": "wrap"}, "pad_mode"),
+    ],
 )
 def test_cifar_bad_arguments(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -203,7 +208,11 @@ def test_digits_flat() -> None:
 
 
 def test_digits_images_and_determinism() -> None:
-    a, b, c = DigitsDataModule(image_size=32, rgb=True, seed=1), DigitsDataModule(image_size=32, rgb=True, seed=1), DigitsDataModule(image_size=32, seed=2)
+    a, b, c = (
+        DigitsDataModule(image_size=32, rgb=True, seed=1),
+        DigitsDataModule(image_size=32, rgb=True, seed=1),
+        DigitsDataModule(image_size=32, seed=2),
+    )
     for d in (a, b, c):
         d.setup("fit")
     assert a.train_x.shape == (1437, 3, 32, 32) and c.train_x.shape == (1437, 1, 32, 32)
@@ -224,7 +233,13 @@ def test_digits_dataloader_path() -> None:
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"batch_size": 0}, "batch_size"), ({"val_fraction": 1.0}, "val_fraction"), ({"val_fraction": 0}, "val_fraction"), ({"image_size": -8}, "image_size"), ({"rgb": True}, "rgb")],
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"val_fraction": 0}, "val_fraction"),
+        ({"image_size": -8}, "image_size"),
+        ({"rgb": True}, "rgb"),
+    ],
 )
 def test_digits_bad_arguments(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -267,7 +282,13 @@ def test_linear_regression_determinism_noise_minibatch() -> None:
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"num_samples": 0}, "num_samples"), ({"dim": 0}, "dim"), ({"batch_size": 0}, "batch_size"), ({"noise": -1.0}, "noise"), ({"batch_size": 2000}, "larger than num_samples")],
+    [
+        ({"num_samples": 0}, "num_samples"),
+        ({"dim": 0}, "dim"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"noise": -1.0}, "noise"),
+        ({"batch_size": 2000}, "larger than num_samples"),
+    ],
 )
 def test_linear_bad_arguments(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -292,7 +313,16 @@ def test_datamodules_in_a_trainer(tmp_path: Path) -> None:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
     for dm, model in ((DigitsDataModule(), M(64, 10)), (LinearRegressionDataModule(steps_per_epoch=3), M(10, 10))):
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, max_steps=4, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            max_steps=4,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+        )
         trainer.fit(model, datamodule=dm)
         assert trainer.global_step == 4 and isinstance(trainer.train_dataloader, TensorLoader)
 

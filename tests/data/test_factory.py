@@ -38,13 +38,22 @@ def _assert_same_batches(got: Iterable, expected: Iterable) -> None:
         assert len(x) == len(y) and all(torch.equal(s, t) for s, t in zip(x, y))
 
 
-def _tensor_reference(dm: Any, x: torch.Tensor, y: torch.Tensor, batch_size: int, train: bool, **kw: Any) -> TensorLoader:
+def _tensor_reference(
+    dm: Any, x: torch.Tensor, y: torch.Tensor, batch_size: int, train: bool, **kw: Any
+) -> TensorLoader:
     return TensorLoader(x, y, batch_size=batch_size, shuffle=train, drop_last=train, seed=dm.hparams.seed, **kw)
 
 
 def _dataloader_reference(dataset: Any, batch_size: int, train: bool, seed: int, **kw: Any) -> DataLoader:
     if train:  # the training split's order comes from a seeded generator, the others' draw nothing for it
-        return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed), **kw)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(seed),
+            **kw,
+        )
     return DataLoader(dataset, batch_size=batch_size, **kw)
 
 
@@ -53,27 +62,47 @@ def _dataloader_reference(dataset: Any, batch_size: int, train: bool, seed: int,
 def test_digits_loaders_are_the_old_ones(on_device: bool, kw: dict) -> None:
     dm = DigitsDataModule(batch_size=50, eval_batch_size=100, on_device=on_device, **kw)
     dm.setup("fit")
-    for split, (x, y), bs in (("train", (dm.train_x, dm.train_y), 50), ("val", (dm.val_x, dm.val_y), 100), ("test", (dm.val_x, dm.val_y), 100)):
+    for split, (x, y), bs in (
+        ("train", (dm.train_x, dm.train_y), 50),
+        ("val", (dm.val_x, dm.val_y), 100),
+        ("test", (dm.val_x, dm.val_y), 100),
+    ):
         train = split == "train"
-        ref = _tensor_reference(dm, x, y, bs, train) if on_device else _dataloader_reference(TensorDataset(x, y), bs, train, dm.hparams.seed)
+        ref = (
+            _tensor_reference(dm, x, y, bs, train)
+            if on_device
+            else _dataloader_reference(TensorDataset(x, y), bs, train, dm.hparams.seed)
+        )
         _assert_same_batches(getattr(dm, f"{split}_dataloader")(), ref)
 
 
 @pytest.mark.parametrize("on_device", [True, False])
 @pytest.mark.parametrize("batch_size", [None, 64], ids=["full", "mini"])
 def test_linear_regression_loaders_are_the_old_ones(on_device: bool, batch_size: int | None) -> None:
-    dm = LinearRegressionDataModule(num_samples=300, batch_size=batch_size, on_device=on_device, steps_per_epoch=3, noise=0.1, seed=2)
+    dm = LinearRegressionDataModule(
+        num_samples=300, batch_size=batch_size, on_device=on_device, steps_per_epoch=3, noise=0.1, seed=2
+    )
     dm.setup("fit")
     full = batch_size is None
     bs = 300 if full else batch_size
     if on_device:
         ref = _tensor_reference(dm, dm.train_x, dm.train_y, bs, not full, repeat=3 if full else 1)
     else:  # the old full-batch DataLoader: in order, a (never used) seeded generator all the same
-        ref = DataLoader(TensorDataset(dm.train_x, dm.train_y), batch_size=bs, shuffle=not full, drop_last=not full, generator=torch.Generator().manual_seed(2))
+        ref = DataLoader(
+            TensorDataset(dm.train_x, dm.train_y),
+            batch_size=bs,
+            shuffle=not full,
+            drop_last=not full,
+            generator=torch.Generator().manual_seed(2),
+        )
     _assert_same_batches(dm.train_dataloader(), ref)
     assert len(_batches(dm.train_dataloader(), epochs=1)) - 1 == (3 if full and on_device else 1 if full else 300 // 64)
     for split in ("val", "test"):
-        ref = _tensor_reference(dm, dm.val_x, dm.val_y, 1000, False) if on_device else _dataloader_reference(TensorDataset(dm.val_x, dm.val_y), 1000, False, 2)
+        ref = (
+            _tensor_reference(dm, dm.val_x, dm.val_y, 1000, False)
+            if on_device
+            else _dataloader_reference(TensorDataset(dm.val_x, dm.val_y), 1000, False, 2)
+        )
         _assert_same_batches(getattr(dm, f"{split}_dataloader")(), ref)
 
 
@@ -81,7 +110,17 @@ def test_linear_regression_loaders_are_the_old_ones(on_device: bool, batch_size:
 @pytest.mark.parametrize("augment", [False, True])
 def test_cifar_loaders_are_the_old_ones(tmp_path: Path, on_device: bool, augment: bool) -> None:
     make_fake_cifar10(tmp_path, n_train=60, n_test=25, seed=1)
-    dm = CIFAR10DataModule(root=str(tmp_path), download=False, verify_checksums=False, num_workers=0, batch_size=16, eval_batch_size=10, on_device=on_device, augment=augment, seed=5)
+    dm = CIFAR10DataModule(
+        root=str(tmp_path),
+        download=False,
+        verify_checksums=False,
+        num_workers=0,
+        batch_size=16,
+        eval_batch_size=10,
+        on_device=on_device,
+        augment=augment,
+        seed=5,
+    )
     dm.setup("fit")
     for split in ("train", "val", "test"):
         train = split == "train"

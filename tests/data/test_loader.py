@@ -58,7 +58,9 @@ def _indices_plain(loader: TensorLoader) -> list[int]:
 def test_ddp_sharding_is_disjoint_and_equal_length(drop_last: bool) -> None:
     n, world = 103, 3
     x = torch.arange(n)
-    loaders = [TensorLoader(x, batch_size=8, seed=2, drop_last=drop_last, rank=r, world_size=world) for r in range(world)]
+    loaders = [
+        TensorLoader(x, batch_size=8, seed=2, drop_last=drop_last, rank=r, world_size=world) for r in range(world)
+    ]
     assert len({len(ld) for ld in loaders}) == 1
     shards = [_indices_plain(ld) for ld in loaders]
     flat = [i for s in shards for i in s]
@@ -135,8 +137,14 @@ def test_crop_flip_per_sample_matches_padded_reference() -> None:
         assert len({o.numpy().tobytes() for o in out}) > b // 2
         # every output is a 32x32 window of the padded image, possibly flipped
         padded = torch.nn.functional.pad(img[:1].float(), (4, 4, 4, 4), mode=pad_mode)[0]
-        windows = {padded[:, i : i + 32, j : j + 32].to(torch.uint8).numpy().tobytes() for i in range(9) for j in range(9)}
-        windows |= {padded[:, i : i + 32, j : j + 32].flip(-1).to(torch.uint8).numpy().tobytes() for i in range(9) for j in range(9)}
+        windows = {
+            padded[:, i : i + 32, j : j + 32].to(torch.uint8).numpy().tobytes() for i in range(9) for j in range(9)
+        }
+        windows |= {
+            padded[:, i : i + 32, j : j + 32].flip(-1).to(torch.uint8).numpy().tobytes()
+            for i in range(9)
+            for j in range(9)
+        }
         assert all(o.numpy().tobytes() in windows for o in out)
 
 

@@ -9,11 +9,24 @@ from pathlib import Path
 
 import pytest
 
-from bnlightning.experiments import EXPERIMENTS, LR, NORM, RunSpec, config_path, configs_root, expand, main, run_all, run_name
+from bnlightning.experiments import (
+    EXPERIMENTS,
+    LR,
+    NORM,
+    RunSpec,
+    config_path,
+    configs_root,
+    expand,
+    main,
+    run_all,
+    run_name,
+)
 from tests.helpers import REPO
 
 
-@pytest.mark.parametrize(("name", "cpu"), [(n, False) for n in EXPERIMENTS] + [(n, True) for n, e in EXPERIMENTS.items() if e.cpu_overrides])
+@pytest.mark.parametrize(
+    ("name", "cpu"), [(n, False) for n in EXPERIMENTS] + [(n, True) for n, e in EXPERIMENTS.items() if e.cpu_overrides]
+)
 def test_every_experiment_expands_to_distinct_named_runs(name: str, cpu: bool) -> None:
     exp = EXPERIMENTS[name]
     specs = expand(exp, [0, 1], runs_dir="r", cpu=cpu)
@@ -52,11 +65,17 @@ def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert all(name in out for name in EXPERIMENTS)
     assert main(["show", "vgg-lr", "--seeds", "0", "1", "2", "--", "--trainer.devices=2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 12 and all(line.startswith("python -m bnlightning fit ") and line.endswith("--trainer.devices=2") for line in lines)
+    assert len(lines) == 12 and all(
+        line.startswith("python -m bnlightning fit ") and line.endswith("--trainer.devices=2") for line in lines
+    )
     assert main(["show", "nope"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: unknown experiment 'nope'")
     assert main(["show", "vgg-ics", "--cpu"]) == 2
-    assert capsys.readouterr().err.strip().startswith("error: vgg-ics has no CPU-sized variant (--cpu); these have one: vgg-lr, ")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .startswith("error: vgg-ics has no CPU-sized variant (--cpu); these have one: vgg-lr, ")
+    )
 
 
 def test_configs_are_found_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,16 +84,23 @@ def test_configs_are_found_from_any_directory(tmp_path: Path, monkeypatch: pytes
     root = configs_root()
     assert root is not None and (root / "vgg.yaml").is_file()
     resolved = config_path("configs/experiments/digits32.yaml")
-    assert Path(resolved).is_absolute() and Path(resolved).read_text() == (REPO / "configs/experiments/digits32.yaml").read_text()
+    assert (
+        Path(resolved).is_absolute()
+        and Path(resolved).read_text() == (REPO / "configs/experiments/digits32.yaml").read_text()
+    )
     assert config_path("configs/no-such.yaml") == "configs/no-such.yaml"  # left for fit's own one-line error
     assert config_path("mine.yaml") == "mine.yaml"
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "vgg.yaml").write_text("seed_everything: 3\n")
     assert config_path("configs/vgg.yaml") == "configs/vgg.yaml"
-    assert all(os.path.isabs(a.split("=", 1)[1]) for a in expand(EXPERIMENTS["dln"], [0])[0].args if a.startswith("--config="))
+    assert all(
+        os.path.isabs(a.split("=", 1)[1]) for a in expand(EXPERIMENTS["dln"], [0])[0].args if a.startswith("--config=")
+    )
 
 
-def test_runner_works_in_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_runner_works_in_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Relative run folders are under the cwd (not the installed package): a finished run there is skipped."""
     from bnlightning.runstate import write_status
 
@@ -91,7 +117,15 @@ def test_fit_finds_a_shipped_config_from_another_directory(in_tmp: Path, capsys:
     from bnlightning.cli import main as cli_main
 
     with pytest.raises(SystemExit) as done:
-        cli_main(["fit", "--config", "configs/quickstart.yaml", "--config=configs/experiments/digits32.yaml", "--print_config"])
+        cli_main(
+            [
+                "fit",
+                "--config",
+                "configs/quickstart.yaml",
+                "--config=configs/experiments/digits32.yaml",
+                "--print_config",
+            ]
+        )
     assert done.value.code == 0
     printed = capsys.readouterr().out
     assert "class_path: bnlightning.data.Digits" in printed and "image_size: 32" in printed  # both files were read

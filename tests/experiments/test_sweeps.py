@@ -10,7 +10,16 @@ import pytest
 import yaml
 
 from bnlightning.cli import main
-from bnlightning.experiments import EXPERIMENTS, expand, expand_sweep, load_sweep, sweep_config, sweep_problems, sweep_text, write_sweep
+from bnlightning.experiments import (
+    EXPERIMENTS,
+    expand,
+    expand_sweep,
+    load_sweep,
+    sweep_config,
+    sweep_problems,
+    sweep_text,
+    write_sweep,
+)
 from bnlightning.report.runs import _get, read_metrics
 from tests.helpers import REPO
 
@@ -37,9 +46,13 @@ def test_there_are_sweeps() -> None:
 def test_sweep_file_is_generated_from_the_registry(name: str, tmp_path: Path) -> None:
     """One source of truth: every registry entry has its sweep file, every sweep file its entry, and they agree."""
     path = REPO / "configs" / "sweeps" / f"{name}.yaml"
-    assert name in EXPERIMENTS, f"{path} has no registry entry: add one to bnlightning/experiments/registry.py (the sweep files are generated)"
+    assert name in EXPERIMENTS, (
+        f"{path} has no registry entry: add one to bnlightning/experiments/registry.py (the sweep files are generated)"
+    )
     assert path.is_file(), f"{name} has no sweep file: write it with write_sweep({name!r}) from the repository root"
-    assert path.read_text() == sweep_text(name), f"{path} drifted from the registry: regenerate it with write_sweep({name!r})"
+    assert path.read_text() == sweep_text(name), (
+        f"{path} drifted from the registry: regenerate it with write_sweep({name!r})"
+    )
     assert write_sweep(name, tmp_path).read_text() == path.read_text()
     config = load_sweep(path)  # wandb's own loader + schema checks
     expected = sweep_config(EXPERIMENTS[name])
@@ -92,7 +105,8 @@ def test_expansion_uses_the_agents_argument_format() -> None:
     specs = expand_sweep(load_sweep(REPO / "configs" / "sweeps" / "vgg-lr.yaml"), runs_dir="r")
     combos = {(s.args[2], s.args[3], s.args[4]) for s in specs}
     expected = {
-        (f"--model.init_args.norm={n}", f"--model.init_args.optimizer.init_args.lr={lr}", f"--seed_everything={seed}") for n, lr, seed in itertools.product(["none", "batch"], [0.1, 0.5], [0, 1, 2])
+        (f"--model.init_args.norm={n}", f"--model.init_args.optimizer.init_args.lr={lr}", f"--seed_everything={seed}")
+        for n, lr, seed in itertools.product(["none", "batch"], [0.1, 0.5], [0, 1, 2])
     }
     assert combos == expected
     # The path is relative to the repository root or absolute, depending on where pytest runs.
@@ -105,7 +119,9 @@ def test_sweep_problems_are_found() -> None:
     problems = sweep_problems(bad)
     assert any("'values' or 'value'" in p for p in problems)
     assert any("${args}" in p for p in problems)
-    assert sweep_problems({"method": "nope", "parameters": {}})[:1] == ["method must be one of grid, random, bayes, got 'nope'"]
+    assert sweep_problems({"method": "nope", "parameters": {}})[:1] == [
+        "method must be one of grid, random, bayes, got 'nope'"
+    ]
     with pytest.raises(ValueError, match="only grid sweeps"):
         expand_sweep({"method": "random", "parameters": {"x": {"values": [1]}}, "command": ["fit", "${args}"]})
 
@@ -128,7 +144,16 @@ def test_an_expanded_sweep_run_trains(in_tmp: Path) -> None:
     # Absolute config paths: the test runs from a temporary folder, wherever pytest started.
     args = [f"--config={_at_repo(a.split('=', 1)[1])}" if a.startswith("--config=") else a for a in spec.args]
     args = [str(_at_repo(a)) if i and args[i - 1] == "--config" else a for i, a in enumerate(args)]
-    main(["fit", *args, "--trainer.max_steps=4", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"])
+    main(
+        [
+            "fit",
+            *args,
+            "--trainer.max_steps=4",
+            "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.log_every_n_steps=1",
+        ]
+    )
     metrics = read_metrics(spec.log_dir / "metrics.csv")
     assert metrics["train/loss"][0].max() == 3
     saved = yaml.safe_load((spec.log_dir / "config.yaml").read_text())

@@ -18,7 +18,14 @@ QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 def fake_cifar10_args(root: Path) -> list[str]:
     """CLI flags pointing ``CIFAR10DataModule`` at a generated CIFAR-format folder (no download, no checksums)."""
-    return ["--data.init_args.root", str(root), "--data.init_args.download", "false", "--data.init_args.verify_checksums", "false"]
+    return [
+        "--data.init_args.root",
+        str(root),
+        "--data.init_args.download",
+        "false",
+        "--data.init_args.verify_checksums",
+        "false",
+    ]
 
 
 def require_modern_setuptools() -> None:
@@ -32,4 +39,6 @@ def require_modern_setuptools() -> None:
     from packaging.version import Version
 
     if Version(setuptools.__version__) < Version("77"):
-        pytest.skip(f"building needs setuptools>=77 (pip install -e '.[dev]' installs it); this environment has {setuptools.__version__}")
+        pytest.skip(
+            f"building needs setuptools>=77 (pip install -e '.[dev]' installs it); this environment has {setuptools.__version__}"
+        )

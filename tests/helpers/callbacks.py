@@ -21,7 +21,16 @@ def mlp(norm: str = "batch") -> MLP:
 
 
 def dln(norm: str = "batch") -> MLP:
-    return MLP(in_features=10, out_features=10, depth=24, width=10, activation="identity", bias=False, loss="sum_squared", norm=norm)
+    return MLP(
+        in_features=10,
+        out_features=10,
+        depth=24,
+        width=10,
+        activation="identity",
+        bias=False,
+        loss="sum_squared",
+        norm=norm,
+    )
 
 
 def vgg(norm: str = "batch") -> VGG:

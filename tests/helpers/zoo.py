@@ -139,13 +139,21 @@ CASES: dict[str, Case] = {
         lambda opt: LanguageModel(tied_transformer(), opt),
         lm_loss,
         _tokens,
-        ["net.transformer.encoder.layers.0.linear1", "net.transformer.decoder.layers.0.self_attn.out_proj", "net.decoder"],
+        [
+            "net.transformer.encoder.layers.0.linear1",
+            "net.transformer.decoder.layers.0.self_attn.out_proj",
+            "net.decoder",
+        ],
     ),
     "transformer": Case(
         lambda opt: LanguageModel(Transformer(vocab_size=50, ninp=16, nhead=2, nhid=24, nlayers=1, dropout=0.1), opt),
         lm_loss,
         _tokens,
-        ["net.transformer.encoder.layers.0.self_attn.out_proj", "net.transformer.decoder.layers.0.linear2", "net.decoder"],
+        [
+            "net.transformer.encoder.layers.0.self_attn.out_proj",
+            "net.transformer.decoder.layers.0.linear2",
+            "net.decoder",
+        ],
     ),
     "resnet18": Case(
         lambda opt: Classifier(torchvision.models.resnet18(num_classes=10), opt),

@@ -57,7 +57,9 @@ def test_every_mlp_and_norm_runs_forward_backward(norm: str, activation: str) ->
 
 
 def test_deep_linear_network_is_25_layers_of_10x10() -> None:
-    model = MLP(in_features=10, out_features=10, depth=24, width=10, activation="identity", bias=False, loss="sum_squared")
+    model = MLP(
+        in_features=10, out_features=10, depth=24, width=10, activation="identity", bias=False, loss="sum_squared"
+    )
     linears = [m for m in model.net if isinstance(m, nn.Linear)]
     assert len(linears) == 25 and all(m.weight.shape == (10, 10) and m.bias is None for m in linears)
     assert all(isinstance(m, nn.Linear) for m in model.net)  # no non-linearity at all
@@ -87,7 +89,9 @@ def test_norm_affine_switches_gamma_and_beta() -> None:
     assert with_affine.net.norm1.weight is not None
     assert without.net.norm1.weight is None
     n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert n_params(with_affine) - n_params(without) == 2 * sum(m.num_features for m in with_affine.net if isinstance(m, nn.BatchNorm2d))
+    assert n_params(with_affine) - n_params(without) == 2 * sum(
+        m.num_features for m in with_affine.net if isinstance(m, nn.BatchNorm2d)
+    )
 
 
 def test_init_schemes() -> None:
@@ -103,8 +107,14 @@ def test_init_schemes() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"norm": "batchnorm"}, r"unknown norm 'batchnorm'; accepted: none, batch, noisy_batch, l1, l2, linf, layer, group"),
-        ({"norm": "batch", "norm_layers": [8]}, r"norm_layers index 8 out of range: this network has 8 conv layers, so indices run from 0 to 7"),
+        (
+            {"norm": "batchnorm"},
+            r"unknown norm 'batchnorm'; accepted: none, batch, noisy_batch, l1, l2, linf, layer, group",
+        ),
+        (
+            {"norm": "batch", "norm_layers": [8]},
+            r"norm_layers index 8 out of range: this network has 8 conv layers, so indices run from 0 to 7",
+        ),
         ({"config": "F"}, r"unknown VGG config 'F'; accepted: A, B, D, E"),
         ({"init": "orthogonal"}, r"unknown init 'orthogonal'"),
     ],
@@ -131,7 +141,10 @@ def test_compile_flag_keeps_names_and_measurements_exact() -> None:
     compiled.configure_model()
     assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in plain.named_parameters()]
     torch.testing.assert_close(compiled.loss(batch), plain.loss(batch))
-    for fn in (lambda m: internal_covariate_shift(m, batch, sgd_update(0.1)), lambda m: loss_landscape(m, batch, [0.05, 0.1])):
+    for fn in (
+        lambda m: internal_covariate_shift(m, batch, sgd_update(0.1)),
+        lambda m: loss_landscape(m, batch, [0.05, 0.1]),
+    ):
         want, got = fn(plain), fn(compiled)
         assert want.keys() == got.keys()
         for key in want:

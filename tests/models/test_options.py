@@ -24,20 +24,73 @@ from tests.helpers.callbacks import Recorder
 
 NETWORKS = {"VGG": VGG, "MLP": MLP, "ResNet": ResNet}
 #: The training options; BaseModule must keep at least these (it may gain more).
-TRAINING_OPTIONS = {"loss", "init", "init_gain", "optimizer", "lr_scheduler", "compile", "divergence_check_every_n_steps"}
+TRAINING_OPTIONS = {
+    "loss",
+    "init",
+    "init_gain",
+    "optimizer",
+    "lr_scheduler",
+    "compile",
+    "divergence_check_every_n_steps",
+}
 #: The hyperparameters (W&B config keys) each class recorded before the options moved to
 #: BaseModule: the shared training options (the callables are not recorded) and its own.
 TRAINING_RECORDED = {"loss", "init", "init_gain", "compile", "divergence_check_every_n_steps"}
 RECORDED = {
-    "VGG": TRAINING_RECORDED | {"config", "norm", "norm_position", "norm_affine", "norm_layers", "in_channels", "num_classes", "width", "channels_last", "weight_standardization", "dropout"},
-    "MLP": TRAINING_RECORDED | {"in_features", "out_features", "depth", "width", "activation", "norm", "norm_position", "norm_affine", "norm_layers", "bias", "dropout"},
-    "ResNet": TRAINING_RECORDED | {"depth", "norm", "norm_affine", "width", "weight_standardization", "skipinit", "dropout", "in_channels", "num_classes"},
+    "VGG": TRAINING_RECORDED
+    | {
+        "config",
+        "norm",
+        "norm_position",
+        "norm_affine",
+        "norm_layers",
+        "in_channels",
+        "num_classes",
+        "width",
+        "channels_last",
+        "weight_standardization",
+        "dropout",
+    },
+    "MLP": TRAINING_RECORDED
+    | {
+        "in_features",
+        "out_features",
+        "depth",
+        "width",
+        "activation",
+        "norm",
+        "norm_position",
+        "norm_affine",
+        "norm_layers",
+        "bias",
+        "dropout",
+    },
+    "ResNet": TRAINING_RECORDED
+    | {
+        "depth",
+        "norm",
+        "norm_affine",
+        "width",
+        "weight_standardization",
+        "skipinit",
+        "dropout",
+        "in_channels",
+        "num_classes",
+    },
 }
-SMALL = {"VGG": {"config": "A", "width": 1 / 16}, "MLP": {"in_features": 12, "depth": 2, "width": 8}, "ResNet": {"width": 0.25}}
+SMALL = {
+    "VGG": {"config": "A", "width": 1 / 16},
+    "MLP": {"in_features": 12, "depth": 2, "width": 8},
+    "ResNet": {"width": 0.25},
+}
 
 
 def _base_options() -> dict[str, inspect.Parameter]:
-    return {n: p for n, p in inspect.signature(BaseModule.__init__).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {
+        n: p
+        for n, p in inspect.signature(BaseModule.__init__).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
 
 
 def test_base_module_declares_the_training_options_as_keywords() -> None:
@@ -47,7 +100,9 @@ def test_base_module_declares_the_training_options_as_keywords() -> None:
 @pytest.mark.parametrize("name", NETWORKS)
 def test_network_classes_declare_only_their_architecture(name: str) -> None:
     params = inspect.signature(NETWORKS[name].__init__).parameters
-    assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()), f"{name} must pass **kwargs on to BaseModule"
+    assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()), (
+        f"{name} must pass **kwargs on to BaseModule"
+    )
     # ResNet re-declares init only to change its default (He et al.'s kaiming)
     redeclared = set(params) & set(_base_options())
     assert redeclared == ({"init"} if name == "ResNet" else set())
@@ -70,11 +125,30 @@ def test_training_options_reach_every_network_class(name: str) -> None:
 
     out = 7
     size = {"num_classes": out} if name != "MLP" else {"out_features": out}
-    model = NETWORKS[name](**SMALL[name], **size, loss="mse", init="default", init_gain=2.0, optimizer=optimizer, compile=True, divergence_check_every_n_steps=3)
-    assert (model.loss_kind, model.num_classes, model.compile_net, model.divergence_check_every_n_steps) == ("mse", out, True, 3)
+    model = NETWORKS[name](
+        **SMALL[name],
+        **size,
+        loss="mse",
+        init="default",
+        init_gain=2.0,
+        optimizer=optimizer,
+        compile=True,
+        divergence_check_every_n_steps=3,
+    )
+    assert (model.loss_kind, model.num_classes, model.compile_net, model.divergence_check_every_n_steps) == (
+        "mse",
+        out,
+        True,
+        3,
+    )
     assert not hasattr(model, "train_acc"), "accuracy is for cross_entropy only"
     assert isinstance(model.configure_optimizers(), torch.optim.Adam)
-    assert {k: model.hparams[k] for k in ("loss", "init", "init_gain", "compile")} == {"loss": "mse", "init": "default", "init_gain": 2.0, "compile": True}
+    assert {k: model.hparams[k] for k in ("loss", "init", "init_gain", "compile")} == {
+        "loss": "mse",
+        "init": "default",
+        "init_gain": 2.0,
+        "compile": True,
+    }
     assert "net" not in model.hparams and "num_outputs" not in model.hparams and "optimizer" not in model.hparams
 
 
@@ -116,7 +190,9 @@ def _cli_help(name: str, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
         option, *words = block.split()
         name = option.removeprefix("--model.")
         metavar = {name.rsplit(".", 1)[-1].upper(), name.upper() + ",", f"{option}+", f"{option},"}
-        while words and (words[0] in metavar or re.fullmatch(r"\[?\{[^}]*\}\]?,?", words[0])):  # {true,false}, NORM_LAYERS
+        while words and (
+            words[0] in metavar or re.fullmatch(r"\[?\{[^}]*\}\]?,?", words[0])
+        ):  # {true,false}, NORM_LAYERS
             words.pop(0)
         helps[name] = " ".join(words)
     return helps
@@ -125,7 +201,11 @@ def _cli_help(name: str, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
 @pytest.mark.parametrize("name", NETWORKS)
 def test_the_cli_lists_every_option_once_with_its_help(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     helps = _cli_help(name, capsys)
-    own = {n for n, p in inspect.signature(NETWORKS[name].__init__).parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD and n != "self"}
+    own = {
+        n
+        for n, p in inspect.signature(NETWORKS[name].__init__).parameters.items()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD and n != "self"
+    }
     options = {o for o in helps if "." not in o}  # optimizer.help / lr_scheduler.help are sub-entries
     assert options == own | set(_base_options())
     assert "net" not in options and "num_outputs" not in options
@@ -138,7 +218,12 @@ def _fit_logged(model: BaseModule, every: int) -> dict[int, dict[str, float]]:
     torch.manual_seed(1)
     data = DataLoader(TensorDataset(torch.randn(56, 12), torch.randint(0, 10, (56,))), batch_size=8)
     rec = Recorder(prefixes=("train",))
-    kw: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False, "accelerator": "cpu"}
+    kw: dict[str, Any] = {
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "accelerator": "cpu",
+    }
     pl.Trainer(max_steps=7, logger=rec, log_every_n_steps=every, **kw).fit(model, data)
     return rec.logged
 

@@ -73,7 +73,9 @@ class _Rec(Logger):
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.logged.setdefault(int(step), {}).update({k: float(v) for k, v in metrics.items() if k.startswith("resvar/")})
+        self.logged.setdefault(int(step), {}).update(
+            {k: float(v) for k, v in metrics.items() if k.startswith("resvar/")}
+        )
 
 
 def test_callback_measures_every_block_and_leaves_training_unchanged() -> None:
@@ -81,7 +83,14 @@ def test_callback_measures_every_block_and_leaves_training_unchanged() -> None:
     model = ResNet(norm="batch", width=0.25)
     plain = copy.deepcopy(model)
     data = DataLoader(TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))), batch_size=8)
-    kw: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False, "accelerator": "cpu", "max_steps": 2, "log_every_n_steps": 1}
+    kw: dict[str, Any] = {
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "accelerator": "cpu",
+        "max_steps": 2,
+        "log_every_n_steps": 1,
+    }
     rec = _Rec()
     torch.manual_seed(1)
     pl.Trainer(callbacks=[ResidualVariance(every_n_steps=1)], logger=rec, **kw).fit(model, data)
@@ -93,4 +102,6 @@ def test_callback_measures_every_block_and_leaves_training_unchanged() -> None:
     with pytest.raises(ValueError, match="has no residual block"):
         from bnlightning.models import MLP
 
-        pl.Trainer(callbacks=[ResidualVariance(every_n_steps=1)], logger=False, **kw).fit(MLP(in_features=12), DataLoader(TensorDataset(torch.randn(8, 12), torch.randint(0, 10, (8,))), batch_size=4))
+        pl.Trainer(callbacks=[ResidualVariance(every_n_steps=1)], logger=False, **kw).fit(
+            MLP(in_features=12), DataLoader(TensorDataset(torch.randn(8, 12), torch.randint(0, 10, (8,))), batch_size=4)
+        )

@@ -19,13 +19,22 @@ from bnlightning.report.commands import report_main
 from bnlightning.report.runs import load_runs
 
 
-def _run(root: Path, name: str, norm: str, batch: int, seed: int, rows: list[dict[str, float]], extra: dict | None = None) -> None:
+def _run(
+    root: Path, name: str, norm: str, batch: int, seed: int, rows: list[dict[str, float]], extra: dict | None = None
+) -> None:
     d = root / name
     d.mkdir(parents=True)
     config = {
         "seed_everything": seed,
-        "trainer": {"default_root_dir": str(d), "logger": [{"class_path": "x"}], "callbacks": [{"class_path": "bnlightning.batchsize.TrainModeAccuracy"}]},
-        "model": {"class_path": "bnlightning.models.MLP", "init_args": {"depth": 3, "width": 100, "activation": "relu", "norm": norm, **(extra or {})}},
+        "trainer": {
+            "default_root_dir": str(d),
+            "logger": [{"class_path": "x"}],
+            "callbacks": [{"class_path": "bnlightning.batchsize.TrainModeAccuracy"}],
+        },
+        "model": {
+            "class_path": "bnlightning.models.MLP",
+            "init_args": {"depth": 3, "width": 100, "activation": "relu", "norm": norm, **(extra or {})},
+        },
         "data": {"class_path": "bnlightning.data.DigitsDataModule", "init_args": {"batch_size": batch, "seed": 0}},
     }
     (d / "config.yaml").write_text(yaml.safe_dump(config))
@@ -40,7 +49,14 @@ def _run(root: Path, name: str, norm: str, batch: int, seed: int, rows: list[dic
 @pytest.fixture
 def batch_runs(tmp_path: Path) -> Path:
     root = tmp_path / "bn-batch-size"
-    acc = {("batch", 2): (0.5, 0.6), ("batch", 8): (0.8, 0.9), ("batch", 32): (0.95, 0.97), ("none", 2): (0.9, 0.92), ("none", 8): (0.93, 0.95), ("none", 32): (0.94, 0.96)}
+    acc = {
+        ("batch", 2): (0.5, 0.6),
+        ("batch", 8): (0.8, 0.9),
+        ("batch", 32): (0.95, 0.97),
+        ("none", 2): (0.9, 0.92),
+        ("none", 8): (0.93, 0.95),
+        ("none", 32): (0.94, 0.96),
+    }
     for (norm, b), per_seed in acc.items():
         for seed, a in enumerate(per_seed):
             rows = [{"step": s, "train/acc": 0.9, "train/loss": 0.3} for s in range(0, 50, 10)]
@@ -80,7 +96,15 @@ def test_categorical_settings_get_a_bar_chart_and_meanshift_its_figure(tmp_path:
         row = {"step": 0, "meanshift/majority_share": 1.0 if cos[-1] > 0.9 else 0.2}
         row.update({f"meanshift/net.relu{j + 1}/cos": c for j, c in enumerate(cos)})
         row.update({f"meanshift/net.relu{j + 1}/channel_mean": 0.1 for j in range(4)})
-        _run(root, f"r{i}", norm, 128, 0, [row, {"step": 0, "val/acc": 0.1 * (i + 1), "train/acc": 0.5}], {"weight_standardization": ws})
+        _run(
+            root,
+            f"r{i}",
+            norm,
+            128,
+            0,
+            [row, {"step": 0, "val/acc": 0.1 * (i + 1), "train/acc": 0.5}],
+            {"weight_standardization": ws},
+        )
     runs = load_runs([root])
     figs = draw_claims(runs, tmp_path / "out", dpi=40)
     assert sorted(f.path.name.rsplit("_", 1)[1] for f in figs) == ["meanshift.png", "sweep.png"]
@@ -96,9 +120,20 @@ def test_placement_settings_get_their_own_ics_and_landscape_curves(tmp_path: Pat
         for affine in (True, False):
             for seed in (0, 1):
                 rel = 0.05 if pos == "before" else 0.4
-                rows = [{"step": s, "ics/rel/net.fc2": rel * (1 + seed), "landscape/beta_eff": 2.0, "train/acc": 0.9} for s in (50, 100)]
+                rows = [
+                    {"step": s, "ics/rel/net.fc2": rel * (1 + seed), "landscape/beta_eff": 2.0, "train/acc": 0.9}
+                    for s in (50, 100)
+                ]
                 rows.append({"step": 100, "val/acc": 0.96})
-                _run(root, f"{pos}_{affine}_s{seed}", "batch", 60, seed, rows, {"norm_position": pos, "norm_affine": affine})
+                _run(
+                    root,
+                    f"{pos}_{affine}_s{seed}",
+                    "batch",
+                    60,
+                    seed,
+                    rows,
+                    {"norm_position": pos, "norm_affine": affine},
+                )
     runs = load_runs([root])
     figs = draw_claims(runs, tmp_path / "out", dpi=40)
     measures = [f for f in figs if f.path.name.endswith("_measures.png")]
@@ -115,7 +150,9 @@ def test_placement_settings_get_their_own_ics_and_landscape_curves(tmp_path: Pat
 
 def test_setting_labels_drop_callback_arguments_but_the_table_keeps_them(tmp_path: Path) -> None:
     root = tmp_path / "runs"
-    for i, cbs in enumerate(([], [{"class_path": "bnlightning.normfree.AdaptiveGradientClipping", "init_args": {"clip_factor": 0.08}}])):
+    for i, cbs in enumerate(
+        ([], [{"class_path": "bnlightning.normfree.AdaptiveGradientClipping", "init_args": {"clip_factor": 0.08}}])
+    ):
         _run(root, f"r{i}", "none", 128, 0, [{"step": 9, "val/acc": 0.5, "train/acc": 0.5}])
         cfg = yaml.safe_load((root / f"r{i}" / "config.yaml").read_text())
         cfg["trainer"]["callbacks"] = cbs
@@ -123,6 +160,9 @@ def test_setting_labels_drop_callback_arguments_but_the_table_keeps_them(tmp_pat
     runs = load_runs([root])
     from bnlightning.report.claims import setting_label
 
-    assert sorted(setting_label(r, ["trainer.callbacks"]) for r in runs) == ["callbacks=AdaptiveGradientClipping", "callbacks=none"]
+    assert sorted(setting_label(r, ["trainer.callbacks"]) for r in runs) == [
+        "callbacks=AdaptiveGradientClipping",
+        "callbacks=none",
+    ]
     (tmp_path / "out").mkdir()
     assert "AdaptiveGradientClipping(clip_factor=0.08)" in write_claims_markdown(runs, tmp_path / "out").read_text()

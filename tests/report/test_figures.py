@@ -44,7 +44,15 @@ def sweep_with_measures(tmp_path: Path) -> Path:
         for batch in (8, 32, 128):
             for lr in (0.1, 0.5):
                 for seed in (0, 1):
-                    folder = write_run(root / f"{norm}_b{batch}_lr{lr}_s{seed}", seed=seed, norm=norm, batch=batch, lr=lr, steps=60, val_acc=0.5 + 0.1 * seed)
+                    folder = write_run(
+                        root / f"{norm}_b{batch}_lr{lr}_s{seed}",
+                        seed=seed,
+                        norm=norm,
+                        batch=batch,
+                        lr=lr,
+                        steps=60,
+                        val_acc=0.5 + 0.1 * seed,
+                    )
                     _add_measures(folder, (1.0 if norm == "none" else 0.1) * (1 + seed))
     return root
 
@@ -52,7 +60,16 @@ def sweep_with_measures(tmp_path: Path) -> Path:
 def _add_measures(folder: Path, scale: float) -> None:
     """Append ICS and landscape columns to the run's metrics.csv (every 20 steps)."""
     lines = (folder / "metrics.csv").read_text().splitlines()
-    extra = ["ics/l2/net.fc1", "ics/l2/net.fc2", "ics/cos/net.fc1", "ics/cos/net.fc2", "landscape/loss_min", "landscape/loss_max", "landscape/grad_l2_max", "landscape/beta_eff"]
+    extra = [
+        "ics/l2/net.fc1",
+        "ics/l2/net.fc2",
+        "ics/cos/net.fc1",
+        "ics/cos/net.fc2",
+        "landscape/loss_min",
+        "landscape/loss_max",
+        "landscape/grad_l2_max",
+        "landscape/beta_eff",
+    ]
     header = lines[0] + "," + ",".join(extra)
     body = [line + "," * len(extra) for line in lines[1:]]
     width = len(lines[0].split(","))
@@ -75,7 +92,9 @@ def _page_images(page: str) -> list[int]:
     return [int(w) for w in widths]
 
 
-def test_page_text_is_readable_on_a_laptop_window(sweep_with_measures: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_page_text_is_readable_on_a_laptop_window(
+    sweep_with_measures: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     written: list[Any] = []
     real_finish = figures_module._finish
 
@@ -120,10 +139,16 @@ def _captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 def _legend_colors(fig: Any) -> dict[str, str]:
     (legend,) = fig.legends
-    return {t.get_text().split(" (")[0]: matplotlib.colors.to_hex(h.get_color()) for t, h in zip(legend.get_texts(), legend.legend_handles) if hasattr(h, "get_color")}
+    return {
+        t.get_text().split(" (")[0]: matplotlib.colors.to_hex(h.get_color())
+        for t, h in zip(legend.get_texts(), legend.legend_handles)
+        if hasattr(h, "get_color")
+    }
 
 
-def test_one_legend_units_shared_ranges_and_one_colour_per_setting(sweep_with_measures: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_legend_units_shared_ranges_and_one_colour_per_setting(
+    sweep_with_measures: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     figs = _captured(monkeypatch)
     runs = load_runs([sweep_with_measures])
     drawn = draw_all(runs, tmp_path / "out", dpi=30) + draw_claims(runs, tmp_path / "out", dpi=30)
@@ -149,7 +174,10 @@ def test_one_legend_units_shared_ranges_and_one_colour_per_setting(sweep_with_me
     figures_module.plt.close("all")
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None, reason="headless Chromium is not installed")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
+    reason="headless Chromium is not installed",
+)
 def test_page_in_headless_chromium(sweep_with_measures: Path, tmp_path: Path) -> None:
     """The browser's own layout: every image as wide as its figure inches x 96 px (or the window), tick text >= 10 px."""
     out = tmp_path / "out"
@@ -158,7 +186,16 @@ def test_page_in_headless_chromium(sweep_with_measures: Path, tmp_path: Path) ->
     probe = "<script>document.body.setAttribute('data-widths', [...document.images].map(i => i.getBoundingClientRect().width + 'x' + i.naturalWidth).join(' '))</script>"
     (out / "probe.html").write_text(page.replace("</body>", probe + "</body>"))
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--window-size={WINDOW_PX},900", "--virtual-time-budget=5000", "--dump-dom", (out / "probe.html").as_uri()]
+    cmd = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--window-size={WINDOW_PX},900",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        (out / "probe.html").as_uri(),
+    ]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
     found = re.search(r'data-widths="([^"]*)"', dom)
     assert found, dom[-2000:]

@@ -21,7 +21,10 @@ from bnlightning.report.runs import aggregate, load_runs, read_metrics
 from tests.helpers import CONFIGS
 
 CALLBACKS = [
-    {"class_path": "bnlightning.callbacks.InternalCovariateShift", "init_args": {"layers": ["net.fc1", "net.fc3"], "every_n_steps": 2}},
+    {
+        "class_path": "bnlightning.callbacks.InternalCovariateShift",
+        "init_args": {"layers": ["net.fc1", "net.fc3"], "every_n_steps": 2},
+    },
     {"class_path": "bnlightning.callbacks.LossLandscape", "init_args": {"every_n_steps": 2}},
     {"class_path": "bnlightning.callbacks.ActivationStats", "init_args": {"every_n_steps": 2, "histogram": False}},
 ]
@@ -51,11 +54,33 @@ def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("WANDB_DIR", str(root))
-        small = ["--trainer.max_steps=8", "--trainer.log_every_n_steps=2", "--trainer.val_check_interval=4", "--model.init_args.width=16", f"--trainer.callbacks={json.dumps(CALLBACKS)}"]
+        small = [
+            "--trainer.max_steps=8",
+            "--trainer.log_every_n_steps=2",
+            "--trainer.val_check_interval=4",
+            "--model.init_args.width=16",
+            f"--trainer.callbacks={json.dumps(CALLBACKS)}",
+        ]
         for norm, seed in (("none", 0), ("batch", 0), ("batch", 1)):
-            _fit(root, "mlp", f"{norm}_s{seed}", "mlp_sigmoid.yaml", *small, f"--model.init_args.norm={norm}", f"--seed_everything={seed}")
+            _fit(
+                root,
+                "mlp",
+                f"{norm}_s{seed}",
+                "mlp_sigmoid.yaml",
+                *small,
+                f"--model.init_args.norm={norm}",
+                f"--seed_everything={seed}",
+            )
         # Divergence is a result: the DLN at lr 1e6 blows up within a few steps.
-        _fit(root, "dln", "none_lr1e6_s0", "dln.yaml", "--trainer.max_steps=30", "--model.init_args.optimizer.init_args.lr=1e6", "--trainer.log_every_n_steps=1")
+        _fit(
+            root,
+            "dln",
+            "none_lr1e6_s0",
+            "dln.yaml",
+            "--trainer.max_steps=30",
+            "--model.init_args.optimizer.init_args.lr=1e6",
+            "--trainer.log_every_n_steps=1",
+        )
     return root
 
 

@@ -41,12 +41,26 @@ def write_run(
         "trainer": {
             "max_steps": steps,
             "default_root_dir": str(folder),
-            "logger": [{"class_path": "bnlightning.loggers.CSVLogger", "init_args": {"save_dir": str(folder.parent), "version": folder.name}}],
-            "callbacks": [{"class_path": "bnlightning.batchsize.LinearLRScaling", "init_args": {"reference_batch_size": 128}}],
+            "logger": [
+                {
+                    "class_path": "bnlightning.loggers.CSVLogger",
+                    "init_args": {"save_dir": str(folder.parent), "version": folder.name},
+                }
+            ],
+            "callbacks": [
+                {"class_path": "bnlightning.batchsize.LinearLRScaling", "init_args": {"reference_batch_size": 128}}
+            ],
         },
         "model": {
             "class_path": "bnlightning.models.MLP",
-            "init_args": {"depth": 3, "width": 100, "activation": "relu", "norm": norm, "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": lr}}, **(model or {})},
+            "init_args": {
+                "depth": 3,
+                "width": 100,
+                "activation": "relu",
+                "norm": norm,
+                "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": lr}},
+                **(model or {}),
+            },
         },
         "data": {"class_path": "bnlightning.data.DigitsDataModule", "init_args": {"batch_size": batch, "seed": 0}},
         "checkpoint": {"every_n_train_steps": 1000},
@@ -75,7 +89,15 @@ def batch_sweep(tmp_path: Path) -> Path:
         for batch in (2, 8, 32, 128):
             for seed in (0, 1):
                 acc = 0.3 + 0.1 * seed + batch / 200 if norm == "batch" else 0.95
-                write_run(root / f"{norm}_b{batch}_s{seed}", seed=seed, norm=norm, batch=batch, lr_scaled=0.8 * batch / 128, val_acc=acc, steps=40)
+                write_run(
+                    root / f"{norm}_b{batch}_s{seed}",
+                    seed=seed,
+                    norm=norm,
+                    batch=batch,
+                    lr_scaled=0.8 * batch / 128,
+                    val_acc=acc,
+                    steps=40,
+                )
     return root
 
 
@@ -119,18 +141,27 @@ def test_step_count_without_run_json_is_one_past_the_last_logged_step(tmp_path: 
 
 def test_a_seed_run_twice_counts_once_the_newest_finished_run(tmp_path: Path) -> None:
     write_run(tmp_path / "a/s0", seed=0, val_acc=0.5, updated="2026-01-01T00:00:00+0000")
-    write_run(tmp_path / "b/s0_again", seed=0, val_acc=0.7, updated="2026-02-01T00:00:00+0000")  # re-run elsewhere, newer
+    write_run(
+        tmp_path / "b/s0_again", seed=0, val_acc=0.7, updated="2026-02-01T00:00:00+0000"
+    )  # re-run elsewhere, newer
     write_run(tmp_path / "b/s1", seed=1, val_acc=0.9)
     write_run(tmp_path / "c/s0_killed", seed=0, val_acc=0.1, status="running", updated="2026-03-01T00:00:00+0000")
     write_run(tmp_path / "c/s0_other_lr", seed=0, lr=0.1, val_acc=0.2)  # another setting: not a repeat
     done, unfinished = split_runs(load_runs([tmp_path]))
-    with pytest.warns(UserWarning, match=r"a/s0: seed 0 of this setting was run again in .*b/s0_again; counting only the newer run"):
+    with pytest.warns(
+        UserWarning, match=r"a/s0: seed 0 of this setting was run again in .*b/s0_again; counting only the newer run"
+    ):
         kept, repeats = drop_repeated_seeds(done)
     assert sorted(r.path.name for r in kept) == ["s0_again", "s0_other_lr", "s1"]
     assert [r.path.name for r in repeats] == ["s0"] and [r.path.name for r in unfinished] == ["s0_killed"]
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match="counting only the newer run"):
-        assert report_main([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"), "--out", str(out), "--dpi", "30"]) == 0
+        assert (
+            report_main(
+                [str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"), "--out", str(out), "--dpi", "30"]
+            )
+            == 0
+        )
     md = (out / "report.md").read_text()
     rows = _table(md, "### MLP 3x100 relu")
     assert [r[:3] for r in rows] == [["0.1", "0", "0.2"], ["0.8", "0,1", "0.8 ± 0.1"]], rows  # 0.7 and 0.9, not 0.5
@@ -141,10 +172,14 @@ def test_a_seed_run_twice_counts_once_the_newest_finished_run(tmp_path: Path) ->
 def test_unreadable_run_folders_are_skipped_with_a_warning_naming_the_file(tmp_path: Path) -> None:
     good = write_run(tmp_path / "good")
     latin = write_run(tmp_path / "latin1")
-    (latin / "metrics.csv").write_bytes((latin / "metrics.csv").read_bytes() + "0,999,,0.5,,caf\xe9,\n".encode("latin-1"))
+    (latin / "metrics.csv").write_bytes(
+        (latin / "metrics.csv").read_bytes() + "0,999,,0.5,,caf\xe9,\n".encode("latin-1")
+    )
     cut = write_run(tmp_path / "cut")
     text = (cut / "config.yaml").read_text()
-    (cut / "config.yaml").write_text(text[: text.index("norm:") + 9])  # not written atomically, killed mid-line: "norm: bat"
+    (cut / "config.yaml").write_text(
+        text[: text.index("norm:") + 9]
+    )  # not written atomically, killed mid-line: "norm: bat"
     garbled = write_run(tmp_path / "garbled")
     (garbled / "config.yaml").write_text(text[: text.index("norm:")] + "norm: [batch\n")  # not YAML
     headless = write_run(tmp_path / "headless")
@@ -154,10 +189,18 @@ def test_unreadable_run_folders_are_skipped_with_a_warning_naming_the_file(tmp_p
     assert [r.path for r in runs] == [good]
     messages = sorted(str(w.message) for w in record)
     assert len(messages) == 4, messages
-    assert re.fullmatch(r".*/cut/config\.yaml: cut short mid-write \(its last line has no newline\); run skipped", messages[0]), messages[0]
-    assert re.fullmatch(r".*/garbled/config\.yaml: not valid YAML \(line \d+\); cut short mid-write\?; run skipped", messages[1]), messages[1]
-    assert re.fullmatch(r".*/headless/config\.yaml: no model section; cut short mid-write\?; run skipped", messages[2]), messages[2]
-    assert re.fullmatch(r".*/latin1/metrics\.csv: not UTF-8 text \(invalid continuation byte at byte \d+\); run skipped", messages[3]), messages[3]
+    assert re.fullmatch(
+        r".*/cut/config\.yaml: cut short mid-write \(its last line has no newline\); run skipped", messages[0]
+    ), messages[0]
+    assert re.fullmatch(
+        r".*/garbled/config\.yaml: not valid YAML \(line \d+\); cut short mid-write\?; run skipped", messages[1]
+    ), messages[1]
+    assert re.fullmatch(
+        r".*/headless/config\.yaml: no model section; cut short mid-write\?; run skipped", messages[2]
+    ), messages[2]
+    assert re.fullmatch(
+        r".*/latin1/metrics\.csv: not UTF-8 text \(invalid continuation byte at byte \d+\); run skipped", messages[3]
+    ), messages[3]
     # the whole report goes on with the readable run
     with pytest.warns(UserWarning):
         assert report_main([str(tmp_path), "--out", str(tmp_path / "out"), "--dpi", "30"]) == 0
