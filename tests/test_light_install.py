@@ -161,7 +161,8 @@ def test_callbacks_measure_in_a_fresh_venv_with_only_torch_and_lightning(light_w
 
         torch.manual_seed(0)
         data = DataLoader(TensorDataset(torch.randn(32, 6), torch.randint(0, 2, (32,))), batch_size=8)
-        trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=pl.loggers.CSVLogger("runs"), callbacks=[cb.InternalCovariateShift(every_n_steps=1)],
+        trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=pl.loggers.CSVLogger("runs"),
+                             callbacks=[cb.InternalCovariateShift(every_n_steps=1)],
                              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
         trainer.fit(Model(), data)
         header = open(trainer.logger.log_dir + "/metrics.csv").readline().strip().split(",")

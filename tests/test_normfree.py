@@ -133,7 +133,10 @@ def test_agc_leaves_the_last_linear_of_the_forward_pass_unclipped_and_says_so(ca
         pl.Trainer(max_steps=2, callbacks=[cap, agc], **TRAINER_KW).fit(model, _data(model))
     said = [r.getMessage() for r in caplog.records if "AdaptiveGradientClipping" in r.getMessage()]
     assert said == [
-        "AdaptiveGradientClipping: not clipping head.weight, head.bias (head: the last nn.Linear in the forward pass; `exclude=` to choose)."
+        (
+            "AdaptiveGradientClipping: not clipping head.weight, head.bias "
+            "(head: the last nn.Linear in the forward pass; `exclude=` to choose)."
+        )
     ]
     for name, w in cap.weights.items():  # cap ran after AGC: every unit but the classifier's is within lambda
         g = cap.grads[name]

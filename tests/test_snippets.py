@@ -20,7 +20,8 @@ SKIP = re.compile(r"<!--\s*skip-snippet:\s*(.*?)\s*-->\s*$")
 
 
 def snippets(path: Path, root: Path = REPO) -> list[tuple[str, str, str | None]]:
-    """``(id, code, skip reason or None)`` of every fenced Python block in ``path``; ids are ``<path from root>:<line>``."""
+    """``(id, code, skip reason or None)`` of every fenced Python block in ``path``; ids are
+    ``<path from root>:<line>``."""
     text = path.read_text(encoding="utf-8")
     found = []
     for match in FENCE.finditer(text):

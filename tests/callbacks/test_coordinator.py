@@ -1,4 +1,5 @@
-"""The trainer's MeasurementCoordinator (G once per step), the two-step shape, and state keys from constructor arguments."""
+"""The trainer's MeasurementCoordinator (G once per step), the two-step shape, and state keys from constructor
+arguments."""
 
 from __future__ import annotations
 

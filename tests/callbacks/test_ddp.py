@@ -50,17 +50,23 @@ SCRIPT = textwrap.dedent(
         rank, n = int(os.environ.get("LOCAL_RANK", 0)), 8 // world
         shard = torch.cat([torch.arange(8 * k + rank * n, 8 * k + (rank + 1) * n) for k in range(4)])
         data = DataLoader(TensorDataset(x[shard], y[shard]), batch_size=n)
-        cbs = [InternalCovariateShift(every_n_steps=2), LossLandscape(every_n_steps=2), ActivationStats(every_n_steps=2),
-               HessianSpectrum(k=2, every_n_steps=2, n_probes=4, tol=1e-4)]
+        cbs = [
+            InternalCovariateShift(every_n_steps=2), LossLandscape(every_n_steps=2), ActivationStats(every_n_steps=2),
+            HessianSpectrum(k=2, every_n_steps=2, n_probes=4, tol=1e-4),
+        ]
         if len(sys.argv) > 4:  # budgeted: rank 1's clock stands still, so alone it would never measure a second time
-            cbs = [cls(every_n_steps=1, max_overhead=0.9) for cls in (InternalCovariateShift, LossLandscape, ActivationStats)]
+            cbs = [
+                cls(every_n_steps=1, max_overhead=0.9)
+                for cls in (InternalCovariateShift, LossLandscape, ActivationStats)
+            ]
             for cb in cbs:
                 cb.clock = (lambda: 0.0) if rank == 1 else time.process_time
         steps, rec = Steps(cbs), Recorder()
         kw = dict(strategy="ddp", devices=world) if world > 1 else dict(devices=1)
         trainer = pl.Trainer(
-            max_steps=4 if len(sys.argv) <= 4 else 8, accelerator="cpu", callbacks=[*cbs, steps], logger=rec, log_every_n_steps=1,
-            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False, **kw,
+            max_steps=4 if len(sys.argv) <= 4 else 8, accelerator="cpu", callbacks=[*cbs, steps], logger=rec,
+            log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+            use_distributed_sampler=False, **kw,
         )
         reduce_s, calls = [0.0], [0]
         original = trainer.strategy.reduce

@@ -135,7 +135,8 @@ class _Odd(nn.Module):
 
 
 def test_ics_prefix_falls_back_where_it_is_not_exact() -> None:
-    """A layer whose input depends on its own (later) weight gets a full pass; the rest uses suffixes; all equal the loop."""
+    """A layer whose input depends on its own (later) weight gets a full pass; the rest uses suffixes; all equal the
+    loop."""
     torch.manual_seed(0)
     model = _Odd().train()
     batch = (torch.randn(16, 6), torch.randint(0, 3, (16,)))
@@ -150,7 +151,8 @@ def test_ics_prefix_falls_back_where_it_is_not_exact() -> None:
 
 
 def test_ics_prefix_applies_a_users_input_pre_hook_once() -> None:
-    """The prefix engine resumes at a child from its cached input: cached before the user's pre-hook, which then runs once."""
+    """The prefix engine resumes at a child from its cached input: cached before the user's pre-hook, which then runs
+    once."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).train()
     model[2].register_forward_pre_hook(lambda m, args: (args[0] * 2.0 + 0.5,))

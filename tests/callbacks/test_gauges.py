@@ -208,7 +208,8 @@ class ConvBN(pl.LightningModule):
 
 
 def naive_activation_gradients(model: nn.Module, batch: Any, positions: list[int]) -> dict[int, tuple[Tensor, Tensor]]:
-    """Layer by layer on a copy (in-place ReLUs swapped for plain ones): ∂L/∂(input) and ∂L/∂(output) of each position."""
+    """Layer by layer on a copy (in-place ReLUs swapped for plain ones): ∂L/∂(input) and ∂L/∂(output) of each
+    position."""
     twin = copy.deepcopy(model)
     x, y = batch
     seen: dict[int, tuple[Tensor, Tensor]] = {}
@@ -471,12 +472,16 @@ if __name__ == "__main__":
     x, y = torch.randn(16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
     rank, n = int(os.environ.get("LOCAL_RANK", 0)), 8 // world
     shard = torch.cat([torch.arange(8 * k + rank * n, 8 * k + (rank + 1) * n) for k in range(2)])
-    cbs = [GradientCurvature(every_n_steps=2), EffectiveLearningRate(every_n_steps=2, layers=["net.fc1", "net.fc2"]),
-           HessianSpectrum(every_n_steps=2, n_probes=0, tol=1e-5), SpectralDensity(every_n_steps=2, lanczos_steps=4, n_starts=1, norm_modes=["train"])]
+    cbs = [
+        GradientCurvature(every_n_steps=2), EffectiveLearningRate(every_n_steps=2, layers=["net.fc1", "net.fc2"]),
+        HessianSpectrum(every_n_steps=2, n_probes=0, tol=1e-5),
+        SpectralDensity(every_n_steps=2, lanczos_steps=4, n_starts=1, norm_modes=["train"]),
+    ]
     rec = Recorder()
     kw = dict(strategy="ddp", devices=world) if world > 1 else dict(devices=1)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", callbacks=cbs, logger=rec, log_every_n_steps=1, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False, **kw)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", callbacks=cbs, logger=rec, log_every_n_steps=1,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         use_distributed_sampler=False, **kw)
     trainer.fit(model, DataLoader(TensorDataset(x[shard], y[shard]), batch_size=n))
     with open(os.path.join(out, f"w{world}-rank{trainer.global_rank}.json"), "w") as f:
         json.dump(rec.logged, f)
@@ -486,7 +491,8 @@ if __name__ == "__main__":
 
 
 def test_ddp_two_processes_log_the_global_batch_gauges(tmp_path: Any) -> None:
-    """Without BN, the mean over 2 ranks of shard gradients, losses and HVPs is the full batch's: the same numbers as 1 process."""
+    """Without BN, the mean over 2 ranks of shard gradients, losses and HVPs is the full batch's: the same numbers as 1
+    process."""
     import json
     import os
     import subprocess

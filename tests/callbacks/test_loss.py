@@ -349,7 +349,10 @@ def test_compiled_module_is_measured_as_the_same_function_uncompiled() -> None:
 def test_constructor_refuses_a_criterion_and_a_bad_method_name_in_one_line() -> None:
     with pytest.raises(
         ValueError,
-        match=r"^loss_fn is an nn.Module \(CrossEntropyLoss\), a loss of \(predictions, targets\), not of \(module, batch\)\. Pass loss_fn=",
+        match=(
+            r"^loss_fn is an nn.Module \(CrossEntropyLoss\), a loss of \(predictions, targets\), "
+            r"not of \(module, batch\)\. Pass loss_fn="
+        ),
     ):
         LossLandscape(loss_fn=nn.CrossEntropyLoss())
     with pytest.raises(ValueError, match=r"^loss_method must be None .* got 'my loss'$"):
@@ -358,12 +361,18 @@ def test_constructor_refuses_a_criterion_and_a_bad_method_name_in_one_line() -> 
 
 def test_an_unknown_loss_method_lists_the_accepted_ones() -> None:
     batches = [torch.randn(4, 32) for _ in range(2)]
-    accepted = r"loss_method accepts a method of BoringModel that takes one batch: loss, step, training_step\. Or: Pass loss_fn="
+    accepted = (
+        r"loss_method accepts a method of BoringModel that takes one batch: loss, step, training_step\. "
+        r"Or: Pass loss_fn="
+    )
     with pytest.raises(AttributeError, match=rf"^BoringModel has no method 'objective'; {accepted}"):
         fit(BoringModel, batches, [LossLandscape(every_n_steps=1, loss_method="objective")])
     with pytest.raises(
         ValueError,
-        match=r"^CriterionModule\.loss is an nn.Module \(CrossEntropyLoss\).*accepts .*: training_step\. Or: Pass loss_fn=",
+        match=(
+            r"^CriterionModule\.loss is an nn.Module \(CrossEntropyLoss\).*accepts .*: training_step\. "
+            r"Or: Pass loss_fn="
+        ),
     ):
         fit(
             CriterionModule,
@@ -419,7 +428,10 @@ def test_resolution_rule_on_plain_modules() -> None:
     assert resolve_loss(WithLossMethod()).name == "WithLossMethod.loss(batch)"
     with pytest.raises(
         AttributeError,
-        match=r"^WithCriterion\.loss is an nn.Module \(MSELoss\).* and no training_step to measure with\. Pass loss_fn=",
+        match=(
+            r"^WithCriterion\.loss is an nn.Module \(MSELoss\).* "
+            r"and no training_step to measure with\. Pass loss_fn="
+        ),
     ):
         resolve_loss(WithCriterion())
     assert resolve_loss(CriterionModule()).name == "CriterionModule.training_step(batch, 0)"

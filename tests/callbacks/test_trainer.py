@@ -188,12 +188,19 @@ def test_setup_errors() -> None:
             pl.Trainer(max_steps=1, callbacks=[make(every_n_steps=1)], **TRAINER_KW).fit(ManualModule(), data)
         with pytest.raises(
             AttributeError,
-            match=r"^AutoModule has no method 'objective'; loss_method accepts a method of AutoModule that takes one batch: loss, training_step. Or: Pass loss_fn=",
+            match=(
+                r"^AutoModule has no method 'objective'; "
+                r"loss_method accepts a method of AutoModule that takes one batch: loss, training_step. "
+                r"Or: Pass loss_fn="
+            ),
         ):
             pl.Trainer(max_steps=1, callbacks=[make(every_n_steps=1, loss_method="objective")], **TRAINER_KW).fit(
                 AutoModule(), data
             )
-        none = r"NoLossModule.training_step\(batch, 0\) returned NoneType; the measurement needs a scalar loss tensor \(or a dict with 'loss'\)"
+        none = (
+            r"NoLossModule.training_step\(batch, 0\) returned NoneType; "
+            r"the measurement needs a scalar loss tensor \(or a dict with 'loss'\)"
+        )
         with pytest.raises(ValueError, match=rf"^\w+: no loss to measure on NoLossModule: {none}\. Pass loss_fn="):
             pl.Trainer(max_steps=1, callbacks=[make(every_n_steps=1)], **TRAINER_KW).fit(NoLossModule(), data)
     with pytest.raises(ValueError, match=r"unknown layer 'layer9'.*layer"):

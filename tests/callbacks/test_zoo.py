@@ -179,7 +179,8 @@ def reference_landscape(case: Case, cap: dict[str, Any], lr: float, steps: list[
 
 
 def real_step_on_a_copy(case_name: str, opt_name: str, cap: dict[str, Any], clip: bool = True) -> dict[str, Tensor]:
-    """The real optimizer class stepped on a copy of W^t with the captured .grad, state and (by hand) Lightning's clipping."""
+    """The real optimizer class stepped on a copy of W^t with the captured .grad, state and (by hand) Lightning's
+    clipping."""
     make_opt, settings = OPTIMIZERS[opt_name]
     net = copy.deepcopy(cap["net"])
     for n, p in net.named_parameters():
@@ -206,7 +207,8 @@ MAX_REL_ERR: dict[str, float] = {}
 def test_foreign_model_matches_references_and_trains_identically(case_name: str, opt_name: str) -> None:
     if case_name == "lstm" and "bf16" in opt_name:
         pytest.skip(
-            "torch's CPU LSTM has no bf16 autocast kernel (oneDNN 'could not create a primitive descriptor'): training fails without callbacks too"
+            "torch's CPU LSTM has no bf16 autocast kernel (oneDNN 'could not create a primitive descriptor'): "
+            "training fails without callbacks too"
         )
     case = CASES[case_name]
     kw = {"every_n_steps": 1, "loss_fn": case.loss_fn}

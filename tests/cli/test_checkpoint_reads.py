@@ -18,7 +18,10 @@ from bnlightning import checkpointing, runstate
 from bnlightning.cli import main
 from tests.helpers import CONFIGS, QUICK
 
-CSV_ONLY = "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n      init_args: {save_dir: runs, name: quickstart}\n"
+CSV_ONLY = (
+    "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n"
+    "      init_args: {save_dir: runs, name: quickstart}\n"
+)
 
 
 def _fit(tmp: Path, steps: int, *extra: str) -> list[str]:
@@ -37,7 +40,8 @@ def _fit(tmp: Path, steps: int, *extra: str) -> list[str]:
 
 
 def _count_check_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Files loaded by ``read_checkpoint`` (the checks' reader), counted per file; Lightning's own restore is not counted."""
+    """Files loaded by ``read_checkpoint`` (the checks' reader), counted per file; Lightning's own restore is not
+    counted."""
     reads: Counter[str] = Counter()
     load = torch.load
 

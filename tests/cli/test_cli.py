@@ -94,7 +94,8 @@ def test_bf16_mixed_training_runs_on_cpu(in_tmp: Path) -> None:
 
 
 def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
-    # keep an existing PYTHONPATH (site folders of an environment installed there) after the repository root (tests.helpers is imported by path)
+    # keep an existing PYTHONPATH (site folders of an environment installed there) after the repository root
+    # (tests.helpers is imported by path)
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "PYTHONPATH": path}
     cmd = [

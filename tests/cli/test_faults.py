@@ -344,7 +344,9 @@ def test_failing_wandb_init_falls_back_to_offline(in_tmp: Path, monkeypatch: pyt
 def test_logging_errors_mid_run_do_not_stop_training(in_tmp: Path) -> None:
     cfg = in_tmp / "loggers.yaml"
     cfg.write_text(
-        "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n      init_args: {save_dir: runs, name: flaky}\n    - class_path: tests.helpers.faults.FailingLogger\n"
+        "trainer:\n  logger:\n"
+        "    - class_path: bnlightning.loggers.CSVLogger\n      init_args: {save_dir: runs, name: flaky}\n"
+        "    - class_path: tests.helpers.faults.FailingLogger\n"
     )
     with pytest.raises(ConnectionError):
         # A bare Lightning logger that raises would end the run ...
@@ -410,7 +412,8 @@ def test_bad_callback_arguments_are_one_clear_line(
 ) -> None:
     measure = in_tmp / "ics.yaml"
     measure.write_text(
-        "trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.InternalCovariateShift\n      init_args: {every_n_steps: 10}\n"
+        "trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.InternalCovariateShift\n"
+        "      init_args: {every_n_steps: 10}\n"
     )
     base = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(measure), "--trainer.max_steps", "2"]
     _assert_one_line_error([*base, *args, *QUICK], pattern, capsys)
@@ -419,7 +422,8 @@ def test_bad_callback_arguments_are_one_clear_line(
 def test_non_positive_landscape_step_size_is_one_clear_line(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     measure = in_tmp / "landscape.yaml"
     measure.write_text(
-        "trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.LossLandscape\n      init_args: {step_sizes: [0.5, -1.0]}\n"
+        "trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.LossLandscape\n"
+        "      init_args: {step_sizes: [0.5, -1.0]}\n"
     )
     args = [
         "fit",
@@ -435,7 +439,10 @@ def test_non_positive_landscape_step_size_is_one_clear_line(in_tmp: Path, capsys
 
 
 # --- runs never mix, survive pre-emption, fail early ------------------------
-CSV_ONLY = "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n      init_args: {save_dir: runs, name: quickstart}\n"
+CSV_ONLY = (
+    "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n"
+    "      init_args: {save_dir: runs, name: quickstart}\n"
+)
 
 
 def _quick(tmp: Path, *extra: str) -> list[str]:
@@ -608,14 +615,20 @@ def test_failed_resume_touches_nothing(in_tmp: Path, capsys: pytest.CaptureFixtu
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     _assert_one_line_error(
         [*common, "--model.init_args.width", "50", "--ckpt_path", str(ckpts / "last.ckpt")],
-        r"^error: --ckpt_path .*last\.ckpt: it was saved from another model: width is 100 in the checkpoint but 50 in this run's settings",
+        (
+            r"^error: --ckpt_path .*last\.ckpt: it was saved from another model: "
+            r"width is 100 in the checkpoint but 50 in this run's settings"
+        ),
         capsys,
     )
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before, "nothing written before the check"
     (ckpts / "last.ckpt").write_bytes(b"")
     with pytest.warns(
         UserWarning,
-        match=r"last\.ckpt cannot be resumed \(the file is empty \(0 bytes\)\); resuming from the newest intact checkpoint .*epoch=0-step=9\.ckpt",
+        match=(
+            r"last\.ckpt cannot be resumed \(the file is empty \(0 bytes\)\); "
+            r"resuming from the newest intact checkpoint .*epoch=0-step=9\.ckpt"
+        ),
     ):
         with pytest.raises(SystemExit):
             main(
@@ -679,7 +692,10 @@ def _in_private_mount(tmp: Path, mount_opts: str, *fit_args: str) -> subprocess.
         ("ro,size=1m", r"^error: Read-only file system: .*disk/runs \(make it writable, or point the run elsewhere"),
         (
             "size=48k",
-            r"^error: No space left on device: .*disk/runs/quickstart/version_0/checkpoints/.*ckpt.* \(free space there",
+            (
+                r"^error: No space left on device: .*disk/runs/quickstart/version_0/checkpoints/.*ckpt.* "
+                r"\(free space there"
+            ),
         ),
     ],
     ids=["read-only", "full"],
@@ -745,7 +761,10 @@ def test_failed_cifar_download_is_one_line_with_the_fix(
     ]
     _assert_one_line_error(
         args,
-        rf"^error: CIFAR-10 download failed \(.*refused.*\); without internet, .* so that {re.escape(str(root))}/cifar-10-batches-py holds .* --data\.init_args\.root",
+        (
+            r"^error: CIFAR-10 download failed \(.*refused.*\); without internet, "
+            rf".* so that {re.escape(str(root))}/cifar-10-batches-py holds .* --data\.init_args\.root"
+        ),
         capsys,
     )
 
@@ -760,7 +779,10 @@ def test_nan_in_data_is_named_and_a_diverged_run_does_not_resume(
     ]
     with pytest.warns(
         UserWarning,
-        match=r"loss is not finite at the very first step: the training data may hold NaN/inf \(the first training batch holds 60 NaN/inf values\)",
+        match=(
+            r"loss is not finite at the very first step: the training data may hold NaN/inf "
+            r"\(the first training batch holds 60 NaN/inf values\)"
+        ),
     ):
         cli = main(common)
     assert cli.model.diverged_at_step == 0

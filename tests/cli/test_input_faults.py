@@ -19,7 +19,10 @@ import torch
 from bnlightning.cli import main
 from tests.helpers import CONFIGS, QUICK, REPO
 
-CSV_ONLY = "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n      init_args: {save_dir: runs, name: quickstart}\n"
+CSV_ONLY = (
+    "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n"
+    "      init_args: {save_dir: runs, name: quickstart}\n"
+)
 
 
 def _quick(tmp: Path, *extra: str) -> list[str]:
@@ -102,7 +105,10 @@ def test_checkpoint_naming_a_module_does_not_import_it(
     torch.save(state, bad)
     _one_line_error(
         [subcommand, *_quick(in_tmp), "--ckpt_path", str(bad)],
-        rf"^error: --ckpt_path {re.escape(str(bad))}: its hyper_parameters name '{PROBE}\.Model', a module this run has not imported \(a checkpoint is data: it is not imported\)",
+        (
+            rf"^error: --ckpt_path {re.escape(str(bad))}: its hyper_parameters name '{PROBE}\.Model', "
+            r"a module this run has not imported \(a checkpoint is data: it is not imported\)"
+        ),
         capsys,
     )
     assert not marker.exists() and PROBE not in sys.modules
@@ -116,7 +122,10 @@ def test_bare_state_dict_file_is_one_line(
     torch.save({"state_dict": torch.load(checkpoints["ours"], weights_only=True)["state_dict"]}, bare)
     _one_line_error(
         [subcommand, *_quick(in_tmp), "--ckpt_path", str(bare)],
-        rf"^error: .*{re.escape(str(bare))}.*it holds a bare state_dict, not a checkpoint written by Lightning's Trainer \(no 'pytorch-lightning_version'\)",
+        (
+            rf"^error: .*{re.escape(str(bare))}.*it holds a bare state_dict, "
+            r"not a checkpoint written by Lightning's Trainer \(no 'pytorch-lightning_version'\)"
+        ),
         capsys,
     )
 
@@ -131,7 +140,10 @@ def test_weights_only_checkpoint_cannot_resume_training(
     torch.save(state, weights)
     _one_line_error(
         ["fit", *_quick(in_tmp), "--ckpt_path", str(weights)],
-        rf"^error: cannot resume from {re.escape(str(weights))}: .*it holds weights only \(no 'loops', 'optimizer_states': saved with save_weights_only\)",
+        (
+            rf"^error: cannot resume from {re.escape(str(weights))}: .*it holds weights only "
+            r"\(no 'loops', 'optimizer_states': saved with save_weights_only\)"
+        ),
         capsys,
     )
 
@@ -144,7 +156,10 @@ def test_another_models_checkpoint_is_one_line_naming_the_setting(
     other = checkpoints["width50"]
     _one_line_error(
         [subcommand, *_quick(in_tmp), "--ckpt_path", str(other)],
-        rf"^error: --ckpt_path {re.escape(str(other))}: it was saved from another model: width is 50 in the checkpoint but 100 in this run's settings",
+        (
+            rf"^error: --ckpt_path {re.escape(str(other))}: it was saved from another model: "
+            r"width is 50 in the checkpoint but 100 in this run's settings"
+        ),
         capsys,
     )
 
@@ -153,7 +168,8 @@ def test_another_models_checkpoint_is_one_line_naming_the_setting(
 def test_a_foreign_lightning_checkpoint_is_one_line(
     in_tmp: Path, capsys: pytest.CaptureFixture[str], subcommand: str
 ) -> None:
-    """A checkpoint of a model nobody here wrote (Lightning's BoringModel, no hyper-parameters): no load_state_dict traceback."""
+    """A checkpoint of a model nobody here wrote (Lightning's BoringModel, no hyper-parameters): no load_state_dict
+    traceback."""
     import lightning.pytorch as pl
     from lightning.pytorch.demos.boring_classes import BoringModel
 
@@ -170,7 +186,10 @@ def test_a_foreign_lightning_checkpoint_is_one_line(
     trainer.save_checkpoint(boring)
     _one_line_error(
         [subcommand, *_quick(in_tmp), "--ckpt_path", str(boring)],
-        rf"^error: .*{re.escape(str(boring))} does not match this model: net\.fc1\.weight is missing from the checkpoint",
+        (
+            rf"^error: .*{re.escape(str(boring))} does not match this model: "
+            r"net\.fc1\.weight is missing from the checkpoint"
+        ),
         capsys,
     )
 
@@ -196,7 +215,10 @@ BAD_VALUES = [
     ),
     (
         ["--seed_everything", "-1"],
-        r"^error: seed_everything: got -1; accepted: an integer from 0 to 4294967295, true \(draw a seed\) or false \(no seeding\)$",
+        (
+            r"^error: seed_everything: got -1; accepted: an integer from 0 to 4294967295, "
+            r"true \(draw a seed\) or false \(no seeding\)$"
+        ),
     ),
     (
         ["--seed_everything", "1e20"],
@@ -208,7 +230,10 @@ BAD_VALUES = [
     ),
     (
         ["--trainer.val_check_interval", "0"],
-        r"^error: trainer\.val_check_interval: got 0; accepted: a positive integer \(every N training batches\), a fraction of the epoch in \(0\.0, 1\.0\]",
+        (
+            r"^error: trainer\.val_check_interval: got 0; accepted: a positive integer \(every N training batches\), "
+            r"a fraction of the epoch in \(0\.0, 1\.0\]"
+        ),
     ),
     (
         ["--trainer.val_check_interval", "-0.5"],
@@ -216,7 +241,10 @@ BAD_VALUES = [
     ),
     (
         ["--data.init_args.batch_size", "100000"],
-        r"^error: batch_size: got 100000; accepted: at most 1437, the training samples per process \(1437\); the last partial batch is dropped",
+        (
+            r"^error: batch_size: got 100000; accepted: at most 1437, the training samples per process \(1437\); "
+            r"the last partial batch is dropped"
+        ),
     ),
 ]
 
@@ -248,11 +276,17 @@ def test_hessian_k_above_the_parameter_count_fails_at_setup(in_tmp: Path, capsys
     hessian = _yaml(
         in_tmp,
         "hessian.yaml",
-        "trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.HessianSpectrum\n      init_args: {k: 30000, max_iter: 30000, every_n_steps: 1}\n",
+        (
+            "trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.HessianSpectrum\n"
+            "      init_args: {k: 30000, max_iter: 30000, every_n_steps: 1}\n"
+        ),
     )
     _one_line_error(
         ["fit", *_quick(in_tmp), *hessian],
-        r"^error: HessianSpectrum k: got 30000; accepted: an integer from 1 to 28310 \(MLP has 28310 trainable parameters\)$",
+        (
+            r"^error: HessianSpectrum k: got 30000; accepted: an integer from 1 to 28310 "
+            r"\(MLP has 28310 trainable parameters\)$"
+        ),
         capsys,
     )
 
@@ -262,11 +296,17 @@ def test_hessian_k_above_a_layers_weight_names_the_layer(in_tmp: Path, capsys: p
     hessian = _yaml(
         in_tmp,
         "hessian.yaml",
-        f"trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.HessianSpectrum\n      init_args: {init_args}\n",
+        (
+            "trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.HessianSpectrum\n"
+            f"      init_args: {init_args}\n"
+        ),
     )
     _one_line_error(
         ["fit", *_quick(in_tmp), *hessian],
-        r"^error: HessianSpectrum k: got 1001; accepted: an integer from 1 to 1000 \(the weight of layer 'net\.fc4' has 1000 entries\)$",
+        (
+            r"^error: HessianSpectrum k: got 1001; accepted: an integer from 1 to 1000 "
+            r"\(the weight of layer 'net\.fc4' has 1000 entries\)$"
+        ),
         capsys,
     )
 
@@ -275,11 +315,17 @@ def test_unknown_loss_method_lists_the_models_batch_methods(in_tmp: Path, capsys
     ics = _yaml(
         in_tmp,
         "ics.yaml",
-        "trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.InternalCovariateShift\n      init_args: {loss_method: nope, every_n_steps: 1}\n",
+        (
+            "trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.InternalCovariateShift\n"
+            "      init_args: {loss_method: nope, every_n_steps: 1}\n"
+        ),
     )
     _one_line_error(
         ["fit", *_quick(in_tmp), *ics],
-        r"^error: InternalCovariateShift\.loss_method: got 'nope'; accepted: a method of MLP taking one batch \(loss\), or set loss_fn to 'package\.module:function'$",
+        (
+            r"^error: InternalCovariateShift\.loss_method: got 'nope'; "
+            r"accepted: a method of MLP taking one batch \(loss\), or set loss_fn to 'package\.module:function'$"
+        ),
         capsys,
     )
 

@@ -23,7 +23,10 @@ import torch
 from bnlightning.cli import main
 from tests.helpers import CONFIGS, QUICK, REPO
 
-CSV_ONLY = "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n      init_args: {save_dir: runs, name: quickstart}\n"
+CSV_ONLY = (
+    "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n"
+    "      init_args: {save_dir: runs, name: quickstart}\n"
+)
 
 
 def _args(tmp: Path, *extra: str, steps: int = 12) -> list[str]:
@@ -130,7 +133,13 @@ def test_resume_continues_only_the_same_run_and_writes_only_there(
 
 
 # --- point 4: one process per run folder; a runner's children die with it -----------------
-HOLD_LOCK = "import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\nfcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(120)\n"
+HOLD_LOCK = (
+    "import fcntl, os, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+    "print('held', flush=True)\n"
+    "time.sleep(120)\n"
+)
 
 
 def test_a_live_run_folder_is_locked_and_the_lock_dies_with_its_process(
@@ -342,7 +351,8 @@ def test_a_run_that_fails_at_start_up_leaves_no_folder(in_tmp: Path, capsys: pyt
     """A callback's bad layer name fails in setup, after the folder was claimed: it is removed."""
     ics = in_tmp / "ics.yaml"
     ics.write_text(
-        "trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.InternalCovariateShift\n      init_args: {layers: [net.fc99]}\n"
+        "trainer:\n  callbacks:\n    - class_path: bnlightning.callbacks.InternalCovariateShift\n"
+        "      init_args: {layers: [net.fc99]}\n"
     )
     code, lines = _exit([*_args(in_tmp, steps=2), "--config", str(ics)], capsys)
     assert code == 2 and len(lines) == 1 and "net.fc99" in lines[0], lines

@@ -10,7 +10,8 @@ from bnlightning.cli import main
 from bnlightning.experiments import EXPERIMENTS, LR, NORM, expand
 from tests.helpers import REPO
 
-#: Issue 12's claims (docs/reproduction-cpu.md, "Other claims"); every registry entry's sweep is checked in test_sweeps.py.
+#: Issue 12's claims (docs/reproduction-cpu.md, "Other claims"); every registry entry's sweep is checked in
+#: test_sweeps.py.
 CLAIMS = (
     "bn-batch-size",
     "lr-range",

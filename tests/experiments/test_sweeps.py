@@ -1,4 +1,5 @@
-"""W&B sweep YAMLs: generated from the registry, loaded with wandb's own loader, schema-checked, expanded like the agent does."""
+"""W&B sweep YAMLs: generated from the registry, loaded with wandb's own loader, schema-checked, expanded like the
+agent does."""
 
 from __future__ import annotations
 

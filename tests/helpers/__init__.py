@@ -40,5 +40,6 @@ def require_modern_setuptools() -> None:
 
     if Version(setuptools.__version__) < Version("77"):
         pytest.skip(
-            f"building needs setuptools>=77 (pip install -e '.[dev]' installs it); this environment has {setuptools.__version__}"
+            "building needs setuptools>=77 (pip install -e '.[dev]' installs it); "
+            f"this environment has {setuptools.__version__}"
         )

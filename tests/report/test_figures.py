@@ -179,11 +179,15 @@ def test_one_legend_units_shared_ranges_and_one_colour_per_setting(
     reason="headless Chromium is not installed",
 )
 def test_page_in_headless_chromium(sweep_with_measures: Path, tmp_path: Path) -> None:
-    """The browser's own layout: every image as wide as its figure inches x 96 px (or the window), tick text >= 10 px."""
+    """The browser's own layout: every image as wide as its figure inches x 96 px (or the window),
+    tick text >= 10 px."""
     out = tmp_path / "out"
     assert report_main([str(sweep_with_measures), "--out", str(out), "--dpi", "70"]) == 0
     page = (out / "index.html").read_text()
-    probe = "<script>document.body.setAttribute('data-widths', [...document.images].map(i => i.getBoundingClientRect().width + 'x' + i.naturalWidth).join(' '))</script>"
+    probe = (
+        "<script>document.body.setAttribute('data-widths', [...document.images]"
+        ".map(i => i.getBoundingClientRect().width + 'x' + i.naturalWidth).join(' '))</script>"
+    )
     (out / "probe.html").write_text(page.replace("</body>", probe + "</body>"))
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     cmd = [
