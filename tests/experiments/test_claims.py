@@ -1,4 +1,4 @@
-"""Issue 12's claims have a CPU-sized variant and a sweep; every CPU variant's runs parse."""
+"""The further claims (beyond the paper's) have a CPU-sized variant and a sweep; every CPU variant's runs parse."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from bnlightning.cli import main
 from bnlightning.experiments import EXPERIMENTS, LR, NORM, expand
 from tests.helpers import REPO
 
-#: Issue 12's claims (docs/reproduction-cpu.md, "Other claims"); every registry entry's sweep is checked in
+#: The further claims (docs/reproduction-cpu.md, "Other claims"); every registry entry's sweep is checked in
 #: test_sweeps.py.
 CLAIMS = (
     "bn-batch-size",
