@@ -14,8 +14,8 @@ of batches:
    solver's rule fired (tol ``--tol``; the eigenvalue error bound ``min(r, 10 r²/gap) <= tol·|θ|``
    since it replaced the residual rule ``r <= tol·|θ|`` of docs/benchmarks.md §5), ``to 1e-3`` = HVPs until
    the Ritz value first came within 1e-3 (relative) of a reference λmax (the largest Ritz
-   value of the runs and of a tight run, basis 20, tol 1e-5, started from their vectors), ``overlap`` = |<previous eigenvector, new one>|
-   (1: the top direction did not move).
+   value of the runs and of a tight run, basis 20, tol 1e-5, started from their vectors),
+   ``overlap`` = |<previous eigenvector, new one>| (1: the top direction did not move).
 2. **Cost of one HVP** in units of one training step (forward + ``backward()``, same model
    and batch) for the three ``make_hvp`` methods: ``retained`` (its one-off set-up, a forward
    and a first backward with ``create_graph``, reported apart), ``double_backward``, ``jvp``;
@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     info, started = _report.begin(__file__, args)
     print(
-        f"VGG-11-BN widths {args.widths}, batch {args.batch_size}, lrs {args.lrs}, {args.pretrain_steps} pretrain steps, {args.rounds} rounds of {args.sgd_steps} SGD step(s), tol {args.tol}",
+        f"VGG-11-BN widths {args.widths}, batch {args.batch_size}, lrs {args.lrs}, {args.pretrain_steps} pretrain "
+        f"steps, {args.rounds} rounds of {args.sgd_steps} SGD step(s), tol {args.tol}",
         flush=True,
     )
     counts: list[dict[str, Any]] = []
@@ -339,8 +340,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return statistics.median(vals) if vals else float("nan")
 
     parts = [
-        f"lr {lr}: HVPs to stop / to 1e-3 on λmax, median: cold {med(lr, 'cold', 'stop_hvps'):.0f}/{med(lr, 'cold', 'to_1e-3_hvps'):.0f}, "
-        f"warm same batch {med(lr, 'warm, same batch', 'stop_hvps'):.0f}/{med(lr, 'warm, same batch', 'to_1e-3_hvps'):.0f}, "
+        f"lr {lr}: HVPs to stop / to 1e-3 on λmax, median: cold "
+        f"{med(lr, 'cold', 'stop_hvps'):.0f}/{med(lr, 'cold', 'to_1e-3_hvps'):.0f}, "
+        "warm same batch "
+        f"{med(lr, 'warm, same batch', 'stop_hvps'):.0f}/{med(lr, 'warm, same batch', 'to_1e-3_hvps'):.0f}, "
         f"warm new batch {med(lr, 'warm, new batch', 'stop_hvps'):.0f}/{med(lr, 'warm, new batch', 'to_1e-3_hvps'):.0f}"
         for lr in args.lrs
     ]

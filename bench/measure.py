@@ -215,19 +215,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pmed = {k: statistics.median(v) for k, v in ptimes.items()}
         shared_rows.append({"model": name, "separate_s": pmed["separate"], "shared_s": pmed["shared"], "times": ptimes})
 
-    header = f"{'model':6} {'measure':10} {'naive s':>9} {'loop s':>9} {'vmap s':>9} {'prefix s':>9} {'auto':>6} {'auto/naive':>10}"
+    header = (
+        f"{'model':6} {'measure':10} {'naive s':>9} {'loop s':>9} {'vmap s':>9} {'prefix s':>9} {'auto':>6} "
+        f"{'auto/naive':>10}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         prefix = f"{r['prefix_s']:9.4f}" if "prefix_s" in r else f"{'-':>9}"
         print(
-            f"{r['model']:6} {r['measurement']:10} {r['naive_s']:9.4f} {r['loop_s']:9.4f} {r['vmap_s']:9.4f} {prefix} {r['auto']:>6} {r['auto_over_naive']:10.2f}"
+            f"{r['model']:6} {r['measurement']:10} {r['naive_s']:9.4f} {r['loop_s']:9.4f} {r['vmap_s']:9.4f} {prefix} "
+            f"{r['auto']:>6} {r['auto_over_naive']:10.2f}"
         )
     print()
     print(f"{'model':6} {'ICS + landscape':16} {'separate s':>10} {'shared s':>9} {'shared/separate':>15}")
     for r in shared_rows:
         print(
-            f"{r['model']:6} {'auto, one batch':16} {r['separate_s']:10.4f} {r['shared_s']:9.4f} {r['shared_s'] / r['separate_s']:15.2f}"
+            f"{r['model']:6} {'auto, one batch':16} {r['separate_s']:10.4f} {r['shared_s']:9.4f} "
+            f"{r['shared_s'] / r['separate_s']:15.2f}"
         )
     result = {
         "rows": rows,

@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         default=float("nan"),
     )
     print(
-        f"largest extra peak of a callback at its defaults on the 50 M Transformer: {worst:.2f}x parameter memory (budget 3x)"
+        f"largest extra peak of a callback at its defaults on the 50 M Transformer: {worst:.2f}x parameter memory "
+        "(budget 3x)"
     )
 
 
