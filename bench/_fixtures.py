@@ -35,7 +35,8 @@ def tensor_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int =
 
 
 def make_vgg(width: float, channels_last: bool = False, compile: bool = False, seed: int = 0, config: str = "A") -> Any:
-    """VGG-BN (``VGG(config=config, norm="batch")``; "A" = VGG-11, "D" = VGG-16), seeded, with the paper's optimizer (SGD, lr 0.1)."""
+    """VGG-BN (``VGG(config=config, norm="batch")``; "A" = VGG-11, "D" = VGG-16), seeded, with the paper's optimizer
+    (SGD, lr 0.1)."""
     from bnlightning.models import VGG
 
     torch.manual_seed(seed)

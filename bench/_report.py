@@ -58,7 +58,10 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def machine_line(info: dict[str, Any]) -> str:
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
-    return f"{info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads){gpu}; torch {info['torch']}, lightning {info['lightning']}; {info['date']}"
+    return (
+        f"{info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads){gpu}; torch "
+        f"{info['torch']}, lightning {info['lightning']}; {info['date']}"
+    )
 
 
 # --- output ----------------------------------------------------------------------------------

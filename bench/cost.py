@@ -228,7 +228,8 @@ def bench_costs(args: Any, model_name: str) -> list[dict[str, Any]]:
             print(f"  {model_name} {name} HVPs per measurement: {cb._bench_hvp_log}", flush=True)
         rows.append(row)
         print(
-            f"  {model_name} {name}: {row['cost_in_steps']:.2f} steps (first {row['first_in_steps']:.2f}); floor {row['floor']}; step {step_s * 1e3:.0f} ms",
+            f"  {model_name} {name}: {row['cost_in_steps']:.2f} steps (first {row['first_in_steps']:.2f}); floor "
+            f"{row['floor']}; step {step_s * 1e3:.0f} ms",
             flush=True,
         )
     return rows
@@ -308,7 +309,8 @@ def bench_hvp_forms(args: Any, model_name: str, repeats: int = 3) -> dict[str, A
         **{k: _timing.median(v) / step_s for k, v in times.items() if k != "step"},
     }
     print(
-        f"  {model_name} one HVP in steps: retained set-up {row['retained_setup']:.2f} + {row['retained']:.2f} per product; jvp {row['jvp']:.2f}; step {step_s * 1e3:.0f} ms",
+        f"  {model_name} one HVP in steps: retained set-up {row['retained_setup']:.2f} + {row['retained']:.2f} per "
+        f"product; jvp {row['jvp']:.2f}; step {step_s * 1e3:.0f} ms",
         flush=True,
     )
     return row

@@ -14,8 +14,8 @@ of batches:
    solver's rule fired (tol ``--tol``; the eigenvalue error bound ``min(r, 10 r²/gap) <= tol·|θ|``
    since it replaced the residual rule ``r <= tol·|θ|`` of docs/benchmarks.md §5), ``to 1e-3`` = HVPs until
    the Ritz value first came within 1e-3 (relative) of a reference λmax (the largest Ritz
-   value of the runs and of a tight run, basis 20, tol 1e-5, started from their vectors), ``overlap`` = |<previous eigenvector, new one>|
-   (1: the top direction did not move).
+   value of the runs and of a tight run, basis 20, tol 1e-5, started from their vectors),
+   ``overlap`` = |<previous eigenvector, new one>| (1: the top direction did not move).
 2. **Cost of one HVP** in units of one training step (forward + ``backward()``, same model
    and batch) for the three ``make_hvp`` methods: ``retained`` (its one-off set-up, a forward
    and a first backward with ``create_graph``, reported apart), ``double_backward``, ``jvp``;
@@ -259,13 +259,23 @@ def bench_cost(args: Any, name: str, model: nn.Module, batch: Any) -> dict[str, 
     return row
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    info, started = _report.begin(__file__, args)
-    print(
-        f"VGG-11-BN widths {args.widths}, batch {args.batch_size}, lrs {args.lrs}, {args.pretrain_steps} pretrain steps, {args.rounds} rounds of {args.sgd_steps} SGD step(s), tol {args.tol}",
-        flush=True,
+def bench_mlp_cost(args: Any) -> dict[str, Any]:
+    """The cost of one HVP on the MLP (784-100-100-100-10, sigmoid, BN), the non-convolutional case."""
+    from bnlightning.models import MLP
+
+    torch.manual_seed(args.seed)
+    mlp = MLP(in_features=784, out_features=10, depth=3, width=100, activation="sigmoid", norm="batch")
+    g = torch.Generator().manual_seed(args.seed)
+    mlp_batch = (
+        torch.randn(128, 784, generator=g).to(args.device),
+        torch.randint(0, 10, (128,), generator=g).to(args.device),
     )
+    print("MLP: HVP cost ...", flush=True)
+    return bench_cost(args, "MLP 3x100 BN, batch 128", mlp, mlp_batch)
+
+
+def run_all(args: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """HVP counts at every width and lr, and (unless ``--no-cost``) the cost of one HVP per width and on the MLP."""
     counts: list[dict[str, Any]] = []
     costs: list[dict[str, Any]] = []
     for width in args.widths:
@@ -281,18 +291,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
             )
     if not args.no_cost:
-        from bnlightning.models import MLP
+        costs.append(bench_mlp_cost(args))
+    return counts, costs
 
-        torch.manual_seed(args.seed)
-        mlp = MLP(in_features=784, out_features=10, depth=3, width=100, activation="sigmoid", norm="batch")
-        g = torch.Generator().manual_seed(args.seed)
-        mlp_batch = (
-            torch.randn(128, 784, generator=g).to(args.device),
-            torch.randint(0, 10, (128,), generator=g).to(args.device),
-        )
-        print("MLP: HVP cost ...", flush=True)
-        costs.append(bench_cost(args, "MLP 3x100 BN, batch 128", mlp, mlp_batch))
 
+def print_tables(counts: list[dict[str, Any]], costs: list[dict[str, Any]]) -> None:
     print()
     print(
         _report.format_table(
@@ -334,13 +337,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         print("(HVP columns in training steps: forward + backward on the same batch)")
 
+
+def summary_line(args: Any, counts: list[dict[str, Any]], costs: list[dict[str, Any]]) -> str:
+    """Per lr, the median HVPs to stop / to 1e-3 of each kind of run; the basis sweep; one HVP in steps."""
+
     def med(lr: float, kind: str, key: str) -> float:
         vals = [r[key] for r in counts if r["lr"] == lr and r["kind"] == kind and r[key] is not None]
         return statistics.median(vals) if vals else float("nan")
 
     parts = [
-        f"lr {lr}: HVPs to stop / to 1e-3 on λmax, median: cold {med(lr, 'cold', 'stop_hvps'):.0f}/{med(lr, 'cold', 'to_1e-3_hvps'):.0f}, "
-        f"warm same batch {med(lr, 'warm, same batch', 'stop_hvps'):.0f}/{med(lr, 'warm, same batch', 'to_1e-3_hvps'):.0f}, "
+        f"lr {lr}: HVPs to stop / to 1e-3 on λmax, median: cold "
+        f"{med(lr, 'cold', 'stop_hvps'):.0f}/{med(lr, 'cold', 'to_1e-3_hvps'):.0f}, "
+        "warm same batch "
+        f"{med(lr, 'warm, same batch', 'stop_hvps'):.0f}/{med(lr, 'warm, same batch', 'to_1e-3_hvps'):.0f}, "
         f"warm new batch {med(lr, 'warm, new batch', 'stop_hvps'):.0f}/{med(lr, 'warm, new batch', 'to_1e-3_hvps'):.0f}"
         for lr in args.lrs
     ]
@@ -359,7 +368,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             + ", ".join(r["model"] for r in costs)
             + ")"
         )
-    summary = "; ".join(parts)
+    return "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    info, started = _report.begin(__file__, args)
+    print(
+        f"VGG-11-BN widths {args.widths}, batch {args.batch_size}, lrs {args.lrs}, {args.pretrain_steps} pretrain "
+        f"steps, {args.rounds} rounds of {args.sgd_steps} SGD step(s), tol {args.tol}",
+        flush=True,
+    )
+    counts, costs = run_all(args)
+    print_tables(counts, costs)
+    summary = summary_line(args, counts, costs)
     return _report.finish(__file__, argv, args, info, {"counts": counts, "costs": costs}, summary, started)
 
 

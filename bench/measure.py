@@ -118,7 +118,7 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -132,103 +132,121 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=Path("runs", "bench", "measure.json"),
         help="JSON output path (default: %(default)s)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    rows: list[dict[str, Any]] = []
-    shared_rows: list[dict[str, Any]] = []
-    for name in args.models:
-        build, lr = MODELS[name]
-        torch.manual_seed(0)
-        model = build(args.vgg_width).train()
-        batch = make_batch(name, model, args.batch_size)
-        steps = [0.5 * lr, lr, 2 * lr, 4 * lr]
-        # "auto-vmap" is vmap in chunks that fit the memory budget: these models fit whole
-        autos = {
-            what: resolve_mode("auto", LossHarness(model), modes, None).replace("auto-vmap", "vmap")
-            for what, modes in (("ics", ICS_MODES), ("landscape", MODES))
-        }
-        for what, methods in (
-            (
-                "ics",
-                {
-                    "naive": lambda: naive_ics(model, batch, lr),
-                    "loop": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="loop"),
-                    "vmap": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="vmap"),
-                    "prefix": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="prefix"),
-                },
-            ),
-            (
-                "landscape",
-                {
-                    "naive": lambda: naive_landscape(model, batch, steps),
-                    "loop": lambda: loss_landscape(model, batch, steps, mode="loop"),
-                    "vmap": lambda: loss_landscape(model, batch, steps, mode="vmap"),
-                },
-            ),
-        ):
-            for fn in methods.values():  # warm-up
-                fn()
-            times: dict[str, list[float]] = {k: [] for k in methods}
-            keys = list(methods)
-            for r in range(args.reps):
-                for k in (
-                    keys[r % len(keys) :] + keys[: r % len(keys)]
-                ):  # rotate the order: shared-CPU noise hits all alike
-                    times[k].append(timed(methods[k]))
-            med = {k: statistics.median(v) for k, v in times.items()}
-            auto = autos[what]
-            rows.append(
-                {
-                    "model": name,
-                    "measurement": what,
-                    "batch": args.batch_size,
-                    **{f"{k}_s": med[k] for k in med},
-                    "auto": auto,
-                    "auto_over_naive": med[auto] / med["naive"],
-                    "times": times,
-                }
-            )
 
-    for name in args.models:  # ICS + landscape on one step: separate G vs one shared G
-        build, lr = MODELS[name]
-        torch.manual_seed(0)
-        model = build(args.vgg_width).train()
-        batch = make_batch(name, model, args.batch_size)
-        steps = [0.5 * lr, lr, 2 * lr, 4 * lr]
+def _setup(name: str, args: argparse.Namespace) -> tuple[nn.Module, Any, float, list[float]]:
+    """The model ``name`` (seeded, training mode), its batch, its lr and the landscape's step sizes."""
+    build, lr = MODELS[name]
+    torch.manual_seed(0)
+    model = build(args.vgg_width).train()
+    batch = make_batch(name, model, args.batch_size)
+    return model, batch, lr, [0.5 * lr, lr, 2 * lr, 4 * lr]
 
-        def separate() -> None:
-            internal_covariate_shift(model, batch, sgd_update(lr))
-            loss_landscape(model, batch, steps)
 
-        def shared() -> None:
-            g = step_gradient(model, batch)
-            internal_covariate_shift(model, batch, sgd_update(lr), gradient=g)
-            loss_landscape(model, batch, steps, gradient=g)
+def _time_rotated(methods: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
+    """Each method's times over ``reps`` repetitions, after one warm-up call each."""
+    for fn in methods.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    keys = list(methods)
+    for r in range(reps):
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:  # rotate the order: shared-CPU noise hits all alike
+            times[k].append(timed(methods[k]))
+    return times
 
-        pair = {"separate": separate, "shared": shared}
-        for fn in pair.values():
-            fn()
-        ptimes: dict[str, list[float]] = {k: [] for k in pair}
-        for r in range(args.reps):
-            for k in list(pair) if r % 2 == 0 else list(pair)[::-1]:
-                ptimes[k].append(timed(pair[k]))
-        pmed = {k: statistics.median(v) for k, v in ptimes.items()}
-        shared_rows.append({"model": name, "separate_s": pmed["separate"], "shared_s": pmed["shared"], "times": ptimes})
 
-    header = f"{'model':6} {'measure':10} {'naive s':>9} {'loop s':>9} {'vmap s':>9} {'prefix s':>9} {'auto':>6} {'auto/naive':>10}"
+def bench_methods(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per measurement (ICS, landscape) on model ``name``: each method's median time."""
+    model, batch, lr, steps = _setup(name, args)
+    # "auto-vmap" is vmap in chunks that fit the memory budget: these models fit whole
+    autos = {
+        what: resolve_mode("auto", LossHarness(model), modes, None).replace("auto-vmap", "vmap")
+        for what, modes in (("ics", ICS_MODES), ("landscape", MODES))
+    }
+    methods: dict[str, dict[str, Callable[[], Any]]] = {
+        "ics": {
+            "naive": lambda: naive_ics(model, batch, lr),
+            "loop": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="loop"),
+            "vmap": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="vmap"),
+            "prefix": lambda: internal_covariate_shift(model, batch, sgd_update(lr), mode="prefix"),
+        },
+        "landscape": {
+            "naive": lambda: naive_landscape(model, batch, steps),
+            "loop": lambda: loss_landscape(model, batch, steps, mode="loop"),
+            "vmap": lambda: loss_landscape(model, batch, steps, mode="vmap"),
+        },
+    }
+    rows = []
+    for what, fns in methods.items():
+        times = _time_rotated(fns, args.reps)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        auto = autos[what]
+        rows.append(
+            {
+                "model": name,
+                "measurement": what,
+                "batch": args.batch_size,
+                **{f"{k}_s": med[k] for k in med},
+                "auto": auto,
+                "auto_over_naive": med[auto] / med["naive"],
+                "times": times,
+            }
+        )
+    return rows
+
+
+def bench_shared(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """ICS + landscape on one step of model ``name``: each computing its own G vs one shared G."""
+    model, batch, lr, steps = _setup(name, args)
+
+    def separate() -> None:
+        internal_covariate_shift(model, batch, sgd_update(lr))
+        loss_landscape(model, batch, steps)
+
+    def shared() -> None:
+        g = step_gradient(model, batch)
+        internal_covariate_shift(model, batch, sgd_update(lr), gradient=g)
+        loss_landscape(model, batch, steps, gradient=g)
+
+    pair = {"separate": separate, "shared": shared}
+    for fn in pair.values():
+        fn()
+    ptimes: dict[str, list[float]] = {k: [] for k in pair}
+    for r in range(args.reps):
+        for k in list(pair) if r % 2 == 0 else list(pair)[::-1]:
+            ptimes[k].append(timed(pair[k]))
+    pmed = {k: statistics.median(v) for k, v in ptimes.items()}
+    return {"model": name, "separate_s": pmed["separate"], "shared_s": pmed["shared"], "times": ptimes}
+
+
+def print_tables(rows: list[dict[str, Any]], shared_rows: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'model':6} {'measure':10} {'naive s':>9} {'loop s':>9} {'vmap s':>9} {'prefix s':>9} {'auto':>6} "
+        f"{'auto/naive':>10}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         prefix = f"{r['prefix_s']:9.4f}" if "prefix_s" in r else f"{'-':>9}"
         print(
-            f"{r['model']:6} {r['measurement']:10} {r['naive_s']:9.4f} {r['loop_s']:9.4f} {r['vmap_s']:9.4f} {prefix} {r['auto']:>6} {r['auto_over_naive']:10.2f}"
+            f"{r['model']:6} {r['measurement']:10} {r['naive_s']:9.4f} {r['loop_s']:9.4f} {r['vmap_s']:9.4f} {prefix} "
+            f"{r['auto']:>6} {r['auto_over_naive']:10.2f}"
         )
     print()
     print(f"{'model':6} {'ICS + landscape':16} {'separate s':>10} {'shared s':>9} {'shared/separate':>15}")
     for r in shared_rows:
         print(
-            f"{r['model']:6} {'auto, one batch':16} {r['separate_s']:10.4f} {r['shared_s']:9.4f} {r['shared_s'] / r['separate_s']:15.2f}"
+            f"{r['model']:6} {'auto, one batch':16} {r['separate_s']:10.4f} {r['shared_s']:9.4f} "
+            f"{r['shared_s'] / r['separate_s']:15.2f}"
         )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    rows = [row for name in args.models for row in bench_methods(name, args)]
+    shared_rows = [bench_shared(name, args) for name in args.models]  # ICS + landscape on one step
+    print_tables(rows, shared_rows)
     result = {
         "rows": rows,
         "shared_gradient": shared_rows,

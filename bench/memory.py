@@ -38,46 +38,50 @@ CONFIGS = {
 MODELS = ("transformer", "vgg")
 
 
-def _child(model_name: str, config: str, device_name: str) -> dict[str, Any]:
+def _transformer_lm() -> tuple[Any, list[Any], str]:
+    """Lightning's demo Transformer at 50 M parameters with Adam, its batches, and one of its layers."""
     import lightning.pytorch as pl
     import torch
+    from lightning.pytorch.demos.transformer import Transformer
     from torch.nn import functional as F
-    from torch.utils.data import DataLoader
 
+    class LM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Transformer(vocab_size=20000, ninp=512, nhead=8, nhid=2048, nlayers=4, dropout=0.1)
+
+        def loss(self, batch: Any) -> Any:
+            x, y = batch
+            return F.nll_loss(self.net(x, y), y.reshape(-1))
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return self.loss(batch)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(self.parameters(), lr=1e-4)
+
+    module = LM()
+    tokens = torch.randint(0, 20000, (4, 8, 17))
+    batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+    return module, batches, "net.transformer.decoder.layers.3.linear2"
+
+
+def _vgg() -> tuple[Any, list[Any], str]:
+    """VGG-11-BN at width 0.25 with SGD, its batches, and one of its layers."""
+    import torch
+
+    from bnlightning.models import VGG
+
+    module = VGG(config="A", norm="batch", width=0.25)
+    module.optimizer_factory = lambda p: torch.optim.SGD(p, lr=0.05)
+    batches = [(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))) for _ in range(4)]
+    return module, batches, "net.conv5"
+
+
+def _callbacks(config: str, one_layer: str) -> list[Any]:
     from bnlightning.callbacks import ActivationStats, InternalCovariateShift, LossLandscape
 
-    torch.manual_seed(0)
-    device = torch.device(device_name)
-    if model_name == "transformer":
-        from lightning.pytorch.demos.transformer import Transformer
-
-        class LM(pl.LightningModule):
-            def __init__(self) -> None:
-                super().__init__()
-                self.net = Transformer(vocab_size=20000, ninp=512, nhead=8, nhid=2048, nlayers=4, dropout=0.1)
-
-            def loss(self, batch: Any) -> Any:
-                x, y = batch
-                return F.nll_loss(self.net(x, y), y.reshape(-1))
-
-            def training_step(self, batch: Any, batch_idx: int) -> Any:
-                return self.loss(batch)
-
-            def configure_optimizers(self) -> Any:
-                return torch.optim.Adam(self.parameters(), lr=1e-4)
-
-        module: Any = LM()
-        tokens = torch.randint(0, 20000, (4, 8, 17))
-        batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
-        one_layer = "net.transformer.decoder.layers.3.linear2"
-    else:
-        from bnlightning.models import VGG
-
-        module = VGG(config="A", norm="batch", width=0.25)
-        module.optimizer_factory = lambda p: torch.optim.SGD(p, lr=0.05)
-        batches = [(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))) for _ in range(4)]
-        one_layer = "net.conv5"
-    callbacks = {
+    return {
         "none": [],
         "ics": [InternalCovariateShift(every_n_steps=2)],
         "landscape": [LossLandscape(every_n_steps=2)],
@@ -85,6 +89,17 @@ def _child(model_name: str, config: str, device_name: str) -> dict[str, Any]:
         "landscape_loop": [LossLandscape(mode="loop", every_n_steps=2)],
         "activations": [ActivationStats(every_n_steps=2, histogram=False)],
     }[config]
+
+
+def _child(model_name: str, config: str, device_name: str) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    device = torch.device(device_name)
+    module, batches, one_layer = _transformer_lm() if model_name == "transformer" else _vgg()
+    callbacks = _callbacks(config, one_layer)
     params = sum(p.numel() * 4 for p in module.parameters() if p.requires_grad)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -115,6 +130,39 @@ def _child(model_name: str, config: str, device_name: str) -> dict[str, Any]:
     }
 
 
+def _model_rows(model: str, configs: list[str], device: str) -> list[dict[str, Any]]:
+    """Each configuration's extra peak on ``model``: one child process per configuration, the baseline first."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    results = {}
+    for config in ["none", *configs]:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--device", device, "--child", model, config],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        if proc.returncode != 0:
+            sys.exit(f"bench/memory.py: {model}/{config} failed:\n{proc.stderr[-2000:]}")
+        results[config] = json.loads(proc.stdout.strip().splitlines()[-1])
+    base, unit = results["none"]["peak"], results["none"]["param_bytes"]
+    rows = []
+    for config in configs:
+        extra = results[config]["peak"] - base
+        rows.append(
+            {
+                "model": model,
+                "config": config,
+                "what": CONFIGS[config],
+                "extra_bytes": extra,
+                "units": extra / unit,
+                "param_bytes": unit,
+                "baseline_peak": base,
+                "measurements": results[config]["measurements"],
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench/memory.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
@@ -130,35 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(_child(*args.child, args.device)))
         return
-    rows = []
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    for model in args.models:
-        results = {}
-        for config in ["none", *args.configs]:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--device", args.device, "--child", model, config],
-                capture_output=True,
-                text=True,
-                env=env,
-            )
-            if proc.returncode != 0:
-                sys.exit(f"bench/memory.py: {model}/{config} failed:\n{proc.stderr[-2000:]}")
-            results[config] = json.loads(proc.stdout.strip().splitlines()[-1])
-        base, unit = results["none"]["peak"], results["none"]["param_bytes"]
-        for config in args.configs:
-            extra = results[config]["peak"] - base
-            rows.append(
-                {
-                    "model": model,
-                    "config": config,
-                    "what": CONFIGS[config],
-                    "extra_bytes": extra,
-                    "units": extra / unit,
-                    "param_bytes": unit,
-                    "baseline_peak": base,
-                    "measurements": results[config]["measurements"],
-                }
-            )
+    rows = [row for model in args.models for row in _model_rows(model, args.configs, args.device)]
     print(f"{'model':12} {'callback':58} {'extra peak':>12} {'x params':>9}")
     for r in rows:
         print(f"{r['model']:12} {r['what']:58} {r['extra_bytes'] / 2**20:10.0f} MiB {r['units']:8.2f}x")
@@ -173,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         default=float("nan"),
     )
     print(
-        f"largest extra peak of a callback at its defaults on the 50 M Transformer: {worst:.2f}x parameter memory (budget 3x)"
+        f"largest extra peak of a callback at its defaults on the 50 M Transformer: {worst:.2f}x parameter memory "
+        "(budget 3x)"
     )
 
 

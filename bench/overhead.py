@@ -311,7 +311,8 @@ def bench_throughput(args: Any) -> dict[str, Any]:
             ips[side].append(args.steps * bs / timer.seconds)
             n = sum(cb.measurements for cb in cbs)
             print(
-                f"  throughput repeat {r + 1}/{args.repeats}, callbacks {side}: {ips[side][-1]:,.1f} images/s ({n} measurements)",
+                f"  throughput repeat {r + 1}/{args.repeats}, callbacks {side}: {ips[side][-1]:,.1f} images/s ({n} "
+                "measurements)",
                 flush=True,
             )
     ratios = [a / b for a, b in zip(ips["all three"], ips["none"])]
@@ -389,8 +390,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     info, started = _report.begin(__file__, args)
     print(
-        f"VGG-{VGG_DEPTH[args.config]}-BN {args.precision}; throughput: width {args.width}, batch {args.batch_size}, {args.steps} steps, "
-        f"{args.repeats} repeats; cost/memory: width {args.probe_width}, batch {args.probe_batch_size}",
+        f"VGG-{VGG_DEPTH[args.config]}-BN {args.precision}; throughput: width {args.width}, batch {args.batch_size}, "
+        f"{args.steps} steps, {args.repeats} repeats; cost/memory: width {args.probe_width}, "
+        f"batch {args.probe_batch_size}",
         flush=True,
     )
     costs = bench_costs(args)
@@ -442,9 +444,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     target_t, target_m = 10.0, 3.0
     noise = 100.0 * (max(thr["ratios"]) - min(thr["ratios"])) / 2  # percentage points, the repeats' half range
     summary = (
-        f"callbacks at every_n_steps={args.every_n_steps}: overhead {thr['overhead_pct']:.1f}% measured, {predicted:.1f}% predicted "
-        f"± {noise:.1f} (target <= {target_t:.0f}% measured: {_timing.verdict(thr['overhead_pct'], target_t, noise, higher_is_better=False)}); "
-        f"worst measurement/step peak memory {mem_worst:.2f}x (target <= {target_m:.0f}x: {'met' if mem_worst <= target_m else 'missed'})"
+        f"callbacks at every_n_steps={args.every_n_steps}: overhead {thr['overhead_pct']:.1f}% measured, "
+        f"{predicted:.1f}% predicted ± {noise:.1f} (target <= {target_t:.0f}% measured: "
+        f"{_timing.verdict(thr['overhead_pct'], target_t, noise, higher_is_better=False)}); "
+        f"worst measurement/step peak memory {mem_worst:.2f}x (target <= {target_m:.0f}x: "
+        f"{'met' if mem_worst <= target_m else 'missed'})"
     )
     results = {
         "memory_method": "cuda max_memory_allocated"

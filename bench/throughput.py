@@ -171,7 +171,8 @@ def bench_parity(args: Any, model: Any, init: dict[str, torch.Tensor]) -> list[d
                     run = lightning_run if side == "bnlightning" else hand_run
                     secs[side].append(run(model, loader, args.timer, precision, args.warmup, args.steps))
                     print(
-                        f"  batch {bs} {precision} repeat {r + 1}/{args.repeats} {side}: {args.steps * bs / secs[side][-1]:,.1f} images/s",
+                        f"  batch {bs} {precision} repeat {r + 1}/{args.repeats} {side}: "
+                        f"{args.steps * bs / secs[side][-1]:,.1f} images/s",
                         flush=True,
                     )
             ips = {k: [args.steps * bs / s for s in v] for k, v in secs.items()}
@@ -247,7 +248,8 @@ def bench_data_paths(args: Any, model: Any, init: dict[str, torch.Tensor]) -> li
                 )
                 train_ips[name].append(args.steps * bs / secs)
                 print(
-                    f"  data path {name} repeat {r + 1}/{args.repeats}: loader {loader_ips[name][-1]:,.0f} images/s, training {train_ips[name][-1]:,.1f} images/s",
+                    f"  data path {name} repeat {r + 1}/{args.repeats}: loader {loader_ips[name][-1]:,.0f} images/s, "
+                    f"training {train_ips[name][-1]:,.1f} images/s",
                     flush=True,
                 )
     for kind, ips in (("loader only", loader_ips), ("training", train_ips)):
@@ -334,7 +336,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     worst_row = min(parity, key=lambda r: r["ratio"])
     worst, noise = worst_row["ratio"], worst_row["ratio"] * worst_row["noise_pct"] / 100
     target = 0.95
-    summary = f"bnlightning / hand loop images/s: worst {worst:.3f}x ± {noise:.3f} (target >= {target}: {_timing.verdict(worst, target, noise)})"
+    summary = (
+        f"bnlightning / hand loop images/s: worst {worst:.3f}x ± {noise:.3f} (target >= {target}: "
+        f"{_timing.verdict(worst, target, noise)})"
+    )
     if data:
         summary += f"; on-device / DataLoader: {data[1]['ratio']:.2f}x training, {data[0]['ratio']:.1f}x loader only"
     results = {"parity": parity, "data_paths": data, "worst_ratio": worst, "target_ratio": target}

@@ -57,6 +57,8 @@ def check_logger_override(argv: list[str], config: Any) -> None:
     loggers = section.get("trainer", {}).get("logger") if section is not None else None
     if isinstance(loggers, list) and len(loggers) > 1:
         raise RunError(
-            f"{dotted} is ambiguous: the config's trainer.logger is a list of {len(loggers)} loggers and a dotted option changes only the last of them; "
-            'replace the list with --trainer.logger=\'[{"class_path": ..., "init_args": {...}}]\', or add one with --trainer.logger+=CLASS'
+            f"{dotted} is ambiguous: the config's trainer.logger is a list of {len(loggers)} loggers and a dotted "
+            "option changes only the last of them; "
+            'replace the list with --trainer.logger=\'[{"class_path": ..., "init_args": {...}}]\', '
+            "or add one with --trainer.logger+=CLASS"
         )

@@ -181,7 +181,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
 
 
 def _identity(path: str | os.PathLike[str]) -> tuple[str, int, int, int] | None:
-    """``(real path, inode, size, mtime)``: what tells one file's contents from another's; None when it cannot be read."""
+    """``(real path, inode, size, mtime)``: what tells one file's contents from another's; None when it cannot be
+    read."""
     try:
         stat = os.stat(path)
     except OSError:
@@ -248,7 +249,8 @@ def resolve_resume(path: str) -> tuple[str, str | None]:
             if checkpoint_problem(other, training=True) is None:
                 return (
                     other,
-                    f"bnlightning: {path} cannot be resumed ({problem}); resuming from the newest intact checkpoint {other}",
+                    f"bnlightning: {path} cannot be resumed ({problem}); resuming from the newest intact checkpoint "
+                    f"{other}",
                 )
     raise RunError(
         f"cannot resume from {path}: not a readable checkpoint ({problem}); no intact checkpoint lies beside it"
@@ -292,13 +294,20 @@ def lightning_keys_problem(state: dict[str, Any], training: bool) -> str | None:
 
     Example:
         >>> lightning_keys_problem({"state_dict": {}}, training=False)
-        "it holds a bare state_dict, not a checkpoint written by Lightning's Trainer (no 'pytorch-lightning_version'); load it with model.load_state_dict(torch.load(path)['state_dict']) instead"
+        "it holds a bare state_dict, not a checkpoint written by Lightning's Trainer (no 'pytorch-lightning_version');
+        load it with model.load_state_dict(torch.load(path)['state_dict']) instead"
     """
     if any(key not in state for key in _LIGHTNING_KEYS):
         missing = ", ".join(repr(k) for k in _LIGHTNING_KEYS if k not in state)
-        return f"it holds a bare state_dict, not a checkpoint written by Lightning's Trainer (no {missing}); load it with model.load_state_dict(torch.load(path)['state_dict']) instead"
+        return (
+            f"it holds a bare state_dict, not a checkpoint written by Lightning's Trainer (no {missing}); load it with "
+            "model.load_state_dict(torch.load(path)['state_dict']) instead"
+        )
     if training and (absent := [k for k in _TRAINING_KEYS if k not in state]):
-        return f"it holds weights only (no {', '.join(repr(k) for k in absent)}: saved with save_weights_only), so training cannot resume from it; start a new run, or use it with validate/test"
+        return (
+            f"it holds weights only (no {', '.join(repr(k) for k in absent)}: saved with save_weights_only), so "
+            "training cannot resume from it; start a new run, or use it with validate/test"
+        )
     return None
 
 
@@ -318,13 +327,17 @@ def foreign_model_problem(hparams: Any, class_path: str | None, init_args: dict[
 
     Example:
         >>> foreign_model_problem({"_class_path": "evil.Model"}, "bnlightning.models.MLP", {})
-        "its hyper_parameters name 'evil.Model', a module this run has not imported (a checkpoint is data: it is not imported); use the config that trained it"
+        "its hyper_parameters name 'evil.Model', a module this run has not imported (a checkpoint is data: it is not
+        imported); use the config that trained it"
     """
     if not isinstance(hparams, dict):
         return None
     for name in _class_paths(hparams):
         if "." in name and _loaded(name) is None:
-            return f"its hyper_parameters name {name!r}, a module this run has not imported (a checkpoint is data: it is not imported); use the config that trained it"
+            return (
+                f"its hyper_parameters name {name!r}, a module this run has not imported (a checkpoint is data: it is "
+                "not imported); use the config that trained it"
+            )
     saved = hparams.get("_class_path")
     if isinstance(saved, str) and class_path and not _same_class(saved, class_path):
         return f"it was saved from model {saved!r}, but this run builds {class_path!r}; use the config that trained it"
@@ -332,9 +345,15 @@ def foreign_model_problem(hparams: Any, class_path: str | None, init_args: dict[
         if key in _IMPORTED_KEYS:
             continue
         if key not in init_args:
-            return f"its hyper_parameters hold {key!r}, which {class_path or 'this model'} does not take: it was saved from another model"
+            return (
+                f"its hyper_parameters hold {key!r}, which {class_path or 'this model'} does not take: it was saved "
+                "from another model"
+            )
         if _plain(value) and _plain(init_args[key]) and _normal(value) != _normal(init_args[key]):
-            return f"it was saved from another model: {key} is {value!r} in the checkpoint but {init_args[key]!r} in this run's settings; pass the run's own settings (its config.yaml)"
+            return (
+                f"it was saved from another model: {key} is {value!r} in the checkpoint but {init_args[key]!r} in this "
+                "run's settings; pass the run's own settings (its config.yaml)"
+            )
     return None
 
 

@@ -148,7 +148,8 @@ class BNLightningCLI(LightningCLI):
         self._check_ckpt_fits_model("test")
 
     def _check_ckpt_fits_model(self, subcommand: str) -> None:
-        """For ``validate``/``test``: the checkpoint's tensors fit the model, or one line (not a ``load_state_dict`` traceback)."""
+        """For ``validate``/``test``: the checkpoint's tensors fit the model, or one line (not a ``load_state_dict``
+        traceback)."""
         path = self.config[subcommand].get("ckpt_path")
         if (
             path
@@ -182,7 +183,8 @@ class BNLightningCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
-        """Choose what ``fit`` starts from (``bnlightning.resume``), claim and lock the run's folder, check it writable."""
+        """Choose what ``fit`` starts from (``bnlightning.resume``), claim and lock the run's folder, check it
+        writable."""
         trainer = self.trainer
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -199,7 +201,8 @@ class BNLightningCLI(LightningCLI):
         folders.place_outputs(trainer, run_dir, checkpoint_dir_given=self.config.fit.checkpoint.dirpath is not None)
 
     def _settings(self, config: Any) -> dict[str, Any]:
-        """What makes two runs the same experiment (``bnlightning.settings``): the dumped config less its resume-only keys."""
+        """What makes two runs the same experiment (``bnlightning.settings``): the dumped config less its resume-only
+        keys."""
         import yaml
 
         with warnings.catch_warnings():
@@ -299,7 +302,8 @@ def _run(args: Sequence[str] | None) -> Any:
 
 
 def _read_configs(argv: list[str], in_sys_argv: bool) -> list[str]:
-    """``argv`` with shipped configs found (``sys.argv`` too, which LightningCLI reads itself); one line for a config that is not YAML."""
+    """``argv`` with shipped configs found (``sys.argv`` too, which LightningCLI reads itself); one line for a config
+    that is not YAML."""
     if (shipped := cmdline.shipped_configs(argv)) != argv:
         argv = shipped
         if in_sys_argv:

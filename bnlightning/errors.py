@@ -161,14 +161,18 @@ def storage_error_line(err: BaseException) -> str | None:
 
     Example:
         >>> print(storage_error_line(OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.csv")))
-        No space left on device: runs/x/metrics.csv (free space there, or point the run elsewhere with --trainer.default_root_dir and the loggers' save_dir)
+        No space left on device: runs/x/metrics.csv (free space there, or point the run elsewhere with
+        --trainer.default_root_dir and the loggers' save_dir)
     """
     if not isinstance(err, OSError) or err.errno not in _STORAGE_ERRNOS:
         return None
     where = err.filename if err.filename is not None else (file_being_written(err) or "(path unknown)")
     reason = err.strerror or os.strerror(err.errno)
     fix = "free space there" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
-    return f"{reason}: {where} ({fix}, or point the run elsewhere with --trainer.default_root_dir and the loggers' save_dir)"
+    return (
+        f"{reason}: {where} ({fix}, or point the run elsewhere with --trainer.default_root_dir and the loggers' "
+        "save_dir)"
+    )
 
 
 def file_being_written(err: BaseException) -> str | None:

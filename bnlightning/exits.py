@@ -1,4 +1,5 @@
-"""How a command that raised ends: the user's mistakes and interruptions as one line and an exit status, bugs with their traceback.
+"""How a command that raised ends: the user's mistakes and interruptions as one line and an exit status, bugs with their
+traceback.
 
 * Bad input (:data:`USER_ERRORS`; a ``ValueError`` from a callback's or data module's
   ``setup``/``prepare_data``, which check the config against the built model) and full or
@@ -38,7 +39,8 @@ def exit_for(err: BaseException, argv: list[str]) -> None:
         raise SystemExit(runstate.last_interrupt.get("code", 128 + 15)) from None
     if isinstance(err, runstate.StartupInterrupted):
         print(
-            f"bnlightning: interrupted by {err.signal} before training began; nothing to save; run the same command again to start",
+            f"bnlightning: interrupted by {err.signal} before training began; nothing to save; run the same command "
+            "again to start",
             file=sys.stderr,
         )
         raise SystemExit(err.code) from None

@@ -146,7 +146,8 @@ class WandbLogger(_LightningWandbLogger):
                 # e.g. "run ID ... is in use": the killed process's wandb service still
                 # holds it. The CSV log continues the run; W&B gets a new one.
                 rank_zero_warn(
-                    f"bnlightning: could not continue W&B run {self._resumed_id} ({type(err).__name__}: {err}); starting a new W&B run"
+                    f"bnlightning: could not continue W&B run {self._resumed_id} ({type(err).__name__}: {err}); "
+                    "starting a new W&B run"
                 )
                 self._resumed_id = None
                 _private.set_wandb_run_id(self, None)
@@ -154,7 +155,8 @@ class WandbLogger(_LightningWandbLogger):
             if _private.wandb_offline(self):
                 raise
             rank_zero_warn(
-                f"bnlightning: wandb.init failed ({type(err).__name__}: {err}); switching to W&B offline mode; {sync_hint(self.save_dir or '.')}"
+                f"bnlightning: wandb.init failed ({type(err).__name__}: {err}); switching to W&B offline mode; "
+                f"{sync_hint(self.save_dir or '.')}"
             )
             _private.set_wandb_offline(self)
             return super().experiment
@@ -180,7 +182,8 @@ class WandbLogger(_LightningWandbLogger):
     def _warn_log_error(self, err: Exception) -> None:
         if not self._warned_log_error:
             rank_zero_warn(
-                f"bnlightning: W&B logging failed ({type(err).__name__}: {err}); training goes on and the local CSV log keeps every metric."
+                f"bnlightning: W&B logging failed ({type(err).__name__}: {err}); training goes on and the local CSV "
+                "log keeps every metric."
             )
             self._warned_log_error = True
 

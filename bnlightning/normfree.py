@@ -132,8 +132,8 @@ class AdaptiveGradientClipping(Callback):
             )
         if trainer.gradient_clip_val:
             raise MisconfigurationException(
-                f"AdaptiveGradientClipping with Trainer(gradient_clip_val={trainer.gradient_clip_val}): Lightning clips after "
-                "this callback, so the optimizer would not apply the AGC gradient. Use one of the two."
+                f"AdaptiveGradientClipping with Trainer(gradient_clip_val={trainer.gradient_clip_val}): Lightning "
+                "clips after this callback, so the optimizer would not apply the AGC gradient. Use one of the two."
             )
         modules = dict(pl_module.named_modules())
         self._skip, self._calls = None, None

@@ -182,7 +182,8 @@ def find_last(root: str, settings: dict[str, Any], only: str | None = None) -> R
             if only is not None and ckpt is not None:
                 diff = first_difference(saved, settings) if saved is not None else "its config.yaml cannot be read"
                 raise RunError(
-                    f"{folder} holds a run with other settings ({diff}); resume it with its own settings, or give the logger another version/name"
+                    f"{folder} holds a run with other settings ({diff}); resume it with its own settings, or give the "
+                    "logger another version/name"
                 )
             continue
         status = runstate.read_status(folder).get("status")
@@ -193,7 +194,8 @@ def find_last(root: str, settings: dict[str, Any], only: str | None = None) -> R
         ):
             names = ", ".join(sorted(os.path.basename(f) for f in files))
             raise RunError(
-                f"cannot resume {folder}: none of its checkpoints is readable ({names}: cut, empty or not a checkpoint); start a new run without --ckpt_path"
+                f"cannot resume {folder}: none of its checkpoints is readable ({names}: cut, empty or not a "
+                "checkpoint); start a new run without --ckpt_path"
             )
         elif ckpt is not None:
             unfinished.append((os.path.getmtime(ckpt[0]), folder, ckpt))
@@ -219,7 +221,8 @@ def check_explicit(path: str, state: dict[str, Any], settings: dict[str, Any]) -
     if run is None:
         if diff := hparams_difference(state, settings):
             raise RunError(
-                f"--ckpt_path {path} was trained with other settings ({diff}); drop the option or resume with the checkpoint's own settings"
+                f"--ckpt_path {path} was trained with other settings ({diff}); drop the option or resume with the "
+                "checkpoint's own settings"
             )
         return Resume(path, None, int(state.get("global_step", 0)))
     status = runstate.read_status(run).get("status")
@@ -229,7 +232,8 @@ def check_explicit(path: str, state: dict[str, Any], settings: dict[str, Any]) -
     saved = saved_settings(run)
     if saved is not None and (diff := first_difference(saved, settings)):
         raise RunError(
-            f"--ckpt_path {path} belongs to a run with other settings ({diff}); resume with the run's own settings (its config.yaml) or start a new run"
+            f"--ckpt_path {path} belongs to a run with other settings ({diff}); resume with the run's own settings "
+            "(its config.yaml) or start a new run"
         )
     if saved is None and (diff := hparams_difference(state, settings)):
         raise RunError(
@@ -280,7 +284,8 @@ def plan_fit(
 def continue_from(
     trainer: pl.Trainer, model: pl.LightningModule, asked: str, settings: dict[str, Any], chosen: bool = False
 ) -> Resume:
-    """Resume from the checkpoint file ``asked``: its run (locked, loggers pointed at it), or a new run from its weights.
+    """Resume from the checkpoint file ``asked``: its run (locked, loggers pointed at it), or a new run from its
+    weights.
 
     Args:
         chosen: :func:`find_last` chose the file, so its run's status and settings are checked already.
@@ -302,11 +307,13 @@ def continue_from(
     )
     if state.get("diverged_at_step") is not None:
         raise RunError(
-            f"{path}: this run diverged at step {state['diverged_at_step']} (non-finite loss); resuming would train on NaN. Start a new run (e.g. a smaller learning rate) instead"
+            f"{path}: this run diverged at step {state['diverged_at_step']} (non-finite loss); resuming would train on "
+            "NaN. Start a new run (e.g. a smaller learning rate) instead"
         )
     if problem := model_mismatch(model, state.get("state_dict", {})):
         raise RunError(
-            f"{path} does not match this model: {problem}; resume with the run's own settings (its config.yaml) or start a new run"
+            f"{path} does not match this model: {problem}; resume with the run's own settings (its config.yaml) or "
+            "start a new run"
         )
     if plan.run_dir is not None:
         check_not_done(plan, trainer.max_steps)
@@ -319,11 +326,13 @@ def continue_from(
 
 # --- continuing the chosen run -------------------------------------------------------------
 def check_not_done(plan: Resume, max_steps: int) -> None:
-    """A run whose checkpoint already reached ``max_steps`` finished (killed before it said so): record it, reopen nothing."""
+    """A run whose checkpoint already reached ``max_steps`` finished (killed before it said so): record it, reopen
+    nothing."""
     if plan.run_dir is not None and max_steps is not None and max_steps > 0 and plan.step >= max_steps:
         runstate.write_status(plan.run_dir, status="completed", step=plan.step, max_steps=max_steps)
         raise AlreadyFinished(
-            f"{plan.run_dir} already completed at step {plan.step} (its checkpoint reached max_steps); a finished run is never reopened (nothing to do)"
+            f"{plan.run_dir} already completed at step {plan.step} (its checkpoint reached max_steps); a finished run "
+            "is never reopened (nothing to do)"
         )
 
 
@@ -376,7 +385,8 @@ def lock_run(folder: str) -> None:
         pid = runstate.read_status(folder).get("pid")
         who = f"process {pid}" if pid else "another process"
         raise RunError(
-            f"{folder} is in use by {who}, which is still running; wait for it to end, or start a new run (without --ckpt_path, or with another logger version)"
+            f"{folder} is in use by {who}, which is still running; wait for it to end, or start a new run (without "
+            "--ckpt_path, or with another logger version)"
         ) from None
     _locks[folder] = fd
     remove_temporaries(folder)

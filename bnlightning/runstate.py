@@ -359,4 +359,7 @@ def describe_interrupt(argv: list[str]) -> str:
     """The one line printed when a run stops on a signal."""
     info = last_interrupt
     where = f"checkpoint {info['checkpoint']}" if info.get("checkpoint") else "no checkpoint (checkpointing is off)"
-    return f"interrupted by {info.get('signal', 'SIGTERM')} at step {info.get('step', '?')}; saved {where}; resume with: {resume_hint(argv)}"
+    return (
+        f"interrupted by {info.get('signal', 'SIGTERM')} at step {info.get('step', '?')}; saved {where}; resume with: "
+        f"{resume_hint(argv)}"
+    )

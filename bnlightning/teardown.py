@@ -38,7 +38,8 @@ def say_late_signal() -> None:
     """One line when SIGTERM/SIGUSR1 arrived after the run had recorded its end (nothing was lost)."""
     if runstate.late_signal:
         print(
-            f"bnlightning: {runstate.late_signal['signal']} arrived after the run had recorded its end; nothing was lost, exiting normally",
+            f"bnlightning: {runstate.late_signal['signal']} arrived after the run had recorded its end; nothing was "
+            "lost, exiting normally",
             file=sys.stderr,
         )
 

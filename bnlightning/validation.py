@@ -41,7 +41,8 @@ def explain(line: str) -> str:
 
     Example:
         >>> explain("seed_everything: got '1e+20'; expected an integer")
-        "seed_everything: got '1e+20'; accepted: an integer from 0 to 4294967295, true (draw a seed) or false (no seeding)"
+        "seed_everything: got '1e+20'; accepted: an integer from 0 to 4294967295, true (draw a seed) or false (no
+        seeding)"
     """
     m = _GOT_EXPECTED.match(line)
     if m and m.group("key") in _ACCEPTED:
@@ -149,7 +150,8 @@ def check_loss_methods(model: pl.LightningModule, callbacks: Iterable[pl.Callbac
         methods = batch_methods(model)
         accepted = ", ".join(methods) if methods else "none (it has no public method taking one argument)"
         raise RunError(
-            f"{type(callback).__name__}.loss_method: got {name!r}; accepted: a method of {type(model).__name__} taking one batch ({accepted}), or set loss_fn to 'package.module:function'"
+            f"{type(callback).__name__}.loss_method: got {name!r}; accepted: a method of {type(model).__name__} taking "
+            f"one batch ({accepted}), or set loss_fn to 'package.module:function'"
         )
 
 

@@ -107,7 +107,8 @@ class DataModuleBase(pl.LightningDataModule):
         if batch_size > per_process:
             shared = f" over {world} processes" if world > 1 else ""
             raise ValueError(
-                f"batch_size: got {batch_size}; accepted: at most {per_process}, the training samples per process ({n}{shared}); "
+                f"batch_size: got {batch_size}; accepted: at most {per_process}, the training samples per process "
+                f"({n}{shared}); "
                 f"the last partial batch is dropped, so a larger batch gives no training step"
             )
 

@@ -71,7 +71,8 @@ def _read_batch(path: str) -> dict[str, Any]:
         entry = _CIFARUnpickler(io.BytesIO(raw), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
         raise BadFileError(
-            f"CIFAR-10 file '{path}' is corrupted or truncated ({type(e).__name__}: {e}); delete the folder and download it again"
+            f"CIFAR-10 file '{path}' is corrupted or truncated ({type(e).__name__}: {e}); delete the folder and "
+            "download it again"
         ) from None
     if not isinstance(entry, dict):
         raise BadFileError(f"CIFAR-10 file '{path}' is corrupted: expected a dict, found {type(entry).__name__}")
@@ -123,7 +124,8 @@ class CIFAR10Dataset(torchvision.datasets.CIFAR10):
                 )
             if y is None or len(y) != x.shape[0]:
                 raise BadFileError(
-                    f"CIFAR-10 file '{path}' is corrupted: {x.shape[0]} images but {'no' if y is None else len(y)} labels"
+                    f"CIFAR-10 file '{path}' is corrupted: {x.shape[0]} images but {'no' if y is None else len(y)} "
+                    "labels"
                 )
             y = np.asarray(y, dtype=np.int64)
             if y.size and (y.min() < 0 or y.max() > 9):
@@ -154,7 +156,8 @@ class CIFAR10Dataset(torchvision.datasets.CIFAR10):
         if missing:
             what = "not found" if len(missing) == len(cls.files()) else f"incomplete (missing {', '.join(missing)})"
             raise MissingFileError(
-                f"CIFAR-10 {what} under '{folder}'; set download: true, or point root at the folder that contains {cls.base_folder}/"
+                f"CIFAR-10 {what} under '{folder}'; set download: true, or point root at the folder that contains "
+                f"{cls.base_folder}/"
             )
         if verify_checksums:
             for f, md5 in cls.files():
@@ -304,7 +307,8 @@ class CIFAR10DataModule(DataModuleBase):
                 folder = os.path.join(os.path.abspath(self.root), CIFAR10Dataset.base_folder)
                 reason = " ".join(str(getattr(err, "reason", None) or err).split())[:200]
                 raise RunError(
-                    f"CIFAR-10 download failed ({reason}); without internet, copy the extracted {CIFAR10Dataset.filename} "
+                    f"CIFAR-10 download failed ({reason}); without internet, copy the extracted "
+                    f"{CIFAR10Dataset.filename} "
                     f"from {CIFAR10Dataset.url} so that {folder} holds data_batch_1..5, test_batch and batches.meta, "
                     "or point --data.init_args.root at the folder that contains cifar-10-batches-py/"
                 ) from None

@@ -183,7 +183,10 @@ class DeviceImageTransform:
         return self.normalize(x)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(mean={self.mean}, std={self.std}, crop_padding={self.crop_padding}, pad_mode={self.pad_mode!r}, flip={self.flip})"
+        return (
+            f"{type(self).__name__}(mean={self.mean}, std={self.std}, crop_padding={self.crop_padding}, "
+            f"pad_mode={self.pad_mode!r}, flip={self.flip})"
+        )
 
 
 class _EpochSetter:
@@ -272,7 +275,8 @@ class TensorLoader:
             self.batches_per_pass = math.ceil(self.samples_per_rank / self.batch_size)
         if self.batches_per_pass == 0:
             raise ValueError(
-                f"no batches: {n} samples over {self.world_size} rank(s) give {self.samples_per_rank} per rank, fewer than batch_size={self.batch_size} with drop_last=True"
+                f"no batches: {n} samples over {self.world_size} rank(s) give {self.samples_per_rank} per rank, fewer "
+                f"than batch_size={self.batch_size} with drop_last=True"
             )
         # position: the epoch being (or about to be) iterated, and batches yielded in it
         self.epoch = 0
@@ -382,4 +386,7 @@ class TensorLoader:
 
     def __repr__(self) -> str:
         shapes = ", ".join(str(tuple(t.shape)) for t in self.tensors)
-        return f"TensorLoader({shapes}, device={self.device}, batch_size={self.batch_size}, shuffle={self.shuffle}, drop_last={self.drop_last}, rank={self.rank}/{self.world_size}, len={len(self)})"
+        return (
+            f"TensorLoader({shapes}, device={self.device}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
+            f"drop_last={self.drop_last}, rank={self.rank}/{self.world_size}, len={len(self)})"
+        )

@@ -93,7 +93,10 @@ def _output_flags(q: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--verbose",
         action="store_true",
-        help="stream every fit's own output (progress bars, other libraries' lines) instead of one progress bar over the runs",
+        help=(
+            "stream every fit's own output (progress bars, other libraries' lines) instead of one progress bar over "
+            "the runs"
+        ),
     )
 
 

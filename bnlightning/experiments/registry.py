@@ -145,7 +145,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "dln",
-            "Fig. 5 / 4: deep linear network — with BN G and G' are almost uncorrelated (ICS layers 9 and 17), landscape far smoother",
+            "Fig. 5 / 4: deep linear network — with BN G and G' are almost uncorrelated (ICS layers 9 and 17), "
+            "landscape far smoother",
             ("configs/dln.yaml", "configs/experiments/measure_dln.yaml"),
             {NORM: ("none", "batch"), LR: (1e-6, 1e-7)},
             cpu_overrides=(
@@ -158,7 +159,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "mlp-sigmoid",
-            "Ioffe & Szegedy Fig. 1: BN reaches the baseline's accuracy in far fewer steps, stable activation quantiles, larger lr tolerated",
+            "Ioffe & Szegedy Fig. 1: BN reaches the baseline's accuracy in far fewer steps, stable activation "
+            "quantiles, larger lr tolerated",
             ("configs/mlp_sigmoid.yaml", "configs/experiments/measure_activations.yaml"),
             {NORM: ("none", "batch", "noisy_batch"), LR: (0.1, 0.5, 2.0)},
             cpu_overrides=(
@@ -171,7 +173,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "dln-curvature",
-            "§9 (beyond the paper): does BN lower the curvature, as the beta-smoothness argument predicts? lambda_max and trace over training, DLN",
+            "§9 (beyond the paper): does BN lower the curvature, as the beta-smoothness argument predicts? lambda_max "
+            "and trace over training, DLN",
             ("configs/dln.yaml", "configs/experiments/measure_curvature_dln.yaml"),
             {NORM: ("none", "batch"), LR: (1e-6,)},
             cpu_overrides=("--trainer.max_steps=1000", "--trainer.accelerator=cpu"),
@@ -186,7 +189,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "dln-eos",
-            "Cohen et al. 2021: full-batch gradient descent drives lambda_max up to the stability limit 2/lr (sharpness ratio 1), standard vs BN",
+            "Cohen et al. 2021: full-batch gradient descent drives lambda_max up to the stability limit 2/lr "
+            "(sharpness ratio 1), standard vs BN",
             ("configs/dln.yaml", "configs/experiments/measure_curvature_dln.yaml"),
             {NORM: ("none", "batch"), LR: (1e-6, 3e-6, 1e-5)},
             cpu_overrides=("--trainer.max_steps=1000", "--trainer.accelerator=cpu"),
@@ -195,7 +199,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         # --- the other claims about BatchNorm (docs/reproduction-cpu.md, "Other claims") ---
         Experiment(
             "bn-batch-size",
-            "Claim 1 [seeds 000, 003]: BN degrades at small batches, LayerNorm/GroupNorm do not (lr = lr_128 * B/128, same epochs; BN train- vs eval-mode accuracy)",
+            "Claim 1 [seeds 000, 003]: BN degrades at small batches, LayerNorm/GroupNorm do not (lr = lr_128 * B/128, "
+            "same epochs; BN train- vs eval-mode accuracy)",
             ("configs/vgg.yaml", "configs/experiments/batch_size.yaml"),
             {NORM: ("none", "batch", "group", "layer"), BATCH: (2, 4, 8, 16, 32, 128)},
             overrides=("--trainer.max_steps=-1", "--trainer.max_epochs=40"),
@@ -210,7 +215,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "lr-range",
-            "Claim 3 [all seeds]: BN trains at higher learning rates: the largest lr that trains, accuracy vs lr (extends vgg-lr)",
+            "Claim 3 [all seeds]: BN trains at higher learning rates: the largest lr that trains, accuracy vs lr "
+            "(extends vgg-lr)",
             ("configs/vgg.yaml",),
             {NORM: ("none", "batch"), LR: (0.01, 0.03, 0.1, 0.3, 1.0, 2.0)},
             cpu_overrides=CPU_VGG,
@@ -219,7 +225,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "mean-shift",
-            "Claim 6 [the article Batch Normalization… or not?]: at initialisation, without BN, examples' activations align with depth and one label wins; BN and scaled WS prevent it",
+            "Claim 6 [the article Batch Normalization… or not?]: at initialisation, without BN, examples' activations "
+            "align with depth and one label wins; BN and scaled WS prevent it",
             ("configs/vgg.yaml", "configs/experiments/meanshift.yaml"),
             {NORM: ("none", "batch"), WS: (False, True)},
             cpu_overrides=(
@@ -232,7 +239,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "init-gain",
-            "Claim 2 [seeds 000, 001; Ioffe & Szegedy]: with BN one can be less careful about initialisation (weight gain 0.1-10)",
+            "Claim 2 [seeds 000, 001; Ioffe & Szegedy]: with BN one can be less careful about initialisation (weight "
+            "gain 0.1-10)",
             ("configs/vgg.yaml",),
             {NORM: ("none", "batch"), GAIN: (0.1, 0.3, 1.0, 3.0, 10.0), INIT: ("xavier_uniform", "kaiming")},
             cpu_overrides=(*CPU_MLP, "--trainer.max_steps=600"),
@@ -240,7 +248,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "bn-placement",
-            "Claim 4 [seeds 001, 002]: BN before vs after the activation, affine on/off: accuracy, ICS and landscape side by side",
+            "Claim 4 [seeds 001, 002]: BN before vs after the activation, affine on/off: accuracy, ICS and landscape "
+            "side by side",
             ("configs/mlp_sigmoid.yaml", "configs/experiments/measure_placement.yaml"),
             {NORM: ("none", "batch"), POSITION: ("before", "after"), AFFINE: (True, False)},
             cpu_overrides=("--trainer.accelerator=cpu", "--trainer.max_steps=600", "--trainer.log_every_n_steps=10"),
@@ -249,14 +258,16 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "bn-regularizer",
-            "Claim 5 [seeds 002, 003; Ioffe & Szegedy]: BN regularises: none / dropout / BN / BN + dropout, train-validation gap",
+            "Claim 5 [seeds 002, 003; Ioffe & Szegedy]: BN regularises: none / dropout / BN / BN + dropout, "
+            "train-validation gap",
             ("configs/vgg.yaml",),
             {NORM: ("none", "batch"), DROPOUT: (0.0, 0.5)},
             cpu_overrides=(*CPU_MLP, "--trainer.max_steps=2000", "--model.init_args.optimizer.init_args.lr=0.5"),
         ),
         Experiment(
             "normfree",
-            "Claim 7 [the article Batch Normalization… or not?]: plain and BN VGG across learning rates, the baselines of the normalizer-free VGG (run with normfree-nf)",
+            "Claim 7 [the article Batch Normalization… or not?]: plain and BN VGG across learning rates, the baselines "
+            "of the normalizer-free VGG (run with normfree-nf)",
             ("configs/vgg.yaml",),
             {NORM: ("none", "batch"), LR: (0.03, 0.1, 0.3, 1.0)},
             # No CPU variant: at CPU size these baselines are lr-range's runs at eta 0.1 and 1 (the
@@ -264,7 +275,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "normfree-nf",
-            "Claim 7 [the article Batch Normalization… or not?]: VGG without BN but with scaled weight standardisation + AGC trains like BN across learning rates",
+            "Claim 7 [the article Batch Normalization… or not?]: VGG without BN but with scaled weight standardisation "
+            "+ AGC trains like BN across learning rates",
             ("configs/vgg.yaml", "configs/experiments/normfree.yaml"),
             {LR: (0.03, 0.1, 0.3, 1.0)},
             overrides=(f"--{NORM}=none", f"--{WS}=true"),
@@ -273,7 +285,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "resnet-residual",
-            "Claim 8 [the article Batch Normalization… or not?]: at initialisation BN downscales each residual branch relative to the skip path (ResNet-20 and -110)",
+            "Claim 8 [the article Batch Normalization… or not?]: at initialisation BN downscales each residual branch "
+            "relative to the skip path (ResNet-20 and -110)",
             ("configs/resnet20.yaml", "configs/experiments/measure_residual.yaml"),
             {NORM: ("none", "batch"), DEPTH: (20, 110)},
             cpu_overrides=(
@@ -285,7 +298,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "resnet",
-            "Claim 8 [the article Batch Normalization… or not?]: ResNet-20 with and without BN across learning rates (the baselines of resnet-nf)",
+            "Claim 8 [the article Batch Normalization… or not?]: ResNet-20 with and without BN across learning rates "
+            "(the baselines of resnet-nf)",
             ("configs/resnet20.yaml",),
             {NORM: ("none", "batch"), LR: (0.03, 0.1, 0.3, 1.0)},
             cpu_overrides=CPU_RESNET,
@@ -293,7 +307,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "resnet-nf",
-            "Claims 7 + 8 [the article Batch Normalization… or not?]: normalizer-free ResNet-20 (scaled WS + SkipInit + AGC) trains like the BN ResNet",
+            "Claims 7 + 8 [the article Batch Normalization… or not?]: normalizer-free ResNet-20 (scaled WS + SkipInit "
+            "+ AGC) trains like the BN ResNet",
             ("configs/resnet20.yaml", "configs/experiments/normfree.yaml"),
             {LR: (0.03, 0.1, 0.3, 1.0)},
             overrides=(f"--{NORM}=none", f"--{WS}=true", "--model.init_args.skipinit=true"),
@@ -303,14 +318,16 @@ EXPERIMENTS: dict[str, Experiment] = {
         # --- beyond the paper: the stability gauges of PROTOCOL §12 (docs/reproduction-cpu.md, "Stability gauges") ---
         Experiment(
             "gauges-sgd",
-            "§12 (beyond the paper): gradient-direction curvature vs 2/eta, ||dL/dy|| at the norm outputs (Thm 4.1), effective lr, SLQ density; VGG standard vs BN, SGD",
+            "§12 (beyond the paper): gradient-direction curvature vs 2/eta, ||dL/dy|| at the norm outputs (Thm 4.1), "
+            "effective lr, SLQ density; VGG standard vs BN, SGD",
             ("configs/vgg.yaml", "configs/experiments/measure_gauges.yaml"),
             {NORM: ("none", "batch"), LR: (0.1,)},
             cpu_overrides=(*CPU_VGG, "--config=configs/experiments/measure_gauges_cpu.yaml"),
         ),
         Experiment(
             "gauges-adamw",
-            "§12 (beyond the paper): the same gauges under AdamW; preconditioned sharpness lambda_max(P^-1 H) vs 38/eta (Cohen et al. 2022)",
+            "§12 (beyond the paper): the same gauges under AdamW; preconditioned sharpness lambda_max(P^-1 H) vs "
+            "38/eta (Cohen et al. 2022)",
             ("configs/vgg.yaml", "configs/experiments/measure_gauges.yaml"),
             {NORM: ("none", "batch"), LR: (0.001,)},
             overrides=ADAMW,
@@ -329,7 +346,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "gauges-mlp-adamw",
-            "§12 (beyond the paper): the stability gauges on the sigmoid MLP, standard vs BN, AdamW (preconditioned sharpness)",
+            "§12 (beyond the paper): the stability gauges on the sigmoid MLP, standard vs BN, AdamW (preconditioned "
+            "sharpness)",
             ("configs/mlp_sigmoid.yaml", "configs/experiments/measure_gauges.yaml"),
             {NORM: ("none", "batch"), LR: (0.001,)},
             overrides=ADAMW,

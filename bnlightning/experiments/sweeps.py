@@ -52,7 +52,8 @@ def sweep_text(name: str) -> str:
         "# Edit the registry, then regenerate from the repository root:\n"
         '#   python -c "from bnlightning.experiments import write_sweeps; write_sweeps()"\n'
         f"# {e.claim}\n"
-        f"#   wandb sweep configs/sweeps/{name}.yaml && wandb agent ENTITY/PROJECT/SWEEP_ID   (from the repository root)\n"
+        f"#   wandb sweep configs/sweeps/{name}.yaml && wandb agent ENTITY/PROJECT/SWEEP_ID   (from the repository "
+        "root)\n"
         f"# or locally: python -m bnlightning.experiments sweep configs/sweeps/{name}.yaml --run\n"
     )
     return header + yaml.safe_dump(sweep_config(e), sort_keys=False, width=200)

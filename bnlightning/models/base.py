@@ -74,7 +74,8 @@ def check_norm_options(norm: str, norm_layers: list[int] | None, num_layers: int
     bad = [i for i in norm_layers if not 0 <= i < num_layers]
     if bad:
         raise ValueError(
-            f"norm_layers index {bad[0]} out of range: this network has {num_layers} {what} layers, so indices run from 0 to {num_layers - 1}"
+            f"norm_layers index {bad[0]} out of range: this network has {num_layers} {what} layers, so indices run "
+            f"from 0 to {num_layers - 1}"
         )
     return sorted(set(norm_layers))
 
