@@ -8,7 +8,7 @@ peak with the callback - baseline; one unit = the float32 size of the trainable 
 
 Models: Lightning's demo Transformer at 50 M parameters (vocabulary 20,000, d_model 512, 8 heads,
 4+4 layers, feed-forward 2048, Adam, batch 8 x 16 tokens) and VGG-11-BN (width 0.25, SGD,
-batch 32 of 32x32 images). Issue 15's budget: every callback at its defaults <= 3 units on the
+batch 32 of 32x32 images). The memory budget: every callback at its defaults <= 3 units on the
 Transformer.
 
     python bench/memory.py                       # both models, every configuration
