@@ -17,6 +17,14 @@ from bnlightning.callbacks.functional._layers import resolve_layers
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional.gauges import adaptive_preconditioner, preconditioned_sharpness
 from bnlightning.callbacks.functional.hessian import HVP_METHODS, hessian_spectrum, sharpness_limit
+from bnlightning.callbacks.functional.names import (
+    HESSIAN_LAMBDA_MAX,
+    HESSIAN_PRECOND_ITERATIONS,
+    HESSIAN_PRECOND_LAMBDA_MAX,
+    HESSIAN_SHARPNESS_RATIO,
+    HESSIAN_TRACE,
+    hessian_eig,
+)
 
 __all__ = ["HessianSpectrum", "sharpness_limit"]
 
@@ -191,9 +199,9 @@ class HessianSpectrum(MeasurementCallback):
                 v0=self._precond_vector if self.warm_start else None, hvp_method=self.hvp_method,
                 loss_fn=self.measured_loss(pl_module), reduce=self.reduce(trainer),
             )  # fmt: skip
-            metrics["hessian/precond_lambda_max"] = lam
-            metrics["hessian/precond_iterations"] = torch.tensor(float(precond_hvps))
-            metrics["hessian/sharpness_ratio"] = lam / precond.threshold
+            metrics[HESSIAN_PRECOND_LAMBDA_MAX] = lam
+            metrics[HESSIAN_PRECOND_ITERATIONS] = torch.tensor(float(precond_hvps))
+            metrics[HESSIAN_SHARPNESS_RATIO] = lam / precond.threshold
             return metrics
         if limit is None and not self._warned_ratio:
             self._warned_ratio = True
@@ -201,9 +209,9 @@ class HessianSpectrum(MeasurementCallback):
                 f"HessianSpectrum: hessian/sharpness_ratio is logged as NaN: {why_not} (Adam, AdamW and RMSprop get the preconditioned ratio).",
                 stacklevel=2,
             )
-        metrics["hessian/sharpness_ratio"] = (
-            metrics["hessian/lambda_max"] / limit
-            if limit is not None and "hessian/lambda_max" in metrics
+        metrics[HESSIAN_SHARPNESS_RATIO] = (
+            metrics[HESSIAN_LAMBDA_MAX] / limit
+            if limit is not None and HESSIAN_LAMBDA_MAX in metrics
             else torch.tensor(float("nan"))
         )
         return metrics
@@ -216,7 +224,7 @@ class HessianSpectrum(MeasurementCallback):
     @override
     def charts(self) -> dict[str, list[str]]:
         return {
-            "hessian_eigenvalues": [f"hessian/eig_{j + 1}" for j in range(self.k)],
-            "hessian_trace": ["hessian/trace"],
-            "hessian_sharpness_ratio": ["hessian/sharpness_ratio"],
+            "hessian_eigenvalues": [hessian_eig(j + 1) for j in range(self.k)],
+            "hessian_trace": [HESSIAN_TRACE],
+            "hessian_sharpness_ratio": [HESSIAN_SHARPNESS_RATIO],
         }

@@ -28,6 +28,7 @@ from bnlightning.callbacks.functional.meanshift import (
     mean_shift,
     pairwise_cosine_mean,
 )
+from bnlightning.callbacks.functional.names import MEANSHIFT_MAJORITY_SHARE, meanshift_key
 
 __all__ = ["MeanShift", "majority_share", "mean_shift", "pairwise_cosine_mean"]
 
@@ -114,7 +115,7 @@ class MeanShift(ModuleLayersCallback):
         metrics = {key: value for name in self._layers if seen.get(name) for key, value in seen[name].items()}
         share = self._logits(shares, pl_module)
         if share is not None:
-            metrics["meanshift/majority_share"] = share
+            metrics[MEANSHIFT_MAJORITY_SHARE] = share
         return metrics
 
     def _logits(self, shares: dict[str, Tensor], pl_module: pl.LightningModule) -> Tensor | None:
@@ -135,4 +136,4 @@ class MeanShift(ModuleLayersCallback):
 
     @override
     def charts(self) -> dict[str, list[str]]:
-        return {"meanshift_cos": [f"meanshift/{name}/cos" for name in self._layers]}
+        return {"meanshift_cos": [meanshift_key(name, "cos") for name in self._layers]}

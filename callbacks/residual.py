@@ -19,6 +19,7 @@ from typing_extensions import override
 from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional import capture_forward
 from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional.names import resvar_key
 from bnlightning.callbacks.functional.residual import block_metrics, read_variance, residual_blocks, residual_variance
 
 __all__ = ["ResidualVariance", "residual_blocks", "residual_variance"]
@@ -93,4 +94,4 @@ class ResidualVariance(MeasurementCallback):
 
     @override
     def charts(self) -> dict[str, list[str]]:
-        return {"resvar_ratio": [f"resvar/{b}/ratio" for b in self._blocks]}
+        return {"resvar_ratio": [resvar_key(b, "ratio") for b in self._blocks]}

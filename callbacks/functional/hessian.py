@@ -24,6 +24,7 @@ from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_float32
 from bnlightning.callbacks.functional._optimizer import torch_optimizer
 from bnlightning.callbacks.functional._trace import krylov_trace
+from bnlightning.callbacks.functional.names import hessian_prefix
 
 __all__ = [
     "MIN_PROBES",
@@ -200,7 +201,7 @@ def hessian_spectrum(
         with hessian_operator(
             module, batch, names, method=hvp_method, loss_fn=loss_fn, reduce=reduce, _model=model
         ) as hvp:
-            prefix = "hessian/" if not block else f"hessian/{block}/"
+            prefix = hessian_prefix(block)
             ratio = (trace_ratios or {}).get(block)
             probes = _trace_probes(n_probes, ratio)
             deflate = ratio is None or not ratio >= 1.0  # deflation raised the variance last time: plain Hutchinson

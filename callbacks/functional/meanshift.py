@@ -17,6 +17,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from bnlightning.callbacks.functional.names import MEANSHIFT_MAJORITY_SHARE, meanshift_key
+
 __all__ = ["looks_like_logits", "majority_share", "mean_shift", "pairwise_cosine_mean"]
 
 
@@ -75,11 +77,11 @@ def mean_shift(activations: Mapping[str, Tensor], logits: Tensor | None = None) 
     for name, a in activations.items():
         if a.dim() < 2:
             raise ValueError(f"activations of {name!r} must be batch first with features, got shape {tuple(a.shape)}")
-        out[f"meanshift/{name}/cos"] = pairwise_cosine_mean(a)
+        out[meanshift_key(name, "cos")] = pairwise_cosine_mean(a)
         dims = [0, *range(2, a.dim())]  # batch and pixels: one mean per channel
-        out[f"meanshift/{name}/channel_mean"] = a.detach().float().mean(dims).mean()
+        out[meanshift_key(name, "channel_mean")] = a.detach().float().mean(dims).mean()
     if logits is not None:
-        out["meanshift/majority_share"] = majority_share(logits)
+        out[MEANSHIFT_MAJORITY_SHARE] = majority_share(logits)
     return out
 
 
