@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from bnlightning.callbacks.functional.names import ACT
 from bnlightning.settings import is_setting_key
 
 #: A metric's history: the steps it was logged at and its values there (NaN/inf kept).
@@ -346,7 +347,7 @@ class Run:
             if not name.startswith(prefix):
                 continue
             rest = name[len(prefix) :]
-            if prefix == "act/":
+            if prefix == f"{ACT}/":
                 rest = rest.rsplit("/", 1)[0]
             found.add(rest)
         return sorted(found, key=layer_sort_key)
