@@ -47,7 +47,8 @@ class ActivationStats(ModuleLayersCallback):
     - ``act/<layer>/q15``, ``act/<layer>/q50``, ``act/<layer>/q85``: quantiles over all entries
     - ``act/<layer>/mean``, ``act/<layer>/std`` (population std)
     - ``act/<layer>/saturated``: share of entries with ``|x| > saturation_threshold`` (tanh/sigmoid)
-    - ``act/<layer>/dead``: share of units (features; (channel, row, column) for images) never positive on the batch (ReLU)
+    - ``act/<layer>/dead``: share of units (features; (channel, row, column) for images) never positive on the batch
+      (ReLU)
     - with a ``WandbLogger``: ``act/<layer>/hist`` (``wandb.Histogram``); with a
       ``TensorBoardLogger``: ``add_histogram("act/<layer>", ...)``.
 

@@ -1,4 +1,5 @@
-"""Stability gauges during training (PROTOCOL §12): thin callbacks over ``functional/gauges.py`` and ``functional/sld.py``.
+"""Stability gauges during training (PROTOCOL §12): thin callbacks over ``functional/gauges.py`` and
+``functional/sld.py``.
 
 - ``GradientCurvature``: gᵀHg/‖g‖², uᵀHu/‖u‖² along the real step, predicted vs actual loss change.
 - ``ActivationGradients``: ‖∂L/∂y‖ per normalization layer output, with Thm 4.1's γ, σ and bound.

@@ -151,7 +151,8 @@ class HessianSpectrum(MeasurementCallback):
         self._check_k_fits(pl_module)
         if trainer.accumulate_grad_batches > 1:
             rank_zero_info(
-                f"HessianSpectrum: with accumulate_grad_batches={trainer.accumulate_grad_batches}, H is the Hessian of the last "
+                f"HessianSpectrum: with accumulate_grad_batches={trainer.accumulate_grad_batches}, H is the Hessian of "
+                "the last "
                 f"micro-batch's loss, and hessian/sharpness_ratio compares its lambda_max with 2(1+beta)/eta."
             )
 
@@ -195,8 +196,9 @@ class HessianSpectrum(MeasurementCallback):
         precond = adaptive_preconditioner(optimizer, pl_module) if limit is None else None
         if precond is not None:  # Adam, AdamW, RMSprop: λmax(P⁻¹H) against its own threshold (Cohen et al. 2022)
             lam, self._precond_vector, precond_hvps = preconditioned_sharpness(
-                pl_module, batch, precond.diagonal, tol=self.tol, max_iter=self.max_iter, seed=self.seed + trainer.global_step,
-                v0=self._precond_vector if self.warm_start else None, hvp_method=self.hvp_method,
+                pl_module, batch, precond.diagonal, tol=self.tol, max_iter=self.max_iter,
+                seed=self.seed + trainer.global_step, v0=self._precond_vector if self.warm_start else None,
+                hvp_method=self.hvp_method,
                 loss_fn=self.measured_loss(pl_module), reduce=self.reduce(trainer),
             )  # fmt: skip
             metrics[HESSIAN_PRECOND_LAMBDA_MAX] = lam
@@ -206,7 +208,8 @@ class HessianSpectrum(MeasurementCallback):
         if limit is None and not self._warned_ratio:
             self._warned_ratio = True
             warnings.warn(
-                f"HessianSpectrum: hessian/sharpness_ratio is logged as NaN: {why_not} (Adam, AdamW and RMSprop get the preconditioned ratio).",
+                f"HessianSpectrum: hessian/sharpness_ratio is logged as NaN: {why_not} (Adam, AdamW and RMSprop get "
+                "the preconditioned ratio).",
                 stacklevel=2,
             )
         metrics[HESSIAN_SHARPNESS_RATIO] = (

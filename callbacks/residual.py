@@ -1,4 +1,5 @@
-"""``ResidualVariance``: residual branch vs skip path, per block (the article "Batch Normalization… or not?"; De & Smith 2020).
+"""``ResidualVariance``: residual branch vs skip path, per block (the article "Batch Normalization… or not?"; De & Smith
+2020).
 
 The claim: in a residual network, BatchNorm on the residual branch downscales it relative
 to the skip path at initialisation (the skip path's variance grows with depth while BN
@@ -73,7 +74,8 @@ class ResidualVariance(MeasurementCallback):
         self._blocks = residual_blocks(pl_module)
         if not self._blocks:
             raise ValueError(
-                f"{type(pl_module).__name__} has no residual block (a module with children named 'branch' and 'shortcut')"
+                f"{type(pl_module).__name__} has no residual block (a module with children named 'branch' and "
+                "'shortcut')"
             )
 
     @override

@@ -205,7 +205,8 @@ def sweep_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: i
         out,
         family,
         "sweep",
-        f"{{model}} on {{dataset}}: final accuracy vs {short_key(x_key)}; mean over seeds, bar = min-max, x = a seed diverged",
+        f"{{model}} on {{dataset}}: final accuracy vs {short_key(x_key)}; mean over seeds, bar = min-max, x = a seed "
+        "diverged",
         f"Accuracy vs {short_key(x_key)} — {{model}} on {{dataset}}",
         dpi,
     )
@@ -384,7 +385,8 @@ def _first(run: Run, metric: str) -> float | None:
 
 
 def _over_depth(ax: Any, runs: Sequence[Run], metrics: Sequence[str], color: str, label: str) -> None:
-    """The first logged value of each metric (one per layer or block, input to output): mean over seeds, min-max band."""
+    """The first logged value of each metric (one per layer or block, input to output): mean over seeds, min-max
+    band."""
     vals = np.array([[np.nan if (v := _first(r, m)) is None else v for m in metrics] for r in runs])
     depth = np.arange(1, len(metrics) + 1)
     ax.plot(depth, np.nanmean(vals, 0), "o-", color=color, label=label, ms=3, lw=1.3)

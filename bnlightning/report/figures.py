@@ -144,7 +144,8 @@ def family_slug(family: tuple[str, str]) -> str:
 
 
 def combo_colors(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple[str, ...], str]:
-    """One colour per combination of ``keys``' values: norms keep their paper colours, else a palette in setting order."""
+    """One colour per combination of ``keys``' values: norms keep their paper colours, else a palette in setting
+    order."""
     groups = group_settings(runs, keys)
     if all(k == NORM_KEY for k in keys):
         return {
@@ -268,7 +269,8 @@ def _one_legend(fig: plt.Figure) -> float:
 def _finish(
     fig: plt.Figure, out: Path, family: tuple[str, str], kind: str, title: str, caption: str, dpi: int
 ) -> Figure:
-    """One legend, readable text, title (``{model}``/``{dataset}`` filled in); save as ``<family>_<kind>.png``, close."""
+    """One legend, readable text, title (``{model}``/``{dataset}`` filled in); save as ``<family>_<kind>.png``,
+    close."""
     model, dataset = family
     path = out / f"{family_slug(family)}_{kind}.png"
     for ax in fig.axes:

@@ -94,7 +94,8 @@ def curvature_gauges_figure(family: tuple[str, str], runs: Sequence[Run], out: P
     axes[2].legend(fontsize=6)
     return _finish(
         fig, out, family, "gauges_curvature",
-        "Curvature along the gradient and the real step; sharpness ratio (SGD: λmax·η/(2(1+β)); AdamW: λmax(P⁻¹H)·η(1−β₁)/(2+2β₁)) — {model} on {dataset}",
+        "Curvature along the gradient and the real step; sharpness ratio (SGD: λmax·η/(2(1+β)); AdamW: "
+        "λmax(P⁻¹H)·η(1−β₁)/(2+2β₁)) — {model} on {dataset}",
         "Gradient-direction curvature and sharpness ratio (PROTOCOL §12) — {model} on {dataset}",
         dpi,
     )  # fmt: skip
@@ -215,7 +216,8 @@ def sld_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int
         ax.legend(fontsize=6)
     return _finish(
         fig, out, family, "gauges_sld",
-        "Hessian spectral density by stochastic Lanczos quadrature at the last step (Ghorbani et al. 2019) — {model} on {dataset}",
+        "Hessian spectral density by stochastic Lanczos quadrature at the last step (Ghorbani et al. 2019) — {model} "
+        "on {dataset}",
         "Hessian eigenvalue density, batch vs running statistics (PROTOCOL §12) — {model} on {dataset}",
         dpi,
     )  # fmt: skip

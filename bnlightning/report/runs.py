@@ -185,7 +185,8 @@ class Run:
 
     @property
     def status(self) -> str:
-        """``completed``, ``diverged``, ``interrupted``, ``failed``, ``running`` (killed), or ``unknown`` (no run.json)."""
+        """``completed``, ``diverged``, ``interrupted``, ``failed``, ``running`` (killed), or ``unknown`` (no
+        run.json)."""
         return str(self.state.get("status", "unknown"))
 
     @property
@@ -260,7 +261,8 @@ class Run:
 
     @property
     def setting(self) -> tuple[tuple[str, str], ...]:
-        """Every config value but the seeds and bookkeeping (:data:`bnlightning.settings.NOT_SETTINGS`): runs of one setting differ only by seed."""
+        """Every config value but the seeds and bookkeeping (:data:`bnlightning.settings.NOT_SETTINGS`): runs of one
+        setting differ only by seed."""
         return tuple((k, repr(v)) for k, v in sorted(self.flat_config.items()) if is_setting_key(k))
 
     def value(self, key: str) -> Any:
@@ -290,7 +292,8 @@ class Run:
 
     @property
     def finished_at(self) -> str:
-        """When the run last wrote ``run.json`` (ISO time), else its ``metrics.csv``'s modification time: newest wins a repeat."""
+        """When the run last wrote ``run.json`` (ISO time), else its ``metrics.csv``'s modification time: newest wins a
+        repeat."""
         updated = self.state.get("updated")
         if isinstance(updated, str):
             return updated

@@ -127,7 +127,8 @@ def layers_in(keys: Iterable[str]) -> dict[str, list[str]]:
 def _per_layer(
     title: str, family: str, pattern: str, layers: Sequence[str] | None, log_y: bool, y_title: str
 ) -> list[wr.LinePlot]:
-    """One panel per group of layers (``<family>/<layer>`` keys), or one regex panel over all layers when none are known.
+    """One panel per group of layers (``<family>/<layer>`` keys), or one regex panel over all layers when none are
+    known.
 
     ``pattern`` is the key after ``<family>/<layer>``: ``""`` or e.g. ``"/q(15|50|85)"``.
     """
@@ -301,7 +302,8 @@ def build_report(
     blocks: list[Any] = [
         wr.P(
             "Runs grouped by normalization and learning rate; lines are means over seeds with a min-max band. "
-            f"Group keys: {', '.join(GROUP_KEYS)}; data set: config {DATASET_KEY} (substitute data sets are labelled as such)."
+            f"Group keys: {', '.join(GROUP_KEYS)}; data set: config {DATASET_KEY} (substitute data sets are labelled "
+            "as such)."
         )
     ]
     for heading, text, panels in panel_sections(layers):

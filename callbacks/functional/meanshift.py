@@ -1,10 +1,9 @@
 """Mean shift (PROTOCOL §10): how alike different examples look inside the network.
 
-Brock et al. (2021) and the article "Batch Normalization… or not?": without normalization, ReLU outputs have a positive mean
-per channel, the shift grows with depth, and every example's hidden representation points
-the same way, until the network predicts one label for every input at initialisation.
-BatchNorm removes the per-channel mean at every layer; scaled weight standardisation
-removes it from the weights instead.
+Brock et al. (2021) and the article "Batch Normalization… or not?": without normalization, ReLU outputs have a positive
+mean per channel, the shift grows with depth, and every example's hidden representation points the same way, until the
+network predicts one label for every input at initialisation. BatchNorm removes the per-channel mean at every layer;
+scaled weight standardisation removes it from the weights instead.
 
 ``mean_shift`` is the pure function on captured activations; ``bnlightning.callbacks.MeanShift``
 the callback that applies it to chosen layers' outputs during one side-effect-free pass.
