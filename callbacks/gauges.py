@@ -34,13 +34,13 @@ from bnlightning.callbacks.functional.gauges import (
 )
 from bnlightning.callbacks.functional.hessian import edge_of_stability
 from bnlightning.callbacks.functional.names import (
-    HESSIAN,
     HESSIAN_ACTUAL_CHANGE,
     HESSIAN_GRAD_CURVATURE,
     HESSIAN_PREDICTED_CHANGE,
     HESSIAN_UPDATE_CURVATURE,
     efflr_key,
     gradact_key,
+    hessian_curvature,
     hessian_curvature_ratio,
     sld_key,
 )
@@ -132,7 +132,7 @@ class GradientCurvature(TwoStepMeasurement):
         limit = edge_of_stability(step.optimizer)
         for kind in ("grad", "update"):
             out[hessian_curvature_ratio(kind)] = (
-                out[f"{HESSIAN}/{kind}_curvature"] / limit if limit else torch.tensor(float("nan"))
+                out[hessian_curvature(kind)] / limit if limit else torch.tensor(float("nan"))
             )
         return out
 

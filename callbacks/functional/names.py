@@ -65,6 +65,11 @@ def hessian_eig(j: int) -> str:
     return f"{HESSIAN}/eig_{j}"
 
 
+def hessian_curvature(kind: str) -> str:
+    """``hessian/<kind>_curvature`` (``kind``: ``grad`` for gᵀHg/‖g‖², ``update`` for uᵀHu/‖u‖²)."""
+    return f"{HESSIAN}/{kind}_curvature"
+
+
 def hessian_curvature_ratio(kind: str) -> str:
     """``hessian/<kind>_curvature_ratio`` (``kind``: ``grad`` or ``update``)."""
     return f"{HESSIAN}/{kind}_curvature_ratio"

@@ -62,6 +62,7 @@ def test_every_name_belongs_to_a_family() -> None:
         names.efflr_key("net.fc1", "lr"),
         names.sld_key("train", "hvps"),
         names.hessian_eig(1),
+        names.hessian_curvature("update"),
         names.hessian_curvature_ratio("grad"),
         names.hessian_prefix("net.fc1") + "trace",
     ]
@@ -74,6 +75,7 @@ def test_every_name_belongs_to_a_family() -> None:
         "efflr/net.fc1/lr",
         "sld/train/hvps",
         "hessian/eig_1",
+        "hessian/update_curvature",
         "hessian/grad_curvature_ratio",
         "hessian/net.fc1/trace",
     ]
