@@ -9,11 +9,12 @@ Depends on torch and lightning only. No edit to the user's module is needed: the
 Callbacks: ``InternalCovariateShift`` (PROTOCOL §1), ``LossLandscape`` (§2), ``ActivationStats``
 (§3), ``HessianSpectrum`` (§9); the stability gauges of §12: ``GradientCurvature``, ``ActivationGradients``,
 ``EffectiveLearningRate``, ``SpectralDensity`` (functions ``gradient_curvature``, ``adaptive_preconditioner``,
-``preconditioned_sharpness``, ``activation_gradients``, ``effective_lr``, ``spectral_density``). Functional API (pure functions, ``bnlightning.callbacks.functional``): ``internal_covariate_shift``,
-``loss_landscape``, ``activation_stats``, ``measurement_forward``, ``step_gradient``,
-``sgd_update``, ``optimizer_update``. The observer-effect guard: ``observer_guard``, ``RngState``.
-Building blocks of a new measurement: ``MeasurementCallback``, ``TwoStepMeasurement`` (before/after the
-optimizer step), ``MeasurementCoordinator`` (what one trainer's callbacks share, G included).
+``preconditioned_sharpness``, ``activation_gradients``, ``effective_lr``, ``spectral_density``). Functional API (pure
+functions, ``bnlightning.callbacks.functional``): ``internal_covariate_shift``, ``loss_landscape``,
+``activation_stats``, ``measurement_forward``, ``step_gradient``, ``sgd_update``, ``optimizer_update``. The
+observer-effect guard: ``observer_guard``, ``RngState``. Building blocks of a new measurement: ``MeasurementCallback``,
+``TwoStepMeasurement`` (before/after the optimizer step), ``MeasurementCoordinator`` (what one trainer's callbacks
+share, G included).
 """
 
 from bnlightning.callbacks.activations import ActivationStats

@@ -14,8 +14,8 @@ that cost stays within ``B * training_time``. Its first measurement is on the fi
 which the callbacks owe no time (``total spent <= B * training_time``; its own cost is unknown until it
 has measured once, so that first one may overshoot, and the next waits until it is repaid). Together
 the callbacks spend at most B of the training time, each at most an equal share unless its own budget
-is smaller; a callback spends its share on as many measurements as its cost allows. Under DDP, rank zero decides and broadcasts the
-decision, so every rank measures on the same steps.
+is smaller; a callback spends its share on as many measurements as its cost allows. Under DDP, rank zero decides and
+broadcasts the decision, so every rank measures on the same steps.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def check_max_overhead(value: Any) -> float | None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0.0 < value < 1.0
     if not ok:
         raise ValueError(
-            f"max_overhead must be None or a number in (0, 1) (the fraction of training time measurements may take), got {value!r}"
+            "max_overhead must be None or a number in (0, 1) (the fraction of training time measurements may take), "
+            f"got {value!r}"
         )
     return float(value)
 

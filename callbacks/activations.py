@@ -14,7 +14,7 @@ from bnlightning.callbacks._layers import ModuleLayersCallback, default_activati
 from bnlightning.callbacks.base import wandb_loggers
 from bnlightning.callbacks.functional import activation_kind, activation_stats, capture_forward
 from bnlightning.callbacks.functional._loss import LossFn
-from bnlightning.callbacks.functional.names import metric_name
+from bnlightning.callbacks.functional.names import ACT, ACT_QUANTILES, act_key, metric_name
 
 __all__ = ["ActivationStats", "default_activation_layers"]
 
@@ -47,7 +47,8 @@ class ActivationStats(ModuleLayersCallback):
     - ``act/<layer>/q15``, ``act/<layer>/q50``, ``act/<layer>/q85``: quantiles over all entries
     - ``act/<layer>/mean``, ``act/<layer>/std`` (population std)
     - ``act/<layer>/saturated``: share of entries with ``|x| > saturation_threshold`` (tanh/sigmoid)
-    - ``act/<layer>/dead``: share of units (features; (channel, row, column) for images) never positive on the batch (ReLU)
+    - ``act/<layer>/dead``: share of units (features; (channel, row, column) for images) never positive on the batch
+      (ReLU)
     - with a ``WandbLogger``: ``act/<layer>/hist`` (``wandb.Histogram``); with a
       ``TensorBoardLogger``: ``add_histogram("act/<layer>", ...)``.
 
@@ -124,7 +125,7 @@ class ActivationStats(ModuleLayersCallback):
 
         captured = capture_forward(pl_module, batch, taps, read=read, loss_fn=self.measured_loss(pl_module))  # type: ignore[arg-type]
         metrics = {
-            f"act/{name}/{key}": value
+            act_key(name, key): value
             for name in self._layers
             if name in captured
             for key, value in captured[name][0].items()
@@ -154,7 +155,7 @@ class ActivationStats(ModuleLayersCallback):
         for name, x in values.items():
             name = metric_name(name)
             for lg in tb_targets:
-                lg.experiment.add_histogram(f"act/{name}", x.cpu(), step)
+                lg.experiment.add_histogram(f"{ACT}/{name}", x.cpu(), step)
             if wandb_targets:
                 import wandb
 
@@ -164,10 +165,8 @@ class ActivationStats(ModuleLayersCallback):
                 counts = torch.histc(x, bins=self.histogram_bins, min=lo, max=hi).cpu().numpy()
                 edges = torch.linspace(lo, hi, self.histogram_bins + 1).numpy()
                 for lg in wandb_targets:
-                    lg.log_metrics({f"act/{name}/hist": wandb.Histogram(np_histogram=(counts, edges))}, step=step)
+                    lg.log_metrics({act_key(name, "hist"): wandb.Histogram(np_histogram=(counts, edges))}, step=step)
 
     @override
     def charts(self) -> dict[str, list[str]]:
-        return {
-            f"act_{name}_quantiles": [f"act/{name}/q15", f"act/{name}/q50", f"act/{name}/q85"] for name in self._layers
-        }
+        return {f"act_{name}_quantiles": [act_key(name, q) for q in ACT_QUANTILES] for name in self._layers}

@@ -303,19 +303,22 @@ class MeasurementCallback(Callback):
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 f"{name} needs automatic optimization (it measures between backward and the optimizer step); "
-                f"{type(pl_module).__name__} sets `automatic_optimization = False`. Remove the callback or call the functions "
+                f"{type(pl_module).__name__} sets `automatic_optimization = False`. Remove the callback or call the "
+                "functions "
                 f"of `bnlightning.callbacks.functional` from your training_step."
             )
         strategy = trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise MisconfigurationException(
-                f"{name} supports the single-device and DDP strategies (every rank holds all parameters); got {type(strategy).__name__}."
+                f"{name} supports the single-device and DDP strategies (every rank holds all parameters); "
+                f"got {type(strategy).__name__}."
             )
         self._losses = loss_candidates(pl_module, self._loss_fn, self.loss_method)
         self._loss, self.failure = None, None
         if _is_compiled(pl_module) and not can_run_eager():  # pragma: no cover - torch < 2.6
             warnings.warn(
-                f"{name}: the module (or a submodule) is torch.compile'd and this torch has no torch.compiler.set_stance; "
+                f"{name}: the module (or a submodule) is torch.compile'd and this torch has no "
+                "torch.compiler.set_stance; "
                 f"measurement passes run compiled and may recompile, and HessianSpectrum fails (no double backward).",
                 stacklevel=2,
             )

@@ -1,4 +1,5 @@
-"""Stability gauges during training (PROTOCOL §12): thin callbacks over ``functional/gauges.py`` and ``functional/sld.py``.
+"""Stability gauges during training (PROTOCOL §12): thin callbacks over ``functional/gauges.py`` and
+``functional/sld.py``.
 
 - ``GradientCurvature``: gᵀHg/‖g‖², uᵀHu/‖u‖² along the real step, predicted vs actual loss change.
 - ``ActivationGradients``: ‖∂L/∂y‖ per normalization layer output, with Thm 4.1's γ, σ and bound.
@@ -32,6 +33,17 @@ from bnlightning.callbacks.functional.gauges import (
     scale_invariant_layers,
 )
 from bnlightning.callbacks.functional.hessian import edge_of_stability
+from bnlightning.callbacks.functional.names import (
+    HESSIAN_ACTUAL_CHANGE,
+    HESSIAN_GRAD_CURVATURE,
+    HESSIAN_PREDICTED_CHANGE,
+    HESSIAN_UPDATE_CURVATURE,
+    efflr_key,
+    gradact_key,
+    hessian_curvature,
+    hessian_curvature_ratio,
+    sld_key,
+)
 from bnlightning.callbacks.functional.sld import NORM_MODES, spectral_density
 from bnlightning.callbacks.twostep import MeasuredStep, TwoStepMeasurement
 
@@ -119,16 +131,16 @@ class GradientCurvature(TwoStepMeasurement):
         )
         limit = edge_of_stability(step.optimizer)
         for kind in ("grad", "update"):
-            out[f"hessian/{kind}_curvature_ratio"] = (
-                out[f"hessian/{kind}_curvature"] / limit if limit else torch.tensor(float("nan"))
+            out[hessian_curvature_ratio(kind)] = (
+                out[hessian_curvature(kind)] / limit if limit else torch.tensor(float("nan"))
             )
         return out
 
     @override
     def charts(self) -> dict[str, list[str]]:
         return {
-            "gradient_curvature": ["hessian/grad_curvature", "hessian/update_curvature"],
-            "loss_change": ["hessian/predicted_change", "hessian/actual_change"],
+            "gradient_curvature": [HESSIAN_GRAD_CURVATURE, HESSIAN_UPDATE_CURVATURE],
+            "loss_change": [HESSIAN_PREDICTED_CHANGE, HESSIAN_ACTUAL_CHANGE],
         }
 
 
@@ -201,7 +213,7 @@ class ActivationGradients(MeasurementCallback):
 
     @override
     def charts(self) -> dict[str, list[str]]:
-        return {"activation_gradient_norm": [f"gradact/{n}/norm" for n in self._layers]}
+        return {"activation_gradient_norm": [gradact_key(n, "norm") for n in self._layers]}
 
 
 class EffectiveLearningRate(TwoStepMeasurement):
@@ -272,7 +284,7 @@ class EffectiveLearningRate(TwoStepMeasurement):
 
     @override
     def charts(self) -> dict[str, list[str]]:
-        return {f"efflr_{kind}": [f"efflr/{n}/{kind}" for n in self._layers] for kind in ("lr", "angle")}
+        return {f"efflr_{kind}": [efflr_key(n, kind) for n in self._layers] for kind in ("lr", "angle")}
 
 
 class SpectralDensity(MeasurementCallback):
@@ -352,10 +364,10 @@ class SpectralDensity(MeasurementCallback):
                 reduce=self.reduce(trainer),
             )
             for i, (node, weight) in enumerate(zip(res.nodes.flatten().tolist(), res.weights.flatten().tolist())):
-                out[f"sld/{mode}/node_{i}"] = torch.tensor(node, dtype=torch.float32)
-                out[f"sld/{mode}/weight_{i}"] = torch.tensor(weight, dtype=torch.float32)
+                out[sld_key(mode, f"node_{i}")] = torch.tensor(node, dtype=torch.float32)
+                out[sld_key(mode, f"weight_{i}")] = torch.tensor(weight, dtype=torch.float32)
             live = res.nodes[res.weights > 0]
-            out[f"sld/{mode}/lambda_max"] = live.max().to(torch.float32)
-            out[f"sld/{mode}/lambda_min"] = live.min().to(torch.float32)
-            out[f"sld/{mode}/hvps"] = torch.tensor(float(res.hvps))
+            out[sld_key(mode, "lambda_max")] = live.max().to(torch.float32)
+            out[sld_key(mode, "lambda_min")] = live.min().to(torch.float32)
+            out[sld_key(mode, "hvps")] = torch.tensor(float(res.hvps))
         return out

@@ -15,8 +15,8 @@ as before, and it does so at the cost of the small state only:
   never write them: they compute on substitutes. The guard records each tensor's identity and
   version counter (``Tensor._version``, bumped by every in-place write) and raises
   ``ObserverEffectError`` on exit if one changed (a write through the legacy ``.data`` attribute has
-  a version counter of its own and escapes the check; nothing in this package uses ``.data``). That is a bug in the measurement (or in
-  whatever ran inside the block), never a condition to recover from.
+  a version counter of its own and escapes the check; nothing in this package uses ``.data``). That is a bug in the
+  measurement (or in whatever ran inside the block), never a condition to recover from.
 
 ``RngState`` is the RNG part alone; the measurement functions use it to replay the same random
 draws (noisy BatchNorm's noise, dropout masks) in every pass they make. It and the other state

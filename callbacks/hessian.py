@@ -17,6 +17,14 @@ from bnlightning.callbacks.functional._layers import resolve_layers
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional.gauges import adaptive_preconditioner, preconditioned_sharpness
 from bnlightning.callbacks.functional.hessian import HVP_METHODS, hessian_spectrum, sharpness_limit
+from bnlightning.callbacks.functional.names import (
+    HESSIAN_LAMBDA_MAX,
+    HESSIAN_PRECOND_ITERATIONS,
+    HESSIAN_PRECOND_LAMBDA_MAX,
+    HESSIAN_SHARPNESS_RATIO,
+    HESSIAN_TRACE,
+    hessian_eig,
+)
 
 __all__ = ["HessianSpectrum", "sharpness_limit"]
 
@@ -143,7 +151,8 @@ class HessianSpectrum(MeasurementCallback):
         self._check_k_fits(pl_module)
         if trainer.accumulate_grad_batches > 1:
             rank_zero_info(
-                f"HessianSpectrum: with accumulate_grad_batches={trainer.accumulate_grad_batches}, H is the Hessian of the last "
+                f"HessianSpectrum: with accumulate_grad_batches={trainer.accumulate_grad_batches}, H is the Hessian of "
+                "the last "
                 f"micro-batch's loss, and hessian/sharpness_ratio compares its lambda_max with 2(1+beta)/eta."
             )
 
@@ -187,23 +196,25 @@ class HessianSpectrum(MeasurementCallback):
         precond = adaptive_preconditioner(optimizer, pl_module) if limit is None else None
         if precond is not None:  # Adam, AdamW, RMSprop: λmax(P⁻¹H) against its own threshold (Cohen et al. 2022)
             lam, self._precond_vector, precond_hvps = preconditioned_sharpness(
-                pl_module, batch, precond.diagonal, tol=self.tol, max_iter=self.max_iter, seed=self.seed + trainer.global_step,
-                v0=self._precond_vector if self.warm_start else None, hvp_method=self.hvp_method,
+                pl_module, batch, precond.diagonal, tol=self.tol, max_iter=self.max_iter,
+                seed=self.seed + trainer.global_step, v0=self._precond_vector if self.warm_start else None,
+                hvp_method=self.hvp_method,
                 loss_fn=self.measured_loss(pl_module), reduce=self.reduce(trainer),
             )  # fmt: skip
-            metrics["hessian/precond_lambda_max"] = lam
-            metrics["hessian/precond_iterations"] = torch.tensor(float(precond_hvps))
-            metrics["hessian/sharpness_ratio"] = lam / precond.threshold
+            metrics[HESSIAN_PRECOND_LAMBDA_MAX] = lam
+            metrics[HESSIAN_PRECOND_ITERATIONS] = torch.tensor(float(precond_hvps))
+            metrics[HESSIAN_SHARPNESS_RATIO] = lam / precond.threshold
             return metrics
         if limit is None and not self._warned_ratio:
             self._warned_ratio = True
             warnings.warn(
-                f"HessianSpectrum: hessian/sharpness_ratio is logged as NaN: {why_not} (Adam, AdamW and RMSprop get the preconditioned ratio).",
+                f"HessianSpectrum: hessian/sharpness_ratio is logged as NaN: {why_not} (Adam, AdamW and RMSprop get "
+                "the preconditioned ratio).",
                 stacklevel=2,
             )
-        metrics["hessian/sharpness_ratio"] = (
-            metrics["hessian/lambda_max"] / limit
-            if limit is not None and "hessian/lambda_max" in metrics
+        metrics[HESSIAN_SHARPNESS_RATIO] = (
+            metrics[HESSIAN_LAMBDA_MAX] / limit
+            if limit is not None and HESSIAN_LAMBDA_MAX in metrics
             else torch.tensor(float("nan"))
         )
         return metrics
@@ -216,7 +227,7 @@ class HessianSpectrum(MeasurementCallback):
     @override
     def charts(self) -> dict[str, list[str]]:
         return {
-            "hessian_eigenvalues": [f"hessian/eig_{j + 1}" for j in range(self.k)],
-            "hessian_trace": ["hessian/trace"],
-            "hessian_sharpness_ratio": ["hessian/sharpness_ratio"],
+            "hessian_eigenvalues": [hessian_eig(j + 1) for j in range(self.k)],
+            "hessian_trace": [HESSIAN_TRACE],
+            "hessian_sharpness_ratio": [HESSIAN_SHARPNESS_RATIO],
         }

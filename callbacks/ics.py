@@ -14,6 +14,7 @@ from bnlightning.callbacks.functional._batching import check_chunk_size, check_m
 from bnlightning.callbacks.functional._layers import resolve_layers
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._updates import check_optimizer
+from bnlightning.callbacks.functional.names import ICS_KINDS, ics_key
 from bnlightning.callbacks.twostep import MeasuredStep, TwoStepMeasurement
 
 __all__ = ["InternalCovariateShift"]
@@ -182,4 +183,4 @@ class InternalCovariateShift(TwoStepMeasurement):
 
     @override
     def charts(self) -> dict[str, list[str]]:
-        return {f"ics_{kind}": [f"ics/{kind}/{layer}" for layer in self._layers] for kind in ("l2", "cos", "rel")}
+        return {f"ics_{kind}": [ics_key(kind, layer) for layer in self._layers] for kind in ICS_KINDS}

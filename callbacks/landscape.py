@@ -16,10 +16,17 @@ from bnlightning.callbacks.functional._batching import check_chunk_size, check_m
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._optimizer import torch_optimizer
 from bnlightning.callbacks.functional.landscape import check_step_sizes
+from bnlightning.callbacks.functional.names import (
+    LANDSCAPE_BETA_EFF,
+    LANDSCAPE_GRAD_L2_MAX,
+    LANDSCAPE_LOSS_MAX,
+    LANDSCAPE_LOSS_MIN,
+    LANDSCAPE_METRICS,
+)
 
 __all__ = ["LossLandscape"]
 
-METRICS = ("landscape/loss_min", "landscape/loss_max", "landscape/grad_l2_max", "landscape/beta_eff")
+METRICS = LANDSCAPE_METRICS
 
 
 class LossLandscape(MeasurementCallback):
@@ -140,7 +147,7 @@ class LossLandscape(MeasurementCallback):
     @override
     def charts(self) -> dict[str, list[str]]:
         return {
-            "landscape_loss_band": ["landscape/loss_min", "landscape/loss_max"],
-            "landscape_grad_l2_max": ["landscape/grad_l2_max"],
-            "landscape_beta_eff": ["landscape/beta_eff"],
+            "landscape_loss_band": [LANDSCAPE_LOSS_MIN, LANDSCAPE_LOSS_MAX],
+            "landscape_grad_l2_max": [LANDSCAPE_GRAD_L2_MAX],
+            "landscape_beta_eff": [LANDSCAPE_BETA_EFF],
         }

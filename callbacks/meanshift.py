@@ -1,10 +1,9 @@
 """``MeanShift``: how alike different examples look inside the network (PROTOCOL §10).
 
-Brock et al. (2021) and the article "Batch Normalization… or not?": without normalization, ReLU outputs have a positive mean
-per channel, the shift grows with depth, and every example's hidden representation points
-the same way, until the network predicts one label for every input at initialisation.
-BatchNorm removes the per-channel mean at every layer; scaled weight standardisation
-removes it from the weights instead.
+Brock et al. (2021) and the article "Batch Normalization… or not?": without normalization, ReLU outputs have a positive
+mean per channel, the shift grows with depth, and every example's hidden representation points the same way, until the
+network predicts one label for every input at initialisation. BatchNorm removes the per-channel mean at every layer;
+scaled weight standardisation removes it from the weights instead.
 
 ``mean_shift`` (``functional/meanshift.py``) is the pure function; ``MeanShift`` the callback that
 applies it to the outputs of chosen layers during one side-effect-free measurement pass.
@@ -28,6 +27,7 @@ from bnlightning.callbacks.functional.meanshift import (
     mean_shift,
     pairwise_cosine_mean,
 )
+from bnlightning.callbacks.functional.names import MEANSHIFT_MAJORITY_SHARE, meanshift_key
 
 __all__ = ["MeanShift", "majority_share", "mean_shift", "pairwise_cosine_mean"]
 
@@ -114,7 +114,7 @@ class MeanShift(ModuleLayersCallback):
         metrics = {key: value for name in self._layers if seen.get(name) for key, value in seen[name].items()}
         share = self._logits(shares, pl_module)
         if share is not None:
-            metrics["meanshift/majority_share"] = share
+            metrics[MEANSHIFT_MAJORITY_SHARE] = share
         return metrics
 
     def _logits(self, shares: dict[str, Tensor], pl_module: pl.LightningModule) -> Tensor | None:
@@ -129,10 +129,11 @@ class MeanShift(ModuleLayersCallback):
             self._said_no_logits = True
             rank_zero_warn(
                 f"MeanShift: meanshift/majority_share is not logged: no module of {type(pl_module).__name__} returned "
-                f"(N, classes) logits in the measured pass (a tuple, a dict or a sequence model's (N, T, V) output is not read)."
+                "(N, classes) logits in the measured pass (a tuple, a dict or a sequence model's (N, T, V) output is "
+                "not read)."
             )
         return None
 
     @override
     def charts(self) -> dict[str, list[str]]:
-        return {"meanshift_cos": [f"meanshift/{name}/cos" for name in self._layers]}
+        return {"meanshift_cos": [meanshift_key(name, "cos") for name in self._layers]}

@@ -1,4 +1,5 @@
-"""``ResidualVariance``: residual branch vs skip path, per block (the article "Batch Normalization… or not?"; De & Smith 2020).
+"""``ResidualVariance``: residual branch vs skip path, per block (the article "Batch Normalization… or not?"; De & Smith
+2020).
 
 The claim: in a residual network, BatchNorm on the residual branch downscales it relative
 to the skip path at initialisation (the skip path's variance grows with depth while BN
@@ -19,6 +20,7 @@ from typing_extensions import override
 from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional import capture_forward
 from bnlightning.callbacks.functional._loss import LossFn
+from bnlightning.callbacks.functional.names import resvar_key
 from bnlightning.callbacks.functional.residual import block_metrics, read_variance, residual_blocks, residual_variance
 
 __all__ = ["ResidualVariance", "residual_blocks", "residual_variance"]
@@ -72,7 +74,8 @@ class ResidualVariance(MeasurementCallback):
         self._blocks = residual_blocks(pl_module)
         if not self._blocks:
             raise ValueError(
-                f"{type(pl_module).__name__} has no residual block (a module with children named 'branch' and 'shortcut')"
+                f"{type(pl_module).__name__} has no residual block (a module with children named 'branch' and "
+                "'shortcut')"
             )
 
     @override
@@ -93,4 +96,4 @@ class ResidualVariance(MeasurementCallback):
 
     @override
     def charts(self) -> dict[str, list[str]]:
-        return {"resvar_ratio": [f"resvar/{b}/ratio" for b in self._blocks]}
+        return {"resvar_ratio": [resvar_key(b, "ratio") for b in self._blocks]}

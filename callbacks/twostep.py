@@ -141,7 +141,8 @@ class TwoStepMeasurement(MeasurementCallback):
             if not self._warned_skipped:
                 self._warned_skipped = True
                 warnings.warn(
-                    f"{type(self).__name__}: the optimizer skipped step {self._pending.step} (inf/NaN gradients under a GradScaler); not measured.",
+                    f"{type(self).__name__}: the optimizer skipped step {self._pending.step} (inf/NaN gradients under "
+                    "a GradScaler); not measured.",
                     stacklevel=2,
                 )
             self._pending = None

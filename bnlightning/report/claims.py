@@ -28,6 +28,20 @@ from typing import Any
 
 import numpy as np
 
+from bnlightning.callbacks.functional.names import (
+    EFFLR,
+    GRADACT,
+    ICS_COS,
+    ICS_REL,
+    LANDSCAPE_BETA_EFF,
+    LANDSCAPE_GRAD_L2_MAX,
+    MEANSHIFT,
+    MEANSHIFT_MAJORITY_SHARE,
+    RESVAR,
+    ics_key,
+    meanshift_key,
+    resvar_key,
+)
 from bnlightning.report.figures import (
     STYLE,
     Figure,
@@ -84,13 +98,13 @@ def run_results(run: Run) -> dict[str, float | None]:
         "train - val acc": train - val if train is not None and val is not None else None,
         "final train loss": _mean_last(run, "train/loss", 1),
     }
-    for prefix in ("ics/cos/", "ics/rel/"):
+    for prefix in (f"{ICS_COS}/", f"{ICS_REL}/"):
         for layer in run.layers(prefix):
             s = run.series(prefix + layer)
             out[f"median {prefix}{short_layer(layer)}"] = (
                 float(np.nanmedian(s[1])) if s is not None and len(s[1]) else None
             )
-    for metric in ("landscape/beta_eff", "landscape/grad_l2_max"):
+    for metric in (LANDSCAPE_BETA_EFF, LANDSCAPE_GRAD_L2_MAX):
         s = run.series(metric)
         if s is not None and len(s[1]):
             out[f"median {metric}"] = float(np.nanmedian(s[1]))
@@ -191,7 +205,8 @@ def sweep_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: i
         out,
         family,
         "sweep",
-        f"{{model}} on {{dataset}}: final accuracy vs {short_key(x_key)}; mean over seeds, bar = min-max, x = a seed diverged",
+        f"{{model}} on {{dataset}}: final accuracy vs {short_key(x_key)}; mean over seeds, bar = min-max, x = a seed "
+        "diverged",
         f"Accuracy vs {short_key(x_key)} — {{model}} on {{dataset}}",
         dpi,
     )
@@ -257,7 +272,7 @@ def _bar_figure(
 def meanshift_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
     """Mean cosine between examples and per-channel mean, per layer over depth, at the first measurement."""
     layers = sorted(
-        {n.split("/")[1] for r in runs for n in r.metrics if n.startswith("meanshift/") and n.endswith("/cos")},
+        {n.split("/")[1] for r in runs for n in r.metrics if n.startswith(f"{MEANSHIFT}/") and n.endswith("/cos")},
         key=_block_key,
     )
     if not layers:
@@ -265,10 +280,10 @@ def meanshift_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
     fig, axes = subplots(1, 2, 5.0, 3.4)
     axes = axes[0]
     for s in family_settings(runs):
-        share = _stats([_first(r, "meanshift/majority_share") for r in s.runs])
+        share = _stats([_first(r, MEANSHIFT_MAJORITY_SHARE) for r in s.runs])
         label = s.full_label + (f" (majority {share[0]:.2f})" if share else "")
         for ax, stat in zip(axes, ("cos", "channel_mean")):
-            _over_depth(ax, s.runs, [f"meanshift/{layer}/{stat}" for layer in layers], s.color, label)
+            _over_depth(ax, s.runs, [meanshift_key(layer, stat) for layer in layers], s.color, label)
     axes[0].set_ylabel("mean cos(A_a, A_b), a != b\n(-1 to 1)")
     axes[1].set_ylabel("mean over channels of the\nchannel mean (activation value)")
     for ax in axes:
@@ -288,7 +303,7 @@ def meanshift_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
 def residual_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
     """var(branch) / var(skip) per residual block over depth, at the first measurement (claim 8)."""
     blocks = sorted(
-        {n.split("/")[1] for r in runs for n in r.metrics if n.startswith("resvar/") and n.endswith("/ratio")},
+        {n.split("/")[1] for r in runs for n in r.metrics if n.startswith(f"{RESVAR}/") and n.endswith("/ratio")},
         key=_block_key,
     )
     if not blocks:
@@ -296,8 +311,8 @@ def residual_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
     fig, axes = subplots(1, 1, 7.0, 3.4)
     ax = axes[0][0]
     for s in family_settings(runs):
-        own = [b for b in blocks if any(r.series(f"resvar/{b}/ratio") is not None for r in s.runs)]
-        _over_depth(ax, s.runs, [f"resvar/{b}/ratio" for b in own], s.color, s.full_label)
+        own = [b for b in blocks if any(r.series(resvar_key(b, "ratio")) is not None for r in s.runs)]
+        _over_depth(ax, s.runs, [resvar_key(b, "ratio") for b in own], s.color, s.full_label)
     ax.set_yscale("log")
     ax.axhline(1.0, color="k", lw=0.6, ls=":")
     ax.set_xlabel("residual block (input to output)")
@@ -327,11 +342,11 @@ def measures_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
     logged ``ics/rel/`` or ``landscape/`` metrics and sweeps such a key.
     """
     keys = varying_keys(runs)
-    layers = sorted({layer for r in runs for layer in r.layers("ics/rel/")}, key=_block_key)
-    panels = [(f"ics/rel/{layer}", f"ICS — {short_layer(layer)}") for layer in layers]
+    layers = sorted({layer for r in runs for layer in r.layers(f"{ICS_REL}/")}, key=_block_key)
+    panels = [(ics_key("rel", layer), f"ICS — {short_layer(layer)}") for layer in layers]
     landscape = (
-        ("landscape/beta_eff", "effective beta-smoothness"),
-        ("landscape/grad_l2_max", "gradient predictiveness max ||g - g'||"),
+        (LANDSCAPE_BETA_EFF, "effective beta-smoothness"),
+        (LANDSCAPE_GRAD_L2_MAX, "gradient predictiveness max ||g - g'||"),
     )
     panels += [(m, t) for m, t in landscape if any(r.series(m) is not None for r in runs)]
     if not panels or all(k in PAPER_KEYS for k in keys):
@@ -343,7 +358,7 @@ def measures_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
     for ax, (metric, title) in zip(axes[0], panels):
         _log_y(ax)  # ICS spans decades between settings (standard 1e-3, BN after 0.4)
         ax.set_title(title)
-        ax.set_ylabel(y_label("ics/rel/" if metric.startswith("ics/rel/") else metric, runs))
+        ax.set_ylabel(y_label(f"{ICS_REL}/" if metric.startswith(f"{ICS_REL}/") else metric, runs))
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
     return _finish(
@@ -370,7 +385,8 @@ def _first(run: Run, metric: str) -> float | None:
 
 
 def _over_depth(ax: Any, runs: Sequence[Run], metrics: Sequence[str], color: str, label: str) -> None:
-    """The first logged value of each metric (one per layer or block, input to output): mean over seeds, min-max band."""
+    """The first logged value of each metric (one per layer or block, input to output): mean over seeds, min-max
+    band."""
     vals = np.array([[np.nan if (v := _first(r, m)) is None else v for m in metrics] for r in runs])
     depth = np.arange(1, len(metrics) + 1)
     ax.plot(depth, np.nanmean(vals, 0), "o-", color=color, label=label, ms=3, lw=1.3)
@@ -400,11 +416,11 @@ def write_claims_markdown(runs: Sequence[Run], out: Path) -> Path:
     for (model, dataset), rs in group_by(runs, "family").items():
         header, rows = claim_rows(rs)
         parts += [f"## {model} on {dataset}", "", markdown_table(header, rows), ""]
-        if any(r.series("meanshift/majority_share") is not None for r in rs):
+        if any(r.series(MEANSHIFT_MAJORITY_SHARE) is not None for r in rs):
             parts += [_meanshift_table(rs), ""]
-        if any(n.startswith("resvar/") for r in rs for n in r.metrics):
+        if any(n.startswith(f"{RESVAR}/") for r in rs for n in r.metrics):
             parts += [_residual_table(rs), ""]
-        if any(n.startswith(("gradact/", "efflr/")) for r in rs for n in r.metrics):
+        if any(n.startswith((f"{GRADACT}/", f"{EFFLR}/")) for r in rs for n in r.metrics):
             from bnlightning.report.gauges import gauges_table
 
             parts += ["Stability gauges (PROTOCOL §12): medians over the measurements", "", gauges_table(rs), ""]
@@ -428,7 +444,7 @@ def _meanshift_table(runs: Sequence[Run]) -> str:
     rows = []
     for rs in group_settings(runs, keys).values():
         own = sorted(
-            {n.split("/")[1] for r in rs for n in r.metrics if n.startswith("meanshift/") and n.endswith("/cos")},
+            {n.split("/")[1] for r in rs for n in r.metrics if n.startswith(f"{MEANSHIFT}/") and n.endswith("/cos")},
             key=_block_key,
         )
         if not own:
@@ -437,10 +453,10 @@ def _meanshift_table(runs: Sequence[Run]) -> str:
         rows.append(
             [format_value(k, rs[0].value(k)) for k in keys]
             + [",".join(str(r.seed) for r in rs), f"{short_layer(own[0])} … {short_layer(own[-1])} ({len(own)})"]
-            + [_fmt(_stats([_first(r, f"meanshift/{n}/cos") for r in rs])) for n in picks]
+            + [_fmt(_stats([_first(r, meanshift_key(n, "cos")) for r in rs])) for n in picks]
             + [
-                _fmt(_stats([_first(r, f"meanshift/{own[-1]}/channel_mean") for r in rs])),
-                _fmt(_stats([_first(r, "meanshift/majority_share") for r in rs])),
+                _fmt(_stats([_first(r, meanshift_key(own[-1], "channel_mean")) for r in rs])),
+                _fmt(_stats([_first(r, MEANSHIFT_MAJORITY_SHARE) for r in rs])),
             ]
         )
     return markdown_table(header, rows)
@@ -448,21 +464,21 @@ def _meanshift_table(runs: Sequence[Run]) -> str:
 
 def _residual_table(runs: Sequence[Run]) -> str:
     blocks = sorted(
-        {n.split("/")[1] for r in runs for n in r.metrics if n.startswith("resvar/") and n.endswith("/ratio")},
+        {n.split("/")[1] for r in runs for n in r.metrics if n.startswith(f"{RESVAR}/") and n.endswith("/ratio")},
         key=_block_key,
     )
     keys = varying_keys(runs)
     header = [short_key(k) for k in keys] + ["seeds", "blocks", "ratio first block", "ratio last block", "median ratio"]
     rows = []
     for rs in group_settings(runs, keys).values():
-        own = [b for b in blocks if any(r.series(f"resvar/{b}/ratio") is not None for r in rs)]
+        own = [b for b in blocks if any(r.series(resvar_key(b, "ratio")) is not None for r in rs)]
         if not own:
             continue
-        med = [float(np.nanmedian([_first(r, f"resvar/{b}/ratio") or np.nan for b in own])) for r in rs]
+        med = [float(np.nanmedian([_first(r, resvar_key(b, "ratio")) or np.nan for b in own])) for r in rs]
         rows.append(
             [format_value(k, rs[0].value(k)) for k in keys]
             + [",".join(str(r.seed) for r in rs), str(len(own))]
-            + [_fmt(_stats([_first(r, f"resvar/{b}/ratio") for r in rs])) for b in (own[0], own[-1])]
+            + [_fmt(_stats([_first(r, resvar_key(b, "ratio")) for r in rs])) for b in (own[0], own[-1])]
             + [_fmt(_stats(med))]
         )
     return markdown_table(header, rows)

@@ -89,7 +89,8 @@ def report_main(argv: Sequence[str]) -> int:
         runs, repeats = drop_repeated_seeds(runs)
         if not runs:
             raise FileNotFoundError(
-                f"no finished run under {' '.join(args.run_dirs)} ({len(incomplete)} incomplete: resume them with --ckpt_path last)"
+                f"no finished run under {' '.join(args.run_dirs)} ({len(incomplete)} incomplete: resume them with "
+                "--ckpt_path last)"
             )
         out = Path(args.out)
         if out.exists() and not out.is_dir():
@@ -106,7 +107,8 @@ def report_main(argv: Sequence[str]) -> int:
         extra = f"; {len(incomplete)} incomplete runs listed apart, not averaged" if incomplete else ""
         extra += f"; {len(repeats)} repeated seeds listed apart, not counted twice" if repeats else ""
         print(
-            f"bnlightning report: {len(runs)} runs ({len(diverged)} diverged){extra}, {len(figures)} figures -> {md}, {page}"
+            f"bnlightning report: {len(runs)} runs ({len(diverged)} diverged){extra}, {len(figures)} figures "
+            f"-> {md}, {page}"
         )
         return 0
 
@@ -143,7 +145,10 @@ def wandb_report_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="DIR",
-        help="local run folders whose metrics.csv names the measured layers: one panel per group of layers (default: runs/ if present)",
+        help=(
+            "local run folders whose metrics.csv names the measured layers: one panel per group of layers (default: "
+            "runs/ if present)"
+        ),
     )
     return p
 
@@ -177,7 +182,8 @@ def wandb_report_main(argv: Sequence[str]) -> int:
             if args.spec_out:
                 Path(args.spec_out).write_text(text)
                 print(
-                    f"bnlightning wandb-report: spec written to {args.spec_out} (not saved; run without --dry-run to save)"
+                    f"bnlightning wandb-report: spec written to {args.spec_out} (not saved; run without --dry-run to "
+                    "save)"
                 )
             else:
                 print(text)

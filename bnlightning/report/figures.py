@@ -40,6 +40,21 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.text import Text
 
+from bnlightning.callbacks.functional.names import (
+    ACT,
+    HESSIAN_LAMBDA_MAX,
+    HESSIAN_SHARPNESS_RATIO,
+    HESSIAN_TRACE,
+    ICS_COS,
+    ICS_L2,
+    ICS_REL,
+    LANDSCAPE_BETA_EFF,
+    LANDSCAPE_GRAD_L2_MAX,
+    LANDSCAPE_LOSS,
+    LANDSCAPE_LOSS_MAX,
+    LANDSCAPE_LOSS_MIN,
+    act_key,
+)
 from bnlightning.report.runs import (
     LR_KEY,
     NORM_KEY,
@@ -129,7 +144,8 @@ def family_slug(family: tuple[str, str]) -> str:
 
 
 def combo_colors(runs: Sequence[Run], keys: Sequence[str]) -> dict[tuple[str, ...], str]:
-    """One colour per combination of ``keys``' values: norms keep their paper colours, else a palette in setting order."""
+    """One colour per combination of ``keys``' values: norms keep their paper colours, else a palette in setting
+    order."""
     groups = group_settings(runs, keys)
     if all(k == NORM_KEY for k in keys):
         return {
@@ -175,16 +191,16 @@ Y_LABELS = {
     "val/acc": "val accuracy (fraction)",
     "train/loss": "train {loss}",
     "val/loss": "val {loss}",
-    "ics/l2/": "||G - G'||_2 (gradient norm)",
-    "ics/cos/": "cos(G, G') (-1 to 1)",
-    "ics/rel/": "||G - G'|| / ||G|| (ratio)",
-    "landscape/loss": "{loss}",
-    "landscape/grad_l2_max": "max ||g - g'||_2 (gradient norm)",
-    "landscape/beta_eff": "beta_eff (loss / weight^2)",
-    "hessian/lambda_max": "lambda_max (loss / weight^2)",
-    "hessian/trace": "trace (loss / weight^2)",
-    "hessian/sharpness_ratio": "lambda_max * lr / (2(1+beta)) (ratio)",
-    "act": "pre-activation value",
+    f"{ICS_L2}/": "||G - G'||_2 (gradient norm)",
+    f"{ICS_COS}/": "cos(G, G') (-1 to 1)",
+    f"{ICS_REL}/": "||G - G'|| / ||G|| (ratio)",
+    LANDSCAPE_LOSS: "{loss}",
+    LANDSCAPE_GRAD_L2_MAX: "max ||g - g'||_2 (gradient norm)",
+    LANDSCAPE_BETA_EFF: "beta_eff (loss / weight^2)",
+    HESSIAN_LAMBDA_MAX: "lambda_max (loss / weight^2)",
+    HESSIAN_TRACE: "trace (loss / weight^2)",
+    HESSIAN_SHARPNESS_RATIO: "lambda_max * lr / (2(1+beta)) (ratio)",
+    ACT: "pre-activation value",
 }
 
 
@@ -253,7 +269,8 @@ def _one_legend(fig: plt.Figure) -> float:
 def _finish(
     fig: plt.Figure, out: Path, family: tuple[str, str], kind: str, title: str, caption: str, dpi: int
 ) -> Figure:
-    """One legend, readable text, title (``{model}``/``{dataset}`` filled in); save as ``<family>_<kind>.png``, close."""
+    """One legend, readable text, title (``{model}``/``{dataset}`` filled in); save as ``<family>_<kind>.png``,
+    close."""
     model, dataset = family
     path = out / f"{family_slug(family)}_{kind}.png"
     for ax in fig.axes:
@@ -338,10 +355,10 @@ def accuracy_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
 
 def ics_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
     """``||G - G'||_2`` (log), ``cos(G, G')`` and the relative change per layer, one y-range per row."""
-    layers = sorted({layer for r in runs for layer in r.layers("ics/l2/")}, key=lambda n: (len(n), n))
+    layers = sorted({layer for r in runs for layer in r.layers(f"{ICS_L2}/")}, key=lambda n: (len(n), n))
     if not layers:
         return None
-    rows = [("ics/l2/", True), ("ics/cos/", False), ("ics/rel/", False)]
+    rows = [(f"{ICS_L2}/", True), (f"{ICS_COS}/", False), (f"{ICS_REL}/", False)]
     rows = [r for r in rows if any(run.series(r[0] + layers[0]) is not None for run in runs)]
     settings = family_settings(runs)
     fig, axes = subplots(len(rows), len(layers), 3.6, 2.6, sharey="row")
@@ -371,28 +388,28 @@ def ics_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int
 
 def landscape_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
     """Loss band along the gradient, gradient predictiveness and beta_eff over steps."""
-    if not any(r.series("landscape/beta_eff") is not None or r.series("landscape/loss_min") is not None for r in runs):
+    if not any(r.series(LANDSCAPE_BETA_EFF) is not None or r.series(LANDSCAPE_LOSS_MIN) is not None for r in runs):
         return None
     fig, axes = subplots(1, 3, 4.2, 3.2)
     band_ax, grad_ax, beta_ax = axes[0]
     for s in family_settings(runs):
-        lo, hi = aggregate(s.runs, "landscape/loss_min"), aggregate(s.runs, "landscape/loss_max")
+        lo, hi = aggregate(s.runs, LANDSCAPE_LOSS_MIN), aggregate(s.runs, LANDSCAPE_LOSS_MAX)
         if lo is not None and hi is not None:
             steps = np.intersect1d(lo[0], hi[0])
             low = lo[1][np.isin(lo[0], steps)]
             high = hi[1][np.isin(hi[0], steps)]
             band_ax.fill_between(steps, low, high, color=s.color, alpha=0.35, lw=0)
             band_ax.plot(steps, high, s.style, color=s.color, lw=0.8, label=s.full_label)
-        _band(grad_ax, s.runs, "landscape/grad_l2_max", s.color, s.full_label, s.style)
-        _band(beta_ax, s.runs, "landscape/beta_eff", s.color, s.full_label, s.style)
+        _band(grad_ax, s.runs, LANDSCAPE_GRAD_L2_MAX, s.color, s.full_label, s.style)
+        _band(beta_ax, s.runs, LANDSCAPE_BETA_EFF, s.color, s.full_label, s.style)
     band_ax.set_title("loss along the gradient\n(min..max over step sizes)")
     _log_if_wide(band_ax)
     grad_ax.set_title("gradient predictiveness")
     beta_ax.set_title("effective beta-smoothness")
     for ax, metric in (
-        (band_ax, "landscape/loss"),
-        (grad_ax, "landscape/grad_l2_max"),
-        (beta_ax, "landscape/beta_eff"),
+        (band_ax, LANDSCAPE_LOSS),
+        (grad_ax, LANDSCAPE_GRAD_L2_MAX),
+        (beta_ax, LANDSCAPE_BETA_EFF),
     ):
         ax.set_ylabel(y_label(metric, runs))
         ax.set_xlabel("training step")
@@ -411,19 +428,19 @@ def landscape_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
 
 def curvature_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
     """Top Hessian eigenvalue, Hessian trace and sharpness ratio (lambda_max / stability limit) over steps."""
-    if not any(r.series("hessian/lambda_max") is not None for r in runs):
+    if not any(r.series(HESSIAN_LAMBDA_MAX) is not None for r in runs):
         return None
     fig, axes = subplots(1, 3, 4.2, 3.2)
     lam_ax, tr_ax, ratio_ax = axes[0]
     for s in family_settings(runs):
-        _band(lam_ax, s.runs, "hessian/lambda_max", s.color, s.full_label, s.style)
-        _band(tr_ax, s.runs, "hessian/trace", s.color, s.full_label, s.style)
-        _band(ratio_ax, s.runs, "hessian/sharpness_ratio", s.color, s.full_label, s.style)
+        _band(lam_ax, s.runs, HESSIAN_LAMBDA_MAX, s.color, s.full_label, s.style)
+        _band(tr_ax, s.runs, HESSIAN_TRACE, s.color, s.full_label, s.style)
+        _band(ratio_ax, s.runs, HESSIAN_SHARPNESS_RATIO, s.color, s.full_label, s.style)
     ratio_ax.axhline(1.0, color="k", lw=0.8, ls=":", label="edge of stability")
     lam_ax.set_title("top Hessian eigenvalue")
     tr_ax.set_title("Hessian trace (Hutchinson)")
     ratio_ax.set_title("sharpness / stability limit")
-    for ax, metric in ((lam_ax, "hessian/lambda_max"), (tr_ax, "hessian/trace"), (ratio_ax, "hessian/sharpness_ratio")):
+    for ax, metric in ((lam_ax, HESSIAN_LAMBDA_MAX), (tr_ax, HESSIAN_TRACE), (ratio_ax, HESSIAN_SHARPNESS_RATIO)):
         _log_if_wide(ax)
         ax.set_ylabel(y_label(metric, runs))
         ax.set_xlabel("training step")
@@ -440,7 +457,7 @@ def curvature_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
 
 def activations_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
     """15/50/85 % quantiles of each measured layer's pre-activations, one row per setting, one y-range per layer."""
-    layers = sorted({layer for r in runs for layer in r.layers("act/")}, key=lambda n: (len(n), n))
+    layers = sorted({layer for r in runs for layer in r.layers(f"{ACT}/")}, key=lambda n: (len(n), n))
     if not layers:
         return None
     settings = family_settings(runs)
@@ -449,10 +466,10 @@ def activations_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, 
         for col, layer in enumerate(layers):
             ax = axes[row][col]
             for q, style in (("q15", ":"), ("q50", "-"), ("q85", ":")):
-                _band(ax, s.runs, f"act/{layer}/{q}", s.color, "15 / 85 % quantile" if q != "q50" else "median", style)
+                _band(ax, s.runs, act_key(layer, q), s.color, "15 / 85 % quantile" if q != "q50" else "median", style)
             ax.set_title(f"{short_layer(layer)} — {s.full_label}")
             if col == 0:
-                ax.set_ylabel(y_label("act", runs))
+                ax.set_ylabel(y_label(ACT, runs))
             if row == len(settings) - 1:
                 ax.set_xlabel("training step")
     return _finish(

@@ -20,6 +20,18 @@ from typing import Any
 
 import numpy as np
 
+from bnlightning.callbacks.functional.names import (
+    EFFLR,
+    GRADACT,
+    HESSIAN_ACTUAL_CHANGE,
+    HESSIAN_GRAD_CURVATURE,
+    HESSIAN_PREDICTED_CHANGE,
+    HESSIAN_SHARPNESS_RATIO,
+    HESSIAN_UPDATE_CURVATURE,
+    efflr_key,
+    gradact_key,
+    sld_key,
+)
 from bnlightning.report.claims import _block_key
 from bnlightning.report.figures import Figure, _band, _finish, plt
 from bnlightning.report.page import markdown_table
@@ -57,16 +69,16 @@ def _style(ax: Any, xlabel: str, ylabel: str, log: bool = False) -> None:
 
 
 def curvature_gauges_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
-    if not any(r.series("hessian/grad_curvature") is not None for r in runs):
+    if not any(r.series(HESSIAN_GRAD_CURVATURE) is not None for r in runs):
         return None
     fig, axes = plt.subplots(1, 3, figsize=(13.0, 3.6))
     for i, (label, rs) in enumerate(_settings(runs)):
         color = f"C{i % 10}"
-        _band(axes[0], rs, "hessian/grad_curvature", color, label + " gᵀHg/‖g‖²")
-        _band(axes[0], rs, "hessian/update_curvature", color, "uᵀHu/‖u‖²", style="--")
-        _band(axes[1], rs, "hessian/sharpness_ratio", color, label, style="o-")
+        _band(axes[0], rs, HESSIAN_GRAD_CURVATURE, color, label + " gᵀHg/‖g‖²")
+        _band(axes[0], rs, HESSIAN_UPDATE_CURVATURE, color, "uᵀHu/‖u‖²", style="--")
+        _band(axes[1], rs, HESSIAN_SHARPNESS_RATIO, color, label, style="o-")
         for r in rs:
-            p, a = r.series("hessian/predicted_change"), r.series("hessian/actual_change")
+            p, a = r.series(HESSIAN_PREDICTED_CHANGE), r.series(HESSIAN_ACTUAL_CHANGE)
             if p is not None and a is not None:
                 n = min(len(p[1]), len(a[1]))
                 axes[2].scatter(a[1][:n], p[1][:n], s=12, color=color, label=label if r is rs[0] else None)
@@ -82,7 +94,8 @@ def curvature_gauges_figure(family: tuple[str, str], runs: Sequence[Run], out: P
     axes[2].legend(fontsize=6)
     return _finish(
         fig, out, family, "gauges_curvature",
-        "Curvature along the gradient and the real step; sharpness ratio (SGD: λmax·η/(2(1+β)); AdamW: λmax(P⁻¹H)·η(1−β₁)/(2+2β₁)) — {model} on {dataset}",
+        "Curvature along the gradient and the real step; sharpness ratio (SGD: λmax·η/(2(1+β)); AdamW: "
+        "λmax(P⁻¹H)·η(1−β₁)/(2+2β₁)) — {model} on {dataset}",
         "Gradient-direction curvature and sharpness ratio (PROTOCOL §12) — {model} on {dataset}",
         dpi,
     )  # fmt: skip
@@ -94,7 +107,7 @@ def _layers(runs: Sequence[Run]) -> list[str]:
             n.split("/")[1]
             for r in runs
             for n in r.metrics
-            if n.startswith("gradact/") and n.endswith("/norm") and not n.endswith("input_norm")
+            if n.startswith(f"{GRADACT}/") and n.endswith("/norm") and not n.endswith("input_norm")
         },
         key=_block_key,
     )
@@ -115,11 +128,11 @@ def gradact_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi:
     for i, (label, rs) in enumerate(_settings(runs)):
         own = _layers(rs)
         depth = np.arange(1, len(own) + 1)
-        norms = np.nanmean([[_mean_of(r, f"gradact/{n}/norm") for n in own] for r in rs], 0)
+        norms = np.nanmean([[_mean_of(r, gradact_key(n, "norm")) for n in own] for r in rs], 0)
         axes[0].plot(depth, norms, "o-", color=f"C{i % 10}", label=label, ms=3)
-        if any(f"gradact/{own[0]}/bound" in r.metrics for r in rs):
-            inp = np.nanmean([[_mean_of(r, f"gradact/{n}/input_norm") for n in own] for r in rs], 0)
-            bound = np.nanmean([[_mean_of(r, f"gradact/{n}/bound") for n in own] for r in rs], 0)
+        if any(gradact_key(own[0], "bound") in r.metrics for r in rs):
+            inp = np.nanmean([[_mean_of(r, gradact_key(n, "input_norm")) for n in own] for r in rs], 0)
+            bound = np.nanmean([[_mean_of(r, gradact_key(n, "bound")) for n in own] for r in rs], 0)
             axes[1].plot(depth, inp, "o-", color=f"C{i % 10}", label=label + " ‖∂L/∂x‖", ms=3)
             axes[1].plot(depth, bound, "x--", color=f"C{i % 10}", label="Thm 4.1 bound", ms=5)
     _style(
@@ -137,15 +150,15 @@ def gradact_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi:
 
 
 def efflr_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
-    layers = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith("efflr/")}, key=_block_key)
+    layers = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith(f"{EFFLR}/")}, key=_block_key)
     if not layers:
         return None
     picks = list(dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]]))
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6))
     for i, (label, rs) in enumerate(_settings(runs)):
         for layer, style in zip(picks, ("-", "--", ":")):
-            _band(axes[0], rs, f"efflr/{layer}/lr", f"C{i % 10}", f"{label} {short_layer(layer)}", style=style)
-            _band(axes[1], rs, f"efflr/{layer}/angle", f"C{i % 10}", f"{label} {short_layer(layer)}", style=style)
+            _band(axes[0], rs, efflr_key(layer, "lr"), f"C{i % 10}", f"{label} {short_layer(layer)}", style=style)
+            _band(axes[1], rs, efflr_key(layer, "angle"), f"C{i % 10}", f"{label} {short_layer(layer)}", style=style)
     _style(axes[0], "step", "η / ‖W‖²", log=True)
     _style(axes[1], "step", "∠(W^t, W^{t+1}) [rad]", log=True)
     axes[0].legend(fontsize=5)
@@ -161,8 +174,8 @@ def sld_nodes(run: Run, mode: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Ritz values and weights of the last SLQ measurement in ``mode`` (``train`` or ``running``)."""
     nodes, weights = [], []
     i = 0
-    while (n := run.series(f"sld/{mode}/node_{i}")) is not None and (
-        w := run.series(f"sld/{mode}/weight_{i}")
+    while (n := run.series(sld_key(mode, f"node_{i}"))) is not None and (
+        w := run.series(sld_key(mode, f"weight_{i}"))
     ) is not None:
         nodes.append(n[1][-1])
         weights.append(w[1][-1])
@@ -188,7 +201,7 @@ def sld_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int
             dens = (weights[None, :] * np.exp(-0.5 * ((grid[:, None] - nodes[None, :]) / sigma) ** 2)).sum(1)
             n_starts = max(float(weights.sum()), 1e-12)
             dens = dens / (n_starts * sigma * np.sqrt(2 * np.pi))
-            hvps = run.final(f"sld/{mode}/hvps")
+            hvps = run.final(sld_key(mode, "hvps"))
             ax.plot(
                 grid,
                 np.maximum(dens, 1e-12),
@@ -203,7 +216,8 @@ def sld_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int
         ax.legend(fontsize=6)
     return _finish(
         fig, out, family, "gauges_sld",
-        "Hessian spectral density by stochastic Lanczos quadrature at the last step (Ghorbani et al. 2019) — {model} on {dataset}",
+        "Hessian spectral density by stochastic Lanczos quadrature at the last step (Ghorbani et al. 2019) — {model} "
+        "on {dataset}",
         "Hessian eigenvalue density, batch vs running statistics (PROTOCOL §12) — {model} on {dataset}",
         dpi,
     )  # fmt: skip
@@ -244,24 +258,27 @@ def gauges_table(runs: Sequence[Run]) -> str:
             return float(np.nanmedian(s[1])) if s is not None and len(s[1]) else float("nan")
 
         layers = _layers([r])
-        eff = sorted({n.split("/")[1] for n in r.metrics if n.startswith("efflr/")}, key=_block_key)
-        predicted, actual = r.series("hessian/predicted_change"), r.series("hessian/actual_change")
+        eff = sorted({n.split("/")[1] for n in r.metrics if n.startswith(f"{EFFLR}/")}, key=_block_key)
+        predicted, actual = r.series(HESSIAN_PREDICTED_CHANGE), r.series(HESSIAN_ACTUAL_CHANGE)
         ratio = np.nanmedian(predicted[1] / actual[1]) if predicted is not None and actual is not None else float("nan")
         grads = (
-            f"{_mean_of(r, f'gradact/{layers[0]}/norm'):.3g} … {_mean_of(r, f'gradact/{layers[-1]}/norm'):.3g}"
+            " … ".join(f"{_mean_of(r, gradact_key(layer, 'norm')):.3g}" for layer in (layers[0], layers[-1]))
             if layers
             else "—"
         )
         rows.append(
             [label, ",".join(str(x.seed) for x in rs)]
-            + [
-                f"{med(m):.3g}"
-                for m in ("hessian/grad_curvature", "hessian/update_curvature", "hessian/sharpness_ratio")
-            ]
+            + [f"{med(m):.3g}" for m in (HESSIAN_GRAD_CURVATURE, HESSIAN_UPDATE_CURVATURE, HESSIAN_SHARPNESS_RATIO)]
             + [f"{ratio:.3g}", grads]
-            + ([f"{med(f'efflr/{eff[-1]}/lr'):.3g}", f"{med(f'efflr/{eff[-1]}/angle'):.3g}"] if eff else ["—", "—"])
+            + (
+                [f"{med(efflr_key(eff[-1], 'lr')):.3g}", f"{med(efflr_key(eff[-1], 'angle')):.3g}"]
+                if eff
+                else ["—", "—"]
+            )
             + [
-                f"{r.final('sld/train/lambda_max') or float('nan'):.3g} / {r.final('sld/running/lambda_max') or float('nan'):.3g}"
+                " / ".join(
+                    f"{r.final(sld_key(mode, 'lambda_max')) or float('nan'):.3g}" for mode in ("train", "running")
+                )
             ]
         )
     return markdown_table(header, rows)

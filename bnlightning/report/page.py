@@ -172,7 +172,8 @@ def write_markdown(
     incomplete: Sequence[Run] = (),
     repeats: Sequence[Run] = (),
 ) -> Path:
-    """``report.md``: tables, then each figure (relative links); ``incomplete`` runs and ``repeats`` in tables of their own."""
+    """``report.md``: tables, then each figure (relative links); ``incomplete`` runs and ``repeats`` in tables of their
+    own."""
     parts = [f"# {title}", "", INTRO.format(n=len(runs)), "", "## Final results per setting", ""]
     for family, header, rows in summary_tables(runs):
         parts += [f"### {family}", "", markdown_table(header, rows), ""]
@@ -210,7 +211,10 @@ def _figure_card(fig: Figure) -> str:
     width = round(fig.size_in[0] * CSS_PX_PER_INCH) if fig.size_in[0] else None
     size = f" width='{width}'" if width else ""
     caption = html.escape(fig.caption)
-    return f"<figure><img src='data:image/png;base64,{data}'{size} alt='{caption}'><figcaption>{caption}</figcaption></figure>"
+    return (
+        f"<figure><img src='data:image/png;base64,{data}'{size} alt='{caption}'>"
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
 
 
 def write_html(
@@ -225,13 +229,15 @@ def write_html(
     style = (
         "body{font-family:sans-serif;margin:1.5em;max-width:1800px}"
         "table{border-collapse:collapse;font-size:13px;margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:3px 7px}"
-        ".bad{color:#b00;font-weight:bold}figure{margin:0 0 1.5em 0}img{max-width:100%;height:auto}figcaption{font-size:13px;color:#444}"
+        ".bad{color:#b00;font-weight:bold}figure{margin:0 0 1.5em 0}"
+        "img{max-width:100%;height:auto}figcaption{font-size:13px;color:#444}"
     )
     summaries = "".join(
         f"<h3>{html.escape(family)}</h3>{_html_table(header, rows)}" for family, header, rows in summary_tables(runs)
     )
     page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>{html.escape(INTRO.format(n=len(runs)))}</p>"
         f"<h2>Final results per setting</h2>{summaries}"
         f"<h2>Figures</h2>{''.join(_figure_card(f) for f in figures)}"
@@ -242,7 +248,8 @@ def write_html(
             else ""
         )
         + (
-            f"<h2>{html.escape(INCOMPLETE_TITLE)}</h2>{_html_table(INCOMPLETE_HEADER, incomplete_rows(incomplete, out))}"
+            f"<h2>{html.escape(INCOMPLETE_TITLE)}</h2>"
+            f"{_html_table(INCOMPLETE_HEADER, incomplete_rows(incomplete, out))}"
             if incomplete
             else ""
         )

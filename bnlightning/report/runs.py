@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from bnlightning.callbacks.functional.names import ACT
 from bnlightning.settings import is_setting_key
 
 #: A metric's history: the steps it was logged at and its values there (NaN/inf kept).
@@ -184,7 +185,8 @@ class Run:
 
     @property
     def status(self) -> str:
-        """``completed``, ``diverged``, ``interrupted``, ``failed``, ``running`` (killed), or ``unknown`` (no run.json)."""
+        """``completed``, ``diverged``, ``interrupted``, ``failed``, ``running`` (killed), or ``unknown`` (no
+        run.json)."""
         return str(self.state.get("status", "unknown"))
 
     @property
@@ -259,7 +261,8 @@ class Run:
 
     @property
     def setting(self) -> tuple[tuple[str, str], ...]:
-        """Every config value but the seeds and bookkeeping (:data:`bnlightning.settings.NOT_SETTINGS`): runs of one setting differ only by seed."""
+        """Every config value but the seeds and bookkeeping (:data:`bnlightning.settings.NOT_SETTINGS`): runs of one
+        setting differ only by seed."""
         return tuple((k, repr(v)) for k, v in sorted(self.flat_config.items()) if is_setting_key(k))
 
     def value(self, key: str) -> Any:
@@ -289,7 +292,8 @@ class Run:
 
     @property
     def finished_at(self) -> str:
-        """When the run last wrote ``run.json`` (ISO time), else its ``metrics.csv``'s modification time: newest wins a repeat."""
+        """When the run last wrote ``run.json`` (ISO time), else its ``metrics.csv``'s modification time: newest wins a
+        repeat."""
         updated = self.state.get("updated")
         if isinstance(updated, str):
             return updated
@@ -346,7 +350,7 @@ class Run:
             if not name.startswith(prefix):
                 continue
             rest = name[len(prefix) :]
-            if prefix == "act/":
+            if prefix == f"{ACT}/":
                 rest = rest.rsplit("/", 1)[0]
             found.add(rest)
         return sorted(found, key=layer_sort_key)

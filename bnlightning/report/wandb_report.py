@@ -22,6 +22,22 @@ from typing import Any
 import wandb_workspaces.reports.v2 as wr
 
 from bnlightning import _private
+from bnlightning.callbacks.functional.names import (
+    ACT,
+    HESSIAN,
+    HESSIAN_SHARPNESS_RATIO,
+    HESSIAN_TRACE,
+    ICS_COS,
+    ICS_L2,
+    ICS_REL,
+    LANDSCAPE_BETA_EFF,
+    LANDSCAPE_GRAD_L2_MAX,
+    LANDSCAPE_LOSS_MAX,
+    LANDSCAPE_LOSS_MIN,
+    MEANSHIFT,
+    MEANSHIFT_MAJORITY_SHARE,
+    RESVAR,
+)
 
 #: Config keys (as the CLI logs them under ``cli``) that define a setting.
 NORM_KEY = "cli.model.init_args.norm"
@@ -52,12 +68,12 @@ LAYERS_PER_PANEL = 4
 #: Per-layer metric families: key prefix -> the part of the key after ``<prefix>/<layer>/`` (None:
 #: the key is ``<prefix>/<layer>``). Used to find layer names in logged keys and to build panels.
 LAYER_FAMILIES: dict[str, str | None] = {
-    "ics/l2": None,
-    "ics/cos": None,
-    "ics/rel": None,
-    "act": "q15",
-    "meanshift": "cos",
-    "resvar": "ratio",
+    ICS_L2: None,
+    ICS_COS: None,
+    ICS_REL: None,
+    ACT: "q15",
+    MEANSHIFT: "cos",
+    RESVAR: "ratio",
 }
 
 
@@ -111,7 +127,8 @@ def layers_in(keys: Iterable[str]) -> dict[str, list[str]]:
 def _per_layer(
     title: str, family: str, pattern: str, layers: Sequence[str] | None, log_y: bool, y_title: str
 ) -> list[wr.LinePlot]:
-    """One panel per group of layers (``<family>/<layer>`` keys), or one regex panel over all layers when none are known.
+    """One panel per group of layers (``<family>/<layer>`` keys), or one regex panel over all layers when none are
+    known.
 
     ``pattern`` is the key after ``<family>/<layer>``: ``""`` or e.g. ``"/q(15|50|85)"``.
     """
@@ -127,7 +144,10 @@ def _per_layer(
     return panels
 
 
-def panel_sections(layers: Mapping[str, Sequence[str]] | None = None) -> list[tuple[str, str, list[Any]]]:
+Section = tuple[str, str, list[Any]]
+
+
+def panel_sections(layers: Mapping[str, Sequence[str]] | None = None) -> list[Section]:
     """(heading, explanation, panels) for each section of the report.
 
     Args:
@@ -137,93 +157,122 @@ def panel_sections(layers: Mapping[str, Sequence[str]] | None = None) -> list[tu
     """
     known = dict(layers or {})
     return [
-        (
-            "Training curves",
-            "Train/validation accuracy and loss per normalization and learning rate (Santurkar et al. Fig. 1-2).",
-            [
-                _line("train accuracy", ["train/acc"], y_title="accuracy (fraction)"),
-                _line("validation accuracy", ["val/acc"], y_title="accuracy (fraction)"),
-                _line("train loss", ["train/loss"], log_y=True, y_title="training loss (log)"),
-                wr.BarPlot(
-                    title="diverged at step (runs that diverged)",
-                    metrics=["diverged_at_step"],
-                    title_x="optimizer step of the first non-finite loss",
-                    layout=wr.Layout(w=8, h=6),
-                ),
-            ],
-        ),
-        (
-            "Internal covariate shift",
-            "||G - G'||_2, cos(G, G') and the relative change per layer (Def. 2.1, Fig. 3 and 5), one panel per group of layers.",
-            [
-                *_per_layer("ICS ||G - G'||_2", "ics/l2", "", known.get("ics/l2"), True, "||G - G'||_2 (log)"),
-                *_per_layer("ICS cos(G, G')", "ics/cos", "", known.get("ics/cos"), False, "cos(G, G') (1 = no shift)"),
-                *_per_layer(
-                    "ICS ||G - G'|| / ||G||", "ics/rel", "", known.get("ics/rel"), True, "||G - G'|| / ||G|| (log)"
-                ),
-            ],
-        ),
-        (
-            "Loss landscape",
-            "Loss along the gradient (min and max over step sizes), gradient predictiveness and effective beta-smoothness (Fig. 4).",
-            [
-                _line(
-                    "loss landscape (min, max)",
-                    ["landscape/loss_min", "landscape/loss_max"],
-                    log_y=True,
-                    y_title="loss along -g (log)",
-                ),
-                _line(
-                    "gradient predictiveness",
-                    ["landscape/grad_l2_max"],
-                    log_y=True,
-                    y_title="max_s ||g - g(w - s g)||_2 (log)",
-                ),
-                _line("effective beta-smoothness", ["landscape/beta_eff"], log_y=True, y_title="beta_eff (log)"),
-            ],
-        ),
-        (
-            "Activations",
-            "Quantiles 15/50/85 % of pre-activations per layer (Ioffe & Szegedy Fig. 1), one panel per group of layers, and the saturated share.",
-            [
-                *_per_layer(
-                    "activation quantiles", "act", "/q(15|50|85)", known.get("act"), False, "pre-activation quantile"
-                ),
-                _line("saturated / dead units", regex="act/.*/(saturated|dead)", y_title="share of units"),
-            ],
-        ),
-        (
-            "Curvature (Hessian)",
-            "Top eigenvalues and trace of the training-loss Hessian on the measured batch, and lambda_max / (2(1+beta)/eta): 1 is the edge of stability (Cohen et al. 2021).",
-            [
-                _line("Hessian top eigenvalues", regex=r"hessian/(lambda_max|eig_\d+)", y_title="eigenvalue of H"),
-                _line("Hessian trace", ["hessian/trace"], y_title="tr(H) (Hutchinson)"),
-                _line("sharpness ratio", ["hessian/sharpness_ratio"], y_title="lambda_max / (2(1+beta)/eta)"),
-            ],
-        ),
-        (
-            "Mean shift",
-            "Mean pairwise cosine of examples' activations per layer (1 = every example looks alike) and the share of examples given the majority class.",
-            [
-                *_per_layer("mean shift cos", "meanshift", "/cos", known.get("meanshift"), False, "mean cos(A_a, A_b)"),
-                _line("majority-class share", ["meanshift/majority_share"], y_title="share of examples"),
-            ],
-        ),
-        (
-            "Residual branches",
-            "var(branch) / var(skip) per residual block (De & Smith 2020): below 1 the block is close to the identity.",
-            [
-                *_per_layer(
-                    "residual branch / skip variance",
-                    "resvar",
-                    "/ratio",
-                    known.get("resvar"),
-                    True,
-                    "var(branch) / var(skip) (log)",
-                )
-            ],
-        ),
+        _training_section(),
+        _ics_section(known),
+        _landscape_section(),
+        _activations_section(known),
+        _hessian_section(),
+        _meanshift_section(known),
+        _residual_section(known),
     ]
+
+
+def _training_section() -> Section:
+    return (
+        "Training curves",
+        "Train/validation accuracy and loss per normalization and learning rate (Santurkar et al. Fig. 1-2).",
+        [
+            _line("train accuracy", ["train/acc"], y_title="accuracy (fraction)"),
+            _line("validation accuracy", ["val/acc"], y_title="accuracy (fraction)"),
+            _line("train loss", ["train/loss"], log_y=True, y_title="training loss (log)"),
+            wr.BarPlot(
+                title="diverged at step (runs that diverged)",
+                metrics=["diverged_at_step"],
+                title_x="optimizer step of the first non-finite loss",
+                layout=wr.Layout(w=8, h=6),
+            ),
+        ],
+    )
+
+
+def _ics_section(known: Mapping[str, Sequence[str]]) -> Section:
+    return (
+        "Internal covariate shift",
+        "||G - G'||_2, cos(G, G') and the relative change per layer (Def. 2.1, Fig. 3 and 5), "
+        "one panel per group of layers.",
+        [
+            *_per_layer("ICS ||G - G'||_2", ICS_L2, "", known.get(ICS_L2), True, "||G - G'||_2 (log)"),
+            *_per_layer("ICS cos(G, G')", ICS_COS, "", known.get(ICS_COS), False, "cos(G, G') (1 = no shift)"),
+            *_per_layer("ICS ||G - G'|| / ||G||", ICS_REL, "", known.get(ICS_REL), True, "||G - G'|| / ||G|| (log)"),
+        ],
+    )
+
+
+def _landscape_section() -> Section:
+    return (
+        "Loss landscape",
+        "Loss along the gradient (min and max over step sizes), gradient predictiveness and effective "
+        "beta-smoothness (Fig. 4).",
+        [
+            _line(
+                "loss landscape (min, max)",
+                [LANDSCAPE_LOSS_MIN, LANDSCAPE_LOSS_MAX],
+                log_y=True,
+                y_title="loss along -g (log)",
+            ),
+            _line(
+                "gradient predictiveness",
+                [LANDSCAPE_GRAD_L2_MAX],
+                log_y=True,
+                y_title="max_s ||g - g(w - s g)||_2 (log)",
+            ),
+            _line("effective beta-smoothness", [LANDSCAPE_BETA_EFF], log_y=True, y_title="beta_eff (log)"),
+        ],
+    )
+
+
+def _activations_section(known: Mapping[str, Sequence[str]]) -> Section:
+    return (
+        "Activations",
+        "Quantiles 15/50/85 % of pre-activations per layer (Ioffe & Szegedy Fig. 1), one panel per group of "
+        "layers, and the saturated share.",
+        [
+            *_per_layer("activation quantiles", ACT, "/q(15|50|85)", known.get(ACT), False, "pre-activation quantile"),
+            _line("saturated / dead units", regex=f"{ACT}/.*/(saturated|dead)", y_title="share of units"),
+        ],
+    )
+
+
+def _hessian_section() -> Section:
+    return (
+        "Curvature (Hessian)",
+        "Top eigenvalues and trace of the training-loss Hessian on the measured batch, and "
+        "lambda_max / (2(1+beta)/eta): 1 is the edge of stability (Cohen et al. 2021).",
+        [
+            _line("Hessian top eigenvalues", regex=rf"{HESSIAN}/(lambda_max|eig_\d+)", y_title="eigenvalue of H"),
+            _line("Hessian trace", [HESSIAN_TRACE], y_title="tr(H) (Hutchinson)"),
+            _line("sharpness ratio", [HESSIAN_SHARPNESS_RATIO], y_title="lambda_max / (2(1+beta)/eta)"),
+        ],
+    )
+
+
+def _meanshift_section(known: Mapping[str, Sequence[str]]) -> Section:
+    return (
+        "Mean shift",
+        "Mean pairwise cosine of examples' activations per layer (1 = every example looks alike) and the "
+        "share of examples given the majority class.",
+        [
+            *_per_layer("mean shift cos", MEANSHIFT, "/cos", known.get(MEANSHIFT), False, "mean cos(A_a, A_b)"),
+            _line("majority-class share", [MEANSHIFT_MAJORITY_SHARE], y_title="share of examples"),
+        ],
+    )
+
+
+def _residual_section(known: Mapping[str, Sequence[str]]) -> Section:
+    return (
+        "Residual branches",
+        "var(branch) / var(skip) per residual block (De & Smith 2020): below 1 the block is close to the identity.",
+        [
+            *_per_layer(
+                "residual branch / skip variance",
+                RESVAR,
+                "/ratio",
+                known.get(RESVAR),
+                True,
+                "var(branch) / var(skip) (log)",
+            )
+        ],
+    )
 
 
 def build_report(
@@ -253,7 +302,8 @@ def build_report(
     blocks: list[Any] = [
         wr.P(
             "Runs grouped by normalization and learning rate; lines are means over seeds with a min-max band. "
-            f"Group keys: {', '.join(GROUP_KEYS)}; data set: config {DATASET_KEY} (substitute data sets are labelled as such)."
+            f"Group keys: {', '.join(GROUP_KEYS)}; data set: config {DATASET_KEY} (substitute data sets are labelled "
+            "as such)."
         )
     ]
     for heading, text, panels in panel_sections(layers):

@@ -97,7 +97,8 @@ def vmap_or_loop(mode: str, what: str, batched: Callable[[], Any], looped: Calla
         if what not in _warned_fallback:
             _warned_fallback.add(what)
             warnings.warn(
-                f"{what}: torch.func.vmap failed on this module ({type(err).__name__}: {err}); using the per-member loop instead.",
+                f"{what}: torch.func.vmap failed on this module ({type(err).__name__}: {err}); using the per-member "
+                "loop instead.",
                 stacklevel=3,
             )
         return looped()

@@ -123,7 +123,8 @@ class LossHarness:
             out = self.loss_fn(self.module, batch)
         if not isinstance(out, Tensor) or out.numel() != 1:
             raise NotALoss(
-                f"{self.loss_fn.name} returned {_described(out)}; the measurement needs a scalar loss tensor (or a dict with 'loss'). {how_to_pass_loss_fn()}"
+                f"{self.loss_fn.name} returned {_described(out)}; the measurement needs a scalar loss tensor (or a "
+                f"dict with 'loss'). {how_to_pass_loss_fn()}"
             )
         return out.reshape(())
 
@@ -256,7 +257,8 @@ def check_loss(module: nn.Module, batch: Any, candidates: Sequence[ResolvedLoss]
                 why = harness.loss_problem(batch)
         except Exception as err:  # the user's loss failed on this batch: say so, keep its traceback
             why, error = (
-                f"{loss.name} raised {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+                f"{loss.name} raised {type(err).__name__}:"
+                f" {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
                 err,
             )
         if why is None:

@@ -306,8 +306,8 @@ _ROTATE_CHUNK = 1 << 18
 def _rotate_(basis: list[Vec], coeffs: Tensor) -> list[Vec]:
     """Overwrite ``basis[:l]`` with ``basis @ coeffs`` (``coeffs``: len(basis) × l) and return it.
 
-    Slice by slice, so the Ritz vectors of a thick restart replace the basis without ever
-    holding a second basis: scratch memory is (len(basis) + n_new) × ``_ROTATE_CHUNK`` elements (n_new = the number of new vectors).
+    Slice by slice, so the Ritz vectors of a thick restart replace the basis without ever holding a second basis:
+    scratch memory is (len(basis) + n_new) × ``_ROTATE_CHUNK`` elements (n_new = the number of new vectors).
     """
     n_new = coeffs.shape[1]
     for key in basis[0]:

@@ -56,7 +56,8 @@ def resolve_layers(module: nn.Module, layers: Sequence[str] | None, what: str = 
         w = getattr(m, "weight", None) if m is not None else None
         if not isinstance(w, nn.Parameter) or not w.requires_grad:
             raise ValueError(
-                f"unknown {what} {name!r}: not a submodule with a trainable weight. Valid names: {', '.join(with_weight)}"
+                f"unknown {what} {name!r}: not a submodule with a trainable weight. Valid "
+                f"names: {', '.join(with_weight)}"
             )
         if id(w) in owner:
             raise ValueError(f"{what}s {owner[id(w)]!r} and {name!r} share one weight Parameter; name it once")

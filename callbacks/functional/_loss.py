@@ -34,7 +34,10 @@ from torch import Tensor, nn
 #: The user-facing loss: ``loss_fn(module, batch) -> scalar loss tensor``.
 LossFn = Callable[[nn.Module, Any], Tensor]
 
-_HOW = "Pass loss_fn=(module, batch) -> scalar loss (a callable, or an import path 'package.module:function'), e.g. loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1])"
+_HOW = (
+    "Pass loss_fn=(module, batch) -> scalar loss (a callable, or an import path 'package.module:function'), e.g. "
+    "loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1])"
+)
 
 
 class ResolvedLoss:
@@ -89,11 +92,13 @@ def check_loss_fn(loss_fn: LossFn | str | None) -> LossFn | None:
         return import_loss_fn(loss_fn)
     if isinstance(loss_fn, nn.Module):
         raise ValueError(
-            f"loss_fn is an nn.Module ({type(loss_fn).__name__}), a loss of (predictions, targets), not of (module, batch). {_HOW}"
+            f"loss_fn is an nn.Module ({type(loss_fn).__name__}), a loss of (predictions, targets), not of (module, "
+            f"batch). {_HOW}"
         )
     if loss_fn is not None and not callable(loss_fn):
         raise ValueError(
-            f"loss_fn must be a callable (module, batch) -> loss or an import path 'package.module:function', got {loss_fn!r}"
+            "loss_fn must be a callable (module, batch) -> loss or an import path 'package.module:function', "
+            f"got {loss_fn!r}"
         )
     return loss_fn
 
@@ -102,7 +107,8 @@ def check_loss_method(loss_method: str | None) -> str | None:
     """``None`` (the rule above) or a method name; one clear line otherwise."""
     if loss_method is not None and (not isinstance(loss_method, str) or not loss_method.isidentifier()):
         raise ValueError(
-            f"loss_method must be None (the module's loss(batch), else its training_step) or the name of a method of the module, got {loss_method!r}"
+            "loss_method must be None (the module's loss(batch), else its training_step) or the name of a method of "
+            f"the module, got {loss_method!r}"
         )
     return loss_method
 
@@ -166,7 +172,8 @@ def _training_step_loss(module: nn.Module) -> ResolvedLoss | None:
 
 
 def _the_loss(out: Any) -> Any:
-    """A training step's loss: the tensor, or the ``"loss"`` of a dict (anything else is left for the caller to refuse)."""
+    """A training step's loss: the tensor, or the ``"loss"`` of a dict (anything else is left for the caller to
+    refuse)."""
     return out.get("loss", out) if isinstance(out, Mapping) else out
 
 

@@ -275,6 +275,7 @@ def _warn_full_passes(module: nn.Module, n_full: int, n_rest: int) -> None:
         _warned.add(key)
         warnings.warn(
             f"internal_covariate_shift(mode='prefix'): {n_full} of {n_rest} layers of {key} are not inside an "
-            f"nn.Sequential whose earlier children provably give them their input; they get a full pass (as mode='loop').",
+            "nn.Sequential whose earlier children provably give them their input; they get a full pass (as "
+            "mode='loop').",
             stacklevel=4,
         )

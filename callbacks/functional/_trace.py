@@ -2,9 +2,9 @@
 
 tr(A) ≈ mean_j v_jᵀ A v_j over Rademacher probes v_j (Hutchinson 1990), optionally deflated by vectors
 the caller already has (:func:`hutchinson_trace`), or deflated by a Lanczos basis with as many probes as
-it takes to match the standard error of a given number of plain probes (:func:`krylov_trace`). Probes come from a ``torch.Generator`` (a fresh one seeded 0 when none is
-given), never from the global generator; under DDP pass ``reduce`` (an all-reduce mean) and the same
-generator seed on every rank.
+it takes to match the standard error of a given number of plain probes (:func:`krylov_trace`). Probes come from a
+``torch.Generator`` (a fresh one seeded 0 when none is given), never from the global generator; under DDP pass
+``reduce`` (an all-reduce mean) and the same generator seed on every rank.
 """
 
 from __future__ import annotations

@@ -53,11 +53,13 @@ def check_optimizer(optimizer: object) -> None:
     opt = torch_optimizer(optimizer)
     if isinstance(opt, torch.optim.LBFGS):
         raise TypeError(
-            f"LBFGS re-evaluates the loss inside its step (a closure optimizer); W^(t+1) cannot be computed from one gradient. Supported: {', '.join(c.__name__ for c in ELEMENTWISE)}"
+            "LBFGS re-evaluates the loss inside its step (a closure optimizer); W^(t+1) cannot be computed from one "
+            f"gradient. Supported: {', '.join(c.__name__ for c in ELEMENTWISE)}"
         )
     if not isinstance(opt, ELEMENTWISE):
         raise TypeError(
-            f"optimizer_update cannot step {type(opt).__name__} per parameter; supported: {', '.join(c.__name__ for c in ELEMENTWISE)}. "
+            f"optimizer_update cannot step {type(opt).__name__} per parameter; "
+            f"supported: {', '.join(c.__name__ for c in ELEMENTWISE)}. "
             "The callbacks' default (update_from='trainer') reads the real step and supports any optimizer."
         )
 

@@ -66,8 +66,8 @@ def activation_stats(
         x: pre-activations, batch first: (N, features) or (N, C, H, W).
         kind: ``saturating`` adds ``saturated`` (share of entries with
             ``|x| > saturation_threshold``); ``relu`` adds ``dead`` (share of units that are
-            never positive on the whole batch; a unit is one entry of ``x[0]``, i.e. a
-            feature, or a (channel, row, column) position for images); ``other`` (and ``none``, its name before) adds neither.
+            never positive on the whole batch; a unit is one entry of ``x[0]``, i.e. a feature, or a (channel, row,
+            column) position for images); ``other`` (and ``none``, its name before) adds neither.
         saturation_threshold: the ``|x|`` above which a tanh/sigmoid unit counts as saturated.
         quantiles: quantile levels; keys are ``q<round(100*level)>``.
 

@@ -34,6 +34,14 @@ from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_float32
 from bnlightning.callbacks.functional._optimizer import torch_optimizer
 from bnlightning.callbacks.functional.activations import measurement_forward
+from bnlightning.callbacks.functional.names import (
+    HESSIAN_ACTUAL_CHANGE,
+    HESSIAN_GRAD_CURVATURE,
+    HESSIAN_PREDICTED_CHANGE,
+    HESSIAN_UPDATE_CURVATURE,
+    efflr_key,
+    gradact_key,
+)
 
 if TYPE_CHECKING:
     from bnlightning.callbacks.functional._state import RngState
@@ -110,7 +118,7 @@ def gradient_curvature(
         loss0, g, _ = model.gradient(names, batch, rng, overrides=at)
         g = reduce_dict(g, reduce)
         hessian = _Quadratic(model, batch, rng, at, hvp_method, reduce)
-        out = {"hessian/grad_curvature": _ratio(hessian.form(g), _dot(g, g))}
+        out = {HESSIAN_GRAD_CURVATURE: _ratio(hessian.form(g), _dot(g, g))}
         if next_weights is not None:
             out.update(_update_terms(hessian, g, loss0, next_weights))
     return out
@@ -155,13 +163,13 @@ def _update_terms(hessian: _Quadratic, g: Vec, loss0: Tensor, next_weights: Mapp
     }
     uhu = hessian.form(u)
     out = {
-        "hessian/update_curvature": _ratio(uhu, _dot(u, u)),
-        "hessian/predicted_change": (_dot(g, u) + 0.5 * uhu).to(torch.float32),
+        HESSIAN_UPDATE_CURVATURE: _ratio(uhu, _dot(u, u)),
+        HESSIAN_PREDICTED_CHANGE: (_dot(g, u) + 0.5 * uhu).to(torch.float32),
     }
     loss1 = hessian.loss_at({n: at[n] + u[n] for n in names})
     losses = torch.stack([loss0.to(torch.float32), loss1.to(torch.float32)])
     losses = hessian.reduce(losses) if hessian.reduce is not None else losses
-    out["hessian/actual_change"] = losses[1] - losses[0]
+    out[HESSIAN_ACTUAL_CHANGE] = losses[1] - losses[0]
     return out
 
 
@@ -421,7 +429,7 @@ def _gradact_metrics(
     for name in layers:
         if (name, "y") not in grad:
             raise ValueError(f"layer {name!r} returned no tensor in the loss's forward pass")
-        sums[f"gradact/{name}/norm"] = grad[name, "y"].double().pow(2).sum()
+        sums[gradact_key(name, "norm")] = grad[name, "y"].double().pow(2).sum()
         if (name, "x") in grad:
             sums.update(
                 _bn_terms(name, taps.mods[name], taps.read[name]["x"].detach(), grad[name, "y"], grad[name, "x"])
@@ -448,10 +456,10 @@ def _bn_terms(name: str, bn: nn.Module, x: Tensor, gy: Tensor, gx: Tensor) -> di
     gamma = weight.detach().double() if isinstance(weight, Tensor) else torch.ones_like(sigma)
     inner = gy.pow(2).sum(dims) - gy.sum(dims).pow(2) / m - (gy * yhat).sum(dims).pow(2) / m
     return {
-        f"gradact/{name}/input_norm": gx.double().pow(2).sum(),
-        f"gradact/{name}/bound": (gamma.pow(2) / sigma.pow(2) * inner).sum(),
-        f"gradact/{name}/gamma": gamma.abs().mean(),
-        f"gradact/{name}/sigma": sigma.mean(),
+        gradact_key(name, "input_norm"): gx.double().pow(2).sum(),
+        gradact_key(name, "bound"): (gamma.pow(2) / sigma.pow(2) * inner).sum(),
+        gradact_key(name, "gamma"): gamma.abs().mean(),
+        gradact_key(name, "sigma"): sigma.mean(),
     }
 
 
@@ -505,13 +513,13 @@ def effective_lr(
     for name, w in before.items():
         a, b = w.detach().double().flatten(), after[name].detach().double().flatten()
         na, nb = a.norm(), b.norm()
-        out[f"efflr/{name}/norm"] = na.to(torch.float32)
-        out[f"efflr/{name}/lr"] = (lrs[name] / na.pow(2)).to(torch.float32) if na > 0 else torch.tensor(float("nan"))
+        out[efflr_key(name, "norm")] = na.to(torch.float32)
+        out[efflr_key(name, "lr")] = (lrs[name] / na.pow(2)).to(torch.float32) if na > 0 else torch.tensor(float("nan"))
         if na > 0 and nb > 0:
             ua, ub = a / na, b / nb
-            out[f"efflr/{name}/angle"] = (2.0 * torch.atan2((ua - ub).norm(), (ua + ub).norm())).to(torch.float32)
+            out[efflr_key(name, "angle")] = (2.0 * torch.atan2((ua - ub).norm(), (ua + ub).norm())).to(torch.float32)
         else:
-            out[f"efflr/{name}/angle"] = torch.tensor(float("nan"))
+            out[efflr_key(name, "angle")] = torch.tensor(float("nan"))
     return out
 
 

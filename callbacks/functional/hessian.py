@@ -1,9 +1,9 @@
 """Curvature on the training batch (PROTOCOL §9): top Hessian eigenvalues and trace, as a pure function.
 
 The linear algebra is in the operator and algorithm files beside it: ``_hvp.py`` (the HVP forms),
-``_lanczos.py`` (thick-restart Lanczos), ``_trace.py`` (Hutchinson's trace); this file applies it to a module's training loss with the
-measurement rules of the other functions: float32 substitutes, cloned buffers (BatchNorm in training
-mode, running statistics untouched), the same random draws in every pass, DDP mean.
+``_lanczos.py`` (thick-restart Lanczos), ``_trace.py`` (Hutchinson's trace); this file applies it to a module's training
+loss with the measurement rules of the other functions: float32 substitutes, cloned buffers (BatchNorm in training mode,
+running statistics untouched), the same random draws in every pass, DDP mean.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_float32
 from bnlightning.callbacks.functional._optimizer import torch_optimizer
 from bnlightning.callbacks.functional._trace import krylov_trace
+from bnlightning.callbacks.functional.names import hessian_prefix
 
 __all__ = [
     "MIN_PROBES",
@@ -47,10 +48,10 @@ class HessianResult(NamedTuple):
 
     Attributes:
         metrics: ``hessian/lambda_max``, ``hessian/eig_<j>`` (j = 1..k, descending), ``hessian/iterations``
-            (HVPs of the eigen solver), ``hessian/converged`` (1 or 0), ``hessian/hvps`` (all HVPs of the block), and with ``n_probes > 0``
-            ``hessian/trace``, ``hessian/trace_se``, ``hessian/trace_probes`` (the probes used) and
-            ``hessian/trace_variance_ratio`` (the deflated probe's variance over a plain one's, see ``krylov_trace``);
-            per layer block the same under ``hessian/<layer>/``.
+            (HVPs of the eigen solver), ``hessian/converged`` (1 or 0), ``hessian/hvps`` (all HVPs of the block), and
+            with ``n_probes > 0`` ``hessian/trace``, ``hessian/trace_se``, ``hessian/trace_probes`` (the probes used)
+            and ``hessian/trace_variance_ratio`` (the deflated probe's variance over a plain one's, see
+            ``krylov_trace``); per layer block the same under ``hessian/<layer>/``.
         eigenvectors: block name (``""`` for the whole network, else the layer) -> the top-k eigenvectors.
         trace_ratios: block name -> ``trace_variance_ratio`` (pass it as ``trace_ratios`` next time).
     """
@@ -200,7 +201,7 @@ def hessian_spectrum(
         with hessian_operator(
             module, batch, names, method=hvp_method, loss_fn=loss_fn, reduce=reduce, _model=model
         ) as hvp:
-            prefix = "hessian/" if not block else f"hessian/{block}/"
+            prefix = hessian_prefix(block)
             ratio = (trace_ratios or {}).get(block)
             probes = _trace_probes(n_probes, ratio)
             deflate = ratio is None or not ratio >= 1.0  # deflation raised the variance last time: plain Hutchinson
@@ -296,14 +297,16 @@ def sharpness_limit(optimizer: Any) -> tuple[float | None, str]:
         if limit is None:
             return (
                 None,
-                f"the ratio is defined for SGD with heavy-ball momentum and lr > 0; this SGD has {_sgd_settings(group)}",
+                "the ratio is defined for SGD with heavy-ball momentum and lr > 0; this SGD "
+                f"has {_sgd_settings(group)}",
             )
         limits.append(limit)
     if max(limits) > min(limits) * (1 + 1e-12):
         settings = "; ".join(f"group {i}: {_sgd_settings(g)}" for i, g in enumerate(opt.param_groups))
         return (
             None,
-            f"the parameter groups have different limits 2(1+momentum)/lr ({settings}), so no single eta applies to lambda_max",
+            f"the parameter groups have different limits 2(1+momentum)/lr ({settings}), so no single eta applies to "
+            "lambda_max",
         )
     return limits[0], ""
 
@@ -317,4 +320,7 @@ def _group_limit(group: dict[str, Any]) -> float | None:
 
 
 def _sgd_settings(group: dict[str, Any]) -> str:
-    return f"lr={group['lr']}, momentum={group.get('momentum', 0)}, dampening={group.get('dampening', 0)}, nesterov={group.get('nesterov', False)}"
+    return (
+        f"lr={group['lr']}, momentum={group.get('momentum', 0)}, dampening={group.get('dampening', 0)}, "
+        f"nesterov={group.get('nesterov', False)}"
+    )

@@ -33,6 +33,7 @@ from bnlightning.callbacks.functional._numerics import Reduce, float32, to_float
 from bnlightning.callbacks.functional._prefix import prefix_gradients
 from bnlightning.callbacks.functional._updates import UpdateFn, optimizer_update
 from bnlightning.callbacks.functional.gradient import StepGradient, check_gradient, gradient_pass
+from bnlightning.callbacks.functional.names import ics_key
 
 if TYPE_CHECKING:
     from bnlightning.callbacks.functional._state import RngState
@@ -46,7 +47,7 @@ def _metrics(layer: str, g: Tensor, g2: Tensor) -> dict[str, Tensor]:
     l2 = torch.linalg.vector_norm(g - g2)
     norm_g = torch.linalg.vector_norm(g)
     cos = torch.dot(g, g2) / (norm_g * torch.linalg.vector_norm(g2))
-    return {f"ics/l2/{layer}": l2, f"ics/cos/{layer}": cos, f"ics/rel/{layer}": l2 / norm_g}
+    return {ics_key("l2", layer): l2, ics_key("cos", layer): cos, ics_key("rel", layer): l2 / norm_g}
 
 
 def internal_covariate_shift(

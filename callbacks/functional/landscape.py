@@ -17,6 +17,12 @@ from bnlightning.callbacks.functional._harness import LossHarness
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._numerics import Reduce, float32, to_float32
 from bnlightning.callbacks.functional.gradient import StepGradient, check_gradient, gradient_pass
+from bnlightning.callbacks.functional.names import (
+    LANDSCAPE_BETA_EFF,
+    LANDSCAPE_GRAD_L2_MAX,
+    LANDSCAPE_LOSS_MAX,
+    LANDSCAPE_LOSS_MIN,
+)
 
 if TYPE_CHECKING:
     from bnlightning.callbacks.functional._state import RngState
@@ -92,10 +98,10 @@ def loss_landscape(
             torch.tensor(steps, dtype=torch.float32, device=dists.device) * line.displacement_norm().to(dists.device)
         )
         return {
-            "landscape/loss_min": losses.min(),
-            "landscape/loss_max": losses.max(),
-            "landscape/grad_l2_max": dists.max(),
-            "landscape/beta_eff": ratios.max(),
+            LANDSCAPE_LOSS_MIN: losses.min(),
+            LANDSCAPE_LOSS_MAX: losses.max(),
+            LANDSCAPE_GRAD_L2_MAX: dists.max(),
+            LANDSCAPE_BETA_EFF: ratios.max(),
         }
 
 

@@ -1,10 +1,9 @@
 """Mean shift (PROTOCOL §10): how alike different examples look inside the network.
 
-Brock et al. (2021) and the article "Batch Normalization… or not?": without normalization, ReLU outputs have a positive mean
-per channel, the shift grows with depth, and every example's hidden representation points
-the same way, until the network predicts one label for every input at initialisation.
-BatchNorm removes the per-channel mean at every layer; scaled weight standardisation
-removes it from the weights instead.
+Brock et al. (2021) and the article "Batch Normalization… or not?": without normalization, ReLU outputs have a positive
+mean per channel, the shift grows with depth, and every example's hidden representation points the same way, until the
+network predicts one label for every input at initialisation. BatchNorm removes the per-channel mean at every layer;
+scaled weight standardisation removes it from the weights instead.
 
 ``mean_shift`` is the pure function on captured activations; ``bnlightning.callbacks.MeanShift``
 the callback that applies it to chosen layers' outputs during one side-effect-free pass.
@@ -16,6 +15,8 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor
+
+from bnlightning.callbacks.functional.names import MEANSHIFT_MAJORITY_SHARE, meanshift_key
 
 __all__ = ["looks_like_logits", "majority_share", "mean_shift", "pairwise_cosine_mean"]
 
@@ -75,11 +76,11 @@ def mean_shift(activations: Mapping[str, Tensor], logits: Tensor | None = None) 
     for name, a in activations.items():
         if a.dim() < 2:
             raise ValueError(f"activations of {name!r} must be batch first with features, got shape {tuple(a.shape)}")
-        out[f"meanshift/{name}/cos"] = pairwise_cosine_mean(a)
+        out[meanshift_key(name, "cos")] = pairwise_cosine_mean(a)
         dims = [0, *range(2, a.dim())]  # batch and pixels: one mean per channel
-        out[f"meanshift/{name}/channel_mean"] = a.detach().float().mean(dims).mean()
+        out[meanshift_key(name, "channel_mean")] = a.detach().float().mean(dims).mean()
     if logits is not None:
-        out["meanshift/majority_share"] = majority_share(logits)
+        out[MEANSHIFT_MAJORITY_SHARE] = majority_share(logits)
     return out
 
 

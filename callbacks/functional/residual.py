@@ -17,6 +17,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from bnlightning.callbacks.functional.names import resvar_key
+
 __all__ = ["block_metrics", "read_variance", "residual_blocks", "residual_variance"]
 
 
@@ -63,4 +65,8 @@ def block_metrics(name: str, branch: tuple[torch.Size, Tensor], skip: tuple[torc
     if shape_b != shape_s:
         raise ValueError(f"block {name!r}: branch output {tuple(shape_b)} and shortcut output {tuple(shape_s)} differ")
     ratio = (vb / vs).float() if vs > 0 else torch.tensor(float("inf"))
-    return {f"resvar/{name}/branch": vb.float(), f"resvar/{name}/skip": vs.float(), f"resvar/{name}/ratio": ratio}
+    return {
+        resvar_key(name, "branch"): vb.float(),
+        resvar_key(name, "skip"): vs.float(),
+        resvar_key(name, "ratio"): ratio,
+    }
