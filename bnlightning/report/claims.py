@@ -60,6 +60,7 @@ from bnlightning.report.runs import (
     format_value,
     group_by,
     group_settings,
+    layer_order,
     setting_label,
     short_key,
     short_layer,
@@ -273,7 +274,7 @@ def meanshift_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dp
     """Mean cosine between examples and per-channel mean, per layer over depth, at the first measurement."""
     layers = sorted(
         {n.split("/")[1] for r in runs for n in r.metrics if n.startswith(f"{MEANSHIFT}/") and n.endswith("/cos")},
-        key=_block_key,
+        key=layer_order,
     )
     if not layers:
         return None
@@ -304,7 +305,7 @@ def residual_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
     """var(branch) / var(skip) per residual block over depth, at the first measurement (claim 8)."""
     blocks = sorted(
         {n.split("/")[1] for r in runs for n in r.metrics if n.startswith(f"{RESVAR}/") and n.endswith("/ratio")},
-        key=_block_key,
+        key=layer_order,
     )
     if not blocks:
         return None
@@ -342,7 +343,7 @@ def measures_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
     logged ``ics/rel/`` or ``landscape/`` metrics and sweeps such a key.
     """
     keys = varying_keys(runs)
-    layers = sorted({layer for r in runs for layer in r.layers(f"{ICS_REL}/")}, key=_block_key)
+    layers = sorted({layer for r in runs for layer in r.layers(f"{ICS_REL}/")}, key=layer_order)
     panels = [(ics_key("rel", layer), f"ICS — {short_layer(layer)}") for layer in layers]
     landscape = (
         (LANDSCAPE_BETA_EFF, "effective beta-smoothness"),
@@ -369,13 +370,6 @@ def measures_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi
         "ICS and loss landscape per setting — {model} on {dataset}; mean over seeds, band = min-max",
         "ICS and landscape per setting — {model} on {dataset}",
         dpi,
-    )
-
-
-def _block_key(name: str) -> tuple[int, ...]:
-    """Natural order by every number in the name: ``net.stage2.block10`` -> (2, 10); ``relu13`` -> (13,)."""
-    return tuple(
-        int("".join(c for c in part if c.isdigit()) or 0) for part in name.split(".") if any(c.isdigit() for c in part)
     )
 
 
@@ -445,7 +439,7 @@ def _meanshift_table(runs: Sequence[Run]) -> str:
     for rs in group_settings(runs, keys).values():
         own = sorted(
             {n.split("/")[1] for r in rs for n in r.metrics if n.startswith(f"{MEANSHIFT}/") and n.endswith("/cos")},
-            key=_block_key,
+            key=layer_order,
         )
         if not own:
             continue
@@ -465,7 +459,7 @@ def _meanshift_table(runs: Sequence[Run]) -> str:
 def _residual_table(runs: Sequence[Run]) -> str:
     blocks = sorted(
         {n.split("/")[1] for r in runs for n in r.metrics if n.startswith(f"{RESVAR}/") and n.endswith("/ratio")},
-        key=_block_key,
+        key=layer_order,
     )
     keys = varying_keys(runs)
     header = [short_key(k) for k in keys] + ["seeds", "blocks", "ratio first block", "ratio last block", "median ratio"]

@@ -32,10 +32,9 @@ from bnlightning.callbacks.functional.names import (
     gradact_key,
     sld_key,
 )
-from bnlightning.report.claims import _block_key
 from bnlightning.report.figures import Figure, _band, _finish, plt
 from bnlightning.report.page import markdown_table
-from bnlightning.report.runs import Run, group_by, short_layer
+from bnlightning.report.runs import Run, group_by, layer_order, short_layer
 
 __all__ = ["draw_gauges", "gauges_table"]
 
@@ -109,7 +108,7 @@ def _layers(runs: Sequence[Run]) -> list[str]:
             for n in r.metrics
             if n.startswith(f"{GRADACT}/") and n.endswith("/norm") and not n.endswith("input_norm")
         },
-        key=_block_key,
+        key=layer_order,
     )
 
 
@@ -150,7 +149,7 @@ def gradact_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi:
 
 
 def efflr_figure(family: tuple[str, str], runs: Sequence[Run], out: Path, dpi: int = 90) -> Figure | None:
-    layers = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith(f"{EFFLR}/")}, key=_block_key)
+    layers = sorted({n.split("/")[1] for r in runs for n in r.metrics if n.startswith(f"{EFFLR}/")}, key=layer_order)
     if not layers:
         return None
     picks = list(dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]]))
@@ -258,7 +257,7 @@ def gauges_table(runs: Sequence[Run]) -> str:
             return float(np.nanmedian(s[1])) if s is not None and len(s[1]) else float("nan")
 
         layers = _layers([r])
-        eff = sorted({n.split("/")[1] for n in r.metrics if n.startswith(f"{EFFLR}/")}, key=_block_key)
+        eff = sorted({n.split("/")[1] for n in r.metrics if n.startswith(f"{EFFLR}/")}, key=layer_order)
         predicted, actual = r.series(HESSIAN_PREDICTED_CHANGE), r.series(HESSIAN_ACTUAL_CHANGE)
         ratio = np.nanmedian(predicted[1] / actual[1]) if predicted is not None and actual is not None else float("nan")
         grads = (

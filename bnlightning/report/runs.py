@@ -451,6 +451,13 @@ def layer_sort_key(name: str) -> tuple[int, str]:
     return (int(digits[-1]) if digits else 10**9, name)
 
 
+def layer_order(name: str) -> tuple[int, ...]:
+    """Natural order by every number in the name: ``net.stage2.block10`` -> (2, 10); ``relu13`` -> (13,)."""
+    return tuple(
+        int("".join(c for c in part if c.isdigit()) or 0) for part in name.split(".") if any(c.isdigit() for c in part)
+    )
+
+
 def short_layer(name: str) -> str:
     """``net.conv5`` -> ``conv5``: the callbacks may name layers either way."""
     return name.removeprefix("net.")
