@@ -84,25 +84,10 @@ def run_all(
                 )
                 results.append((spec, outcome))
                 continue
-            command = spec.command() + (["--ckpt_path=last"] if has_ckpt else [])
             bar.write(f"{tag} ..." + (f" (resuming the {status} run)" if has_ckpt else ""))
             bar.set_description(f"{spec.experiment}/{spec.name}")
             start = time.monotonic()
-            log = spec.log_dir.parent / f"{spec.name}.out"
-            log_path = (cwd / log) if not log.is_absolute() else log
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with log_path.open("a" if has_ckpt else "w") as out:
-                proc = subprocess.Popen(
-                    command,
-                    cwd=cwd,
-                    stdout=None if verbose else out,
-                    stderr=None if verbose else subprocess.STDOUT,
-                    env=env,
-                    preexec_fn=_die_with_parent(os.getpid()),
-                )
-                child[:] = [proc]
-                returncode = proc.wait()
-                child.clear()
+            returncode, log_path = _fit(spec, cwd, has_ckpt, verbose, env, child)
             outcome = _outcome(returncode, run_state(spec, cwd)[0])
             text = {
                 "ok": "ok",
@@ -117,6 +102,35 @@ def run_all(
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     return results
+
+
+def _fit(
+    spec: RunSpec,
+    cwd: Path,
+    resume: bool,
+    verbose: bool,
+    env: dict[str, str] | None,
+    child: list[subprocess.Popen[bytes]],
+) -> tuple[int, Path]:
+    """Run one ``fit`` process to its end (``--ckpt_path=last`` when ``resume``); returns its exit code
+    and its output file. ``child`` holds the process while it runs, so a signal can be forwarded to it."""
+    command = spec.command() + (["--ckpt_path=last"] if resume else [])
+    log = spec.log_dir.parent / f"{spec.name}.out"
+    log_path = (cwd / log) if not log.is_absolute() else log
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a" if resume else "w") as out:
+        proc = subprocess.Popen(
+            command,
+            cwd=cwd,
+            stdout=None if verbose else out,
+            stderr=None if verbose else subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_parent(os.getpid()),
+        )
+        child[:] = [proc]
+        returncode = proc.wait()
+        child.clear()
+    return returncode, log_path
 
 
 def _die_with_parent(parent: int) -> Any:
