@@ -94,16 +94,17 @@ class MeanShift(ModuleLayersCallback):
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any
     ) -> dict[str, Tensor]:
-        layers = set(self._layers)
-        taps: dict[str, Any] = {name: (pl_module.get_submodule(name), "output") for name in self._layers}
-        # Logits candidates: every module's output (the LightningModule's own is "\x00"); see _logits.
-        taps.update({f"\x00{n}": (m, "output") for n, m in pl_module.named_modules()})
+        # Keys: ("layer", name) for the measured layers; ("logits", name) for every module's output, the
+        # candidates for the logits (the LightningModule's own is ("logits", "")); see _logits.
+        taps: dict[tuple[str, str], Any] = {("layer", n): (pl_module.get_submodule(n), "output") for n in self._layers}
+        taps.update({("logits", n): (m, "output") for n, m in pl_module.named_modules()})
         shares: dict[str, Tensor] = {}
 
-        def read(name: str, x: Tensor) -> dict[str, Tensor] | None:
+        def read(key: tuple[str, str], x: Tensor) -> dict[str, Tensor] | None:
             # Everything is computed here, at hook time: an in-place op (a ReLU(inplace=True) after a
             # norm, `out += identity`) may rewrite x later in the pass.
-            if name in layers:
+            kind, name = key
+            if kind == "layer":
                 return mean_shift({name: x})
             if looks_like_logits(x):
                 shares.pop(name, None)
@@ -111,7 +112,9 @@ class MeanShift(ModuleLayersCallback):
             return None
 
         seen = capture_forward(pl_module, batch, taps, read=read, loss_fn=self.measured_loss(pl_module))
-        metrics = {key: value for name in self._layers if seen.get(name) for key, value in seen[name].items()}
+        metrics = {
+            key: value for n in self._layers if seen.get(("layer", n)) for key, value in seen[("layer", n)].items()
+        }
         share = self._logits(shares, pl_module)
         if share is not None:
             metrics[MEANSHIFT_MAJORITY_SHARE] = share
@@ -121,8 +124,8 @@ class MeanShift(ModuleLayersCallback):
         """The majority share of the LightningModule's own (N, classes) output when its ``forward`` ran,
         else of the last module call in the pass that returned one (``training_step`` calling
         ``self.net(x)``: the net's output); else None, said once."""
-        if "\x00" in shares:
-            return shares["\x00"]
+        if "" in shares:
+            return shares[""]
         if shares:
             return shares[next(reversed(shares))]
         if not self._said_no_logits:

@@ -82,16 +82,16 @@ class ResidualVariance(MeasurementCallback):
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, optimizer: Any
     ) -> dict[str, Tensor]:
-        taps: dict[str, Any] = {}
+        taps: dict[tuple[str, str], Any] = {}
         for name in self._blocks:
             block = pl_module.get_submodule(name)
-            taps[f"{name}\x00branch"], taps[f"{name}\x00skip"] = (block.branch, "output"), (block.shortcut, "output")
+            taps[name, "branch"], taps[name, "skip"] = (block.branch, "output"), (block.shortcut, "output")
         # The variances are taken in the hooks: `out = branch(x); out += shortcut(x)` rewrites the branch output.
         seen = capture_forward(pl_module, batch, taps, read=read_variance, loss_fn=self.measured_loss(pl_module))
         out: dict[str, Tensor] = {}
         for n in self._blocks:
-            if f"{n}\x00branch" in seen and f"{n}\x00skip" in seen:
-                out.update(block_metrics(n, seen[f"{n}\x00branch"], seen[f"{n}\x00skip"]))
+            if (n, "branch") in seen and (n, "skip") in seen:
+                out.update(block_metrics(n, seen[n, "branch"], seen[n, "skip"]))
         return out
 
     @override

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -110,21 +110,23 @@ def measurement_forward(module: nn.Module, batch: Any, *, loss_fn: LossFn | None
 
 
 Tap = tuple[nn.Module, Literal["input", "output"]]
-Read = Callable[[str, Tensor], Any]
+#: A tap's name: a module name, or any hashable key a caller needs (a (block, "branch") pair).
+K = TypeVar("K", bound=Hashable)
+Read = Callable[[Any, Tensor], Any]
 
 
-def _clone(name: str, x: Tensor) -> Tensor:
+def _clone(name: object, x: Tensor) -> Tensor:
     return x.detach().clone()
 
 
 def capture_forward(
     module: nn.Module,
     batch: Any,
-    taps: Mapping[str, Tap],
+    taps: Mapping[K, Tap],
     *,
     read: Read = _clone,
     loss_fn: LossFn | None = None,
-) -> dict[str, Any]:
+) -> dict[K, Any]:
     """Run ``measurement_forward`` once and return what each tap saw: name -> ``read(name, x)`` of the
     (first positional) input or the output ``x`` of its module, from the module's last call in that
     pass (tensors only).
@@ -137,9 +139,9 @@ def capture_forward(
     run through them. This is how ``ActivationStats``, ``MeanShift`` and ``ResidualVariance`` read
     their tensors.
     """
-    captured: dict[str, Any] = {}
+    captured: dict[K, Any] = {}
 
-    def hook(name: str, read_input: bool) -> Any:
+    def hook(name: K, read_input: bool) -> Any:
         def take(_m: nn.Module, args: tuple[Any, ...], output: Any = None) -> None:
             x = (args[0] if args else None) if read_input else output
             if isinstance(x, Tensor):
