@@ -1,11 +1,14 @@
-"""Callbacks that measure named modules' activations share one way of choosing them.
+"""How callbacks choose the named modules they measure.
 
-``ModuleLayersCallback`` is the base of ``ActivationStats``, ``MeanShift`` (and of the ``layers=``
-check of ``ActivationGradients``): ``layers`` is a list of module names, checked against the module at
-setup by ``module_layers``; ``None`` means ``default_activation_layers``.
+``checked_layers`` checks every callback's ``layers=`` argument at construction (a non-empty list of
+module names, or None for the callback's default). ``ModuleLayersCallback`` is the base of
+``ActivationStats`` and ``MeanShift``: its names are checked against the module at setup by
+``module_layers``; ``None`` means ``default_activation_layers``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import lightning.pytorch as pl
 from torch import nn
@@ -15,7 +18,18 @@ from bnlightning.callbacks.base import MeasurementCallback
 from bnlightning.callbacks.functional import activation_kind
 from bnlightning.callbacks.functional._loss import LossFn
 
-__all__ = ["ModuleLayersCallback", "default_activation_layers", "module_layers"]
+__all__ = ["ModuleLayersCallback", "checked_layers", "default_activation_layers", "module_layers"]
+
+
+def checked_layers(layers: Sequence[str] | None, default: str) -> list[str] | None:
+    """A callback's ``layers=`` argument as a list, or None (``default`` says what None measures); one line
+    naming the value for anything but a non-empty list of module names. The names themselves are checked
+    against the module at setup."""
+    if layers is None:
+        return None
+    if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) and n for n in layers):
+        raise ValueError(f"layers must be None ({default}) or a non-empty list of module names, got {layers!r}")
+    return list(layers)
 
 
 def default_activation_layers(module: nn.Module) -> list[str]:
@@ -61,9 +75,7 @@ class ModuleLayersCallback(MeasurementCallback):
         schedule: str = "fixed",
     ) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
-        if layers is not None and not layers:
-            raise ValueError("layers must be None (default layers) or a non-empty list of module names")
-        self.layers = list(layers) if layers is not None else None
+        self.layers = checked_layers(layers, "default layers")
         self._layers: list[str] = []
 
     @override

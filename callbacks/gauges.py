@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from bnlightning.callbacks._layers import module_layers
+from bnlightning.callbacks._layers import checked_layers, module_layers
 from bnlightning.callbacks.base import MeasurementCallback
-from bnlightning.callbacks.functional._hvp import HVP_METHODS
+from bnlightning.callbacks.functional._hvp import check_hvp_method
 from bnlightning.callbacks.functional._layers import resolve_layers, weight_layer_names
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional.gauges import (
@@ -55,11 +55,6 @@ def _weight(module: nn.Module, name: str) -> Tensor:
     weight = module.get_submodule(name).weight
     assert isinstance(weight, Tensor), f"{name} has no weight tensor"
     return weight
-
-
-def _check_hvp_method(hvp_method: str) -> None:
-    if hvp_method not in HVP_METHODS:
-        raise ValueError(f"unknown hvp_method {hvp_method!r}; accepted: {', '.join(HVP_METHODS)}")
 
 
 class GradientCurvature(TwoStepMeasurement):
@@ -110,7 +105,7 @@ class GradientCurvature(TwoStepMeasurement):
         schedule: str = "fixed",
     ) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
-        _check_hvp_method(hvp_method)
+        check_hvp_method(hvp_method)
         self.hvp_method = hvp_method
 
     @override
@@ -186,13 +181,7 @@ class ActivationGradients(MeasurementCallback):
         schedule: str = "fixed",
     ) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
-        if layers is not None and (
-            not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(n, str) and n for n in layers)
-        ):
-            raise ValueError(
-                f"layers must be None (every normalization layer) or a non-empty list of module names, got {layers!r}"
-            )
-        self.layers = list(layers) if layers is not None else None
+        self.layers = checked_layers(layers, "every normalization layer")
         self._layers: list[str] = []
 
     @override
@@ -256,11 +245,7 @@ class EffectiveLearningRate(TwoStepMeasurement):
         schedule: str = "fixed",
     ) -> None:
         super().__init__(every_n_steps, loss_fn, loss_method, max_overhead, schedule)
-        if layers is not None and (not isinstance(layers, (list, tuple)) or not layers):
-            raise ValueError(
-                f"layers must be None (the scale-invariant layers) or a non-empty list of module names, got {layers!r}"
-            )
-        self.layers = list(layers) if layers is not None else None
+        self.layers = checked_layers(layers, "the scale-invariant layers")
         self._layers: list[str] = []
 
     @override
@@ -342,7 +327,7 @@ class SpectralDensity(MeasurementCallback):
         modes = list(norm_modes) if isinstance(norm_modes, (list, tuple)) else [norm_modes]
         if not modes or any(m not in NORM_MODES for m in modes):
             raise ValueError(f"norm_modes must be a non-empty list of {', '.join(NORM_MODES)}, got {norm_modes!r}")
-        _check_hvp_method(hvp_method)
+        check_hvp_method(hvp_method)
         self.lanczos_steps, self.n_starts, self.norm_modes = lanczos_steps, n_starts, tuple(dict.fromkeys(modes))
         self.seed, self.hvp_method = seed, hvp_method
 

@@ -13,10 +13,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from bnlightning.callbacks.base import MeasurementCallback
+from bnlightning.callbacks.functional._hvp import check_hvp_method
 from bnlightning.callbacks.functional._layers import resolve_layers
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional.gauges import adaptive_preconditioner, preconditioned_sharpness
-from bnlightning.callbacks.functional.hessian import HVP_METHODS, hessian_spectrum, sharpness_limit
+from bnlightning.callbacks.functional.hessian import hessian_spectrum, sharpness_limit
 from bnlightning.callbacks.functional.names import (
     HESSIAN_LAMBDA_MAX,
     HESSIAN_PRECOND_ITERATIONS,
@@ -130,8 +131,7 @@ class HessianSpectrum(MeasurementCallback):
             raise ValueError(f"max_iter must be an integer >= k = {k}, got {max_iter!r}")
         if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 0:
             raise ValueError(f"n_probes must be an integer >= 0 (0: no trace), got {n_probes!r}")
-        if hvp_method not in HVP_METHODS:
-            raise ValueError(f"unknown hvp_method {hvp_method!r}; accepted: {', '.join(HVP_METHODS)}")
+        check_hvp_method(hvp_method)
         if max_basis is not None and (
             isinstance(max_basis, bool) or not isinstance(max_basis, int) or max_basis < k + 1
         ):

@@ -9,6 +9,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from bnlightning.callbacks._layers import checked_layers
 from bnlightning.callbacks.functional import ICS_MODES, internal_covariate_shift
 from bnlightning.callbacks.functional._batching import check_chunk_size, check_memory_budget, check_mode
 from bnlightning.callbacks.functional._layers import resolve_layers
@@ -104,9 +105,7 @@ class InternalCovariateShift(TwoStepMeasurement):
         check_mode(mode, ICS_MODES)
         check_chunk_size(chunk_size)
         check_memory_budget(memory_budget)
-        if layers is not None and not layers:
-            raise ValueError("layers must be None (every Conv/Linear layer) or a non-empty list of module names")
-        self.layers = list(layers) if layers is not None else None
+        self.layers = checked_layers(layers, "every Conv/Linear layer")
         self.update_from = update_from
         self.mode = mode
         self.chunk_size = chunk_size

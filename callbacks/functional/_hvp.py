@@ -15,10 +15,16 @@ from torch import Tensor
 
 from bnlightning.callbacks.functional._vectors import Hvp, Vec, check_like
 
-__all__ = ["HVP_METHODS", "HvpMethod", "make_hvp"]
+__all__ = ["HVP_METHODS", "HvpMethod", "check_hvp_method", "make_hvp"]
 
 HvpMethod = Literal["retained", "double_backward", "jvp"]
 HVP_METHODS: tuple[str, ...] = ("retained", "double_backward", "jvp")
+
+
+def check_hvp_method(method: str, name: str = "hvp_method") -> None:
+    """One clear error for an HVP form not in ``HVP_METHODS``; ``name`` is the argument as the caller calls it."""
+    if method not in HVP_METHODS:
+        raise ValueError(f"unknown {name} {method!r}; accepted: {', '.join(HVP_METHODS)}")
 
 
 def make_hvp(loss_of: Callable[[Vec], Tensor], params: Mapping[str, Tensor], method: HvpMethod = "retained") -> Hvp:
@@ -62,8 +68,7 @@ def make_hvp(loss_of: Callable[[Vec], Tensor], params: Mapping[str, Tensor], met
             return F.cross_entropy(functional_call(model, {**p, **b}, (x,)), y)
         hvp = make_hvp(loss_of, {k: p.detach() for k, p in model.named_parameters()})
     """
-    if method not in HVP_METHODS:
-        raise ValueError(f"unknown HVP method {method!r}; accepted: {', '.join(HVP_METHODS)}")
+    check_hvp_method(method, "HVP method")
     check_like(params, "params")
     point = {k: t.detach() for k, t in params.items()}
     if method == "jvp":

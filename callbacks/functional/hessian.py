@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlightning.callbacks.functional._harness import LossHarness
-from bnlightning.callbacks.functional._hvp import HVP_METHODS, make_hvp
+from bnlightning.callbacks.functional._hvp import check_hvp_method, make_hvp
 from bnlightning.callbacks.functional._lanczos import top_eigenvalues
 from bnlightning.callbacks.functional._layers import layer_param, resolve_layers
 from bnlightning.callbacks.functional._loss import LossFn
@@ -112,8 +112,7 @@ def hessian_operator(
             v = {n: torch.randn_like(p) for n, p in hvp.point.items()}
             curvature = sum((v[n] * hv).sum() for n, hv in hvp(v).items())  # vᵀ H v
     """
-    if method not in HVP_METHODS:
-        raise ValueError(f"unknown hvp_method {method!r}; accepted: {', '.join(HVP_METHODS)}")
+    check_hvp_method(method)
     model = _model if _model is not None else LossHarness(module, loss_fn)
     names = list(model.trainable) if names is None else list(names)
     batch = to_float32(batch)
@@ -185,8 +184,7 @@ def hessian_spectrum(
     Raises:
         ValueError: a bad ``k``, ``tol``, ``max_iter``, ``n_probes``, ``hvp_method`` or layer name.
     """
-    if hvp_method not in HVP_METHODS:
-        raise ValueError(f"unknown hvp_method {hvp_method!r}; accepted: {', '.join(HVP_METHODS)}")
+    check_hvp_method(hvp_method)
     if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 0:
         raise ValueError(f"n_probes must be an integer >= 0, got {n_probes!r}")
     model = LossHarness(module, loss_fn)
