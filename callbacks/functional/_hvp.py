@@ -99,11 +99,12 @@ def _first_order(loss_of: Callable[[Vec], Tensor], point: Vec) -> tuple[list[Ten
 
 
 def _second_order(point: Vec, leaves: list[Tensor], grads: tuple[Tensor | None, ...], v: Vec, retain: bool) -> Vec:
-    """H v as the gradient of ⟨grad, v⟩ (one backward through the gradient's graph)."""
+    """H v as the vector-Jacobian product vᵀ ∂(grad)/∂w (H symmetric): one backward through the gradient's graph."""
     # A parameter whose gradient is constant (or absent) has a zero row in H.
-    terms = [(g * v[k]).sum() for g, k in zip(grads, point) if g is not None and g.requires_grad]
-    if not terms:
+    live = [(g, v[k]) for g, k in zip(grads, point) if g is not None and g.requires_grad]
+    if not live:
         return {k: torch.zeros_like(t) for k, t in point.items()}
+    outputs, directions = zip(*live)
     with torch.enable_grad():
-        hv = torch.autograd.grad(torch.stack(terms).sum(), leaves, retain_graph=retain, allow_unused=True)
+        hv = torch.autograd.grad(outputs, leaves, grad_outputs=directions, retain_graph=retain, allow_unused=True)
     return {k: torch.zeros_like(t) if h is None else h for (k, t), h in zip(point.items(), hv)}

@@ -28,15 +28,14 @@ import torch
 from torch import Tensor
 
 from bnlightning.callbacks.functional._vectors import (
+    CHUNK,
     Hvp,
+    Layout,
     Vec,
-    apply,
     check_like,
-    combine,
-    norm,
     orthogonalize_,
-    random_like,
-    scale_,
+    rotate_,
+    row_norm,
 )
 
 __all__ = ["EigenResult", "RitzBasis", "top_eigenvalues"]
@@ -50,12 +49,15 @@ class RitzBasis(NamedTuple):
         values: float64 tensor of their Ritz values θ_i = y_iᵀ H y_i, descending.
         next: the unit next Lanczos vector w, orthogonal to every y_i (None when the basis is invariant).
         couplings: float64 tensor of c_i = wᵀ H y_i (zeros when ``next`` is None).
+        rows: the flat matrix (``_vectors.Layout``) whose rows ``vectors`` and ``next`` view, in that order, then
+            spare rows a deflated trace writes its probe and product into (None: ``krylov_trace`` makes its own).
     """
 
     vectors: list[Vec]
     values: Tensor
     next: Vec | None
     couplings: Tensor
+    rows: Tensor | None = None
 
 
 class EigenResult(NamedTuple):
@@ -149,29 +151,28 @@ def top_eigenvalues(
     max_basis = _check_args(like, k, tol, max_iter, max_basis)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     keep = min(max(k, max_basis // 2), max_basis - 1) if max_basis > 1 else 0  # Ritz vectors kept at a restart
-    krylov = _Krylov(_start_vector(like, v0, gen), max_basis)
+    layout = Layout(like)
+    # with keep_basis, two spare rows for the probe and its product of a trace deflated by this basis
+    krylov = _Krylov(layout, _start_vector(layout, v0, gen), max_basis, spare=2 if keep_basis else 0)
     history: list[tuple[int, float, float]] = []
     while True:
-        w = apply(hvp, reduce, krylov.basis[-1])
-        theta, S, res, beta = krylov.expand(w)
+        layout.product(hvp, reduce, krylov.last, out=krylov.next)
+        theta, S, res, beta = krylov.expand()
         history.append((len(history) + 1, float(theta[0]), float(res[0])))
         errors = error_bounds(theta, res)
-        converged = len(krylov.basis) >= k and bool((errors[:k] <= tol * theta[:k].abs()).all())
+        converged = krylov.size >= k and bool((errors[:k] <= tol * theta[:k].abs()).all())
         if converged or len(history) >= max_iter:
             break
-        coupling = _next_direction(w, beta, float(theta.abs().max()), krylov.basis, like, gen)
+        coupling = _next_direction(krylov, beta, float(theta.abs().max()), layout, gen)
         if coupling is None:  # pragma: no cover - basis already spans everything
             break
-        krylov.append(w, coupling, theta, S, keep)
+        krylov.append(coupling, theta, S, keep)
+    found = (theta[:k].clone(), len(history), converged, res[:k].clone(), history, errors[:k].clone())
     if not keep_basis:
-        vectors = _rotate_(krylov.basis, S[:, : min(k, len(krylov.basis))])
-        return EigenResult(
-            theta[:k].clone(), vectors, len(history), converged, res[:k].clone(), history, errors[:k].clone()
-        )
-    ritz = _ritz_basis(krylov.basis, w, beta, theta, S)
-    return EigenResult(
-        theta[:k].clone(), ritz.vectors[:k], len(history), converged, res[:k].clone(), history, errors[:k].clone(), ritz
-    )
+        vectors = _ritz_vectors(krylov.basis, S[:, : min(k, krylov.size)])
+        return EigenResult(found[0], [layout.as_dict(v) for v in vectors], *found[1:])
+    ritz = _ritz_basis(krylov, layout, beta, theta, S)
+    return EigenResult(found[0], ritz.vectors[:k], *found[1:], ritz)
 
 
 #: The Ritz gap of a neighbour that has not converged overestimates the true gap (the eigenvalue next to
@@ -196,14 +197,26 @@ def error_bounds(theta: Tensor, res: Tensor) -> Tensor:
     return torch.minimum(res, quad)
 
 
-def _ritz_basis(basis: list[Vec], w: Vec, beta: float, theta: Tensor, S: Tensor) -> RitzBasis:
+def _ritz_vectors(basis: Tensor, coeffs: Tensor) -> Tensor:
+    """``coeffs.T @ basis`` as new rows (the basis is left as it is)."""
+    out = torch.empty(coeffs.shape[1], basis.shape[1], dtype=basis.dtype, device=basis.device)
+    c = coeffs.to(device=basis.device, dtype=basis.dtype).T.contiguous()
+    for s in range(0, basis.shape[1], CHUNK):
+        out[:, s : s + CHUNK] = c @ basis[:, s : s + CHUNK]
+    return out
+
+
+def _ritz_basis(krylov: _Krylov, layout: Layout, beta: float, theta: Tensor, S: Tensor) -> RitzBasis:
     """The final basis rotated to its Ritz vectors (in place) with the next Lanczos vector and couplings."""
-    vectors = _rotate_(basis, S)
-    j = S.shape[0] - 1
+    m = krylov.size
+    rotate_(krylov.rows, S)
+    vectors = [layout.as_dict(krylov.rows[i]) for i in range(m)]
     scale = float(theta.abs().max()) if theta.numel() else 0.0
     if beta <= 1e-12 * max(scale, 1e-30):  # an invariant subspace: nothing couples out of it
-        return RitzBasis(vectors, theta.clone(), None, torch.zeros_like(theta))
-    return RitzBasis(vectors, theta.clone(), scale_(w, 1.0 / beta), beta * S[j])
+        krylov.rows[m].zero_()
+        return RitzBasis(vectors, theta.clone(), None, torch.zeros_like(theta), krylov.rows)
+    krylov.rows[m].mul_(1.0 / beta)
+    return RitzBasis(vectors, theta.clone(), layout.as_dict(krylov.rows[m]), beta * S[m - 1], krylov.rows)
 
 
 def _check_args(like: Mapping[str, Tensor], k: int, tol: float, max_iter: int, max_basis: int | None) -> int:
@@ -224,98 +237,91 @@ def _check_args(like: Mapping[str, Tensor], k: int, tol: float, max_iter: int, m
 
 
 class _Krylov:
-    """The Lanczos state: an orthonormal basis Q and T = QᵀHQ (float64, small), filled column by column."""
+    """The Lanczos state: an orthonormal basis Q as the first ``size`` rows of one matrix, the row after it for the
+    next vector, and T = QᵀHQ (float64, small), filled column by column."""
 
-    def __init__(self, start: Vec, max_basis: int) -> None:
-        self.basis: list[Vec] = [start]
+    def __init__(self, layout: Layout, start: Tensor, max_basis: int, spare: int) -> None:
+        self.rows = layout.rows(max_basis + 1 + spare)
+        self.rows[0].copy_(start)
+        self.size = 1
         self.T = torch.zeros(max_basis, max_basis, dtype=torch.float64)
         self.max_basis = max_basis
 
-    def expand(self, w: Vec) -> tuple[Tensor, Tensor, Tensor, float]:
-        """Take ``w = H q_j`` (q_j the last basis vector), orthogonalize it in place against the basis, fill
-        column j of T; return the Ritz values (descending), their vectors in the basis, their residual
-        norms ``β |s_j,i|`` and β = ‖w‖."""
-        j = len(self.basis) - 1
-        h = orthogonalize_(w, self.basis)
+    @property
+    def basis(self) -> Tensor:
+        return self.rows[: self.size]
+
+    @property
+    def last(self) -> Tensor:
+        """The last basis vector q_j."""
+        return self.rows[self.size - 1]
+
+    @property
+    def next(self) -> Tensor:
+        """The row after the basis: H q_j, then the next Lanczos vector."""
+        return self.rows[self.size]
+
+    def expand(self) -> tuple[Tensor, Tensor, Tensor, float]:
+        """Take ``next = H q_j``, orthogonalize it in place against the basis, fill column j of T; return the Ritz
+        values (descending), their vectors in the basis, their residual norms ``β |s_j,i|`` and β = ‖next‖."""
+        j = self.size - 1
+        h, beta = orthogonalize_(self.next, self.basis)
         self.T[: j + 1, j] = h
         self.T[j, : j + 1] = h
-        beta = norm(w)
         theta, S = torch.linalg.eigh(self.T[: j + 1, : j + 1])
         theta, S = theta.flip(0), S.flip(1)  # descending
         return theta, S, beta * S[j].abs(), beta
 
-    def append(self, w: Vec, coupling: float, theta: Tensor, S: Tensor, keep: int) -> None:
-        """Append the unit vector ``w`` coupled to the last basis vector by ``coupling``; when the basis is
-        full, first restart it from its ``keep`` best Ritz vectors (thick restart)."""
-        j = len(self.basis) - 1
-        if len(self.basis) == self.max_basis:
-            self.basis = _rotate_(self.basis, S[:, :keep])
+    def append(self, coupling: float, theta: Tensor, S: Tensor, keep: int) -> None:
+        """Make the unit vector in ``next``, coupled to the last basis vector by ``coupling``, part of the basis;
+        when the basis is full, first restart it from its ``keep`` best Ritz vectors (thick restart)."""
+        j = self.size - 1
+        if self.size == self.max_basis:
+            rotate_(self.rows, S[:, :keep])
+            self.rows[keep].copy_(self.rows[self.size])
             self.T.zero_()
             self.T[:keep, :keep] = torch.diag(theta[:keep])
             # H y_i = θ_i y_i + β s_{j,i} w, so the coupling of w to y_i is β s_{j,i}.
             couple = coupling * S[j, :keep]
             self.T[keep, :keep] = couple
             self.T[:keep, keep] = couple
+            self.size = keep + 1
         else:
             self.T[j + 1, j] = self.T[j, j + 1] = coupling
-        self.basis.append(w)
+            self.size += 1
 
 
-def _next_direction(
-    w: Vec, beta: float, scale: float, basis: list[Vec], like: Mapping[str, Tensor], gen: torch.Generator
-) -> float | None:
-    """Normalize the residual ``w`` (norm ``beta``) in place into the next Lanczos vector; return its
+def _next_direction(krylov: _Krylov, beta: float, scale: float, layout: Layout, gen: torch.Generator) -> float | None:
+    """Normalize the residual in ``krylov.next`` (norm ``beta``) in place into the next Lanczos vector; return its
     coupling to the basis, or None when the basis already spans everything."""
+    w = krylov.next
     if beta > 1e-5 * max(scale, 1e-30):
-        scale_(w, 1.0 / beta)
+        w.mul_(1.0 / beta)
         return beta
     # Invariant subspace: the basis holds exact eigenpairs. If more are wanted, continue from a
     # random direction orthogonal to it (coupling 0).
-    r = random_like(like, gen)
-    orthogonalize_(r, basis)
-    beta_new = norm(r)
+    w.copy_(layout.gaussian(gen))
+    _, beta_new = orthogonalize_(w, krylov.basis)
     if beta_new == 0.0:  # pragma: no cover - basis already spans everything
         return None
-    for key in w:
-        w[key] = r[key]
-    scale_(w, 1.0 / beta_new)
+    w.mul_(1.0 / beta_new)
     return 0.0
 
 
-def _start_vector(like: Mapping[str, Tensor], v0: Vec | list[Vec] | None, gen: torch.Generator) -> Vec:
+def _start_vector(layout: Layout, v0: Vec | list[Vec] | None, gen: torch.Generator) -> Tensor:
     if v0 is None:
-        v = random_like(like, gen)
+        v = layout.gaussian(gen)
     else:
         vs = v0 if isinstance(v0, list) else [v0]
         if not vs:
             raise ValueError("v0 must be a dict of tensors or a non-empty list of them, got []")
         for x in vs:
-            if not isinstance(x, Mapping) or set(x) != set(like):
+            if not isinstance(x, Mapping) or set(x) != set(layout.keys):
                 raise ValueError("v0 must have exactly the keys of `like` (the parameter names)")
-        v = combine([{k: x[k].detach().to(like[k].device, torch.float32) for k in like} for x in vs], [1.0] * len(vs))
-    nrm = norm(v)
+        v = layout.flatten(vs[0])
+        for x in vs[1:]:
+            v.add_(layout.flatten(x))
+    nrm = row_norm(v)
     if not (nrm > 0 and math.isfinite(nrm)):
         raise ValueError(f"v0 must be a non-zero finite vector, got norm {nrm}")
-    return scale_(v, 1.0 / nrm)
-
-
-#: Elements per slice in :func:`_rotate_`: bounds its scratch memory to a few MB, not vectors.
-_ROTATE_CHUNK = 1 << 18
-
-
-def _rotate_(basis: list[Vec], coeffs: Tensor) -> list[Vec]:
-    """Overwrite ``basis[:l]`` with ``basis @ coeffs`` (``coeffs``: len(basis) × l) and return it.
-
-    Slice by slice, so the Ritz vectors of a thick restart replace the basis without ever holding a second basis:
-    scratch memory is (len(basis) + n_new) × ``_ROTATE_CHUNK`` elements (n_new = the number of new vectors).
-    """
-    n_new = coeffs.shape[1]
-    for key in basis[0]:
-        flat = [q[key].view(-1) for q in basis]
-        c = coeffs.to(device=flat[0].device, dtype=flat[0].dtype)
-        for s in range(0, flat[0].numel(), _ROTATE_CHUNK):
-            block = torch.stack([f[s : s + _ROTATE_CHUNK] for f in flat])  # m × chunk
-            new = c.T @ block  # n_new × chunk
-            for i in range(n_new):
-                flat[i][s : s + _ROTATE_CHUNK] = new[i]
-    return basis[:n_new]
+    return v.mul_(1.0 / nrm)

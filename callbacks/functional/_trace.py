@@ -19,15 +19,12 @@ from torch import Tensor
 from bnlightning.callbacks.functional._lanczos import RitzBasis
 from bnlightning.callbacks.functional._vectors import (
     Hvp,
+    Layout,
     Vec,
-    apply,
-    axpy_,
-    check_like,
-    dot,
-    norm,
+    inner,
     orthogonalize_,
-    random_like,
-    scale_,
+    row_norm,
+    subtract_combination_,
 )
 
 __all__ = ["TraceResult", "hutchinson_trace", "krylov_trace"]
@@ -75,40 +72,40 @@ def hutchinson_trace(
         eig = top_eigenvalues(hvp, params, k=3)
         trace, se = hutchinson_trace(hvp, params, n_probes=50, deflate=eig.eigenvectors)
     """
-    check_like(like)
+    layout = Layout(like)
     if not isinstance(n_probes, int) or isinstance(n_probes, bool) or n_probes < 1:
         raise ValueError(f"n_probes must be a positive integer, got {n_probes!r}")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    basis, exact = _deflation(hvp, like, reduce, deflate or [])
+    rows, exact = _deflation(hvp, layout, reduce, deflate or [])
+    basis, z, hz = rows[:-2], rows[-2], rows[-1]
     terms = []
     for _ in range(n_probes):
-        v = random_like(like, gen, rademacher=True)
-        orthogonalize_(v, basis)
-        terms.append(dot(v, apply(hvp, reduce, v)))
+        orthogonalize_(layout.rademacher(gen, out=z), basis)
+        layout.product(hvp, reduce, z, out=hz)
+        terms.append(float(inner(z[None], hz[None])))
     t = torch.tensor(terms, dtype=torch.float64)
     se = float(t.std(unbiased=True) / math.sqrt(n_probes)) if n_probes > 1 else float("nan")
     return exact + float(t.mean()), se
 
 
 def _deflation(
-    hvp: Hvp, like: Mapping[str, Tensor], reduce: Callable[[Vec], Vec] | None, deflate: list[Vec]
-) -> tuple[list[Vec], float]:
-    """An orthonormal basis V of the span of ``deflate`` and tr(VᵀHV) (one HVP per basis vector)."""
-    basis: list[Vec] = []
+    hvp: Hvp, layout: Layout, reduce: Callable[[Vec], Vec] | None, deflate: list[Vec]
+) -> tuple[Tensor, float]:
+    """Rows: an orthonormal basis V of the span of ``deflate``, then two spare rows; and tr(VᵀHV) (one HVP per basis
+    vector)."""
+    rows = layout.rows(len(deflate) + 2)
+    size = 0
     exact = 0.0
     for d in deflate:
-        if not isinstance(d, Mapping) or set(d) != set(like):
+        if not isinstance(d, Mapping) or set(d) != set(layout.keys):
             raise ValueError("deflate must be a list of dicts with exactly the keys of `like` (the parameter names)")
-        q = {
-            k: d[k].detach().to(like[k].device, torch.float32).clone(memory_format=torch.contiguous_format)
-            for k in like
-        }
-        orthogonalize_(q, basis)
-        nrm = norm(q)
+        q = layout.flatten(d, out=rows[size])
+        _, nrm = orthogonalize_(q, rows[:size])
         if nrm > 1e-6:  # skip vectors (nearly) in the span of the earlier ones
-            basis.append(scale_(q, 1.0 / nrm))
-            exact += dot(q, apply(hvp, reduce, q))
-    return basis, exact
+            q.mul_(1.0 / nrm)
+            exact += float(inner(q[None], layout.product(hvp, reduce, q, out=rows[-1])[None]))
+            size += 1
+    return torch.cat([rows[:size], rows[-2:]]) if size < len(deflate) else rows, exact
 
 
 class TraceResult(NamedTuple):
@@ -179,27 +176,29 @@ def krylov_trace(
         eig = top_eigenvalues(hvp, params, keep_basis=True)
         trace, se, probes, ratio = krylov_trace(hvp, params, eig.basis, n_probes=10)
     """
-    check_like(like)
+    layout = Layout(like)
     if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
         raise ValueError(f"n_probes must be a positive integer, got {n_probes!r}")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    plain, deflated = _VarianceEstimate(like), _VarianceEstimate(like)
+    rows, m = _work_rows(layout, basis)  # the Ritz vectors Y, the next vector w (if any), the probe z, its product
+    y, z, hz = rows[:m], rows[m], rows[m + 1]
+    # A z = P H P z = Hz − Y Yᵀ Hz − (cᵀ Yᵀ z) w, by H Y = Y diag(θ) + w cᵀ (the Lanczos relation)
+    k, c = len(basis.vectors), basis.couplings.to(torch.float64)
+    plain, deflated = _VarianceEstimate(layout), _VarianceEstimate(layout)
     terms: list[float] = []
     for _ in range(n_probes):
-        z = random_like(like, gen, rademacher=True)
-        hz = apply(hvp, reduce, z)
-        plain.add(z, hz)
-        plain_term = dot(z, hz)
-        a = [dot(y, z) for y in basis.vectors]
-        g = [dot(y, hz) for y in basis.vectors]
-        # A z = P H P z = Hz − Y g − (c·a) w, by H Y = Y diag(θ) + w cᵀ; in place of Hz (one vector less)
-        az = hz
-        for gi, y in zip(g, basis.vectors):
-            axpy_(az, -gi, y)
-        if basis.next is not None:
-            axpy_(az, -float(basis.couplings @ torch.tensor(a, dtype=torch.float64)), basis.next)
-        deflated.add(z, az)
-        terms.append(dot(z, az) if deflate else plain_term)
+        layout.rademacher(gen, out=z)
+        layout.product(hvp, reduce, z, out=hz)
+        products = inner(rows[: m + 2], rows[m : m + 2])  # [Y; w; z; Hz] against z and Hz: one pass
+        plain.add(z, hz, frob=float(products[m + 1, 1]))
+        plain_term = float(products[m, 1])
+        coeffs = products[:m, 1].clone()  # Yᵀ Hz (and wᵀ Hz, replaced by cᵀ Yᵀ z)
+        if m > k:
+            coeffs[-1] = float(c @ products[:k, 0])
+        subtract_combination_(hz, y, coeffs)  # hz is now A z (one vector less)
+        za = inner(rows[m : m + 2], hz[None])[:, 0]  # zᵀ A z and ‖A z‖²
+        deflated.add(z, hz, frob=float(za[1]))
+        terms.append(float(za[0]) if deflate else plain_term)
     t = torch.tensor(terms, dtype=torch.float64)
     se = float(t.std(unbiased=True) / math.sqrt(n_probes)) if n_probes > 1 else float("nan")
     v_plain, v_deflated = plain.variance(), max(deflated.variance(), 0.0)
@@ -211,21 +210,33 @@ def krylov_trace(
     return TraceResult(exact + float(t.mean()), se, n_probes, ratio)
 
 
+def _work_rows(layout: Layout, basis: RitzBasis) -> tuple[Tensor, int]:
+    """Rows Y, w (when ``basis.next`` is not None), then two spare rows; and the number m of Y and w rows.
+
+    The basis's own matrix when it has the spare rows (``top_eigenvalues(keep_basis=True)`` makes it so), else a copy.
+    """
+    vectors = basis.vectors + ([basis.next] if basis.next is not None else [])
+    m = len(vectors)
+    if basis.rows is not None and basis.rows.shape[0] >= m + 2 and basis.rows.shape[1] == layout.n:
+        return basis.rows[: m + 2], m
+    rows = layout.rows(m + 2)
+    for i, v in enumerate(vectors):
+        layout.flatten(v, out=rows[i])
+    return rows, m
+
+
 class _VarianceEstimate:
     """Running unbiased estimate of Hutchinson's per-probe variance 2(‖M‖_F² − Σ M_aa²) from pairs (z, Mz)."""
 
-    def __init__(self, like: Mapping[str, Tensor]) -> None:
-        self.diag_sum = {k: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for k, t in like.items()}
-        self.diag_sq = 0.0  # Σ_j ‖z_j ⊙ M z_j‖²
-        self.frob = 0.0  # Σ_j ‖M z_j‖²
+    def __init__(self, layout: Layout) -> None:
+        self.diag_sum = torch.zeros(layout.n, dtype=torch.float32, device=layout.device)
+        self.frob = 0.0  # Σ_j ‖M z_j‖², which is also Σ_j ‖z_j ⊙ M z_j‖² for z of ±1 entries
         self.m = 0
 
-    def add(self, z: Vec, mz: Vec) -> None:
-        for k, t in self.diag_sum.items():
-            t.addcmul_(z[k], mz[k])  # the diagonal estimate z ⊙ Mz (Bekas et al. 2007)
-        frob = dot(mz, mz)
+    def add(self, z: Tensor, mz: Tensor, frob: float) -> None:
+        """Count the probe ``z`` with its product ``mz`` and ``frob`` = ‖mz‖²."""
+        self.diag_sum.addcmul_(z, mz)  # the diagonal estimate z ⊙ Mz (Bekas et al. 2007)
         self.frob += frob
-        self.diag_sq += frob  # ‖z ⊙ Mz‖² = ‖Mz‖² for z of ±1 entries
         self.m += 1
 
     def variance(self) -> float:
@@ -233,5 +244,5 @@ class _VarianceEstimate:
         m = self.m
         if m < 2:
             return float("nan")
-        diag = (dot(self.diag_sum, self.diag_sum) - self.diag_sq) / (m * (m - 1))
+        diag = (row_norm(self.diag_sum) ** 2 - self.frob) / (m * (m - 1))
         return 2.0 * (self.frob / m - diag)

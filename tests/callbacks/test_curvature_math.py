@@ -503,8 +503,10 @@ def test_krylov_trace_without_deflation_is_plain_hutchinson_on_the_same_probes()
     plain = krylov_trace(matrix_hvp(A), like, eig.basis, 8, deflate=False, generator=torch.Generator().manual_seed(3))
     deflated = krylov_trace(matrix_hvp(A), like, eig.basis, 8, generator=torch.Generator().manual_seed(3))
     reference = hutchinson_trace(matrix_hvp(A), like, 8, generator=torch.Generator().manual_seed(3))
+    # The same terms up to float32 rounding of the inner products; the terms differ by about 0.03 around 60, so
+    # their standard deviation keeps only about 4 of float32's 7 digits.
     assert plain.estimate == pytest.approx(reference[0], rel=1e-6) and plain.standard_error == pytest.approx(
-        reference[1], rel=1e-5
+        reference[1], rel=1e-3
     )
     assert plain.variance_ratio == pytest.approx(deflated.variance_ratio) and plain.variance_ratio > 1
     assert deflated.standard_error > plain.standard_error
