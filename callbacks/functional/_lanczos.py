@@ -209,6 +209,7 @@ def _ritz_vectors(basis: Tensor, coeffs: Tensor) -> Tensor:
 def _ritz_basis(krylov: _Krylov, layout: Layout, beta: float, theta: Tensor, S: Tensor) -> RitzBasis:
     """The final basis rotated to its Ritz vectors (in place) with the next Lanczos vector and couplings."""
     m = krylov.size
+    krylov.reserve(m + 1 + krylov.spare)
     rotate_(krylov.rows, S)
     vectors = [layout.as_dict(krylov.rows[i]) for i in range(m)]
     scale = float(theta.abs().max()) if theta.numel() else 0.0
@@ -230,7 +231,7 @@ def _check_args(like: Mapping[str, Tensor], k: int, tol: float, max_iter: int, m
     if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < k:
         raise ValueError(f"max_iter must be an integer >= k = {k} (one HVP per basis vector), got {max_iter!r}")
     if max_basis is None:
-        max_basis = 4 if k == 1 else max(2 * k + 2, 10)
+        max_basis = 8 if k == 1 else max(2 * k + 2, 10)
     elif not isinstance(max_basis, int) or isinstance(max_basis, bool) or max_basis < k + 1:
         raise ValueError(f"max_basis must be an integer >= k + 1 = {k + 1}, got {max_basis!r}")
     return min(max_basis, n)
@@ -241,11 +242,20 @@ class _Krylov:
     next vector, and T = QᵀHQ (float64, small), filled column by column."""
 
     def __init__(self, layout: Layout, start: Tensor, max_basis: int, spare: int) -> None:
-        self.rows = layout.rows(max_basis + 1 + spare)
+        self.layout, self.spare = layout, spare
+        self.rows = layout.rows(2)  # grown as the basis grows: a run that converges early never holds max_basis
         self.rows[0].copy_(start)
         self.size = 1
         self.T = torch.zeros(max_basis, max_basis, dtype=torch.float64)
         self.max_basis = max_basis
+
+    def reserve(self, count: int) -> None:
+        """At least ``count`` rows, doubling (at most to the basis, its next vector and the spare rows)."""
+        have = self.rows.shape[0]
+        if have < count:
+            rows = self.layout.rows(min(max(count, 2 * have), self.max_basis + 1 + self.spare))
+            rows[:have].copy_(self.rows)
+            self.rows = rows
 
     @property
     def basis(self) -> Tensor:
@@ -288,6 +298,7 @@ class _Krylov:
             self.size = keep + 1
         else:
             self.T[j + 1, j] = self.T[j, j + 1] = coupling
+            self.reserve(self.size + 2)
             self.size += 1
 
 

@@ -510,3 +510,19 @@ def test_krylov_trace_without_deflation_is_plain_hutchinson_on_the_same_probes()
     )
     assert plain.variance_ratio == pytest.approx(deflated.variance_ratio) and plain.variance_ratio > 1
     assert deflated.standard_error > plain.standard_error
+
+
+def test_the_basis_memory_grows_only_as_far_as_the_run_goes() -> None:
+    """Rows are allocated as the basis grows: a warm start on the top eigenvector stops after one product holding
+    the start, its product and the trace's two spare rows, not ``max_basis + 3`` rows."""
+    A = exact_spectrum_matrix(torch.linspace(9.0, 0.0, 60).tolist())  # small gaps: a slow, restarted run
+    like = {"w": torch.zeros(60)}
+    top = top_eigenvalues(matrix_hvp(A), like, tol=1e-8, max_iter=500, keep_basis=True)
+    assert top.basis is not None and top.basis.rows is not None
+    grown = top.basis.rows.shape[0]
+    assert top.iterations > 8 and grown == 8 + 1 + 2  # the default basis for k = 1 is 8, the cap
+    warm = top_eigenvalues(matrix_hvp(A), like, tol=1e-4, v0=top.eigenvectors, keep_basis=True)
+    assert warm.iterations == 1 and warm.eigenvalues[0].item() == pytest.approx(9.0, rel=1e-4)
+    assert warm.basis is not None and warm.basis.rows is not None and warm.basis.rows.shape[0] == 1 + 1 + 2
+    t = krylov_trace(matrix_hvp(A), like, warm.basis, 4)  # the spare rows are where its probe goes
+    assert t.probes == 4 and math.isfinite(t.estimate)
