@@ -80,7 +80,8 @@ class HessianSpectrum(MeasurementCallback):
         layers: module names whose weight block is measured too (default none).
         warm_start: start from the previous measurement's eigenvectors (kept in memory, not in checkpoints).
         seed: seed of the random start vector and probes (the global RNG is never used).
-        max_basis: Lanczos basis size (memory: ``max_basis + 1`` parameter-sized vectors; default 4 for k = 1).
+        max_basis: Lanczos basis size (memory: up to ``max_basis + 3`` parameter-sized vectors with the trace's
+            probe and product; default 8 for k = 1).
         hvp_method: ``retained`` (one forward and backward, then one backward per HVP; the fastest
             measured), ``double_backward`` or ``jvp`` (forward-over-reverse; no retained graph; works
             with BatchNorm in training mode).

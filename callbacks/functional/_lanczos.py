@@ -4,12 +4,13 @@ Pure torch (PROTOCOL §9). H is indefinite (the largest *magnitude* eigenvalue o
 often negative early in training), so power iteration would find the wrong one; Lanczos with full
 reorthogonalization inside a bounded basis (Wu & Simon 2000) finds the algebraically largest.
 
-Memory, in parameter-sized vectors (P = one copy of the parameters): the basis (``max_basis`` vectors,
-4 by default for k = 1) and the next Lanczos vector, so ``max_basis + 1`` P (5 P by default), plus a
-transient copy of each product; a restart rewrites the basis in place, slice by slice (with
-``keep_basis=True`` the result holds that basis until dropped). Fewer vectors
-cost products: on VGG-11-BN, cold, ``max_basis`` 2 / 3 / 4 / 6 / 8 / 20 took 148 / 80 / 26 / 21 / 20 /
-20 HVPs (docs/benchmarks.md, "Curvature").
+Memory, in parameter-sized vectors (P = one copy of the parameters): the basis (at most ``max_basis`` vectors,
+8 by default for k = 1) and the next Lanczos vector, held as rows of one flat matrix (``_vectors.Layout``) that
+grows as the basis does, so at most ``max_basis + 1`` P (9 P by default; ``keep_basis=True`` adds the two rows a
+deflated trace probes in), plus a transient copy of each product; a restart rewrites the basis in place, slice by
+slice (with ``keep_basis=True`` the result holds that basis until dropped). Fewer vectors cost products: on
+VGG-11-BN, cold, ``max_basis`` 2 / 3 / 4 / 6 / 8 / 20 took 148 / 80 / 26 / 21 / 20 / 20 HVPs (docs/benchmarks.md,
+"Curvature"); on the demo Transformer, warm, a basis of 4 took 35 HVPs where 8 took 23.
 
 Side effects: none. The random start comes from a ``torch.Generator`` (a fresh one seeded 0 when none
 is given), never from the global generator; nothing is written into the vectors the caller passes.
@@ -100,7 +101,8 @@ def top_eigenvalues(
     """The ``k`` algebraically largest eigenvalues of the symmetric operator ``hvp``.
 
     Thick-restart Lanczos (Wu & Simon 2000): the Krylov basis is kept orthonormal by full
-    reorthogonalization (classical Gram-Schmidt, twice) and bounded to ``max_basis``
+    reorthogonalization (classical Gram-Schmidt, a second pass where the first cancelled more than half of the
+    norm: ``_vectors.orthogonalize_``) and bounded to ``max_basis``
     vectors; when full, it restarts from its ``keep`` best Ritz vectors (``keep = max_basis // 2``,
     at least k) plus the current residual direction, so no Krylov information about the wanted
     pairs is thrown away. Power iteration would find the largest eigenvalue in *magnitude*.
@@ -131,10 +133,10 @@ def top_eigenvalues(
         v0: start vector(s); need not be normalized.
         generator: source of the random start (``torch.Generator``); the global RNG is never used.
         reduce: applied to every HVP result (e.g. a DDP all-reduce mean); identity by default.
-        max_basis: Lanczos basis size before a restart (default ``4`` for k = 1,
+        max_basis: Lanczos basis size before a restart (default ``8`` for k = 1,
             ``max(2k + 2, 10)`` otherwise; capped at the dimension).
-        keep_basis: also return the whole final basis in Ritz form (``basis``; it holds
-            ``max_basis + 1`` parameter-sized vectors while the result is kept).
+        keep_basis: also return the whole final basis in Ritz form (``basis``; it holds up to
+            ``max_basis + 3`` parameter-sized vectors while the result is kept).
 
     Returns:
         :class:`EigenResult`.
@@ -243,17 +245,19 @@ class _Krylov:
 
     def __init__(self, layout: Layout, start: Tensor, max_basis: int, spare: int) -> None:
         self.layout, self.spare = layout, spare
-        self.rows = layout.rows(2)  # grown as the basis grows: a run that converges early never holds max_basis
+        # Two rows (the start and its product) and the spare ones, grown to the whole basis at the first need: a run
+        # that converges in a few products never holds max_basis vectors, and one that does not copies 2 + spare once.
+        self.rows = layout.rows(min(2 + spare, max_basis + 1 + spare))
         self.rows[0].copy_(start)
         self.size = 1
         self.T = torch.zeros(max_basis, max_basis, dtype=torch.float64)
         self.max_basis = max_basis
 
     def reserve(self, count: int) -> None:
-        """At least ``count`` rows, doubling (at most to the basis, its next vector and the spare rows)."""
+        """At least ``count`` rows: all that the basis, its next vector and the spare rows can take."""
         have = self.rows.shape[0]
         if have < count:
-            rows = self.layout.rows(min(max(count, 2 * have), self.max_basis + 1 + self.spare))
+            rows = self.layout.rows(self.max_basis + 1 + self.spare)
             rows[:have].copy_(self.rows)
             self.rows = rows
 

@@ -176,7 +176,7 @@ def hessian_spectrum(
         v0: block name -> start vectors (a previous result's ``eigenvectors``): a warm start.
         seed: seed of the random start and probes (a ``torch.Generator``: the global RNG is untouched;
             every rank must use the same seed under DDP).
-        max_basis: Lanczos basis size (default 4 for k = 1).
+        max_basis: Lanczos basis size (default 8 for k = 1).
         hvp_method: ``retained`` (default, fastest measured), ``double_backward`` or ``jvp``.
         reduce: mean over ranks (DDP), applied to every HVP.
         trace_ratios: block name -> a previous result's ``trace_ratios`` entry (see ``n_probes``).
