@@ -6,7 +6,8 @@ components w_k form the Gauss quadrature of vᵀ f(H) v: Σ_k w_k f(θ_k), exact
 of degree < 2m. Averaged over the starts, Σ w_k δ(λ − θ_k) estimates the spectral density
 (1/n) Σ_i δ(λ − λ_i); ``density`` smooths it with Gaussians of width σ.
 
-Cost: m · n_starts HVPs per mode (plus one HVP set-up); memory: m + 1 parameter-sized vectors.
+Cost: m · n_starts HVPs per mode (plus one HVP set-up) and the reorthogonalization (one or two passes over the
+basis per step: O(m²) vector passes per start); memory: m + 1 parameter-sized vectors.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bnlightning.callbacks.functional._harness import LossHarness
 from bnlightning.callbacks.functional._hvp import make_hvp
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_float32
+from bnlightning.callbacks.functional._vectors import Layout, orthogonalize_, row_norm
 from bnlightning.callbacks.functional.gauges import is_norm
 
 Vec = dict[str, Tensor]
@@ -42,34 +44,27 @@ class SLQResult(NamedTuple):
     hvps: int
 
 
-def _flat_dot(a: Vec, b: Vec) -> float:
-    return math.fsum(float((a[n].double() * b[n].double()).sum()) for n in a)
-
-
 def lanczos_quadrature(hvp: Any, like: Vec, steps: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Nodes and weights of the m-point Gauss quadrature of vᵀ f(H) v for one Gaussian start v (unit norm).
 
-    Plain Lanczos with full reorthogonalization (twice); stops early on an invariant subspace (then
-    fewer nodes, still exact for that v).
+    Plain Lanczos with full reorthogonalization (``_vectors.orthogonalize_``: Gram–Schmidt, a second pass where the
+    first cancelled); stops early on an invariant subspace (then fewer nodes, still exact for that v). The basis is
+    held as rows of one flat matrix (``_vectors.Layout``), m + 1 parameter-sized vectors.
     """
-    v = {n: torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t.device) for n, t in like.items()}
-    norm = math.sqrt(_flat_dot(v, v))
-    basis = [{n: t / norm for n, t in v.items()}]
+    layout = Layout(like)
+    rows = layout.rows(steps + 1)
+    start = layout.gaussian(generator)
+    rows[0].copy_(start.mul_(1.0 / row_norm(start)))
     alphas: list[float] = []
     betas: list[float] = []
     for j in range(steps):
-        w = {n: t.detach().to(torch.float32).clone() for n, t in hvp(basis[j]).items()}
-        alphas.append(_flat_dot(w, basis[j]))
-        for _ in range(2):
-            for q in basis:
-                c = _flat_dot(w, q)
-                for n in w:
-                    w[n].sub_(q[n], alpha=c)
-        beta = math.sqrt(max(_flat_dot(w, w), 0.0))
+        w = layout.product(hvp, None, rows[j], out=rows[j + 1])
+        coeffs, beta = orthogonalize_(w, rows[: j + 1])
+        alphas.append(float(coeffs[j]))  # qⱼᵀ H qⱼ; the other coefficients are the couplings and rounding
         if j == steps - 1 or beta <= 1e-10 * max(abs(a) for a in alphas):
             break
         betas.append(beta)
-        basis.append({n: t / beta for n, t in w.items()})
+        w.mul_(1.0 / beta)
     k = len(alphas)
     T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
     if k > 1:

@@ -327,7 +327,8 @@ def test_slq_moments_are_the_gauss_quadrature_of_the_explicit_hessian(mode: str)
     assert res.hvps == 2 * steps and res.nodes.shape == (2, steps)
     gen = torch.Generator().manual_seed(3)
     for start in range(2):
-        v = torch.cat([torch.randn(p.shape, generator=gen).flatten() for p in model.parameters()]).double()
+        # the start: one flat draw over the parameters in their order (``_vectors.Layout.gaussian``)
+        v = torch.randn(sum(p.numel() for p in model.parameters()), generator=gen).double()
         v = v / v.norm()
         for power in range(2 * steps):  # Gauss quadrature with m nodes is exact up to degree 2m - 1
             exact = v @ torch.linalg.matrix_power(H, power) @ v
