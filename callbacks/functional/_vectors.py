@@ -49,12 +49,18 @@ _SIGNS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.float32)
 
 
 def dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
-    """⟨a, b⟩ of two parameter dicts, in float64."""
+    """⟨a, b⟩ of two parameter dicts in float64 arithmetic (exact products of the float32 entries, float64 sums).
+
+    Slice by slice (``CHUNK`` entries), so the float64 copies stay in cache: on ResNet-18 6.5 ms where converting
+    whole tensors took 122 ms (1.7 training steps) and a float32 ``torch.vdot`` 2.6 ms at 1e-5 relative error.
+    """
     # Summed on each device first: one host sync per device and dot product, not per tensor.
     per_device: dict[torch.device, Tensor] = {}
     for k in a:
-        d = torch.vdot(a[k].reshape(-1), b[k].reshape(-1)).double()
-        per_device[d.device] = per_device[d.device] + d if d.device in per_device else d
+        x, y = a[k].reshape(-1), b[k].reshape(-1)
+        for s in range(0, x.numel(), CHUNK):
+            d = torch.dot(x[s : s + CHUNK].double(), y[s : s + CHUNK].double())
+            per_device[d.device] = per_device[d.device] + d if d.device in per_device else d
     return math.fsum(float(t) for t in per_device.values())
 
 

