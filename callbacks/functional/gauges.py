@@ -33,7 +33,7 @@ from bnlightning.callbacks.functional._layers import WEIGHT_LAYER_TYPES, weight_
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_float32
 from bnlightning.callbacks.functional._optimizer import torch_optimizer
-from bnlightning.callbacks.functional._vectors import dot
+from bnlightning.callbacks.functional._vectors import CHUNK, dot
 from bnlightning.callbacks.functional.activations import measurement_forward
 from bnlightning.callbacks.functional.names import (
     HESSIAN_ACTUAL_CHANGE,
@@ -513,16 +513,25 @@ def effective_lr(
     """
     out: dict[str, Tensor] = {}
     for name, w in before.items():
-        a, b = w.detach().double().flatten(), after[name].detach().double().flatten()
-        na, nb = a.norm(), b.norm()
-        out[efflr_key(name, "norm")] = na.to(torch.float32)
-        out[efflr_key(name, "lr")] = (lrs[name] / na.pow(2)).to(torch.float32) if na > 0 else torch.tensor(float("nan"))
-        if na > 0 and nb > 0:
-            ua, ub = a / na, b / nb
-            out[efflr_key(name, "angle")] = (2.0 * torch.atan2((ua - ub).norm(), (ua + ub).norm())).to(torch.float32)
-        else:
-            out[efflr_key(name, "angle")] = torch.tensor(float("nan"))
+        a, b = w.detach().reshape(-1), after[name].detach().reshape(-1)
+        na, nb = math.sqrt(dot({name: a}, {name: a})), math.sqrt(dot({name: b}, {name: b}))
+        out[efflr_key(name, "norm")] = torch.tensor(na, dtype=torch.float32)
+        out[efflr_key(name, "lr")] = torch.tensor(lrs[name] / na**2 if na > 0 else float("nan"), dtype=torch.float32)
+        angle = 2.0 * math.atan2(*_unit_distances(a, b, na, nb)) if na > 0 and nb > 0 else float("nan")
+        out[efflr_key(name, "angle")] = torch.tensor(angle, dtype=torch.float32)
     return out
+
+
+def _unit_distances(a: Tensor, b: Tensor, na: float, nb: float) -> tuple[float, float]:
+    """‖â − b̂‖ and ‖â + b̂‖ (â = a/‖a‖) in float64, slice by slice: the float64 copies of a whole layer's weights
+    cost about 2 training steps per measurement on ResNet-18."""
+    minus = torch.zeros((), dtype=torch.float64, device=a.device)
+    plus = torch.zeros((), dtype=torch.float64, device=a.device)
+    for s in range(0, a.numel(), CHUNK):
+        u, v = a[s : s + CHUNK].double() / na, b[s : s + CHUNK].double() / nb
+        minus += (u - v).pow(2).sum()
+        plus += (u + v).pow(2).sum()
+    return math.sqrt(float(minus)), math.sqrt(float(plus))
 
 
 def group_lrs(optimizer: Any, module: nn.Module, layers: Sequence[str]) -> dict[str, float]:
