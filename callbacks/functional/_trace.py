@@ -80,7 +80,9 @@ def hutchinson_trace(
     basis, z, hz = rows[:-2], rows[-2], rows[-1]
     terms = []
     for _ in range(n_probes):
-        orthogonalize_(layout.rademacher(gen, out=z), basis)
+        layout.rademacher(gen, out=z)
+        if basis.shape[0]:  # deflated: the probe P z
+            orthogonalize_(z, basis)
         layout.product(hvp, reduce, z, out=hz)
         terms.append(float(inner(z[None], hz[None])))
     t = torch.tensor(terms, dtype=torch.float64)
@@ -217,12 +219,21 @@ def _work_rows(layout: Layout, basis: RitzBasis) -> tuple[Tensor, int]:
     """
     vectors = basis.vectors + ([basis.next] if basis.next is not None else [])
     m = len(vectors)
-    if basis.rows is not None and basis.rows.shape[0] >= m + 2 and basis.rows.shape[1] == layout.n:
+    if basis.rows is not None and basis.rows.shape[0] >= m + 2 and _viewed_in_order(layout, vectors, basis.rows):
         return basis.rows[: m + 2], m
     rows = layout.rows(m + 2)
     for i, v in enumerate(vectors):
         layout.flatten(v, out=rows[i])
     return rows, m
+
+
+def _viewed_in_order(layout: Layout, vectors: list[Vec], rows: Tensor) -> bool:
+    """Whether ``vectors[i]`` are views of ``rows[i]`` laid out as ``layout`` lays them (the same keys in the same
+    order): else the rows' entries would be read in another order than the probes'."""
+    if rows.shape[1] != layout.n:
+        return False
+    spans = list(zip(layout.keys, layout.offsets))
+    return all(v[k].data_ptr() == rows[i, a:].data_ptr() for i, v in enumerate(vectors) for k, a in spans)
 
 
 class _VarianceEstimate:

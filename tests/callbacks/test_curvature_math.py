@@ -526,3 +526,20 @@ def test_the_basis_memory_grows_only_as_far_as_the_run_goes() -> None:
     assert warm.basis is not None and warm.basis.rows is not None and warm.basis.rows.shape[0] == 1 + 1 + 2
     t = krylov_trace(matrix_hvp(A), like, warm.basis, 4)  # the spare rows are where its probe goes
     assert t.probes == 4 and math.isfinite(t.estimate)
+
+
+def test_krylov_trace_reads_the_basis_in_the_order_of_its_own_like() -> None:
+    """A basis made with one key order and a trace asked with another: the rows are laid out in the first order,
+    so the trace must not read them as if they were in the second (it copies the vectors instead)."""
+    A = exact_spectrum_matrix([5.0, -2.0] + [0.0] * 8)  # rank 2: the basis spans the range, the trace is exact
+
+    def hvp(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = (A @ torch.cat([v["a"], v["b"]]).double()).float()
+        return {"a": out[:3], "b": out[3:]}
+
+    like = {"a": torch.zeros(3), "b": torch.zeros(7)}
+    eig = top_eigenvalues(hvp, like, tol=1e-6, keep_basis=True, max_basis=3)
+    assert eig.basis is not None
+    assert krylov_trace(hvp, like, eig.basis, 4).estimate == pytest.approx(3.0, abs=1e-4)
+    swapped = {"b": like["b"], "a": like["a"]}
+    assert krylov_trace(hvp, swapped, eig.basis, 4).estimate == pytest.approx(3.0, abs=1e-4)
