@@ -28,6 +28,8 @@ typecheck: $(STAMP)
 	ln -s "$(CURDIR)/callbacks" $(TYPECHECK_TREE)/bnlightning/callbacks
 	ln -s "$(CURDIR)/configs" $(TYPECHECK_TREE)/bnlightning/configs
 	cd $(TYPECHECK_TREE) && $(CURDIR)/$(PY) -m mypy --config-file $(CURDIR)/pyproject.toml -p bnlightning
+	# bench/ is a folder of scripts (not a package): checked as files, importing the installed bnlightning
+	$(PY) -m mypy --config-file pyproject.toml --cache-dir $(TYPECHECK_TREE)/.mypy_cache_bench bench/
 
 test: $(STAMP) typecheck
 	$(PY) -m ruff check .

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
+
+#: The VGG configurations ``bnlightning.models.VGG`` builds ("A" = VGG-11, "D" = VGG-16).
+VggConfig = Literal["A", "B", "D", "E"]
 
 
 def synthetic_cifar(n: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +37,9 @@ def tensor_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int =
     return dm.train_dataloader()
 
 
-def make_vgg(width: float, channels_last: bool = False, compile: bool = False, seed: int = 0, config: str = "A") -> Any:
+def make_vgg(
+    width: float, channels_last: bool = False, compile: bool = False, seed: int = 0, config: VggConfig = "A"
+) -> Any:
     """VGG-BN (``VGG(config=config, norm="batch")``; "A" = VGG-11, "D" = VGG-16), seeded, with the paper's optimizer
     (SGD, lr 0.1)."""
     from bnlightning.models import VGG

@@ -108,7 +108,7 @@ class LossCall(nn.Module):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        self.m = module
+        self.m: Any = module  # a LightningModule with ``loss(batch)``
 
     def forward(self, batch: Any) -> Tensor:
         return self.m.loss(batch)
@@ -123,7 +123,7 @@ def hvp_for(model: nn.Module, batch: Any, method: str = "retained") -> tuple[Cal
         tensors = {f"m.{k}": v for k, v in p.items()} | {f"m.{k}": b.clone() for k, b in buffers.items()}
         return functional_call(call, tensors, (batch,))
 
-    return make_hvp(loss_of, params, method=method), params  # type: ignore[arg-type]
+    return make_hvp(loss_of, params, method=method), params
 
 
 def batches(n: int, size: int, device: torch.device, seed: int) -> list[tuple[Tensor, Tensor]]:
@@ -137,13 +137,14 @@ def batches(n: int, size: int, device: torch.device, seed: int) -> list[tuple[Te
     return out
 
 
-def sgd_steps(model: nn.Module, pool: list[Any], steps: int, lr: float, start: int) -> None:
+def sgd_steps(model: Any, pool: list[Any], steps: int, lr: float, start: int) -> None:
     for i in range(steps):
         model.zero_grad(set_to_none=True)
         model.loss(pool[(start + i) % len(pool)]).backward()
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(p.grad, alpha=-lr)
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-lr)
     model.zero_grad(set_to_none=True)
 
 
@@ -221,7 +222,7 @@ def bench_counts(args: Any, width: float, lr: float) -> list[dict[str, Any]]:
 
 
 # --- 2. cost of one HVP ---------------------------------------------------------------------
-def bench_cost(args: Any, name: str, model: nn.Module, batch: Any) -> dict[str, Any]:
+def bench_cost(args: Any, name: str, model: Any, batch: Any) -> dict[str, Any]:
     model = model.to(args.device).train()
     snapshot = {k: b.clone() for k, b in model.named_buffers()}
 

@@ -73,10 +73,11 @@ def train(model: Any, optimizer: torch.optim.Optimizer, batches: list[Any], star
 
 def split_one(args: Any, name: str, max_basis: int) -> list[dict[str, Any]]:
     """The measurements of one model at one basis size, each split into backward and other, in training steps."""
-    model = cost.make_model(name, args.seed)
+    model: Any = cost.make_model(name, args.seed)  # a LightningModule with ``loss(batch)``
     model.train()
     batches = list(cost.make_loader(name, 50, args.seed))
     optimizer = model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Optimizer), "bench/cost.py's models return one optimizer"
     train(model, optimizer, batches, 0, args.gap)
     step = train(model, optimizer, batches, args.gap, 5)
     rows, previous = [], None

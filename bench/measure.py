@@ -73,14 +73,14 @@ def make_batch(name: str, model: nn.Module, n: int) -> tuple[torch.Tensor, torch
     return torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def _grads(model: nn.Module, batch: Any, rng: torch.Tensor) -> dict[str, torch.Tensor]:
+def _grads(model: Any, batch: Any, rng: torch.Tensor) -> dict[str, torch.Tensor]:
     torch.set_rng_state(rng)
     model.zero_grad()
     model.loss(batch).backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def naive_ics(model: nn.Module, batch: Any, lr: float) -> None:
+def naive_ics(model: Any, batch: Any, lr: float) -> None:
     rng = torch.get_rng_state()
     G = _grads(copy.deepcopy(model), batch, rng)
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -96,7 +96,7 @@ def naive_ics(model: nn.Module, batch: Any, lr: float) -> None:
     torch.set_rng_state(rng)
 
 
-def naive_landscape(model: nn.Module, batch: Any, steps: list[float]) -> None:
+def naive_landscape(model: Any, batch: Any, steps: list[float]) -> None:
     rng = torch.get_rng_state()
     g = _grads(copy.deepcopy(model), batch, rng)
     for s in steps:
@@ -108,7 +108,7 @@ def naive_landscape(model: nn.Module, batch: Any, steps: list[float]) -> None:
         torch.set_rng_state(rng)
         loss = c.loss(batch)
         loss.backward()
-        _ = sum(((g[n] - p.grad) ** 2).sum() for n, p in c.named_parameters()).sqrt()
+        _ = torch.stack([((g[n] - p.grad) ** 2).sum() for n, p in c.named_parameters()]).sum().sqrt()
     torch.set_rng_state(rng)
 
 

@@ -113,7 +113,7 @@ def _child(model_name: str, config: str, device_name: str) -> dict[str, Any]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-    ).fit(module, DataLoader(batches, batch_size=None))
+    ).fit(module, DataLoader(batches, batch_size=None))  # type: ignore[arg-type]  # a list is a map-style dataset
     peak = (
         torch.cuda.max_memory_allocated(device)
         if device.type == "cuda"
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(_child(*args.child, args.device)))
+        print(json.dumps(_child(args.child[0], args.child[1], args.device)))
         return
     rows = [row for model in args.models for row in _model_rows(model, args.configs, args.device)]
     print(f"{'model':12} {'callback':58} {'extra peak':>12} {'x params':>9}")

@@ -268,6 +268,7 @@ def time_measurements(cb: Any, clock: _timing.Clock, memory: MemoryWindows | Non
             memory.close(name)
 
     def timed_after_step() -> None:
+        assert after_step is not None, "installed only for a callback that has one"
         if cb._pending is None:
             return after_step()
         t0 = clock.now()
