@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 
 from bnlightning.callbacks.functional._vectors import (
-    CHUNK,
     Hvp,
     Layout,
     Vec,
@@ -171,7 +170,7 @@ def top_eigenvalues(
         krylov.append(coupling, theta, S, keep)
     found = (theta[:k].clone(), len(history), converged, res[:k].clone(), history, errors[:k].clone())
     if not keep_basis:
-        vectors = _ritz_vectors(krylov.basis, S[:, : min(k, krylov.size)])
+        vectors = rotate_(krylov.basis, S[:, : min(k, krylov.size)], out=layout.rows(min(k, krylov.size)))
         return EigenResult(found[0], [layout.as_dict(v) for v in vectors], *found[1:])
     ritz = _ritz_basis(krylov, layout, beta, theta, S)
     return EigenResult(found[0], ritz.vectors[:k], *found[1:], ritz)
@@ -197,15 +196,6 @@ def error_bounds(theta: Tensor, res: Tensor) -> Tensor:
     gap = dist.min(dim=1).values
     quad = torch.where(gap > 0, GAP_SAFETY * res.square() / gap.clamp_min(1e-300), torch.full_like(res, float("inf")))
     return torch.minimum(res, quad)
-
-
-def _ritz_vectors(basis: Tensor, coeffs: Tensor) -> Tensor:
-    """``coeffs.T @ basis`` as new rows (the basis is left as it is)."""
-    out = torch.empty(coeffs.shape[1], basis.shape[1], dtype=basis.dtype, device=basis.device)
-    c = coeffs.to(device=basis.device, dtype=basis.dtype).T.contiguous()
-    for s in range(0, basis.shape[1], CHUNK):
-        out[:, s : s + CHUNK] = c @ basis[:, s : s + CHUNK]
-    return out
 
 
 def _ritz_basis(krylov: _Krylov, layout: Layout, beta: float, theta: Tensor, S: Tensor) -> RitzBasis:

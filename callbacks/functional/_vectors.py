@@ -156,16 +156,18 @@ def subtract_combination_(x: Tensor, rows: Tensor, coeffs: Tensor) -> Tensor:
     return x
 
 
-def rotate_(rows: Tensor, coeffs: Tensor) -> Tensor:
-    """Overwrite ``rows[:l]`` with ``coeffs.T @ rows[:m]`` (``coeffs``: m × l, l <= m) and return ``rows[:l]``.
+def rotate_(rows: Tensor, coeffs: Tensor, out: Tensor | None = None) -> Tensor:
+    """``coeffs.T @ rows[:m]`` (``coeffs``: m × l, l <= m) written into ``out`` (l × n), by default over ``rows[:l]``
+    in place; returns it.
 
     Slice by slice, so that new vectors replace the old ones without a second set ever being held.
     """
     m, n_new = coeffs.shape
+    out = rows[:n_new] if out is None else out
     c = coeffs.to(device=rows.device, dtype=rows.dtype).T.contiguous()
     for s in range(0, rows.shape[1], CHUNK):
-        rows[:n_new, s : s + CHUNK] = c @ rows[:m, s : s + CHUNK]
-    return rows[:n_new]
+        out[:, s : s + CHUNK] = c @ rows[:m, s : s + CHUNK]
+    return out
 
 
 def orthogonalize_(x: Tensor, basis: Tensor) -> tuple[Tensor, float]:

@@ -24,10 +24,8 @@ from bnlightning.callbacks.functional._harness import LossHarness
 from bnlightning.callbacks.functional._hvp import make_hvp
 from bnlightning.callbacks.functional._loss import LossFn
 from bnlightning.callbacks.functional._numerics import Reduce, reduce_dict, to_float32
-from bnlightning.callbacks.functional._vectors import Layout, orthogonalize_, row_norm
+from bnlightning.callbacks.functional._vectors import Layout, Vec, orthogonalize_, row_norm
 from bnlightning.callbacks.functional.gauges import is_norm
-
-Vec = dict[str, Tensor]
 
 __all__ = ["NORM_MODES", "SLQResult", "density", "lanczos_quadrature", "spectral_density"]
 
