@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bnlightning.experiments import EXPERIMENTS
-from tests.helpers import REPO, require_modern_setuptools
+from tests.helpers import REPO, build_wheel
 
 SOURCES = ("pyproject.toml", "README.md", "bnlightning", "callbacks", "configs")
 
@@ -28,7 +28,6 @@ SOURCES = ("pyproject.toml", "README.md", "bnlightning", "callbacks", "configs")
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's wheel, built from a clean copy (an in-tree build leaves build/ behind and can ship stale files)."""
-    require_modern_setuptools()
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     src.mkdir()
@@ -37,28 +36,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(REPO / name, src / name)
-    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            str(src),
-            "-w",
-            str(tmp / "dist"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    (built,) = (tmp / "dist").glob("bnlightning-*.whl")
-    return built
+    return build_wheel(src, tmp / "dist", "bnlightning-*.whl", timeout=120)
 
 
 def _shipped(source: Path) -> str:

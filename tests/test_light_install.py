@@ -24,35 +24,18 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.helpers import REPO, require_modern_setuptools
+from tests.helpers import REPO, build_wheel
 
 HEAVY = ("wandb", "timm", "sklearn", "matplotlib")
 
 
 @pytest.fixture(scope="module")
 def light_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require_modern_setuptools()
     tmp = tmp_path_factory.mktemp("light")
     src = tmp / "src"
     for name in ("callbacks", "bnlightning-callbacks"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
-    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "wheel",
-        "--no-deps",
-        "--no-build-isolation",
-        "-q",
-        str(src / "bnlightning-callbacks"),
-        "-w",
-        str(tmp / "dist"),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (built,) = (tmp / "dist").glob("bnlightning_callbacks-*.whl")
-    return built
+    return build_wheel(src / "bnlightning-callbacks", tmp / "dist", "bnlightning_callbacks-*.whl", timeout=180)
 
 
 def _closure(names: list[str]) -> set[str]:

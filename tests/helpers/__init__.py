@@ -43,3 +43,30 @@ def require_modern_setuptools() -> None:
             "building needs setuptools>=77 (pip install -e '.[dev]' installs it); "
             f"this environment has {setuptools.__version__}"
         )
+
+
+def build_wheel(project: Path, dist: Path, pattern: str, timeout: float) -> Path:
+    """Build ``project``'s wheel into ``dist`` offline (no index, no build isolation: this environment's setuptools)
+    and return the one wheel matching ``pattern``; a failed build fails the test with pip's last lines."""
+    import os
+    import subprocess
+    import sys
+
+    require_modern_setuptools()
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        str(project),
+        "-w",
+        str(dist),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (built,) = dist.glob(pattern)
+    return built
