@@ -17,14 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bnlightning.callbacks import ActivationStats, InternalCovariateShift, MeanShift
 from bnlightning.callbacks.functional._numerics import can_run_eager
+from tests.helpers import TRAINER_KW
 from tests.helpers.callbacks import Recorder, batch_for, mlp
-
-TRAINER_KW: dict[str, Any] = {
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "enable_checkpointing": False,
-    "accelerator": "cpu",
-}
 
 
 def _run(model: pl.LightningModule, fit_arg: Any = None) -> dict[int, dict[str, float]]:

@@ -30,11 +30,8 @@ from bnlightning.callbacks import (
 from bnlightning.callbacks.functional.gauges import scale_invariant_layers
 from bnlightning.callbacks.functional.sld import density
 from tests.callbacks.test_hessian import Tiny, _batch, full_hessian
+from tests.helpers import TRAINER_KW
 from tests.helpers.callbacks import Recorder, mlp
-
-TRAINER_KW: dict[str, Any] = dict(
-    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu"
-)
 
 
 def flat(tensors: dict[str, Tensor], names: list[str]) -> Tensor:

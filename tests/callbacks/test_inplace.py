@@ -21,14 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bnlightning.callbacks import ActivationStats, MeanShift, ResidualVariance
 from tests.callbacks.test_meanshift import reference_cos, reference_majority
+from tests.helpers import TRAINER_KW
 from tests.helpers.callbacks import Recorder
-
-TRAINER_KW: dict[str, Any] = {
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "enable_checkpointing": False,
-    "accelerator": "cpu",
-}
 
 
 class InplaceBlock(nn.Module):

@@ -44,16 +44,11 @@ from bnlightning.callbacks import (
     resolve_loss,
 )
 from bnlightning.callbacks.functional._loss import loss_candidates
+from tests.helpers import TRAINER_KW as QUIET_KW
 from tests.helpers.callbacks import Recorder
 
 OURS = ("ics", "landscape", "act", "meanshift", "hessian", "resvar")
-TRAINER_KW: dict[str, Any] = dict(
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    enable_checkpointing=False,
-    accelerator="cpu",
-    log_every_n_steps=1,
-)
+TRAINER_KW: dict[str, Any] = {**QUIET_KW, "log_every_n_steps": 1}
 
 
 def every_callback(residual: bool = False, **kw: Any) -> list[pl.Callback]:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from bnlightning.callbacks import ActivationStats, InternalCovariateShift, LossLandscape
+from tests.helpers import TRAINER_KW as QUIET_KW
 from tests.helpers.callbacks import Recorder
 from tests.helpers.zoo import CASES, Case
 
@@ -58,13 +59,7 @@ def _optimizer(made: Any) -> torch.optim.Optimizer:
     return made["optimizer"] if isinstance(made, dict) else made
 
 
-TRAINER_KW: dict[str, Any] = dict(
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    enable_checkpointing=False,
-    accelerator="cpu",
-    log_every_n_steps=1,
-)
+TRAINER_KW: dict[str, Any] = {**QUIET_KW, "log_every_n_steps": 1}
 
 
 class Capture(pl.Callback):

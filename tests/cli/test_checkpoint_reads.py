@@ -16,12 +16,7 @@ import torch
 
 from bnlightning import checkpointing, runstate
 from bnlightning.cli import main
-from tests.helpers import CONFIGS, QUICK
-
-CSV_ONLY = (
-    "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n"
-    "      init_args: {save_dir: runs, name: quickstart}\n"
-)
+from tests.helpers import CONFIGS, CSV_ONLY, QUICK
 
 
 def _fit(tmp: Path, steps: int, *extra: str) -> list[str]:

@@ -17,7 +17,7 @@ import torch
 from bnlightning.checkpointing import AtomicCheckpointIO
 from bnlightning.cli import main
 from bnlightning.loggers import WandbLogger
-from tests.helpers import CONFIGS, QUICK, REPO, fake_cifar10_args
+from tests.helpers import CONFIGS, CSV_ONLY, QUICK, REPO, fake_cifar10_args
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -439,10 +439,6 @@ def test_non_positive_landscape_step_size_is_one_clear_line(in_tmp: Path, capsys
 
 
 # --- runs never mix, survive pre-emption, fail early ------------------------
-CSV_ONLY = (
-    "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n"
-    "      init_args: {save_dir: runs, name: quickstart}\n"
-)
 
 
 def _quick(tmp: Path, *extra: str) -> list[str]:

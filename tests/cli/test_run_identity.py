@@ -21,12 +21,7 @@ import pytest
 import torch
 
 from bnlightning.cli import main
-from tests.helpers import CONFIGS, QUICK, REPO
-
-CSV_ONLY = (
-    "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n"
-    "      init_args: {save_dir: runs, name: quickstart}\n"
-)
+from tests.helpers import CONFIGS, CSV_ONLY, QUICK, REPO
 
 
 def _args(tmp: Path, *extra: str, steps: int = 12) -> list[str]:

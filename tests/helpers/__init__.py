@@ -7,6 +7,7 @@ repository root on ``sys.path`` whatever the working directory). Fixtures stay i
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 #: The repository root (the folder holding ``bnlightning/``, ``configs/`` and ``tests/``).
 REPO = Path(__file__).resolve().parents[2]
@@ -14,6 +15,18 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 #: Command-line flags that keep a test's trainer quiet (no progress bar, no model summary).
 QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+#: A config that replaces the bundled configs' loggers with one CSV logger (no wandb) under ``runs/quickstart``.
+CSV_ONLY = (
+    "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n"
+    "      init_args: {save_dir: runs, name: quickstart}\n"
+)
+#: ``Trainer`` keyword arguments of a quiet CPU test run (no progress bar, summary or checkpoints).
+TRAINER_KW: dict[str, Any] = {
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "enable_checkpointing": False,
+    "accelerator": "cpu",
+}
 
 
 def fake_cifar10_args(root: Path) -> list[str]:
