@@ -16,22 +16,11 @@ import torch
 
 from bnlightning import checkpointing, runstate
 from bnlightning.cli import main
-from tests.helpers import CONFIGS, CSV_ONLY, QUICK
+from tests.helpers import QUICK, csv_quickstart
 
 
 def _fit(tmp: Path, steps: int, *extra: str) -> list[str]:
-    (tmp / "csv_only.yaml").write_text(CSV_ONLY)
-    return [
-        "fit",
-        "--config",
-        str(CONFIGS / "quickstart.yaml"),
-        "--config",
-        str(tmp / "csv_only.yaml"),
-        "--trainer.max_steps",
-        str(steps),
-        *QUICK,
-        *extra,
-    ]
+    return ["fit", *csv_quickstart(tmp), "--trainer.max_steps", str(steps), *QUICK, *extra]
 
 
 def _count_check_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:

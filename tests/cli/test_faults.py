@@ -17,7 +17,7 @@ import torch
 from bnlightning.checkpointing import AtomicCheckpointIO
 from bnlightning.cli import main
 from bnlightning.loggers import WandbLogger
-from tests.helpers import CONFIGS, CSV_ONLY, QUICK, REPO, fake_cifar10_args
+from tests.helpers import CONFIGS, CSV_ONLY, QUICK, REPO, csv_quickstart, fake_cifar10_args
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -443,19 +443,7 @@ def test_non_positive_landscape_step_size_is_one_clear_line(in_tmp: Path, capsys
 
 def _quick(tmp: Path, *extra: str) -> list[str]:
     """Quickstart, CSV logger only (no W&B start-up cost), checkpoints every 10 steps."""
-    csv_only = tmp / "csv_only.yaml"
-    csv_only.write_text(CSV_ONLY)
-    return [
-        "--config",
-        str(CONFIGS / "quickstart.yaml"),
-        "--config",
-        str(csv_only),
-        "--checkpoint.every_n_train_steps",
-        "10",
-        "--trainer.log_every_n_steps",
-        "1",
-        *extra,
-    ]
+    return [*csv_quickstart(tmp), "--checkpoint.every_n_train_steps", "10", "--trainer.log_every_n_steps", "1", *extra]
 
 
 def _callback(tmp: Path, class_path: str, **init_args: int) -> list[str]:

@@ -17,23 +17,12 @@ import pytest
 import torch
 
 from bnlightning.cli import main
-from tests.helpers import CONFIGS, CSV_ONLY, QUICK, REPO
+from tests.helpers import CONFIGS, CSV_ONLY, QUICK, REPO, csv_quickstart
 
 
 def _quick(tmp: Path, *extra: str) -> list[str]:
     """Quickstart, CSV logger only (no W&B start-up cost), one step."""
-    csv_only = tmp / "csv_only.yaml"
-    csv_only.write_text(CSV_ONLY)
-    return [
-        "--config",
-        str(CONFIGS / "quickstart.yaml"),
-        "--config",
-        str(csv_only),
-        "--trainer.max_steps",
-        "1",
-        *QUICK,
-        *extra,
-    ]
+    return [*csv_quickstart(tmp), "--trainer.max_steps", "1", *QUICK, *extra]
 
 
 def _one_line_error(args: list[str], pattern: str, capsys: pytest.CaptureFixture[str]) -> str:

@@ -21,19 +21,11 @@ import pytest
 import torch
 
 from bnlightning.cli import main
-from tests.helpers import CONFIGS, CSV_ONLY, QUICK, REPO
+from tests.helpers import CONFIGS, QUICK, REPO, csv_quickstart
 
 
 def _args(tmp: Path, *extra: str, steps: int = 12) -> list[str]:
-    (tmp / "csv_only.yaml").write_text(CSV_ONLY)
-    common = [
-        "--config",
-        str(CONFIGS / "quickstart.yaml"),
-        "--config",
-        str(tmp / "csv_only.yaml"),
-        "--trainer.max_steps",
-        str(steps),
-    ]
+    common = [*csv_quickstart(tmp), "--trainer.max_steps", str(steps)]
     return ["fit", *common, "--checkpoint.every_n_train_steps", "4", "--trainer.log_every_n_steps", "1", *QUICK, *extra]
 
 

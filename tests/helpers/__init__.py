@@ -20,6 +20,15 @@ CSV_ONLY = (
     "trainer:\n  logger:\n    - class_path: bnlightning.loggers.CSVLogger\n"
     "      init_args: {save_dir: runs, name: quickstart}\n"
 )
+
+
+def csv_quickstart(tmp: Path) -> list[str]:
+    """``--config`` flags for the quickstart config with its loggers replaced by one CSV logger (``CSV_ONLY``, written
+    to ``tmp/csv_only.yaml``): no W&B start-up cost."""
+    (tmp / "csv_only.yaml").write_text(CSV_ONLY)
+    return ["--config", str(CONFIGS / "quickstart.yaml"), "--config", str(tmp / "csv_only.yaml")]
+
+
 #: ``Trainer`` keyword arguments of a quiet CPU test run (no progress bar, summary or checkpoints).
 TRAINER_KW: dict[str, Any] = {
     "enable_progress_bar": False,
